@@ -1,0 +1,124 @@
+//! Measurements behind `vqclip bench`: each checks the GPU result against the CPU reference
+//! before it reports a speed.
+
+use crate::ops::matmul::{self, MatmulOpts, Variant};
+use crate::{Error, Gpu, Result, Tensor};
+use rand::{Rng, SeedableRng};
+use std::time::Instant;
+
+/// One kernel variant's timing.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VariantTiming {
+    /// Variant name.
+    pub name: String,
+    /// Median milliseconds per multiply.
+    pub ms: f64,
+    /// GFLOP/s at the median (2·N³ FLOPs).
+    pub gflops: f64,
+    /// Largest |gpu − cpu| / (K·Σ|a·b| / K) over the checked entries.
+    pub max_err: f64,
+}
+
+/// Result of a square matmul benchmark.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MatmulBench {
+    /// Matrix size N (N×N times N×N).
+    pub size: usize,
+    /// Adapter name.
+    pub adapter: String,
+    /// Backend name.
+    pub backend: String,
+    /// Fastest variant.
+    pub best: String,
+    /// GFLOP/s of the fastest variant.
+    pub gflops: f64,
+    /// Every variant measured.
+    pub variants: Vec<VariantTiming>,
+    /// Output entries compared with the f64 CPU reference.
+    pub checked_entries: usize,
+}
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
+}
+
+/// Times `variants` of an N×N×N matmul; records the winner with [`Gpu::set_tuning`].
+pub fn matmul_square(
+    gpu: &Gpu,
+    n: usize,
+    variants: &[Variant],
+    min_secs: f64,
+) -> Result<MatmulBench> {
+    if n == 0 {
+        return Err(Error::invalid("matrix size must be at least 1"));
+    }
+    let av = random(n * n, 1);
+    let bv = random(n * n, 2);
+    let a = Tensor::from_slice(gpu, &av, &[n, n])?;
+    let b = Tensor::from_slice(gpu, &bv, &[n, n])?;
+    // Spot-check entries spread over the matrix (a full f64 reference at N = 2048 would
+    // take far longer than the benchmark).
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let samples: Vec<(usize, usize)> = (0..256.min(n * n))
+        .map(|_| (rng.random_range(0..n), rng.random_range(0..n)))
+        .chain([(0, 0), (n - 1, n - 1)])
+        .collect();
+    let mut out = Vec::new();
+    for &v in variants {
+        let c = matmul::matmul_variant(&a, &b, &MatmulOpts::default(), v)?;
+        let got = c.to_vec()?;
+        let mut max_err = 0.0f64;
+        for &(i, j) in &samples {
+            let (mut s, mut g) = (0.0f64, 0.0f64);
+            for k in 0..n {
+                let p = av[i * n + k] as f64 * bv[k * n + j] as f64;
+                s += p;
+                g += p.abs();
+            }
+            let err = (got[i * n + j] as f64 - s).abs() / (g * f32::EPSILON as f64);
+            max_err = max_err.max(err);
+        }
+        // err is in units of eps·Σ|a·b|; recursive summation stays below K.
+        if max_err > 1.2 * n as f64 + 2.0 {
+            return Err(Error::invalid(format!(
+                "matmul variant {} disagrees with the CPU reference (error {max_err:.1} eps-units)",
+                v.name()
+            )));
+        }
+        let mut times = Vec::new();
+        let start = Instant::now();
+        while times.len() < 3 || (start.elapsed().as_secs_f64() < min_secs && times.len() < 50) {
+            let t = Instant::now();
+            let c = matmul::matmul_variant(&a, &b, &MatmulOpts::default(), v)?;
+            gpu.sync()?;
+            times.push(t.elapsed().as_secs_f64());
+            drop(c);
+        }
+        times.sort_by(f64::total_cmp);
+        let med = times[times.len() / 2];
+        out.push(VariantTiming {
+            name: v.name().to_string(),
+            ms: med * 1e3,
+            gflops: 2.0 * (n as f64).powi(3) / med / 1e9,
+            max_err,
+        });
+    }
+    let best = out
+        .iter()
+        .max_by(|x, y| x.gflops.total_cmp(&y.gflops))
+        .cloned()
+        .ok_or_else(|| Error::invalid("no variant to benchmark"))?;
+    if variants.len() > 1 {
+        gpu.set_tuning("matmul", &best.name);
+    }
+    Ok(MatmulBench {
+        size: n,
+        adapter: gpu.info().name.clone(),
+        backend: format!("{:?}", gpu.info().backend),
+        best: best.name.clone(),
+        gflops: best.gflops,
+        variants: out,
+        checked_entries: samples.len(),
+    })
+}

@@ -1,0 +1,66 @@
+use super::DeviceArgs;
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use vqclip::ops::matmul::Variant;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// Square N×N matmul: every kernel variant, checked against the CPU, in GFLOP/s.
+    Matmul(MatmulArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MatmulArgs {
+    /// Matrix size N.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Only this variant (register4x4 or shared64); default: all.
+    #[arg(long)]
+    variant: Option<String>,
+    /// Seconds to spend timing each variant.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(dev: &DeviceArgs, cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Matmul(a) => {
+            if a.size == 0 {
+                bail!("--size must be at least 1");
+            }
+            let variants: Vec<Variant> = match &a.variant {
+                None => Variant::ALL.to_vec(),
+                Some(name) => match Variant::ALL.into_iter().find(|v| v.name() == name) {
+                    Some(v) => vec![v],
+                    None => bail!(
+                        "unknown matmul variant '{name}': expected one of {}",
+                        Variant::ALL.map(|v| v.name()).join(", ")
+                    ),
+                },
+            };
+            let gpu = dev.open()?;
+            let r = vqclip::bench::matmul_square(&gpu, a.size, &variants, a.seconds)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "matmul {n}x{n}x{n} on {} ({})",
+                    r.adapter,
+                    r.backend,
+                    n = r.size
+                );
+                for v in &r.variants {
+                    println!(
+                        "  {:<12} {:>9.2} ms  {:>8.2} GFLOP/s  (checked {} entries vs f64 CPU, worst {:.1} eps·Σ|ab|)",
+                        v.name, v.ms, v.gflops, r.checked_entries, v.max_err
+                    );
+                }
+                println!("best: {} at {:.2} GFLOP/s", r.best, r.gflops);
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,86 @@
+use super::DeviceArgs;
+use anyhow::Result;
+use clap::Args;
+use serde_json::json;
+use vqclip::gpu::list_adapters;
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(dev: &DeviceArgs, a: InfoArgs) -> Result<()> {
+    let adapters = list_adapters();
+    let opts = dev.options()?;
+    let gpu = vqclip::Gpu::new(&opts);
+    let (chosen, limits, features, err) = match &gpu {
+        Ok(g) => {
+            let l = g.limits();
+            (
+                Some(vqclip::gpu::AdapterSummary::from(g.info())),
+                Some(json!({
+                    "max_buffer_size": l.max_buffer_size,
+                    "max_storage_buffer_binding_size": l.max_storage_buffer_binding_size,
+                    "max_storage_buffers_per_shader_stage": l.max_storage_buffers_per_shader_stage,
+                    "max_compute_workgroup_storage_size": l.max_compute_workgroup_storage_size,
+                    "max_compute_invocations_per_workgroup": l.max_compute_invocations_per_workgroup,
+                    "max_compute_workgroup_size": [l.max_compute_workgroup_size_x, l.max_compute_workgroup_size_y, l.max_compute_workgroup_size_z],
+                    "max_compute_workgroups_per_dimension": l.max_compute_workgroups_per_dimension,
+                    "min_uniform_buffer_offset_alignment": l.min_uniform_buffer_offset_alignment,
+                })),
+                g.features()
+                    .iter_names()
+                    .map(|(n, _)| n.to_string())
+                    .collect::<Vec<_>>(),
+                None,
+            )
+        }
+        Err(e) => (None, None, vec![], Some(e.to_string())),
+    };
+    if a.json {
+        let v = json!({
+            "version": vqclip::VERSION,
+            "adapters": adapters,
+            "chosen": chosen,
+            "limits": limits,
+            "features": features,
+            "error": err,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("vqclip {}", vqclip::VERSION);
+        println!("adapters seen:");
+        if adapters.is_empty() {
+            println!("  (none)");
+        }
+        for ad in &adapters {
+            println!(
+                "  {} [{} {}] driver: {} {}",
+                ad.name, ad.backend, ad.device_type, ad.driver, ad.driver_info
+            );
+        }
+        if let (Some(c), Some(l)) = (&chosen, &limits) {
+            println!("chosen: {} ({}, {})", c.name, c.backend, c.device_type);
+            println!("limits:");
+            if let Some(o) = l.as_object() {
+                for (k, v) in o {
+                    println!("  {k}: {v}");
+                }
+            }
+            println!(
+                "features: {}",
+                if features.is_empty() {
+                    "(none of SHADER_F16, SUBGROUP, TIMESTAMP_QUERY)".to_string()
+                } else {
+                    features.join(", ")
+                }
+            );
+        }
+    }
+    match gpu {
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,62 @@
+//! Subcommands. Each lives in its own file and only parses, calls the library and prints.
+
+mod bench;
+mod info;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use vqclip::{DeviceOptions, Gpu};
+
+/// vqclip: CLIP and VQGAN on any GPU through wgpu, with no ML framework.
+#[derive(Parser, Debug)]
+#[command(name = "vqclip", version, about, long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+/// Device selection, shared by every subcommand.
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// Graphics API to run on: vulkan, metal, dx12 or gl.
+    #[arg(long, global = true, env = "VQCLIP_BACKEND")]
+    pub backend: Option<String>,
+    /// Use the adapter whose name contains this text (case-insensitive).
+    #[arg(long, global = true, env = "VQCLIP_ADAPTER")]
+    pub adapter: Option<String>,
+}
+
+impl DeviceArgs {
+    /// The library's device options, with the backend name checked.
+    pub fn options(&self) -> Result<DeviceOptions> {
+        Ok(DeviceOptions {
+            backend: match &self.backend {
+                Some(b) if !b.trim().is_empty() => Some(b.parse()?),
+                _ => None,
+            },
+            adapter: self.adapter.clone().filter(|s| !s.trim().is_empty()),
+        })
+    }
+    /// Opens the chosen device.
+    pub fn open(&self) -> Result<Gpu> {
+        Ok(Gpu::new(&self.options()?)?)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// List adapters, the chosen device and the limits that matter to vqclip.
+    Info(info::InfoArgs),
+    /// Measure kernels (checked against CPU references first).
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Command::Info(a) => info::run(&cli.device, a),
+        Command::Bench(b) => bench::run(&cli.device, b),
+    }
+}

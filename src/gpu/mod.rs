@@ -1,0 +1,493 @@
+//! The GPU device: adapter choice, limits, buffer pool, pipeline cache and batched dispatch.
+//!
+//! Every op records its dispatch into one shared command encoder; the encoder is submitted
+//! when it holds many dispatches, when its uniform arena is full, or when the caller reads a
+//! result back. Nothing waits on the GPU except a readback or an explicit [`Gpu::sync`].
+
+mod adapter;
+mod pool;
+
+pub use adapter::{list_adapters, AdapterSummary, Backend, DeviceOptions};
+pub(crate) use pool::PooledBuffer;
+
+use crate::{Error, Result};
+use pool::Pool;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// A WGSL source file compiled once per device.
+#[derive(Debug)]
+pub struct Shader {
+    /// Name used in errors and as the cache key; the file is `shaders/<name>.wgsl`.
+    pub name: &'static str,
+    /// The WGSL text.
+    pub source: &'static str,
+}
+
+/// Declares a [`Shader`] from `shaders/<name>.wgsl`, optionally prefixed at compile time by
+/// shared function files from `shaders/lib/` (WGSL has no `#include`).
+#[macro_export]
+macro_rules! shader {
+    ($name:literal $(, $lib:literal)*) => {
+        $crate::gpu::Shader {
+            name: $name,
+            source: concat!(
+                $(include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/lib/", $lib, ".wgsl")),)*
+                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name, ".wgsl"))
+            ),
+        }
+    };
+}
+
+/// One specialisation of a shader entry point: `override` constants fixed by name.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    /// The shader module.
+    pub shader: &'static Shader,
+    /// The `@compute` entry point.
+    pub entry: &'static str,
+    /// Values for the shader's `override` declarations (bools as 0/1).
+    pub constants: Vec<(&'static str, f64)>,
+}
+
+impl Kernel {
+    /// A kernel with no overrides set.
+    pub fn new(shader: &'static Shader, entry: &'static str) -> Self {
+        Kernel {
+            shader,
+            entry,
+            constants: Vec::new(),
+        }
+    }
+    /// Sets an `override` constant.
+    pub fn with(mut self, name: &'static str, value: impl Into<f64>) -> Self {
+        self.constants.push((name, value.into()));
+        self
+    }
+    fn key(&self) -> String {
+        let mut k = format!("{}:{}", self.shader.name, self.entry);
+        for (n, v) in &self.constants {
+            k.push_str(&format!(":{n}={v}"));
+        }
+        k
+    }
+}
+
+/// A storage buffer range bound to one `@binding` of a kernel.
+#[derive(Clone, Copy)]
+pub struct Binding<'a> {
+    pub(crate) buffer: &'a wgpu::Buffer,
+    pub(crate) size: u64,
+}
+
+/// Dispatches recorded before an automatic submit.
+const MAX_DISPATCHES_PER_SUBMIT: usize = 256;
+/// Bytes of the per-submit uniform arena that holds every dispatch's params struct.
+const ARENA_BYTES: u64 = 1 << 16;
+
+struct Recorder {
+    encoder: Option<wgpu::CommandEncoder>,
+    dispatches: usize,
+    arena: wgpu::Buffer,
+    arena_cpu: Vec<u8>,
+}
+
+struct Cached {
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+}
+
+pub(crate) struct GpuInner {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    limits: wgpu::Limits,
+    features: wgpu::Features,
+    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<String, Arc<Cached>>>,
+    pool: Mutex<Pool>,
+    rec: Mutex<Recorder>,
+    slot: u64,
+    submits: std::sync::atomic::AtomicU64,
+    tuning: Mutex<HashMap<String, String>>,
+    dummy: wgpu::Buffer,
+}
+
+/// A handle to the chosen GPU device. Cheap to clone; all clones share one device, pool,
+/// pipeline cache and command recorder.
+#[derive(Clone)]
+pub struct Gpu(pub(crate) Arc<GpuInner>);
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gpu({} / {:?})", self.0.info.name, self.0.info.backend)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind; keep going.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Gpu {
+    /// Opens the best adapter allowed by `opts` (discrete > integrated > virtual > CPU).
+    pub fn new(opts: &DeviceOptions) -> Result<Gpu> {
+        let adapter = adapter::choose(opts)?;
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let wanted =
+            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let features = adapter.features() & wanted;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("vqclip"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::Device(e.to_string()))?;
+        device.on_uncaptured_error(Arc::new(|e: wgpu::Error| {
+            // Validation errors are engine bugs; say so loudly rather than silently corrupting.
+            eprintln!("vqclip: internal GPU error: {e}");
+            std::process::abort();
+        }));
+        let slot = (limits.min_uniform_buffer_offset_alignment as u64).max(256);
+        let arena = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("params arena"),
+            size: ARENA_BYTES,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let dummy = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("unused binding"),
+            size: 256,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        Ok(Gpu(Arc::new(GpuInner {
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            modules: Mutex::new(HashMap::new()),
+            pipelines: Mutex::new(HashMap::new()),
+            pool: Mutex::new(Pool::default()),
+            rec: Mutex::new(Recorder {
+                encoder: None,
+                dispatches: 0,
+                arena,
+                arena_cpu: Vec::with_capacity(ARENA_BYTES as usize),
+            }),
+            slot,
+            submits: std::sync::atomic::AtomicU64::new(0),
+            tuning: Mutex::new(HashMap::new()),
+            dummy,
+        })))
+    }
+
+    /// A process-wide device opened from the environment (`VQCLIP_BACKEND`, `VQCLIP_ADAPTER`);
+    /// used by tests and benches so that they share one device.
+    pub fn shared() -> Result<Gpu> {
+        static SHARED: std::sync::OnceLock<std::result::Result<Gpu, String>> =
+            std::sync::OnceLock::new();
+        SHARED
+            .get_or_init(|| {
+                DeviceOptions::from_env()
+                    .and_then(|o| Gpu::new(&o))
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(Error::NoAdapter)
+    }
+
+    /// The adapter's description (name, backend, device type, driver).
+    pub fn info(&self) -> &wgpu::AdapterInfo {
+        &self.0.info
+    }
+    /// The limits the device was opened with (the adapter's real limits).
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.0.limits
+    }
+    /// Optional features enabled on the device.
+    pub fn features(&self) -> wgpu::Features {
+        self.0.features
+    }
+    /// True when the adapter is a CPU implementation such as lavapipe.
+    pub fn is_cpu(&self) -> bool {
+        self.0.info.device_type == wgpu::DeviceType::Cpu
+    }
+    /// The raw wgpu device (for callers that need something the engine lacks).
+    pub fn device(&self) -> &wgpu::Device {
+        &self.0.device
+    }
+    /// Number of command submissions so far (for tests of batching).
+    pub fn submit_count(&self) -> u64 {
+        self.0.submits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// Bytes currently held by live tensors and by the pool's free lists.
+    pub fn memory(&self) -> pool::PoolStats {
+        lock(&self.0.pool).stats()
+    }
+    /// Resets the peak-memory counter to the current live bytes.
+    pub fn reset_peak(&self) {
+        lock(&self.0.pool).reset_peak()
+    }
+    /// Releases every idle pooled buffer.
+    pub fn trim(&self) {
+        lock(&self.0.pool).trim()
+    }
+
+    /// Remembered choice for a tuning key (e.g. which matmul variant won on this adapter).
+    pub fn tuning(&self, key: &str) -> Option<String> {
+        lock(&self.0.tuning).get(key).cloned()
+    }
+    /// Stores a tuning choice for this device.
+    pub fn set_tuning(&self, key: &str, value: &str) {
+        lock(&self.0.tuning).insert(key.to_string(), value.to_string());
+    }
+
+    /// A small read-only buffer for bindings a specialisation never reads (an optional bias,
+    /// say): WGSL bindings cannot be left empty, and binding the output there would conflict.
+    pub fn unused_binding(&self) -> Binding<'_> {
+        Binding {
+            buffer: &self.0.dummy,
+            size: 256,
+        }
+    }
+
+    /// Checks a buffer size against `max_buffer_size` and `max_storage_buffer_binding_size`.
+    pub fn check_size(&self, what: &str, bytes: u64) -> Result<()> {
+        let l = &self.0.limits;
+        if bytes > l.max_buffer_size {
+            return Err(Error::TooLarge {
+                what: what.to_string(),
+                needed: bytes,
+                limit: l.max_buffer_size,
+                hint: "max_buffer_size",
+            });
+        }
+        if bytes > l.max_storage_buffer_binding_size {
+            return Err(Error::TooLarge {
+                what: what.to_string(),
+                needed: bytes,
+                limit: l.max_storage_buffer_binding_size,
+                hint: "max_storage_buffer_binding_size",
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn alloc(&self, bytes: u64) -> Result<PooledBuffer> {
+        self.check_size("tensor", bytes)?;
+        Ok(pool::alloc(self, bytes))
+    }
+
+    fn pipeline(&self, k: &Kernel) -> Arc<Cached> {
+        let key = k.key();
+        if let Some(p) = lock(&self.0.pipelines).get(&key) {
+            return p.clone();
+        }
+        let module = {
+            let mut mods = lock(&self.0.modules);
+            mods.entry(k.shader.name)
+                .or_insert_with(|| {
+                    self.0
+                        .device
+                        .create_shader_module(wgpu::ShaderModuleDescriptor {
+                            label: Some(k.shader.name),
+                            source: wgpu::ShaderSource::Wgsl(k.shader.source.into()),
+                        })
+                })
+                .clone()
+        };
+        let pipeline = self
+            .0
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&key),
+                layout: None,
+                module: &module,
+                entry_point: Some(k.entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &k.constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+        let layout = pipeline.get_bind_group_layout(0);
+        let c = Arc::new(Cached { pipeline, layout });
+        lock(&self.0.pipelines).insert(key, c.clone());
+        c
+    }
+
+    /// Records one dispatch: `params` goes to `@binding(0)` as a uniform, `bindings` to
+    /// `@binding(1..)` as storage buffers, in order.
+    pub fn dispatch<P: bytemuck::Pod>(
+        &self,
+        kernel: &Kernel,
+        params: &P,
+        bindings: &[Binding<'_>],
+        workgroups: [u32; 3],
+    ) {
+        if workgroups.contains(&0) {
+            return;
+        }
+        debug_assert!(workgroups.iter().all(|&w| w <= 65535));
+        let cached = self.pipeline(kernel);
+        let bytes = bytemuck::bytes_of(params);
+        let padded = (bytes.len() as u64).div_ceil(16) * 16;
+        let mut rec = lock(&self.0.rec);
+        if rec.arena_cpu.len() as u64 + self.0.slot > ARENA_BYTES
+            || rec.dispatches >= MAX_DISPATCHES_PER_SUBMIT
+        {
+            self.submit_locked(&mut rec);
+        }
+        let offset = rec.arena_cpu.len() as u64;
+        rec.arena_cpu.extend_from_slice(bytes);
+        rec.arena_cpu.resize((offset + self.0.slot) as usize, 0);
+        let mut entries = Vec::with_capacity(bindings.len() + 1);
+        entries.push(wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &rec.arena,
+                offset,
+                size: wgpu::BufferSize::new(padded),
+            }),
+        });
+        for (i, b) in bindings.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: b.buffer,
+                    offset: 0,
+                    size: wgpu::BufferSize::new(b.size.max(4).div_ceil(4) * 4),
+                }),
+            });
+        }
+        let bg = self.0.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &cached.layout,
+            entries: &entries,
+        });
+        let device = &self.0.device;
+        let enc = rec.encoder.get_or_insert_with(|| {
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+        });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&cached.pipeline);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
+        }
+        rec.dispatches += 1;
+    }
+
+    /// Records a buffer-to-buffer copy in stream order.
+    pub(crate) fn copy(
+        &self,
+        src: &wgpu::Buffer,
+        src_off: u64,
+        dst: &wgpu::Buffer,
+        dst_off: u64,
+        bytes: u64,
+    ) {
+        if bytes == 0 {
+            return;
+        }
+        let mut rec = lock(&self.0.rec);
+        let device = &self.0.device;
+        let enc = rec.encoder.get_or_insert_with(|| {
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+        });
+        enc.copy_buffer_to_buffer(src, src_off, dst, dst_off, bytes);
+    }
+
+    fn submit_locked(&self, rec: &mut Recorder) -> Option<wgpu::SubmissionIndex> {
+        let enc = rec.encoder.take()?;
+        if !rec.arena_cpu.is_empty() {
+            // Queue writes land before this submission's commands and after earlier ones,
+            // so one arena can be refilled for every submission.
+            self.0.queue.write_buffer(&rec.arena, 0, &rec.arena_cpu);
+        }
+        rec.arena_cpu.clear();
+        rec.dispatches = 0;
+        self.0
+            .submits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(self.0.queue.submit([enc.finish()]))
+    }
+
+    /// Submits everything recorded so far without waiting.
+    pub fn flush(&self) {
+        let mut rec = lock(&self.0.rec);
+        self.submit_locked(&mut rec);
+    }
+
+    /// Submits everything recorded so far and waits until the GPU has finished it.
+    pub fn sync(&self) -> Result<()> {
+        self.flush();
+        self.0
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Writes bytes into a buffer, ordered after all previously recorded work.
+    pub(crate) fn write(&self, dst: &wgpu::Buffer, offset: u64, data: &[u8]) {
+        // Queue writes run before the pending encoder's commands, so submit those first:
+        // `dst` may be a recycled buffer that recorded work still reads.
+        self.flush();
+        self.0.queue.write_buffer(dst, offset, data);
+    }
+
+    /// Copies `bytes` bytes of `src` back to the CPU (submits and waits).
+    pub(crate) fn read(&self, src: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<Vec<u8>> {
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let size = bytes.div_ceil(4) * 4;
+        let staging = self.0.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.copy(src, offset, &staging, 0, size);
+        self.flush();
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.0
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        rx.recv()
+            .map_err(|e| Error::Readback(e.to_string()))?
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        let out = view[..bytes as usize].to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+}
+
+/// Splits `n` workgroups over x and y so that neither exceeds 65,535. Kernels rebuild the
+/// linear index as `wid.x + wid.y * nwg.x` and skip indices past their element count.
+pub fn grid_1d(n: u32) -> [u32; 3] {
+    const MAX: u32 = 65535;
+    if n <= MAX {
+        [n, 1, 1]
+    } else {
+        [MAX, n.div_ceil(MAX), 1]
+    }
+}

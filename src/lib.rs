@@ -1,0 +1,19 @@
+//! vqclip: a GPU compute engine on wgpu with hand-written WGSL kernels, implementing OpenAI
+//! CLIP and the taming-transformers VQGAN, with an autodiff tape for VQGAN+CLIP generation.
+//!
+//! Layers, bottom up: [`gpu`] (device, pool, pipelines, batched dispatch), [`tensor`]
+//! (GPU tensors), [`ops`] (one file per kernel family, each with a CPU reference).
+#![warn(missing_docs)]
+
+pub mod bench;
+pub mod error;
+pub mod gpu;
+pub mod ops;
+pub mod tensor;
+
+pub use error::{Error, Result};
+pub use gpu::{DeviceOptions, Gpu};
+pub use tensor::{DType, Tensor};
+
+/// The crate version, as written into output metadata.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

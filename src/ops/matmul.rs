@@ -1,0 +1,508 @@
+//! Batched matrix multiply with fused bias, activation, scale and residual:
+//! `C = act(alpha * op(A) @ op(B) + bias) + residual` (`shaders/matmul.wgsl`).
+
+use super::Act;
+use crate::gpu::{Gpu, Kernel, Shader};
+use crate::tensor::{DType, Tensor};
+use crate::{Error, Result};
+
+static SHADER: Shader = crate::shader!("matmul", "act");
+
+/// Mirrors `struct Params` in `shaders/matmul.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    batch: u32,
+    stride_a: u32,
+    stride_b: u32,
+    stride_c: u32,
+    row0: u32,
+    batch0: u32,
+    alpha: f32,
+    _pad: [u32; 2],
+}
+
+/// Options of [`matmul`]. `Default` is a plain `A @ B`.
+#[derive(Clone, Copy, Default)]
+pub struct MatmulOpts<'a> {
+    /// A is stored `[.., K, M]`.
+    pub trans_a: bool,
+    /// B is stored `[.., N, K]` (a PyTorch `Linear` weight is `[out, in]`: use `trans_b`).
+    pub trans_b: bool,
+    /// Scale of the product (1.0 when left at 0.0 by `Default`; see [`MatmulOpts::alpha`]).
+    pub alpha: Option<f32>,
+    /// Bias `[N]` added after scaling.
+    pub bias: Option<&'a Tensor>,
+    /// Activation applied after the bias.
+    pub act: Act,
+    /// Tensor of the output's shape added last (residual connection).
+    pub residual: Option<&'a Tensor>,
+}
+
+impl<'a> MatmulOpts<'a> {
+    /// `x @ W^T + b` with a PyTorch `Linear` weight `[out, in]`.
+    pub fn linear(bias: Option<&'a Tensor>) -> Self {
+        MatmulOpts {
+            trans_b: true,
+            bias,
+            ..Default::default()
+        }
+    }
+}
+
+/// Which kernel computes the product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// 4×4 register tile per invocation, no barriers (CPU Vulkan).
+    Register,
+    /// 64×64 workgroup-memory tile (GPUs).
+    Shared,
+}
+
+impl Variant {
+    /// All variants, for tuning and benches.
+    pub const ALL: [Variant; 2] = [Variant::Register, Variant::Shared];
+    /// Short name used in `VQCLIP_MATMUL`, the tuning cache and bench output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Register => "register4x4",
+            Variant::Shared => "shared64",
+        }
+    }
+    fn parse(s: &str) -> Option<Variant> {
+        Variant::ALL.into_iter().find(|v| v.name() == s)
+    }
+}
+
+/// The variant used on this device: `VQCLIP_MATMUL`, else a tuned choice stored with
+/// [`Gpu::set_tuning`] (key `"matmul"`), else register tiles on CPU adapters and workgroup
+/// tiles elsewhere.
+pub fn variant_for(gpu: &Gpu) -> Variant {
+    if let Some(v) = std::env::var("VQCLIP_MATMUL")
+        .ok()
+        .and_then(|s| Variant::parse(&s))
+    {
+        return v;
+    }
+    if let Some(v) = gpu.tuning("matmul").and_then(|s| Variant::parse(&s)) {
+        return v;
+    }
+    if gpu.is_cpu() {
+        Variant::Register
+    } else {
+        Variant::Shared
+    }
+}
+
+/// `act(alpha * op(A) @ op(B) + bias) + residual`.
+///
+/// `a`: `[.., M, K]` (`[.., K, M]` if `trans_a`); `b`: `[.., K, N]` (`[.., N, K]` if
+/// `trans_b`). Leading (batch) dims must be equal, or one side has none and is broadcast.
+/// Returns `[.., M, N]`.
+pub fn matmul(a: &Tensor, b: &Tensor, o: &MatmulOpts) -> Result<Tensor> {
+    matmul_variant(a, b, o, variant_for(a.gpu()))
+}
+
+/// [`matmul`] with an explicit kernel variant (benches and tests).
+pub fn matmul_variant(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Variant) -> Result<Tensor> {
+    a.expect_f32("matmul A")?;
+    b.expect_f32("matmul B")?;
+    if a.rank() < 2 || b.rank() < 2 {
+        return Err(Error::shape(format!(
+            "matmul needs rank >= 2 operands, got {:?} and {:?}",
+            a.shape(),
+            b.shape()
+        )));
+    }
+    let (ab, bb) = (&a.shape()[..a.rank() - 2], &b.shape()[..b.rank() - 2]);
+    let (m, ka) = if o.trans_a {
+        (a.dim(-1), a.dim(-2))
+    } else {
+        (a.dim(-2), a.dim(-1))
+    };
+    let (kb, n) = if o.trans_b {
+        (b.dim(-1), b.dim(-2))
+    } else {
+        (b.dim(-2), b.dim(-1))
+    };
+    if ka != kb {
+        return Err(Error::shape(format!(
+            "matmul inner dims differ: A {:?}{} and B {:?}{}",
+            a.shape(),
+            if o.trans_a { "ᵀ" } else { "" },
+            b.shape(),
+            if o.trans_b { "ᵀ" } else { "" }
+        )));
+    }
+    let batch_dims = if ab.is_empty() {
+        bb
+    } else if bb.is_empty() || ab == bb {
+        ab
+    } else {
+        return Err(Error::shape(format!(
+            "matmul batch dims differ: {:?} vs {:?}",
+            a.shape(),
+            b.shape()
+        )));
+    };
+    let batch: usize = batch_dims.iter().product();
+    let mut out_shape = batch_dims.to_vec();
+    out_shape.extend([m, n]);
+    if let Some(bias) = o.bias {
+        if bias.numel() != n {
+            return Err(Error::shape(format!(
+                "matmul bias has {} elements, expected N = {n}",
+                bias.numel()
+            )));
+        }
+    }
+    if let Some(r) = o.residual {
+        if r.shape() != out_shape.as_slice() {
+            return Err(Error::shape(format!(
+                "matmul residual {:?} does not match output {:?}",
+                r.shape(),
+                out_shape
+            )));
+        }
+    }
+    let gpu = a.gpu();
+    let c = Tensor::empty(gpu, &out_shape, DType::F32)?;
+    if c.numel() == 0 {
+        return Ok(c);
+    }
+    let limit = u32::MAX as usize;
+    if [m, n, ka, batch, a.numel(), b.numel(), c.numel()]
+        .iter()
+        .any(|&x| x > limit)
+    {
+        return Err(Error::shape("matmul operand has more than 2^32 elements"));
+    }
+    let stride_a = if ab.is_empty() { 0 } else { m * ka } as u32;
+    let stride_b = if bb.is_empty() { 0 } else { ka * n } as u32;
+    let kernel = Kernel::new(
+        &SHADER,
+        match v {
+            Variant::Register => "matmul_reg",
+            Variant::Shared => "matmul_shared",
+        },
+    )
+    .with("TRANS_A", o.trans_a)
+    .with("TRANS_B", o.trans_b)
+    .with("HAS_BIAS", o.bias.is_some())
+    .with("HAS_RES", o.residual.is_some())
+    .with("ACT", o.act as u32);
+    // Rows and columns covered by one workgroup.
+    let (rows_per_wg, cols_per_wg) = match v {
+        Variant::Register => (32usize, 32usize),
+        Variant::Shared => (64, 64),
+    };
+    let wg_x = n.div_ceil(cols_per_wg);
+    if wg_x > 65535 {
+        return Err(Error::shape(format!(
+            "matmul N = {n} is too wide for one dispatch"
+        )));
+    }
+    let bias_b = o.bias.map_or(gpu.unused_binding(), Tensor::binding);
+    let res_b = o.residual.map_or(gpu.unused_binding(), Tensor::binding);
+    const MAX: usize = 65535;
+    let row_tiles = m.div_ceil(rows_per_wg);
+    for batch0 in (0..batch).step_by(MAX) {
+        let nz = (batch - batch0).min(MAX);
+        for t0 in (0..row_tiles).step_by(MAX) {
+            let ny = (row_tiles - t0).min(MAX);
+            let p = Params {
+                m: m as u32,
+                n: n as u32,
+                k: ka as u32,
+                batch: batch as u32,
+                stride_a,
+                stride_b,
+                stride_c: (m * n) as u32,
+                row0: (t0 * rows_per_wg) as u32,
+                batch0: batch0 as u32,
+                alpha: o.alpha.unwrap_or(1.0),
+                _pad: [0; 2],
+            };
+            gpu.dispatch(
+                &kernel,
+                &p,
+                &[a.binding(), b.binding(), bias_b, res_b, c.binding()],
+                [wg_x as u32, ny as u32, nz as u32],
+            );
+        }
+    }
+    Ok(c)
+}
+
+/// CPU reference in f64 with the same contract as [`matmul`] on flat row-major data; also
+/// returns, per output, `Σ|a·b|` (scaled by |alpha|), the bound used for f32 tolerances.
+#[allow(clippy::too_many_arguments)]
+pub fn reference(
+    a: &[f32],
+    b: &[f32],
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    broadcast_b: bool,
+    alpha: f32,
+    bias: Option<&[f32]>,
+    act: Act,
+    residual: Option<&[f32]>,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut out = vec![0.0; batch * m * n];
+    let mut mag = vec![0.0; batch * m * n];
+    for bi in 0..batch {
+        let ab = bi * m * k;
+        let bb = if broadcast_b { 0 } else { bi * k * n };
+        for i in 0..m {
+            for j in 0..n {
+                let (mut s, mut g) = (0.0f64, 0.0f64);
+                for kk in 0..k {
+                    let av = if trans_a {
+                        a[ab + kk * m + i]
+                    } else {
+                        a[ab + i * k + kk]
+                    } as f64;
+                    let bv = if trans_b {
+                        b[bb + j * k + kk]
+                    } else {
+                        b[bb + kk * n + j]
+                    } as f64;
+                    s += av * bv;
+                    g += (av * bv).abs();
+                }
+                let o = bi * m * n + i * n + j;
+                let mut x = alpha as f64 * s + bias.map_or(0.0, |bv| bv[j] as f64);
+                x = act.reference(x);
+                if let Some(r) = residual {
+                    x += r[o] as f64;
+                }
+                out[o] = x;
+                mag[o] = (alpha as f64).abs() * g + bias.map_or(0.0, |bv| (bv[j] as f64).abs());
+            }
+        }
+    }
+    (out, mag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testutil::{gpu, rand_vec};
+
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        v: Variant,
+        batch: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+        bcast: bool,
+        bias: bool,
+        act: Act,
+        res: bool,
+        seed: u64,
+    ) {
+        let g = gpu();
+        let av = rand_vec(batch * m * k, seed);
+        let bv = rand_vec(if bcast { k * n } else { batch * k * n }, seed + 1);
+        let biasv = rand_vec(n, seed + 2);
+        let resv = rand_vec(batch * m * n, seed + 3);
+        let a_shape = if ta { [batch, k, m] } else { [batch, m, k] };
+        let b_shape: Vec<usize> = match (bcast, tb) {
+            (true, true) => vec![n, k],
+            (true, false) => vec![k, n],
+            (false, true) => vec![batch, n, k],
+            (false, false) => vec![batch, k, n],
+        };
+        let a = Tensor::from_slice(&g, &av, &a_shape).unwrap();
+        let b = Tensor::from_slice(&g, &bv, &b_shape).unwrap();
+        let bias_t = Tensor::from_slice(&g, &biasv, &[n]).unwrap();
+        let res_t = Tensor::from_slice(&g, &resv, &[batch, m, n]).unwrap();
+        let alpha = if res { 0.5 } else { 1.0 };
+        let o = MatmulOpts {
+            trans_a: ta,
+            trans_b: tb,
+            alpha: Some(alpha),
+            bias: bias.then_some(&bias_t),
+            act,
+            residual: res.then_some(&res_t),
+        };
+        let c = matmul_variant(&a, &b, &o, v).unwrap();
+        assert_eq!(c.shape(), &[batch, m, n]);
+        let got = c.to_vec().unwrap();
+        let (want, mag) = reference(
+            &av,
+            &bv,
+            batch,
+            m,
+            n,
+            k,
+            ta,
+            tb,
+            bcast,
+            alpha,
+            bias.then_some(&biasv),
+            act,
+            res.then_some(&resv),
+        );
+        // Recursive f32 summation of K products is within K·eps·Σ|a·b| of the exact sum;
+        // activations are 1-Lipschitz-ish (≤ 1.13) and add their own ~1e-6 error.
+        for i in 0..got.len() {
+            let tol = 1.2 * (k as f64 + 2.0) * f32::EPSILON as f64 * mag[i]
+                + 2e-6 * (1.0 + want[i].abs());
+            let err = (got[i] as f64 - want[i]).abs();
+            assert!(
+                err <= tol,
+                "{v:?} b{batch} m{m} n{n} k{k} ta{ta} tb{tb} bcast{bcast} bias{bias} {act:?} res{res}: \
+                 element {i} got {} want {} (err {err:e} > tol {tol:e})",
+                got[i],
+                want[i]
+            );
+        }
+    }
+
+    #[test]
+    fn matches_reference_over_shapes_and_transposes() {
+        let shapes = [
+            (1, 1, 1, 1),
+            (1, 3, 5, 7),
+            (2, 17, 65, 33),
+            (1, 64, 64, 64),
+            (3, 65, 17, 129),
+            (1, 50, 768, 64),
+            (1, 1000, 3, 17),
+            (1, 7, 1031, 5),
+        ];
+        let mut seed = 0;
+        for v in Variant::ALL {
+            for &(batch, m, n, k) in &shapes {
+                for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                    seed += 10;
+                    check(
+                        v,
+                        batch,
+                        m,
+                        n,
+                        k,
+                        ta,
+                        tb,
+                        false,
+                        false,
+                        Act::None,
+                        false,
+                        seed,
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_epilogue_and_broadcast_weights() {
+        let mut seed = 1000;
+        for v in Variant::ALL {
+            for act in [
+                Act::None,
+                Act::Gelu,
+                Act::QuickGelu,
+                Act::Silu,
+                Act::Relu,
+                Act::GeluTanh,
+            ] {
+                seed += 10;
+                check(v, 3, 33, 47, 70, false, true, true, true, act, true, seed);
+            }
+            check(
+                v,
+                2,
+                5,
+                9,
+                3,
+                true,
+                false,
+                true,
+                true,
+                Act::Sigmoid,
+                false,
+                seed + 5,
+            );
+        }
+    }
+
+    #[test]
+    fn batch_past_65535_workgroups_is_split() {
+        for v in Variant::ALL {
+            check(
+                v,
+                70_000,
+                2,
+                3,
+                4,
+                false,
+                false,
+                false,
+                true,
+                Act::None,
+                false,
+                77,
+            );
+        }
+    }
+
+    #[test]
+    fn shape_errors_are_reported() {
+        let g = gpu();
+        let a = Tensor::zeros(&g, &[2, 3]).unwrap();
+        let b = Tensor::zeros(&g, &[4, 5]).unwrap();
+        let e = matmul(&a, &b, &MatmulOpts::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("inner dims"), "{e}");
+        let bias = Tensor::zeros(&g, &[7]).unwrap();
+        let b = Tensor::zeros(&g, &[3, 5]).unwrap();
+        let e = matmul(
+            &a,
+            &b,
+            &MatmulOpts {
+                bias: Some(&bias),
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("bias"), "{e}");
+    }
+
+    #[test]
+    fn many_dispatches_share_few_submits() {
+        // A device of its own, so that no other test's submits are counted.
+        let g = Gpu::new(&crate::gpu::DeviceOptions::from_env().unwrap()).unwrap();
+        let a = Tensor::from_slice(&g, &rand_vec(16 * 16, 5), &[16, 16]).unwrap();
+        g.sync().unwrap();
+        let before = g.submit_count();
+        let mut x = a.clone();
+        for _ in 0..20 {
+            x = matmul(
+                &x,
+                &a,
+                &MatmulOpts {
+                    alpha: Some(0.1),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        }
+        let _ = x.to_vec().unwrap();
+        // One submit for the readback; 20 if each op submitted on its own.
+        assert_eq!(g.submit_count() - before, 1);
+    }
+}

@@ -1,0 +1,166 @@
+//! GPU ops. One file per op family: its params struct (mirrored by a WGSL struct in
+//! `shaders/<op>.wgsl`), shape guards, dispatch, CPU reference and tests.
+
+pub mod elementwise;
+pub mod matmul;
+
+pub use elementwise::{binary, unary, BinaryOp, UnaryOp};
+pub use matmul::{matmul, MatmulOpts};
+
+/// Activation applied in fused epilogues. The codes match `shaders/lib/act.wgsl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Act {
+    /// Identity.
+    #[default]
+    None = 0,
+    /// GELU, exact erf form (`torch.nn.functional.gelu`, HF `"gelu"`).
+    Gelu = 1,
+    /// QuickGELU `x * sigmoid(1.702 x)` (OpenAI CLIP, HF `"quick_gelu"`).
+    QuickGelu = 2,
+    /// SiLU / swish `x * sigmoid(x)`.
+    Silu = 3,
+    /// Logistic sigmoid.
+    Sigmoid = 4,
+    /// ReLU.
+    Relu = 5,
+    /// GELU, tanh approximation (HF `"gelu_new"`).
+    GeluTanh = 6,
+}
+
+impl Act {
+    /// Parses a Hugging Face `hidden_act` name.
+    pub fn from_hf(name: &str) -> crate::Result<Act> {
+        Ok(match name {
+            "gelu" => Act::Gelu,
+            "quick_gelu" => Act::QuickGelu,
+            "silu" | "swish" => Act::Silu,
+            "relu" => Act::Relu,
+            "gelu_new" | "gelu_pytorch_tanh" => Act::GeluTanh,
+            "sigmoid" => Act::Sigmoid,
+            other => {
+                return Err(crate::Error::invalid(format!(
+                    "unsupported activation '{other}'"
+                )))
+            }
+        })
+    }
+
+    /// CPU reference of the activation (f64).
+    pub fn reference(self, x: f64) -> f64 {
+        match self {
+            Act::None => x,
+            Act::Gelu => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
+            Act::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
+            Act::Silu => x / (1.0 + (-x).exp()),
+            Act::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+            Act::Relu => x.max(0.0),
+            Act::GeluTanh => {
+                let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
+                0.5 * x * (1.0 + u.tanh())
+            }
+        }
+    }
+}
+
+/// erf to ~1e-15 (Numerical Recipes erfc via Chebyshev), for CPU references.
+pub fn erf(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 2.0 / (2.0 + z);
+    let ty = 4.0 * t - 2.0;
+    const COF: [f64; 28] = [
+        -1.3026537197817094,
+        6.419_697_923_564_903e-1,
+        1.9476473204185836e-2,
+        -9.561_514_786_808_63e-3,
+        -9.46595344482036e-4,
+        3.66839497852761e-4,
+        4.2523324806907e-5,
+        -2.0278578112534e-5,
+        -1.624290004647e-6,
+        1.303655835580e-6,
+        1.5626441722e-8,
+        -8.5238095915e-8,
+        6.529054439e-9,
+        5.059343495e-9,
+        -9.91364156e-10,
+        -2.27365122e-10,
+        9.6467911e-11,
+        2.394038e-12,
+        -6.886027e-12,
+        8.94487e-13,
+        3.13092e-13,
+        -1.12708e-13,
+        3.81e-16,
+        7.106e-15,
+        -1.523e-15,
+        -9.4e-17,
+        1.21e-16,
+        -2.8e-17,
+    ];
+    let (mut d, mut dd) = (0.0f64, 0.0f64);
+    for &c in COF.iter().skip(1).rev() {
+        let tmp = d;
+        d = ty * d - dd + c;
+        dd = tmp;
+    }
+    let erfc = t * (-z * z + 0.5 * (COF[0] + ty * d) - dd).exp();
+    if x >= 0.0 {
+        1.0 - erfc
+    } else {
+        erfc - 1.0
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! Shared helpers for op tests.
+    use crate::gpu::Gpu;
+    use rand::{Rng, SeedableRng};
+
+    /// The shared test device.
+    pub fn gpu() -> Gpu {
+        Gpu::shared().expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)")
+    }
+
+    /// Deterministic uniform values in [-1, 1).
+    pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
+    }
+
+    /// Asserts |got - want| <= atol + rtol * |want| elementwise, naming the worst element.
+    pub fn assert_close(got: &[f32], want: &[f64], atol: f64, rtol: f64, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let mut worst = (0usize, 0.0f64);
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let err = (g as f64 - w).abs();
+            let excess = err - (atol + rtol * w.abs());
+            if excess > worst.1 || g.is_nan() != w.is_nan() {
+                worst = (i, excess.max(f64::MIN_POSITIVE));
+            }
+        }
+        if worst.1 > 0.0 {
+            let i = worst.0;
+            panic!(
+                "{what}: element {i}: got {} want {} (atol {atol}, rtol {rtol})",
+                got[i], want[i]
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn erf_matches_known_values() {
+        for (x, want) in [
+            (0.0, 0.0),
+            (0.5, 0.5204998778130465),
+            (1.0, 0.8427007929497149),
+            (-2.0, -0.9953222650189527),
+            (3.0, 0.9999779095030014),
+        ] {
+            assert!((super::erf(x) - want).abs() < 1e-13, "erf({x})");
+        }
+    }
+}
