@@ -62,6 +62,41 @@ impl Act {
     }
 }
 
+impl Act {
+    /// CPU reference of the derivative `act'(x)` (f64, analytic).
+    pub fn grad_reference(self, x: f64) -> f64 {
+        let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+        match self {
+            Act::None => 1.0,
+            Act::Gelu => {
+                0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2))
+                    + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt()
+            }
+            Act::QuickGelu => {
+                let s = sig(1.702 * x);
+                s + 1.702 * x * s * (1.0 - s)
+            }
+            Act::Silu => {
+                let s = sig(x);
+                s * (1.0 + x * (1.0 - s))
+            }
+            Act::Sigmoid => sig(x) * (1.0 - sig(x)),
+            Act::Relu => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Act::GeluTanh => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                let t = (c * (x + 0.044715 * x * x * x)).tanh();
+                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+            }
+        }
+    }
+}
+
 /// erf to ~1e-15 (Numerical Recipes erfc via Chebyshev), for CPU references.
 pub fn erf(x: f64) -> f64 {
     let z = x.abs();
