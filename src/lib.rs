@@ -10,6 +10,7 @@ pub mod bench;
 pub mod error;
 pub mod gpu;
 pub mod ops;
+pub mod optim;
 pub mod tensor;
 pub mod weights;
 
