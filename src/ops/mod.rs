@@ -2,10 +2,56 @@
 //! `shaders/<op>.wgsl`), shape guards, dispatch, CPU reference and tests.
 
 pub mod elementwise;
+pub mod layer_norm;
 pub mod matmul;
 
 pub use elementwise::{binary, unary, BinaryOp, UnaryOp};
+pub use layer_norm::layer_norm;
 pub use matmul::{matmul, MatmulOpts};
+
+/// How a row-wise kernel (norms, softmax, attention) spreads its work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// One invocation per row, looping over it: no workgroup memory and no barriers, which
+    /// are expensive on CPU Vulkan (lavapipe runs a workgroup's invocations as SIMD lanes and
+    /// splits the program at every barrier).
+    Invocation,
+    /// One workgroup per row (or per tile of rows), cooperating through workgroup memory:
+    /// what GPUs want.
+    Workgroup,
+}
+
+/// Loop iterations one invocation may run on Mesa's llvmpipe/lavapipe (up to at least Mesa
+/// 22.3): every loop in a shader shares one counter, and once 65,535 iterations have run all
+/// loops exit early, silently leaving work undone. Kernels that loop per invocation size their
+/// work below this (splitting rows, keys or reductions into more invocations).
+pub const CPU_LOOP_LIMIT: usize = 65_535;
+
+impl Strategy {
+    /// Both strategies, for tests and benches.
+    pub const ALL: [Strategy; 2] = [Strategy::Invocation, Strategy::Workgroup];
+
+    /// The default for a device: [`Strategy::Invocation`] on CPU adapters, else
+    /// [`Strategy::Workgroup`].
+    pub fn for_gpu(gpu: &crate::Gpu) -> Strategy {
+        if gpu.is_cpu() {
+            Strategy::Invocation
+        } else {
+            Strategy::Workgroup
+        }
+    }
+
+    /// [`Strategy::for_gpu`], except that rows whose loop would run more than `iters`
+    /// iterations in one invocation (see [`CPU_LOOP_LIMIT`]) go to [`Strategy::Workgroup`],
+    /// which also spreads one long row over many threads.
+    pub fn for_rows(gpu: &crate::Gpu, iters: usize) -> Strategy {
+        if iters > CPU_LOOP_LIMIT / 4 {
+            Strategy::Workgroup
+        } else {
+            Strategy::for_gpu(gpu)
+        }
+    }
+}
 
 /// Activation applied in fused epilogues. The codes match `shaders/lib/act.wgsl`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
