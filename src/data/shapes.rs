@@ -122,7 +122,7 @@ impl ShapeKind {
             ShapeKind::Circle => dx * dx + dy * dy <= 1.0,
             ShapeKind::Square => dx.abs() <= 0.85 && dy.abs() <= 0.85,
             // apex at (0, -1), base from (-1, 0.8) to (1, 0.8)
-            ShapeKind::Triangle => dy <= 0.8 && dy >= -1.0 && dx.abs() <= (dy + 1.0) / 1.8,
+            ShapeKind::Triangle => (-1.0..=0.8).contains(&dy) && dx.abs() <= (dy + 1.0) / 1.8,
             ShapeKind::Diamond => dx.abs() + dy.abs() <= 1.0,
         }
     }
