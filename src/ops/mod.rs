@@ -4,10 +4,14 @@
 pub mod elementwise;
 pub mod layer_norm;
 pub mod matmul;
+pub mod permute;
+pub mod softmax;
 
 pub use elementwise::{binary, unary, BinaryOp, UnaryOp};
 pub use layer_norm::layer_norm;
 pub use matmul::{matmul, MatmulOpts};
+pub use permute::{permute, transpose};
+pub use softmax::{softmax, softmax_scaled};
 
 /// How a row-wise kernel (norms, softmax, attention) spreads its work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
