@@ -86,6 +86,19 @@ fn sum_leading(g: &Tensor, shape: &[usize]) -> Result<Tensor> {
     matmul(&ones, &g.reshape(&[r, n])?, &MatmulOpts::default())?.reshape(shape)
 }
 
+/// Backward of `y = softmax(scale · x)` over the last axis:
+/// `dx = scale · y ⊙ (g − Σ_j g_j y_j)`, the row sums taken as `(g ⊙ y) @ ones[L, 1]`.
+pub fn softmax_backward(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
+    let l = y.dim(-1);
+    let rows = y.numel() / l.max(1);
+    let gy = elementwise::mul(g, y)?;
+    let ones = Tensor::full(y.gpu(), &[l, 1], 1.0)?;
+    let dot = matmul(&gy.reshape(&[rows, l])?, &ones, &MatmulOpts::default())?;
+    let centred = elementwise::binary(&g.reshape(&[rows, l])?, &dot, BinaryOp::Sub)?;
+    let dx = elementwise::mul(&centred, &y.reshape(&[rows, l])?)?;
+    elementwise::scale(&dx, scale)?.reshape(y.shape())
+}
+
 impl Tape {
     /// An empty tape.
     pub fn new() -> Self {
@@ -311,6 +324,62 @@ impl Tape {
         } else {
             self.act(&out, o.act)
         }
+    }
+
+    /// The same value viewed with another shape.
+    pub fn reshape(&self, x: &Var, shape: &[usize]) -> Result<Var> {
+        let y = x.value.reshape(shape)?;
+        let orig = x.shape().to_vec();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g| Ok(vec![Some(g.reshape(&orig)?)])),
+        ))
+    }
+
+    /// `x.permute(perm)`.
+    pub fn permute(&self, x: &Var, perm: &[usize]) -> Result<Var> {
+        let y = crate::ops::permute::permute(&x.value, perm)?;
+        // The inverse permutation: output dim perm[i] came from input dim i.
+        let mut inv = vec![0; perm.len()];
+        for (i, &p) in perm.iter().enumerate() {
+            inv[p] = i;
+        }
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g| Ok(vec![Some(crate::ops::permute::permute(g, &inv)?)])),
+        ))
+    }
+
+    /// LayerNorm over the last axis with affine parameters.
+    pub fn layer_norm(&self, x: &Var, gamma: &Var, beta: &Var, eps: f32) -> Result<Var> {
+        let y = crate::ops::layer_norm::layer_norm(
+            &x.value,
+            Some(&gamma.value),
+            Some(&beta.value),
+            eps,
+        )?;
+        let (xv, gv) = (x.value.clone(), gamma.value.clone());
+        Ok(self.push(
+            y,
+            &[x, gamma, beta],
+            Box::new(move |g| {
+                let r = crate::ops::layer_norm::layer_norm_backward(&xv, Some(&gv), g, eps)?;
+                Ok(vec![Some(r.dx), Some(r.dgamma), Some(r.dbeta)])
+            }),
+        ))
+    }
+
+    /// `softmax(scale · x)` over the last axis.
+    pub fn softmax(&self, x: &Var, scale: f32) -> Result<Var> {
+        let y = crate::ops::softmax::softmax_scaled(&x.value, scale)?;
+        let yv = y.clone();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g| Ok(vec![Some(softmax_backward(&yv, g, scale)?)])),
+        ))
     }
 
     /// Runs the backward pass from the scalar `loss` (`[1]` or `[]`), seeding `dloss = 1`.

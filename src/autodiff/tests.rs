@@ -297,3 +297,68 @@ fn act_backward_matches_analytic_derivative() {
         }
     }
 }
+
+#[test]
+fn layer_norm_softmax_permute_gradients() {
+    // loss = Σ w ⊙ softmax(1.3 · permute(layer_norm(x)))  with x: [2, 3, 5]
+    let g = gpu();
+    let (a, b, c) = (2, 3, 5);
+    let xv: Vec<f32> = rand_vec(a * b * c, 40).iter().map(|v| v * 2.0).collect();
+    let gam: Vec<f32> = rand_vec(c, 41).iter().map(|v| v + 1.0).collect();
+    let bet = rand_vec(c, 42);
+    let wv = rand_vec(a * b * c, 43);
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::from_slice(&g, &xv, &[a, b, c]).unwrap(), true);
+    let gamma = tape.leaf(Tensor::from_slice(&g, &gam, &[c]).unwrap(), true);
+    let beta = tape.leaf(Tensor::from_slice(&g, &bet, &[c]).unwrap(), true);
+    let w = tape.leaf(Tensor::from_slice(&g, &wv, &[a, c, b]).unwrap(), false);
+    let ln = tape.layer_norm(&x, &gamma, &beta, 1e-5).unwrap();
+    let pm = tape.permute(&ln, &[0, 2, 1]).unwrap();
+    let sm = tape.softmax(&pm, 1.3).unwrap();
+    let loss = tape.sum(&tape.mul(&sm, &w).unwrap()).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let f = |xs: &[f64], gs: &[f64], bs: &[f64]| -> f64 {
+        // layer norm over c
+        let mut ln = vec![0.0; a * b * c];
+        for r in 0..a * b {
+            let row = &xs[r * c..(r + 1) * c];
+            let m = row.iter().sum::<f64>() / c as f64;
+            let v = row.iter().map(|q| (q - m).powi(2)).sum::<f64>() / c as f64;
+            for i in 0..c {
+                ln[r * c + i] = (row[i] - m) / (v + 1e-5).sqrt() * gs[i] + bs[i];
+            }
+        }
+        // permute [a, b, c] -> [a, c, b], softmax over b
+        let mut total = 0.0;
+        for ai in 0..a {
+            for ci in 0..c {
+                let row: Vec<f64> = (0..b)
+                    .map(|bi| 1.3 * ln[ai * b * c + bi * c + ci])
+                    .collect();
+                let mx = row.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = row.iter().map(|q| (q - mx).exp()).sum();
+                for bi in 0..b {
+                    total += (row[bi] - mx).exp() / z * wv[ai * c * b + ci * b + bi] as f64;
+                }
+            }
+        }
+        total
+    };
+    let d64 = |v: &[f32]| v.iter().map(|&q| q as f64).collect::<Vec<_>>();
+    let (x64, g64, b64) = (d64(&xv), d64(&gam), d64(&bet));
+    check(
+        grads.get(&x).unwrap(),
+        &fd(&|p| f(p, &g64, &b64), &xv),
+        "dx",
+    );
+    check(
+        grads.get(&gamma).unwrap(),
+        &fd(&|p| f(&x64, p, &b64), &gam),
+        "dgamma",
+    );
+    check(
+        grads.get(&beta).unwrap(),
+        &fd(&|p| f(&x64, &g64, p), &bet),
+        "dbeta",
+    );
+}
