@@ -66,7 +66,13 @@ fn binary_op(x: f32, z: f32) -> f32 {
         case 4u: { return max(x, z); }
         case 5u: { return min(x, z); }
         case 6u: { return (x - z) * (x - z); }
-        default: { return x + z; }
+        // 32 + act code: z * act'(x), the backward of an activation at input x
+        default: {
+            if OP >= 32u {
+                return z * act_grad(OP - 32u, x);
+            }
+            return x + z;
+        }
     }
 }
 

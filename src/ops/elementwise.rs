@@ -118,6 +118,18 @@ pub enum BinaryOp {
     SquaredDiff = 6,
 }
 
+/// `grad * act'(x)`: the backward of an activation at its input `x` (same shapes).
+pub fn act_backward(x: &Tensor, grad: &Tensor, act: Act) -> Result<Tensor> {
+    if x.shape() != grad.shape() {
+        return Err(Error::shape(format!(
+            "act_backward: input {:?} and gradient {:?} differ",
+            x.shape(),
+            grad.shape()
+        )));
+    }
+    binary_code(x, grad, 32 + act as u32)
+}
+
 impl BinaryOp {
     /// CPU reference.
     pub fn reference(self, x: f64, z: f64) -> f64 {
@@ -244,6 +256,10 @@ fn collapse(out: &[usize], sa: &[u32], sb: &[u32]) -> (Vec<usize>, Vec<u32>, Vec
 
 /// `op(a, b)` with NumPy broadcasting.
 pub fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
+    binary_code(a, b, op as u32)
+}
+
+fn binary_code(a: &Tensor, b: &Tensor, code: u32) -> Result<Tensor> {
     a.expect_f32("binary op input")?;
     b.expect_f32("binary op input")?;
     let out = broadcast_shape(a.shape(), b.shape())?;
@@ -279,7 +295,7 @@ pub fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
         p.b_strides[i] = sb[i];
     }
     let k = Kernel::new(&SHADER, "binary")
-        .with("OP", op as u32)
+        .with("OP", code)
         .with("WG", WG);
     a.gpu().dispatch(
         &k,

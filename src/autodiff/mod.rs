@@ -1,0 +1,423 @@
+//! Reverse-mode autodiff over GPU tensors.
+//!
+//! Each op on a [`Tape`] computes its output with the ordinary kernels and pushes a node whose
+//! backward closure owns exactly what it needs (saved inputs or outputs). [`Tape::backward`]
+//! walks the nodes in reverse creation order (a valid topological order, since an op's inputs
+//! exist before it), calls each closure once with the gradient of its output, and adds the
+//! results into its inputs' gradients. A closure is consumed when it runs, so saved
+//! activations are released as soon as the backward pass is past them.
+
+use crate::ops::elementwise::{self, BinaryOp, UnaryOp};
+use crate::ops::matmul::{matmul, MatmulOpts};
+use crate::ops::Act;
+use crate::{Error, Result, Tensor};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+type Backward = Box<dyn FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>>>;
+
+struct Node {
+    parents: Vec<usize>,
+    needs_grad: bool,
+    backward: Option<Backward>,
+}
+
+/// A tensor recorded on a tape. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Var {
+    id: usize,
+    needs_grad: bool,
+    value: Tensor,
+}
+
+impl Var {
+    /// The forward value.
+    pub fn value(&self) -> &Tensor {
+        &self.value
+    }
+    /// The shape of the value.
+    pub fn shape(&self) -> &[usize] {
+        self.value.shape()
+    }
+    /// The node id on its tape.
+    pub fn id(&self) -> usize {
+        self.id
+    }
+}
+
+/// Gradients of a backward pass, by the [`Var`] they belong to.
+#[derive(Debug)]
+pub struct Grads(HashMap<usize, Tensor>);
+
+impl Grads {
+    /// The gradient of `v`, if it was reached.
+    pub fn get(&self, v: &Var) -> Option<&Tensor> {
+        self.0.get(&v.id)
+    }
+    /// Removes and returns the gradient of `v`.
+    pub fn take(&mut self, v: &Var) -> Option<Tensor> {
+        self.0.remove(&v.id)
+    }
+}
+
+/// Records ops for one forward pass. Build a new tape for each step.
+#[derive(Default)]
+pub struct Tape {
+    nodes: RefCell<Vec<Node>>,
+}
+
+/// Sums a gradient of shape `[.., rows.., N]` down to a broadcast operand's shape, where the
+/// operand's dims are trailing dims of the gradient with the leading ones summed away
+/// (`ones[1, R] @ g[R, N]`).
+fn sum_leading(g: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    if g.shape() == shape {
+        return Ok(g.clone());
+    }
+    let n: usize = shape.iter().product();
+    let r = g.numel() / n.max(1);
+    if n == 0 || r * n != g.numel() || g.shape()[g.rank() - shape.len()..] != *shape {
+        return Err(Error::shape(format!(
+            "autodiff: cannot reduce a gradient {:?} to {:?} (only leading broadcast dims)",
+            g.shape(),
+            shape
+        )));
+    }
+    let ones = Tensor::full(g.gpu(), &[1, r], 1.0)?;
+    matmul(&ones, &g.reshape(&[r, n])?, &MatmulOpts::default())?.reshape(shape)
+}
+
+/// Backward of `y = softmax(scale · x)` over the last axis:
+/// `dx = scale · y ⊙ (g − Σ_j g_j y_j)`, the row sums taken as `(g ⊙ y) @ ones[L, 1]`.
+pub fn softmax_backward(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
+    let l = y.dim(-1);
+    let rows = y.numel() / l.max(1);
+    let gy = elementwise::mul(g, y)?;
+    let ones = Tensor::full(y.gpu(), &[l, 1], 1.0)?;
+    let dot = matmul(&gy.reshape(&[rows, l])?, &ones, &MatmulOpts::default())?;
+    let centred = elementwise::binary(&g.reshape(&[rows, l])?, &dot, BinaryOp::Sub)?;
+    let dx = elementwise::mul(&centred, &y.reshape(&[rows, l])?)?;
+    elementwise::scale(&dx, scale)?.reshape(y.shape())
+}
+
+impl Tape {
+    /// An empty tape.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn push(&self, value: Tensor, parents: &[&Var], backward: Backward) -> Var {
+        let needs_grad = parents.iter().any(|p| p.needs_grad);
+        let mut nodes = self.nodes.borrow_mut();
+        let id = nodes.len();
+        nodes.push(Node {
+            parents: parents.iter().map(|p| p.id).collect(),
+            needs_grad,
+            backward: needs_grad.then_some(backward),
+        });
+        Var {
+            id,
+            needs_grad,
+            value,
+        }
+    }
+
+    /// A leaf: a parameter or input. `needs_grad` leaves get gradients from [`Tape::backward`].
+    pub fn leaf(&self, value: Tensor, needs_grad: bool) -> Var {
+        let mut nodes = self.nodes.borrow_mut();
+        let id = nodes.len();
+        nodes.push(Node {
+            parents: vec![],
+            needs_grad,
+            backward: None,
+        });
+        Var {
+            id,
+            needs_grad,
+            value,
+        }
+    }
+
+    /// Number of recorded nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.borrow().len()
+    }
+
+    /// True when nothing is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `a + b`; `b` may broadcast over `a`'s leading dims (a bias, say).
+    pub fn add(&self, a: &Var, b: &Var) -> Result<Var> {
+        let y = elementwise::add(&a.value, &b.value)?;
+        let (sa, sb) = (a.shape().to_vec(), b.shape().to_vec());
+        Ok(self.push(
+            y,
+            &[a, b],
+            Box::new(move |g| Ok(vec![Some(sum_leading(g, &sa)?), Some(sum_leading(g, &sb)?)])),
+        ))
+    }
+
+    /// `a - b` (same broadcasting as [`Tape::add`]).
+    pub fn sub(&self, a: &Var, b: &Var) -> Result<Var> {
+        let y = elementwise::binary(&a.value, &b.value, BinaryOp::Sub)?;
+        let (sa, sb) = (a.shape().to_vec(), b.shape().to_vec());
+        Ok(self.push(
+            y,
+            &[a, b],
+            Box::new(move |g| {
+                let gb = elementwise::scale(&sum_leading(g, &sb)?, -1.0)?;
+                Ok(vec![Some(sum_leading(g, &sa)?), Some(gb)])
+            }),
+        ))
+    }
+
+    /// `a * b` elementwise (same broadcasting as [`Tape::add`]).
+    pub fn mul(&self, a: &Var, b: &Var) -> Result<Var> {
+        let y = elementwise::mul(&a.value, &b.value)?;
+        let (av, bv) = (a.value.clone(), b.value.clone());
+        Ok(self.push(
+            y,
+            &[a, b],
+            Box::new(move |g| {
+                // y = a * b  =>  da = g * b, db = g * a (summed over broadcast dims)
+                let ga = sum_leading(&elementwise::mul(g, &bv)?, av.shape())?;
+                let gb = sum_leading(&elementwise::mul(g, &av)?, bv.shape())?;
+                Ok(vec![Some(ga), Some(gb)])
+            }),
+        ))
+    }
+
+    /// `x * scale + shift`.
+    pub fn affine(&self, x: &Var, scale: f32, shift: f32) -> Result<Var> {
+        let y = elementwise::unary(&x.value, UnaryOp::Affine { scale, shift })?;
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g| Ok(vec![Some(elementwise::scale(g, scale)?)])),
+        ))
+    }
+
+    /// An activation function.
+    pub fn act(&self, x: &Var, act: Act) -> Result<Var> {
+        let y = elementwise::unary(&x.value, UnaryOp::Act(act))?;
+        let xv = x.value.clone();
+        Ok(self.push(
+            y,
+            &[x],
+            // y = act(x)  =>  dx = g * act'(x)
+            Box::new(move |g| Ok(vec![Some(elementwise::act_backward(&xv, g, act)?)])),
+        ))
+    }
+
+    /// `x²` elementwise.
+    pub fn square(&self, x: &Var) -> Result<Var> {
+        let y = elementwise::unary(&x.value, UnaryOp::Square)?;
+        let xv = x.value.clone();
+        Ok(self.push(
+            y,
+            &[x],
+            // y = x²  =>  dx = 2 x g
+            Box::new(move |g| {
+                Ok(vec![Some(elementwise::scale(
+                    &elementwise::mul(g, &xv)?,
+                    2.0,
+                )?)])
+            }),
+        ))
+    }
+
+    /// The sum of every element, as a `[1]` tensor.
+    pub fn sum(&self, x: &Var) -> Result<Var> {
+        let n = x.value.numel();
+        let flat = x.value.reshape(&[1, n])?;
+        let ones = Tensor::full(x.value.gpu(), &[n, 1], 1.0)?;
+        let y = matmul(&flat, &ones, &MatmulOpts::default())?.reshape(&[1])?;
+        let shape = x.shape().to_vec();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g| {
+                // y = Σx  =>  dx = g broadcast to x's shape
+                let ones = Tensor::full(g.gpu(), &shape, 1.0)?;
+                Ok(vec![Some(elementwise::mul(&ones, g)?)])
+            }),
+        ))
+    }
+
+    /// The mean of every element, as a `[1]` tensor.
+    pub fn mean(&self, x: &Var) -> Result<Var> {
+        let n = x.value.numel().max(1) as f32;
+        let s = self.sum(x)?;
+        self.affine(&s, 1.0 / n, 0.0)
+    }
+
+    /// `act(alpha · op(A) @ op(B) + bias)` as in [`matmul`]; B may be a rank-2 weight shared
+    /// over A's batch dims. The activation is recorded as its own node so that its backward
+    /// sees the pre-activation.
+    pub fn matmul(&self, a: &Var, b: &Var, bias: Option<&Var>, o: &MatmulOpts) -> Result<Var> {
+        if o.residual.is_some() || o.bias.is_some() {
+            return Err(Error::invalid(
+                "Tape::matmul takes its bias as a Var and no residual (use Tape::add)",
+            ));
+        }
+        let plain = MatmulOpts {
+            act: Act::None,
+            bias: bias.map(|b| &b.value),
+            ..*o
+        };
+        let y = matmul(&a.value, &b.value, &plain)?;
+        let (av, bv) = (a.value.clone(), b.value.clone());
+        let (ta, tb, alpha) = (o.trans_a, o.trans_b, o.alpha.unwrap_or(1.0));
+        let has_bias = bias.is_some();
+        let mut parents = vec![a, b];
+        if let Some(bias) = bias {
+            parents.push(bias);
+        }
+        let out = self.push(
+            y,
+            &parents,
+            Box::new(move |g| {
+                // C = alpha · op(A) @ op(B) + bias. With G = dC:
+                //   A [M,K]:   dA = alpha · G @ op(B)ᵀ        A stored [K,M]: dA = alpha · op(B) @ Gᵀ
+                //   B [K,N]:   dB = alpha · op(A)ᵀ @ G        B stored [N,K]: dB = alpha · Gᵀ @ op(A)
+                let s = Some(alpha);
+                let da = if ta {
+                    matmul(&bv, g, &MatmulOpts { trans_a: tb, trans_b: true, alpha: s, ..Default::default() })?
+                } else {
+                    matmul(g, &bv, &MatmulOpts { trans_b: !tb, alpha: s, ..Default::default() })?
+                };
+                let b_broadcast = bv.rank() == 2 && av.rank() > 2;
+                let (a2, g2) = if b_broadcast {
+                    // A weight shared over the batch: fold the batch into the rows (A must be
+                    // stored row-major [.., M, K] for that) so one product sums over it.
+                    if ta {
+                        return Err(Error::invalid(
+                            "Tape::matmul: a shared weight with a transposed batched A is not supported",
+                        ));
+                    }
+                    let rows = av.numel() / av.dim(-1);
+                    (
+                        av.reshape(&[rows, av.dim(-1)])?,
+                        g.reshape(&[rows, g.dim(-1)])?,
+                    )
+                } else {
+                    (av.clone(), g.clone())
+                };
+                let db = if tb {
+                    matmul(&g2, &a2, &MatmulOpts { trans_a: true, trans_b: ta, alpha: s, ..Default::default() })?
+                } else {
+                    matmul(&a2, &g2, &MatmulOpts { trans_a: !ta, alpha: s, ..Default::default() })?
+                };
+                // A rank-2 A shared over B's batch gets its batch gradients summed.
+                let da = sum_leading(&da, av.shape())?;
+                let mut out = vec![Some(da), Some(db.reshape(bv.shape())?)];
+                if has_bias {
+                    let n = g.dim(-1);
+                    out.push(Some(sum_leading(g, &[n])?));
+                }
+                Ok(out)
+            }),
+        );
+        if o.act == Act::None {
+            Ok(out)
+        } else {
+            self.act(&out, o.act)
+        }
+    }
+
+    /// The same value viewed with another shape.
+    pub fn reshape(&self, x: &Var, shape: &[usize]) -> Result<Var> {
+        let y = x.value.reshape(shape)?;
+        let orig = x.shape().to_vec();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g| Ok(vec![Some(g.reshape(&orig)?)])),
+        ))
+    }
+
+    /// `x.permute(perm)`.
+    pub fn permute(&self, x: &Var, perm: &[usize]) -> Result<Var> {
+        let y = crate::ops::permute::permute(&x.value, perm)?;
+        // The inverse permutation: output dim perm[i] came from input dim i.
+        let mut inv = vec![0; perm.len()];
+        for (i, &p) in perm.iter().enumerate() {
+            inv[p] = i;
+        }
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g| Ok(vec![Some(crate::ops::permute::permute(g, &inv)?)])),
+        ))
+    }
+
+    /// LayerNorm over the last axis with affine parameters.
+    pub fn layer_norm(&self, x: &Var, gamma: &Var, beta: &Var, eps: f32) -> Result<Var> {
+        let y = crate::ops::layer_norm::layer_norm(
+            &x.value,
+            Some(&gamma.value),
+            Some(&beta.value),
+            eps,
+        )?;
+        let (xv, gv) = (x.value.clone(), gamma.value.clone());
+        Ok(self.push(
+            y,
+            &[x, gamma, beta],
+            Box::new(move |g| {
+                let r = crate::ops::layer_norm::layer_norm_backward(&xv, Some(&gv), g, eps)?;
+                Ok(vec![Some(r.dx), Some(r.dgamma), Some(r.dbeta)])
+            }),
+        ))
+    }
+
+    /// `softmax(scale · x)` over the last axis.
+    pub fn softmax(&self, x: &Var, scale: f32) -> Result<Var> {
+        let y = crate::ops::softmax::softmax_scaled(&x.value, scale)?;
+        let yv = y.clone();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g| Ok(vec![Some(softmax_backward(&yv, g, scale)?)])),
+        ))
+    }
+
+    /// Runs the backward pass from the scalar `loss` (`[1]` or `[]`), seeding `dloss = 1`.
+    pub fn backward(&self, loss: &Var) -> Result<Grads> {
+        if loss.value.numel() != 1 {
+            return Err(Error::shape(format!(
+                "backward needs a scalar loss, got shape {:?}",
+                loss.shape()
+            )));
+        }
+        let mut grads: HashMap<usize, Tensor> = HashMap::new();
+        grads.insert(loss.id, Tensor::full(loss.value.gpu(), loss.shape(), 1.0)?);
+        let mut leaves = HashMap::new();
+        let mut nodes = self.nodes.borrow_mut();
+        for id in (0..=loss.id).rev() {
+            let Some(g) = grads.remove(&id) else { continue };
+            let Some(bw) = nodes[id].backward.take() else {
+                // A leaf (or a node nothing upstream needs): keep its gradient.
+                leaves.insert(id, g);
+                continue;
+            };
+            let parent_grads = bw(&g)?;
+            let parents = nodes[id].parents.clone();
+            for (p, pg) in parents.into_iter().zip(parent_grads) {
+                let Some(pg) = pg else { continue };
+                if !nodes[p].needs_grad {
+                    continue;
+                }
+                let acc = match grads.remove(&p) {
+                    Some(prev) => elementwise::add(&prev, &pg)?,
+                    None => pg,
+                };
+                grads.insert(p, acc);
+            }
+        }
+        Ok(Grads(leaves))
+    }
+}
+
+#[cfg(test)]
+mod tests;

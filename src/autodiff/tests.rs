@@ -1,0 +1,364 @@
+//! Gradient checks: GPU backward rules against central finite differences of an f64 CPU
+//! evaluation of the same function.
+
+use super::*;
+use crate::ops::testutil::{gpu, rand_vec};
+
+/// Central differences of `f` at `x` (f64, h = 1e-5): truncation error O(h²·f''') ≈ 1e-10.
+fn fd(f: &dyn Fn(&[f64]) -> f64, x: &[f32]) -> Vec<f64> {
+    let mut xv: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    let h = 1e-5;
+    (0..xv.len())
+        .map(|i| {
+            let x0 = xv[i];
+            xv[i] = x0 + h;
+            let up = f(&xv);
+            xv[i] = x0 - h;
+            let down = f(&xv);
+            xv[i] = x0;
+            (up - down) / (2.0 * h)
+        })
+        .collect()
+}
+
+/// f32 forward + backward against f64 differences: |g − fd| ≤ 1e-4 + 1e-3·|fd| covers f32
+/// rounding of sums of a few dozen terms and the 1.5e-7 erf approximation.
+fn check(got: &Tensor, want: &[f64], what: &str) {
+    let got = got.to_vec().unwrap();
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let tol = 1e-4 + 1e-3 * w.abs();
+        assert!(
+            ((g as f64) - w).abs() <= tol,
+            "{what}[{i}]: backward {g} vs finite difference {w}"
+        );
+    }
+}
+
+/// CPU f64: y[b,i,j] = alpha·Σk opA[b,i,k]·opB[b,k,j] + bias[j].
+#[allow(clippy::too_many_arguments)]
+fn cpu_matmul(
+    a: &[f64],
+    b: &[f64],
+    bias: Option<&[f64]>,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+    b_shared: bool,
+    alpha: f64,
+) -> Vec<f64> {
+    let mut y = vec![0.0; batch * m * n];
+    for bi in 0..batch {
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0;
+                for kk in 0..k {
+                    let av = if ta {
+                        a[bi * m * k + kk * m + i]
+                    } else {
+                        a[bi * m * k + i * k + kk]
+                    };
+                    let bb = if b_shared { 0 } else { bi * k * n };
+                    let bv = if tb {
+                        b[bb + j * k + kk]
+                    } else {
+                        b[bb + kk * n + j]
+                    };
+                    s += av * bv;
+                }
+                y[bi * m * n + i * n + j] = alpha * s + bias.map_or(0.0, |bv| bv[j]);
+            }
+        }
+    }
+    y
+}
+
+#[test]
+fn linear_act_square_sum_gradients() {
+    let g = gpu();
+    let (batch, m, k, n) = (2, 3, 5, 4);
+    for act in [
+        Act::None,
+        Act::Gelu,
+        Act::QuickGelu,
+        Act::Silu,
+        Act::Sigmoid,
+        Act::GeluTanh,
+    ] {
+        let xv = rand_vec(batch * m * k, 1);
+        let wv = rand_vec(n * k, 2);
+        let bv = rand_vec(n, 3);
+        let tape = Tape::new();
+        let x = tape.leaf(Tensor::from_slice(&g, &xv, &[batch, m, k]).unwrap(), true);
+        let w = tape.leaf(Tensor::from_slice(&g, &wv, &[n, k]).unwrap(), true);
+        let b = tape.leaf(Tensor::from_slice(&g, &bv, &[n]).unwrap(), true);
+        let y = tape
+            .matmul(
+                &x,
+                &w,
+                Some(&b),
+                &MatmulOpts {
+                    trans_b: true,
+                    act,
+                    alpha: Some(0.7),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let loss = tape.sum(&tape.square(&y).unwrap()).unwrap();
+        let grads = tape.backward(&loss).unwrap();
+        let f = |xs: &[f64], ws: &[f64], bs: &[f64]| -> f64 {
+            cpu_matmul(xs, ws, Some(bs), batch, m, n, k, false, true, true, 0.7)
+                .iter()
+                .map(|&p| act.reference(p).powi(2))
+                .sum()
+        };
+        let d64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        let (x64, w64, b64) = (d64(&xv), d64(&wv), d64(&bv));
+        check(
+            grads.get(&x).unwrap(),
+            &fd(&|p| f(p, &w64, &b64), &xv),
+            &format!("{act:?} dx"),
+        );
+        check(
+            grads.get(&w).unwrap(),
+            &fd(&|p| f(&x64, p, &b64), &wv),
+            &format!("{act:?} dW"),
+        );
+        check(
+            grads.get(&b).unwrap(),
+            &fd(&|p| f(&x64, &w64, p), &bv),
+            &format!("{act:?} db"),
+        );
+    }
+}
+
+#[test]
+fn matmul_gradients_for_every_transpose_and_batching() {
+    let g = gpu();
+    let (batch, m, k, n) = (3, 4, 3, 5);
+    for (ta, tb, shared) in [
+        (false, false, false),
+        (false, true, false),
+        (true, false, false),
+        (true, true, false),
+        (false, false, true),
+        (false, true, true),
+    ] {
+        let av = rand_vec(batch * m * k, 10);
+        let bv = rand_vec(if shared { k * n } else { batch * k * n }, 11);
+        let wv = rand_vec(batch * m * n, 12); // weights of a linear loss Σ w·y
+        let a_shape = if ta {
+            vec![batch, k, m]
+        } else {
+            vec![batch, m, k]
+        };
+        let mut b_shape = if tb { vec![n, k] } else { vec![k, n] };
+        if !shared {
+            b_shape.insert(0, batch);
+        }
+        let tape = Tape::new();
+        let a = tape.leaf(Tensor::from_slice(&g, &av, &a_shape).unwrap(), true);
+        let b = tape.leaf(Tensor::from_slice(&g, &bv, &b_shape).unwrap(), true);
+        let w = tape.leaf(Tensor::from_slice(&g, &wv, &[batch, m, n]).unwrap(), false);
+        let y = tape
+            .matmul(
+                &a,
+                &b,
+                None,
+                &MatmulOpts {
+                    trans_a: ta,
+                    trans_b: tb,
+                    alpha: Some(1.5),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let loss = tape.sum(&tape.mul(&y, &w).unwrap()).unwrap();
+        let grads = tape.backward(&loss).unwrap();
+        assert!(
+            grads.get(&w).is_none(),
+            "no gradient for a leaf that does not need one"
+        );
+        let w64: Vec<f64> = wv.iter().map(|&v| v as f64).collect();
+        let f = |as_: &[f64], bs: &[f64]| -> f64 {
+            cpu_matmul(as_, bs, None, batch, m, n, k, ta, tb, shared, 1.5)
+                .iter()
+                .zip(&w64)
+                .map(|(y, w)| y * w)
+                .sum()
+        };
+        let a64: Vec<f64> = av.iter().map(|&v| v as f64).collect();
+        let b64: Vec<f64> = bv.iter().map(|&v| v as f64).collect();
+        let what = format!("ta{ta} tb{tb} shared{shared}");
+        check(
+            grads.get(&a).unwrap(),
+            &fd(&|p| f(p, &b64), &av),
+            &format!("{what} dA"),
+        );
+        check(
+            grads.get(&b).unwrap(),
+            &fd(&|p| f(&a64, p), &bv),
+            &format!("{what} dB"),
+        );
+    }
+}
+
+#[test]
+fn elementwise_gradients_with_broadcast_and_reuse() {
+    // loss = mean((a·c − b)² ) + Σ affine(a) where c: [N] broadcasts over a: [R, N] and a is
+    // used twice (gradients accumulate).
+    let g = gpu();
+    let (r, n) = (3, 7);
+    let av = rand_vec(r * n, 20);
+    let bv = rand_vec(r * n, 21);
+    let cv = rand_vec(n, 22);
+    let tape = Tape::new();
+    let a = tape.leaf(Tensor::from_slice(&g, &av, &[r, n]).unwrap(), true);
+    let b = tape.leaf(Tensor::from_slice(&g, &bv, &[r, n]).unwrap(), true);
+    let c = tape.leaf(Tensor::from_slice(&g, &cv, &[n]).unwrap(), true);
+    let d = tape.sub(&tape.mul(&a, &c).unwrap(), &b).unwrap();
+    let l1 = tape.mean(&tape.square(&d).unwrap()).unwrap();
+    let l2 = tape.sum(&tape.affine(&a, -0.3, 2.0).unwrap()).unwrap();
+    let loss = tape.add(&l1, &l2).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let f = |a: &[f64], b: &[f64], c: &[f64]| -> f64 {
+        let mut s = 0.0;
+        let mut t = 0.0;
+        for i in 0..r * n {
+            s += (a[i] * c[i % n] - b[i]).powi(2);
+            t += -0.3 * a[i] + 2.0;
+        }
+        s / (r * n) as f64 + t
+    };
+    let d64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    let (a64, b64, c64) = (d64(&av), d64(&bv), d64(&cv));
+    check(
+        grads.get(&a).unwrap(),
+        &fd(&|p| f(p, &b64, &c64), &av),
+        "da",
+    );
+    check(
+        grads.get(&b).unwrap(),
+        &fd(&|p| f(&a64, p, &c64), &bv),
+        "db",
+    );
+    check(
+        grads.get(&c).unwrap(),
+        &fd(&|p| f(&a64, &b64, p), &cv),
+        "dc",
+    );
+}
+
+#[test]
+fn backward_needs_a_scalar() {
+    let g = gpu();
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::zeros(&g, &[2, 2]).unwrap(), true);
+    let y = tape.square(&x).unwrap();
+    assert!(tape
+        .backward(&y)
+        .unwrap_err()
+        .to_string()
+        .contains("scalar"));
+}
+
+#[test]
+fn act_backward_matches_analytic_derivative() {
+    let g = gpu();
+    let xv: Vec<f32> = rand_vec(513, 30).iter().map(|v| v * 5.0).collect();
+    let gv = rand_vec(513, 31);
+    let x = Tensor::from_slice(&g, &xv, &[513]).unwrap();
+    let gt = Tensor::from_slice(&g, &gv, &[513]).unwrap();
+    for act in [
+        Act::None,
+        Act::Gelu,
+        Act::QuickGelu,
+        Act::Silu,
+        Act::Sigmoid,
+        Act::Relu,
+        Act::GeluTanh,
+    ] {
+        let got = elementwise::act_backward(&x, &gt, act)
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        for i in 0..513 {
+            let want = gv[i] as f64 * act.grad_reference(xv[i] as f64);
+            assert!(
+                (got[i] as f64 - want).abs() <= 2e-6 * (1.0 + want.abs()),
+                "{act:?} at x={}: {} vs {want}",
+                xv[i],
+                got[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn layer_norm_softmax_permute_gradients() {
+    // loss = Σ w ⊙ softmax(1.3 · permute(layer_norm(x)))  with x: [2, 3, 5]
+    let g = gpu();
+    let (a, b, c) = (2, 3, 5);
+    let xv: Vec<f32> = rand_vec(a * b * c, 40).iter().map(|v| v * 2.0).collect();
+    let gam: Vec<f32> = rand_vec(c, 41).iter().map(|v| v + 1.0).collect();
+    let bet = rand_vec(c, 42);
+    let wv = rand_vec(a * b * c, 43);
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::from_slice(&g, &xv, &[a, b, c]).unwrap(), true);
+    let gamma = tape.leaf(Tensor::from_slice(&g, &gam, &[c]).unwrap(), true);
+    let beta = tape.leaf(Tensor::from_slice(&g, &bet, &[c]).unwrap(), true);
+    let w = tape.leaf(Tensor::from_slice(&g, &wv, &[a, c, b]).unwrap(), false);
+    let ln = tape.layer_norm(&x, &gamma, &beta, 1e-5).unwrap();
+    let pm = tape.permute(&ln, &[0, 2, 1]).unwrap();
+    let sm = tape.softmax(&pm, 1.3).unwrap();
+    let loss = tape.sum(&tape.mul(&sm, &w).unwrap()).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let f = |xs: &[f64], gs: &[f64], bs: &[f64]| -> f64 {
+        // layer norm over c
+        let mut ln = vec![0.0; a * b * c];
+        for r in 0..a * b {
+            let row = &xs[r * c..(r + 1) * c];
+            let m = row.iter().sum::<f64>() / c as f64;
+            let v = row.iter().map(|q| (q - m).powi(2)).sum::<f64>() / c as f64;
+            for i in 0..c {
+                ln[r * c + i] = (row[i] - m) / (v + 1e-5).sqrt() * gs[i] + bs[i];
+            }
+        }
+        // permute [a, b, c] -> [a, c, b], softmax over b
+        let mut total = 0.0;
+        for ai in 0..a {
+            for ci in 0..c {
+                let row: Vec<f64> = (0..b)
+                    .map(|bi| 1.3 * ln[ai * b * c + bi * c + ci])
+                    .collect();
+                let mx = row.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = row.iter().map(|q| (q - mx).exp()).sum();
+                for bi in 0..b {
+                    total += (row[bi] - mx).exp() / z * wv[ai * c * b + ci * b + bi] as f64;
+                }
+            }
+        }
+        total
+    };
+    let d64 = |v: &[f32]| v.iter().map(|&q| q as f64).collect::<Vec<_>>();
+    let (x64, g64, b64) = (d64(&xv), d64(&gam), d64(&bet));
+    check(
+        grads.get(&x).unwrap(),
+        &fd(&|p| f(p, &g64, &b64), &xv),
+        "dx",
+    );
+    check(
+        grads.get(&gamma).unwrap(),
+        &fd(&|p| f(&x64, p, &b64), &gam),
+        "dgamma",
+    );
+    check(
+        grads.get(&beta).unwrap(),
+        &fd(&|p| f(&x64, &g64, p), &bet),
+        "dbeta",
+    );
+}
