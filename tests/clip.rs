@@ -245,3 +245,106 @@ fn undecodable_image_is_an_error_naming_the_file() {
         .to_string();
     assert!(e.contains("missing.jpg"), "{e}");
 }
+
+fn gpu() -> vqclip::Gpu {
+    vqclip::Gpu::shared().expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)")
+}
+
+/// Worst row cosine and largest absolute difference between `[N, P]` matrices.
+fn compare(got: &[f32], want: &[f32], p: usize) -> (f64, f64) {
+    assert_eq!(got.len(), want.len());
+    let (mut worst_cos, mut max_abs) = (1f64, 0f64);
+    for (a, b) in got.chunks(p).zip(want.chunks(p)) {
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        worst_cos = worst_cos.min(dot / (na * nb));
+        for (x, y) in a.iter().zip(b) {
+            max_abs = max_abs.max((*x as f64 - *y as f64).abs());
+        }
+    }
+    (worst_cos, max_abs)
+}
+
+#[test]
+fn embeddings_and_logits_match_transformers() {
+    use vqclip::models::clip::ClipModel;
+    let g0 = gpu();
+    for name in MODELS {
+        let g = Golden::load(name);
+        let model = ClipModel::load(&g.dir, &g0).unwrap();
+        let p = model.config.projection_dim;
+        let (pshape, pv) = g.tensor("pixel_values_pil");
+        let pixels = vqclip::Tensor::from_slice(&g0, &pv, &pshape).unwrap();
+        let texts = g.texts();
+
+        let img = model.encode_image(&pixels).unwrap();
+        let txt = model.encode_text(&texts).unwrap();
+        let logits = model.logits_per_image(&img, &txt).unwrap();
+        let feats = model.image_features(&pixels).unwrap();
+        let tfeats = model.text_features(&texts).unwrap();
+        for (what, got, key, pp) in [
+            ("image_embeds", &img, "image_embeds", p),
+            ("text_embeds", &txt, "text_embeds", p),
+            ("image_features", &feats, "image_features", p),
+            ("text_features", &tfeats, "text_features", p),
+            ("logits_per_image", &logits, "logits_per_image", texts.len()),
+        ] {
+            let (shape, want) = g.tensor(key);
+            assert_eq!(got.shape(), shape.as_slice(), "{name} {what}");
+            let (cos, abs) = compare(&got.to_vec().unwrap(), &want, pp);
+            eprintln!("{name} {what}: worst cosine {cos:.8}, max abs error {abs:.2e}");
+            assert!(cos >= 0.9999, "{name} {what}: cosine {cos}");
+            // Unit vectors: f32 forward passes that differ only in summation order and in
+            // exp/erf approximations agree to ~1e-6 (3e-7 measured on lavapipe); 1e-5 leaves
+            // room for other adapters. Logits are exp(logit_scale) (30 here) times a dot of
+            // two such vectors of P <= 24 entries: |Δ| <= 30 · 2 · 1e-5 · √24 < 3e-3.
+            let bound = match what {
+                "image_embeds" | "text_embeds" => 1e-5,
+                "logits_per_image" => 3e-3,
+                _ => f64::INFINITY, // unnormalised features: checked by cosine only
+            };
+            assert!(
+                abs <= bound,
+                "{name} {what}: max abs error {abs:e} > {bound:e}"
+            );
+        }
+        // Batching pads to the longest text; each text alone gives the same embedding.
+        let want = g.tensor("text_embeds").1;
+        for (i, t) in texts.iter().enumerate().step_by(3) {
+            let one = model
+                .encode_text(std::slice::from_ref(t))
+                .unwrap()
+                .to_vec()
+                .unwrap();
+            let (cos, abs) = compare(&one, &want[i * p..(i + 1) * p], p);
+            assert!(
+                cos >= 0.9999 && abs <= 1e-5,
+                "{name}: {t:?} alone: cos {cos} abs {abs}"
+            );
+        }
+        // From the PNG files through preprocessing (bit-exact with the PIL backend).
+        let images: Vec<_> = g
+            .images()
+            .iter()
+            .map(|p| vqclip::models::clip::load_image(p).unwrap())
+            .collect();
+        let from_files = model
+            .encode_image(&model.pixel_values(&images).unwrap())
+            .unwrap();
+        let (cos, abs) = compare(
+            &from_files.to_vec().unwrap(),
+            &g.tensor("image_embeds").1,
+            p,
+        );
+        assert!(
+            cos >= 0.9999 && abs <= 1e-5,
+            "{name}: images from files: cos {cos} abs {abs}"
+        );
+        let ls = g.json["logit_scale"].as_f64().unwrap();
+        assert!(
+            (model.logit_scale as f64 - ls).abs() < 1e-6,
+            "{name}: logit_scale"
+        );
+    }
+}
