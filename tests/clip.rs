@@ -348,3 +348,111 @@ fn embeddings_and_logits_match_transformers() {
         );
     }
 }
+
+/// A copy of a fixture folder that a test may break.
+fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fixtures().join(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    tmp
+}
+
+#[test]
+fn bad_model_folders_give_clear_errors() {
+    use vqclip::models::clip::ClipModel;
+    let g = gpu();
+    let err = |dir: &Path| {
+        ClipModel::load(dir, &g)
+            .err()
+            .expect("load should fail")
+            .to_string()
+    };
+
+    let e = err(Path::new("/nonexistent/clip"));
+    assert!(
+        e.contains("/nonexistent/clip") && e.contains("not a directory"),
+        "{e}"
+    );
+
+    let d = copy_fixture("small_gelu");
+    std::fs::remove_file(d.path().join("config.json")).unwrap();
+    let e = err(d.path());
+    assert!(e.contains("config.json"), "{e}");
+
+    let d = copy_fixture("small_gelu");
+    std::fs::remove_file(d.path().join("model.safetensors")).unwrap();
+    let e = err(d.path());
+    assert!(e.contains("model.safetensors"), "{e}");
+
+    // Truncated weights: named, and said to be truncated.
+    let d = copy_fixture("small_gelu");
+    let w = d.path().join("model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() - 1000]).unwrap();
+    let e = err(d.path());
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
+
+    // A config that disagrees with the weights: the key and both shapes.
+    let d = copy_fixture("small_gelu");
+    let c = d.path().join("config.json");
+    let text = std::fs::read_to_string(&c)
+        .unwrap()
+        .replace("\"intermediate_size\": 96", "\"intermediate_size\": 100");
+    std::fs::write(&c, text).unwrap();
+    let e = err(d.path());
+    assert!(
+        e.contains("text_model.encoder.layers.0.mlp.fc1.weight")
+            && e.contains("[96, 48]")
+            && e.contains("[100, 48]"),
+        "{e}"
+    );
+
+    // A tensor missing from the file.
+    let d = copy_fixture("small_gelu");
+    let c = d.path().join("config.json");
+    let text = std::fs::read_to_string(&c)
+        .unwrap()
+        .replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3");
+    std::fs::write(&c, text).unwrap();
+    let e = err(d.path());
+    assert!(
+        e.contains("missing tensor") && e.contains("layers.2"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_inputs_to_a_loaded_model() {
+    use vqclip::models::clip::ClipModel;
+    let g = gpu();
+    let model = ClipModel::load(fixtures().join("small_gelu"), &g).unwrap();
+    // Wrong pixel shape: both shapes in the message.
+    let wrong = vqclip::Tensor::zeros(&g, &[1, 3, 32, 32]).unwrap();
+    let e = model.encode_image(&wrong).unwrap_err().to_string();
+    assert!(
+        e.contains("[N, 3, 64, 64]") && e.contains("[1, 3, 32, 32]"),
+        "{e}"
+    );
+    // Text longer than the context (32 here) is truncated, not refused.
+    let long = "a very long caption that goes on ".repeat(20);
+    let ids = model.tokenize(&[long.clone()]).unwrap();
+    assert_eq!(ids[0].len(), 32);
+    assert_eq!(model.encode_text(&[long]).unwrap().shape(), &[1, 24]);
+    // Ids the vocabulary does not have.
+    let e = model
+        .text_features_ids(&[vec![2512, 99_999, 2513]])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("99999") && e.contains("vocabulary"), "{e}");
+    // More ids than positions.
+    let e = model
+        .text_features_ids(&[vec![5; 33]])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("33 tokens") && e.contains("32"), "{e}");
+}

@@ -15,7 +15,8 @@ use std::path::Path;
 
 /// `OPENAI_CLIP_MEAN` in transformers.
 pub const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-/// `OPENAI_CLIP_STD` in transformers.
+/// `OPENAI_CLIP_STD` in transformers (its digits kept, though f32 holds fewer).
+#[allow(clippy::excessive_precision)]
 pub const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// Resampling filters by PIL's numbering (`resample` in `preprocessor_config.json`).
