@@ -365,8 +365,7 @@ fn bad_model_folders_give_clear_errors() {
     let g = gpu();
     let err = |dir: &Path| {
         ClipModel::load(dir, &g)
-            .err()
-            .expect("load should fail")
+            .expect_err("load should fail")
             .to_string()
     };
 
@@ -440,7 +439,7 @@ fn bad_inputs_to_a_loaded_model() {
     );
     // Text longer than the context (32 here) is truncated, not refused.
     let long = "a very long caption that goes on ".repeat(20);
-    let ids = model.tokenize(&[long.clone()]).unwrap();
+    let ids = model.tokenize(std::slice::from_ref(&long)).unwrap();
     assert_eq!(ids[0].len(), 32);
     assert_eq!(model.encode_text(&[long]).unwrap().shape(), &[1, 24]);
     // Ids the vocabulary does not have.

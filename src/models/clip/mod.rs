@@ -73,12 +73,16 @@ impl ClipModel {
     pub fn load(dir: impl AsRef<Path>, gpu: &Gpu) -> Result<ClipModel> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
-            return Err(Error::Io {
+            return Err(Error::Format {
                 path: dir.display().to_string(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "not a directory (expected a Hugging Face CLIP folder with config.json and \
+                msg: format!(
+                    "{} (expected a Hugging Face CLIP folder with config.json and \
                      model.safetensors)",
+                    if dir.exists() {
+                        "not a folder"
+                    } else {
+                        "no such folder"
+                    }
                 ),
             });
         }
