@@ -371,7 +371,7 @@ fn bad_model_folders_give_clear_errors() {
 
     let e = err(Path::new("/nonexistent/clip"));
     assert!(
-        e.contains("/nonexistent/clip") && e.contains("not a directory"),
+        e.contains("/nonexistent/clip") && e.contains("no such folder"),
         "{e}"
     );
 
