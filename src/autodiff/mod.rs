@@ -86,14 +86,20 @@ fn sum_leading(g: &Tensor, shape: &[usize]) -> Result<Tensor> {
     matmul(&ones, &g.reshape(&[r, n])?, &MatmulOpts::default())?.reshape(shape)
 }
 
+/// Row sums of `x` viewed as `[rows, L]` (L = last dim), as `[rows, 1]`: `x @ ones[L, 1]`.
+fn row_sum(x: &Tensor) -> Result<Tensor> {
+    let l = x.dim(-1);
+    let rows = x.numel() / l.max(1);
+    let ones = Tensor::full(x.gpu(), &[l, 1], 1.0)?;
+    matmul(&x.reshape(&[rows, l])?, &ones, &MatmulOpts::default())
+}
+
 /// Backward of `y = softmax(scale · x)` over the last axis:
 /// `dx = scale · y ⊙ (g − Σ_j g_j y_j)`, the row sums taken as `(g ⊙ y) @ ones[L, 1]`.
 pub fn softmax_backward(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
     let l = y.dim(-1);
     let rows = y.numel() / l.max(1);
-    let gy = elementwise::mul(g, y)?;
-    let ones = Tensor::full(y.gpu(), &[l, 1], 1.0)?;
-    let dot = matmul(&gy.reshape(&[rows, l])?, &ones, &MatmulOpts::default())?;
+    let dot = row_sum(&elementwise::mul(g, y)?)?;
     let centred = elementwise::binary(&g.reshape(&[rows, l])?, &dot, BinaryOp::Sub)?;
     let dx = elementwise::mul(&centred, &y.reshape(&[rows, l])?)?;
     elementwise::scale(&dx, scale)?.reshape(y.shape())
@@ -379,6 +385,66 @@ impl Tape {
             y,
             &[x],
             Box::new(move |g| Ok(vec![Some(softmax_backward(&yv, g, scale)?)])),
+        ))
+    }
+
+    /// Each row (last axis) divided by its L2 norm.
+    pub fn l2_normalize(&self, x: &Var) -> Result<Var> {
+        let l = x.value.dim(-1);
+        let rows = x.value.numel() / l.max(1);
+        let x2 = x.value.reshape(&[rows, l])?;
+        let norm = elementwise::unary(
+            &row_sum(&elementwise::unary(&x2, UnaryOp::Square)?)?,
+            UnaryOp::Sqrt,
+        )?;
+        let y = elementwise::binary(&x2, &norm, BinaryOp::Div)?.reshape(x.shape())?;
+        let yv = y.clone();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g| {
+                // y = x / ‖x‖  =>  dx = (g − y (g·y)) / ‖x‖
+                let g2 = g.reshape(&[rows, l])?;
+                let y2 = yv.reshape(&[rows, l])?;
+                let dot = row_sum(&elementwise::mul(&g2, &y2)?)?;
+                let t = elementwise::binary(&g2, &elementwise::mul(&y2, &dot)?, BinaryOp::Sub)?;
+                Ok(vec![Some(
+                    elementwise::binary(&t, &norm, BinaryOp::Div)?.reshape(yv.shape())?,
+                )])
+            }),
+        ))
+    }
+
+    /// VQGAN+CLIP's spherical distance between every row of `a` `[N, D]` and of `b`
+    /// `[K, D]`: `2·asin(‖â − b̂‖/2)² = θ²/2`, as `[N, K]` (the rows need not be normalised).
+    pub fn spherical_distance(&self, a: &Var, b: &Var) -> Result<Var> {
+        let (an, bn) = (self.l2_normalize(a)?, self.l2_normalize(b)?);
+        let cos = self.matmul(
+            &an,
+            &bn,
+            None,
+            &MatmulOpts {
+                trans_b: true,
+                ..Default::default()
+            },
+        )?;
+        let y = elementwise::unary(&cos.value, UnaryOp::HalfSquaredAngle)?;
+        let c = cos.value.clone();
+        Ok(self.push(
+            y,
+            &[&cos],
+            Box::new(move |g| Ok(vec![Some(elementwise::half_squared_angle_backward(&c, g)?)])),
+        ))
+    }
+
+    /// Identity forward; backward passes the gradient only where `x > stop` (the gradient of
+    /// `max(x, stop)`, as VQGAN+CLIP's `replace_grad(dists, max(dists, stop))`).
+    pub fn stop_below(&self, x: &Var, stop: f32) -> Result<Var> {
+        let xv = x.value.clone();
+        Ok(self.push(
+            x.value.clone(),
+            &[x],
+            Box::new(move |g| Ok(vec![Some(elementwise::grad_where_above(&xv, g, stop)?)])),
         ))
     }
 

@@ -362,3 +362,68 @@ fn layer_norm_softmax_permute_gradients() {
         "dbeta",
     );
 }
+
+#[test]
+fn spherical_distance_and_stop_gradients() {
+    // loss = mean(stop_below(spherical(a, b), 0.3))  with a: [4, 6], b: [2, 6]
+    let g = gpu();
+    let (n, k, d) = (4, 2, 6);
+    let av = rand_vec(n * d, 50);
+    let bv = rand_vec(k * d, 51);
+    let tape = Tape::new();
+    let a = tape.leaf(Tensor::from_slice(&g, &av, &[n, d]).unwrap(), true);
+    let b = tape.leaf(Tensor::from_slice(&g, &bv, &[k, d]).unwrap(), true);
+    let dist = tape.spherical_distance(&a, &b).unwrap();
+    let stopped = tape.stop_below(&dist, 0.3).unwrap();
+    let loss = tape.mean(&stopped).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    // The reference formula of the VQGAN+CLIP notebooks: 2·asin(‖â − b̂‖/2)².
+    let dists = |a: &[f64], b: &[f64]| -> Vec<f64> {
+        let unit = |v: &[f64]| {
+            let nrm = v.iter().map(|q| q * q).sum::<f64>().sqrt();
+            v.iter().map(|q| q / nrm).collect::<Vec<_>>()
+        };
+        let mut out = vec![];
+        for i in 0..n {
+            for j in 0..k {
+                let (x, y) = (unit(&a[i * d..(i + 1) * d]), unit(&b[j * d..(j + 1) * d]));
+                let dd = x
+                    .iter()
+                    .zip(&y)
+                    .map(|(p, q)| (p - q).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                out.push(2.0 * (dd / 2.0).asin().powi(2));
+            }
+        }
+        out
+    };
+    let d64 = |v: &[f32]| v.iter().map(|&q| q as f64).collect::<Vec<_>>();
+    let (a64, b64) = (d64(&av), d64(&bv));
+    let base = dists(&a64, &b64);
+    let got = dist.value().to_vec().unwrap();
+    for i in 0..got.len() {
+        assert!(
+            (got[i] as f64 - base[i]).abs() < 1e-5,
+            "distance {i}: {} vs {}",
+            got[i],
+            base[i]
+        );
+    }
+    // The stop mask is fixed by the unperturbed distances (finite differences must not cross it).
+    let mask: Vec<f64> = base
+        .iter()
+        .map(|&v| if v > 0.3 { 1.0 } else { 0.0 })
+        .collect();
+    assert!(mask.iter().any(|&m| m == 0.0) || base.iter().all(|&v| v > 0.3));
+    let f = |a: &[f64], b: &[f64]| -> f64 {
+        dists(a, b)
+            .iter()
+            .zip(&mask)
+            .map(|(v, m)| v * m)
+            .sum::<f64>()
+            / (n * k) as f64
+    };
+    check(grads.get(&a).unwrap(), &fd(&|p| f(p, &b64), &av), "da");
+    check(grads.get(&b).unwrap(), &fd(&|p| f(&a64, p), &bv), "db");
+}
