@@ -415,7 +415,7 @@ fn spherical_distance_and_stop_gradients() {
         .iter()
         .map(|&v| if v > 0.3 { 1.0 } else { 0.0 })
         .collect();
-    assert!(mask.iter().any(|&m| m == 0.0) || base.iter().all(|&v| v > 0.3));
+    assert!(mask.contains(&0.0) || base.iter().all(|&v| v > 0.3));
     let f = |a: &[f64], b: &[f64]| -> f64 {
         dists(a, b)
             .iter()
