@@ -14,7 +14,10 @@ use crate::{Error, Result, Tensor};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-type Backward = Box<dyn FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>>>;
+/// A node's backward rule: given its output's gradient and which parents need a gradient,
+/// returns one gradient (or `None`) per parent. Skipping unneeded parents matters: frozen
+/// weights (VQGAN+CLIP) would otherwise cost a weight-gradient product per layer.
+type Backward = Box<dyn FnOnce(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>>>;
 
 struct Node {
     parents: Vec<usize>,
@@ -160,7 +163,9 @@ impl Tape {
         Ok(self.push(
             y,
             &[a, b],
-            Box::new(move |g| Ok(vec![Some(sum_leading(g, &sa)?), Some(sum_leading(g, &sb)?)])),
+            Box::new(move |g, _need| {
+                Ok(vec![Some(sum_leading(g, &sa)?), Some(sum_leading(g, &sb)?)])
+            }),
         ))
     }
 
@@ -171,7 +176,7 @@ impl Tape {
         Ok(self.push(
             y,
             &[a, b],
-            Box::new(move |g| {
+            Box::new(move |g, _need| {
                 let gb = elementwise::scale(&sum_leading(g, &sb)?, -1.0)?;
                 Ok(vec![Some(sum_leading(g, &sa)?), Some(gb)])
             }),
@@ -185,11 +190,15 @@ impl Tape {
         Ok(self.push(
             y,
             &[a, b],
-            Box::new(move |g| {
+            Box::new(move |g, need| {
                 // y = a * b  =>  da = g * b, db = g * a (summed over broadcast dims)
-                let ga = sum_leading(&elementwise::mul(g, &bv)?, av.shape())?;
-                let gb = sum_leading(&elementwise::mul(g, &av)?, bv.shape())?;
-                Ok(vec![Some(ga), Some(gb)])
+                let ga = need[0]
+                    .then(|| sum_leading(&elementwise::mul(g, &bv)?, av.shape()))
+                    .transpose()?;
+                let gb = need[1]
+                    .then(|| sum_leading(&elementwise::mul(g, &av)?, bv.shape()))
+                    .transpose()?;
+                Ok(vec![ga, gb])
             }),
         ))
     }
@@ -200,7 +209,7 @@ impl Tape {
         Ok(self.push(
             y,
             &[x],
-            Box::new(move |g| Ok(vec![Some(elementwise::scale(g, scale)?)])),
+            Box::new(move |g, _need| Ok(vec![Some(elementwise::scale(g, scale)?)])),
         ))
     }
 
@@ -212,7 +221,7 @@ impl Tape {
             y,
             &[x],
             // y = act(x)  =>  dx = g * act'(x)
-            Box::new(move |g| Ok(vec![Some(elementwise::act_backward(&xv, g, act)?)])),
+            Box::new(move |g, _need| Ok(vec![Some(elementwise::act_backward(&xv, g, act)?)])),
         ))
     }
 
@@ -224,7 +233,7 @@ impl Tape {
             y,
             &[x],
             // y = x²  =>  dx = 2 x g
-            Box::new(move |g| {
+            Box::new(move |g, _need| {
                 Ok(vec![Some(elementwise::scale(
                     &elementwise::mul(g, &xv)?,
                     2.0,
@@ -243,7 +252,7 @@ impl Tape {
         Ok(self.push(
             y,
             &[x],
-            Box::new(move |g| {
+            Box::new(move |g, _need| {
                 // y = Σx  =>  dx = g broadcast to x's shape
                 let ones = Tensor::full(g.gpu(), &shape, 1.0)?;
                 Ok(vec![Some(elementwise::mul(&ones, g)?)])
@@ -283,42 +292,46 @@ impl Tape {
         let out = self.push(
             y,
             &parents,
-            Box::new(move |g| {
+            Box::new(move |g, need| {
                 // C = alpha · op(A) @ op(B) + bias. With G = dC:
                 //   A [M,K]:   dA = alpha · G @ op(B)ᵀ        A stored [K,M]: dA = alpha · op(B) @ Gᵀ
                 //   B [K,N]:   dB = alpha · op(A)ᵀ @ G        B stored [N,K]: dB = alpha · Gᵀ @ op(A)
                 let s = Some(alpha);
-                let da = if ta {
-                    matmul(&bv, g, &MatmulOpts { trans_a: tb, trans_b: true, alpha: s, ..Default::default() })?
+                let da = if !need[0] {
+                    None
+                } else if ta {
+                    Some(matmul(&bv, g, &MatmulOpts { trans_a: tb, trans_b: true, alpha: s, ..Default::default() })?)
                 } else {
-                    matmul(g, &bv, &MatmulOpts { trans_b: !tb, alpha: s, ..Default::default() })?
+                    Some(matmul(g, &bv, &MatmulOpts { trans_b: !tb, alpha: s, ..Default::default() })?)
                 };
-                let b_broadcast = bv.rank() == 2 && av.rank() > 2;
-                let (a2, g2) = if b_broadcast {
-                    // A weight shared over the batch: fold the batch into the rows (A must be
-                    // stored row-major [.., M, K] for that) so one product sums over it.
-                    if ta {
-                        return Err(Error::invalid(
-                            "Tape::matmul: a shared weight with a transposed batched A is not supported",
-                        ));
-                    }
-                    let rows = av.numel() / av.dim(-1);
-                    (
-                        av.reshape(&[rows, av.dim(-1)])?,
-                        g.reshape(&[rows, g.dim(-1)])?,
-                    )
+                let db = if !need[1] {
+                    None
                 } else {
-                    (av.clone(), g.clone())
-                };
-                let db = if tb {
-                    matmul(&g2, &a2, &MatmulOpts { trans_a: true, trans_b: ta, alpha: s, ..Default::default() })?
-                } else {
-                    matmul(&a2, &g2, &MatmulOpts { trans_a: !ta, alpha: s, ..Default::default() })?
+                    let b_broadcast = bv.rank() == 2 && av.rank() > 2;
+                    let (a2, g2) = if b_broadcast {
+                        // A weight shared over the batch: fold the batch into the rows (A must
+                        // be stored row-major [.., M, K] for that) so one product sums over it.
+                        if ta {
+                            return Err(Error::invalid(
+                                "Tape::matmul: a shared weight with a transposed batched A is not supported",
+                            ));
+                        }
+                        let rows = av.numel() / av.dim(-1);
+                        (av.reshape(&[rows, av.dim(-1)])?, g.reshape(&[rows, g.dim(-1)])?)
+                    } else {
+                        (av.clone(), g.clone())
+                    };
+                    let db = if tb {
+                        matmul(&g2, &a2, &MatmulOpts { trans_a: true, trans_b: ta, alpha: s, ..Default::default() })?
+                    } else {
+                        matmul(&a2, &g2, &MatmulOpts { trans_a: !ta, alpha: s, ..Default::default() })?
+                    };
+                    Some(db.reshape(bv.shape())?)
                 };
                 // A rank-2 A shared over B's batch gets its batch gradients summed.
-                let da = sum_leading(&da, av.shape())?;
-                let mut out = vec![Some(da), Some(db.reshape(bv.shape())?)];
-                if has_bias {
+                let da = da.map(|d| sum_leading(&d, av.shape())).transpose()?;
+                let mut out = vec![da, db];
+                if has_bias && need[2] {
                     let n = g.dim(-1);
                     out.push(Some(sum_leading(g, &[n])?));
                 }
@@ -339,7 +352,7 @@ impl Tape {
         Ok(self.push(
             y,
             &[x],
-            Box::new(move |g| Ok(vec![Some(g.reshape(&orig)?)])),
+            Box::new(move |g, _need| Ok(vec![Some(g.reshape(&orig)?)])),
         ))
     }
 
@@ -354,7 +367,7 @@ impl Tape {
         Ok(self.push(
             y,
             &[x],
-            Box::new(move |g| Ok(vec![Some(crate::ops::permute::permute(g, &inv)?)])),
+            Box::new(move |g, _need| Ok(vec![Some(crate::ops::permute::permute(g, &inv)?)])),
         ))
     }
 
@@ -370,7 +383,7 @@ impl Tape {
         Ok(self.push(
             y,
             &[x, gamma, beta],
-            Box::new(move |g| {
+            Box::new(move |g, _need| {
                 let r = crate::ops::layer_norm::layer_norm_backward(&xv, Some(&gv), g, eps)?;
                 Ok(vec![Some(r.dx), Some(r.dgamma), Some(r.dbeta)])
             }),
@@ -384,7 +397,7 @@ impl Tape {
         Ok(self.push(
             y,
             &[x],
-            Box::new(move |g| Ok(vec![Some(softmax_backward(&yv, g, scale)?)])),
+            Box::new(move |g, _need| Ok(vec![Some(softmax_backward(&yv, g, scale)?)])),
         ))
     }
 
@@ -402,7 +415,7 @@ impl Tape {
         Ok(self.push(
             y,
             &[x],
-            Box::new(move |g| {
+            Box::new(move |g, _need| {
                 // y = x / ‖x‖  =>  dx = (g − y (g·y)) / ‖x‖
                 let g2 = g.reshape(&[rows, l])?;
                 let y2 = yv.reshape(&[rows, l])?;
@@ -433,7 +446,9 @@ impl Tape {
         Ok(self.push(
             y,
             &[&cos],
-            Box::new(move |g| Ok(vec![Some(elementwise::half_squared_angle_backward(&c, g)?)])),
+            Box::new(move |g, _need| {
+                Ok(vec![Some(elementwise::half_squared_angle_backward(&c, g)?)])
+            }),
         ))
     }
 
@@ -444,7 +459,7 @@ impl Tape {
         Ok(self.push(
             x.value.clone(),
             &[x],
-            Box::new(move |g| Ok(vec![Some(elementwise::grad_where_above(&xv, g, stop)?)])),
+            Box::new(move |g, _need| Ok(vec![Some(elementwise::grad_where_above(&xv, g, stop)?)])),
         ))
     }
 
@@ -467,8 +482,9 @@ impl Tape {
                 leaves.insert(id, g);
                 continue;
             };
-            let parent_grads = bw(&g)?;
             let parents = nodes[id].parents.clone();
+            let need: Vec<bool> = parents.iter().map(|&p| nodes[p].needs_grad).collect();
+            let parent_grads = bw(&g, &need)?;
             for (p, pg) in parents.into_iter().zip(parent_grads) {
                 let Some(pg) = pg else { continue };
                 if !nodes[p].needs_grad {
