@@ -1,0 +1,3 @@
+//! VQGAN+CLIP text-to-image: prompts, cutouts, losses and the optimisation loop.
+
+pub mod cutouts;
