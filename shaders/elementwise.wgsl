@@ -84,6 +84,12 @@ fn binary_op(x: f32, z: f32) -> f32 {
         case 6u: { return (x - z) * (x - z); }
         // z where x > alpha, else 0: the gradient through max(x, alpha) (a prompt's `stop`)
         case 7u: { return select(0.0, z, x > p.alpha); }
+        // ClampWithGrad's backward at x with gradient z: z passes inside [alpha, beta], and
+        // outside it only when a descent step (−z) moves x back toward the range.
+        case 9u: {
+            let d = x - clamp(x, p.alpha, p.beta);
+            return select(0.0, z, z * d >= 0.0);
+        }
         // z · d(θ²/2)/d cos θ = −z · θ / sin θ (→ −z as θ → 0), backward of unary code 27
         case 8u: {
             let c = clamp(x, -1.0, 1.0);

@@ -463,6 +463,40 @@ impl Tape {
         ))
     }
 
+    /// `clamp(x, lo, hi)` whose backward lets gradients through where they would pull `x`
+    /// back into range (VQGAN+CLIP's `ClampWithGrad`), so that out-of-range pixels still
+    /// receive a useful signal.
+    pub fn clamp_with_grad(&self, x: &Var, lo: f32, hi: f32) -> Result<Var> {
+        let y = elementwise::unary(&x.value, UnaryOp::Clamp { lo, hi })?;
+        let xv = x.value.clone();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _need| {
+                Ok(vec![Some(elementwise::clamp_with_grad_backward(
+                    &xv, g, lo, hi,
+                )?)])
+            }),
+        ))
+    }
+
+    /// Straight-through estimator (`replace_grad`): the value is `forward`, the gradient goes
+    /// to `backward_to` unchanged, as if the op producing `forward` were the identity.
+    pub fn straight_through(&self, forward: Tensor, backward_to: &Var) -> Result<Var> {
+        if forward.shape() != backward_to.shape() {
+            return Err(Error::shape(format!(
+                "straight_through: value {:?} and target {:?} differ",
+                forward.shape(),
+                backward_to.shape()
+            )));
+        }
+        Ok(self.push(
+            forward,
+            &[backward_to],
+            Box::new(move |g, _need| Ok(vec![Some(g.clone())])),
+        ))
+    }
+
     /// Runs the backward pass from the scalar `loss` (`[1]` or `[]`), seeding `dloss = 1`.
     pub fn backward(&self, loss: &Var) -> Result<Grads> {
         if loss.value.numel() != 1 {

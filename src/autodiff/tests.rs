@@ -427,3 +427,38 @@ fn spherical_distance_and_stop_gradients() {
     check(grads.get(&a).unwrap(), &fd(&|p| f(p, &b64), &av), "da");
     check(grads.get(&b).unwrap(), &fd(&|p| f(&a64, p), &bv), "db");
 }
+
+#[test]
+fn clamp_with_grad_and_straight_through() {
+    let g = gpu();
+    let xv = [-0.5f32, 0.2, 0.9, 1.4, 1.6, -0.1];
+    let wv = [1.0f32, -1.0, 2.0, 1.0, -1.0, -3.0];
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::from_slice(&g, &xv, &[6]).unwrap(), true);
+    let w = tape.leaf(Tensor::from_slice(&g, &wv, &[6]).unwrap(), false);
+    let c = tape.clamp_with_grad(&x, 0.0, 1.0).unwrap();
+    assert_eq!(
+        c.value().to_vec().unwrap(),
+        vec![0.0, 0.2, 0.9, 1.0, 1.0, 0.0]
+    );
+    // loss = Σ w·clamp(x): dL/dclamp = w. Inside the range w passes. Outside, it passes only
+    // when −w moves x toward the range: x=-0.5 (below), w=1 → step −1 moves further down →
+    // blocked; x=1.4 (above), w=1 → step −1 moves down into range → passes; x=1.6, w=-1 →
+    // blocked; x=-0.1, w=-3 → step +3 moves up → passes.
+    let loss = tape.sum(&tape.mul(&c, &w).unwrap()).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    assert_eq!(
+        grads.get(&x).unwrap().to_vec().unwrap(),
+        vec![0.0, -1.0, 2.0, 1.0, 0.0, -3.0]
+    );
+
+    let tape = Tape::new();
+    let z = tape.leaf(Tensor::from_slice(&g, &[0.3, -0.7], &[2]).unwrap(), true);
+    let q = Tensor::from_slice(&g, &[1.0, -1.0], &[2]).unwrap();
+    let st = tape.straight_through(q, &z).unwrap();
+    assert_eq!(st.value().to_vec().unwrap(), vec![1.0, -1.0]);
+    let loss = tape.sum(&tape.square(&st).unwrap()).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    // d(Σ q²)/dq = 2q, passed straight to z.
+    assert_eq!(grads.get(&z).unwrap().to_vec().unwrap(), vec![2.0, -2.0]);
+}

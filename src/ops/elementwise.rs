@@ -271,6 +271,20 @@ pub fn grad_where_above(x: &Tensor, grad: &Tensor, threshold: f32) -> Result<Ten
     binary_code_with(x, grad, 7, threshold)
 }
 
+/// The backward of VQGAN+CLIP's `ClampWithGrad` (forward `clamp(x, lo, hi)`): `grad` passes
+/// where `x` is inside the range, and outside it only where `grad · (x − clamp(x)) ≥ 0`,
+/// i.e. where a descent step moves `x` back toward the range.
+pub fn clamp_with_grad_backward(x: &Tensor, grad: &Tensor, lo: f32, hi: f32) -> Result<Tensor> {
+    if x.shape() != grad.shape() {
+        return Err(Error::shape(format!(
+            "clamp_with_grad_backward: {:?} vs {:?}",
+            x.shape(),
+            grad.shape()
+        )));
+    }
+    binary_code_full(x, grad, 9, lo, hi)
+}
+
 /// `grad · d(θ²/2)/dx` for `x = cos θ` (same shapes): the backward of
 /// [`UnaryOp::HalfSquaredAngle`], `−grad · θ / sin θ`, which tends to `−grad` as `θ → 0`.
 pub fn half_squared_angle_backward(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
@@ -294,6 +308,10 @@ fn binary_code(a: &Tensor, b: &Tensor, code: u32) -> Result<Tensor> {
 }
 
 fn binary_code_with(a: &Tensor, b: &Tensor, code: u32, alpha: f32) -> Result<Tensor> {
+    binary_code_full(a, b, code, alpha, 0.0)
+}
+
+fn binary_code_full(a: &Tensor, b: &Tensor, code: u32, alpha: f32, beta: f32) -> Result<Tensor> {
     a.expect_f32("binary op input")?;
     b.expect_f32("binary op input")?;
     let out = broadcast_shape(a.shape(), b.shape())?;
@@ -318,7 +336,7 @@ fn binary_code_with(a: &Tensor, b: &Tensor, code: u32, alpha: f32) -> Result<Ten
         n: n as u32,
         rank: dims.len() as u32,
         alpha,
-        beta: 0.0,
+        beta,
         out_dims: [1; MAX_RANK],
         a_strides: [0; MAX_RANK],
         b_strides: [0; MAX_RANK],
