@@ -156,15 +156,19 @@ impl Tape {
         self.len() == 0
     }
 
-    /// `a + b`; `b` may broadcast over `a`'s leading dims (a bias, say).
+    /// `a + b` with broadcasting. An operand that needs a gradient may only be broadcast over
+    /// leading dims (a bias, say); constants may broadcast any way.
     pub fn add(&self, a: &Var, b: &Var) -> Result<Var> {
         let y = elementwise::add(&a.value, &b.value)?;
         let (sa, sb) = (a.shape().to_vec(), b.shape().to_vec());
         Ok(self.push(
             y,
             &[a, b],
-            Box::new(move |g, _need| {
-                Ok(vec![Some(sum_leading(g, &sa)?), Some(sum_leading(g, &sb)?)])
+            Box::new(move |g, need| {
+                Ok(vec![
+                    need[0].then(|| sum_leading(g, &sa)).transpose()?,
+                    need[1].then(|| sum_leading(g, &sb)).transpose()?,
+                ])
             }),
         ))
     }
@@ -176,9 +180,11 @@ impl Tape {
         Ok(self.push(
             y,
             &[a, b],
-            Box::new(move |g, _need| {
-                let gb = elementwise::scale(&sum_leading(g, &sb)?, -1.0)?;
-                Ok(vec![Some(sum_leading(g, &sa)?), Some(gb)])
+            Box::new(move |g, need| {
+                let gb = need[1]
+                    .then(|| elementwise::scale(&sum_leading(g, &sb)?, -1.0))
+                    .transpose()?;
+                Ok(vec![need[0].then(|| sum_leading(g, &sa)).transpose()?, gb])
             }),
         ))
     }
@@ -495,6 +501,38 @@ impl Tape {
             &[backward_to],
             Box::new(move |g, _need| Ok(vec![Some(g.clone())])),
         ))
+    }
+
+    /// Multi-head attention `softmax(scale · q kᵀ + mask) v` over `[B, H, T, D]` tensors
+    /// (`k`, `v` may have another T), with an optional causal mask. Recorded as matmul →
+    /// softmax → matmul so that its backward is theirs; the probabilities `[B, H, Tq, Tk]` are
+    /// kept for the backward pass.
+    pub fn attention(&self, q: &Var, k: &Var, v: &Var, causal: bool, scale: f32) -> Result<Var> {
+        let scores = self.matmul(
+            q,
+            k,
+            None,
+            &MatmulOpts {
+                trans_b: true,
+                alpha: Some(scale),
+                ..Default::default()
+            },
+        )?;
+        let scores = if causal {
+            let (tq, tk) = (q.value.dim(-2), k.value.dim(-2));
+            let mut m = vec![0.0f32; tq * tk];
+            for i in 0..tq {
+                for j in (i + 1)..tk {
+                    m[i * tk + j] = f32::NEG_INFINITY;
+                }
+            }
+            let mask = self.leaf(Tensor::from_slice(q.value.gpu(), &m, &[tq, tk])?, false);
+            self.add(&scores, &mask)?
+        } else {
+            scores
+        };
+        let p = self.softmax(&scores, 1.0)?;
+        self.matmul(&p, v, None, &MatmulOpts::default())
     }
 
     /// Runs the backward pass from the scalar `loss` (`[1]` or `[]`), seeding `dloss = 1`.

@@ -462,3 +462,66 @@ fn clamp_with_grad_and_straight_through() {
     // d(Σ q²)/dq = 2q, passed straight to z.
     assert_eq!(grads.get(&z).unwrap().to_vec().unwrap(), vec![2.0, -2.0]);
 }
+
+#[test]
+fn attention_gradients_with_and_without_causal_mask() {
+    let g = gpu();
+    let (b, h, t, d) = (1, 2, 4, 3);
+    for causal in [false, true] {
+        let qv = rand_vec(b * h * t * d, 60);
+        let kv = rand_vec(b * h * t * d, 61);
+        let vv = rand_vec(b * h * t * d, 62);
+        let wv = rand_vec(b * h * t * d, 63);
+        let tape = Tape::new();
+        let sh = [b, h, t, d];
+        let q = tape.leaf(Tensor::from_slice(&g, &qv, &sh).unwrap(), true);
+        let k = tape.leaf(Tensor::from_slice(&g, &kv, &sh).unwrap(), true);
+        let v = tape.leaf(Tensor::from_slice(&g, &vv, &sh).unwrap(), true);
+        let w = tape.leaf(Tensor::from_slice(&g, &wv, &sh).unwrap(), false);
+        let o = tape.attention(&q, &k, &v, causal, 0.7).unwrap();
+        let loss = tape.sum(&tape.mul(&o, &w).unwrap()).unwrap();
+        let grads = tape.backward(&loss).unwrap();
+        let f = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
+            let mut total = 0.0;
+            for hh in 0..b * h {
+                let base = hh * t * d;
+                for i in 0..t {
+                    let kmax = if causal { i + 1 } else { t };
+                    let s: Vec<f64> = (0..kmax)
+                        .map(|j| {
+                            0.7 * (0..d)
+                                .map(|e| q[base + i * d + e] * k[base + j * d + e])
+                                .sum::<f64>()
+                        })
+                        .collect();
+                    let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                    for e in 0..d {
+                        let out: f64 = (0..kmax)
+                            .map(|j| (s[j] - mx).exp() / z * v[base + j * d + e])
+                            .sum();
+                        total += out * wv[base + i * d + e] as f64;
+                    }
+                }
+            }
+            total
+        };
+        let d64 = |x: &[f32]| x.iter().map(|&q| q as f64).collect::<Vec<_>>();
+        let (q64, k64, v64) = (d64(&qv), d64(&kv), d64(&vv));
+        check(
+            grads.get(&q).unwrap(),
+            &fd(&|p| f(p, &k64, &v64), &qv),
+            &format!("causal {causal} dq"),
+        );
+        check(
+            grads.get(&k).unwrap(),
+            &fd(&|p| f(&q64, p, &v64), &kv),
+            &format!("causal {causal} dk"),
+        );
+        check(
+            grads.get(&v).unwrap(),
+            &fd(&|p| f(&q64, &k64, p), &vv),
+            &format!("causal {causal} dv"),
+        );
+    }
+}
