@@ -1,12 +1,14 @@
 //! GPU ops. One file per op family: its params struct (mirrored by a WGSL struct in
 //! `shaders/<op>.wgsl`), shape guards, dispatch, CPU reference and tests.
 
+pub mod attention;
 pub mod elementwise;
 pub mod layer_norm;
 pub mod matmul;
 pub mod permute;
 pub mod softmax;
 
+pub use attention::{attention, attention_bthd, merge_heads, split_heads};
 pub use elementwise::{binary, unary, BinaryOp, UnaryOp};
 pub use layer_norm::layer_norm;
 pub use matmul::{matmul, MatmulOpts};
