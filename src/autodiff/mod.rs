@@ -282,6 +282,14 @@ impl Tape {
                 "Tape::matmul takes its bias as a Var and no residual (use Tape::add)",
             ));
         }
+        if !(a.needs_grad || b.needs_grad || bias.is_some_and(|b| b.needs_grad)) {
+            // Inference: the fused epilogue, nothing to record.
+            let fused = MatmulOpts {
+                bias: bias.map(|b| &b.value),
+                ..*o
+            };
+            return Ok(self.leaf(matmul(&a.value, &b.value, &fused)?, false));
+        }
         let plain = MatmulOpts {
             act: Act::None,
             bias: bias.map(|b| &b.value),
@@ -349,6 +357,20 @@ impl Tape {
         } else {
             self.act(&out, o.act)
         }
+    }
+
+    /// `act(x @ weightᵀ + bias)` with a PyTorch `Linear` weight `[out, in]`; `x`: `[.., in]`.
+    pub fn linear(&self, x: &Var, weight: &Var, bias: Option<&Var>, act: Act) -> Result<Var> {
+        self.matmul(
+            x,
+            weight,
+            bias,
+            &MatmulOpts {
+                trans_b: true,
+                act,
+                ..Default::default()
+            },
+        )
     }
 
     /// The same value viewed with another shape.
@@ -508,6 +530,11 @@ impl Tape {
     /// softmax → matmul so that its backward is theirs; the probabilities `[B, H, Tq, Tk]` are
     /// kept for the backward pass.
     pub fn attention(&self, q: &Var, k: &Var, v: &Var, causal: bool, scale: f32) -> Result<Var> {
+        if !(q.needs_grad || k.needs_grad || v.needs_grad) {
+            // Inference: the fused online-softmax kernel, no probabilities kept.
+            let o = crate::ops::attention::attention(&q.value, &k.value, &v.value, causal, scale)?;
+            return Ok(self.leaf(o, false));
+        }
         let scores = self.matmul(
             q,
             k,

@@ -525,3 +525,51 @@ fn attention_gradients_with_and_without_causal_mask() {
         );
     }
 }
+
+#[test]
+fn inference_paths_match_the_recorded_ones() {
+    // Without gradients the tape takes the fused kernels; values must agree with the
+    // recorded (composed) path.
+    let g = gpu();
+    let sh = [2, 3, 5, 4];
+    let (qv, kv, vv) = (rand_vec(120, 70), rand_vec(120, 71), rand_vec(120, 72));
+    let wv = rand_vec(6 * 4, 73);
+    let bv = rand_vec(6, 74);
+    for needs in [false, true] {
+        let tape = Tape::new();
+        let t = |v: &[f32], s: &[usize]| tape.leaf(Tensor::from_slice(&g, v, s).unwrap(), needs);
+        let (q, k, v) = (t(&qv, &sh), t(&kv, &sh), t(&vv, &sh));
+        let o = tape
+            .attention(&q, &k, &v, true, 0.5)
+            .unwrap()
+            .value()
+            .to_vec()
+            .unwrap();
+        let lin = tape
+            .linear(&q, &t(&wv, &[6, 4]), Some(&t(&bv, &[6])), Act::QuickGelu)
+            .unwrap()
+            .value()
+            .to_vec()
+            .unwrap();
+        let want_o = crate::ops::attention::reference(&qv, &kv, &vv, 6, 5, 5, 4, true, 0.5);
+        for i in 0..o.len() {
+            assert!(
+                (o[i] as f64 - want_o[i]).abs() < 1e-5,
+                "attention needs={needs} [{i}]"
+            );
+        }
+        for r in 0..30 {
+            for j in 0..6 {
+                let pre: f64 = (0..4)
+                    .map(|c| qv[r * 4 + c] as f64 * wv[j * 4 + c] as f64)
+                    .sum::<f64>()
+                    + bv[j] as f64;
+                let want = Act::QuickGelu.reference(pre);
+                assert!(
+                    (lin[r * 6 + j] as f64 - want).abs() < 1e-5,
+                    "linear needs={needs}"
+                );
+            }
+        }
+    }
+}
