@@ -174,6 +174,16 @@ impl Tensor {
             size: self.bytes(),
         }
     }
+    /// This tensor as a binding rounded up to whole 16-byte units, for kernels that view it
+    /// as `array<vec4<f32>>`. The tail past the data reads as whatever the pooled buffer
+    /// holds (pool size classes are multiples of 64 bytes, so the range stays inside the
+    /// buffer); such kernels mask it.
+    pub(crate) fn binding_vec4(&self) -> Binding<'_> {
+        Binding {
+            buffer: self.raw(),
+            size: self.bytes().div_ceil(16).max(1) * 16,
+        }
+    }
     /// Errors unless the tensor is f32.
     pub fn expect_f32(&self, what: &str) -> Result<()> {
         if self.dtype != DType::F32 {
