@@ -97,6 +97,56 @@ fn row_sum(x: &Tensor) -> Result<Tensor> {
     matmul(&x.reshape(&[rows, l])?, &ones, &MatmulOpts::default())
 }
 
+/// Backward of `y = GroupNorm(x)·γ + β` (no activation), composed from elementwise ops and
+/// row sums. Per group of `L = C/G·S` values: `x̂ = (x − μ)·r`, and with `t = g·γ`:
+/// `dx = r·(t − mean(t) − x̂·mean(t·x̂))`, `dγ = Σ_{n,s} g·x̂`, `dβ = Σ_{n,s} g`.
+/// Returns `(dx, dγ, dβ)`.
+pub fn group_norm_backward(
+    x: &Tensor,
+    groups: usize,
+    gamma: &Tensor,
+    g: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, c) = (x.dim(0), x.dim(1));
+    let s = x.numel() / (n * c).max(1);
+    let l = c / groups * s;
+    let rows = n * groups;
+    let inv_l = 1.0 / l as f32;
+    let xg = x.reshape(&[rows, l])?;
+    let mean = elementwise::scale(&row_sum(&xg)?, inv_l)?;
+    let xc = elementwise::binary(&xg, &mean, BinaryOp::Sub)?;
+    let var = elementwise::scale(&row_sum(&elementwise::unary(&xc, UnaryOp::Square)?)?, inv_l)?;
+    let r = elementwise::unary(
+        &elementwise::unary(
+            &var,
+            UnaryOp::Affine {
+                scale: 1.0,
+                shift: eps,
+            },
+        )?,
+        UnaryOp::Rsqrt,
+    )?;
+    let xhat = elementwise::mul(&xc, &r)?; // [rows, L]
+    let t =
+        elementwise::mul(&g.reshape(&[n, c, s])?, &gamma.reshape(&[c, 1])?)?.reshape(&[rows, l])?;
+    let a = elementwise::scale(&row_sum(&t)?, inv_l)?;
+    let b = elementwise::scale(&row_sum(&elementwise::mul(&t, &xhat)?)?, inv_l)?;
+    let inner = elementwise::binary(
+        &elementwise::binary(&t, &a, BinaryOp::Sub)?,
+        &elementwise::mul(&xhat, &b)?,
+        BinaryOp::Sub,
+    )?;
+    let dx = elementwise::mul(&inner, &r)?.reshape(x.shape())?;
+    // Per-channel sums over the batch and spatial positions.
+    let per_channel = |m: &Tensor| -> Result<Tensor> {
+        let rs = row_sum(&m.reshape(&[n * c, s])?)?; // [N·C, 1]
+        sum_leading(&rs.reshape(&[n, c])?, &[c])
+    };
+    let gx = elementwise::mul(&g.reshape(&[rows, l])?, &xhat)?;
+    Ok((dx, per_channel(&gx)?, per_channel(g)?))
+}
+
 /// Backward of `y = softmax(scale · x)` over the last axis:
 /// `dx = scale · y ⊙ (g − Σ_j g_j y_j)`, the row sums taken as `(g ⊙ y) @ ones[L, 1]`.
 pub fn softmax_backward(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
@@ -560,6 +610,56 @@ impl Tape {
         };
         let p = self.softmax(&scores, 1.0)?;
         self.matmul(&p, v, None, &MatmulOpts::default())
+    }
+
+    /// `act(GroupNorm(x))` with affine `gamma`, `beta` `[C]`; `x`: `[N, C, ..]`.
+    pub fn group_norm(
+        &self,
+        x: &Var,
+        groups: usize,
+        gamma: &Var,
+        beta: &Var,
+        eps: f32,
+        act: Act,
+    ) -> Result<Var> {
+        use crate::ops::group_norm::group_norm;
+        if !(x.needs_grad || gamma.needs_grad || beta.needs_grad) {
+            let y = group_norm(
+                &x.value,
+                groups,
+                Some(&gamma.value),
+                Some(&beta.value),
+                eps,
+                act,
+            )?;
+            return Ok(self.leaf(y, false));
+        }
+        let y = group_norm(
+            &x.value,
+            groups,
+            Some(&gamma.value),
+            Some(&beta.value),
+            eps,
+            Act::None,
+        )?;
+        let (xv, gv) = (x.value.clone(), gamma.value.clone());
+        let out = self.push(
+            y,
+            &[x, gamma, beta],
+            Box::new(move |g, need| {
+                let r = group_norm_backward(&xv, groups, &gv, g, eps)?;
+                Ok(vec![
+                    need[0].then_some(r.0),
+                    need[1].then_some(r.1),
+                    need[2].then_some(r.2),
+                ])
+            }),
+        );
+        if act == Act::None {
+            Ok(out)
+        } else {
+            self.act(&out, act)
+        }
     }
 
     /// Runs the backward pass from the scalar `loss` (`[1]` or `[]`), seeding `dloss = 1`.

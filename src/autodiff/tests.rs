@@ -573,3 +573,60 @@ fn inference_paths_match_the_recorded_ones() {
         }
     }
 }
+
+#[test]
+fn group_norm_gradients() {
+    // loss = Σ w ⊙ swish(GroupNorm(x))  with x: [2, 4, 3, 2], 2 groups
+    let g = gpu();
+    let (n, c, h, w, groups) = (2, 4, 3, 2, 2);
+    let len = n * c * h * w;
+    let xv: Vec<f32> = rand_vec(len, 80).iter().map(|v| v * 2.0 + 0.3).collect();
+    let gam: Vec<f32> = rand_vec(c, 81).iter().map(|v| v + 1.0).collect();
+    let bet = rand_vec(c, 82);
+    let wv = rand_vec(len, 83);
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::from_slice(&g, &xv, &[n, c, h, w]).unwrap(), true);
+    let gamma = tape.leaf(Tensor::from_slice(&g, &gam, &[c]).unwrap(), true);
+    let beta = tape.leaf(Tensor::from_slice(&g, &bet, &[c]).unwrap(), true);
+    let wt = tape.leaf(Tensor::from_slice(&g, &wv, &[n, c, h, w]).unwrap(), false);
+    let y = tape
+        .group_norm(&x, groups, &gamma, &beta, 1e-6, Act::Silu)
+        .unwrap();
+    let loss = tape.sum(&tape.mul(&y, &wt).unwrap()).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let s = h * w;
+    let cg = c / groups;
+    let f = |xs: &[f64], gs: &[f64], bs: &[f64]| -> f64 {
+        let mut total = 0.0;
+        for ni in 0..n {
+            for gi in 0..groups {
+                let idx: Vec<usize> = (0..cg * s).map(|j| ni * c * s + gi * cg * s + j).collect();
+                let m = idx.iter().map(|&i| xs[i]).sum::<f64>() / idx.len() as f64;
+                let v = idx.iter().map(|&i| (xs[i] - m).powi(2)).sum::<f64>() / idx.len() as f64;
+                for &i in &idx {
+                    let ch = (i / s) % c;
+                    let pre = (xs[i] - m) / (v + 1e-6).sqrt() * gs[ch] + bs[ch];
+                    total += Act::Silu.reference(pre) * wv[i] as f64;
+                }
+            }
+        }
+        total
+    };
+    let d64 = |v: &[f32]| v.iter().map(|&q| q as f64).collect::<Vec<_>>();
+    let (x64, g64, b64) = (d64(&xv), d64(&gam), d64(&bet));
+    check(
+        grads.get(&x).unwrap(),
+        &fd(&|p| f(p, &g64, &b64), &xv),
+        "dx",
+    );
+    check(
+        grads.get(&gamma).unwrap(),
+        &fd(&|p| f(&x64, p, &b64), &gam),
+        "dgamma",
+    );
+    check(
+        grads.get(&beta).unwrap(),
+        &fd(&|p| f(&x64, &g64, p), &bet),
+        "dbeta",
+    );
+}
