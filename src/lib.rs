@@ -9,6 +9,7 @@ pub mod autodiff;
 pub mod bench;
 pub mod data;
 pub mod error;
+pub mod generate;
 pub mod gpu;
 pub mod models;
 pub mod ops;

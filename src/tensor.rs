@@ -106,6 +106,19 @@ impl Tensor {
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
+    /// Overwrites this tensor's values with `src`'s (same element count), in stream order.
+    /// Every clone of this tensor sees the new values: use it for state such as parameters.
+    pub fn assign(&self, src: &Tensor) -> Result<()> {
+        if src.numel() != self.numel() || src.dtype != self.dtype {
+            return Err(Error::shape(format!(
+                "assign: {:?} {:?} into {:?} {:?}",
+                src.shape, src.dtype, self.shape, self.dtype
+            )));
+        }
+        self.gpu.copy(src.raw(), 0, self.raw(), 0, self.bytes());
+        Ok(())
+    }
+
     /// The same buffer viewed with another shape of the same element count.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         if numel(shape) != self.numel() {
@@ -159,6 +172,16 @@ impl Tensor {
         Binding {
             buffer: self.raw(),
             size: self.bytes(),
+        }
+    }
+    /// This tensor as a binding rounded up to whole 16-byte units, for kernels that view it
+    /// as `array<vec4<f32>>`. The tail past the data reads as whatever the pooled buffer
+    /// holds (pool size classes are multiples of 64 bytes, so the range stays inside the
+    /// buffer); such kernels mask it.
+    pub(crate) fn binding_vec4(&self) -> Binding<'_> {
+        Binding {
+            buffer: self.raw(),
+            size: self.bytes().div_ceil(16).max(1) * 16,
         }
     }
     /// Errors unless the tensor is f32.

@@ -14,7 +14,10 @@ use crate::{Error, Result, Tensor};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-type Backward = Box<dyn FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>>>;
+/// A node's backward rule: given its output's gradient and which parents need a gradient,
+/// returns one gradient (or `None`) per parent. Skipping unneeded parents matters: frozen
+/// weights (VQGAN+CLIP) would otherwise cost a weight-gradient product per layer.
+type Backward = Box<dyn FnOnce(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>>>;
 
 struct Node {
     parents: Vec<usize>,
@@ -86,14 +89,70 @@ fn sum_leading(g: &Tensor, shape: &[usize]) -> Result<Tensor> {
     matmul(&ones, &g.reshape(&[r, n])?, &MatmulOpts::default())?.reshape(shape)
 }
 
+/// Row sums of `x` viewed as `[rows, L]` (L = last dim), as `[rows, 1]`: `x @ ones[L, 1]`.
+fn row_sum(x: &Tensor) -> Result<Tensor> {
+    let l = x.dim(-1);
+    let rows = x.numel() / l.max(1);
+    let ones = Tensor::full(x.gpu(), &[l, 1], 1.0)?;
+    matmul(&x.reshape(&[rows, l])?, &ones, &MatmulOpts::default())
+}
+
+/// Backward of `y = GroupNorm(x)·γ + β` (no activation), composed from elementwise ops and
+/// row sums. Per group of `L = C/G·S` values: `x̂ = (x − μ)·r`, and with `t = g·γ`:
+/// `dx = r·(t − mean(t) − x̂·mean(t·x̂))`, `dγ = Σ_{n,s} g·x̂`, `dβ = Σ_{n,s} g`.
+/// Returns `(dx, dγ, dβ)`.
+pub fn group_norm_backward(
+    x: &Tensor,
+    groups: usize,
+    gamma: &Tensor,
+    g: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, c) = (x.dim(0), x.dim(1));
+    let s = x.numel() / (n * c).max(1);
+    let l = c / groups * s;
+    let rows = n * groups;
+    let inv_l = 1.0 / l as f32;
+    let xg = x.reshape(&[rows, l])?;
+    let mean = elementwise::scale(&row_sum(&xg)?, inv_l)?;
+    let xc = elementwise::binary(&xg, &mean, BinaryOp::Sub)?;
+    let var = elementwise::scale(&row_sum(&elementwise::unary(&xc, UnaryOp::Square)?)?, inv_l)?;
+    let r = elementwise::unary(
+        &elementwise::unary(
+            &var,
+            UnaryOp::Affine {
+                scale: 1.0,
+                shift: eps,
+            },
+        )?,
+        UnaryOp::Rsqrt,
+    )?;
+    let xhat = elementwise::mul(&xc, &r)?; // [rows, L]
+    let t =
+        elementwise::mul(&g.reshape(&[n, c, s])?, &gamma.reshape(&[c, 1])?)?.reshape(&[rows, l])?;
+    let a = elementwise::scale(&row_sum(&t)?, inv_l)?;
+    let b = elementwise::scale(&row_sum(&elementwise::mul(&t, &xhat)?)?, inv_l)?;
+    let inner = elementwise::binary(
+        &elementwise::binary(&t, &a, BinaryOp::Sub)?,
+        &elementwise::mul(&xhat, &b)?,
+        BinaryOp::Sub,
+    )?;
+    let dx = elementwise::mul(&inner, &r)?.reshape(x.shape())?;
+    // Per-channel sums over the batch and spatial positions.
+    let per_channel = |m: &Tensor| -> Result<Tensor> {
+        let rs = row_sum(&m.reshape(&[n * c, s])?)?; // [N·C, 1]
+        sum_leading(&rs.reshape(&[n, c])?, &[c])
+    };
+    let gx = elementwise::mul(&g.reshape(&[rows, l])?, &xhat)?;
+    Ok((dx, per_channel(&gx)?, per_channel(g)?))
+}
+
 /// Backward of `y = softmax(scale · x)` over the last axis:
 /// `dx = scale · y ⊙ (g − Σ_j g_j y_j)`, the row sums taken as `(g ⊙ y) @ ones[L, 1]`.
 pub fn softmax_backward(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
     let l = y.dim(-1);
     let rows = y.numel() / l.max(1);
-    let gy = elementwise::mul(g, y)?;
-    let ones = Tensor::full(y.gpu(), &[l, 1], 1.0)?;
-    let dot = matmul(&gy.reshape(&[rows, l])?, &ones, &MatmulOpts::default())?;
+    let dot = row_sum(&elementwise::mul(g, y)?)?;
     let centred = elementwise::binary(&g.reshape(&[rows, l])?, &dot, BinaryOp::Sub)?;
     let dx = elementwise::mul(&centred, &y.reshape(&[rows, l])?)?;
     elementwise::scale(&dx, scale)?.reshape(y.shape())
@@ -147,14 +206,20 @@ impl Tape {
         self.len() == 0
     }
 
-    /// `a + b`; `b` may broadcast over `a`'s leading dims (a bias, say).
+    /// `a + b` with broadcasting. An operand that needs a gradient may only be broadcast over
+    /// leading dims (a bias, say); constants may broadcast any way.
     pub fn add(&self, a: &Var, b: &Var) -> Result<Var> {
         let y = elementwise::add(&a.value, &b.value)?;
         let (sa, sb) = (a.shape().to_vec(), b.shape().to_vec());
         Ok(self.push(
             y,
             &[a, b],
-            Box::new(move |g| Ok(vec![Some(sum_leading(g, &sa)?), Some(sum_leading(g, &sb)?)])),
+            Box::new(move |g, need| {
+                Ok(vec![
+                    need[0].then(|| sum_leading(g, &sa)).transpose()?,
+                    need[1].then(|| sum_leading(g, &sb)).transpose()?,
+                ])
+            }),
         ))
     }
 
@@ -165,9 +230,11 @@ impl Tape {
         Ok(self.push(
             y,
             &[a, b],
-            Box::new(move |g| {
-                let gb = elementwise::scale(&sum_leading(g, &sb)?, -1.0)?;
-                Ok(vec![Some(sum_leading(g, &sa)?), Some(gb)])
+            Box::new(move |g, need| {
+                let gb = need[1]
+                    .then(|| elementwise::scale(&sum_leading(g, &sb)?, -1.0))
+                    .transpose()?;
+                Ok(vec![need[0].then(|| sum_leading(g, &sa)).transpose()?, gb])
             }),
         ))
     }
@@ -179,11 +246,15 @@ impl Tape {
         Ok(self.push(
             y,
             &[a, b],
-            Box::new(move |g| {
+            Box::new(move |g, need| {
                 // y = a * b  =>  da = g * b, db = g * a (summed over broadcast dims)
-                let ga = sum_leading(&elementwise::mul(g, &bv)?, av.shape())?;
-                let gb = sum_leading(&elementwise::mul(g, &av)?, bv.shape())?;
-                Ok(vec![Some(ga), Some(gb)])
+                let ga = need[0]
+                    .then(|| sum_leading(&elementwise::mul(g, &bv)?, av.shape()))
+                    .transpose()?;
+                let gb = need[1]
+                    .then(|| sum_leading(&elementwise::mul(g, &av)?, bv.shape()))
+                    .transpose()?;
+                Ok(vec![ga, gb])
             }),
         ))
     }
@@ -194,7 +265,7 @@ impl Tape {
         Ok(self.push(
             y,
             &[x],
-            Box::new(move |g| Ok(vec![Some(elementwise::scale(g, scale)?)])),
+            Box::new(move |g, _need| Ok(vec![Some(elementwise::scale(g, scale)?)])),
         ))
     }
 
@@ -206,7 +277,7 @@ impl Tape {
             y,
             &[x],
             // y = act(x)  =>  dx = g * act'(x)
-            Box::new(move |g| Ok(vec![Some(elementwise::act_backward(&xv, g, act)?)])),
+            Box::new(move |g, _need| Ok(vec![Some(elementwise::act_backward(&xv, g, act)?)])),
         ))
     }
 
@@ -218,7 +289,7 @@ impl Tape {
             y,
             &[x],
             // y = x²  =>  dx = 2 x g
-            Box::new(move |g| {
+            Box::new(move |g, _need| {
                 Ok(vec![Some(elementwise::scale(
                     &elementwise::mul(g, &xv)?,
                     2.0,
@@ -237,7 +308,7 @@ impl Tape {
         Ok(self.push(
             y,
             &[x],
-            Box::new(move |g| {
+            Box::new(move |g, _need| {
                 // y = Σx  =>  dx = g broadcast to x's shape
                 let ones = Tensor::full(g.gpu(), &shape, 1.0)?;
                 Ok(vec![Some(elementwise::mul(&ones, g)?)])
@@ -261,6 +332,14 @@ impl Tape {
                 "Tape::matmul takes its bias as a Var and no residual (use Tape::add)",
             ));
         }
+        if !(a.needs_grad || b.needs_grad || bias.is_some_and(|b| b.needs_grad)) {
+            // Inference: the fused epilogue, nothing to record.
+            let fused = MatmulOpts {
+                bias: bias.map(|b| &b.value),
+                ..*o
+            };
+            return Ok(self.leaf(matmul(&a.value, &b.value, &fused)?, false));
+        }
         let plain = MatmulOpts {
             act: Act::None,
             bias: bias.map(|b| &b.value),
@@ -277,42 +356,46 @@ impl Tape {
         let out = self.push(
             y,
             &parents,
-            Box::new(move |g| {
+            Box::new(move |g, need| {
                 // C = alpha · op(A) @ op(B) + bias. With G = dC:
                 //   A [M,K]:   dA = alpha · G @ op(B)ᵀ        A stored [K,M]: dA = alpha · op(B) @ Gᵀ
                 //   B [K,N]:   dB = alpha · op(A)ᵀ @ G        B stored [N,K]: dB = alpha · Gᵀ @ op(A)
                 let s = Some(alpha);
-                let da = if ta {
-                    matmul(&bv, g, &MatmulOpts { trans_a: tb, trans_b: true, alpha: s, ..Default::default() })?
+                let da = if !need[0] {
+                    None
+                } else if ta {
+                    Some(matmul(&bv, g, &MatmulOpts { trans_a: tb, trans_b: true, alpha: s, ..Default::default() })?)
                 } else {
-                    matmul(g, &bv, &MatmulOpts { trans_b: !tb, alpha: s, ..Default::default() })?
+                    Some(matmul(g, &bv, &MatmulOpts { trans_b: !tb, alpha: s, ..Default::default() })?)
                 };
-                let b_broadcast = bv.rank() == 2 && av.rank() > 2;
-                let (a2, g2) = if b_broadcast {
-                    // A weight shared over the batch: fold the batch into the rows (A must be
-                    // stored row-major [.., M, K] for that) so one product sums over it.
-                    if ta {
-                        return Err(Error::invalid(
-                            "Tape::matmul: a shared weight with a transposed batched A is not supported",
-                        ));
-                    }
-                    let rows = av.numel() / av.dim(-1);
-                    (
-                        av.reshape(&[rows, av.dim(-1)])?,
-                        g.reshape(&[rows, g.dim(-1)])?,
-                    )
+                let db = if !need[1] {
+                    None
                 } else {
-                    (av.clone(), g.clone())
-                };
-                let db = if tb {
-                    matmul(&g2, &a2, &MatmulOpts { trans_a: true, trans_b: ta, alpha: s, ..Default::default() })?
-                } else {
-                    matmul(&a2, &g2, &MatmulOpts { trans_a: !ta, alpha: s, ..Default::default() })?
+                    let b_broadcast = bv.rank() == 2 && av.rank() > 2;
+                    let (a2, g2) = if b_broadcast {
+                        // A weight shared over the batch: fold the batch into the rows (A must
+                        // be stored row-major [.., M, K] for that) so one product sums over it.
+                        if ta {
+                            return Err(Error::invalid(
+                                "Tape::matmul: a shared weight with a transposed batched A is not supported",
+                            ));
+                        }
+                        let rows = av.numel() / av.dim(-1);
+                        (av.reshape(&[rows, av.dim(-1)])?, g.reshape(&[rows, g.dim(-1)])?)
+                    } else {
+                        (av.clone(), g.clone())
+                    };
+                    let db = if tb {
+                        matmul(&g2, &a2, &MatmulOpts { trans_a: true, trans_b: ta, alpha: s, ..Default::default() })?
+                    } else {
+                        matmul(&a2, &g2, &MatmulOpts { trans_a: !ta, alpha: s, ..Default::default() })?
+                    };
+                    Some(db.reshape(bv.shape())?)
                 };
                 // A rank-2 A shared over B's batch gets its batch gradients summed.
-                let da = sum_leading(&da, av.shape())?;
-                let mut out = vec![Some(da), Some(db.reshape(bv.shape())?)];
-                if has_bias {
+                let da = da.map(|d| sum_leading(&d, av.shape())).transpose()?;
+                let mut out = vec![da, db];
+                if has_bias && need[2] {
                     let n = g.dim(-1);
                     out.push(Some(sum_leading(g, &[n])?));
                 }
@@ -326,6 +409,20 @@ impl Tape {
         }
     }
 
+    /// `act(x @ weightᵀ + bias)` with a PyTorch `Linear` weight `[out, in]`; `x`: `[.., in]`.
+    pub fn linear(&self, x: &Var, weight: &Var, bias: Option<&Var>, act: Act) -> Result<Var> {
+        self.matmul(
+            x,
+            weight,
+            bias,
+            &MatmulOpts {
+                trans_b: true,
+                act,
+                ..Default::default()
+            },
+        )
+    }
+
     /// The same value viewed with another shape.
     pub fn reshape(&self, x: &Var, shape: &[usize]) -> Result<Var> {
         let y = x.value.reshape(shape)?;
@@ -333,7 +430,7 @@ impl Tape {
         Ok(self.push(
             y,
             &[x],
-            Box::new(move |g| Ok(vec![Some(g.reshape(&orig)?)])),
+            Box::new(move |g, _need| Ok(vec![Some(g.reshape(&orig)?)])),
         ))
     }
 
@@ -348,7 +445,7 @@ impl Tape {
         Ok(self.push(
             y,
             &[x],
-            Box::new(move |g| Ok(vec![Some(crate::ops::permute::permute(g, &inv)?)])),
+            Box::new(move |g, _need| Ok(vec![Some(crate::ops::permute::permute(g, &inv)?)])),
         ))
     }
 
@@ -364,7 +461,7 @@ impl Tape {
         Ok(self.push(
             y,
             &[x, gamma, beta],
-            Box::new(move |g| {
+            Box::new(move |g, _need| {
                 let r = crate::ops::layer_norm::layer_norm_backward(&xv, Some(&gv), g, eps)?;
                 Ok(vec![Some(r.dx), Some(r.dgamma), Some(r.dbeta)])
             }),
@@ -378,8 +475,191 @@ impl Tape {
         Ok(self.push(
             y,
             &[x],
-            Box::new(move |g| Ok(vec![Some(softmax_backward(&yv, g, scale)?)])),
+            Box::new(move |g, _need| Ok(vec![Some(softmax_backward(&yv, g, scale)?)])),
         ))
+    }
+
+    /// Each row (last axis) divided by its L2 norm.
+    pub fn l2_normalize(&self, x: &Var) -> Result<Var> {
+        let l = x.value.dim(-1);
+        let rows = x.value.numel() / l.max(1);
+        let x2 = x.value.reshape(&[rows, l])?;
+        let norm = elementwise::unary(
+            &row_sum(&elementwise::unary(&x2, UnaryOp::Square)?)?,
+            UnaryOp::Sqrt,
+        )?;
+        let y = elementwise::binary(&x2, &norm, BinaryOp::Div)?.reshape(x.shape())?;
+        let yv = y.clone();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _need| {
+                // y = x / ‖x‖  =>  dx = (g − y (g·y)) / ‖x‖
+                let g2 = g.reshape(&[rows, l])?;
+                let y2 = yv.reshape(&[rows, l])?;
+                let dot = row_sum(&elementwise::mul(&g2, &y2)?)?;
+                let t = elementwise::binary(&g2, &elementwise::mul(&y2, &dot)?, BinaryOp::Sub)?;
+                Ok(vec![Some(
+                    elementwise::binary(&t, &norm, BinaryOp::Div)?.reshape(yv.shape())?,
+                )])
+            }),
+        ))
+    }
+
+    /// VQGAN+CLIP's spherical distance between every row of `a` `[N, D]` and of `b`
+    /// `[K, D]`: `2·asin(‖â − b̂‖/2)² = θ²/2`, as `[N, K]` (the rows need not be normalised).
+    pub fn spherical_distance(&self, a: &Var, b: &Var) -> Result<Var> {
+        let (an, bn) = (self.l2_normalize(a)?, self.l2_normalize(b)?);
+        let cos = self.matmul(
+            &an,
+            &bn,
+            None,
+            &MatmulOpts {
+                trans_b: true,
+                ..Default::default()
+            },
+        )?;
+        let y = elementwise::unary(&cos.value, UnaryOp::HalfSquaredAngle)?;
+        let c = cos.value.clone();
+        Ok(self.push(
+            y,
+            &[&cos],
+            Box::new(move |g, _need| {
+                Ok(vec![Some(elementwise::half_squared_angle_backward(&c, g)?)])
+            }),
+        ))
+    }
+
+    /// Identity forward; backward passes the gradient only where `x > stop` (the gradient of
+    /// `max(x, stop)`, as VQGAN+CLIP's `replace_grad(dists, max(dists, stop))`).
+    pub fn stop_below(&self, x: &Var, stop: f32) -> Result<Var> {
+        let xv = x.value.clone();
+        Ok(self.push(
+            x.value.clone(),
+            &[x],
+            Box::new(move |g, _need| Ok(vec![Some(elementwise::grad_where_above(&xv, g, stop)?)])),
+        ))
+    }
+
+    /// `clamp(x, lo, hi)` whose backward lets gradients through where they would pull `x`
+    /// back into range (VQGAN+CLIP's `ClampWithGrad`), so that out-of-range pixels still
+    /// receive a useful signal.
+    pub fn clamp_with_grad(&self, x: &Var, lo: f32, hi: f32) -> Result<Var> {
+        let y = elementwise::unary(&x.value, UnaryOp::Clamp { lo, hi })?;
+        let xv = x.value.clone();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _need| {
+                Ok(vec![Some(elementwise::clamp_with_grad_backward(
+                    &xv, g, lo, hi,
+                )?)])
+            }),
+        ))
+    }
+
+    /// Straight-through estimator (`replace_grad`): the value is `forward`, the gradient goes
+    /// to `backward_to` unchanged, as if the op producing `forward` were the identity.
+    pub fn straight_through(&self, forward: Tensor, backward_to: &Var) -> Result<Var> {
+        if forward.shape() != backward_to.shape() {
+            return Err(Error::shape(format!(
+                "straight_through: value {:?} and target {:?} differ",
+                forward.shape(),
+                backward_to.shape()
+            )));
+        }
+        Ok(self.push(
+            forward,
+            &[backward_to],
+            Box::new(move |g, _need| Ok(vec![Some(g.clone())])),
+        ))
+    }
+
+    /// Multi-head attention `softmax(scale · q kᵀ + mask) v` over `[B, H, T, D]` tensors
+    /// (`k`, `v` may have another T), with an optional causal mask. Recorded as matmul →
+    /// softmax → matmul so that its backward is theirs; the probabilities `[B, H, Tq, Tk]` are
+    /// kept for the backward pass.
+    pub fn attention(&self, q: &Var, k: &Var, v: &Var, causal: bool, scale: f32) -> Result<Var> {
+        if !(q.needs_grad || k.needs_grad || v.needs_grad) {
+            // Inference: the fused online-softmax kernel, no probabilities kept.
+            let o = crate::ops::attention::attention(&q.value, &k.value, &v.value, causal, scale)?;
+            return Ok(self.leaf(o, false));
+        }
+        let scores = self.matmul(
+            q,
+            k,
+            None,
+            &MatmulOpts {
+                trans_b: true,
+                alpha: Some(scale),
+                ..Default::default()
+            },
+        )?;
+        let scores = if causal {
+            let (tq, tk) = (q.value.dim(-2), k.value.dim(-2));
+            let mut m = vec![0.0f32; tq * tk];
+            for i in 0..tq {
+                for j in (i + 1)..tk {
+                    m[i * tk + j] = f32::NEG_INFINITY;
+                }
+            }
+            let mask = self.leaf(Tensor::from_slice(q.value.gpu(), &m, &[tq, tk])?, false);
+            self.add(&scores, &mask)?
+        } else {
+            scores
+        };
+        let p = self.softmax(&scores, 1.0)?;
+        self.matmul(&p, v, None, &MatmulOpts::default())
+    }
+
+    /// `act(GroupNorm(x))` with affine `gamma`, `beta` `[C]`; `x`: `[N, C, ..]`.
+    pub fn group_norm(
+        &self,
+        x: &Var,
+        groups: usize,
+        gamma: &Var,
+        beta: &Var,
+        eps: f32,
+        act: Act,
+    ) -> Result<Var> {
+        use crate::ops::group_norm::group_norm;
+        if !(x.needs_grad || gamma.needs_grad || beta.needs_grad) {
+            let y = group_norm(
+                &x.value,
+                groups,
+                Some(&gamma.value),
+                Some(&beta.value),
+                eps,
+                act,
+            )?;
+            return Ok(self.leaf(y, false));
+        }
+        let y = group_norm(
+            &x.value,
+            groups,
+            Some(&gamma.value),
+            Some(&beta.value),
+            eps,
+            Act::None,
+        )?;
+        let (xv, gv) = (x.value.clone(), gamma.value.clone());
+        let out = self.push(
+            y,
+            &[x, gamma, beta],
+            Box::new(move |g, need| {
+                let r = group_norm_backward(&xv, groups, &gv, g, eps)?;
+                Ok(vec![
+                    need[0].then_some(r.0),
+                    need[1].then_some(r.1),
+                    need[2].then_some(r.2),
+                ])
+            }),
+        );
+        if act == Act::None {
+            Ok(out)
+        } else {
+            self.act(&out, act)
+        }
     }
 
     /// Runs the backward pass from the scalar `loss` (`[1]` or `[]`), seeding `dloss = 1`.
@@ -401,8 +681,9 @@ impl Tape {
                 leaves.insert(id, g);
                 continue;
             };
-            let parent_grads = bw(&g)?;
             let parents = nodes[id].parents.clone();
+            let need: Vec<bool> = parents.iter().map(|&p| nodes[p].needs_grad).collect();
+            let parent_grads = bw(&g, &need)?;
             for (p, pg) in parents.into_iter().zip(parent_grads) {
                 let Some(pg) = pg else { continue };
                 if !nodes[p].needs_grad {

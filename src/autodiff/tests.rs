@@ -362,3 +362,271 @@ fn layer_norm_softmax_permute_gradients() {
         "dbeta",
     );
 }
+
+#[test]
+fn spherical_distance_and_stop_gradients() {
+    // loss = mean(stop_below(spherical(a, b), 0.3))  with a: [4, 6], b: [2, 6]
+    let g = gpu();
+    let (n, k, d) = (4, 2, 6);
+    let av = rand_vec(n * d, 50);
+    let bv = rand_vec(k * d, 51);
+    let tape = Tape::new();
+    let a = tape.leaf(Tensor::from_slice(&g, &av, &[n, d]).unwrap(), true);
+    let b = tape.leaf(Tensor::from_slice(&g, &bv, &[k, d]).unwrap(), true);
+    let dist = tape.spherical_distance(&a, &b).unwrap();
+    let stopped = tape.stop_below(&dist, 0.3).unwrap();
+    let loss = tape.mean(&stopped).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    // The reference formula of the VQGAN+CLIP notebooks: 2·asin(‖â − b̂‖/2)².
+    let dists = |a: &[f64], b: &[f64]| -> Vec<f64> {
+        let unit = |v: &[f64]| {
+            let nrm = v.iter().map(|q| q * q).sum::<f64>().sqrt();
+            v.iter().map(|q| q / nrm).collect::<Vec<_>>()
+        };
+        let mut out = vec![];
+        for i in 0..n {
+            for j in 0..k {
+                let (x, y) = (unit(&a[i * d..(i + 1) * d]), unit(&b[j * d..(j + 1) * d]));
+                let dd = x
+                    .iter()
+                    .zip(&y)
+                    .map(|(p, q)| (p - q).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                out.push(2.0 * (dd / 2.0).asin().powi(2));
+            }
+        }
+        out
+    };
+    let d64 = |v: &[f32]| v.iter().map(|&q| q as f64).collect::<Vec<_>>();
+    let (a64, b64) = (d64(&av), d64(&bv));
+    let base = dists(&a64, &b64);
+    let got = dist.value().to_vec().unwrap();
+    for i in 0..got.len() {
+        assert!(
+            (got[i] as f64 - base[i]).abs() < 1e-5,
+            "distance {i}: {} vs {}",
+            got[i],
+            base[i]
+        );
+    }
+    // The stop mask is fixed by the unperturbed distances (finite differences must not cross it).
+    let mask: Vec<f64> = base
+        .iter()
+        .map(|&v| if v > 0.3 { 1.0 } else { 0.0 })
+        .collect();
+    assert!(mask.contains(&0.0) || base.iter().all(|&v| v > 0.3));
+    let f = |a: &[f64], b: &[f64]| -> f64 {
+        dists(a, b)
+            .iter()
+            .zip(&mask)
+            .map(|(v, m)| v * m)
+            .sum::<f64>()
+            / (n * k) as f64
+    };
+    check(grads.get(&a).unwrap(), &fd(&|p| f(p, &b64), &av), "da");
+    check(grads.get(&b).unwrap(), &fd(&|p| f(&a64, p), &bv), "db");
+}
+
+#[test]
+fn clamp_with_grad_and_straight_through() {
+    let g = gpu();
+    let xv = [-0.5f32, 0.2, 0.9, 1.4, 1.6, -0.1];
+    let wv = [1.0f32, -1.0, 2.0, 1.0, -1.0, -3.0];
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::from_slice(&g, &xv, &[6]).unwrap(), true);
+    let w = tape.leaf(Tensor::from_slice(&g, &wv, &[6]).unwrap(), false);
+    let c = tape.clamp_with_grad(&x, 0.0, 1.0).unwrap();
+    assert_eq!(
+        c.value().to_vec().unwrap(),
+        vec![0.0, 0.2, 0.9, 1.0, 1.0, 0.0]
+    );
+    // loss = Σ w·clamp(x): dL/dclamp = w. Inside the range w passes. Outside, it passes only
+    // when −w moves x toward the range: x=-0.5 (below), w=1 → step −1 moves further down →
+    // blocked; x=1.4 (above), w=1 → step −1 moves down into range → passes; x=1.6, w=-1 →
+    // blocked; x=-0.1, w=-3 → step +3 moves up → passes.
+    let loss = tape.sum(&tape.mul(&c, &w).unwrap()).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    assert_eq!(
+        grads.get(&x).unwrap().to_vec().unwrap(),
+        vec![0.0, -1.0, 2.0, 1.0, 0.0, -3.0]
+    );
+
+    let tape = Tape::new();
+    let z = tape.leaf(Tensor::from_slice(&g, &[0.3, -0.7], &[2]).unwrap(), true);
+    let q = Tensor::from_slice(&g, &[1.0, -1.0], &[2]).unwrap();
+    let st = tape.straight_through(q, &z).unwrap();
+    assert_eq!(st.value().to_vec().unwrap(), vec![1.0, -1.0]);
+    let loss = tape.sum(&tape.square(&st).unwrap()).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    // d(Σ q²)/dq = 2q, passed straight to z.
+    assert_eq!(grads.get(&z).unwrap().to_vec().unwrap(), vec![2.0, -2.0]);
+}
+
+#[test]
+fn attention_gradients_with_and_without_causal_mask() {
+    let g = gpu();
+    let (b, h, t, d) = (1, 2, 4, 3);
+    for causal in [false, true] {
+        let qv = rand_vec(b * h * t * d, 60);
+        let kv = rand_vec(b * h * t * d, 61);
+        let vv = rand_vec(b * h * t * d, 62);
+        let wv = rand_vec(b * h * t * d, 63);
+        let tape = Tape::new();
+        let sh = [b, h, t, d];
+        let q = tape.leaf(Tensor::from_slice(&g, &qv, &sh).unwrap(), true);
+        let k = tape.leaf(Tensor::from_slice(&g, &kv, &sh).unwrap(), true);
+        let v = tape.leaf(Tensor::from_slice(&g, &vv, &sh).unwrap(), true);
+        let w = tape.leaf(Tensor::from_slice(&g, &wv, &sh).unwrap(), false);
+        let o = tape.attention(&q, &k, &v, causal, 0.7).unwrap();
+        let loss = tape.sum(&tape.mul(&o, &w).unwrap()).unwrap();
+        let grads = tape.backward(&loss).unwrap();
+        let f = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
+            let mut total = 0.0;
+            for hh in 0..b * h {
+                let base = hh * t * d;
+                for i in 0..t {
+                    let kmax = if causal { i + 1 } else { t };
+                    let s: Vec<f64> = (0..kmax)
+                        .map(|j| {
+                            0.7 * (0..d)
+                                .map(|e| q[base + i * d + e] * k[base + j * d + e])
+                                .sum::<f64>()
+                        })
+                        .collect();
+                    let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                    for e in 0..d {
+                        let out: f64 = (0..kmax)
+                            .map(|j| (s[j] - mx).exp() / z * v[base + j * d + e])
+                            .sum();
+                        total += out * wv[base + i * d + e] as f64;
+                    }
+                }
+            }
+            total
+        };
+        let d64 = |x: &[f32]| x.iter().map(|&q| q as f64).collect::<Vec<_>>();
+        let (q64, k64, v64) = (d64(&qv), d64(&kv), d64(&vv));
+        check(
+            grads.get(&q).unwrap(),
+            &fd(&|p| f(p, &k64, &v64), &qv),
+            &format!("causal {causal} dq"),
+        );
+        check(
+            grads.get(&k).unwrap(),
+            &fd(&|p| f(&q64, p, &v64), &kv),
+            &format!("causal {causal} dk"),
+        );
+        check(
+            grads.get(&v).unwrap(),
+            &fd(&|p| f(&q64, &k64, p), &vv),
+            &format!("causal {causal} dv"),
+        );
+    }
+}
+
+#[test]
+fn inference_paths_match_the_recorded_ones() {
+    // Without gradients the tape takes the fused kernels; values must agree with the
+    // recorded (composed) path.
+    let g = gpu();
+    let sh = [2, 3, 5, 4];
+    let (qv, kv, vv) = (rand_vec(120, 70), rand_vec(120, 71), rand_vec(120, 72));
+    let wv = rand_vec(6 * 4, 73);
+    let bv = rand_vec(6, 74);
+    for needs in [false, true] {
+        let tape = Tape::new();
+        let t = |v: &[f32], s: &[usize]| tape.leaf(Tensor::from_slice(&g, v, s).unwrap(), needs);
+        let (q, k, v) = (t(&qv, &sh), t(&kv, &sh), t(&vv, &sh));
+        let o = tape
+            .attention(&q, &k, &v, true, 0.5)
+            .unwrap()
+            .value()
+            .to_vec()
+            .unwrap();
+        let lin = tape
+            .linear(&q, &t(&wv, &[6, 4]), Some(&t(&bv, &[6])), Act::QuickGelu)
+            .unwrap()
+            .value()
+            .to_vec()
+            .unwrap();
+        let want_o = crate::ops::attention::reference(&qv, &kv, &vv, 6, 5, 5, 4, true, 0.5);
+        for i in 0..o.len() {
+            assert!(
+                (o[i] as f64 - want_o[i]).abs() < 1e-5,
+                "attention needs={needs} [{i}]"
+            );
+        }
+        for r in 0..30 {
+            for j in 0..6 {
+                let pre: f64 = (0..4)
+                    .map(|c| qv[r * 4 + c] as f64 * wv[j * 4 + c] as f64)
+                    .sum::<f64>()
+                    + bv[j] as f64;
+                let want = Act::QuickGelu.reference(pre);
+                assert!(
+                    (lin[r * 6 + j] as f64 - want).abs() < 1e-5,
+                    "linear needs={needs}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn group_norm_gradients() {
+    // loss = Σ w ⊙ swish(GroupNorm(x))  with x: [2, 4, 3, 2], 2 groups
+    let g = gpu();
+    let (n, c, h, w, groups) = (2, 4, 3, 2, 2);
+    let len = n * c * h * w;
+    let xv: Vec<f32> = rand_vec(len, 80).iter().map(|v| v * 2.0 + 0.3).collect();
+    let gam: Vec<f32> = rand_vec(c, 81).iter().map(|v| v + 1.0).collect();
+    let bet = rand_vec(c, 82);
+    let wv = rand_vec(len, 83);
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::from_slice(&g, &xv, &[n, c, h, w]).unwrap(), true);
+    let gamma = tape.leaf(Tensor::from_slice(&g, &gam, &[c]).unwrap(), true);
+    let beta = tape.leaf(Tensor::from_slice(&g, &bet, &[c]).unwrap(), true);
+    let wt = tape.leaf(Tensor::from_slice(&g, &wv, &[n, c, h, w]).unwrap(), false);
+    let y = tape
+        .group_norm(&x, groups, &gamma, &beta, 1e-6, Act::Silu)
+        .unwrap();
+    let loss = tape.sum(&tape.mul(&y, &wt).unwrap()).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let s = h * w;
+    let cg = c / groups;
+    let f = |xs: &[f64], gs: &[f64], bs: &[f64]| -> f64 {
+        let mut total = 0.0;
+        for ni in 0..n {
+            for gi in 0..groups {
+                let idx: Vec<usize> = (0..cg * s).map(|j| ni * c * s + gi * cg * s + j).collect();
+                let m = idx.iter().map(|&i| xs[i]).sum::<f64>() / idx.len() as f64;
+                let v = idx.iter().map(|&i| (xs[i] - m).powi(2)).sum::<f64>() / idx.len() as f64;
+                for &i in &idx {
+                    let ch = (i / s) % c;
+                    let pre = (xs[i] - m) / (v + 1e-6).sqrt() * gs[ch] + bs[ch];
+                    total += Act::Silu.reference(pre) * wv[i] as f64;
+                }
+            }
+        }
+        total
+    };
+    let d64 = |v: &[f32]| v.iter().map(|&q| q as f64).collect::<Vec<_>>();
+    let (x64, g64, b64) = (d64(&xv), d64(&gam), d64(&bet));
+    check(
+        grads.get(&x).unwrap(),
+        &fd(&|p| f(p, &g64, &b64), &xv),
+        "dx",
+    );
+    check(
+        grads.get(&gamma).unwrap(),
+        &fd(&|p| f(&x64, p, &b64), &gam),
+        "dgamma",
+    );
+    check(
+        grads.get(&beta).unwrap(),
+        &fd(&|p| f(&x64, &g64, p), &bet),
+        "dbeta",
+    );
+}

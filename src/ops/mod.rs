@@ -1,13 +1,17 @@
 //! GPU ops. One file per op family: its params struct (mirrored by a WGSL struct in
 //! `shaders/<op>.wgsl`), shape guards, dispatch, CPU reference and tests.
 
+pub mod attention;
 pub mod elementwise;
+pub mod group_norm;
 pub mod layer_norm;
 pub mod matmul;
 pub mod permute;
 pub mod softmax;
 
+pub use attention::{attention, attention_bthd, merge_heads, split_heads};
 pub use elementwise::{binary, unary, BinaryOp, UnaryOp};
+pub use group_norm::group_norm;
 pub use layer_norm::layer_norm;
 pub use matmul::{matmul, MatmulOpts};
 pub use permute::{permute, transpose};
