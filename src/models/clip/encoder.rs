@@ -6,7 +6,7 @@
 //! `x = x + fc2(act(fc1(layer_norm2(x))))`. Biases, activations and residual additions run in
 //! the matmul epilogue, so a layer is 2 norms, 6 matmuls and one fused attention.
 
-use super::pending;
+use crate::ops::attention::attention_bthd;
 use crate::ops::matmul::{matmul, MatmulOpts};
 use crate::ops::{layer_norm, Act};
 use crate::weights::Loader;
@@ -123,7 +123,7 @@ impl ClipAttention {
         let head_dim = x.dim(-1) / self.heads;
         let scale = (head_dim as f32).powf(-0.5);
         // [B, T, H·D] in and out: no permutes around the fused kernel.
-        let o = pending::attention_bthd(&q, &k, &v, self.heads, causal, scale)?;
+        let o = attention_bthd(&q, &k, &v, self.heads, causal, scale)?;
         self.out_proj.forward(&o, Act::None, Some(residual))
     }
 }

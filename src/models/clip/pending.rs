@@ -1,50 +1,9 @@
-//! Stand-ins for ops that are being written on another branch (fused attention, gather,
-//! concat). Each has the signature the real op will have; when the op lands in `crate::ops`
+//! Stand-ins for ops that are being written on another branch (gather, concat,
+//! slice). Each has the signature the real op will have; when the op lands in `crate::ops`
 //! the body here becomes a call to it (and then this file goes away).
 
-use crate::ops::elementwise::add;
-use crate::ops::matmul::{matmul, MatmulOpts};
-use crate::ops::permute::permute;
-use crate::ops::softmax::softmax_scaled;
 use crate::tensor::{numel, DType};
 use crate::{Error, Result, Tensor};
-
-/// `softmax(scale·QKᵀ [+ causal mask]) V` on `[B, T, H·D]` tensors, returning `[B, T, H·D]`.
-pub fn attention_bthd(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    causal: bool,
-    scale: f32,
-) -> Result<Tensor> {
-    let (b, t, hd) = (q.dim(0), q.dim(1), q.dim(2));
-    let d = hd / heads;
-    let split = |x: &Tensor| -> Result<Tensor> {
-        permute(&x.reshape(&[b, t, heads, d])?, &[0, 2, 1, 3])?.reshape(&[b * heads, t, d])
-    };
-    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
-    let mut s = matmul(
-        &q,
-        &k,
-        &MatmulOpts {
-            trans_b: true,
-            ..Default::default()
-        },
-    )?;
-    if causal {
-        let mut m = vec![0f32; t * t];
-        for i in 0..t {
-            for j in i + 1..t {
-                m[i * t + j] = -1e30;
-            }
-        }
-        s = add(&s, &Tensor::from_slice(q.gpu(), &m, &[t, t])?)?;
-    }
-    let p = softmax_scaled(&s, scale)?;
-    let o = matmul(&p, &v, &MatmulOpts::default())?;
-    permute(&o.reshape(&[b, heads, t, d])?, &[0, 2, 1, 3])?.reshape(&[b, t, hd])
-}
 
 /// Rows `ids` of `table` `[V, D]`: returns `[ids.len(), D]`.
 pub fn gather_rows(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
