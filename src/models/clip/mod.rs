@@ -170,10 +170,8 @@ impl ClipModel {
     /// Projected, unnormalised text features `[N, P]` of token ids (transformers'
     /// `get_text_features`).
     pub fn text_features_ids(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
-        let pad = self.tokenizer.as_ref().map_or_else(
-            || ids.iter().flatten().copied().max().unwrap_or(0),
-            ClipTokenizer::eos_id,
-        );
+        // Padding with EOS as transformers does; any id would give the same results.
+        let pad = self.tokenizer.as_ref().map_or(0, ClipTokenizer::eos_id);
         let per_text = self.config.text.max_position_embeddings
             * self
                 .config
@@ -285,6 +283,33 @@ impl ClipModel {
         let limit = self.gpu.limits().max_storage_buffer_binding_size as usize / 4;
         (limit / per_item.max(1)).clamp(1, MAX_CHUNK)
     }
+}
+
+/// Random weights for every tensor of `config` (uniform, scaled by 1/√fan-in; LayerNorm
+/// gains near 1): a model of the real size and cost without a checkpoint, for benches.
+pub fn random_weights(config: &ClipConfig, seed: u64) -> Result<crate::weights::MemorySource> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut src = crate::weights::MemorySource::new(format!("random weights (seed {seed})"));
+    for (key, shape) in config.tensor_shapes() {
+        let n: usize = shape.iter().product();
+        let fan_in = shape.iter().skip(1).product::<usize>().max(1) as f32;
+        let norm_gain = shape.len() == 1 && key.contains("norm") && key.ends_with("weight");
+        let a = if shape.len() >= 2 && !key.contains("embedding") {
+            (3.0 / fan_in).sqrt()
+        } else {
+            0.1
+        };
+        let data: Vec<f32> = if key == "logit_scale" {
+            vec![config.logit_scale_init_value]
+        } else {
+            (0..n)
+                .map(|_| rng.random_range(-a..a) + if norm_gain { 1.0 } else { 0.0 })
+                .collect()
+        };
+        src.insert(key, &shape, data)?;
+    }
+    Ok(src)
 }
 
 /// Rows of `x` `[N, P]` divided by their L2 norm.

@@ -89,8 +89,9 @@ impl ClipTextTransformer {
     }
 
     /// Pooled output `[N, D]` (transformers' `pooler_output`) of token id sequences.
-    /// Sequences are padded with `pad_id` to the longest one; under the causal mask the
-    /// pooled position does not see the padding, so each result equals the unpadded run.
+    /// Sequences are padded with `pad_id` (any id of the vocabulary) to the longest one;
+    /// under the causal mask the pooled position does not see the padding, so each result
+    /// equals the unpadded run.
     pub fn forward(&self, gpu: &Gpu, ids: &[Vec<u32>], pad_id: u32) -> Result<Tensor> {
         let e = &self.embeddings;
         let t = ids.iter().map(Vec::len).max().unwrap_or(0);
@@ -127,7 +128,9 @@ impl ClipTextTransformer {
         let h = self.encoder.forward(&x, true)?;
         // Pool first, then normalise: LayerNorm is per row, so this equals transformers'
         // final_layer_norm over every position followed by the pick.
-        let rows: Vec<u32> = padded
+        // The pooled position is chosen on each unpadded sequence, so that the padding value
+        // cannot move it (with EOS padding, as transformers pads, the choice is the same).
+        let rows: Vec<u32> = ids
             .iter()
             .enumerate()
             .map(|(n, r)| (n * t + self.config.pool_index(r)) as u32)
