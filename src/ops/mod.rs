@@ -7,6 +7,7 @@ pub mod group_norm;
 pub mod layer_norm;
 pub mod matmul;
 pub mod permute;
+pub mod reduce;
 pub mod softmax;
 
 pub use attention::{attention, attention_bthd, merge_heads, split_heads};
@@ -15,6 +16,7 @@ pub use group_norm::group_norm;
 pub use layer_norm::layer_norm;
 pub use matmul::{matmul, MatmulOpts};
 pub use permute::{permute, transpose};
+pub use reduce::{reduce, sum_all, ReduceOp};
 pub use softmax::{softmax, softmax_scaled};
 
 /// How a row-wise kernel (norms, softmax, attention) spreads its work.
