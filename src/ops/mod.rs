@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod elementwise;
+pub mod gather;
 pub mod group_norm;
 pub mod layer_norm;
 pub mod matmul;
@@ -12,6 +13,7 @@ pub mod softmax;
 
 pub use attention::{attention, attention_bthd, merge_heads, split_heads};
 pub use elementwise::{binary, unary, BinaryOp, UnaryOp};
+pub use gather::{gather_rows, gather_rows_table, RowTable};
 pub use group_norm::group_norm;
 pub use layer_norm::layer_norm;
 pub use matmul::{matmul, MatmulOpts};
