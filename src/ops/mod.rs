@@ -2,6 +2,7 @@
 //! `shaders/<op>.wgsl`), shape guards, dispatch, CPU reference and tests.
 
 pub mod attention;
+pub mod concat;
 pub mod elementwise;
 pub mod gather;
 pub mod group_norm;
@@ -12,6 +13,7 @@ pub mod reduce;
 pub mod softmax;
 
 pub use attention::{attention, attention_bthd, merge_heads, split_heads};
+pub use concat::{concat, slice};
 pub use elementwise::{binary, unary, BinaryOp, UnaryOp};
 pub use gather::{gather_rows, gather_rows_table, RowTable};
 pub use group_norm::group_norm;
