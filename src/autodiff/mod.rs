@@ -662,6 +662,57 @@ impl Tape {
         }
     }
 
+    /// `len` entries of `x` along `axis` from `start`.
+    pub fn slice(&self, x: &Var, axis: usize, start: usize, len: usize) -> Result<Var> {
+        use crate::ops::concat::{concat, slice};
+        let y = slice(&x.value, axis, start, len)?;
+        let shape = x.shape().to_vec();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _need| {
+                // The gradient is g in the slice's place and zero elsewhere.
+                let zeros = |n: usize| -> Result<Tensor> {
+                    let mut s = shape.clone();
+                    s[axis] = n;
+                    Tensor::zeros(g.gpu(), &s)
+                };
+                let after = shape[axis] - start - len;
+                let mut all = Vec::with_capacity(3);
+                if start > 0 {
+                    all.push(zeros(start)?);
+                }
+                all.push(g.clone());
+                if after > 0 {
+                    all.push(zeros(after)?);
+                }
+                let refs: Vec<&Tensor> = all.iter().collect();
+                Ok(vec![Some(concat(&refs, axis)?)])
+            }),
+        ))
+    }
+
+    /// `xs` joined along `axis`.
+    pub fn concat(&self, xs: &[&Var], axis: usize) -> Result<Var> {
+        use crate::ops::concat::{concat, slice};
+        let vals: Vec<&Tensor> = xs.iter().map(|v| &v.value).collect();
+        let y = concat(&vals, axis)?;
+        let sizes: Vec<usize> = xs.iter().map(|v| v.shape()[axis]).collect();
+        Ok(self.push(
+            y,
+            xs,
+            Box::new(move |g, need| {
+                let mut start = 0;
+                let mut out = Vec::with_capacity(sizes.len());
+                for (i, &n) in sizes.iter().enumerate() {
+                    out.push(need[i].then(|| slice(g, axis, start, n)).transpose()?);
+                    start += n;
+                }
+                Ok(out)
+            }),
+        ))
+    }
+
     /// Runs the backward pass from the scalar `loss` (`[1]` or `[]`), seeding `dloss = 1`.
     pub fn backward(&self, loss: &Var) -> Result<Grads> {
         if loss.value.numel() != 1 {

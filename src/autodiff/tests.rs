@@ -630,3 +630,42 @@ fn group_norm_gradients() {
         "dbeta",
     );
 }
+
+#[test]
+fn slice_and_concat_gradients() {
+    // loss = Σ w ⊙ concat([slice(x, 1, 1, 2), y], axis 1)²
+    let g = gpu();
+    let xv = rand_vec(2 * 4 * 3, 90);
+    let yv = rand_vec(2 * 1 * 3, 91);
+    let wv = rand_vec(2 * 3 * 3, 92);
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::from_slice(&g, &xv, &[2, 4, 3]).unwrap(), true);
+    let y = tape.leaf(Tensor::from_slice(&g, &yv, &[2, 1, 3]).unwrap(), true);
+    let w = tape.leaf(Tensor::from_slice(&g, &wv, &[2, 3, 3]).unwrap(), false);
+    let s = tape.slice(&x, 1, 1, 2).unwrap();
+    let c = tape.concat(&[&s, &y], 1).unwrap();
+    let loss = tape
+        .sum(&tape.mul(&tape.square(&c).unwrap(), &w).unwrap())
+        .unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let f = |xs: &[f64], ys: &[f64]| -> f64 {
+        let mut t = 0.0;
+        for b in 0..2 {
+            for r in 0..3 {
+                for k in 0..3 {
+                    let v = if r < 2 {
+                        xs[b * 12 + (r + 1) * 3 + k]
+                    } else {
+                        ys[b * 3 + k]
+                    };
+                    t += v * v * wv[b * 9 + r * 3 + k] as f64;
+                }
+            }
+        }
+        t
+    };
+    let d64 = |v: &[f32]| v.iter().map(|&q| q as f64).collect::<Vec<_>>();
+    let (x64, y64) = (d64(&xv), d64(&yv));
+    check(grads.get(&x).unwrap(), &fd(&|p| f(p, &y64), &xv), "dx");
+    check(grads.get(&y).unwrap(), &fd(&|p| f(&x64, p), &yv), "dy");
+}
