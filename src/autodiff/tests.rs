@@ -636,7 +636,7 @@ fn slice_and_concat_gradients() {
     // loss = Σ w ⊙ concat([slice(x, 1, 1, 2), y], axis 1)²
     let g = gpu();
     let xv = rand_vec(2 * 4 * 3, 90);
-    let yv = rand_vec(2 * 1 * 3, 91);
+    let yv = rand_vec(6, 91);
     let wv = rand_vec(2 * 3 * 3, 92);
     let tape = Tape::new();
     let x = tape.leaf(Tensor::from_slice(&g, &xv, &[2, 4, 3]).unwrap(), true);
