@@ -57,6 +57,11 @@ impl Grads {
     pub fn get(&self, v: &Var) -> Option<&Tensor> {
         self.0.get(&v.id)
     }
+    /// The gradient of a parameter taken with [`Tape::param`] on `tape`.
+    pub fn param(&self, tape: &Tape, t: &Tensor) -> Option<&Tensor> {
+        let id = *tape.param_ids().get(&t.buffer_id())?;
+        self.0.get(&id)
+    }
     /// Removes and returns the gradient of `v`.
     pub fn take(&mut self, v: &Var) -> Option<Tensor> {
         self.0.remove(&v.id)
@@ -67,6 +72,9 @@ impl Grads {
 #[derive(Default)]
 pub struct Tape {
     nodes: RefCell<Vec<Node>>,
+    /// Parameter leaves by buffer identity, so a weight used twice is one leaf.
+    params: RefCell<HashMap<usize, Var>>,
+    training: bool,
 }
 
 /// Sums a gradient of shape `[.., rows.., N]` down to a broadcast operand's shape, where the
@@ -159,9 +167,46 @@ pub fn softmax_backward(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
 }
 
 impl Tape {
-    /// An empty tape.
+    /// An empty tape for inference or latent optimisation: model parameters taken with
+    /// [`Tape::param`] need no gradient.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty tape for training: parameters taken with [`Tape::param`] get gradients.
+    pub fn training() -> Self {
+        Tape {
+            training: true,
+            ..Self::default()
+        }
+    }
+
+    /// True for a [`Tape::training`] tape.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// A model parameter as a leaf (one leaf per parameter however often it is used);
+    /// it needs a gradient on a training tape. Read its gradient with [`Grads::param`].
+    pub fn param(&self, t: &Tensor) -> Var {
+        let key = t.buffer_id();
+        if let Some(v) = self.params.borrow().get(&key) {
+            if v.shape() == t.shape() {
+                return v.clone();
+            }
+        }
+        let v = self.leaf(t.clone(), self.training);
+        self.params.borrow_mut().insert(key, v.clone());
+        v
+    }
+
+    /// The parameter leaves taken so far, by buffer identity.
+    pub fn param_ids(&self) -> HashMap<usize, usize> {
+        self.params
+            .borrow()
+            .iter()
+            .map(|(k, v)| (*k, v.id))
+            .collect()
     }
 
     fn push(&self, value: Tensor, parents: &[&Var], backward: Backward) -> Var {

@@ -669,3 +669,33 @@ fn slice_and_concat_gradients() {
     check(grads.get(&x).unwrap(), &fd(&|p| f(p, &y64), &xv), "dx");
     check(grads.get(&y).unwrap(), &fd(&|p| f(&x64, p), &yv), "dy");
 }
+
+#[test]
+fn params_are_one_leaf_and_follow_the_tape_mode() {
+    let g = gpu();
+    let w = Tensor::from_slice(&g, &[2.0, 3.0], &[2]).unwrap();
+    let x = Tensor::from_slice(&g, &[1.0, -1.0], &[2]).unwrap();
+    // loss = Σ (w·x)·w = Σ w²x → d/dw = 2wx, accumulated over both uses of w.
+    let tape = Tape::training();
+    let (p1, p2) = (tape.param(&w), tape.param(&w));
+    assert_eq!(p1.id(), p2.id());
+    let xv = tape.leaf(x.clone(), false);
+    let loss = tape
+        .sum(&tape.mul(&tape.mul(&p1, &xv).unwrap(), &p2).unwrap())
+        .unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    assert_eq!(
+        grads.param(&tape, &w).unwrap().to_vec().unwrap(),
+        vec![4.0, -6.0]
+    );
+    let tape = Tape::new();
+    let p = tape.param(&w);
+    let xv = tape.leaf(x, true);
+    let loss = tape.sum(&tape.mul(&p, &xv).unwrap()).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    assert!(
+        grads.param(&tape, &w).is_none(),
+        "inference tapes freeze parameters"
+    );
+    assert_eq!(grads.get(&xv).unwrap().to_vec().unwrap(), vec![2.0, 3.0]);
+}
