@@ -1,8 +1,11 @@
 //! GPU ops. One file per op family: its params struct (mirrored by a WGSL struct in
 //! `shaders/<op>.wgsl`), shape guards, dispatch, CPU reference and tests.
 
+pub mod conv2d;
 pub mod elementwise;
 pub mod matmul;
+pub mod upsample;
+pub mod vq;
 
 pub use elementwise::{binary, unary, BinaryOp, UnaryOp};
 pub use matmul::{matmul, MatmulOpts};
