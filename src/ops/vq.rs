@@ -68,7 +68,9 @@ pub fn nearest_codes(z: &Tensor, codebook: &Tensor) -> Result<Tensor> {
         return Err(Error::shape("vq input has zero channels"));
     }
     let chunks = k.div_ceil(CHUNK);
-    if m.checked_mul(chunks).is_none_or(|t| t > u32::MAX as usize) {
+    if m.checked_mul(chunks)
+        .map_or(true, |t| t > u32::MAX as usize)
+    {
         return Err(Error::shape("vq: positions x codebook chunks exceed 2^32"));
     }
     let p = Params {
@@ -341,13 +343,13 @@ mod tests {
             }
             let x = Tensor::from_slice(&g, &xv, &[n, c, h, w]).unwrap();
             let got = argmax_channels(&x).unwrap().to_vec_u32().unwrap();
-            for m in 0..n * h * w {
+            for (m, &code) in got.iter().enumerate() {
                 let (b, s) = (m / (h * w), m % (h * w));
                 let vals: Vec<f64> = (0..c)
                     .map(|j| -(xv[(b * c + j) * h * w + s] as f64))
                     .collect();
                 assert_eq!(
-                    got[m],
+                    code,
                     reference_argmin(&vals),
                     "{n} {c} {h} {w} position {m}"
                 );
