@@ -77,9 +77,9 @@ impl Variant {
     }
 }
 
-/// The variant used on this device: `VQCLIP_MATMUL`, else a tuned choice stored with
-/// [`Gpu::set_tuning`] (key `"matmul"`), else register tiles on CPU adapters and workgroup
-/// tiles elsewhere.
+/// The variant used on this device: `VQCLIP_MATMUL`, else the winner that `vqclip bench
+/// matmul` measured on this adapter ([`Gpu::tuning`], key `"matmul"`), else register tiles
+/// on CPU adapters and workgroup tiles elsewhere.
 pub fn variant_for(gpu: &Gpu) -> Variant {
     if let Some(v) = std::env::var("VQCLIP_MATMUL")
         .ok()

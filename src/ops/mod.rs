@@ -1,14 +1,66 @@
 //! GPU ops. One file per op family: its params struct (mirrored by a WGSL struct in
 //! `shaders/<op>.wgsl`), shape guards, dispatch, CPU reference and tests.
 
+pub mod attention;
 pub mod conv2d;
 pub mod elementwise;
+pub mod layer_norm;
 pub mod matmul;
+pub mod permute;
+pub mod softmax;
 pub mod upsample;
 pub mod vq;
 
+pub use attention::{attention, attention_bthd, merge_heads, split_heads};
 pub use elementwise::{binary, unary, BinaryOp, UnaryOp};
+pub use layer_norm::layer_norm;
 pub use matmul::{matmul, MatmulOpts};
+pub use permute::{permute, transpose};
+pub use softmax::{softmax, softmax_scaled};
+
+/// How a row-wise kernel (norms, softmax, attention) spreads its work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// One invocation per row, looping over it: no workgroup memory and no barriers, which
+    /// are expensive on CPU Vulkan (lavapipe runs a workgroup's invocations as SIMD lanes and
+    /// splits the program at every barrier).
+    Invocation,
+    /// One workgroup per row (or per tile of rows), cooperating through workgroup memory:
+    /// what GPUs want.
+    Workgroup,
+}
+
+/// Loop iterations one invocation may run on Mesa's llvmpipe/lavapipe (up to at least Mesa
+/// 22.3): every loop in a shader shares one counter, and once 65,535 iterations have run all
+/// loops exit early, silently leaving work undone. Kernels that loop per invocation size their
+/// work below this (splitting rows, keys or reductions into more invocations).
+pub const CPU_LOOP_LIMIT: usize = 65_535;
+
+impl Strategy {
+    /// Both strategies, for tests and benches.
+    pub const ALL: [Strategy; 2] = [Strategy::Invocation, Strategy::Workgroup];
+
+    /// The default for a device: [`Strategy::Invocation`] on CPU adapters, else
+    /// [`Strategy::Workgroup`].
+    pub fn for_gpu(gpu: &crate::Gpu) -> Strategy {
+        if gpu.is_cpu() {
+            Strategy::Invocation
+        } else {
+            Strategy::Workgroup
+        }
+    }
+
+    /// [`Strategy::for_gpu`], except that rows whose loop would run more than `iters`
+    /// iterations in one invocation (see [`CPU_LOOP_LIMIT`]) go to [`Strategy::Workgroup`],
+    /// which also spreads one long row over many threads.
+    pub fn for_rows(gpu: &crate::Gpu, iters: usize) -> Strategy {
+        if iters > CPU_LOOP_LIMIT / 4 {
+            Strategy::Workgroup
+        } else {
+            Strategy::for_gpu(gpu)
+        }
+    }
+}
 
 /// Activation applied in fused epilogues. The codes match `shaders/lib/act.wgsl`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -60,6 +112,41 @@ impl Act {
             Act::GeluTanh => {
                 let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
                 0.5 * x * (1.0 + u.tanh())
+            }
+        }
+    }
+}
+
+impl Act {
+    /// CPU reference of the derivative `act'(x)` (f64, analytic).
+    pub fn grad_reference(self, x: f64) -> f64 {
+        let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+        match self {
+            Act::None => 1.0,
+            Act::Gelu => {
+                0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2))
+                    + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt()
+            }
+            Act::QuickGelu => {
+                let s = sig(1.702 * x);
+                s + 1.702 * x * s * (1.0 - s)
+            }
+            Act::Silu => {
+                let s = sig(x);
+                s * (1.0 + x * (1.0 - s))
+            }
+            Act::Sigmoid => sig(x) * (1.0 - sig(x)),
+            Act::Relu => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Act::GeluTanh => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                let t = (c * (x + 0.044715 * x * x * x)).tanh();
+                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
             }
         }
     }

@@ -1,0 +1,216 @@
+// Fused multi-head attention with an online softmax (flash-attention style): the Tq x Tk
+// score matrix never exists in memory.
+//   out[b,h,i,:] = sum_j softmax_j(scale * q[b,h,i,:] . k[b,h,j,:]) v[b,h,j,:]
+// with keys j > i skipped when CAUSAL. Tensors are addressed through (batch, head, token)
+// strides with a contiguous last dim, so [B, H, T, D] and [B, T, H*D] layouts both work
+// without permutes.
+//
+// attn: a workgroup handles WGQ consecutive queries of one (batch, head), one invocation per
+//   query, so every lane reads the same key and value rows: uniform loads that CPU Vulkan
+//   turns into one load plus a broadcast, and that GPUs serve as broadcasts from cache. The
+//   query row (pre-scaled) and the output accumulator live in private arrays of up to 512
+//   values; loops over D have the constant bound D4 so that compilers can unroll them and
+//   keep those arrays in registers. With D % 4 == 0 keys and values are read as vec4 (one
+//   load instruction per 4 values: CPU Vulkan runs each load as a loop over the SIMD
+//   lanes). Keys are taken 4 at a time: one loop over D makes 4 scores, one loop over D
+//   folds 4 value rows in, with one rescale of the accumulator per 4 keys.
+//   The keys may be cut into SPLITS ranges (wid.z), each written unnormalised with its
+//   running max m and sum l, and merged by attn_combine; this bounds the loop iterations
+//   of one invocation (llvmpipe stops loops after 65,535 iterations, see ops::CPU_LOOP_LIMIT)
+//   and adds parallelism when there are few queries.
+
+struct Params {
+    heads: u32,    // H
+    tq: u32,
+    tk: u32,
+    d: u32,        // head dim (<= 512)
+    kps: u32,      // keys per split
+    splits: u32,
+    bh0: u32,      // first batch*head of this dispatch
+    scale: f32,
+    q_sb: u32, q_sh: u32, q_st: u32,   // q strides: batch, head, token
+    k_sb: u32, k_sh: u32, k_st: u32,   // k and v strides
+    o_sb: u32, o_sh: u32, o_st: u32,   // output strides
+    bh: u32,       // B*H (attn_combine)
+    _pad0: u32, _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+// attn: out [.., Tq, D] by o strides, or the split partials [B*H*Tq, splits, D] when SPLIT.
+// attn_combine: the final output.
+@group(0) @binding(1) var<storage, read_write> o: array<f32>;
+// (m, l) per query and split: [B*H*Tq, splits, 2] (SPLIT only).
+@group(0) @binding(2) var<storage, read_write> ml: array<f32>;
+// attn: q by q strides; attn_combine: the split partials.
+@group(0) @binding(3) var<storage, read> q: array<f32>;
+@group(0) @binding(4) var<storage, read> k: array<f32>;          // by k strides
+@group(0) @binding(5) var<storage, read> v: array<f32>;          // by k strides
+// The same k and v buffers viewed as vec4 (used when D_MULT4: one load per 4 values, which
+// matters on CPU Vulkan where every load instruction is a loop over the SIMD lanes).
+@group(0) @binding(6) var<storage, read> k4: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read> v4: array<vec4<f32>>;
+
+override WGQ: u32 = 8u;          // queries per workgroup
+override CAUSAL: bool = false;
+override SPLIT: bool = false;
+override D_MULT4: bool = true;   // D % 4 == 0: no masking of the last vec4
+override D4: u32 = 16u;          // ceil(D / 4): a constant loop bound, so loops over D unroll
+
+const DMAX4: u32 = 128u;         // 512 / 4
+const NEG_BIG: f32 = -3.4028234663852886e38;
+
+// Four values of a row starting at `base`, from dim 4c; dims past D read as 0.
+fn ld4q(base: u32, c: u32) -> vec4<f32> {
+    let d = 4u * c;
+    if D_MULT4 {
+        return vec4<f32>(q[base + d], q[base + d + 1u], q[base + d + 2u], q[base + d + 3u]);
+    }
+    let last = p.d - 1u;
+    let r = vec4<f32>(q[base + min(d, last)], q[base + min(d + 1u, last)],
+                      q[base + min(d + 2u, last)], q[base + min(d + 3u, last)]);
+    return select(vec4<f32>(0.0), r, vec4<u32>(d, d + 1u, d + 2u, d + 3u) < vec4<u32>(p.d));
+}
+fn ld4k(base: u32, c: u32) -> vec4<f32> {
+    let d = 4u * c;
+    if D_MULT4 {
+        return k4[base / 4u + c];
+    }
+    let last = p.d - 1u;
+    let r = vec4<f32>(k[base + min(d, last)], k[base + min(d + 1u, last)],
+                      k[base + min(d + 2u, last)], k[base + min(d + 3u, last)]);
+    return select(vec4<f32>(0.0), r, vec4<u32>(d, d + 1u, d + 2u, d + 3u) < vec4<u32>(p.d));
+}
+fn ld4v(base: u32, c: u32) -> vec4<f32> {
+    let d = 4u * c;
+    if D_MULT4 {
+        return v4[base / 4u + c];
+    }
+    let last = p.d - 1u;
+    let r = vec4<f32>(v[base + min(d, last)], v[base + min(d + 1u, last)],
+                      v[base + min(d + 2u, last)], v[base + min(d + 3u, last)]);
+    return select(vec4<f32>(0.0), r, vec4<u32>(d, d + 1u, d + 2u, d + 3u) < vec4<u32>(p.d));
+}
+
+@compute @workgroup_size(WGQ)
+fn attn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let bh = wid.y + p.bh0;
+    let b = bh / p.heads;
+    let h = bh % p.heads;
+    let i = wid.x * WGQ + li;                 // this lane's query
+    let live = i < p.tq;
+    let qi = min(i, p.tq - 1u);
+    let split = wid.z;
+    let d4 = D4;
+
+    var qv: array<vec4<f32>, DMAX4>;
+    var acc: array<vec4<f32>, DMAX4>;
+    let qbase = b * p.q_sb + h * p.q_sh + qi * p.q_st;
+    for (var c = 0u; c < d4; c++) {
+        qv[c] = ld4q(qbase, c) * p.scale;
+        acc[c] = vec4<f32>(0.0);
+    }
+
+    // Keys of this split; with a causal mask the workgroup's last query bounds them, and
+    // each lane masks the keys past its own query.
+    let j0 = split * p.kps;
+    var j1 = min(j0 + p.kps, p.tk);
+    if CAUSAL {
+        j1 = min(j1, min(wid.x * WGQ + WGQ, p.tq));
+    }
+    let kb = b * p.k_sb + h * p.k_sh;
+    var m = NEG_BIG;
+    var l = 0.0;
+    for (var j = j0; j < j1; j += 4u) {
+        let js = vec4<u32>(j, j + 1u, j + 2u, j + 3u);
+        var valid = js < vec4<u32>(j1);
+        if CAUSAL {
+            valid = valid & (js <= vec4<u32>(i));
+        }
+        let jc = min(js, vec4<u32>(j1 - 1u));  // past the end: re-read the last key, masked
+        let b0 = kb + jc.x * p.k_st;
+        let b1 = kb + jc.y * p.k_st;
+        let b2 = kb + jc.z * p.k_st;
+        let b3 = kb + jc.w * p.k_st;
+        var s = vec4<f32>(0.0);
+        for (var c = 0u; c < d4; c++) {
+            let qc = qv[c];
+            s += vec4<f32>(dot(qc, ld4k(b0, c)), dot(qc, ld4k(b1, c)),
+                           dot(qc, ld4k(b2, c)), dot(qc, ld4k(b3, c)));
+        }
+        let sm = select(vec4<f32>(NEG_BIG), s, valid);
+        let m_new = max(m, max(max(sm.x, sm.y), max(sm.z, sm.w)));
+        let corr = exp(m - m_new);
+        let pr = select(vec4<f32>(0.0), exp(s - m_new), valid);
+        l = l * corr + ((pr.x + pr.y) + (pr.z + pr.w));
+        m = m_new;
+        for (var c = 0u; c < d4; c++) {
+            var a = acc[c] * corr;
+            a = fma(vec4<f32>(pr.x), ld4v(b0, c), a);
+            a = fma(vec4<f32>(pr.y), ld4v(b1, c), a);
+            a = fma(vec4<f32>(pr.z), ld4v(b2, c), a);
+            a = fma(vec4<f32>(pr.w), ld4v(b3, c), a);
+            acc[c] = a;
+        }
+    }
+    if !live {
+        return;
+    }
+    if SPLIT {
+        let slot = (bh * p.tq + i) * p.splits + split;
+        ml[2u * slot] = m;
+        ml[2u * slot + 1u] = l;
+        let ob = slot * p.d;
+        for (var c = 0u; c < d4; c++) {
+            let a = acc[c];
+            for (var t = 0u; t < 4u; t++) {
+                if 4u * c + t < p.d {
+                    o[ob + 4u * c + t] = a[t];
+                }
+            }
+        }
+    } else {
+        let r = 1.0 / l;
+        let ob = b * p.o_sb + h * p.o_sh + i * p.o_st;
+        for (var c = 0u; c < d4; c++) {
+            let a = acc[c] * r;
+            for (var t = 0u; t < 4u; t++) {
+                if 4u * c + t < p.d {
+                    o[ob + 4u * c + t] = a[t];
+                }
+            }
+        }
+    }
+}
+
+override WGC: u32 = 64u;
+
+// Merges the split partials: one invocation per output value.
+//   out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s,  M = max_s m_s
+@compute @workgroup_size(WGC)
+fn attn_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) li: u32) {
+    let e = (wid.x + wid.y * nwg.x) * WGC + li;
+    let rows = p.bh * p.tq;
+    if e >= rows * p.d {
+        return;
+    }
+    let row = e / p.d;
+    let d = e % p.d;
+    var mx = NEG_BIG;
+    for (var s = 0u; s < p.splits; s++) {
+        mx = max(mx, ml[2u * (row * p.splits + s)]);
+    }
+    var num = 0.0;
+    var den = 0.0;
+    for (var s = 0u; s < p.splits; s++) {
+        let slot = row * p.splits + s;
+        let w = exp(ml[2u * slot] - mx);
+        num = fma(w, q[slot * p.d + d], num);
+        den = fma(w, ml[2u * slot + 1u], den);
+    }
+    let i = row % p.tq;
+    let bh = row / p.tq;
+    let b = bh / p.heads;
+    let h = bh % p.heads;
+    o[b * p.o_sb + h * p.o_sh + i * p.o_st + d] = num / den;
+}

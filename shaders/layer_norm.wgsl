@@ -1,0 +1,129 @@
+// LayerNorm over the last axis, as torch.nn.LayerNorm:
+//   y = (x - mean) / sqrt(var + eps) * gamma + beta,  var biased (divided by C).
+// Statistics are two-pass (mean first, then the mean of squared deviations), so rows with a
+// large mean lose no precision.
+//
+// Two variants of the same contract:
+//   ln_rows  one invocation per row looping over it; no workgroup memory, no barriers
+//            (CPU Vulkan such as lavapipe).
+//   ln_wg    one workgroup of 256 invocations per row, tree reductions in workgroup memory
+//            (GPUs).
+
+struct Params {
+    rows: u32,
+    c: u32,        // row length
+    eps: f32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;          // [rows, C]
+@group(0) @binding(2) var<storage, read> gamma: array<f32>;      // [C] (read only if HAS_GAMMA)
+@group(0) @binding(3) var<storage, read> beta: array<f32>;       // [C] (read only if HAS_BETA)
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;    // [rows, C]
+
+override HAS_GAMMA: bool = false;
+override HAS_BETA: bool = false;
+override WG: u32 = 64u;   // ln_rows: rows per workgroup
+
+fn affine(v: f32, i: u32) -> f32 {
+    var r = v;
+    if HAS_GAMMA {
+        r *= gamma[i];
+    }
+    if HAS_BETA {
+        r += beta[i];
+    }
+    return r;
+}
+
+// The row loops step by 4 (llvmpipe stops every loop of an invocation after 65,535
+// iterations in total; see ops::CPU_LOOP_LIMIT). c4 = C rounded down to a multiple of 4.
+@compute @workgroup_size(WG)
+fn ln_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) li: u32) {
+    let row = (wid.x + wid.y * nwg.x) * WG + li;
+    if row >= p.rows {
+        return;
+    }
+    let base = row * p.c;
+    let c4 = p.c & ~3u;
+    let n = f32(p.c);
+    var s4 = vec4<f32>(0.0);
+    for (var i = 0u; i < c4; i += 4u) {
+        let j = base + i;
+        s4 += vec4<f32>(x[j], x[j + 1u], x[j + 2u], x[j + 3u]);
+    }
+    var s = (s4.x + s4.y) + (s4.z + s4.w);
+    for (var i = c4; i < p.c; i++) {
+        s += x[base + i];
+    }
+    let mean = s / n;
+    var v4 = vec4<f32>(0.0);
+    for (var i = 0u; i < c4; i += 4u) {
+        let j = base + i;
+        let d = vec4<f32>(x[j], x[j + 1u], x[j + 2u], x[j + 3u]) - mean;
+        v4 = fma(d, d, v4);
+    }
+    var v = (v4.x + v4.y) + (v4.z + v4.w);
+    for (var i = c4; i < p.c; i++) {
+        let d = x[base + i] - mean;
+        v = fma(d, d, v);
+    }
+    let rstd = inverseSqrt(v / n + p.eps);
+    for (var i = 0u; i < c4; i += 4u) {
+        let j = base + i;
+        y[j] = affine((x[j] - mean) * rstd, i);
+        y[j + 1u] = affine((x[j + 1u] - mean) * rstd, i + 1u);
+        y[j + 2u] = affine((x[j + 2u] - mean) * rstd, i + 2u);
+        y[j + 3u] = affine((x[j + 3u] - mean) * rstd, i + 3u);
+    }
+    for (var i = c4; i < p.c; i++) {
+        y[base + i] = affine((x[base + i] - mean) * rstd, i);
+    }
+}
+
+const WGR: u32 = 256u;
+var<workgroup> red: array<f32, WGR>;
+
+// Sum of `v` over the workgroup; every invocation gets the result.
+fn wg_sum(v: f32, li: u32) -> f32 {
+    red[li] = v;
+    workgroupBarrier();
+    for (var s = WGR / 2u; s > 0u; s = s >> 1u) {
+        if li < s {
+            red[li] += red[li + s];
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(WGR)
+fn ln_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_index) li: u32) {
+    // One workgroup per row; the grid is folded into x/y. Rows past the end still take part
+    // in the barriers (they read row 0) and store nothing.
+    let row = wid.x + wid.y * nwg.x;
+    let live = row < p.rows;
+    let base = select(0u, row, live) * p.c;
+    let n = f32(p.c);
+    var s = 0.0;
+    for (var i = li; i < p.c; i += WGR) {
+        s += x[base + i];
+    }
+    let mean = wg_sum(s, li) / n;
+    var v = 0.0;
+    for (var i = li; i < p.c; i += WGR) {
+        let d = x[base + i] - mean;
+        v = fma(d, d, v);
+    }
+    let rstd = inverseSqrt(wg_sum(v, li) / n + p.eps);
+    if live {
+        for (var i = li; i < p.c; i += WGR) {
+            y[base + i] = affine((x[base + i] - mean) * rstd, i);
+        }
+    }
+}

@@ -1,0 +1,528 @@
+//! Fused multi-head attention (`shaders/attention.wgsl`): `softmax(scale·QKᵀ [+ causal
+//! mask]) V` with an online softmax, never materialising the score matrix.
+//!
+//! [`attention`] takes `[B, H, T, D]` tensors; [`attention_bthd`] takes the `[B, T, H·D]`
+//! layout that q/k/v projections produce and returns the same layout, with no permutes.
+//! [`split_heads`] / [`merge_heads`] convert between the two.
+
+use super::permute::permute;
+use super::CPU_LOOP_LIMIT;
+use crate::gpu::{grid_1d, Kernel, Shader};
+use crate::tensor::{DType, Tensor};
+use crate::{Error, Result};
+
+static SHADER: Shader = crate::shader!("attention");
+/// Largest head dim the kernel holds in its private arrays.
+pub const MAX_HEAD_DIM: usize = 512;
+/// Loop iterations one invocation may spend (kept below [`CPU_LOOP_LIMIT`]).
+const LOOP_BUDGET: usize = CPU_LOOP_LIMIT * 3 / 4;
+/// Invocations per workgroup of the combine pass.
+const WGC: u32 = 64;
+
+/// Mirrors `struct Params` in `shaders/attention.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    heads: u32,
+    tq: u32,
+    tk: u32,
+    d: u32,
+    kps: u32,
+    splits: u32,
+    bh0: u32,
+    scale: f32,
+    q_s: [u32; 3],
+    k_s: [u32; 3],
+    o_s: [u32; 3],
+    bh: u32,
+    _pad: [u32; 2],
+}
+
+/// How q, k, v and the output are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `[B, H, T, D]`.
+    Bhtd,
+    /// `[B, T, H·D]`.
+    Bthd,
+}
+
+impl Layout {
+    /// (batch, head, token) element strides of a tensor with `t` tokens.
+    fn strides(self, h: usize, t: usize, d: usize) -> [u32; 3] {
+        match self {
+            Layout::Bhtd => [(h * t * d) as u32, (t * d) as u32, d as u32],
+            Layout::Bthd => [(t * h * d) as u32, d as u32, (h * d) as u32],
+        }
+    }
+}
+
+/// Keys per split so that one invocation stays within [`LOOP_BUDGET`]: it runs `d4` steps
+/// to load q, `2·d4 + 1` steps per 4 keys, and `d` steps to store.
+fn keys_per_split(d: usize) -> usize {
+    let d4 = d.div_ceil(4);
+    let per4 = 2 * d4 + 1;
+    4 * ((LOOP_BUDGET - d4 - d) / per4).max(1)
+}
+
+/// Scaled dot-product attention. `q`: `[B, H, Tq, D]`; `k`, `v`: `[B, H, Tk, D]`; returns
+/// `[B, H, Tq, D]`. With `causal`, query `i` attends to keys `j <= i` only (`torch`'s
+/// `is_causal`, top-left aligned when `Tq != Tk`). `scale` multiplies the scores (usually
+/// `1/√D`). `D` can be at most [`MAX_HEAD_DIM`].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f32) -> Result<Tensor> {
+    for (n, t) in [("q", q), ("k", k), ("v", v)] {
+        if t.rank() != 4 {
+            return Err(Error::shape(format!(
+                "attention {n} must be [B, H, T, D], got {:?}",
+                t.shape()
+            )));
+        }
+    }
+    let (b, h, tq, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
+    let tk = k.dim(2);
+    if k.shape() != [b, h, tk, d] || v.shape() != k.shape() {
+        return Err(Error::shape(format!(
+            "attention k and v must be [B, H, Tk, D] = [{b}, {h}, Tk, {d}] like q {:?}, got k \
+             {:?} and v {:?}",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        )));
+    }
+    run(q, k, v, [b, h, tq, tk, d], Layout::Bhtd, causal, scale)
+}
+
+/// [`attention`] on the `[B, T, H·D]` layout of q/k/v projections: `q`: `[B, Tq, H·D]`,
+/// `k`, `v`: `[B, Tk, H·D]`; returns `[B, Tq, H·D]` (heads concatenated, ready for the output
+/// projection).
+pub fn attention_bthd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    causal: bool,
+    scale: f32,
+) -> Result<Tensor> {
+    for (n, t) in [("q", q), ("k", k), ("v", v)] {
+        if t.rank() != 3 {
+            return Err(Error::shape(format!(
+                "attention_bthd {n} must be [B, T, H*D], got {:?}",
+                t.shape()
+            )));
+        }
+    }
+    let (b, tq, hd) = (q.dim(0), q.dim(1), q.dim(2));
+    if heads == 0 || hd % heads != 0 {
+        return Err(Error::shape(format!(
+            "attention_bthd: width {hd} of q {:?} is not a multiple of {heads} heads",
+            q.shape()
+        )));
+    }
+    let tk = k.dim(1);
+    if k.shape() != [b, tk, hd] || v.shape() != k.shape() {
+        return Err(Error::shape(format!(
+            "attention_bthd k and v must be [B, Tk, H*D] = [{b}, Tk, {hd}] like q {:?}, got k \
+             {:?} and v {:?}",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        )));
+    }
+    run(
+        q,
+        k,
+        v,
+        [b, heads, tq, tk, hd / heads],
+        Layout::Bthd,
+        causal,
+        scale,
+    )
+}
+
+fn run(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    [b, h, tq, tk, d]: [usize; 5],
+    layout: Layout,
+    causal: bool,
+    scale: f32,
+) -> Result<Tensor> {
+    for (n, t) in [("q", q), ("k", k), ("v", v)] {
+        t.expect_f32(&format!("attention {n}"))?;
+    }
+    if d > MAX_HEAD_DIM {
+        return Err(Error::shape(format!(
+            "attention head dim {d} is larger than the supported {MAX_HEAD_DIM}"
+        )));
+    }
+    if !scale.is_finite() {
+        return Err(Error::invalid(format!(
+            "attention scale must be finite, got {scale}"
+        )));
+    }
+    let gpu = q.gpu();
+    let out = Tensor::empty(gpu, q.shape(), DType::F32)?;
+    if out.numel() == 0 {
+        return Ok(out);
+    }
+    if tk == 0 {
+        return Err(Error::shape(format!(
+            "attention over zero keys (k {:?}): the softmax is undefined",
+            k.shape()
+        )));
+    }
+    let wgq: usize = if gpu.is_cpu() { 8 } else { 64 };
+    let kps = keys_per_split(d);
+    // Causal queries never look past key Tq - 1.
+    let keys_used = if causal { tk.min(tq) } else { tk };
+    let splits = keys_used.div_ceil(kps);
+    let q_blocks = tq.div_ceil(wgq);
+    if q_blocks > 65535 || splits > 65535 {
+        return Err(Error::shape(format!(
+            "attention with Tq = {tq}, Tk = {tk} is too long for one dispatch"
+        )));
+    }
+    let bh = b * h;
+    let mut p = Params {
+        heads: h as u32,
+        tq: tq as u32,
+        tk: tk as u32,
+        d: d as u32,
+        kps: kps as u32,
+        splits: splits as u32,
+        bh0: 0,
+        scale,
+        q_s: layout.strides(h, tq, d),
+        k_s: layout.strides(h, tk, d),
+        o_s: layout.strides(h, tq, d),
+        bh: bh as u32,
+        _pad: [0; 2],
+    };
+    let split = splits > 1;
+    let kernel = Kernel::new(&SHADER, "attn")
+        .with("WGQ", wgq as u32)
+        .with("CAUSAL", causal)
+        .with("SPLIT", split)
+        .with("D_MULT4", d % 4 == 0)
+        .with("D4", d.div_ceil(4) as u32);
+    let scratch = if split {
+        let rows = bh * tq * splits;
+        Some((
+            Tensor::empty(gpu, &[rows, d], DType::F32)?,
+            Tensor::empty(gpu, &[rows, 2], DType::F32)?,
+        ))
+    } else {
+        None
+    };
+    // Without splits `ml` is never written, but it needs a buffer of its own: the shared
+    // unused binding may be bound read-only below.
+    let no_ml;
+    let (o_b, ml_b) = match &scratch {
+        Some((part, ml)) => (part.binding(), ml.binding()),
+        None => {
+            no_ml = Tensor::empty(gpu, &[4], DType::F32)?;
+            (out.binding(), no_ml.binding())
+        }
+    };
+    // vec4 views of k and v (D % 4 == 0 keeps every row 16-byte aligned); otherwise unread.
+    let (k4, v4) = if d % 4 == 0 {
+        (k.binding(), v.binding())
+    } else {
+        (gpu.unused_binding(), gpu.unused_binding())
+    };
+    for bh0 in (0..bh).step_by(65535) {
+        p.bh0 = bh0 as u32;
+        let ny = (bh - bh0).min(65535);
+        gpu.dispatch(
+            &kernel,
+            &p,
+            &[o_b, ml_b, q.binding(), k.binding(), v.binding(), k4, v4],
+            [q_blocks as u32, ny as u32, splits as u32],
+        );
+    }
+    if let Some((part, ml)) = &scratch {
+        let n = bh * tq * d;
+        if n > u32::MAX as usize - WGC as usize {
+            return Err(Error::shape("attention output has more than 2^32 elements"));
+        }
+        p.bh0 = 0;
+        let k = Kernel::new(&SHADER, "attn_combine").with("WGC", WGC);
+        gpu.dispatch(
+            &k,
+            &p,
+            &[out.binding(), ml.binding(), part.binding()],
+            grid_1d((n as u32).div_ceil(WGC)),
+        );
+    }
+    Ok(out)
+}
+
+/// `[B, T, H·D]` → `[B, H, T, D]`.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    if x.rank() != 3 || heads == 0 || x.dim(2) % heads != 0 {
+        return Err(Error::shape(format!(
+            "split_heads needs [B, T, H*D] with a width divisible by {heads}, got {:?}",
+            x.shape()
+        )));
+    }
+    let (b, t, hd) = (x.dim(0), x.dim(1), x.dim(2));
+    permute(&x.reshape(&[b, t, heads, hd / heads])?, &[0, 2, 1, 3])
+}
+
+/// `[B, H, T, D]` → `[B, T, H·D]`.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    if x.rank() != 4 {
+        return Err(Error::shape(format!(
+            "merge_heads needs [B, H, T, D], got {:?}",
+            x.shape()
+        )));
+    }
+    let (b, h, t, d) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    permute(x, &[0, 2, 1, 3])?.reshape(&[b, t, h * d])
+}
+
+/// CPU reference in f64 on `[B, H, T, D]` data: the naive `softmax(scale·QKᵀ)V`.
+#[allow(clippy::too_many_arguments)]
+pub fn reference(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    bh: usize,
+    tq: usize,
+    tk: usize,
+    d: usize,
+    causal: bool,
+    scale: f32,
+) -> Vec<f64> {
+    let mut out = vec![0.0; bh * tq * d];
+    for x in 0..bh {
+        for i in 0..tq {
+            let qi = &q[(x * tq + i) * d..][..d];
+            let keys = if causal { tk.min(i + 1) } else { tk };
+            let s: Vec<f64> = (0..keys)
+                .map(|j| {
+                    let kj = &k[(x * tk + j) * d..][..d];
+                    scale as f64
+                        * qi.iter()
+                            .zip(kj)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum::<f64>()
+                })
+                .collect();
+            let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = s.iter().map(|a| (a - m).exp()).collect();
+            let z: f64 = w.iter().sum();
+            let o = &mut out[(x * tq + i) * d..][..d];
+            for (j, wj) in w.iter().enumerate() {
+                for (dd, od) in o.iter_mut().enumerate() {
+                    *od += wj / z * v[(x * tk + j) * d + dd] as f64;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testutil::{gpu, rand_vec};
+
+    /// Error bound per output value, from f32 rounding: each score is a D-term dot product,
+    /// off by at most δ = D·ε·scale·Σ|q·k| (which scales its softmax weight by e^δ ≈ 1 + δ);
+    /// `exp` is good to 3 + 2|a| ULP at argument a; the sums over Tk keys add Tk·ε in
+    /// relative terms. So |err| ≤ Σⱼ wⱼ|vⱼ|·(2δmax + ε·(Tk + 2(3 + 2Δmax) + 8)) with Δmax the
+    /// largest score gap; the check allows twice that plus 1e-7·max|v| for the rescaling
+    /// and the combine pass.
+    #[allow(clippy::too_many_arguments)]
+    fn tolerances(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        bh: usize,
+        tq: usize,
+        tk: usize,
+        d: usize,
+        causal: bool,
+        scale: f32,
+    ) -> Vec<f64> {
+        let e = f32::EPSILON as f64;
+        let vmax = v.iter().fold(0.0f64, |a, &x| a.max((x as f64).abs()));
+        let mut tol = vec![0.0; bh * tq * d];
+        for x in 0..bh {
+            for i in 0..tq {
+                let qi = &q[(x * tq + i) * d..][..d];
+                let keys = if causal { tk.min(i + 1) } else { tk };
+                let (mut s, mut mag) = (Vec::new(), Vec::new());
+                for j in 0..keys {
+                    let kj = &k[(x * tk + j) * d..][..d];
+                    let (mut a, mut g) = (0.0, 0.0);
+                    for (&qa, &kb) in qi.iter().zip(kj) {
+                        a += qa as f64 * kb as f64;
+                        g += (qa as f64 * kb as f64).abs();
+                    }
+                    s.push(scale as f64 * a);
+                    mag.push((scale as f64).abs() * g);
+                }
+                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let gap = s.iter().fold(0.0f64, |g, &a| g.max(m - a));
+                let delta = mag.iter().fold(0.0f64, |g, &a| g.max(d as f64 * e * a));
+                let w: Vec<f64> = s.iter().map(|a| (a - m).exp()).collect();
+                let z: f64 = w.iter().sum();
+                let rel = 2.0 * delta + e * (keys as f64 + 2.0 * (3.0 + 2.0 * gap) + 8.0);
+                for dd in 0..d {
+                    let vbar: f64 = (0..keys)
+                        .map(|j| w[j] / z * (v[(x * tk + j) * d + dd] as f64).abs())
+                        .sum();
+                    tol[(x * tq + i) * d + dd] = 2.0 * vbar * rel + 1e-7 * vmax;
+                }
+            }
+        }
+        tol
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        b: usize,
+        h: usize,
+        tq: usize,
+        tk: usize,
+        d: usize,
+        causal: bool,
+        bthd: bool,
+        seed: u64,
+    ) {
+        let g = gpu();
+        let qv = rand_vec(b * h * tq * d, seed);
+        let kv = rand_vec(b * h * tk * d, seed + 1);
+        let vv = rand_vec(b * h * tk * d, seed + 2);
+        // Scores of a few units, as in trained models.
+        let scale = 2.0 / (d as f32).sqrt();
+        let qt = Tensor::from_slice(&g, &qv, &[b, h, tq, d]).unwrap();
+        let kt = Tensor::from_slice(&g, &kv, &[b, h, tk, d]).unwrap();
+        let vt = Tensor::from_slice(&g, &vv, &[b, h, tk, d]).unwrap();
+        let got = if bthd {
+            let (q3, k3, v3) = (
+                merge_heads(&qt).unwrap(),
+                merge_heads(&kt).unwrap(),
+                merge_heads(&vt).unwrap(),
+            );
+            let o = attention_bthd(&q3, &k3, &v3, h, causal, scale).unwrap();
+            assert_eq!(o.shape(), &[b, tq, h * d]);
+            split_heads(&o, h).unwrap()
+        } else {
+            attention(&qt, &kt, &vt, causal, scale).unwrap()
+        };
+        assert_eq!(got.shape(), &[b, h, tq, d]);
+        let got = got.to_vec().unwrap();
+        let want = reference(&qv, &kv, &vv, b * h, tq, tk, d, causal, scale);
+        let tol = tolerances(&qv, &kv, &vv, b * h, tq, tk, d, causal, scale);
+        for i in 0..got.len() {
+            let err = (got[i] as f64 - want[i]).abs();
+            assert!(
+                err <= tol[i],
+                "B{b} H{h} Tq{tq} Tk{tk} D{d} causal {causal} bthd {bthd}: element {i} got {} \
+                 want {} (err {err:e} > tol {:e})",
+                got[i],
+                want[i],
+                tol[i]
+            );
+        }
+    }
+
+    #[test]
+    fn matches_reference_over_shapes() {
+        let cases = [
+            (1, 1, 1, 1, 1),
+            (2, 3, 5, 7, 3),
+            (1, 2, 17, 65, 17),
+            (1, 2, 65, 17, 8),
+            (1, 12, 50, 50, 64),
+            (2, 8, 77, 77, 64),
+            (1, 2, 9, 33, 128),
+            (1, 1, 3, 1000, 5),
+        ];
+        let mut seed = 0;
+        for &(b, h, tq, tk, d) in &cases {
+            for causal in [false, true] {
+                seed += 10;
+                check(b, h, tq, tk, d, causal, false, seed);
+            }
+        }
+    }
+
+    #[test]
+    fn bthd_layout_matches() {
+        check(2, 8, 77, 77, 64, true, true, 100);
+        check(2, 12, 50, 50, 64, false, true, 110);
+        check(1, 3, 7, 19, 5, true, true, 120);
+    }
+
+    #[test]
+    fn large_head_dim_and_long_key_splits() {
+        // VQGAN attention: one head of 512 channels. 300 keys fit one split (752 keys);
+        // 1500 keys (or 800 causal ones) need two; 9000 keys of D = 128 need three (3,012 keys each); D = 2 fits
+        // 9000 keys in one.
+        assert_eq!(keys_per_split(512), 752);
+        assert_eq!(keys_per_split(128), 3012);
+        check(1, 1, 64, 300, 512, false, false, 200);
+        check(1, 1, 20, 1500, 512, false, false, 210);
+        check(1, 1, 800, 800, 512, true, false, 220);
+        check(1, 2, 5, 9000, 128, false, false, 230);
+        check(1, 1, 9000, 9000, 2, true, false, 240);
+    }
+
+    #[test]
+    fn more_than_65535_heads() {
+        check(70_000, 1, 1, 2, 2, false, false, 300);
+    }
+
+    #[test]
+    fn shape_errors_are_reported() {
+        let g = gpu();
+        let q = Tensor::zeros(&g, &[1, 2, 3, 4]).unwrap();
+        let k = Tensor::zeros(&g, &[1, 2, 5, 4]).unwrap();
+        let bad = Tensor::zeros(&g, &[1, 2, 5, 3]).unwrap();
+        let e = attention(&q, &bad, &bad, false, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[B, H, Tk, D]"), "{e}");
+        let e = attention(&q, &k, &bad, false, 1.0).unwrap_err().to_string();
+        assert!(e.contains("v"), "{e}");
+        let e = attention(&q, &k, &k, false, f32::INFINITY)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("scale"), "{e}");
+        let big = Tensor::zeros(&g, &[1, 1, 2, 513]).unwrap();
+        let e = attention(&big, &big, &big, false, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("513"), "{e}");
+        let q3 = Tensor::zeros(&g, &[1, 3, 10]).unwrap();
+        let e = attention_bthd(&q3, &q3, &q3, 3, false, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("multiple of 3 heads"), "{e}");
+        let e = split_heads(&q3, 4).unwrap_err().to_string();
+        assert!(e.contains("divisible by 4"), "{e}");
+        let empty = Tensor::zeros(&g, &[1, 2, 0, 4]).unwrap();
+        let e = attention(&q, &empty, &empty, false, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("zero keys"), "{e}");
+    }
+
+    #[test]
+    fn split_and_merge_heads_round_trip() {
+        let g = gpu();
+        let xv = rand_vec(2 * 5 * 12, 9);
+        let x = Tensor::from_slice(&g, &xv, &[2, 5, 12]).unwrap();
+        let s = split_heads(&x, 3).unwrap();
+        assert_eq!(s.shape(), &[2, 3, 5, 4]);
+        let sv = s.to_vec().unwrap();
+        // x[b, t, h·4 + d] lands at s[b, h, t, d]; b = 1, t = 3, h = 2, d = 1:
+        assert_eq!(sv[((3 + 2) * 5 + 3) * 4 + 1], xv[(5 + 3) * 12 + 2 * 4 + 1]);
+        assert_eq!(merge_heads(&s).unwrap().to_vec().unwrap(), xv);
+    }
+}

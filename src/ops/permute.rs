@@ -1,0 +1,239 @@
+//! Permute (general transpose) of f32 or u32 tensors (`shaders/permute.wgsl`).
+//!
+//! `permute(x, perm)` follows `torch.permute`: output dim `i` is input dim `perm[i]`.
+//! Dims that stay adjacent and in order are merged first, so any rank whose permutation
+//! reduces to [`MAX_RANK`] moving blocks or fewer works; a permutation that moves nothing
+//! returns a reshaped view of the same buffer without a dispatch.
+
+use crate::gpu::{grid_1d, Kernel, Shader};
+use crate::tensor::Tensor;
+use crate::{Error, Result};
+
+static SHADER: Shader = crate::shader!("permute");
+const WG: u32 = 256;
+/// Most dims the kernel handles after merging.
+pub const MAX_RANK: usize = 8;
+
+/// Mirrors `struct Params` in `shaders/permute.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    rank: u32,
+    _pad: [u32; 2],
+    out_dims: [u32; MAX_RANK],
+    in_strides: [u32; MAX_RANK],
+}
+
+/// Checks that `perm` is a permutation of `0..rank`.
+fn check_perm(shape: &[usize], perm: &[usize]) -> Result<()> {
+    let mut seen = vec![false; shape.len()];
+    let ok = perm.len() == shape.len()
+        && perm
+            .iter()
+            .all(|&p| p < seen.len() && !std::mem::replace(&mut seen[p], true));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::shape(format!(
+            "permute order {perm:?} is not a permutation of the {} dims of {shape:?}",
+            shape.len()
+        )))
+    }
+}
+
+/// Output dims and the input stride of each, after dropping size-1 dims and merging
+/// neighbours that are contiguous in the input.
+fn plan(shape: &[usize], perm: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let mut in_strides = vec![0usize; shape.len()];
+    let mut s = 1;
+    for d in (0..shape.len()).rev() {
+        in_strides[d] = s;
+        s *= shape[d];
+    }
+    let (mut dims, mut strides): (Vec<usize>, Vec<usize>) = (Vec::new(), Vec::new());
+    for &p in perm {
+        let (d, st) = (shape[p], in_strides[p]);
+        if d == 1 {
+            continue;
+        }
+        if let (Some(ld), Some(ls)) = (dims.last_mut(), strides.last_mut()) {
+            if *ls == st * d {
+                *ld *= d;
+                *ls = st;
+                continue;
+            }
+        }
+        dims.push(d);
+        strides.push(st);
+    }
+    (dims, strides)
+}
+
+/// `x.permute(perm)`: output dim `i` is input dim `perm[i]`. Works for f32 and u32 tensors.
+pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
+    check_perm(x.shape(), perm)?;
+    let out_shape: Vec<usize> = perm.iter().map(|&p| x.shape()[p]).collect();
+    let (dims, strides) = plan(x.shape(), perm);
+    // Nothing moves: the bytes are already in output order.
+    if dims.len() <= 1 {
+        return x.reshape(&out_shape);
+    }
+    if dims.len() > MAX_RANK {
+        return Err(Error::shape(format!(
+            "permute {perm:?} of {:?} moves more than {MAX_RANK} separate blocks of dims",
+            x.shape()
+        )));
+    }
+    let gpu = x.gpu();
+    let y = Tensor::empty(gpu, &out_shape, x.dtype())?;
+    let n = y.numel();
+    if n > u32::MAX as usize - WG as usize {
+        return Err(Error::shape("permute of more than 2^32 elements"));
+    }
+    let mut p = Params {
+        n: n as u32,
+        rank: dims.len() as u32,
+        _pad: [0; 2],
+        out_dims: [1; MAX_RANK],
+        in_strides: [0; MAX_RANK],
+    };
+    for i in 0..dims.len() {
+        p.out_dims[i] = dims[i] as u32;
+        p.in_strides[i] = strides[i] as u32;
+    }
+    let k = Kernel::new(&SHADER, "permute").with("WG", WG);
+    gpu.dispatch(
+        &k,
+        &p,
+        &[x.binding(), y.binding()],
+        grid_1d((n as u32).div_ceil(WG)),
+    );
+    Ok(y)
+}
+
+/// Swaps dims `a` and `b`.
+pub fn transpose(x: &Tensor, a: usize, b: usize) -> Result<Tensor> {
+    if a >= x.rank() || b >= x.rank() {
+        return Err(Error::shape(format!(
+            "transpose of dims {a} and {b} of a rank-{} tensor {:?}",
+            x.rank(),
+            x.shape()
+        )));
+    }
+    let mut perm: Vec<usize> = (0..x.rank()).collect();
+    perm.swap(a, b);
+    permute(x, &perm)
+}
+
+/// CPU reference: `x` (row-major, `shape`) permuted by `perm`.
+pub fn reference<T: Copy>(x: &[T], shape: &[usize], perm: &[usize]) -> Vec<T> {
+    let r = shape.len();
+    let mut strides = vec![1usize; r];
+    for d in (0..r.saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1] * shape[d + 1];
+    }
+    let out: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    let n: usize = out.iter().product();
+    (0..n)
+        .map(|i| {
+            let (mut rem, mut src) = (i, 0);
+            for d in (0..r).rev() {
+                src += (rem % out[d]) * strides[perm[d]];
+                rem /= out[d];
+            }
+            x[src]
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testutil::{gpu, rand_vec};
+
+    #[test]
+    fn matches_reference_over_shapes_and_orders() {
+        let g = gpu();
+        let cases: &[(&[usize], &[usize])] = &[
+            (&[1], &[0]),
+            (&[3, 17], &[1, 0]),
+            (&[65, 1000], &[1, 0]),
+            (&[2, 50, 12, 64], &[0, 2, 1, 3]),
+            (&[2, 12, 50, 64], &[0, 2, 1, 3]),
+            (&[3, 1, 17, 5], &[3, 2, 1, 0]),
+            (&[2, 3, 4, 5, 6], &[4, 0, 3, 1, 2]),
+            (&[2, 3, 2, 3, 2, 3], &[5, 4, 3, 2, 1, 0]),
+            (&[2, 3, 2, 3, 2, 3, 2, 2], &[7, 6, 5, 4, 3, 2, 1, 0]),
+            (&[4, 1, 1, 7], &[1, 0, 3, 2]),
+            (&[1031, 3], &[1, 0]),
+        ];
+        for (ci, (shape, perm)) in cases.iter().enumerate() {
+            let n: usize = shape.iter().product();
+            let xv = rand_vec(n, ci as u64);
+            let x = Tensor::from_slice(&g, &xv, shape).unwrap();
+            let y = permute(&x, perm).unwrap();
+            let want_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+            assert_eq!(y.shape(), want_shape.as_slice());
+            // A copy: results are bit-exact.
+            assert_eq!(
+                y.to_vec().unwrap(),
+                reference(&xv, shape, perm),
+                "{shape:?} {perm:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn u32_tensors_and_transpose() {
+        let g = gpu();
+        let xv: Vec<u32> = (0..3 * 5 * 7).collect();
+        let x = Tensor::from_u32(&g, &xv, &[3, 5, 7]).unwrap();
+        let y = transpose(&x, 0, 2).unwrap();
+        assert_eq!(y.shape(), &[7, 5, 3]);
+        assert_eq!(y.dtype(), crate::DType::U32);
+        assert_eq!(
+            y.to_vec_u32().unwrap(),
+            reference(&xv, &[3, 5, 7], &[2, 1, 0])
+        );
+    }
+
+    #[test]
+    fn identity_orders_need_no_dispatch() {
+        let g = gpu();
+        let x = Tensor::from_slice(&g, &rand_vec(12, 1), &[3, 1, 4]).unwrap();
+        let y = permute(&x, &[1, 0, 2]).unwrap();
+        assert_eq!(y.shape(), &[1, 3, 4]);
+        assert_eq!(y.to_vec().unwrap(), x.to_vec().unwrap());
+    }
+
+    #[test]
+    fn more_than_65535_workgroups() {
+        // 17.3M elements = 67,500 workgroups of 256.
+        let g = gpu();
+        let (a, b) = (4100usize, 4215usize);
+        let xv: Vec<u32> = (0..(a * b) as u32).collect();
+        let x = Tensor::from_u32(&g, &xv, &[a, b]).unwrap();
+        let y = transpose(&x, 0, 1).unwrap().to_vec_u32().unwrap();
+        for (j, i) in [(0, 0), (b - 1, a - 1), (17, 4000), (4214, 3)] {
+            assert_eq!(y[j * a + i], (i * b + j) as u32, "({j}, {i})");
+        }
+    }
+
+    #[test]
+    fn bad_orders_are_reported() {
+        let g = gpu();
+        let x = Tensor::zeros(&g, &[2, 3, 4]).unwrap();
+        for perm in [&[0, 1][..], &[0, 1, 1], &[0, 1, 3]] {
+            let e = permute(&x, perm).unwrap_err().to_string();
+            assert!(e.contains("not a permutation"), "{e}");
+        }
+        let e = transpose(&x, 0, 3).unwrap_err().to_string();
+        assert!(e.contains("rank-3"), "{e}");
+        let big = Tensor::zeros(&g, &[2; 9]).unwrap();
+        let e = permute(&big, &[8, 7, 6, 5, 4, 3, 2, 1, 0])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than 8"), "{e}");
+    }
+}
