@@ -11,6 +11,7 @@ pub mod data;
 pub mod error;
 pub mod generate;
 pub mod gpu;
+pub mod models;
 pub mod ops;
 pub mod optim;
 pub mod tensor;

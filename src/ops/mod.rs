@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod concat;
+pub mod conv2d;
 pub mod elementwise;
 pub mod gather;
 pub mod group_norm;
@@ -11,6 +12,8 @@ pub mod matmul;
 pub mod permute;
 pub mod reduce;
 pub mod softmax;
+pub mod upsample;
+pub mod vq;
 
 pub use attention::{attention, attention_bthd, merge_heads, split_heads};
 pub use concat::{concat, slice};
