@@ -1,7 +1,7 @@
 //! Batched matrix multiply with fused bias, activation, scale and residual:
 //! `C = act(alpha * op(A) @ op(B) + bias) + residual` (`shaders/matmul.wgsl`).
 
-use super::Act;
+use super::{Act, CPU_LOOP_LIMIT};
 use crate::gpu::{Gpu, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
@@ -247,6 +247,21 @@ pub fn matmul_variant(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Variant) -> Res
         Variant::Shared => (64, 64),
         Variant::Subgroup => (64, 32),
     };
+    // Loop iterations per invocation: K (register), K/4 (vec4, subgroup), and K/16 steps
+    // of up to 1 + 4 + 16 iterations if the compiler keeps the inner loops (shared).
+    let iters = match v {
+        Variant::Register => ka,
+        Variant::Vec4 | Variant::Subgroup => ka / 4,
+        Variant::Shared => ka.div_ceil(16) * 21,
+    };
+    if gpu.is_cpu() && iters > CPU_LOOP_LIMIT {
+        return Err(Error::shape(format!(
+            "matmul with K = {ka} needs {iters} loop iterations per invocation in the {} \
+             kernel; this CPU adapter stops loops after {CPU_LOOP_LIMIT} (a K that is a \
+             multiple of 4 allows 4x more with vec4x4 or subgroup8)",
+            v.name()
+        )));
+    }
     let wg_x = n.div_ceil(cols_per_wg);
     if wg_x > 65535 {
         return Err(Error::shape(format!(
@@ -565,6 +580,35 @@ mod tests {
                 false,
                 seed + 3,
             );
+        }
+    }
+
+    #[test]
+    fn long_k_within_the_cpu_loop_limit() {
+        // K = 65,540 runs as K/4 vec4 steps; K = 65,537 (not a multiple of 4) would need more
+        // iterations than llvmpipe runs, so CPU adapters refuse it instead of answering wrong.
+        check(
+            Variant::Vec4,
+            1,
+            2,
+            3,
+            65_540,
+            false,
+            true,
+            false,
+            false,
+            Act::None,
+            false,
+            3000,
+        );
+        let g = gpu();
+        let a = Tensor::from_slice(&g, &rand_vec(65_537, 1), &[1, 65_537]).unwrap();
+        let r = matmul(&a, &a, &MatmulOpts::linear(None));
+        if g.is_cpu() {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("K = 65537"), "{e}");
+        } else {
+            r.unwrap();
         }
     }
 
