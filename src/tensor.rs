@@ -164,6 +164,10 @@ impl Tensor {
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
     }
+    /// An identity for the underlying buffer: equal for clones and reshapes of one tensor.
+    pub fn buffer_id(&self) -> usize {
+        Arc::as_ptr(&self.buf) as usize
+    }
     pub(crate) fn raw(&self) -> &wgpu::Buffer {
         self.buf.raw()
     }

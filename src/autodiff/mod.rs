@@ -57,6 +57,11 @@ impl Grads {
     pub fn get(&self, v: &Var) -> Option<&Tensor> {
         self.0.get(&v.id)
     }
+    /// The gradient of a parameter taken with [`Tape::param`] on `tape`.
+    pub fn param(&self, tape: &Tape, t: &Tensor) -> Option<&Tensor> {
+        let id = *tape.param_ids().get(&t.buffer_id())?;
+        self.0.get(&id)
+    }
     /// Removes and returns the gradient of `v`.
     pub fn take(&mut self, v: &Var) -> Option<Tensor> {
         self.0.remove(&v.id)
@@ -67,11 +72,14 @@ impl Grads {
 #[derive(Default)]
 pub struct Tape {
     nodes: RefCell<Vec<Node>>,
+    /// Parameter leaves by buffer identity, so a weight used twice is one leaf.
+    params: RefCell<HashMap<usize, Var>>,
+    training: bool,
 }
 
 /// Sums a gradient of shape `[.., rows.., N]` down to a broadcast operand's shape, where the
 /// operand's dims are trailing dims of the gradient with the leading ones summed away
-/// (`ones[1, R] @ g[R, N]`).
+/// (a reduction over the flattened leading dims).
 fn sum_leading(g: &Tensor, shape: &[usize]) -> Result<Tensor> {
     if g.shape() == shape {
         return Ok(g.clone());
@@ -85,16 +93,19 @@ fn sum_leading(g: &Tensor, shape: &[usize]) -> Result<Tensor> {
             shape
         )));
     }
-    let ones = Tensor::full(g.gpu(), &[1, r], 1.0)?;
-    matmul(&ones, &g.reshape(&[r, n])?, &MatmulOpts::default())?.reshape(shape)
+    crate::ops::reduce::sum(&g.reshape(&[r, n])?, 0)?.reshape(shape)
 }
 
-/// Row sums of `x` viewed as `[rows, L]` (L = last dim), as `[rows, 1]`: `x @ ones[L, 1]`.
+/// Row sums of `x` viewed as `[rows, L]` (L = last dim), as `[rows, 1]`.
 fn row_sum(x: &Tensor) -> Result<Tensor> {
     let l = x.dim(-1);
     let rows = x.numel() / l.max(1);
-    let ones = Tensor::full(x.gpu(), &[l, 1], 1.0)?;
-    matmul(&x.reshape(&[rows, l])?, &ones, &MatmulOpts::default())
+    crate::ops::reduce::reduce(
+        &x.reshape(&[rows, l])?,
+        1,
+        crate::ops::reduce::ReduceOp::Sum,
+        true,
+    )
 }
 
 /// Backward of `y = GroupNorm(x)·γ + β` (no activation), composed from elementwise ops and
@@ -159,9 +170,46 @@ pub fn softmax_backward(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
 }
 
 impl Tape {
-    /// An empty tape.
+    /// An empty tape for inference or latent optimisation: model parameters taken with
+    /// [`Tape::param`] need no gradient.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty tape for training: parameters taken with [`Tape::param`] get gradients.
+    pub fn training() -> Self {
+        Tape {
+            training: true,
+            ..Self::default()
+        }
+    }
+
+    /// True for a [`Tape::training`] tape.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// A model parameter as a leaf (one leaf per parameter however often it is used);
+    /// it needs a gradient on a training tape. Read its gradient with [`Grads::param`].
+    pub fn param(&self, t: &Tensor) -> Var {
+        let key = t.buffer_id();
+        if let Some(v) = self.params.borrow().get(&key) {
+            if v.shape() == t.shape() {
+                return v.clone();
+            }
+        }
+        let v = self.leaf(t.clone(), self.training);
+        self.params.borrow_mut().insert(key, v.clone());
+        v
+    }
+
+    /// The parameter leaves taken so far, by buffer identity.
+    pub fn param_ids(&self) -> HashMap<usize, usize> {
+        self.params
+            .borrow()
+            .iter()
+            .map(|(k, v)| (*k, v.id))
+            .collect()
     }
 
     fn push(&self, value: Tensor, parents: &[&Var], backward: Backward) -> Var {
@@ -300,10 +348,7 @@ impl Tape {
 
     /// The sum of every element, as a `[1]` tensor.
     pub fn sum(&self, x: &Var) -> Result<Var> {
-        let n = x.value.numel();
-        let flat = x.value.reshape(&[1, n])?;
-        let ones = Tensor::full(x.value.gpu(), &[n, 1], 1.0)?;
-        let y = matmul(&flat, &ones, &MatmulOpts::default())?.reshape(&[1])?;
+        let y = crate::ops::reduce::sum_all(&x.value)?;
         let shape = x.shape().to_vec();
         Ok(self.push(
             y,
@@ -662,6 +707,57 @@ impl Tape {
         }
     }
 
+    /// `len` entries of `x` along `axis` from `start`.
+    pub fn slice(&self, x: &Var, axis: usize, start: usize, len: usize) -> Result<Var> {
+        use crate::ops::concat::{concat, slice};
+        let y = slice(&x.value, axis, start, len)?;
+        let shape = x.shape().to_vec();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _need| {
+                // The gradient is g in the slice's place and zero elsewhere.
+                let zeros = |n: usize| -> Result<Tensor> {
+                    let mut s = shape.clone();
+                    s[axis] = n;
+                    Tensor::zeros(g.gpu(), &s)
+                };
+                let after = shape[axis] - start - len;
+                let mut all = Vec::with_capacity(3);
+                if start > 0 {
+                    all.push(zeros(start)?);
+                }
+                all.push(g.clone());
+                if after > 0 {
+                    all.push(zeros(after)?);
+                }
+                let refs: Vec<&Tensor> = all.iter().collect();
+                Ok(vec![Some(concat(&refs, axis)?)])
+            }),
+        ))
+    }
+
+    /// `xs` joined along `axis`.
+    pub fn concat(&self, xs: &[&Var], axis: usize) -> Result<Var> {
+        use crate::ops::concat::{concat, slice};
+        let vals: Vec<&Tensor> = xs.iter().map(|v| &v.value).collect();
+        let y = concat(&vals, axis)?;
+        let sizes: Vec<usize> = xs.iter().map(|v| v.shape()[axis]).collect();
+        Ok(self.push(
+            y,
+            xs,
+            Box::new(move |g, need| {
+                let mut start = 0;
+                let mut out = Vec::with_capacity(sizes.len());
+                for (i, &n) in sizes.iter().enumerate() {
+                    out.push(need[i].then(|| slice(g, axis, start, n)).transpose()?);
+                    start += n;
+                }
+                Ok(out)
+            }),
+        ))
+    }
+
     /// Runs the backward pass from the scalar `loss` (`[1]` or `[]`), seeding `dloss = 1`.
     pub fn backward(&self, loss: &Var) -> Result<Grads> {
         if loss.value.numel() != 1 {
@@ -699,6 +795,8 @@ impl Tape {
         Ok(Grads(leaves))
     }
 }
+
+mod conv;
 
 #[cfg(test)]
 mod tests;

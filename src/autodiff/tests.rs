@@ -5,7 +5,7 @@ use super::*;
 use crate::ops::testutil::{gpu, rand_vec};
 
 /// Central differences of `f` at `x` (f64, h = 1e-5): truncation error O(h²·f''') ≈ 1e-10.
-fn fd(f: &dyn Fn(&[f64]) -> f64, x: &[f32]) -> Vec<f64> {
+pub(crate) fn fd(f: &dyn Fn(&[f64]) -> f64, x: &[f32]) -> Vec<f64> {
     let mut xv: Vec<f64> = x.iter().map(|&v| v as f64).collect();
     let h = 1e-5;
     (0..xv.len())
@@ -23,7 +23,7 @@ fn fd(f: &dyn Fn(&[f64]) -> f64, x: &[f32]) -> Vec<f64> {
 
 /// f32 forward + backward against f64 differences: |g − fd| ≤ 1e-4 + 1e-3·|fd| covers f32
 /// rounding of sums of a few dozen terms and the 1.5e-7 erf approximation.
-fn check(got: &Tensor, want: &[f64], what: &str) {
+pub(crate) fn check(got: &Tensor, want: &[f64], what: &str) {
     let got = got.to_vec().unwrap();
     assert_eq!(got.len(), want.len(), "{what}");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
@@ -629,4 +629,73 @@ fn group_norm_gradients() {
         &fd(&|p| f(&x64, &g64, p), &bet),
         "dbeta",
     );
+}
+
+#[test]
+fn slice_and_concat_gradients() {
+    // loss = Σ w ⊙ concat([slice(x, 1, 1, 2), y], axis 1)²
+    let g = gpu();
+    let xv = rand_vec(2 * 4 * 3, 90);
+    let yv = rand_vec(6, 91);
+    let wv = rand_vec(2 * 3 * 3, 92);
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::from_slice(&g, &xv, &[2, 4, 3]).unwrap(), true);
+    let y = tape.leaf(Tensor::from_slice(&g, &yv, &[2, 1, 3]).unwrap(), true);
+    let w = tape.leaf(Tensor::from_slice(&g, &wv, &[2, 3, 3]).unwrap(), false);
+    let s = tape.slice(&x, 1, 1, 2).unwrap();
+    let c = tape.concat(&[&s, &y], 1).unwrap();
+    let loss = tape
+        .sum(&tape.mul(&tape.square(&c).unwrap(), &w).unwrap())
+        .unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let f = |xs: &[f64], ys: &[f64]| -> f64 {
+        let mut t = 0.0;
+        for b in 0..2 {
+            for r in 0..3 {
+                for k in 0..3 {
+                    let v = if r < 2 {
+                        xs[b * 12 + (r + 1) * 3 + k]
+                    } else {
+                        ys[b * 3 + k]
+                    };
+                    t += v * v * wv[b * 9 + r * 3 + k] as f64;
+                }
+            }
+        }
+        t
+    };
+    let d64 = |v: &[f32]| v.iter().map(|&q| q as f64).collect::<Vec<_>>();
+    let (x64, y64) = (d64(&xv), d64(&yv));
+    check(grads.get(&x).unwrap(), &fd(&|p| f(p, &y64), &xv), "dx");
+    check(grads.get(&y).unwrap(), &fd(&|p| f(&x64, p), &yv), "dy");
+}
+
+#[test]
+fn params_are_one_leaf_and_follow_the_tape_mode() {
+    let g = gpu();
+    let w = Tensor::from_slice(&g, &[2.0, 3.0], &[2]).unwrap();
+    let x = Tensor::from_slice(&g, &[1.0, -1.0], &[2]).unwrap();
+    // loss = Σ (w·x)·w = Σ w²x → d/dw = 2wx, accumulated over both uses of w.
+    let tape = Tape::training();
+    let (p1, p2) = (tape.param(&w), tape.param(&w));
+    assert_eq!(p1.id(), p2.id());
+    let xv = tape.leaf(x.clone(), false);
+    let loss = tape
+        .sum(&tape.mul(&tape.mul(&p1, &xv).unwrap(), &p2).unwrap())
+        .unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    assert_eq!(
+        grads.param(&tape, &w).unwrap().to_vec().unwrap(),
+        vec![4.0, -6.0]
+    );
+    let tape = Tape::new();
+    let p = tape.param(&w);
+    let xv = tape.leaf(x, true);
+    let loss = tape.sum(&tape.mul(&p, &xv).unwrap()).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    assert!(
+        grads.param(&tape, &w).is_none(),
+        "inference tapes freeze parameters"
+    );
+    assert_eq!(grads.get(&xv).unwrap().to_vec().unwrap(), vec![2.0, 3.0]);
 }

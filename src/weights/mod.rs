@@ -13,6 +13,9 @@ pub use memory::MemorySource;
 
 use crate::{Error, Gpu, Result, Tensor};
 
+pub mod pickle;
+pub mod torch;
+
 /// A file of named tensors.
 pub trait TensorSource {
     /// The file's path, for error messages.
