@@ -59,7 +59,7 @@ fn once(s: &Setup) {
         s.gpu.info().name,
         s.gpu.info().backend
     );
-    encode_text(s, &[s.text.clone()]);
+    encode_text(s, std::slice::from_ref(&s.text));
     encode_image(s, &pixels(s, 1));
     for batch in BATCHES {
         let ids = vec![s.text.clone(); batch];

@@ -324,7 +324,10 @@ fn search_indexes_incrementally_and_skips_undecodable_images() {
     );
     std::fs::remove_file(d.join(".vqclip-index.sqlite")).unwrap();
     let r = search("a red disc");
-    assert_eq!((r["indexed"].clone(), r["encoded"].clone()), (5.into(), 5.into()));
+    assert_eq!(
+        (r["indexed"].clone(), r["encoded"].clone()),
+        (5.into(), 5.into())
+    );
 
     fails(
         &["search", "--clip", m, "--dir", "/no/such/dir", "x"],

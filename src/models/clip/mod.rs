@@ -5,7 +5,6 @@
 
 pub mod config;
 pub mod encoder;
-mod pending;
 pub mod preprocess;
 pub mod text;
 pub mod tokenizer;
@@ -17,8 +16,10 @@ pub use text::ClipTextTransformer;
 pub use tokenizer::ClipTokenizer;
 pub use vision::ClipVisionTransformer;
 
+use crate::ops::concat::{concat, slice};
 use crate::ops::elementwise::{mul, unary, UnaryOp};
 use crate::ops::matmul::{matmul, MatmulOpts};
+use crate::ops::reduce::{reduce, ReduceOp};
 use crate::ops::Act;
 use crate::weights::{Loader, SafetensorsFile, TensorSource};
 use crate::{Error, Gpu, Result, Tensor};
@@ -222,7 +223,7 @@ impl ClipModel {
             let part = if m == n {
                 pixels.clone()
             } else {
-                pending::slice(pixels, 0, start, m)?
+                slice(pixels, 0, start, m)?
             };
             let pooled = self.vision_model.forward(&part)?;
             outs.push(self.visual_projection.forward(&pooled, Act::None, None)?);
@@ -320,8 +321,7 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
             x.shape()
         )));
     }
-    let ones = Tensor::full(x.gpu(), &[x.dim(1), 1], 1.0)?;
-    let sq = matmul(&unary(x, UnaryOp::Square)?, &ones, &MatmulOpts::default())?;
+    let sq = reduce(&unary(x, UnaryOp::Square)?, 1, ReduceOp::Sum, true)?;
     mul(x, &unary(&sq, UnaryOp::Rsqrt)?)
 }
 
@@ -330,5 +330,5 @@ fn cat_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
         return Ok(parts.remove(0));
     }
     let refs: Vec<&Tensor> = parts.iter().collect();
-    pending::concat(&refs, 0)
+    concat(&refs, 0)
 }
