@@ -463,3 +463,61 @@ fn bad_inputs_to_a_loaded_model() {
         .to_string();
     assert!(e.contains("33 tokens") && e.contains("32"), "{e}");
 }
+
+#[test]
+fn random_weights_build_a_working_model() {
+    use vqclip::models::clip::{random_weights, ClipConfig, ClipModel};
+    let mut c = ClipConfig::from_json(
+        r#"{"projection_dim": 8,
+            "text_config": {"vocab_size": 100, "hidden_size": 16, "intermediate_size": 24,
+                            "num_hidden_layers": 1, "num_attention_heads": 2,
+                            "max_position_embeddings": 9, "eos_token_id": 99},
+            "vision_config": {"hidden_size": 12, "intermediate_size": 20, "num_hidden_layers": 1,
+                              "num_attention_heads": 3, "image_size": 8, "patch_size": 4}}"#,
+    )
+    .unwrap();
+    let g = gpu();
+    let w = random_weights(&c, 1).unwrap();
+    let model = ClipModel::from_source(c.clone(), &w, &g).unwrap();
+    let t = model
+        .text_features_ids(&[vec![98, 5, 99], vec![98, 7, 8, 9, 99]])
+        .unwrap();
+    assert_eq!(t.shape(), &[2, 8]);
+    assert!(t.to_vec().unwrap().iter().all(|x| x.is_finite()));
+    let px = vqclip::Tensor::zeros(&g, &[3, 3, 8, 8]).unwrap();
+    let e = model.encode_image(&px).unwrap().to_vec().unwrap();
+    for row in e.chunks(8) {
+        let n: f32 = row.iter().map(|x| x * x).sum();
+        assert!((n - 1.0).abs() < 1e-5, "row norm² {n}");
+    }
+    // Weights that do not fit the config: the key and both shapes.
+    c.vision.intermediate_size = 21;
+    let e = ClipModel::from_source(c, &w, &g).unwrap_err().to_string();
+    assert!(
+        e.contains("vision_model.encoder.layers.0.mlp.fc1.weight")
+            && e.contains("[20, 12]")
+            && e.contains("[21, 12]"),
+        "{e}"
+    );
+}
+
+/// ViT-L/14@336 with random weights: the largest OpenAI shape (577 tokens, a token table
+/// larger than lavapipe's 128 MiB binding limit). Minutes on lavapipe, so run on request:
+/// `cargo test --release --test clip -- --ignored`.
+#[test]
+#[ignore]
+fn vit_large_336_runs() {
+    use vqclip::models::clip::{random_weights, ClipConfig, ClipModel};
+    let c = ClipConfig::vit_large_patch14(336);
+    let g = gpu();
+    let model = ClipModel::from_source(c.clone(), &random_weights(&c, 2).unwrap(), &g).unwrap();
+    let t = model
+        .text_features_ids(&[vec![49406, 320, 1125, 49407]])
+        .unwrap();
+    assert_eq!(t.shape(), &[1, 768]);
+    assert!(t.to_vec().unwrap().iter().all(|x| x.is_finite()));
+    let px = vqclip::Tensor::zeros(&g, &[1, 3, 336, 336]).unwrap();
+    let e = model.encode_image(&px).unwrap();
+    assert_eq!(e.shape(), &[1, 768]);
+    assert!(e.to_vec().unwrap().iter().all(|x| x.is_finite()));
+}

@@ -560,8 +560,17 @@ mod tests {
                 .collect();
         let got = ClipConfig::vit_base_patch32().tensor_shapes();
         assert_eq!(got, want);
-        let params: usize = got.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
-        assert_eq!(params, 151_277_313);
+        let params = |c: &ClipConfig| -> usize {
+            c.tensor_shapes()
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum()
+        };
+        // docs/MODEL_FACTS D1 (they match open_clip's model profile).
+        assert_eq!(params(&ClipConfig::vit_base_patch32()), 151_277_313);
+        assert_eq!(params(&ClipConfig::vit_base_patch16()), 149_620_737);
+        assert_eq!(params(&ClipConfig::vit_large_patch14(224)), 427_616_513);
+        assert_eq!(params(&ClipConfig::vit_large_patch14(336)), 427_944_193);
     }
 
     #[test]
