@@ -171,6 +171,9 @@ impl ClipModel {
     /// Projected, unnormalised text features `[N, P]` of token ids (transformers'
     /// `get_text_features`).
     pub fn text_features_ids(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
+        if ids.is_empty() {
+            return Err(Error::invalid("no texts to encode"));
+        }
         // Padding with EOS as transformers does; any id would give the same results.
         let pad = self.tokenizer.as_ref().map_or(0, ClipTokenizer::eos_id);
         let per_text = self.config.text.max_position_embeddings
