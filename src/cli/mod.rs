@@ -1,7 +1,11 @@
 //! Subcommands. Each lives in its own file and only parses, calls the library and prints.
 
 mod bench;
+mod classify;
+mod clip_args;
+mod embed;
 mod info;
+mod search;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
@@ -52,11 +56,20 @@ pub enum Command {
     /// Measure kernels (checked against CPU references first).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// CLIP embeddings (L2-normalised) of texts and images, in argument order.
+    Embed(embed::EmbedArgs),
+    /// Zero-shot classification: each image's probability for each label.
+    Classify(classify::ClassifyArgs),
+    /// Search a folder of images with a text or an image (the folder is indexed first).
+    Search(search::SearchArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Command::Info(a) => info::run(&cli.device, a),
         Command::Bench(b) => bench::run(&cli.device, b),
+        Command::Embed(a) => embed::run(&cli.device, a),
+        Command::Classify(a) => classify::run(&cli.device, a),
+        Command::Search(a) => search::run(&cli.device, a),
     }
 }
