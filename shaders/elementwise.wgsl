@@ -25,6 +25,17 @@ fn linear_id(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * WG + lid;
 }
 
+// acos to ~1e-7 (Abramowitz & Stegun 4.4.46, |error| <= 2e-8 on [0, 1]); the built-in acos
+// is far less accurate on some drivers (2e-4 rad seen on llvmpipe).
+fn acos_precise(v: f32) -> f32 {
+    let x = clamp(v, -1.0, 1.0);
+    let a = abs(x);
+    let poly = ((((((-0.0012624911 * a + 0.0066700901) * a - 0.0170881256) * a + 0.0308918810) * a
+        - 0.0501743046) * a + 0.0889789874) * a - 0.2145988016) * a + 1.5707963050;
+    let r = sqrt(1.0 - a) * poly;
+    return select(r, 3.14159265358979 - r, x < 0.0);
+}
+
 fn unary_op(x: f32) -> f32 {
     switch OP {
         // 0..15 are activations (shaders/lib/act.wgsl)
@@ -39,6 +50,11 @@ fn unary_op(x: f32) -> f32 {
         case 24u: { return 1.0 / x; }
         case 25u: { return tanh(x); }
         case 26u: { return pow(x, p.alpha); }
+        // x = cos θ of unit vectors: θ²/2, the VQGAN+CLIP spherical distance loss
+        case 27u: {
+            let t = acos_precise(x);
+            return 0.5 * t * t;
+        }
         default: { return apply_act(OP, x); }
     }
 }
@@ -66,7 +82,32 @@ fn binary_op(x: f32, z: f32) -> f32 {
         case 4u: { return max(x, z); }
         case 5u: { return min(x, z); }
         case 6u: { return (x - z) * (x - z); }
-        default: { return x + z; }
+        // z where x > alpha, else 0: the gradient through max(x, alpha) (a prompt's `stop`)
+        case 7u: { return select(0.0, z, x > p.alpha); }
+        // ClampWithGrad's backward at x with gradient z: z passes inside [alpha, beta], and
+        // outside it only when a descent step (−z) moves x back toward the range.
+        case 9u: {
+            let d = x - clamp(x, p.alpha, p.beta);
+            return select(0.0, z, z * d >= 0.0);
+        }
+        // z · d(θ²/2)/d cos θ = −z · θ / sin θ (→ −z as θ → 0), backward of unary code 27
+        case 8u: {
+            let c = clamp(x, -1.0, 1.0);
+            let t = acos_precise(c);
+            let s = sqrt(max(1.0 - c * c, 0.0));
+            var r = 1.0;
+            if s > 1e-4 {
+                r = t / s;
+            }
+            return -z * r;
+        }
+        // 32 + act code: z * act'(x), the backward of an activation at input x
+        default: {
+            if OP >= 32u {
+                return z * act_grad(OP - 32u, x);
+            }
+            return x + z;
+        }
     }
 }
 

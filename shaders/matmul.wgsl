@@ -55,7 +55,7 @@ fn matmul_reg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     let c2 = min(col + 2u, p.n - 1u);
     let c3 = min(col + 3u, p.n - 1u);
     var acc: array<vec4<f32>, 4>;
-    for (var kk = 0u; kk < p.k; kk++) {
+    for (var kk = p.k0; kk < p.k1; kk++) {
         let av = vec4<f32>(a_at(ba, row, kk), a_at(ba, r1, kk), a_at(ba, r2, kk), a_at(ba, r3, kk));
         let bv = vec4<f32>(b_at(bb, kk, col), b_at(bb, kk, c1), b_at(bb, kk, c2), b_at(bb, kk, c3));
         acc[0] = fma(vec4<f32>(av.x), bv, acc[0]);
@@ -88,7 +88,7 @@ fn matmul_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
-    for (var kq = 0u; kq < k4; kq++) {
+    for (var kq = p.k0 / 4u; kq < p.k1 / 4u; kq++) {
         // A block as four rows over kk (transposed from four columns over rows if TRANS_A).
         var ab: mat4x4<f32>;
         if TRANS_A {
@@ -144,7 +144,7 @@ fn matmul_shared(
     let ba = bi * p.stride_a;
     let bb = bi * p.stride_b;
     var acc: array<vec4<f32>, 4>;
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+    for (var k0 = p.k0; k0 < p.k1; k0 += BK) {
         for (var l = 0u; l < 4u; l++) {
             let e = li + l * 256u;
             // Consecutive invocations walk the operand's contiguous axis.
@@ -160,7 +160,7 @@ fn matmul_shared(
             let gi = row_base + i;
             let gk = k0 + kk;
             var v = 0.0;
-            if gi < p.m && gk < p.k {
+            if gi < p.m && gk < p.k1 {
                 v = a_at(ba, gi, gk);
             }
             ta[kk * TILE + i] = v;
@@ -177,7 +177,7 @@ fn matmul_shared(
             let gj = col_base + j;
             let gkb = k0 + kb;
             var w = 0.0;
-            if gj < p.n && gkb < p.k {
+            if gj < p.n && gkb < p.k1 {
                 w = b_at(bb, gkb, gj);
             }
             tb[kb * TILE + j] = w;

@@ -51,7 +51,7 @@ fn matmul_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_id) 
     var acc5 = vec4<f32>(0.0);
     var acc6 = vec4<f32>(0.0);
     var acc7 = vec4<f32>(0.0);
-    for (var kq = 0u; kq < k4; kq++) {
+    for (var kq = p.k0 / 4u; kq < p.k1 / 4u; kq++) {
         var mine: vec4<f32>;
         if TRANS_A {
             mine = a4[ba + (4u * kq + a_kk) * m4 + a_blk];

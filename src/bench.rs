@@ -43,7 +43,7 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
 }
 
-/// Times `variants` of an N×N×N matmul; records the winner with [`Gpu::set_tuning`].
+/// Times `variants` of an N×N×N matmul; records the winner with [`Gpu::save_tuning`].
 pub fn matmul_square(
     gpu: &Gpu,
     n: usize,
@@ -110,7 +110,8 @@ pub fn matmul_square(
         .cloned()
         .ok_or_else(|| Error::invalid("no variant to benchmark"))?;
     if variants.len() > 1 {
-        gpu.set_tuning("matmul", &best.name);
+        // Later runs on this adapter use the winner (see `Gpu::tuning`).
+        gpu.save_tuning("matmul", &best.name)?;
     }
     Ok(MatmulBench {
         size: n,

@@ -5,10 +5,15 @@
 //! (GPU tensors), [`ops`] (one file per kernel family, each with a CPU reference).
 #![warn(missing_docs)]
 
+pub mod autodiff;
 pub mod bench;
+pub mod data;
 pub mod error;
+pub mod generate;
 pub mod gpu;
+pub mod models;
 pub mod ops;
+pub mod optim;
 pub mod tensor;
 pub mod weights;
 

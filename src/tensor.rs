@@ -106,6 +106,19 @@ impl Tensor {
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
+    /// Overwrites this tensor's values with `src`'s (same element count), in stream order.
+    /// Every clone of this tensor sees the new values: use it for state such as parameters.
+    pub fn assign(&self, src: &Tensor) -> Result<()> {
+        if src.numel() != self.numel() || src.dtype != self.dtype {
+            return Err(Error::shape(format!(
+                "assign: {:?} {:?} into {:?} {:?}",
+                src.shape, src.dtype, self.shape, self.dtype
+            )));
+        }
+        self.gpu.copy(src.raw(), 0, self.raw(), 0, self.bytes());
+        Ok(())
+    }
+
     /// The same buffer viewed with another shape of the same element count.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         if numel(shape) != self.numel() {
@@ -150,6 +163,10 @@ impl Tensor {
     /// The device this tensor lives on.
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+    /// An identity for the underlying buffer: equal for clones and reshapes of one tensor.
+    pub fn buffer_id(&self) -> usize {
+        Arc::as_ptr(&self.buf) as usize
     }
     pub(crate) fn raw(&self) -> &wgpu::Buffer {
         self.buf.raw()

@@ -29,3 +29,32 @@ fn apply_act(kind: u32, x: f32) -> f32 {
         default: { return x; }
     }
 }
+
+// d act(x) / dx, for backward passes.
+fn act_grad(kind: u32, x: f32) -> f32 {
+    switch kind {
+        case 1u: {
+            return 0.5 * (1.0 + erf_approx(x * 0.7071067811865476)) + x * 0.3989422804014327 * exp(-0.5 * x * x);
+        }
+        case 2u: {
+            let s = 1.0 / (1.0 + exp(-1.702 * x));
+            return s + 1.702 * x * s * (1.0 - s);
+        }
+        case 3u: {
+            let s = 1.0 / (1.0 + exp(-x));
+            return s * (1.0 + x * (1.0 - s));
+        }
+        case 4u: {
+            let s = 1.0 / (1.0 + exp(-x));
+            return s * (1.0 - s);
+        }
+        case 5u: { return select(0.0, 1.0, x > 0.0); }
+        case 6u: {
+            let c = 0.7978845608028654;
+            let u = c * (x + 0.044715 * x * x * x);
+            let t = tanh(clamp(u, -15.0, 15.0));
+            return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 0.134145 * x * x);
+        }
+        default: { return 1.0; }
+    }
+}

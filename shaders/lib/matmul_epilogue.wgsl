@@ -1,6 +1,6 @@
 // Shared by shaders/matmul.wgsl and shaders/matmul_subgroup.wgsl (prefixed to both, after
 // act.wgsl): the params struct, the epilogue bindings and overrides, and the fused store
-//   C[b] = act(alpha * acc + bias) + res[b]
+//   C[b] = act(alpha * acc [+ C[b] when accumulating a split of K] + bias) + res[b]
 // Each kernel file declares its own views of A (binding 1) and B (binding 2).
 
 struct Params {
@@ -14,8 +14,8 @@ struct Params {
     row0: u32,     // first output row of this dispatch (large M is split)
     batch0: u32,   // first batch entry of this dispatch (large batch is split)
     alpha: f32,
-    _pad0: u32,
-    _pad1: u32,
+    k0: u32,       // this dispatch sums k in [k0, k1): long K is split so that one
+    k1: u32,       // invocation's loops stay under llvmpipe's cap (ops::CPU_LOOP_LIMIT)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -28,16 +28,25 @@ override TRANS_B: bool = false;
 override HAS_BIAS: bool = false;
 override HAS_RES: bool = false;
 override ACT: u32 = 0u;
+// Split K: ACCUMULATE adds to the partial sum already in C; EPILOGUE (the last split) applies
+// bias, activation and residual. A single dispatch has ACCUMULATE = false, EPILOGUE = true.
+override ACCUMULATE: bool = false;
+override EPILOGUE: bool = true;
 
 fn store(bi: u32, i: u32, j: u32, v: f32) {
-    var x = p.alpha * v;
-    if HAS_BIAS {
-        x += bias[j];
-    }
-    x = apply_act(ACT, x);
     let o = bi * p.stride_c + i * p.n + j;
-    if HAS_RES {
-        x += res[o];
+    var x = p.alpha * v;
+    if ACCUMULATE {
+        x += c[o];
+    }
+    if EPILOGUE {
+        if HAS_BIAS {
+            x += bias[j];
+        }
+        x = apply_act(ACT, x);
+        if HAS_RES {
+            x += res[o];
+        }
     }
     c[o] = x;
 }

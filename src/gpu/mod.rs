@@ -239,13 +239,60 @@ impl Gpu {
         lock(&self.0.pool).trim()
     }
 
-    /// Remembered choice for a tuning key (e.g. which matmul variant won on this adapter).
+    /// Remembered choice for a tuning key (e.g. which matmul variant won on this adapter):
+    /// one set in this process, else one that `vqclip bench` measured earlier on the same
+    /// adapter, driver and vqclip version (the tuning file, see [`tuning_file`]).
     pub fn tuning(&self, key: &str) -> Option<String> {
-        lock(&self.0.tuning).get(key).cloned()
+        let mut t = lock(&self.0.tuning);
+        if let Some(v) = t.get(key) {
+            return Some(v.clone());
+        }
+        let v = tuning_file().and_then(|f| read_tuning(&f, &self.tuning_scope(), key))?;
+        t.insert(key.to_string(), v.clone());
+        Some(v)
     }
-    /// Stores a tuning choice for this device.
+    /// Stores a tuning choice for this device in this process only.
     pub fn set_tuning(&self, key: &str, value: &str) {
         lock(&self.0.tuning).insert(key.to_string(), value.to_string());
+    }
+    /// Stores a tuning choice for this device and records it in the tuning file for later runs.
+    pub fn save_tuning(&self, key: &str, value: &str) -> Result<()> {
+        self.set_tuning(key, value);
+        let Some(path) = tuning_file() else {
+            return Ok(());
+        };
+        let mut all: serde_json::Map<String, serde_json::Value> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let scope = all
+            .entry(self.tuning_scope())
+            .or_insert_with(|| serde_json::json!({}));
+        if let Some(o) = scope.as_object_mut() {
+            o.insert(key.to_string(), value.into());
+        }
+        let io = |source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(&all).map_err(|e| Error::invalid(e.to_string()))?;
+        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)
+    }
+    fn tuning_scope(&self) -> String {
+        let i = &self.0.info;
+        format!(
+            "{} | {:?} | {} {} | vqclip {}",
+            i.name,
+            i.backend,
+            i.driver,
+            i.driver_info,
+            crate::VERSION
+        )
     }
 
     /// A small read-only buffer for bindings a specialisation never reads (an optional bias,
@@ -479,6 +526,21 @@ impl Gpu {
         staging.unmap();
         Ok(out)
     }
+}
+
+/// Where measured kernel choices are kept: `$VQCLIP_TUNING_FILE`, else
+/// `<user cache dir>/vqclip/tuning.json`. `VQCLIP_TUNING_FILE=""` turns the file off.
+pub fn tuning_file() -> Option<std::path::PathBuf> {
+    match std::env::var_os("VQCLIP_TUNING_FILE") {
+        Some(p) if p.is_empty() => None,
+        Some(p) => Some(p.into()),
+        None => dirs::cache_dir().map(|d| d.join("vqclip").join("tuning.json")),
+    }
+}
+
+fn read_tuning(path: &std::path::Path, scope: &str, key: &str) -> Option<String> {
+    let all: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    all.get(scope)?.get(key)?.as_str().map(str::to_string)
 }
 
 /// Splits `n` workgroups over x and y so that neither exceeds 65,535. Kernels rebuild the

@@ -60,6 +60,9 @@ pub enum UnaryOp {
     Tanh,
     /// `x^e` (x ≥ 0).
     Pow(f32),
+    /// `θ²/2` with `θ = acos(clamp(x, −1, 1))`: for `x` the cosine between unit vectors this
+    /// is the spherical distance loss of VQGAN+CLIP (`2·asin(‖a−b‖/2)²`).
+    HalfSquaredAngle,
 }
 
 impl UnaryOp {
@@ -77,6 +80,7 @@ impl UnaryOp {
             UnaryOp::Recip => (24, 0.0, 0.0),
             UnaryOp::Tanh => (25, 0.0, 0.0),
             UnaryOp::Pow(e) => (26, e, 0.0),
+            UnaryOp::HalfSquaredAngle => (27, 0.0, 0.0),
         }
     }
 
@@ -95,6 +99,7 @@ impl UnaryOp {
             UnaryOp::Recip => 1.0 / x,
             UnaryOp::Tanh => x.tanh(),
             UnaryOp::Pow(e) => x.powf(e as f64),
+            UnaryOp::HalfSquaredAngle => 0.5 * x.clamp(-1.0, 1.0).acos().powi(2),
         }
     }
 }
@@ -116,6 +121,18 @@ pub enum BinaryOp {
     Min = 5,
     /// `(a - b)²`
     SquaredDiff = 6,
+}
+
+/// `grad * act'(x)`: the backward of an activation at its input `x` (same shapes).
+pub fn act_backward(x: &Tensor, grad: &Tensor, act: Act) -> Result<Tensor> {
+    if x.shape() != grad.shape() {
+        return Err(Error::shape(format!(
+            "act_backward: input {:?} and gradient {:?} differ",
+            x.shape(),
+            grad.shape()
+        )));
+    }
+    binary_code(x, grad, 32 + act as u32)
 }
 
 impl BinaryOp {
@@ -242,8 +259,59 @@ fn collapse(out: &[usize], sa: &[u32], sb: &[u32]) -> (Vec<usize>, Vec<u32>, Vec
     (d, a, b)
 }
 
+/// `grad` where `x > threshold`, else 0 (same shapes): the backward of `max(x, threshold)`.
+pub fn grad_where_above(x: &Tensor, grad: &Tensor, threshold: f32) -> Result<Tensor> {
+    if x.shape() != grad.shape() {
+        return Err(Error::shape(format!(
+            "grad_where_above: {:?} vs {:?}",
+            x.shape(),
+            grad.shape()
+        )));
+    }
+    binary_code_with(x, grad, 7, threshold)
+}
+
+/// The backward of VQGAN+CLIP's `ClampWithGrad` (forward `clamp(x, lo, hi)`): `grad` passes
+/// where `x` is inside the range, and outside it only where `grad · (x − clamp(x)) ≥ 0`,
+/// i.e. where a descent step moves `x` back toward the range.
+pub fn clamp_with_grad_backward(x: &Tensor, grad: &Tensor, lo: f32, hi: f32) -> Result<Tensor> {
+    if x.shape() != grad.shape() {
+        return Err(Error::shape(format!(
+            "clamp_with_grad_backward: {:?} vs {:?}",
+            x.shape(),
+            grad.shape()
+        )));
+    }
+    binary_code_full(x, grad, 9, lo, hi)
+}
+
+/// `grad · d(θ²/2)/dx` for `x = cos θ` (same shapes): the backward of
+/// [`UnaryOp::HalfSquaredAngle`], `−grad · θ / sin θ`, which tends to `−grad` as `θ → 0`.
+pub fn half_squared_angle_backward(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    if x.shape() != grad.shape() {
+        return Err(Error::shape(format!(
+            "half_squared_angle_backward: {:?} vs {:?}",
+            x.shape(),
+            grad.shape()
+        )));
+    }
+    binary_code(x, grad, 8)
+}
+
 /// `op(a, b)` with NumPy broadcasting.
 pub fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
+    binary_code(a, b, op as u32)
+}
+
+fn binary_code(a: &Tensor, b: &Tensor, code: u32) -> Result<Tensor> {
+    binary_code_with(a, b, code, 0.0)
+}
+
+fn binary_code_with(a: &Tensor, b: &Tensor, code: u32, alpha: f32) -> Result<Tensor> {
+    binary_code_full(a, b, code, alpha, 0.0)
+}
+
+fn binary_code_full(a: &Tensor, b: &Tensor, code: u32, alpha: f32, beta: f32) -> Result<Tensor> {
     a.expect_f32("binary op input")?;
     b.expect_f32("binary op input")?;
     let out = broadcast_shape(a.shape(), b.shape())?;
@@ -267,8 +335,8 @@ pub fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
     let mut p = Params {
         n: n as u32,
         rank: dims.len() as u32,
-        alpha: 0.0,
-        beta: 0.0,
+        alpha,
+        beta,
         out_dims: [1; MAX_RANK],
         a_strides: [0; MAX_RANK],
         b_strides: [0; MAX_RANK],
@@ -279,7 +347,7 @@ pub fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
         p.b_strides[i] = sb[i];
     }
     let k = Kernel::new(&SHADER, "binary")
-        .with("OP", op as u32)
+        .with("OP", code)
         .with("WG", WG);
     a.gpu().dispatch(
         &k,
@@ -335,6 +403,23 @@ mod tests {
             UnaryOp::Abs,
             UnaryOp::Tanh,
         ];
+        // cos θ lives in [-1, 1]; acos' error near ±1 is amplified, so test away from the ends
+        // and at them separately.
+        let xs: Vec<f32> = rand_vec(999, 77)
+            .iter()
+            .map(|v| v * 0.999)
+            .chain([1.0, -1.0, 1.5])
+            .collect();
+        let x = Tensor::from_slice(&g, &xs, &[xs.len()]).unwrap();
+        let got = unary(&x, UnaryOp::HalfSquaredAngle)
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        let want: Vec<f64> = xs
+            .iter()
+            .map(|&v| UnaryOp::HalfSquaredAngle.reference(v as f64))
+            .collect();
+        assert_close(&got, &want, 1e-4, 1e-4, "HalfSquaredAngle");
         for (i, &op) in ops.iter().enumerate() {
             for n in [1usize, 3, 17, 65, 1000, 4099] {
                 let mut xv = rand_vec(n, (i * 100 + n) as u64);

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod concat;
+pub mod conv2d;
 pub mod elementwise;
 pub mod gather;
 pub mod group_norm;
@@ -11,6 +12,8 @@ pub mod matmul;
 pub mod permute;
 pub mod reduce;
 pub mod softmax;
+pub mod upsample;
+pub mod vq;
 
 pub use attention::{attention, attention_bthd, merge_heads, split_heads};
 pub use concat::{concat, slice};
@@ -117,6 +120,41 @@ impl Act {
             Act::GeluTanh => {
                 let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
                 0.5 * x * (1.0 + u.tanh())
+            }
+        }
+    }
+}
+
+impl Act {
+    /// CPU reference of the derivative `act'(x)` (f64, analytic).
+    pub fn grad_reference(self, x: f64) -> f64 {
+        let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+        match self {
+            Act::None => 1.0,
+            Act::Gelu => {
+                0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2))
+                    + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt()
+            }
+            Act::QuickGelu => {
+                let s = sig(1.702 * x);
+                s + 1.702 * x * s * (1.0 - s)
+            }
+            Act::Silu => {
+                let s = sig(x);
+                s * (1.0 + x * (1.0 - s))
+            }
+            Act::Sigmoid => sig(x) * (1.0 - sig(x)),
+            Act::Relu => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Act::GeluTanh => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                let t = (c * (x + 0.044715 * x * x * x)).tanh();
+                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
             }
         }
     }

@@ -7,6 +7,9 @@
 
 use crate::{Error, Gpu, Result, Tensor};
 
+pub mod pickle;
+pub mod torch;
+
 /// A file of named tensors.
 pub trait TensorSource {
     /// The file's path, for error messages.

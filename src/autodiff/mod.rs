@@ -1,0 +1,800 @@
+//! Reverse-mode autodiff over GPU tensors.
+//!
+//! Each op on a [`Tape`] computes its output with the ordinary kernels and pushes a node whose
+//! backward closure owns exactly what it needs (saved inputs or outputs). [`Tape::backward`]
+//! walks the nodes in reverse creation order (a valid topological order, since an op's inputs
+//! exist before it), calls each closure once with the gradient of its output, and adds the
+//! results into its inputs' gradients. A closure is consumed when it runs, so saved
+//! activations are released as soon as the backward pass is past them.
+
+use crate::ops::elementwise::{self, BinaryOp, UnaryOp};
+use crate::ops::matmul::{matmul, MatmulOpts};
+use crate::ops::Act;
+use crate::{Error, Result, Tensor};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+/// A node's backward rule: given its output's gradient and which parents need a gradient,
+/// returns one gradient (or `None`) per parent. Skipping unneeded parents matters: frozen
+/// weights (VQGAN+CLIP) would otherwise cost a weight-gradient product per layer.
+type Backward = Box<dyn FnOnce(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>>>;
+
+struct Node {
+    parents: Vec<usize>,
+    needs_grad: bool,
+    backward: Option<Backward>,
+}
+
+/// A tensor recorded on a tape. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Var {
+    id: usize,
+    needs_grad: bool,
+    value: Tensor,
+}
+
+impl Var {
+    /// The forward value.
+    pub fn value(&self) -> &Tensor {
+        &self.value
+    }
+    /// The shape of the value.
+    pub fn shape(&self) -> &[usize] {
+        self.value.shape()
+    }
+    /// The node id on its tape.
+    pub fn id(&self) -> usize {
+        self.id
+    }
+}
+
+/// Gradients of a backward pass, by the [`Var`] they belong to.
+#[derive(Debug)]
+pub struct Grads(HashMap<usize, Tensor>);
+
+impl Grads {
+    /// The gradient of `v`, if it was reached.
+    pub fn get(&self, v: &Var) -> Option<&Tensor> {
+        self.0.get(&v.id)
+    }
+    /// The gradient of a parameter taken with [`Tape::param`] on `tape`.
+    pub fn param(&self, tape: &Tape, t: &Tensor) -> Option<&Tensor> {
+        let id = *tape.param_ids().get(&t.buffer_id())?;
+        self.0.get(&id)
+    }
+    /// Removes and returns the gradient of `v`.
+    pub fn take(&mut self, v: &Var) -> Option<Tensor> {
+        self.0.remove(&v.id)
+    }
+}
+
+/// Records ops for one forward pass. Build a new tape for each step.
+#[derive(Default)]
+pub struct Tape {
+    nodes: RefCell<Vec<Node>>,
+    /// Parameter leaves by buffer identity, so a weight used twice is one leaf.
+    params: RefCell<HashMap<usize, Var>>,
+    training: bool,
+}
+
+/// Sums a gradient of shape `[.., rows.., N]` down to a broadcast operand's shape, where the
+/// operand's dims are trailing dims of the gradient with the leading ones summed away
+/// (`ones[1, R] @ g[R, N]`).
+fn sum_leading(g: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    if g.shape() == shape {
+        return Ok(g.clone());
+    }
+    let n: usize = shape.iter().product();
+    let r = g.numel() / n.max(1);
+    if n == 0 || r * n != g.numel() || g.shape()[g.rank() - shape.len()..] != *shape {
+        return Err(Error::shape(format!(
+            "autodiff: cannot reduce a gradient {:?} to {:?} (only leading broadcast dims)",
+            g.shape(),
+            shape
+        )));
+    }
+    let ones = Tensor::full(g.gpu(), &[1, r], 1.0)?;
+    matmul(&ones, &g.reshape(&[r, n])?, &MatmulOpts::default())?.reshape(shape)
+}
+
+/// Row sums of `x` viewed as `[rows, L]` (L = last dim), as `[rows, 1]`: `x @ ones[L, 1]`.
+fn row_sum(x: &Tensor) -> Result<Tensor> {
+    let l = x.dim(-1);
+    let rows = x.numel() / l.max(1);
+    let ones = Tensor::full(x.gpu(), &[l, 1], 1.0)?;
+    matmul(&x.reshape(&[rows, l])?, &ones, &MatmulOpts::default())
+}
+
+/// Backward of `y = GroupNorm(x)·γ + β` (no activation), composed from elementwise ops and
+/// row sums. Per group of `L = C/G·S` values: `x̂ = (x − μ)·r`, and with `t = g·γ`:
+/// `dx = r·(t − mean(t) − x̂·mean(t·x̂))`, `dγ = Σ_{n,s} g·x̂`, `dβ = Σ_{n,s} g`.
+/// Returns `(dx, dγ, dβ)`.
+pub fn group_norm_backward(
+    x: &Tensor,
+    groups: usize,
+    gamma: &Tensor,
+    g: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, c) = (x.dim(0), x.dim(1));
+    let s = x.numel() / (n * c).max(1);
+    let l = c / groups * s;
+    let rows = n * groups;
+    let inv_l = 1.0 / l as f32;
+    let xg = x.reshape(&[rows, l])?;
+    let mean = elementwise::scale(&row_sum(&xg)?, inv_l)?;
+    let xc = elementwise::binary(&xg, &mean, BinaryOp::Sub)?;
+    let var = elementwise::scale(&row_sum(&elementwise::unary(&xc, UnaryOp::Square)?)?, inv_l)?;
+    let r = elementwise::unary(
+        &elementwise::unary(
+            &var,
+            UnaryOp::Affine {
+                scale: 1.0,
+                shift: eps,
+            },
+        )?,
+        UnaryOp::Rsqrt,
+    )?;
+    let xhat = elementwise::mul(&xc, &r)?; // [rows, L]
+    let t =
+        elementwise::mul(&g.reshape(&[n, c, s])?, &gamma.reshape(&[c, 1])?)?.reshape(&[rows, l])?;
+    let a = elementwise::scale(&row_sum(&t)?, inv_l)?;
+    let b = elementwise::scale(&row_sum(&elementwise::mul(&t, &xhat)?)?, inv_l)?;
+    let inner = elementwise::binary(
+        &elementwise::binary(&t, &a, BinaryOp::Sub)?,
+        &elementwise::mul(&xhat, &b)?,
+        BinaryOp::Sub,
+    )?;
+    let dx = elementwise::mul(&inner, &r)?.reshape(x.shape())?;
+    // Per-channel sums over the batch and spatial positions.
+    let per_channel = |m: &Tensor| -> Result<Tensor> {
+        let rs = row_sum(&m.reshape(&[n * c, s])?)?; // [N·C, 1]
+        sum_leading(&rs.reshape(&[n, c])?, &[c])
+    };
+    let gx = elementwise::mul(&g.reshape(&[rows, l])?, &xhat)?;
+    Ok((dx, per_channel(&gx)?, per_channel(g)?))
+}
+
+/// Backward of `y = softmax(scale · x)` over the last axis:
+/// `dx = scale · y ⊙ (g − Σ_j g_j y_j)`, the row sums taken as `(g ⊙ y) @ ones[L, 1]`.
+pub fn softmax_backward(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
+    let l = y.dim(-1);
+    let rows = y.numel() / l.max(1);
+    let dot = row_sum(&elementwise::mul(g, y)?)?;
+    let centred = elementwise::binary(&g.reshape(&[rows, l])?, &dot, BinaryOp::Sub)?;
+    let dx = elementwise::mul(&centred, &y.reshape(&[rows, l])?)?;
+    elementwise::scale(&dx, scale)?.reshape(y.shape())
+}
+
+impl Tape {
+    /// An empty tape for inference or latent optimisation: model parameters taken with
+    /// [`Tape::param`] need no gradient.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty tape for training: parameters taken with [`Tape::param`] get gradients.
+    pub fn training() -> Self {
+        Tape {
+            training: true,
+            ..Self::default()
+        }
+    }
+
+    /// True for a [`Tape::training`] tape.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// A model parameter as a leaf (one leaf per parameter however often it is used);
+    /// it needs a gradient on a training tape. Read its gradient with [`Grads::param`].
+    pub fn param(&self, t: &Tensor) -> Var {
+        let key = t.buffer_id();
+        if let Some(v) = self.params.borrow().get(&key) {
+            if v.shape() == t.shape() {
+                return v.clone();
+            }
+        }
+        let v = self.leaf(t.clone(), self.training);
+        self.params.borrow_mut().insert(key, v.clone());
+        v
+    }
+
+    /// The parameter leaves taken so far, by buffer identity.
+    pub fn param_ids(&self) -> HashMap<usize, usize> {
+        self.params
+            .borrow()
+            .iter()
+            .map(|(k, v)| (*k, v.id))
+            .collect()
+    }
+
+    fn push(&self, value: Tensor, parents: &[&Var], backward: Backward) -> Var {
+        let needs_grad = parents.iter().any(|p| p.needs_grad);
+        let mut nodes = self.nodes.borrow_mut();
+        let id = nodes.len();
+        nodes.push(Node {
+            parents: parents.iter().map(|p| p.id).collect(),
+            needs_grad,
+            backward: needs_grad.then_some(backward),
+        });
+        Var {
+            id,
+            needs_grad,
+            value,
+        }
+    }
+
+    /// A leaf: a parameter or input. `needs_grad` leaves get gradients from [`Tape::backward`].
+    pub fn leaf(&self, value: Tensor, needs_grad: bool) -> Var {
+        let mut nodes = self.nodes.borrow_mut();
+        let id = nodes.len();
+        nodes.push(Node {
+            parents: vec![],
+            needs_grad,
+            backward: None,
+        });
+        Var {
+            id,
+            needs_grad,
+            value,
+        }
+    }
+
+    /// Number of recorded nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.borrow().len()
+    }
+
+    /// True when nothing is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `a + b` with broadcasting. An operand that needs a gradient may only be broadcast over
+    /// leading dims (a bias, say); constants may broadcast any way.
+    pub fn add(&self, a: &Var, b: &Var) -> Result<Var> {
+        let y = elementwise::add(&a.value, &b.value)?;
+        let (sa, sb) = (a.shape().to_vec(), b.shape().to_vec());
+        Ok(self.push(
+            y,
+            &[a, b],
+            Box::new(move |g, need| {
+                Ok(vec![
+                    need[0].then(|| sum_leading(g, &sa)).transpose()?,
+                    need[1].then(|| sum_leading(g, &sb)).transpose()?,
+                ])
+            }),
+        ))
+    }
+
+    /// `a - b` (same broadcasting as [`Tape::add`]).
+    pub fn sub(&self, a: &Var, b: &Var) -> Result<Var> {
+        let y = elementwise::binary(&a.value, &b.value, BinaryOp::Sub)?;
+        let (sa, sb) = (a.shape().to_vec(), b.shape().to_vec());
+        Ok(self.push(
+            y,
+            &[a, b],
+            Box::new(move |g, need| {
+                let gb = need[1]
+                    .then(|| elementwise::scale(&sum_leading(g, &sb)?, -1.0))
+                    .transpose()?;
+                Ok(vec![need[0].then(|| sum_leading(g, &sa)).transpose()?, gb])
+            }),
+        ))
+    }
+
+    /// `a * b` elementwise (same broadcasting as [`Tape::add`]).
+    pub fn mul(&self, a: &Var, b: &Var) -> Result<Var> {
+        let y = elementwise::mul(&a.value, &b.value)?;
+        let (av, bv) = (a.value.clone(), b.value.clone());
+        Ok(self.push(
+            y,
+            &[a, b],
+            Box::new(move |g, need| {
+                // y = a * b  =>  da = g * b, db = g * a (summed over broadcast dims)
+                let ga = need[0]
+                    .then(|| sum_leading(&elementwise::mul(g, &bv)?, av.shape()))
+                    .transpose()?;
+                let gb = need[1]
+                    .then(|| sum_leading(&elementwise::mul(g, &av)?, bv.shape()))
+                    .transpose()?;
+                Ok(vec![ga, gb])
+            }),
+        ))
+    }
+
+    /// `x * scale + shift`.
+    pub fn affine(&self, x: &Var, scale: f32, shift: f32) -> Result<Var> {
+        let y = elementwise::unary(&x.value, UnaryOp::Affine { scale, shift })?;
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _need| Ok(vec![Some(elementwise::scale(g, scale)?)])),
+        ))
+    }
+
+    /// An activation function.
+    pub fn act(&self, x: &Var, act: Act) -> Result<Var> {
+        let y = elementwise::unary(&x.value, UnaryOp::Act(act))?;
+        let xv = x.value.clone();
+        Ok(self.push(
+            y,
+            &[x],
+            // y = act(x)  =>  dx = g * act'(x)
+            Box::new(move |g, _need| Ok(vec![Some(elementwise::act_backward(&xv, g, act)?)])),
+        ))
+    }
+
+    /// `x²` elementwise.
+    pub fn square(&self, x: &Var) -> Result<Var> {
+        let y = elementwise::unary(&x.value, UnaryOp::Square)?;
+        let xv = x.value.clone();
+        Ok(self.push(
+            y,
+            &[x],
+            // y = x²  =>  dx = 2 x g
+            Box::new(move |g, _need| {
+                Ok(vec![Some(elementwise::scale(
+                    &elementwise::mul(g, &xv)?,
+                    2.0,
+                )?)])
+            }),
+        ))
+    }
+
+    /// The sum of every element, as a `[1]` tensor.
+    pub fn sum(&self, x: &Var) -> Result<Var> {
+        let n = x.value.numel();
+        let flat = x.value.reshape(&[1, n])?;
+        let ones = Tensor::full(x.value.gpu(), &[n, 1], 1.0)?;
+        let y = matmul(&flat, &ones, &MatmulOpts::default())?.reshape(&[1])?;
+        let shape = x.shape().to_vec();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _need| {
+                // y = Σx  =>  dx = g broadcast to x's shape
+                let ones = Tensor::full(g.gpu(), &shape, 1.0)?;
+                Ok(vec![Some(elementwise::mul(&ones, g)?)])
+            }),
+        ))
+    }
+
+    /// The mean of every element, as a `[1]` tensor.
+    pub fn mean(&self, x: &Var) -> Result<Var> {
+        let n = x.value.numel().max(1) as f32;
+        let s = self.sum(x)?;
+        self.affine(&s, 1.0 / n, 0.0)
+    }
+
+    /// `act(alpha · op(A) @ op(B) + bias)` as in [`matmul`]; B may be a rank-2 weight shared
+    /// over A's batch dims. The activation is recorded as its own node so that its backward
+    /// sees the pre-activation.
+    pub fn matmul(&self, a: &Var, b: &Var, bias: Option<&Var>, o: &MatmulOpts) -> Result<Var> {
+        if o.residual.is_some() || o.bias.is_some() {
+            return Err(Error::invalid(
+                "Tape::matmul takes its bias as a Var and no residual (use Tape::add)",
+            ));
+        }
+        if !(a.needs_grad || b.needs_grad || bias.is_some_and(|b| b.needs_grad)) {
+            // Inference: the fused epilogue, nothing to record.
+            let fused = MatmulOpts {
+                bias: bias.map(|b| &b.value),
+                ..*o
+            };
+            return Ok(self.leaf(matmul(&a.value, &b.value, &fused)?, false));
+        }
+        let plain = MatmulOpts {
+            act: Act::None,
+            bias: bias.map(|b| &b.value),
+            ..*o
+        };
+        let y = matmul(&a.value, &b.value, &plain)?;
+        let (av, bv) = (a.value.clone(), b.value.clone());
+        let (ta, tb, alpha) = (o.trans_a, o.trans_b, o.alpha.unwrap_or(1.0));
+        let has_bias = bias.is_some();
+        let mut parents = vec![a, b];
+        if let Some(bias) = bias {
+            parents.push(bias);
+        }
+        let out = self.push(
+            y,
+            &parents,
+            Box::new(move |g, need| {
+                // C = alpha · op(A) @ op(B) + bias. With G = dC:
+                //   A [M,K]:   dA = alpha · G @ op(B)ᵀ        A stored [K,M]: dA = alpha · op(B) @ Gᵀ
+                //   B [K,N]:   dB = alpha · op(A)ᵀ @ G        B stored [N,K]: dB = alpha · Gᵀ @ op(A)
+                let s = Some(alpha);
+                let da = if !need[0] {
+                    None
+                } else if ta {
+                    Some(matmul(&bv, g, &MatmulOpts { trans_a: tb, trans_b: true, alpha: s, ..Default::default() })?)
+                } else {
+                    Some(matmul(g, &bv, &MatmulOpts { trans_b: !tb, alpha: s, ..Default::default() })?)
+                };
+                let db = if !need[1] {
+                    None
+                } else {
+                    let b_broadcast = bv.rank() == 2 && av.rank() > 2;
+                    let (a2, g2) = if b_broadcast {
+                        // A weight shared over the batch: fold the batch into the rows (A must
+                        // be stored row-major [.., M, K] for that) so one product sums over it.
+                        if ta {
+                            return Err(Error::invalid(
+                                "Tape::matmul: a shared weight with a transposed batched A is not supported",
+                            ));
+                        }
+                        let rows = av.numel() / av.dim(-1);
+                        (av.reshape(&[rows, av.dim(-1)])?, g.reshape(&[rows, g.dim(-1)])?)
+                    } else {
+                        (av.clone(), g.clone())
+                    };
+                    let db = if tb {
+                        matmul(&g2, &a2, &MatmulOpts { trans_a: true, trans_b: ta, alpha: s, ..Default::default() })?
+                    } else {
+                        matmul(&a2, &g2, &MatmulOpts { trans_a: !ta, alpha: s, ..Default::default() })?
+                    };
+                    Some(db.reshape(bv.shape())?)
+                };
+                // A rank-2 A shared over B's batch gets its batch gradients summed.
+                let da = da.map(|d| sum_leading(&d, av.shape())).transpose()?;
+                let mut out = vec![da, db];
+                if has_bias && need[2] {
+                    let n = g.dim(-1);
+                    out.push(Some(sum_leading(g, &[n])?));
+                }
+                Ok(out)
+            }),
+        );
+        if o.act == Act::None {
+            Ok(out)
+        } else {
+            self.act(&out, o.act)
+        }
+    }
+
+    /// `act(x @ weightᵀ + bias)` with a PyTorch `Linear` weight `[out, in]`; `x`: `[.., in]`.
+    pub fn linear(&self, x: &Var, weight: &Var, bias: Option<&Var>, act: Act) -> Result<Var> {
+        self.matmul(
+            x,
+            weight,
+            bias,
+            &MatmulOpts {
+                trans_b: true,
+                act,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// The same value viewed with another shape.
+    pub fn reshape(&self, x: &Var, shape: &[usize]) -> Result<Var> {
+        let y = x.value.reshape(shape)?;
+        let orig = x.shape().to_vec();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _need| Ok(vec![Some(g.reshape(&orig)?)])),
+        ))
+    }
+
+    /// `x.permute(perm)`.
+    pub fn permute(&self, x: &Var, perm: &[usize]) -> Result<Var> {
+        let y = crate::ops::permute::permute(&x.value, perm)?;
+        // The inverse permutation: output dim perm[i] came from input dim i.
+        let mut inv = vec![0; perm.len()];
+        for (i, &p) in perm.iter().enumerate() {
+            inv[p] = i;
+        }
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _need| Ok(vec![Some(crate::ops::permute::permute(g, &inv)?)])),
+        ))
+    }
+
+    /// LayerNorm over the last axis with affine parameters.
+    pub fn layer_norm(&self, x: &Var, gamma: &Var, beta: &Var, eps: f32) -> Result<Var> {
+        let y = crate::ops::layer_norm::layer_norm(
+            &x.value,
+            Some(&gamma.value),
+            Some(&beta.value),
+            eps,
+        )?;
+        let (xv, gv) = (x.value.clone(), gamma.value.clone());
+        Ok(self.push(
+            y,
+            &[x, gamma, beta],
+            Box::new(move |g, _need| {
+                let r = crate::ops::layer_norm::layer_norm_backward(&xv, Some(&gv), g, eps)?;
+                Ok(vec![Some(r.dx), Some(r.dgamma), Some(r.dbeta)])
+            }),
+        ))
+    }
+
+    /// `softmax(scale · x)` over the last axis.
+    pub fn softmax(&self, x: &Var, scale: f32) -> Result<Var> {
+        let y = crate::ops::softmax::softmax_scaled(&x.value, scale)?;
+        let yv = y.clone();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _need| Ok(vec![Some(softmax_backward(&yv, g, scale)?)])),
+        ))
+    }
+
+    /// Each row (last axis) divided by its L2 norm.
+    pub fn l2_normalize(&self, x: &Var) -> Result<Var> {
+        let l = x.value.dim(-1);
+        let rows = x.value.numel() / l.max(1);
+        let x2 = x.value.reshape(&[rows, l])?;
+        let norm = elementwise::unary(
+            &row_sum(&elementwise::unary(&x2, UnaryOp::Square)?)?,
+            UnaryOp::Sqrt,
+        )?;
+        let y = elementwise::binary(&x2, &norm, BinaryOp::Div)?.reshape(x.shape())?;
+        let yv = y.clone();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _need| {
+                // y = x / ‖x‖  =>  dx = (g − y (g·y)) / ‖x‖
+                let g2 = g.reshape(&[rows, l])?;
+                let y2 = yv.reshape(&[rows, l])?;
+                let dot = row_sum(&elementwise::mul(&g2, &y2)?)?;
+                let t = elementwise::binary(&g2, &elementwise::mul(&y2, &dot)?, BinaryOp::Sub)?;
+                Ok(vec![Some(
+                    elementwise::binary(&t, &norm, BinaryOp::Div)?.reshape(yv.shape())?,
+                )])
+            }),
+        ))
+    }
+
+    /// VQGAN+CLIP's spherical distance between every row of `a` `[N, D]` and of `b`
+    /// `[K, D]`: `2·asin(‖â − b̂‖/2)² = θ²/2`, as `[N, K]` (the rows need not be normalised).
+    pub fn spherical_distance(&self, a: &Var, b: &Var) -> Result<Var> {
+        let (an, bn) = (self.l2_normalize(a)?, self.l2_normalize(b)?);
+        let cos = self.matmul(
+            &an,
+            &bn,
+            None,
+            &MatmulOpts {
+                trans_b: true,
+                ..Default::default()
+            },
+        )?;
+        let y = elementwise::unary(&cos.value, UnaryOp::HalfSquaredAngle)?;
+        let c = cos.value.clone();
+        Ok(self.push(
+            y,
+            &[&cos],
+            Box::new(move |g, _need| {
+                Ok(vec![Some(elementwise::half_squared_angle_backward(&c, g)?)])
+            }),
+        ))
+    }
+
+    /// Identity forward; backward passes the gradient only where `x > stop` (the gradient of
+    /// `max(x, stop)`, as VQGAN+CLIP's `replace_grad(dists, max(dists, stop))`).
+    pub fn stop_below(&self, x: &Var, stop: f32) -> Result<Var> {
+        let xv = x.value.clone();
+        Ok(self.push(
+            x.value.clone(),
+            &[x],
+            Box::new(move |g, _need| Ok(vec![Some(elementwise::grad_where_above(&xv, g, stop)?)])),
+        ))
+    }
+
+    /// `clamp(x, lo, hi)` whose backward lets gradients through where they would pull `x`
+    /// back into range (VQGAN+CLIP's `ClampWithGrad`), so that out-of-range pixels still
+    /// receive a useful signal.
+    pub fn clamp_with_grad(&self, x: &Var, lo: f32, hi: f32) -> Result<Var> {
+        let y = elementwise::unary(&x.value, UnaryOp::Clamp { lo, hi })?;
+        let xv = x.value.clone();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _need| {
+                Ok(vec![Some(elementwise::clamp_with_grad_backward(
+                    &xv, g, lo, hi,
+                )?)])
+            }),
+        ))
+    }
+
+    /// Straight-through estimator (`replace_grad`): the value is `forward`, the gradient goes
+    /// to `backward_to` unchanged, as if the op producing `forward` were the identity.
+    pub fn straight_through(&self, forward: Tensor, backward_to: &Var) -> Result<Var> {
+        if forward.shape() != backward_to.shape() {
+            return Err(Error::shape(format!(
+                "straight_through: value {:?} and target {:?} differ",
+                forward.shape(),
+                backward_to.shape()
+            )));
+        }
+        Ok(self.push(
+            forward,
+            &[backward_to],
+            Box::new(move |g, _need| Ok(vec![Some(g.clone())])),
+        ))
+    }
+
+    /// Multi-head attention `softmax(scale · q kᵀ + mask) v` over `[B, H, T, D]` tensors
+    /// (`k`, `v` may have another T), with an optional causal mask. Recorded as matmul →
+    /// softmax → matmul so that its backward is theirs; the probabilities `[B, H, Tq, Tk]` are
+    /// kept for the backward pass.
+    pub fn attention(&self, q: &Var, k: &Var, v: &Var, causal: bool, scale: f32) -> Result<Var> {
+        if !(q.needs_grad || k.needs_grad || v.needs_grad) {
+            // Inference: the fused online-softmax kernel, no probabilities kept.
+            let o = crate::ops::attention::attention(&q.value, &k.value, &v.value, causal, scale)?;
+            return Ok(self.leaf(o, false));
+        }
+        let scores = self.matmul(
+            q,
+            k,
+            None,
+            &MatmulOpts {
+                trans_b: true,
+                alpha: Some(scale),
+                ..Default::default()
+            },
+        )?;
+        let scores = if causal {
+            let (tq, tk) = (q.value.dim(-2), k.value.dim(-2));
+            let mut m = vec![0.0f32; tq * tk];
+            for i in 0..tq {
+                for j in (i + 1)..tk {
+                    m[i * tk + j] = f32::NEG_INFINITY;
+                }
+            }
+            let mask = self.leaf(Tensor::from_slice(q.value.gpu(), &m, &[tq, tk])?, false);
+            self.add(&scores, &mask)?
+        } else {
+            scores
+        };
+        let p = self.softmax(&scores, 1.0)?;
+        self.matmul(&p, v, None, &MatmulOpts::default())
+    }
+
+    /// `act(GroupNorm(x))` with affine `gamma`, `beta` `[C]`; `x`: `[N, C, ..]`.
+    pub fn group_norm(
+        &self,
+        x: &Var,
+        groups: usize,
+        gamma: &Var,
+        beta: &Var,
+        eps: f32,
+        act: Act,
+    ) -> Result<Var> {
+        use crate::ops::group_norm::group_norm;
+        if !(x.needs_grad || gamma.needs_grad || beta.needs_grad) {
+            let y = group_norm(
+                &x.value,
+                groups,
+                Some(&gamma.value),
+                Some(&beta.value),
+                eps,
+                act,
+            )?;
+            return Ok(self.leaf(y, false));
+        }
+        let y = group_norm(
+            &x.value,
+            groups,
+            Some(&gamma.value),
+            Some(&beta.value),
+            eps,
+            Act::None,
+        )?;
+        let (xv, gv) = (x.value.clone(), gamma.value.clone());
+        let out = self.push(
+            y,
+            &[x, gamma, beta],
+            Box::new(move |g, need| {
+                let r = group_norm_backward(&xv, groups, &gv, g, eps)?;
+                Ok(vec![
+                    need[0].then_some(r.0),
+                    need[1].then_some(r.1),
+                    need[2].then_some(r.2),
+                ])
+            }),
+        );
+        if act == Act::None {
+            Ok(out)
+        } else {
+            self.act(&out, act)
+        }
+    }
+
+    /// `len` entries of `x` along `axis` from `start`.
+    pub fn slice(&self, x: &Var, axis: usize, start: usize, len: usize) -> Result<Var> {
+        use crate::ops::concat::{concat, slice};
+        let y = slice(&x.value, axis, start, len)?;
+        let shape = x.shape().to_vec();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _need| {
+                // The gradient is g in the slice's place and zero elsewhere.
+                let zeros = |n: usize| -> Result<Tensor> {
+                    let mut s = shape.clone();
+                    s[axis] = n;
+                    Tensor::zeros(g.gpu(), &s)
+                };
+                let after = shape[axis] - start - len;
+                let mut all = Vec::with_capacity(3);
+                if start > 0 {
+                    all.push(zeros(start)?);
+                }
+                all.push(g.clone());
+                if after > 0 {
+                    all.push(zeros(after)?);
+                }
+                let refs: Vec<&Tensor> = all.iter().collect();
+                Ok(vec![Some(concat(&refs, axis)?)])
+            }),
+        ))
+    }
+
+    /// `xs` joined along `axis`.
+    pub fn concat(&self, xs: &[&Var], axis: usize) -> Result<Var> {
+        use crate::ops::concat::{concat, slice};
+        let vals: Vec<&Tensor> = xs.iter().map(|v| &v.value).collect();
+        let y = concat(&vals, axis)?;
+        let sizes: Vec<usize> = xs.iter().map(|v| v.shape()[axis]).collect();
+        Ok(self.push(
+            y,
+            xs,
+            Box::new(move |g, need| {
+                let mut start = 0;
+                let mut out = Vec::with_capacity(sizes.len());
+                for (i, &n) in sizes.iter().enumerate() {
+                    out.push(need[i].then(|| slice(g, axis, start, n)).transpose()?);
+                    start += n;
+                }
+                Ok(out)
+            }),
+        ))
+    }
+
+    /// Runs the backward pass from the scalar `loss` (`[1]` or `[]`), seeding `dloss = 1`.
+    pub fn backward(&self, loss: &Var) -> Result<Grads> {
+        if loss.value.numel() != 1 {
+            return Err(Error::shape(format!(
+                "backward needs a scalar loss, got shape {:?}",
+                loss.shape()
+            )));
+        }
+        let mut grads: HashMap<usize, Tensor> = HashMap::new();
+        grads.insert(loss.id, Tensor::full(loss.value.gpu(), loss.shape(), 1.0)?);
+        let mut leaves = HashMap::new();
+        let mut nodes = self.nodes.borrow_mut();
+        for id in (0..=loss.id).rev() {
+            let Some(g) = grads.remove(&id) else { continue };
+            let Some(bw) = nodes[id].backward.take() else {
+                // A leaf (or a node nothing upstream needs): keep its gradient.
+                leaves.insert(id, g);
+                continue;
+            };
+            let parents = nodes[id].parents.clone();
+            let need: Vec<bool> = parents.iter().map(|&p| nodes[p].needs_grad).collect();
+            let parent_grads = bw(&g, &need)?;
+            for (p, pg) in parents.into_iter().zip(parent_grads) {
+                let Some(pg) = pg else { continue };
+                if !nodes[p].needs_grad {
+                    continue;
+                }
+                let acc = match grads.remove(&p) {
+                    Some(prev) => elementwise::add(&prev, &pg)?,
+                    None => pg,
+                };
+                grads.insert(p, acc);
+            }
+        }
+        Ok(Grads(leaves))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,701 @@
+//! Gradient checks: GPU backward rules against central finite differences of an f64 CPU
+//! evaluation of the same function.
+
+use super::*;
+use crate::ops::testutil::{gpu, rand_vec};
+
+/// Central differences of `f` at `x` (f64, h = 1e-5): truncation error O(h²·f''') ≈ 1e-10.
+fn fd(f: &dyn Fn(&[f64]) -> f64, x: &[f32]) -> Vec<f64> {
+    let mut xv: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    let h = 1e-5;
+    (0..xv.len())
+        .map(|i| {
+            let x0 = xv[i];
+            xv[i] = x0 + h;
+            let up = f(&xv);
+            xv[i] = x0 - h;
+            let down = f(&xv);
+            xv[i] = x0;
+            (up - down) / (2.0 * h)
+        })
+        .collect()
+}
+
+/// f32 forward + backward against f64 differences: |g − fd| ≤ 1e-4 + 1e-3·|fd| covers f32
+/// rounding of sums of a few dozen terms and the 1.5e-7 erf approximation.
+fn check(got: &Tensor, want: &[f64], what: &str) {
+    let got = got.to_vec().unwrap();
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let tol = 1e-4 + 1e-3 * w.abs();
+        assert!(
+            ((g as f64) - w).abs() <= tol,
+            "{what}[{i}]: backward {g} vs finite difference {w}"
+        );
+    }
+}
+
+/// CPU f64: y[b,i,j] = alpha·Σk opA[b,i,k]·opB[b,k,j] + bias[j].
+#[allow(clippy::too_many_arguments)]
+fn cpu_matmul(
+    a: &[f64],
+    b: &[f64],
+    bias: Option<&[f64]>,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+    b_shared: bool,
+    alpha: f64,
+) -> Vec<f64> {
+    let mut y = vec![0.0; batch * m * n];
+    for bi in 0..batch {
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0;
+                for kk in 0..k {
+                    let av = if ta {
+                        a[bi * m * k + kk * m + i]
+                    } else {
+                        a[bi * m * k + i * k + kk]
+                    };
+                    let bb = if b_shared { 0 } else { bi * k * n };
+                    let bv = if tb {
+                        b[bb + j * k + kk]
+                    } else {
+                        b[bb + kk * n + j]
+                    };
+                    s += av * bv;
+                }
+                y[bi * m * n + i * n + j] = alpha * s + bias.map_or(0.0, |bv| bv[j]);
+            }
+        }
+    }
+    y
+}
+
+#[test]
+fn linear_act_square_sum_gradients() {
+    let g = gpu();
+    let (batch, m, k, n) = (2, 3, 5, 4);
+    for act in [
+        Act::None,
+        Act::Gelu,
+        Act::QuickGelu,
+        Act::Silu,
+        Act::Sigmoid,
+        Act::GeluTanh,
+    ] {
+        let xv = rand_vec(batch * m * k, 1);
+        let wv = rand_vec(n * k, 2);
+        let bv = rand_vec(n, 3);
+        let tape = Tape::new();
+        let x = tape.leaf(Tensor::from_slice(&g, &xv, &[batch, m, k]).unwrap(), true);
+        let w = tape.leaf(Tensor::from_slice(&g, &wv, &[n, k]).unwrap(), true);
+        let b = tape.leaf(Tensor::from_slice(&g, &bv, &[n]).unwrap(), true);
+        let y = tape
+            .matmul(
+                &x,
+                &w,
+                Some(&b),
+                &MatmulOpts {
+                    trans_b: true,
+                    act,
+                    alpha: Some(0.7),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let loss = tape.sum(&tape.square(&y).unwrap()).unwrap();
+        let grads = tape.backward(&loss).unwrap();
+        let f = |xs: &[f64], ws: &[f64], bs: &[f64]| -> f64 {
+            cpu_matmul(xs, ws, Some(bs), batch, m, n, k, false, true, true, 0.7)
+                .iter()
+                .map(|&p| act.reference(p).powi(2))
+                .sum()
+        };
+        let d64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        let (x64, w64, b64) = (d64(&xv), d64(&wv), d64(&bv));
+        check(
+            grads.get(&x).unwrap(),
+            &fd(&|p| f(p, &w64, &b64), &xv),
+            &format!("{act:?} dx"),
+        );
+        check(
+            grads.get(&w).unwrap(),
+            &fd(&|p| f(&x64, p, &b64), &wv),
+            &format!("{act:?} dW"),
+        );
+        check(
+            grads.get(&b).unwrap(),
+            &fd(&|p| f(&x64, &w64, p), &bv),
+            &format!("{act:?} db"),
+        );
+    }
+}
+
+#[test]
+fn matmul_gradients_for_every_transpose_and_batching() {
+    let g = gpu();
+    let (batch, m, k, n) = (3, 4, 3, 5);
+    for (ta, tb, shared) in [
+        (false, false, false),
+        (false, true, false),
+        (true, false, false),
+        (true, true, false),
+        (false, false, true),
+        (false, true, true),
+    ] {
+        let av = rand_vec(batch * m * k, 10);
+        let bv = rand_vec(if shared { k * n } else { batch * k * n }, 11);
+        let wv = rand_vec(batch * m * n, 12); // weights of a linear loss Σ w·y
+        let a_shape = if ta {
+            vec![batch, k, m]
+        } else {
+            vec![batch, m, k]
+        };
+        let mut b_shape = if tb { vec![n, k] } else { vec![k, n] };
+        if !shared {
+            b_shape.insert(0, batch);
+        }
+        let tape = Tape::new();
+        let a = tape.leaf(Tensor::from_slice(&g, &av, &a_shape).unwrap(), true);
+        let b = tape.leaf(Tensor::from_slice(&g, &bv, &b_shape).unwrap(), true);
+        let w = tape.leaf(Tensor::from_slice(&g, &wv, &[batch, m, n]).unwrap(), false);
+        let y = tape
+            .matmul(
+                &a,
+                &b,
+                None,
+                &MatmulOpts {
+                    trans_a: ta,
+                    trans_b: tb,
+                    alpha: Some(1.5),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let loss = tape.sum(&tape.mul(&y, &w).unwrap()).unwrap();
+        let grads = tape.backward(&loss).unwrap();
+        assert!(
+            grads.get(&w).is_none(),
+            "no gradient for a leaf that does not need one"
+        );
+        let w64: Vec<f64> = wv.iter().map(|&v| v as f64).collect();
+        let f = |as_: &[f64], bs: &[f64]| -> f64 {
+            cpu_matmul(as_, bs, None, batch, m, n, k, ta, tb, shared, 1.5)
+                .iter()
+                .zip(&w64)
+                .map(|(y, w)| y * w)
+                .sum()
+        };
+        let a64: Vec<f64> = av.iter().map(|&v| v as f64).collect();
+        let b64: Vec<f64> = bv.iter().map(|&v| v as f64).collect();
+        let what = format!("ta{ta} tb{tb} shared{shared}");
+        check(
+            grads.get(&a).unwrap(),
+            &fd(&|p| f(p, &b64), &av),
+            &format!("{what} dA"),
+        );
+        check(
+            grads.get(&b).unwrap(),
+            &fd(&|p| f(&a64, p), &bv),
+            &format!("{what} dB"),
+        );
+    }
+}
+
+#[test]
+fn elementwise_gradients_with_broadcast_and_reuse() {
+    // loss = mean((a·c − b)² ) + Σ affine(a) where c: [N] broadcasts over a: [R, N] and a is
+    // used twice (gradients accumulate).
+    let g = gpu();
+    let (r, n) = (3, 7);
+    let av = rand_vec(r * n, 20);
+    let bv = rand_vec(r * n, 21);
+    let cv = rand_vec(n, 22);
+    let tape = Tape::new();
+    let a = tape.leaf(Tensor::from_slice(&g, &av, &[r, n]).unwrap(), true);
+    let b = tape.leaf(Tensor::from_slice(&g, &bv, &[r, n]).unwrap(), true);
+    let c = tape.leaf(Tensor::from_slice(&g, &cv, &[n]).unwrap(), true);
+    let d = tape.sub(&tape.mul(&a, &c).unwrap(), &b).unwrap();
+    let l1 = tape.mean(&tape.square(&d).unwrap()).unwrap();
+    let l2 = tape.sum(&tape.affine(&a, -0.3, 2.0).unwrap()).unwrap();
+    let loss = tape.add(&l1, &l2).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let f = |a: &[f64], b: &[f64], c: &[f64]| -> f64 {
+        let mut s = 0.0;
+        let mut t = 0.0;
+        for i in 0..r * n {
+            s += (a[i] * c[i % n] - b[i]).powi(2);
+            t += -0.3 * a[i] + 2.0;
+        }
+        s / (r * n) as f64 + t
+    };
+    let d64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    let (a64, b64, c64) = (d64(&av), d64(&bv), d64(&cv));
+    check(
+        grads.get(&a).unwrap(),
+        &fd(&|p| f(p, &b64, &c64), &av),
+        "da",
+    );
+    check(
+        grads.get(&b).unwrap(),
+        &fd(&|p| f(&a64, p, &c64), &bv),
+        "db",
+    );
+    check(
+        grads.get(&c).unwrap(),
+        &fd(&|p| f(&a64, &b64, p), &cv),
+        "dc",
+    );
+}
+
+#[test]
+fn backward_needs_a_scalar() {
+    let g = gpu();
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::zeros(&g, &[2, 2]).unwrap(), true);
+    let y = tape.square(&x).unwrap();
+    assert!(tape
+        .backward(&y)
+        .unwrap_err()
+        .to_string()
+        .contains("scalar"));
+}
+
+#[test]
+fn act_backward_matches_analytic_derivative() {
+    let g = gpu();
+    let xv: Vec<f32> = rand_vec(513, 30).iter().map(|v| v * 5.0).collect();
+    let gv = rand_vec(513, 31);
+    let x = Tensor::from_slice(&g, &xv, &[513]).unwrap();
+    let gt = Tensor::from_slice(&g, &gv, &[513]).unwrap();
+    for act in [
+        Act::None,
+        Act::Gelu,
+        Act::QuickGelu,
+        Act::Silu,
+        Act::Sigmoid,
+        Act::Relu,
+        Act::GeluTanh,
+    ] {
+        let got = elementwise::act_backward(&x, &gt, act)
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        for i in 0..513 {
+            let want = gv[i] as f64 * act.grad_reference(xv[i] as f64);
+            assert!(
+                (got[i] as f64 - want).abs() <= 2e-6 * (1.0 + want.abs()),
+                "{act:?} at x={}: {} vs {want}",
+                xv[i],
+                got[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn layer_norm_softmax_permute_gradients() {
+    // loss = Σ w ⊙ softmax(1.3 · permute(layer_norm(x)))  with x: [2, 3, 5]
+    let g = gpu();
+    let (a, b, c) = (2, 3, 5);
+    let xv: Vec<f32> = rand_vec(a * b * c, 40).iter().map(|v| v * 2.0).collect();
+    let gam: Vec<f32> = rand_vec(c, 41).iter().map(|v| v + 1.0).collect();
+    let bet = rand_vec(c, 42);
+    let wv = rand_vec(a * b * c, 43);
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::from_slice(&g, &xv, &[a, b, c]).unwrap(), true);
+    let gamma = tape.leaf(Tensor::from_slice(&g, &gam, &[c]).unwrap(), true);
+    let beta = tape.leaf(Tensor::from_slice(&g, &bet, &[c]).unwrap(), true);
+    let w = tape.leaf(Tensor::from_slice(&g, &wv, &[a, c, b]).unwrap(), false);
+    let ln = tape.layer_norm(&x, &gamma, &beta, 1e-5).unwrap();
+    let pm = tape.permute(&ln, &[0, 2, 1]).unwrap();
+    let sm = tape.softmax(&pm, 1.3).unwrap();
+    let loss = tape.sum(&tape.mul(&sm, &w).unwrap()).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let f = |xs: &[f64], gs: &[f64], bs: &[f64]| -> f64 {
+        // layer norm over c
+        let mut ln = vec![0.0; a * b * c];
+        for r in 0..a * b {
+            let row = &xs[r * c..(r + 1) * c];
+            let m = row.iter().sum::<f64>() / c as f64;
+            let v = row.iter().map(|q| (q - m).powi(2)).sum::<f64>() / c as f64;
+            for i in 0..c {
+                ln[r * c + i] = (row[i] - m) / (v + 1e-5).sqrt() * gs[i] + bs[i];
+            }
+        }
+        // permute [a, b, c] -> [a, c, b], softmax over b
+        let mut total = 0.0;
+        for ai in 0..a {
+            for ci in 0..c {
+                let row: Vec<f64> = (0..b)
+                    .map(|bi| 1.3 * ln[ai * b * c + bi * c + ci])
+                    .collect();
+                let mx = row.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = row.iter().map(|q| (q - mx).exp()).sum();
+                for bi in 0..b {
+                    total += (row[bi] - mx).exp() / z * wv[ai * c * b + ci * b + bi] as f64;
+                }
+            }
+        }
+        total
+    };
+    let d64 = |v: &[f32]| v.iter().map(|&q| q as f64).collect::<Vec<_>>();
+    let (x64, g64, b64) = (d64(&xv), d64(&gam), d64(&bet));
+    check(
+        grads.get(&x).unwrap(),
+        &fd(&|p| f(p, &g64, &b64), &xv),
+        "dx",
+    );
+    check(
+        grads.get(&gamma).unwrap(),
+        &fd(&|p| f(&x64, p, &b64), &gam),
+        "dgamma",
+    );
+    check(
+        grads.get(&beta).unwrap(),
+        &fd(&|p| f(&x64, &g64, p), &bet),
+        "dbeta",
+    );
+}
+
+#[test]
+fn spherical_distance_and_stop_gradients() {
+    // loss = mean(stop_below(spherical(a, b), 0.3))  with a: [4, 6], b: [2, 6]
+    let g = gpu();
+    let (n, k, d) = (4, 2, 6);
+    let av = rand_vec(n * d, 50);
+    let bv = rand_vec(k * d, 51);
+    let tape = Tape::new();
+    let a = tape.leaf(Tensor::from_slice(&g, &av, &[n, d]).unwrap(), true);
+    let b = tape.leaf(Tensor::from_slice(&g, &bv, &[k, d]).unwrap(), true);
+    let dist = tape.spherical_distance(&a, &b).unwrap();
+    let stopped = tape.stop_below(&dist, 0.3).unwrap();
+    let loss = tape.mean(&stopped).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    // The reference formula of the VQGAN+CLIP notebooks: 2·asin(‖â − b̂‖/2)².
+    let dists = |a: &[f64], b: &[f64]| -> Vec<f64> {
+        let unit = |v: &[f64]| {
+            let nrm = v.iter().map(|q| q * q).sum::<f64>().sqrt();
+            v.iter().map(|q| q / nrm).collect::<Vec<_>>()
+        };
+        let mut out = vec![];
+        for i in 0..n {
+            for j in 0..k {
+                let (x, y) = (unit(&a[i * d..(i + 1) * d]), unit(&b[j * d..(j + 1) * d]));
+                let dd = x
+                    .iter()
+                    .zip(&y)
+                    .map(|(p, q)| (p - q).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                out.push(2.0 * (dd / 2.0).asin().powi(2));
+            }
+        }
+        out
+    };
+    let d64 = |v: &[f32]| v.iter().map(|&q| q as f64).collect::<Vec<_>>();
+    let (a64, b64) = (d64(&av), d64(&bv));
+    let base = dists(&a64, &b64);
+    let got = dist.value().to_vec().unwrap();
+    for i in 0..got.len() {
+        assert!(
+            (got[i] as f64 - base[i]).abs() < 1e-5,
+            "distance {i}: {} vs {}",
+            got[i],
+            base[i]
+        );
+    }
+    // The stop mask is fixed by the unperturbed distances (finite differences must not cross it).
+    let mask: Vec<f64> = base
+        .iter()
+        .map(|&v| if v > 0.3 { 1.0 } else { 0.0 })
+        .collect();
+    assert!(mask.contains(&0.0) || base.iter().all(|&v| v > 0.3));
+    let f = |a: &[f64], b: &[f64]| -> f64 {
+        dists(a, b)
+            .iter()
+            .zip(&mask)
+            .map(|(v, m)| v * m)
+            .sum::<f64>()
+            / (n * k) as f64
+    };
+    check(grads.get(&a).unwrap(), &fd(&|p| f(p, &b64), &av), "da");
+    check(grads.get(&b).unwrap(), &fd(&|p| f(&a64, p), &bv), "db");
+}
+
+#[test]
+fn clamp_with_grad_and_straight_through() {
+    let g = gpu();
+    let xv = [-0.5f32, 0.2, 0.9, 1.4, 1.6, -0.1];
+    let wv = [1.0f32, -1.0, 2.0, 1.0, -1.0, -3.0];
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::from_slice(&g, &xv, &[6]).unwrap(), true);
+    let w = tape.leaf(Tensor::from_slice(&g, &wv, &[6]).unwrap(), false);
+    let c = tape.clamp_with_grad(&x, 0.0, 1.0).unwrap();
+    assert_eq!(
+        c.value().to_vec().unwrap(),
+        vec![0.0, 0.2, 0.9, 1.0, 1.0, 0.0]
+    );
+    // loss = Σ w·clamp(x): dL/dclamp = w. Inside the range w passes. Outside, it passes only
+    // when −w moves x toward the range: x=-0.5 (below), w=1 → step −1 moves further down →
+    // blocked; x=1.4 (above), w=1 → step −1 moves down into range → passes; x=1.6, w=-1 →
+    // blocked; x=-0.1, w=-3 → step +3 moves up → passes.
+    let loss = tape.sum(&tape.mul(&c, &w).unwrap()).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    assert_eq!(
+        grads.get(&x).unwrap().to_vec().unwrap(),
+        vec![0.0, -1.0, 2.0, 1.0, 0.0, -3.0]
+    );
+
+    let tape = Tape::new();
+    let z = tape.leaf(Tensor::from_slice(&g, &[0.3, -0.7], &[2]).unwrap(), true);
+    let q = Tensor::from_slice(&g, &[1.0, -1.0], &[2]).unwrap();
+    let st = tape.straight_through(q, &z).unwrap();
+    assert_eq!(st.value().to_vec().unwrap(), vec![1.0, -1.0]);
+    let loss = tape.sum(&tape.square(&st).unwrap()).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    // d(Σ q²)/dq = 2q, passed straight to z.
+    assert_eq!(grads.get(&z).unwrap().to_vec().unwrap(), vec![2.0, -2.0]);
+}
+
+#[test]
+fn attention_gradients_with_and_without_causal_mask() {
+    let g = gpu();
+    let (b, h, t, d) = (1, 2, 4, 3);
+    for causal in [false, true] {
+        let qv = rand_vec(b * h * t * d, 60);
+        let kv = rand_vec(b * h * t * d, 61);
+        let vv = rand_vec(b * h * t * d, 62);
+        let wv = rand_vec(b * h * t * d, 63);
+        let tape = Tape::new();
+        let sh = [b, h, t, d];
+        let q = tape.leaf(Tensor::from_slice(&g, &qv, &sh).unwrap(), true);
+        let k = tape.leaf(Tensor::from_slice(&g, &kv, &sh).unwrap(), true);
+        let v = tape.leaf(Tensor::from_slice(&g, &vv, &sh).unwrap(), true);
+        let w = tape.leaf(Tensor::from_slice(&g, &wv, &sh).unwrap(), false);
+        let o = tape.attention(&q, &k, &v, causal, 0.7).unwrap();
+        let loss = tape.sum(&tape.mul(&o, &w).unwrap()).unwrap();
+        let grads = tape.backward(&loss).unwrap();
+        let f = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
+            let mut total = 0.0;
+            for hh in 0..b * h {
+                let base = hh * t * d;
+                for i in 0..t {
+                    let kmax = if causal { i + 1 } else { t };
+                    let s: Vec<f64> = (0..kmax)
+                        .map(|j| {
+                            0.7 * (0..d)
+                                .map(|e| q[base + i * d + e] * k[base + j * d + e])
+                                .sum::<f64>()
+                        })
+                        .collect();
+                    let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                    for e in 0..d {
+                        let out: f64 = (0..kmax)
+                            .map(|j| (s[j] - mx).exp() / z * v[base + j * d + e])
+                            .sum();
+                        total += out * wv[base + i * d + e] as f64;
+                    }
+                }
+            }
+            total
+        };
+        let d64 = |x: &[f32]| x.iter().map(|&q| q as f64).collect::<Vec<_>>();
+        let (q64, k64, v64) = (d64(&qv), d64(&kv), d64(&vv));
+        check(
+            grads.get(&q).unwrap(),
+            &fd(&|p| f(p, &k64, &v64), &qv),
+            &format!("causal {causal} dq"),
+        );
+        check(
+            grads.get(&k).unwrap(),
+            &fd(&|p| f(&q64, p, &v64), &kv),
+            &format!("causal {causal} dk"),
+        );
+        check(
+            grads.get(&v).unwrap(),
+            &fd(&|p| f(&q64, &k64, p), &vv),
+            &format!("causal {causal} dv"),
+        );
+    }
+}
+
+#[test]
+fn inference_paths_match_the_recorded_ones() {
+    // Without gradients the tape takes the fused kernels; values must agree with the
+    // recorded (composed) path.
+    let g = gpu();
+    let sh = [2, 3, 5, 4];
+    let (qv, kv, vv) = (rand_vec(120, 70), rand_vec(120, 71), rand_vec(120, 72));
+    let wv = rand_vec(6 * 4, 73);
+    let bv = rand_vec(6, 74);
+    for needs in [false, true] {
+        let tape = Tape::new();
+        let t = |v: &[f32], s: &[usize]| tape.leaf(Tensor::from_slice(&g, v, s).unwrap(), needs);
+        let (q, k, v) = (t(&qv, &sh), t(&kv, &sh), t(&vv, &sh));
+        let o = tape
+            .attention(&q, &k, &v, true, 0.5)
+            .unwrap()
+            .value()
+            .to_vec()
+            .unwrap();
+        let lin = tape
+            .linear(&q, &t(&wv, &[6, 4]), Some(&t(&bv, &[6])), Act::QuickGelu)
+            .unwrap()
+            .value()
+            .to_vec()
+            .unwrap();
+        let want_o = crate::ops::attention::reference(&qv, &kv, &vv, 6, 5, 5, 4, true, 0.5);
+        for i in 0..o.len() {
+            assert!(
+                (o[i] as f64 - want_o[i]).abs() < 1e-5,
+                "attention needs={needs} [{i}]"
+            );
+        }
+        for r in 0..30 {
+            for j in 0..6 {
+                let pre: f64 = (0..4)
+                    .map(|c| qv[r * 4 + c] as f64 * wv[j * 4 + c] as f64)
+                    .sum::<f64>()
+                    + bv[j] as f64;
+                let want = Act::QuickGelu.reference(pre);
+                assert!(
+                    (lin[r * 6 + j] as f64 - want).abs() < 1e-5,
+                    "linear needs={needs}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn group_norm_gradients() {
+    // loss = Σ w ⊙ swish(GroupNorm(x))  with x: [2, 4, 3, 2], 2 groups
+    let g = gpu();
+    let (n, c, h, w, groups) = (2, 4, 3, 2, 2);
+    let len = n * c * h * w;
+    let xv: Vec<f32> = rand_vec(len, 80).iter().map(|v| v * 2.0 + 0.3).collect();
+    let gam: Vec<f32> = rand_vec(c, 81).iter().map(|v| v + 1.0).collect();
+    let bet = rand_vec(c, 82);
+    let wv = rand_vec(len, 83);
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::from_slice(&g, &xv, &[n, c, h, w]).unwrap(), true);
+    let gamma = tape.leaf(Tensor::from_slice(&g, &gam, &[c]).unwrap(), true);
+    let beta = tape.leaf(Tensor::from_slice(&g, &bet, &[c]).unwrap(), true);
+    let wt = tape.leaf(Tensor::from_slice(&g, &wv, &[n, c, h, w]).unwrap(), false);
+    let y = tape
+        .group_norm(&x, groups, &gamma, &beta, 1e-6, Act::Silu)
+        .unwrap();
+    let loss = tape.sum(&tape.mul(&y, &wt).unwrap()).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let s = h * w;
+    let cg = c / groups;
+    let f = |xs: &[f64], gs: &[f64], bs: &[f64]| -> f64 {
+        let mut total = 0.0;
+        for ni in 0..n {
+            for gi in 0..groups {
+                let idx: Vec<usize> = (0..cg * s).map(|j| ni * c * s + gi * cg * s + j).collect();
+                let m = idx.iter().map(|&i| xs[i]).sum::<f64>() / idx.len() as f64;
+                let v = idx.iter().map(|&i| (xs[i] - m).powi(2)).sum::<f64>() / idx.len() as f64;
+                for &i in &idx {
+                    let ch = (i / s) % c;
+                    let pre = (xs[i] - m) / (v + 1e-6).sqrt() * gs[ch] + bs[ch];
+                    total += Act::Silu.reference(pre) * wv[i] as f64;
+                }
+            }
+        }
+        total
+    };
+    let d64 = |v: &[f32]| v.iter().map(|&q| q as f64).collect::<Vec<_>>();
+    let (x64, g64, b64) = (d64(&xv), d64(&gam), d64(&bet));
+    check(
+        grads.get(&x).unwrap(),
+        &fd(&|p| f(p, &g64, &b64), &xv),
+        "dx",
+    );
+    check(
+        grads.get(&gamma).unwrap(),
+        &fd(&|p| f(&x64, p, &b64), &gam),
+        "dgamma",
+    );
+    check(
+        grads.get(&beta).unwrap(),
+        &fd(&|p| f(&x64, &g64, p), &bet),
+        "dbeta",
+    );
+}
+
+#[test]
+fn slice_and_concat_gradients() {
+    // loss = Σ w ⊙ concat([slice(x, 1, 1, 2), y], axis 1)²
+    let g = gpu();
+    let xv = rand_vec(2 * 4 * 3, 90);
+    let yv = rand_vec(6, 91);
+    let wv = rand_vec(2 * 3 * 3, 92);
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::from_slice(&g, &xv, &[2, 4, 3]).unwrap(), true);
+    let y = tape.leaf(Tensor::from_slice(&g, &yv, &[2, 1, 3]).unwrap(), true);
+    let w = tape.leaf(Tensor::from_slice(&g, &wv, &[2, 3, 3]).unwrap(), false);
+    let s = tape.slice(&x, 1, 1, 2).unwrap();
+    let c = tape.concat(&[&s, &y], 1).unwrap();
+    let loss = tape
+        .sum(&tape.mul(&tape.square(&c).unwrap(), &w).unwrap())
+        .unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let f = |xs: &[f64], ys: &[f64]| -> f64 {
+        let mut t = 0.0;
+        for b in 0..2 {
+            for r in 0..3 {
+                for k in 0..3 {
+                    let v = if r < 2 {
+                        xs[b * 12 + (r + 1) * 3 + k]
+                    } else {
+                        ys[b * 3 + k]
+                    };
+                    t += v * v * wv[b * 9 + r * 3 + k] as f64;
+                }
+            }
+        }
+        t
+    };
+    let d64 = |v: &[f32]| v.iter().map(|&q| q as f64).collect::<Vec<_>>();
+    let (x64, y64) = (d64(&xv), d64(&yv));
+    check(grads.get(&x).unwrap(), &fd(&|p| f(p, &y64), &xv), "dx");
+    check(grads.get(&y).unwrap(), &fd(&|p| f(&x64, p), &yv), "dy");
+}
+
+#[test]
+fn params_are_one_leaf_and_follow_the_tape_mode() {
+    let g = gpu();
+    let w = Tensor::from_slice(&g, &[2.0, 3.0], &[2]).unwrap();
+    let x = Tensor::from_slice(&g, &[1.0, -1.0], &[2]).unwrap();
+    // loss = Σ (w·x)·w = Σ w²x → d/dw = 2wx, accumulated over both uses of w.
+    let tape = Tape::training();
+    let (p1, p2) = (tape.param(&w), tape.param(&w));
+    assert_eq!(p1.id(), p2.id());
+    let xv = tape.leaf(x.clone(), false);
+    let loss = tape
+        .sum(&tape.mul(&tape.mul(&p1, &xv).unwrap(), &p2).unwrap())
+        .unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    assert_eq!(
+        grads.param(&tape, &w).unwrap().to_vec().unwrap(),
+        vec![4.0, -6.0]
+    );
+    let tape = Tape::new();
+    let p = tape.param(&w);
+    let xv = tape.leaf(x, true);
+    let loss = tape.sum(&tape.mul(&p, &xv).unwrap()).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    assert!(
+        grads.param(&tape, &w).is_none(),
+        "inference tapes freeze parameters"
+    );
+    assert_eq!(grads.get(&xv).unwrap().to_vec().unwrap(), vec![2.0, 3.0]);
+}

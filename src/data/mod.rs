@@ -1,0 +1,3 @@
+//! Training and evaluation data that vqclip makes itself.
+
+pub mod shapes;

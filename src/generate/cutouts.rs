@@ -1,0 +1,320 @@
+//! Cutouts: the batch of `cutn` views of the generated image that CLIP sees each step.
+//!
+//! Every view here is a crop (possibly flipped) resampled to CLIP's input size, which is a
+//! separable linear map: `view_c = Wy_c · image · Wx_cᵀ` per channel, with `Wy_c` `[S, H]`
+//! and `Wx_c` `[S, W]` built on the CPU from the crop box. On the GPU that is two batched
+//! matmuls, and their backward rules are the tape's matmul rules, so cutouts need no kernel of
+//! their own. The resampling filter is a tent whose support widens with the downscale factor
+//! (antialiased like Pillow's bilinear), so large crops are not aliased.
+
+use crate::autodiff::{Tape, Var};
+use crate::ops::matmul::MatmulOpts;
+use crate::{Error, Gpu, Result, Tensor};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+/// How the views are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CutMethod {
+    /// Random square crops of size `rand^cut_pow · (max − min) + min`, resampled (Crowson's
+    /// original notebook, nerdyrodent `--cut_method original`).
+    Original,
+    /// The whole image every time, with random flips and small random crops of the border as
+    /// cheap geometric augmentation (the pooled family of methods).
+    Pooled,
+}
+
+impl std::str::FromStr for CutMethod {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "original" => Ok(CutMethod::Original),
+            "pooled" => Ok(CutMethod::Pooled),
+            o => Err(Error::invalid(format!(
+                "unknown cut method '{o}': expected original or pooled"
+            ))),
+        }
+    }
+}
+
+/// One view: a crop box in input pixels and an optional horizontal flip.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cut {
+    /// Left edge.
+    pub x0: f32,
+    /// Top edge.
+    pub y0: f32,
+    /// Width.
+    pub w: f32,
+    /// Height.
+    pub h: f32,
+    /// Mirror left-right.
+    pub flip: bool,
+}
+
+/// Draws `cutn` crop boxes for an image of `width`×`height` and views of side `size`.
+pub fn sample_cuts(
+    rng: &mut ChaCha8Rng,
+    method: CutMethod,
+    cutn: usize,
+    cut_pow: f32,
+    width: usize,
+    height: usize,
+    size: usize,
+) -> Vec<Cut> {
+    let max_size = width.min(height);
+    let min_size = width.min(height).min(size);
+    (0..cutn)
+        .map(|_| match method {
+            CutMethod::Original => {
+                let r: f32 = rng.random();
+                let s = (r.powf(cut_pow) * (max_size - min_size) as f32 + min_size as f32) as usize;
+                let s = s.clamp(1, max_size);
+                let x0 = rng.random_range(0..=width - s);
+                let y0 = rng.random_range(0..=height - s);
+                Cut {
+                    x0: x0 as f32,
+                    y0: y0 as f32,
+                    w: s as f32,
+                    h: s as f32,
+                    flip: false,
+                }
+            }
+            CutMethod::Pooled => {
+                // Trim up to 5% off each border, and flip half of the views.
+                let (w, h) = (width as f32, height as f32);
+                let l = rng.random_range(0.0..0.05) * w;
+                let r = rng.random_range(0.0..0.05) * w;
+                let t = rng.random_range(0.0..0.05) * h;
+                let b = rng.random_range(0.0..0.05) * h;
+                Cut {
+                    x0: l,
+                    y0: t,
+                    w: w - l - r,
+                    h: h - t - b,
+                    flip: rng.random_bool(0.5),
+                }
+            }
+        })
+        .collect()
+}
+
+/// Row-stochastic resampling matrix `[out, len_in]` mapping the interval
+/// `[start, start + len)` of a signal of `len_in` samples onto `out` samples.
+pub fn resample_matrix(out: usize, len_in: usize, start: f32, len: f32, flip: bool) -> Vec<f32> {
+    let mut m = vec![0.0f32; out * len_in];
+    let scale = len / out as f32;
+    let radius = scale.max(1.0);
+    for i in 0..out {
+        let oi = if flip { out - 1 - i } else { i };
+        let centre = start + (oi as f32 + 0.5) * scale;
+        let lo = ((centre - radius).floor().max(0.0)) as usize;
+        let hi = ((centre + radius).ceil() as usize).min(len_in);
+        let mut total = 0.0;
+        for j in lo..hi {
+            let w = (1.0 - ((j as f32 + 0.5) - centre).abs() / radius).max(0.0);
+            m[i * len_in + j] = w;
+            total += w;
+        }
+        if total > 0.0 {
+            for j in lo..hi {
+                m[i * len_in + j] /= total;
+            }
+        } else {
+            // The centre fell outside the image: take the nearest edge sample.
+            let j = (centre.max(0.0) as usize).min(len_in - 1);
+            m[i * len_in + j] = 1.0;
+        }
+    }
+    m
+}
+
+/// Uploads the per-view matrices: `wy` `[cutn, S, H]`, `wx` `[cutn, S, W]`.
+pub fn cut_matrices(
+    gpu: &Gpu,
+    cuts: &[Cut],
+    width: usize,
+    height: usize,
+    size: usize,
+) -> Result<(Tensor, Tensor)> {
+    if cuts.is_empty() || width == 0 || height == 0 || size == 0 {
+        return Err(Error::invalid(
+            "cutouts need at least one cut of a non-empty image",
+        ));
+    }
+    let mut wy = Vec::with_capacity(cuts.len() * size * height);
+    let mut wx = Vec::with_capacity(cuts.len() * size * width);
+    for c in cuts {
+        wy.extend(resample_matrix(size, height, c.y0, c.h, false));
+        wx.extend(resample_matrix(size, width, c.x0, c.w, c.flip));
+    }
+    Ok((
+        Tensor::from_slice(gpu, &wy, &[cuts.len(), size, height])?,
+        Tensor::from_slice(gpu, &wx, &[cuts.len(), size, width])?,
+    ))
+}
+
+/// The views of `image` `[1, 3, H, W]` as `[cutn, 3, S, S]`, on the tape.
+pub fn cutouts(tape: &Tape, image: &Var, wy: &Tensor, wx: &Tensor) -> Result<Var> {
+    let (c, h, w) = match image.shape() {
+        [1, c, h, w] => (*c, *h, *w),
+        s => {
+            return Err(Error::shape(format!(
+                "cutouts need an image [1, C, H, W], got {s:?}"
+            )))
+        }
+    };
+    let (n, s) = (wy.dim(0), wy.dim(1));
+    if wy.shape() != [n, s, h] || wx.shape() != [n, s, w] {
+        return Err(Error::shape(format!(
+            "cut matrices {:?} / {:?} do not fit an image of {h}x{w}",
+            wy.shape(),
+            wx.shape()
+        )));
+    }
+    // rows: [H, C·W] ← image [C, H, W]
+    let x = tape.reshape(image, &[c, h, w])?;
+    let x = tape.permute(&x, &[1, 0, 2])?;
+    let x = tape.reshape(&x, &[h, c * w])?;
+    let wy = tape.leaf(wy.clone(), false);
+    let wx = tape.leaf(wx.clone(), false);
+    // [n, S, C·W] = Wy [n, S, H] @ x [H, C·W]
+    let rows = tape.matmul(&wy, &x, None, &MatmulOpts::default())?;
+    // [n, S·C, S] = rows [n, S·C, W] @ Wxᵀ [n, W, S]
+    let rows = tape.reshape(&rows, &[n, s * c, w])?;
+    let both = tape.matmul(
+        &rows,
+        &wx,
+        None,
+        &MatmulOpts {
+            trans_b: true,
+            ..Default::default()
+        },
+    )?;
+    let both = tape.reshape(&both, &[n, s, c, s])?;
+    tape.permute(&both, &[0, 2, 1, 3])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testutil::{gpu, rand_vec};
+    use rand::SeedableRng;
+
+    #[test]
+    fn resample_rows_sum_to_one_and_identity_passes_through() {
+        let m = resample_matrix(7, 7, 0.0, 7.0, false);
+        for i in 0..7 {
+            for j in 0..7 {
+                assert_eq!(m[i * 7 + j], if i == j { 1.0 } else { 0.0 });
+            }
+        }
+        for (out, len_in, start, len) in [
+            (224, 512, 10.0, 400.0),
+            (224, 100, 0.0, 100.0),
+            (5, 64, 3.5, 50.0),
+        ] {
+            let m = resample_matrix(out, len_in, start, len, true);
+            for i in 0..out {
+                let s: f32 = m[i * len_in..(i + 1) * len_in].iter().sum();
+                assert!((s - 1.0).abs() < 1e-5, "row {i} sums to {s}");
+            }
+        }
+    }
+
+    #[test]
+    fn cuts_stay_inside_the_image_and_are_seeded() {
+        for method in [CutMethod::Original, CutMethod::Pooled] {
+            let mut r1 = ChaCha8Rng::seed_from_u64(5);
+            let mut r2 = ChaCha8Rng::seed_from_u64(5);
+            let a = sample_cuts(&mut r1, method, 32, 1.0, 96, 64, 32);
+            assert_eq!(a, sample_cuts(&mut r2, method, 32, 1.0, 96, 64, 32));
+            for c in &a {
+                assert!(
+                    c.x0 >= 0.0 && c.y0 >= 0.0 && c.x0 + c.w <= 96.0 && c.y0 + c.h <= 64.0,
+                    "{c:?}"
+                );
+                assert!(c.w >= 32.0f32.min(64.0) * 0.9);
+            }
+        }
+    }
+
+    #[test]
+    fn cutouts_match_a_cpu_resampling_and_gradients_flow() {
+        let g = gpu();
+        let (c, h, w, s) = (3, 20, 28, 8);
+        let img = rand_vec(c * h * w, 3);
+        let cuts = [
+            Cut {
+                x0: 2.0,
+                y0: 1.0,
+                w: 16.0,
+                h: 16.0,
+                flip: false,
+            },
+            Cut {
+                x0: 0.0,
+                y0: 0.0,
+                w: 28.0,
+                h: 20.0,
+                flip: true,
+            },
+            Cut {
+                x0: 10.0,
+                y0: 12.0,
+                w: 5.0,
+                h: 5.0,
+                flip: false,
+            },
+        ];
+        let (wy, wx) = cut_matrices(&g, &cuts, w, h, s).unwrap();
+        let tape = Tape::new();
+        let x = tape.leaf(Tensor::from_slice(&g, &img, &[1, c, h, w]).unwrap(), true);
+        let v = cutouts(&tape, &x, &wy, &wx).unwrap();
+        assert_eq!(v.shape(), &[3, c, s, s]);
+        let got = v.value().to_vec().unwrap();
+        let (wyv, wxv) = (wy.to_vec().unwrap(), wx.to_vec().unwrap());
+        for n in 0..3 {
+            for ch in 0..c {
+                for i in 0..s {
+                    for j in 0..s {
+                        let mut acc = 0.0f64;
+                        for y in 0..h {
+                            for xx in 0..w {
+                                acc += wyv[(n * s + i) * h + y] as f64
+                                    * img[(ch * h + y) * w + xx] as f64
+                                    * wxv[(n * s + j) * w + xx] as f64;
+                            }
+                        }
+                        let gv = got[((n * c + ch) * s + i) * s + j] as f64;
+                        assert!(
+                            (gv - acc).abs() < 1e-5,
+                            "view {n} ch {ch} ({i},{j}): {gv} vs {acc}"
+                        );
+                    }
+                }
+            }
+        }
+        // d Σ views / d image = Σ_n (Wy_nᵀ 1)(Wx_nᵀ 1)ᵀ per channel
+        let loss = tape.sum(&v).unwrap();
+        let grads = tape.backward(&loss).unwrap();
+        let gx = grads.get(&x).unwrap().to_vec().unwrap();
+        for ch in 0..c {
+            for y in 0..h {
+                for xx in 0..w {
+                    let mut want = 0.0f64;
+                    for n in 0..3 {
+                        let cy: f64 = (0..s).map(|i| wyv[(n * s + i) * h + y] as f64).sum();
+                        let cx: f64 = (0..s).map(|j| wxv[(n * s + j) * w + xx] as f64).sum();
+                        want += cy * cx;
+                    }
+                    let gv = gx[(ch * h + y) * w + xx] as f64;
+                    assert!(
+                        (gv - want).abs() < 1e-4,
+                        "grad ({ch},{y},{xx}): {gv} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The loop on tiny stand-in models (a linear "VQGAN" and a linear "CLIP"), so that the
+//! optimisation, the gradients through quantisation, cutouts and losses, and determinism are
+//! tested independently of the real models.
+
+use super::*;
+use crate::ops::matmul::MatmulOpts;
+use crate::ops::testutil::{gpu, rand_vec};
+
+const E: usize = 4;
+const F: usize = 4;
+const S: usize = 8;
+const P: usize = 16;
+
+struct LinearVqgan {
+    codebook: Tensor,
+    dec: Tensor, // [3·H·W, E·h·w] for a fixed 16x16 output
+    enc: Tensor, // [E·h·w, 3·H·W]
+}
+
+impl LinearVqgan {
+    fn new(g: &Gpu) -> Self {
+        let (h, w) = (16 / F, 16 / F);
+        LinearVqgan {
+            codebook: Tensor::from_slice(g, &rand_vec(256 * E, 1), &[256, E]).unwrap(),
+            dec: Tensor::from_slice(g, &rand_vec(3 * 256 * E * h * w, 2), &[3 * 256, E * h * w])
+                .unwrap(),
+            enc: Tensor::from_slice(g, &rand_vec(3 * 256 * E * h * w, 3), &[E * h * w, 3 * 256])
+                .unwrap(),
+        }
+    }
+}
+
+impl Generator for LinearVqgan {
+    fn factor(&self) -> usize {
+        F
+    }
+    fn codebook(&self) -> &Tensor {
+        &self.codebook
+    }
+    fn quantize(&self, z: &Tensor) -> Result<Tensor> {
+        let (zv, cb) = (z.to_vec()?, self.codebook.to_vec()?);
+        let hw = z.numel() / E;
+        let mut out = vec![0.0; zv.len()];
+        for pos in 0..hw {
+            let best = (0..256)
+                .min_by(|&a, &b| {
+                    let d = |k: usize| {
+                        (0..E)
+                            .map(|c| (zv[c * hw + pos] - cb[k * E + c]).powi(2))
+                            .sum::<f32>()
+                    };
+                    d(a).total_cmp(&d(b))
+                })
+                .unwrap();
+            for c in 0..E {
+                out[c * hw + pos] = cb[best * E + c];
+            }
+        }
+        Tensor::from_slice(z.gpu(), &out, z.shape())
+    }
+    fn decode(&self, tape: &Tape, z_q: &Var) -> Result<Var> {
+        let n = z_q.value().numel();
+        let z = tape.reshape(z_q, &[n, 1])?;
+        let d = tape.leaf(self.dec.clone(), false);
+        let x = tape.matmul(
+            &d,
+            &z,
+            None,
+            &MatmulOpts {
+                alpha: Some(0.3),
+                ..Default::default()
+            },
+        )?;
+        tape.reshape(&x, &[1, 3, 16, 16])
+    }
+    fn encode(&self, image: &Tensor) -> Result<Tensor> {
+        let x = image.reshape(&[3 * 256, 1])?;
+        let z = crate::ops::matmul(
+            &self.enc,
+            &x,
+            &MatmulOpts {
+                alpha: Some(0.05),
+                ..Default::default()
+            },
+        )?;
+        z.reshape(&[1, E, 16 / F, 16 / F])
+    }
+}
+
+struct LinearClip {
+    proj: Tensor, // [P, 3·S·S]
+}
+
+impl Perceptor for LinearClip {
+    fn image_size(&self) -> usize {
+        S
+    }
+    fn embed_dim(&self) -> usize {
+        P
+    }
+    fn mean_std(&self) -> ([f32; 3], [f32; 3]) {
+        ([0.48, 0.46, 0.41], [0.27, 0.26, 0.28])
+    }
+    fn encode_text(&self, texts: &[String]) -> Result<Tensor> {
+        let mut v = Vec::new();
+        for t in texts {
+            let seed = t
+                .bytes()
+                .fold(7u64, |a, b| a.wrapping_mul(31).wrapping_add(b as u64));
+            v.extend(rand_vec(P, seed));
+        }
+        Tensor::from_slice(&self.proj.gpu().clone(), &v, &[texts.len(), P])
+    }
+    fn encode_image(&self, tape: &Tape, pixels: &Var) -> Result<Var> {
+        let n = pixels.shape()[0];
+        let x = tape.reshape(pixels, &[n, 3 * S * S])?;
+        let w = tape.leaf(self.proj.clone(), false);
+        tape.matmul(
+            &x,
+            &w,
+            None,
+            &MatmulOpts {
+                trans_b: true,
+                ..Default::default()
+            },
+        )
+    }
+}
+
+fn models(g: &Gpu) -> (LinearClip, LinearVqgan) {
+    (
+        LinearClip {
+            proj: Tensor::from_slice(g, &rand_vec(P * 3 * S * S, 9), &[P, 3 * S * S]).unwrap(),
+        },
+        LinearVqgan::new(g),
+    )
+}
+
+fn opts() -> Options {
+    let mut o = Options::new(
+        Prompt::parse_list("a red circle|blurry:-0.3").unwrap(),
+        16,
+        16,
+    );
+    o.cutn = 4;
+    o.lr = 0.1;
+    o
+}
+
+#[test]
+fn loss_goes_down_and_the_same_seed_gives_the_same_bytes() {
+    let g = gpu();
+    let (clip, vq) = models(&g);
+    let run = |o: Options, steps: usize| {
+        let mut gen = Generation::new(&g, &clip, &vq, o).unwrap();
+        let logs: Vec<StepLog> = (0..steps).map(|_| gen.step().unwrap()).collect();
+        (logs, gen.image_rgb8().unwrap())
+    };
+    let (logs, img) = run(opts(), 40);
+    let first: f32 = logs[..5].iter().map(|l| l.loss).sum::<f32>() / 5.0;
+    let last: f32 = logs[35..].iter().map(|l| l.loss).sum::<f32>() / 5.0;
+    assert!(
+        last < first - 0.05,
+        "loss should fall: first steps {first}, last steps {last}"
+    );
+    assert_eq!(logs[0].prompt_losses.len(), 2);
+    assert_eq!(img.len(), 16 * 16 * 3);
+    let (logs2, img2) = run(opts(), 40);
+    assert_eq!(img, img2, "same seed, same bytes");
+    assert_eq!(logs.last().unwrap().loss, logs2.last().unwrap().loss);
+    let mut o = opts();
+    o.seed = 1;
+    assert_ne!(run(o, 5).1, run(opts(), 5).1, "another seed, another image");
+}
+
+#[test]
+fn every_init_and_option_runs() {
+    let g = gpu();
+    let (clip, vq) = models(&g);
+    for init in [
+        Init::RandomCodes,
+        Init::Pixels,
+        Init::Gradient,
+        Init::Image(vec![0.5; 3 * 256]),
+    ] {
+        let mut o = opts();
+        o.init = init.clone();
+        o.init_weight = 0.5;
+        o.tv_weight = 0.1;
+        o.cut_method = CutMethod::Pooled;
+        o.optimizer = Kind::AdamW;
+        o.noise_prompts = vec![(3, 0.5)];
+        o.image_prompts = vec![(
+            vec![0.2; 3 * 12 * 20],
+            20,
+            12,
+            Prompt::parse("img:0.5").unwrap(),
+        )];
+        let mut gen = Generation::new(&g, &clip, &vq, o).unwrap();
+        let log = gen.step().unwrap();
+        assert!(log.loss.is_finite(), "{init:?}");
+        assert_eq!(log.prompt_losses.len(), 4);
+        // z stays within the codebook's per-channel range
+        let (z, cb) = (
+            gen.latent().to_vec().unwrap(),
+            vq.codebook.to_vec().unwrap(),
+        );
+        let hw = z.len() / E;
+        for c in 0..E {
+            let lo = (0..256).map(|k| cb[k * E + c]).fold(f32::MAX, f32::min);
+            let hi = (0..256).map(|k| cb[k * E + c]).fold(f32::MIN, f32::max);
+            assert!(z[c * hw..(c + 1) * hw].iter().all(|&v| v >= lo && v <= hi));
+        }
+    }
+}
+
+#[test]
+fn bad_options_are_refused() {
+    let g = gpu();
+    let (clip, vq) = models(&g);
+    let mut o = opts();
+    o.width = 18;
+    let e = Generation::new(&g, &clip, &vq, o)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("multiples of the VQGAN factor 4"), "{e}");
+    let mut o = opts();
+    o.prompts.clear();
+    assert!(Generation::new(&g, &clip, &vq, o).is_err());
+    let mut o = opts();
+    o.cutn = 0;
+    assert!(Generation::new(&g, &clip, &vq, o).is_err());
+}

@@ -1,0 +1,319 @@
+//! The taming-transformers model config: the `.yaml` next to a checkpoint
+//! (`model.params.{embed_dim, n_embed, ddconfig}`, `model.target`), parsed with serde_yaml.
+//!
+//! Mirrors `taming/models/vqgan.py` (`VQModel.__init__`, `GumbelVQ.__init__`) and the
+//! `ddconfig` arguments of `taming/modules/diffusionmodules/model.py` (`Encoder`, `Decoder`).
+
+use crate::{Error, Result};
+use serde::Deserialize;
+
+/// Encoder/decoder hyper-parameters (`model.params.ddconfig`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct DdConfig {
+    /// Base channel count (`ch`).
+    pub ch: usize,
+    /// Channel multiplier per resolution level (`ch_mult`); the downsampling factor is
+    /// `2^(len - 1)`.
+    pub ch_mult: Vec<usize>,
+    /// Residual blocks per encoder level (decoder levels have one more).
+    pub num_res_blocks: usize,
+    /// Nominal resolutions at which attention blocks follow the residual blocks. Placement
+    /// comes from `resolution`, not from the actual input size.
+    pub attn_resolutions: Vec<usize>,
+    /// Channels of the latent before `quant_conv`.
+    pub z_channels: usize,
+    /// Nominal training resolution.
+    pub resolution: usize,
+    /// Image channels in.
+    #[serde(default = "three")]
+    pub in_channels: usize,
+    /// Image channels out.
+    #[serde(default = "three")]
+    pub out_ch: usize,
+    /// Encoder outputs `2 * z_channels` (a KL autoencoder, not a VQGAN) when true. taming's
+    /// `Encoder` defaults it to true; every VQGAN config sets it to false.
+    #[serde(default = "yes")]
+    pub double_z: bool,
+    /// Training-only dropout (ignored).
+    #[serde(default)]
+    pub dropout: f64,
+}
+
+fn three() -> usize {
+    3
+}
+fn yes() -> bool {
+    true
+}
+
+/// Which quantiser follows `quant_conv`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantizerKind {
+    /// `VectorQuantizer2` (`VQModel`): nearest codebook entry, key `quantize.embedding.weight`.
+    NearestNeighbour,
+    /// `GumbelQuantize` (`GumbelVQ`): a 1x1 `quantize.proj` to `n_embed` logits, the most
+    /// likely code (its eval path without Gumbel noise), key `quantize.embed.weight`.
+    Gumbel,
+}
+
+/// A VQGAN: autoencoder layout plus quantiser.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VqGanConfig {
+    /// Encoder/decoder layout.
+    pub dd: DdConfig,
+    /// Codebook vector length (channels after `quant_conv`).
+    pub embed_dim: usize,
+    /// Codebook entries.
+    pub n_embed: usize,
+    /// The quantiser.
+    pub quantizer: QuantizerKind,
+}
+
+#[derive(Deserialize)]
+struct Root {
+    model: Model,
+}
+
+#[derive(Deserialize)]
+struct Model {
+    #[serde(default)]
+    target: Option<String>,
+    params: Params,
+}
+
+#[derive(Deserialize)]
+struct Params {
+    embed_dim: usize,
+    n_embed: usize,
+    ddconfig: DdConfig,
+    #[serde(default)]
+    temperature_scheduler_config: Option<serde_yaml::Value>,
+}
+
+impl VqGanConfig {
+    /// Parses a taming `.yaml` config; `path` names the file in errors.
+    pub fn from_yaml(text: &str, path: &str) -> Result<VqGanConfig> {
+        let root: Root = serde_yaml::from_str(text).map_err(|e| Error::Format {
+            path: path.to_string(),
+            msg: format!(
+                "not a taming VQGAN config (expected model.params.{{embed_dim, n_embed, \
+                 ddconfig}}): {e}"
+            ),
+        })?;
+        let m = root.model;
+        let gumbel = match m.target.as_deref() {
+            Some(t) if t.ends_with("GumbelVQ") => true,
+            Some(t) if t.ends_with("VQModel") || t.ends_with("VQModelInterface") => false,
+            Some(t) => {
+                return Err(Error::Format {
+                    path: path.to_string(),
+                    msg: format!(
+                        "model.target '{t}' is not a VQGAN (taming.models.vqgan.VQModel or \
+                         GumbelVQ)"
+                    ),
+                })
+            }
+            None => m.params.temperature_scheduler_config.is_some(),
+        };
+        let cfg = VqGanConfig {
+            dd: m.params.ddconfig,
+            embed_dim: m.params.embed_dim,
+            n_embed: m.params.n_embed,
+            quantizer: if gumbel {
+                QuantizerKind::Gumbel
+            } else {
+                QuantizerKind::NearestNeighbour
+            },
+        };
+        cfg.validate().map_err(|msg| Error::Format {
+            path: path.to_string(),
+            msg,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a config file.
+    pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<VqGanConfig> {
+        let p = path.as_ref();
+        let text = std::fs::read_to_string(p).map_err(|source| Error::Io {
+            path: p.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text, &p.display().to_string())
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        let d = &self.dd;
+        if d.double_z {
+            return Err(
+                "ddconfig.double_z is true (a KL autoencoder); VQGAN configs set it to false"
+                    .into(),
+            );
+        }
+        if d.ch == 0 || d.ch_mult.is_empty() || d.ch_mult.contains(&0) {
+            return Err(format!(
+                "ddconfig.ch {} / ch_mult {:?} must be positive",
+                d.ch, d.ch_mult
+            ));
+        }
+        for c in self.channels() {
+            if c % 32 != 0 {
+                return Err(format!(
+                    "channel count {c} (ch {} x ch_mult {:?}) is not a multiple of the 32 \
+                     GroupNorm groups",
+                    d.ch, d.ch_mult
+                ));
+            }
+        }
+        if d.num_res_blocks == 0 || d.z_channels == 0 || self.embed_dim == 0 || self.n_embed == 0 {
+            return Err(
+                "num_res_blocks, z_channels, embed_dim and n_embed must be positive".into(),
+            );
+        }
+        if d.in_channels == 0 || d.out_ch == 0 || d.resolution == 0 {
+            return Err("in_channels, out_ch and resolution must be positive".into());
+        }
+        if self.quantizer == QuantizerKind::Gumbel && d.z_channels != self.embed_dim {
+            // taming's GumbelQuantize projects quant_conv's embed_dim output with a conv
+            // built for z_channels inputs.
+            return Err(format!(
+                "GumbelVQ needs z_channels ({}) == embed_dim ({})",
+                d.z_channels, self.embed_dim
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every block width: `ch * m` for each multiplier, and `ch` itself.
+    fn channels(&self) -> Vec<usize> {
+        let mut c: Vec<usize> = self.dd.ch_mult.iter().map(|m| m * self.dd.ch).collect();
+        c.push(self.dd.ch);
+        c
+    }
+
+    /// Spatial downsampling factor `2^(len(ch_mult) - 1)`: image sides must be multiples.
+    pub fn downsampling_factor(&self) -> usize {
+        1 << (self.dd.ch_mult.len() - 1)
+    }
+
+    /// The ImageNet VQGAN layout (`vqgan_imagenet_f16_*`, also the WikiArt f16 models) with
+    /// `n_embed` codes (1024 or 16384).
+    pub fn imagenet_f16(n_embed: usize) -> VqGanConfig {
+        VqGanConfig {
+            dd: DdConfig {
+                ch: 128,
+                ch_mult: vec![1, 1, 2, 2, 4],
+                num_res_blocks: 2,
+                attn_resolutions: vec![16],
+                z_channels: 256,
+                resolution: 256,
+                in_channels: 3,
+                out_ch: 3,
+                double_z: false,
+                dropout: 0.0,
+            },
+            embed_dim: 256,
+            n_embed,
+            quantizer: QuantizerKind::NearestNeighbour,
+        }
+    }
+
+    /// `vqgan_gumbel_f8_8192` (GumbelVQ, attention at 32).
+    pub fn gumbel_f8_8192() -> VqGanConfig {
+        VqGanConfig {
+            dd: DdConfig {
+                ch: 128,
+                ch_mult: vec![1, 1, 2, 4],
+                num_res_blocks: 2,
+                attn_resolutions: vec![32],
+                z_channels: 256,
+                resolution: 256,
+                in_channels: 3,
+                out_ch: 3,
+                double_z: false,
+                dropout: 0.0,
+            },
+            embed_dim: 256,
+            n_embed: 8192,
+            quantizer: QuantizerKind::Gumbel,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const F16: &str = "model:
+  base_learning_rate: 4.5e-06
+  target: taming.models.vqgan.VQModel
+  params:
+    embed_dim: 256
+    n_embed: 16384
+    monitor: val/rec_loss
+    ddconfig:
+      double_z: false
+      z_channels: 256
+      resolution: 256
+      in_channels: 3
+      out_ch: 3
+      ch: 128
+      ch_mult:
+      - 1
+      - 1
+      - 2
+      - 2
+      - 4
+      num_res_blocks: 2
+      attn_resolutions:
+      - 16
+      dropout: 0.0
+    lossconfig:
+      target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator
+      params:
+        disc_conditional: false
+        disc_in_channels: 3
+        disc_start: 0
+        disc_weight: 0.75
+        disc_num_layers: 2
+        codebook_weight: 1.0
+";
+
+    #[test]
+    fn parses_the_imagenet_f16_16384_config() {
+        let c = VqGanConfig::from_yaml(F16, "f16.yaml").unwrap();
+        assert_eq!(c, VqGanConfig::imagenet_f16(16384));
+        assert_eq!(c.downsampling_factor(), 16);
+    }
+
+    #[test]
+    fn gumbel_is_detected_from_the_target() {
+        let y = F16.replace("vqgan.VQModel", "vqgan.GumbelVQ");
+        let c = VqGanConfig::from_yaml(&y, "g.yaml").unwrap();
+        assert_eq!(c.quantizer, QuantizerKind::Gumbel);
+    }
+
+    #[test]
+    fn bad_configs_are_clear_errors() {
+        let e = VqGanConfig::from_yaml("model: {params: {embed_dim: 3}}", "x.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x.yaml") && e.contains("n_embed"), "{e}");
+        let e = VqGanConfig::from_yaml(&F16.replace("double_z: false", "double_z: true"), "y")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("double_z"), "{e}");
+        let e = VqGanConfig::from_yaml(&F16.replace("ch: 128", "ch: 100"), "y")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("32 GroupNorm groups"), "{e}");
+        let e = VqGanConfig::from_yaml(&F16.replace("vqgan.VQModel", "diffusion.LDM"), "y")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a VQGAN"), "{e}");
+        let e = VqGanConfig::from_file("/nonexistent/model.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/model.yaml"), "{e}");
+    }
+}

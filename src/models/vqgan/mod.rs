@@ -1,0 +1,159 @@
+//! The taming-transformers VQGAN (`taming/models/vqgan.py`, `VQModel` and `GumbelVQ`):
+//! `encode` = `quant_conv(encoder(x))`, `quantize` = nearest codebook entry (or the Gumbel
+//! quantiser's most likely code), `decode` = `decoder(post_quant_conv(z_q))`. Images are in
+//! [-1, 1] (`image / 127.5 − 1`) in and out; the decoder output is not clamped.
+//!
+//! Field path = checkpoint key: `encoder.down.0.block.1.conv2.weight` is
+//! `self.encoder.down[0].level.block[1].conv2.weight`. `loss.*` keys are ignored.
+
+pub mod blocks;
+pub mod config;
+pub mod decoder;
+pub mod encoder;
+pub mod quantize;
+
+pub use config::{DdConfig, QuantizerKind, VqGanConfig};
+
+use crate::ops::vq;
+use crate::weights::torch::TorchCheckpoint;
+use crate::weights::{Loader, TensorSource};
+use crate::{Error, Gpu, Result, Tensor};
+use blocks::Conv;
+use std::path::Path;
+
+/// A loaded VQGAN.
+pub struct VqGan {
+    /// The config it was built from.
+    pub config: VqGanConfig,
+    /// `encoder.*`
+    pub encoder: encoder::Encoder,
+    /// `decoder.*`
+    pub decoder: decoder::Decoder,
+    /// `quant_conv`: 1x1, z_channels -> embed_dim.
+    pub quant_conv: Conv,
+    /// `post_quant_conv`: 1x1, embed_dim -> z_channels.
+    pub post_quant_conv: Conv,
+    /// `quantize.*`
+    pub quantize: quantize::Quantize,
+    gpu: Gpu,
+}
+
+/// Opens a weights file as a [`TensorSource`]: a PyTorch zip checkpoint (`.ckpt`, `.pt`,
+/// `.pth`) or `.safetensors`, told apart by content.
+pub fn open_weights(path: &Path) -> Result<Box<dyn TensorSource>> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut magic))
+        .map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+    let is_safetensors = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    if is_safetensors && (n < 4 || &magic != b"PK\x03\x04") {
+        return open_safetensors(path);
+    }
+    Ok(Box::new(TorchCheckpoint::open(path)?))
+}
+
+fn open_safetensors(path: &Path) -> Result<Box<dyn TensorSource>> {
+    Err(Error::Format {
+        path: path.display().to_string(),
+        msg: "safetensors reading is not available in this build yet".into(),
+    })
+}
+
+/// The config beside a weights file: the same stem with `.yaml`
+/// (`vqgan_imagenet_f16_16384.ckpt` -> `vqgan_imagenet_f16_16384.yaml`, the names the
+/// VQGAN+CLIP download scripts use), if it exists.
+pub fn config_beside(weights: &Path) -> Option<std::path::PathBuf> {
+    let same = weights.with_extension("yaml");
+    same.is_file().then_some(same)
+}
+
+impl VqGan {
+    /// Loads weights (`.ckpt` or `.safetensors` with taming's keys) and the taming `.yaml`
+    /// config. A tensor whose shape disagrees with the config fails with its key and both
+    /// shapes.
+    pub fn load(weights: impl AsRef<Path>, config: impl AsRef<Path>, gpu: &Gpu) -> Result<VqGan> {
+        let cfg = VqGanConfig::from_file(config)?;
+        let src = open_weights(weights.as_ref())?;
+        Self::from_source(src.as_ref(), cfg, gpu)
+    }
+
+    /// Builds the model from any tensor source.
+    pub fn from_source(src: &dyn TensorSource, config: VqGanConfig, gpu: &Gpu) -> Result<VqGan> {
+        let l = Loader::new(src, gpu);
+        let (z, e) = (config.dd.z_channels, config.embed_dim);
+        Ok(VqGan {
+            encoder: encoder::Encoder::load(&l.sub("encoder"), &config)?,
+            decoder: decoder::Decoder::load(&l.sub("decoder"), &config)?,
+            quant_conv: Conv::load(&l.sub("quant_conv"), z, e, 1)?,
+            post_quant_conv: Conv::load(&l.sub("post_quant_conv"), e, z, 1)?,
+            quantize: quantize::Quantize::load(&l.sub("quantize"), &config)?,
+            config,
+            gpu: gpu.clone(),
+        })
+    }
+
+    /// The device the weights live on.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Spatial downsampling factor f: image sides must be multiples of it.
+    pub fn downsampling_factor(&self) -> usize {
+        self.config.downsampling_factor()
+    }
+
+    /// `x`: `[N, in_channels, H, W]` in [-1, 1], H and W multiples of
+    /// [`Self::downsampling_factor`] -> `z` `[N, embed_dim, H/f, W/f]` (after `quant_conv`,
+    /// before quantisation).
+    pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
+        let f = self.downsampling_factor();
+        let c = self.config.dd.in_channels;
+        if x.rank() != 4 || x.dim(1) != c {
+            return Err(Error::shape(format!(
+                "VQGAN input must be [N, {c}, H, W], got {:?}",
+                x.shape()
+            )));
+        }
+        let (h, w) = (x.dim(2), x.dim(3));
+        if h == 0 || w == 0 || h % f != 0 || w % f != 0 {
+            return Err(Error::shape(format!(
+                "image size {w}x{h} is not a multiple of the VQGAN's downsampling factor {f} \
+                 (resize or crop to e.g. {}x{})",
+                (w / f).max(1) * f,
+                (h / f).max(1) * f
+            )));
+        }
+        let h = self.encoder.forward(x)?;
+        self.quant_conv.forward(&h, None)
+    }
+
+    /// `z`: `[N, embed_dim, h, w]` -> `(z_q [N, embed_dim, h, w], codes [N, h, w] u32)`.
+    pub fn quantize(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.quantize.forward(z)
+    }
+
+    /// `z_q`: `[N, embed_dim, h, w]` -> image `[N, out_ch, h·f, w·f]` in about [-1, 1].
+    pub fn decode(&self, zq: &Tensor) -> Result<Tensor> {
+        let e = self.config.embed_dim;
+        if zq.rank() != 4 || zq.dim(1) != e {
+            return Err(Error::shape(format!(
+                "VQGAN latent must be [N, {e}, h, w], got {:?}",
+                zq.shape()
+            )));
+        }
+        let h = self.post_quant_conv.forward(zq, None)?;
+        self.decoder.forward(&h)
+    }
+
+    /// Decodes a grid of codes `[N, h, w]` (u32, each below `n_embed`).
+    pub fn decode_codes(&self, codes: &Tensor) -> Result<Tensor> {
+        let zq = vq::gather(codes, self.quantize.codebook())?;
+        self.decode(&zq)
+    }
+}

@@ -1,0 +1,499 @@
+//! 2-D convolution in NCHW with arbitrary (asymmetric) zero padding, stride, fused bias,
+//! residual and an optional fused nearest x2 upsample of the input (`shaders/conv2d.wgsl`).
+
+use crate::gpu::{grid_1d, Kernel, Shader};
+use crate::tensor::{DType, Tensor};
+use crate::{Error, Result};
+
+static SHADER: Shader = crate::shader!("conv2d");
+
+/// Mirrors `struct Params` in `shaders/conv2d.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    cin: u32,
+    h: u32,
+    w: u32,
+    cout: u32,
+    ho: u32,
+    wo: u32,
+    wblocks: u32,
+    blocks: u32,
+    pad_top: u32,
+    pad_left: u32,
+    hv: u32,
+    wv: u32,
+    co_base: u32,
+    _pad: [u32; 2],
+}
+
+/// Options of [`conv2d`]. `Default` is stride 1, no padding, no bias.
+#[derive(Clone, Copy, Debug)]
+pub struct Conv2dOpts<'a> {
+    /// Stride in both directions (1 or more).
+    pub stride: usize,
+    /// Zero padding `[top, bottom, left, right]`; taming's downsample uses `[0, 1, 0, 1]`.
+    pub pad: [usize; 4],
+    /// Nearest-neighbour x2 upsample of the input before the convolution (fused: the
+    /// upsampled tensor is never stored).
+    pub upsample: bool,
+    /// Bias `[Cout]`.
+    pub bias: Option<&'a Tensor>,
+    /// Tensor of the output's shape added to the result (residual connection).
+    pub residual: Option<&'a Tensor>,
+}
+
+impl Default for Conv2dOpts<'_> {
+    fn default() -> Self {
+        Conv2dOpts {
+            stride: 1,
+            pad: [0; 4],
+            upsample: false,
+            bias: None,
+            residual: None,
+        }
+    }
+}
+
+impl<'a> Conv2dOpts<'a> {
+    /// Stride 1, symmetric padding `p` on every side, with `bias`: PyTorch's
+    /// `Conv2d(k, stride=1, padding=p)`.
+    pub fn padded(p: usize, bias: Option<&'a Tensor>) -> Self {
+        Conv2dOpts {
+            pad: [p; 4],
+            bias,
+            ..Default::default()
+        }
+    }
+}
+
+/// Output size of one spatial dim: `(in + pad_a + pad_b - k) / stride + 1`, or None if the
+/// window does not fit.
+pub fn out_size(
+    input: usize,
+    k: usize,
+    stride: usize,
+    pad_a: usize,
+    pad_b: usize,
+) -> Option<usize> {
+    let full = input + pad_a + pad_b;
+    (full >= k && stride > 0).then(|| (full - k) / stride + 1)
+}
+
+/// `y = conv(x, w) + bias + residual`.
+///
+/// `x`: `[N, Cin, H, W]`; `w`: `[Cout, Cin, KH, KW]` (PyTorch layout). Returns
+/// `[N, Cout, Ho, Wo]`, `Ho = (H' + pad_top + pad_bottom - KH) / stride + 1` with `H' = 2H` if
+/// `upsample`, else `H`.
+pub fn conv2d(x: &Tensor, w: &Tensor, o: &Conv2dOpts) -> Result<Tensor> {
+    x.expect_f32("conv2d input")?;
+    w.expect_f32("conv2d weight")?;
+    if x.rank() != 4 || w.rank() != 4 {
+        return Err(Error::shape(format!(
+            "conv2d needs x [N, Cin, H, W] and w [Cout, Cin, KH, KW], got {:?} and {:?}",
+            x.shape(),
+            w.shape()
+        )));
+    }
+    let (n, cin, h, wd) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let (cout, wcin, kh, kw) = (w.dim(0), w.dim(1), w.dim(2), w.dim(3));
+    if wcin != cin {
+        return Err(Error::shape(format!(
+            "conv2d weight {:?} expects {wcin} input channels but x {:?} has {cin}",
+            w.shape(),
+            x.shape()
+        )));
+    }
+    let s = o.stride;
+    if s == 0 || kh == 0 || kw == 0 || 3 * s + kw > 16 {
+        return Err(Error::shape(format!(
+            "conv2d supports 3*stride + KW <= 16 (stride {s}, kernel {kh}x{kw})"
+        )));
+    }
+    let (hv, wv) = if o.upsample { (2 * h, 2 * wd) } else { (h, wd) };
+    let [pt, pb, pl, pr] = o.pad;
+    let (ho, wo) = match (out_size(hv, kh, s, pt, pb), out_size(wv, kw, s, pl, pr)) {
+        (Some(a), Some(b)) => (a, b),
+        _ => {
+            return Err(Error::shape(format!(
+                "conv2d kernel {kh}x{kw} does not fit input {hv}x{wv} padded by {:?}",
+                o.pad
+            )))
+        }
+    };
+    let out_shape = [n, cout, ho, wo];
+    if let Some(b) = o.bias {
+        if b.numel() != cout {
+            return Err(Error::shape(format!(
+                "conv2d bias has {} elements, expected Cout = {cout}",
+                b.numel()
+            )));
+        }
+    }
+    if let Some(r) = o.residual {
+        if r.shape() != out_shape {
+            return Err(Error::shape(format!(
+                "conv2d residual {:?} does not match output {out_shape:?}",
+                r.shape()
+            )));
+        }
+    }
+    let gpu = x.gpu();
+    let y = Tensor::empty(gpu, &out_shape, DType::F32)?;
+    if y.numel() == 0 || cin == 0 {
+        if cin == 0 && y.numel() > 0 {
+            return Err(Error::shape("conv2d with zero input channels"));
+        }
+        return Ok(y);
+    }
+    let wblocks = wo.div_ceil(4);
+    let blocks = n * ho * wblocks;
+    if [blocks, x.numel(), w.numel(), y.numel()]
+        .iter()
+        .any(|&v| v > u32::MAX as usize)
+        || pt > i32::MAX as usize / 2
+        || pl > i32::MAX as usize / 2
+    {
+        return Err(Error::shape("conv2d operand has more than 2^32 elements"));
+    }
+    let kernel = Kernel::new(&SHADER, "conv2d")
+        .with("KH", kh as u32)
+        .with("KW", kw as u32)
+        .with("STRIDE", s as u32)
+        .with("HAS_BIAS", o.bias.is_some())
+        .with("HAS_RES", o.residual.is_some())
+        .with("UPSAMPLE", o.upsample);
+    let bias_b = o.bias.map_or(gpu.unused_binding(), Tensor::binding);
+    let res_b = o.residual.map_or(gpu.unused_binding(), Tensor::binding);
+    let grid = grid_1d((blocks as u32).div_ceil(64));
+    let cblocks = cout.div_ceil(4);
+    const MAX: usize = 65535;
+    for cb0 in (0..cblocks).step_by(MAX) {
+        let nz = (cblocks - cb0).min(MAX);
+        let p = Params {
+            n: n as u32,
+            cin: cin as u32,
+            h: h as u32,
+            w: wd as u32,
+            cout: cout as u32,
+            ho: ho as u32,
+            wo: wo as u32,
+            wblocks: wblocks as u32,
+            blocks: blocks as u32,
+            pad_top: pt as u32,
+            pad_left: pl as u32,
+            hv: hv as u32,
+            wv: wv as u32,
+            co_base: (cb0 * 4) as u32,
+            _pad: [0; 2],
+        };
+        gpu.dispatch(
+            &kernel,
+            &p,
+            &[x.binding(), w.binding(), bias_b, res_b, y.binding()],
+            [grid[0], grid[1], nz as u32],
+        );
+    }
+    Ok(y)
+}
+
+/// Shape and options of a [`reference`] convolution.
+#[derive(Clone, Copy, Debug)]
+pub struct RefShape {
+    /// Batch.
+    pub n: usize,
+    /// Input channels.
+    pub cin: usize,
+    /// Input height (before upsampling).
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Stride.
+    pub stride: usize,
+    /// `[top, bottom, left, right]`.
+    pub pad: [usize; 4],
+    /// Nearest x2 upsample first.
+    pub upsample: bool,
+}
+
+/// CPU reference in f64 with the contract of [`conv2d`]. Returns the output `[N, Cout, Ho,
+/// Wo]` and, per output, `Σ|x·w| + |bias|` (the bound used for f32 tolerances).
+pub fn reference(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    s: &RefShape,
+) -> (Vec<f64>, Vec<f64>, [usize; 4]) {
+    let (hv, wv) = if s.upsample {
+        (2 * s.h, 2 * s.w)
+    } else {
+        (s.h, s.w)
+    };
+    let [pt, pb, pl, pr] = s.pad;
+    let ho = out_size(hv, s.kh, s.stride, pt, pb).expect("kernel fits");
+    let wo = out_size(wv, s.kw, s.stride, pl, pr).expect("kernel fits");
+    let shape = [s.n, s.cout, ho, wo];
+    let mut out = vec![0.0; s.n * s.cout * ho * wo];
+    let mut mag = vec![0.0; out.len()];
+    for n in 0..s.n {
+        for co in 0..s.cout {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let (mut acc, mut g) = (0.0f64, 0.0f64);
+                    for ci in 0..s.cin {
+                        for ky in 0..s.kh {
+                            let iy = (oy * s.stride + ky) as isize - pt as isize;
+                            if iy < 0 || iy >= hv as isize {
+                                continue;
+                            }
+                            for kx in 0..s.kw {
+                                let ix = (ox * s.stride + kx) as isize - pl as isize;
+                                if ix < 0 || ix >= wv as isize {
+                                    continue;
+                                }
+                                let (sy, sx) = if s.upsample {
+                                    (iy as usize / 2, ix as usize / 2)
+                                } else {
+                                    (iy as usize, ix as usize)
+                                };
+                                let xv = x[((n * s.cin + ci) * s.h + sy) * s.w + sx] as f64;
+                                let wv = w[((co * s.cin + ci) * s.kh + ky) * s.kw + kx] as f64;
+                                acc += xv * wv;
+                                g += (xv * wv).abs();
+                            }
+                        }
+                    }
+                    let o = ((n * s.cout + co) * ho + oy) * wo + ox;
+                    let b = bias.map_or(0.0, |b| b[co] as f64);
+                    out[o] = acc + b + residual.map_or(0.0, |r| r[o] as f64);
+                    mag[o] = g + b.abs();
+                }
+            }
+        }
+    }
+    (out, mag, shape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testutil::{gpu, rand_vec};
+
+    fn check(s: RefShape, bias: bool, res: bool, seed: u64) {
+        let g = gpu();
+        let xv = rand_vec(s.n * s.cin * s.h * s.w, seed);
+        let wv = rand_vec(s.cout * s.cin * s.kh * s.kw, seed + 1);
+        let bv = rand_vec(s.cout, seed + 2);
+        let x = Tensor::from_slice(&g, &xv, &[s.n, s.cin, s.h, s.w]).unwrap();
+        let w = Tensor::from_slice(&g, &wv, &[s.cout, s.cin, s.kh, s.kw]).unwrap();
+        let b = Tensor::from_slice(&g, &bv, &[s.cout]).unwrap();
+        let (_, _, shape) = reference(&xv, &wv, None, None, &s);
+        let rv = rand_vec(shape.iter().product(), seed + 3);
+        let r = Tensor::from_slice(&g, &rv, &shape).unwrap();
+        let o = Conv2dOpts {
+            stride: s.stride,
+            pad: s.pad,
+            upsample: s.upsample,
+            bias: bias.then_some(&b),
+            residual: res.then_some(&r),
+        };
+        let y = conv2d(&x, &w, &o).unwrap();
+        assert_eq!(y.shape(), shape, "{s:?}");
+        let got = y.to_vec().unwrap();
+        let (want, mag, _) = reference(&xv, &wv, bias.then_some(&bv), res.then_some(&rv), &s);
+        let k = s.cin * s.kh * s.kw;
+        for i in 0..got.len() {
+            // f32 accumulation of K products: |err| <= K·eps·Σ|x·w| (plus the bias/residual adds).
+            let tol = 1.2 * (k as f64 + 3.0) * f32::EPSILON as f64 * mag[i]
+                + 1e-6 * (1.0 + want[i].abs());
+            let err = (got[i] as f64 - want[i]).abs();
+            assert!(
+                err <= tol,
+                "{s:?} bias{bias} res{res}: element {i} got {} want {} (err {err:e} > {tol:e})",
+                got[i],
+                want[i]
+            );
+        }
+    }
+
+    fn shape(n: usize, cin: usize, hw: (usize, usize), cout: usize, k: usize) -> RefShape {
+        RefShape {
+            n,
+            cin,
+            h: hw.0,
+            w: hw.1,
+            cout,
+            kh: k,
+            kw: k,
+            stride: 1,
+            pad: [k / 2; 4],
+            upsample: false,
+        }
+    }
+
+    #[test]
+    fn same_padding_3x3_and_1x1_over_shapes() {
+        let mut seed = 0;
+        for &(n, cin, hw, cout) in &[
+            (1, 1, (1, 1), 1),
+            (1, 3, (5, 7), 5),
+            (2, 4, (17, 9), 17),
+            (1, 32, (8, 8), 32),
+            (1, 3, (16, 65), 8),
+            (3, 5, (3, 1), 2),
+            (1, 65, (6, 5), 3),
+        ] {
+            for k in [1, 3] {
+                seed += 10;
+                check(
+                    shape(n, cin, hw, cout, k),
+                    seed % 20 == 0,
+                    seed % 30 == 0,
+                    seed,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn stride_two_with_taming_asymmetric_padding() {
+        // taming Downsample: pad (left 0, right 1, top 0, bottom 1), 3x3, stride 2, padding 0.
+        let mut seed = 500;
+        for &(n, cin, hw, cout) in &[
+            (1, 4, (8, 8), 4),
+            (2, 3, (16, 12), 5),
+            (1, 7, (9, 17), 9),
+            (1, 1, (2, 2), 1),
+            (1, 2, (2, 3), 3),
+        ] {
+            seed += 10;
+            let mut s = shape(n, cin, hw, cout, 3);
+            s.stride = 2;
+            s.pad = [0, 1, 0, 1];
+            check(s, true, false, seed);
+            // symmetric stride-2 padding and 1x1 stride 2 as well
+            s.pad = [1; 4];
+            check(s, false, true, seed + 1);
+            let mut s1 = shape(n, cin, hw, cout, 1);
+            s1.stride = 2;
+            check(s1, true, false, seed + 2);
+        }
+    }
+
+    #[test]
+    fn odd_kernels_paddings_and_strides() {
+        let mut seed = 900;
+        for (kh, kw, stride, pad) in [
+            (3, 3, 3, [2, 0, 1, 3]),
+            (2, 5, 1, [0, 0, 2, 2]),
+            (4, 4, 2, [1, 2, 1, 2]),
+            (1, 7, 1, [0, 0, 3, 3]),
+            (3, 1, 4, [0, 0, 0, 0]),
+        ] {
+            seed += 10;
+            let s = RefShape {
+                n: 2,
+                cin: 3,
+                h: 13,
+                w: 11,
+                cout: 6,
+                kh,
+                kw,
+                stride,
+                pad,
+                upsample: false,
+            };
+            check(s, true, true, seed);
+        }
+    }
+
+    #[test]
+    fn fused_nearest_upsample_then_conv() {
+        let mut seed = 1300;
+        for &(n, cin, hw, cout) in &[(1, 4, (4, 4), 4), (2, 3, (5, 3), 7), (1, 8, (1, 9), 2)] {
+            seed += 10;
+            let mut s = shape(n, cin, hw, cout, 3);
+            s.upsample = true;
+            check(s, true, false, seed);
+        }
+    }
+
+    #[test]
+    fn more_than_65535_workgroups() {
+        // 2049 x 8192 output = 4.2M pixel blocks of 4 = 65,568 workgroups of 64.
+        let s = RefShape {
+            n: 1,
+            cin: 1,
+            h: 2049,
+            w: 8192,
+            cout: 1,
+            kh: 1,
+            kw: 1,
+            stride: 1,
+            pad: [0; 4],
+            upsample: false,
+        };
+        check(s, true, false, 77);
+    }
+
+    #[test]
+    fn shape_errors_name_the_shapes() {
+        let g = gpu();
+        let x = Tensor::zeros(&g, &[1, 3, 8, 8]).unwrap();
+        let w = Tensor::zeros(&g, &[4, 2, 3, 3]).unwrap();
+        let e = conv2d(&x, &w, &Conv2dOpts::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[4, 2, 3, 3]") && e.contains("[1, 3, 8, 8]"),
+            "{e}"
+        );
+        let w = Tensor::zeros(&g, &[4, 3, 9, 9]).unwrap();
+        let e = conv2d(&x, &w, &Conv2dOpts::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not fit"), "{e}");
+        let w = Tensor::zeros(&g, &[4, 3, 3, 3]).unwrap();
+        let b = Tensor::zeros(&g, &[5]).unwrap();
+        let e = conv2d(&x, &w, &Conv2dOpts::padded(1, Some(&b)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bias"), "{e}");
+    }
+}
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::ops::testutil::{gpu, rand_vec};
+    #[test]
+    #[ignore]
+    fn time_conv() {
+        let g = gpu();
+        for &(c, hw) in &[(128usize, 256usize), (512, 16), (256, 64)] {
+            let x = Tensor::from_slice(&g, &rand_vec(c * hw * hw, 1), &[1, c, hw, hw]).unwrap();
+            let w = Tensor::from_slice(&g, &rand_vec(c * c * 9, 2), &[c, c, 3, 3]).unwrap();
+            let _ = conv2d(&x, &w, &Conv2dOpts::padded(1, None))
+                .unwrap()
+                .to_vec();
+            let t = std::time::Instant::now();
+            let y = conv2d(&x, &w, &Conv2dOpts::padded(1, None)).unwrap();
+            g.sync().unwrap();
+            let s = t.elapsed().as_secs_f64();
+            drop(y);
+            let gmac = (c * c * 9 * hw * hw) as f64 / 1e9;
+            eprintln!(
+                "conv c{c} {hw}x{hw}: {:.1} ms, {:.1} GFLOP/s",
+                s * 1e3,
+                2.0 * gmac / s
+            );
+        }
+    }
+}

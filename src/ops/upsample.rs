@@ -1,0 +1,120 @@
+//! Nearest-neighbour x2 upsampling in NCHW (`shaders/upsample.wgsl`), as
+//! `torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")`.
+//!
+//! [`crate::ops::conv2d::conv2d`] can fuse this into the convolution that follows it
+//! (`Conv2dOpts::upsample`), which is what the VQGAN decoder does.
+
+use crate::gpu::{grid_1d, Kernel, Shader};
+use crate::tensor::{DType, Tensor};
+use crate::{Error, Result};
+
+static SHADER: Shader = crate::shader!("upsample");
+
+/// Mirrors `struct Params` in `shaders/upsample.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    total: u32,
+    h: u32,
+    w: u32,
+    _pad: u32,
+}
+
+/// `x`: `[N, C, H, W]` -> `[N, C, 2H, 2W]`, each input pixel repeated in a 2x2 block.
+pub fn upsample_nearest2(x: &Tensor) -> Result<Tensor> {
+    x.expect_f32("upsample input")?;
+    if x.rank() != 4 {
+        return Err(Error::shape(format!(
+            "upsample needs [N, C, H, W], got {:?}",
+            x.shape()
+        )));
+    }
+    let (n, c, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let y = Tensor::empty(x.gpu(), &[n, c, 2 * h, 2 * w], DType::F32)?;
+    let total = y.numel();
+    if total == 0 {
+        return Ok(y);
+    }
+    if total > u32::MAX as usize {
+        return Err(Error::shape("upsample output has more than 2^32 elements"));
+    }
+    let p = Params {
+        total: total as u32,
+        h: h as u32,
+        w: w as u32,
+        _pad: 0,
+    };
+    x.gpu().dispatch(
+        &Kernel::new(&SHADER, "upsample_nearest2"),
+        &p,
+        &[x.binding(), y.binding()],
+        grid_1d((total as u32).div_ceil(256)),
+    );
+    Ok(y)
+}
+
+/// CPU reference of [`upsample_nearest2`] on `[N, C, H, W]` data.
+pub fn reference(x: &[f32], nc: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut y = Vec::with_capacity(nc * 4 * h * w);
+    for p in 0..nc {
+        for i in 0..2 * h {
+            for j in 0..2 * w {
+                y.push(x[(p * h + i / 2) * w + j / 2]);
+            }
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testutil::{gpu, rand_vec};
+
+    #[test]
+    fn matches_reference_over_shapes() {
+        let g = gpu();
+        for (i, &(n, c, h, w)) in [
+            (1, 1, 1, 1),
+            (1, 3, 5, 7),
+            (2, 17, 3, 1),
+            (1, 4, 65, 33),
+            (3, 2, 16, 16),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let xv = rand_vec(n * c * h * w, i as u64);
+            let x = Tensor::from_slice(&g, &xv, &[n, c, h, w]).unwrap();
+            let y = upsample_nearest2(&x).unwrap();
+            assert_eq!(y.shape(), &[n, c, 2 * h, 2 * w]);
+            // A copy: exact.
+            assert_eq!(
+                y.to_vec().unwrap(),
+                reference(&xv, n * c, h, w),
+                "{n} {c} {h} {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn more_than_65535_workgroups() {
+        // 4.2M input -> 16.8M outputs = 65,625 workgroups of 256.
+        let g = gpu();
+        let (h, w) = (1025, 4096);
+        let xv: Vec<f32> = (0..h * w).map(|i| (i % 4099) as f32).collect();
+        let x = Tensor::from_slice(&g, &xv, &[1, 1, h, w]).unwrap();
+        let y = upsample_nearest2(&x).unwrap().to_vec().unwrap();
+        assert_eq!(y, reference(&xv, 1, h, w));
+    }
+
+    #[test]
+    fn rank_is_checked() {
+        let g = gpu();
+        let x = Tensor::zeros(&g, &[3, 4]).unwrap();
+        assert!(upsample_nearest2(&x)
+            .unwrap_err()
+            .to_string()
+            .contains("[3, 4]"));
+    }
+}

@@ -1,0 +1,406 @@
+//! Vector quantisation (`shaders/vq.wgsl`): per position of an NCHW tensor, the nearest
+//! codebook entry by `||z||² + ||e||² − 2 z·e` (ties to the lowest index), the gather of the
+//! chosen entries back into NCHW, and the channel argmax used by Gumbel quantisers.
+//!
+//! Deterministic: each position's search is split into chunks of codes whose minima are then
+//! reduced in index order; no atomics.
+
+use crate::gpu::{grid_1d, Kernel, Shader};
+use crate::tensor::{DType, Tensor};
+use crate::{Error, Result};
+
+static SHADER: Shader = crate::shader!("vq");
+const WG: u32 = 64;
+/// Codes searched by one invocation of `nearest_partial`.
+const CHUNK: usize = 256;
+
+/// Mirrors `struct Params` in `shaders/vq.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    m: u32,
+    hw: u32,
+    d: u32,
+    k: u32,
+    chunks: u32,
+    total: u32,
+    _pad: [u32; 2],
+}
+
+fn nchw(t: &Tensor, what: &str) -> Result<(usize, usize, usize, usize)> {
+    t.expect_f32(what)?;
+    if t.rank() != 4 {
+        return Err(Error::shape(format!(
+            "{what} must be [N, C, H, W], got {:?}",
+            t.shape()
+        )));
+    }
+    if t.numel() > u32::MAX as usize {
+        return Err(Error::shape(format!("{what} has more than 2^32 elements")));
+    }
+    Ok((t.dim(0), t.dim(1), t.dim(2), t.dim(3)))
+}
+
+fn codebook_dims(e: &Tensor, d: usize) -> Result<usize> {
+    e.expect_f32("codebook")?;
+    if e.rank() != 2 || e.dim(1) != d || e.dim(0) == 0 {
+        return Err(Error::shape(format!(
+            "codebook {:?} does not match vectors of {d} channels (expected [K > 0, {d}])",
+            e.shape()
+        )));
+    }
+    Ok(e.dim(0))
+}
+
+/// Nearest codebook entry per position.
+///
+/// `z`: `[N, D, H, W]`; `codebook`: `[K, D]`. Returns the codes `[N, H, W]` (u32).
+pub fn nearest_codes(z: &Tensor, codebook: &Tensor) -> Result<Tensor> {
+    let (n, d, h, w) = nchw(z, "vq input")?;
+    let k = codebook_dims(codebook, d)?;
+    let gpu = z.gpu();
+    let m = n * h * w;
+    let codes = Tensor::empty(gpu, &[n, h, w], DType::U32)?;
+    if m == 0 {
+        return Ok(codes);
+    }
+    if d == 0 {
+        return Err(Error::shape("vq input has zero channels"));
+    }
+    let chunks = k.div_ceil(CHUNK);
+    if m.checked_mul(chunks)
+        .map_or(true, |t| t > u32::MAX as usize)
+    {
+        return Err(Error::shape("vq: positions x codebook chunks exceed 2^32"));
+    }
+    let p = Params {
+        m: m as u32,
+        hw: (h * w) as u32,
+        d: d as u32,
+        k: k as u32,
+        chunks: chunks as u32,
+        total: 0,
+        _pad: [0; 2],
+    };
+    let ee = Tensor::empty(gpu, &[k], DType::F32)?;
+    gpu.dispatch(
+        &Kernel::new(&SHADER, "code_norms"),
+        &p,
+        &[codebook.binding(), ee.binding()],
+        grid_1d((k as u32).div_ceil(WG)),
+    );
+    let dist = Tensor::empty(gpu, &[m, chunks], DType::F32)?;
+    let idx = Tensor::empty(gpu, &[m, chunks], DType::U32)?;
+    gpu.dispatch(
+        &Kernel::new(&SHADER, "nearest_partial").with("CHUNK", CHUNK as u32),
+        &p,
+        &[
+            z.binding(),
+            codebook.binding(),
+            ee.binding(),
+            dist.binding(),
+            idx.binding(),
+        ],
+        grid_1d(((m * chunks) as u32).div_ceil(WG)),
+    );
+    gpu.dispatch(
+        &Kernel::new(&SHADER, "nearest_reduce"),
+        &p,
+        &[dist.binding(), idx.binding(), codes.binding()],
+        grid_1d((m as u32).div_ceil(WG)),
+    );
+    Ok(codes)
+}
+
+/// Codebook rows for a grid of codes: `codes` `[N, H, W]` (u32), `codebook` `[K, D]` ->
+/// `[N, D, H, W]`. Codes must be below K (codes from [`nearest_codes`] are; check codes read
+/// from a user's file with [`check_codes`] first).
+pub fn gather(codes: &Tensor, codebook: &Tensor) -> Result<Tensor> {
+    if codes.dtype() != DType::U32 || codes.rank() != 3 {
+        return Err(Error::shape(format!(
+            "vq gather needs u32 codes [N, H, W], got {:?} {:?}",
+            codes.dtype(),
+            codes.shape()
+        )));
+    }
+    codebook.expect_f32("codebook")?;
+    if codebook.rank() != 2 || codebook.dim(0) == 0 {
+        return Err(Error::shape(format!(
+            "codebook must be [K > 0, D], got {:?}",
+            codebook.shape()
+        )));
+    }
+    let (n, h, w) = (codes.dim(0), codes.dim(1), codes.dim(2));
+    let (k, d) = (codebook.dim(0), codebook.dim(1));
+    let gpu = codes.gpu();
+    let out = Tensor::empty(gpu, &[n, d, h, w], DType::F32)?;
+    let total = out.numel();
+    if total == 0 {
+        return Ok(out);
+    }
+    if total > u32::MAX as usize {
+        return Err(Error::shape("vq gather output has more than 2^32 elements"));
+    }
+    let p = Params {
+        m: (n * h * w) as u32,
+        hw: (h * w) as u32,
+        d: d as u32,
+        k: k as u32,
+        chunks: 0,
+        total: total as u32,
+        _pad: [0; 2],
+    };
+    gpu.dispatch(
+        &Kernel::new(&SHADER, "gather"),
+        &p,
+        &[codes.binding(), codebook.binding(), out.binding()],
+        grid_1d((total as u32).div_ceil(WG)),
+    );
+    Ok(out)
+}
+
+/// Checks CPU-side codes against a codebook size, naming the first bad one.
+pub fn check_codes(codes: &[u32], k: usize) -> Result<()> {
+    match codes.iter().position(|&c| c as usize >= k) {
+        Some(i) => Err(Error::invalid(format!(
+            "code {} at position {i} is outside the codebook of {k} entries",
+            codes[i]
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Nearest entries and their vectors: `(codes [N, H, W] u32, z_q [N, D, H, W])`.
+pub fn nearest(z: &Tensor, codebook: &Tensor) -> Result<(Tensor, Tensor)> {
+    let codes = nearest_codes(z, codebook)?;
+    let zq = gather(&codes, codebook)?;
+    Ok((codes, zq))
+}
+
+/// Per position, the channel with the largest value (lowest index on ties): `x`
+/// `[N, C, H, W]` -> u32 `[N, H, W]`.
+pub fn argmax_channels(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = nchw(x, "argmax input")?;
+    let gpu = x.gpu();
+    let out = Tensor::empty(gpu, &[n, h, w], DType::U32)?;
+    let m = n * h * w;
+    if m == 0 {
+        return Ok(out);
+    }
+    if c == 0 {
+        return Err(Error::shape("argmax over zero channels"));
+    }
+    let p = Params {
+        m: m as u32,
+        hw: (h * w) as u32,
+        d: c as u32,
+        k: c as u32,
+        chunks: 0,
+        total: 0,
+        _pad: [0; 2],
+    };
+    gpu.dispatch(
+        &Kernel::new(&SHADER, "argmax_channels"),
+        &p,
+        &[x.binding(), out.binding()],
+        grid_1d((m as u32).div_ceil(WG)),
+    );
+    Ok(out)
+}
+
+/// CPU reference: per position of `z` (`[N, D, H, W]` flat), the exact (f64) squared
+/// distance to every code of `e` (`[K, D]` flat). Returns `dist[m][k]`.
+pub fn reference_distances(z: &[f32], n: usize, d: usize, hw: usize, e: &[f32]) -> Vec<Vec<f64>> {
+    let k = e.len() / d.max(1);
+    let mut out = Vec::with_capacity(n * hw);
+    for b in 0..n {
+        for s in 0..hw {
+            out.push(
+                (0..k)
+                    .map(|c| {
+                        (0..d)
+                            .map(|j| {
+                                let diff = z[(b * d + j) * hw + s] as f64 - e[c * d + j] as f64;
+                                diff * diff
+                            })
+                            .sum()
+                    })
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
+/// CPU reference of the code choice: the lowest index with the smallest distance.
+pub fn reference_argmin(dist: &[f64]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in dist.iter().enumerate() {
+        if v < dist[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testutil::{gpu, rand_vec};
+
+    /// Checks codes against exact distances: the chosen code's distance is within `tol` of
+    /// the minimum (f32 rounding can only flip near-ties), exact where the gap is larger.
+    fn check_nearest(n: usize, d: usize, h: usize, w: usize, k: usize, seed: u64) {
+        let g = gpu();
+        let zv = rand_vec(n * d * h * w, seed);
+        let ev = rand_vec(k * d, seed + 1);
+        let z = Tensor::from_slice(&g, &zv, &[n, d, h, w]).unwrap();
+        let e = Tensor::from_slice(&g, &ev, &[k, d]).unwrap();
+        let (codes, zq) = nearest(&z, &e).unwrap();
+        assert_eq!(codes.shape(), &[n, h, w]);
+        assert_eq!(zq.shape(), &[n, d, h, w]);
+        let codes = codes.to_vec_u32().unwrap();
+        let zq = zq.to_vec().unwrap();
+        let dist = reference_distances(&zv, n, d, h * w, &ev);
+        // |z|,|e| <= sqrt(d); f32 error of ||z||²+||e||²−2z·e is about 4·d·eps·(|z|²+|e|²).
+        let tol = 8.0 * d as f64 * f32::EPSILON as f64 * (2.0 * d as f64);
+        for (m, row) in dist.iter().enumerate() {
+            let c = codes[m] as usize;
+            let best = reference_argmin(row);
+            assert!(
+                row[c] - row[best as usize] <= tol,
+                "n{n} d{d} {h}x{w} k{k}: position {m} chose {c} ({}) but {best} is at {}",
+                row[c],
+                row[best as usize]
+            );
+            let mut sorted = row.clone();
+            sorted.sort_by(f64::total_cmp);
+            if sorted.len() < 2 || sorted[1] - sorted[0] > tol {
+                assert_eq!(c as u32, best, "position {m}");
+            }
+            let (b, s) = (m / (h * w), m % (h * w));
+            for j in 0..d {
+                assert_eq!(zq[(b * d + j) * h * w + s], ev[c * d + j]);
+            }
+        }
+    }
+
+    #[test]
+    fn nearest_matches_reference_over_shapes() {
+        let mut seed = 0;
+        for &(n, d, h, w, k) in &[
+            (1, 1, 1, 1, 1),
+            (1, 3, 5, 7, 17),
+            (2, 8, 4, 6, 64),
+            (1, 16, 3, 3, 255),
+            (1, 4, 2, 3, 257),
+            (1, 32, 4, 4, 1000),
+            (2, 5, 1, 17, 513),
+        ] {
+            seed += 10;
+            check_nearest(n, d, h, w, k, seed);
+        }
+    }
+
+    #[test]
+    fn ties_go_to_the_lowest_index_within_and_across_chunks() {
+        let g = gpu();
+        let (d, k) = (4, 700);
+        let mut ev = rand_vec(k * d, 3);
+        // Rows 5, 9, 300 and 600 are one vector; z equals it, so all four tie at distance 0
+        // (bitwise: the same arithmetic on the same numbers), across three chunks.
+        let v = [0.25f32, -0.5, 0.75, 0.125];
+        for r in [600, 300, 9, 5] {
+            ev[r * d..r * d + d].copy_from_slice(&v);
+        }
+        let mut zv = vec![0.0f32; d * 2];
+        for j in 0..d {
+            zv[j * 2] = v[j];
+            zv[j * 2 + 1] = ev[650 * d + j]; // second position: exactly row 650
+        }
+        let z = Tensor::from_slice(&g, &zv, &[1, d, 1, 2]).unwrap();
+        let e = Tensor::from_slice(&g, &ev, &[k, d]).unwrap();
+        let codes = nearest_codes(&z, &e).unwrap().to_vec_u32().unwrap();
+        assert_eq!(codes, vec![5, 650]);
+        // Ties between the two chunk winners: rows 299 (chunk 1) and 513 (chunk 2) only.
+        let mut ev2 = vec![10.0f32; k * d];
+        ev2[299 * d..299 * d + d].copy_from_slice(&v);
+        ev2[513 * d..513 * d + d].copy_from_slice(&v);
+        let e2 = Tensor::from_slice(&g, &ev2, &[k, d]).unwrap();
+        let codes = nearest_codes(&z, &e2).unwrap().to_vec_u32().unwrap();
+        assert_eq!(codes[0], 299);
+    }
+
+    #[test]
+    fn argmax_and_gather_match_reference() {
+        let g = gpu();
+        for &(n, c, h, w) in &[(1, 1, 1, 1), (2, 17, 3, 5), (1, 300, 4, 4)] {
+            let mut xv = rand_vec(n * c * h * w, c as u64);
+            // A tie: channel 0 and the last channel share the max at position 0.
+            if c > 1 {
+                xv[0] = 5.0;
+                xv[(c - 1) * h * w] = 5.0;
+            }
+            let x = Tensor::from_slice(&g, &xv, &[n, c, h, w]).unwrap();
+            let got = argmax_channels(&x).unwrap().to_vec_u32().unwrap();
+            for (m, &code) in got.iter().enumerate() {
+                let (b, s) = (m / (h * w), m % (h * w));
+                let vals: Vec<f64> = (0..c)
+                    .map(|j| -(xv[(b * c + j) * h * w + s] as f64))
+                    .collect();
+                assert_eq!(
+                    code,
+                    reference_argmin(&vals),
+                    "{n} {c} {h} {w} position {m}"
+                );
+            }
+        }
+        let ev = rand_vec(10 * 3, 1);
+        let e = Tensor::from_slice(&g, &ev, &[10, 3]).unwrap();
+        let cv = vec![9u32, 0, 4, 4, 7, 1];
+        let codes = Tensor::from_u32(&g, &cv, &[2, 1, 3]).unwrap();
+        let zq = gather(&codes, &e).unwrap();
+        assert_eq!(zq.shape(), &[2, 3, 1, 3]);
+        let zq = zq.to_vec().unwrap();
+        for (m, &c) in cv.iter().enumerate() {
+            let (b, s) = (m / 3, m % 3);
+            for j in 0..3 {
+                assert_eq!(zq[(b * 3 + j) * 3 + s], ev[c as usize * 3 + j]);
+            }
+        }
+        assert!(check_codes(&[1, 10], 10)
+            .unwrap_err()
+            .to_string()
+            .contains("code 10"));
+    }
+
+    #[test]
+    fn more_than_65535_workgroups() {
+        // 2049 x 2048 positions = 65,568 workgroups of 64 in every pass.
+        let g = gpu();
+        let (h, w) = (2049, 2048);
+        let zv: Vec<f32> = (0..h * w).map(|i| (i % 3) as f32 + 0.1).collect();
+        let z = Tensor::from_slice(&g, &zv, &[1, 1, h, w]).unwrap();
+        let e = Tensor::from_slice(&g, &[2.0, 0.0, 1.0], &[3, 1]).unwrap();
+        let (codes, zq) = nearest(&z, &e).unwrap();
+        let codes = codes.to_vec_u32().unwrap();
+        let zq = zq.to_vec().unwrap();
+        for i in (0..h * w).step_by(101).chain([h * w - 1]) {
+            let want = [1u32, 2, 0][i % 3];
+            assert_eq!(codes[i], want, "position {i}");
+            assert_eq!(zq[i], [0.0, 1.0, 2.0][i % 3]);
+        }
+    }
+
+    #[test]
+    fn shape_errors() {
+        let g = gpu();
+        let z = Tensor::zeros(&g, &[1, 4, 2, 2]).unwrap();
+        let e = Tensor::zeros(&g, &[8, 3]).unwrap();
+        let err = nearest(&z, &e).unwrap_err().to_string();
+        assert!(
+            err.contains("[8, 3]") && err.contains("4 channels"),
+            "{err}"
+        );
+    }
+}
