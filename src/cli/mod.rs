@@ -4,6 +4,7 @@ mod bench;
 mod classify;
 mod clip_args;
 mod embed;
+mod generate;
 mod info;
 mod search;
 
@@ -62,6 +63,8 @@ pub enum Command {
     Classify(classify::ClassifyArgs),
     /// Search a folder of images with a text or an image (the folder is indexed first).
     Search(search::SearchArgs),
+    /// VQGAN+CLIP text-to-image: optimise a VQGAN latent so CLIP sees the prompts.
+    Generate(Box<generate::GenerateArgs>),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -71,5 +74,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Embed(a) => embed::run(&cli.device, a),
         Command::Classify(a) => classify::run(&cli.device, a),
         Command::Search(a) => search::run(&cli.device, a),
+        Command::Generate(a) => generate::run(&cli.device, *a),
     }
 }
