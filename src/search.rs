@@ -377,6 +377,6 @@ impl ImageIndex {
 fn sql(db: &str, e: rusqlite::Error) -> Error {
     Error::Format {
         path: db.to_string(),
-        msg: format!("image index database: {e}"),
+        msg: format!("image index database: {e} (deleting the file rebuilds the index)"),
     }
 }

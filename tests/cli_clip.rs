@@ -316,6 +316,19 @@ fn search_indexes_incrementally_and_skips_undecodable_images() {
         .unwrap();
     assert!((hit["score"].as_f64().unwrap() as f32 - cos).abs() < 1e-5);
 
+    // A corrupt index file: named, with the way out.
+    std::fs::write(d.join(".vqclip-index.sqlite"), vec![7u8; 4096]).unwrap();
+    fails(
+        &["search", "--clip", m, "--dir", ds, "x"],
+        "deleting the file rebuilds the index",
+    );
+    std::fs::remove_file(d.join(".vqclip-index.sqlite")).unwrap();
+    let r = search("a red disc");
+    assert_eq!(
+        (r["indexed"].clone(), r["encoded"].clone()),
+        (5.into(), 5.into())
+    );
+
     fails(
         &["search", "--clip", m, "--dir", "/no/such/dir", "x"],
         "not a folder",

@@ -1,6 +1,6 @@
 //! `vqclip classify`: zero-shot classification of images against text labels.
 
-use super::clip_args::{check_texts, load_images, ClipArgs};
+use super::clip_args::{check_texts, load_images, warn_truncated, ClipArgs};
 use super::DeviceArgs;
 use anyhow::{bail, Result};
 use clap::Args;
@@ -37,6 +37,7 @@ fn parse_labels(s: &str) -> Result<Vec<String>> {
 pub fn run(dev: &DeviceArgs, a: ClassifyArgs) -> Result<()> {
     let labels = parse_labels(&a.labels)?;
     let model = a.clip.load(dev)?;
+    warn_truncated(&model, &labels)?;
     let images = load_images(&a.images)?;
     let text = model.encode_text(&labels)?;
     let img = model.encode_image(&model.pixel_values(&images)?)?;

@@ -42,6 +42,26 @@ pub fn check_texts(texts: &[String], what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Warns (on stderr) about each text longer than the model's context, which is truncated
+/// as transformers truncates it.
+pub fn warn_truncated(model: &ClipModel, texts: &[String]) -> Result<()> {
+    if texts.is_empty() {
+        return Ok(());
+    }
+    let tok = model.tokenizer()?;
+    for t in texts {
+        if tok.encode_checked(t)?.1 {
+            let short: String = t.chars().take(40).collect();
+            eprintln!(
+                "warning: \"{short}…\" is longer than the model's {} tokens; the rest is \
+                 dropped",
+                tok.context_length()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Decodes every image, failing on the first that cannot be read.
 pub fn load_images(paths: &[PathBuf]) -> Result<Vec<image::RgbImage>> {
     paths.iter().map(|p| Ok(load_image(p)?)).collect()

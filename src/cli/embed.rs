@@ -1,6 +1,6 @@
 //! `vqclip embed`: L2-normalised CLIP embeddings of texts and images.
 
-use super::clip_args::{check_texts, load_images, ClipArgs};
+use super::clip_args::{check_texts, load_images, warn_truncated, ClipArgs};
 use super::DeviceArgs;
 use anyhow::{bail, Result};
 use clap::Args;
@@ -27,6 +27,7 @@ pub fn run(dev: &DeviceArgs, a: EmbedArgs) -> Result<()> {
     }
     check_texts(&a.texts, "a --text")?;
     let model = a.clip.load(dev)?;
+    warn_truncated(&model, &a.texts)?;
     // Decode everything before any GPU work so that a bad file fails fast.
     let images = load_images(&a.images)?;
     let p = model.config.projection_dim;

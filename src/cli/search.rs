@@ -1,6 +1,6 @@
 //! `vqclip search`: rank a folder's images against a text or an image.
 
-use super::clip_args::{check_texts, ClipArgs};
+use super::clip_args::{check_texts, warn_truncated, ClipArgs};
 use super::DeviceArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -90,6 +90,7 @@ pub fn run(dev: &DeviceArgs, a: SearchArgs) -> Result<()> {
         let img = load_image(&query_path)?;
         model.encode_image(&model.pixel_values(&[img])?)?
     } else {
+        warn_truncated(&model, std::slice::from_ref(&a.query))?;
         model.encode_text(std::slice::from_ref(&a.query))?
     };
     let hits = index.search(&q, a.top)?;

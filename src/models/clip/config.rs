@@ -354,6 +354,80 @@ impl ClipConfig {
     }
 }
 
+impl ClipConfig {
+    /// Every tensor a `CLIPModel` checkpoint of this config holds, with its shape, in the
+    /// order transformers lists them (the persistent `position_ids` buffers excepted).
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut add = |k: String, s: &[usize]| out.push((k, s.to_vec()));
+        let layers =
+            |add: &mut dyn FnMut(String, &[usize]), pre: &str, n: usize, d: usize, i: usize| {
+                for l in 0..n {
+                    let p = format!("{pre}.encoder.layers.{l}");
+                    for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                        add(format!("{p}.self_attn.{proj}.weight"), &[d, d]);
+                        add(format!("{p}.self_attn.{proj}.bias"), &[d]);
+                    }
+                    add(format!("{p}.layer_norm1.weight"), &[d]);
+                    add(format!("{p}.layer_norm1.bias"), &[d]);
+                    add(format!("{p}.mlp.fc1.weight"), &[i, d]);
+                    add(format!("{p}.mlp.fc1.bias"), &[i]);
+                    add(format!("{p}.mlp.fc2.weight"), &[d, i]);
+                    add(format!("{p}.mlp.fc2.bias"), &[d]);
+                    add(format!("{p}.layer_norm2.weight"), &[d]);
+                    add(format!("{p}.layer_norm2.bias"), &[d]);
+                }
+            };
+        let (t, v) = (&self.text, &self.vision);
+        let td = t.hidden_size;
+        add(
+            "text_model.embeddings.token_embedding.weight".into(),
+            &[t.vocab_size, td],
+        );
+        add(
+            "text_model.embeddings.position_embedding.weight".into(),
+            &[t.max_position_embeddings, td],
+        );
+        layers(
+            &mut add,
+            "text_model",
+            t.num_hidden_layers,
+            td,
+            t.intermediate_size,
+        );
+        add("text_model.final_layer_norm.weight".into(), &[td]);
+        add("text_model.final_layer_norm.bias".into(), &[td]);
+        let (vd, p) = (v.hidden_size, v.patch_size);
+        add("vision_model.embeddings.class_embedding".into(), &[vd]);
+        add(
+            "vision_model.embeddings.patch_embedding.weight".into(),
+            &[vd, v.num_channels, p, p],
+        );
+        add(
+            "vision_model.embeddings.position_embedding.weight".into(),
+            &[v.num_positions(), vd],
+        );
+        add("vision_model.pre_layrnorm.weight".into(), &[vd]);
+        add("vision_model.pre_layrnorm.bias".into(), &[vd]);
+        layers(
+            &mut add,
+            "vision_model",
+            v.num_hidden_layers,
+            vd,
+            v.intermediate_size,
+        );
+        add("vision_model.post_layernorm.weight".into(), &[vd]);
+        add("vision_model.post_layernorm.bias".into(), &[vd]);
+        add(
+            "visual_projection.weight".into(),
+            &[self.projection_dim, vd],
+        );
+        add("text_projection.weight".into(), &[self.projection_dim, td]);
+        add("logit_scale".into(), &[]);
+        out
+    }
+}
+
 impl TextConfig {
     fn base() -> TextConfig {
         TextConfig {
@@ -464,6 +538,30 @@ mod tests {
             let e = ClipConfig::from_json(json).unwrap_err();
             assert!(e.contains(want), "{json}: {e}");
         }
+    }
+
+    #[test]
+    fn tensor_list_matches_the_hub_checkpoint() {
+        // The key list of openai/clip-vit-base-patch32 (docs/keys, from the transformers
+        // module structure) and its parameter count, 151,277,313.
+        let want: Vec<(String, Vec<usize>)> =
+            include_str!("../../../tests/fixtures/clip/vit_b32_hf_keys.txt")
+                .lines()
+                .map(|l| {
+                    let (k, s) = l.split_once(' ').unwrap();
+                    let dims = s.trim_matches(|c| c == '[' || c == ']');
+                    let shape = dims
+                        .split(", ")
+                        .filter(|x| !x.is_empty())
+                        .map(|x| x.parse().unwrap())
+                        .collect();
+                    (k.to_string(), shape)
+                })
+                .collect();
+        let got = ClipConfig::vit_base_patch32().tensor_shapes();
+        assert_eq!(got, want);
+        let params: usize = got.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        assert_eq!(params, 151_277_313);
     }
 
     #[test]

@@ -5,7 +5,6 @@
 
 pub mod config;
 pub mod encoder;
-mod pending;
 pub mod preprocess;
 pub mod text;
 pub mod tokenizer;
@@ -17,8 +16,10 @@ pub use text::ClipTextTransformer;
 pub use tokenizer::ClipTokenizer;
 pub use vision::ClipVisionTransformer;
 
+use crate::ops::concat::{concat, slice};
 use crate::ops::elementwise::{mul, unary, UnaryOp};
 use crate::ops::matmul::{matmul, MatmulOpts};
+use crate::ops::reduce::{reduce, ReduceOp};
 use crate::ops::Act;
 use crate::weights::{Loader, SafetensorsFile, TensorSource};
 use crate::{Error, Gpu, Result, Tensor};
@@ -170,10 +171,8 @@ impl ClipModel {
     /// Projected, unnormalised text features `[N, P]` of token ids (transformers'
     /// `get_text_features`).
     pub fn text_features_ids(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
-        let pad = self.tokenizer.as_ref().map_or_else(
-            || ids.iter().flatten().copied().max().unwrap_or(0),
-            ClipTokenizer::eos_id,
-        );
+        // Padding with EOS as transformers does; any id would give the same results.
+        let pad = self.tokenizer.as_ref().map_or(0, ClipTokenizer::eos_id);
         let per_text = self.config.text.max_position_embeddings
             * self
                 .config
@@ -224,7 +223,7 @@ impl ClipModel {
             let part = if m == n {
                 pixels.clone()
             } else {
-                pending::slice(pixels, 0, start, m)?
+                slice(pixels, 0, start, m)?
             };
             let pooled = self.vision_model.forward(&part)?;
             outs.push(self.visual_projection.forward(&pooled, Act::None, None)?);
@@ -287,6 +286,33 @@ impl ClipModel {
     }
 }
 
+/// Random weights for every tensor of `config` (uniform, scaled by 1/√fan-in; LayerNorm
+/// gains near 1): a model of the real size and cost without a checkpoint, for benches.
+pub fn random_weights(config: &ClipConfig, seed: u64) -> Result<crate::weights::MemorySource> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut src = crate::weights::MemorySource::new(format!("random weights (seed {seed})"));
+    for (key, shape) in config.tensor_shapes() {
+        let n: usize = shape.iter().product();
+        let fan_in = shape.iter().skip(1).product::<usize>().max(1) as f32;
+        let norm_gain = shape.len() == 1 && key.contains("norm") && key.ends_with("weight");
+        let a = if shape.len() >= 2 && !key.contains("embedding") {
+            (3.0 / fan_in).sqrt()
+        } else {
+            0.1
+        };
+        let data: Vec<f32> = if key == "logit_scale" {
+            vec![config.logit_scale_init_value]
+        } else {
+            (0..n)
+                .map(|_| rng.random_range(-a..a) + if norm_gain { 1.0 } else { 0.0 })
+                .collect()
+        };
+        src.insert(key, &shape, data)?;
+    }
+    Ok(src)
+}
+
 /// Rows of `x` `[N, P]` divided by their L2 norm.
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     if x.rank() != 2 {
@@ -295,8 +321,7 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
             x.shape()
         )));
     }
-    let ones = Tensor::full(x.gpu(), &[x.dim(1), 1], 1.0)?;
-    let sq = matmul(&unary(x, UnaryOp::Square)?, &ones, &MatmulOpts::default())?;
+    let sq = reduce(&unary(x, UnaryOp::Square)?, 1, ReduceOp::Sum, true)?;
     mul(x, &unary(&sq, UnaryOp::Rsqrt)?)
 }
 
@@ -305,5 +330,5 @@ fn cat_rows(mut parts: Vec<Tensor>) -> Result<Tensor> {
         return Ok(parts.remove(0));
     }
     let refs: Vec<&Tensor> = parts.iter().collect();
-    pending::concat(&refs, 0)
+    concat(&refs, 0)
 }

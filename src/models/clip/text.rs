@@ -4,52 +4,39 @@
 
 use super::config::TextConfig;
 use super::encoder::{ClipEncoder, EncoderDims, LayerNorm};
-use super::pending;
+use crate::ops::concat::slice;
+use crate::ops::elementwise::add;
+use crate::ops::gather::{gather_rows_from_ids, RowTable};
 use crate::weights::Loader;
 use crate::{Error, Gpu, Result, Tensor};
 
-/// `CLIPTextEmbeddings`. The tables stay in host memory: a batch needs only its own
-/// `N × T` rows, and the token table (100-150 MB) can exceed one storage binding on some
-/// adapters. Token and position rows are summed here, in f32 as PyTorch does, and uploaded.
+/// `CLIPTextEmbeddings`.
 pub struct ClipTextEmbeddings {
-    /// `token_embedding.weight` `[vocab, D]`, row-major.
-    pub token_embedding: Vec<f32>,
-    /// `position_embedding.weight` `[context, D]`, row-major.
-    pub position_embedding: Vec<f32>,
-    dim: usize,
-    vocab: usize,
-    context: usize,
+    /// `token_embedding.weight` `[vocab, D]`, in row chunks that each fit a storage binding
+    /// (ViT-L's table is larger than lavapipe's 128 MiB limit).
+    pub token_embedding: RowTable,
+    /// `position_embedding.weight` `[context, D]`.
+    pub position_embedding: Tensor,
 }
 
 impl ClipTextEmbeddings {
     fn load(l: &Loader, c: &TextConfig) -> Result<ClipTextEmbeddings> {
         let d = c.hidden_size;
+        let table = l.sub("token_embedding").cpu("weight", &[c.vocab_size, d])?;
         Ok(ClipTextEmbeddings {
-            token_embedding: l.sub("token_embedding").cpu("weight", &[c.vocab_size, d])?,
+            token_embedding: RowTable::from_slice(l.gpu(), &table, c.vocab_size, d)?,
             position_embedding: l
                 .sub("position_embedding")
-                .cpu("weight", &[c.max_position_embeddings, d])?,
-            dim: d,
-            vocab: c.vocab_size,
-            context: c.max_position_embeddings,
+                .tensor("weight", &[c.max_position_embeddings, d])?,
         })
     }
 
-    /// `[N, T, D]` embeddings of `ids` (each row already padded to `T`).
+    /// `[N, T, D]` embeddings of `ids` (each row already padded to `T`): token rows plus
+    /// the first `T` position rows.
     fn forward(&self, gpu: &Gpu, ids: &[Vec<u32>], t: usize) -> Result<Tensor> {
-        let d = self.dim;
-        let mut out = vec![0f32; ids.len() * t * d];
-        for (n, row) in ids.iter().enumerate() {
-            for (i, &id) in row.iter().enumerate() {
-                let tok = &self.token_embedding[id as usize * d..(id as usize + 1) * d];
-                let pos = &self.position_embedding[i * d..(i + 1) * d];
-                let o = &mut out[(n * t + i) * d..(n * t + i + 1) * d];
-                for ((o, a), b) in o.iter_mut().zip(tok).zip(pos) {
-                    *o = a + b;
-                }
-            }
-        }
-        Tensor::from_slice(gpu, &out, &[ids.len(), t, d])
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        let tok = gather_rows_from_ids(gpu, &self.token_embedding, &flat, &[ids.len(), t])?;
+        add(&tok, &slice(&self.position_embedding, 0, 0, t)?)
     }
 }
 
@@ -89,30 +76,29 @@ impl ClipTextTransformer {
     }
 
     /// Pooled output `[N, D]` (transformers' `pooler_output`) of token id sequences.
-    /// Sequences are padded with `pad_id` to the longest one; under the causal mask the
-    /// pooled position does not see the padding, so each result equals the unpadded run.
+    /// Sequences are padded with `pad_id` (any id of the vocabulary) to the longest one;
+    /// under the causal mask the pooled position does not see the padding, so each result
+    /// equals the unpadded run.
     pub fn forward(&self, gpu: &Gpu, ids: &[Vec<u32>], pad_id: u32) -> Result<Tensor> {
-        let e = &self.embeddings;
+        let (vocab, context) = (self.config.vocab_size, self.config.max_position_embeddings);
         let t = ids.iter().map(Vec::len).max().unwrap_or(0);
         if ids.is_empty() || t == 0 {
             return Err(Error::invalid("text tower: no tokens to encode"));
         }
-        if t > e.context {
+        if t > context {
             return Err(Error::invalid(format!(
-                "text of {t} tokens is longer than the model's context of {} tokens",
-                e.context
+                "text of {t} tokens is longer than the model's context of {context} tokens"
             )));
         }
         if let Some(&bad) = ids
             .iter()
             .flatten()
             .chain([&pad_id])
-            .find(|&&id| id as usize >= e.vocab)
+            .find(|&&id| id as usize >= vocab)
         {
             return Err(Error::invalid(format!(
-                "token id {bad} is outside the vocabulary of {} tokens (tokenizer and model \
-                 do not match?)",
-                e.vocab
+                "token id {bad} is outside the vocabulary of {vocab} tokens (tokenizer and \
+                 model do not match?)"
             )));
         }
         let padded: Vec<Vec<u32>> = ids
@@ -123,17 +109,19 @@ impl ClipTextTransformer {
                 r
             })
             .collect();
-        let x = e.forward(gpu, &padded, t)?;
+        let x = self.embeddings.forward(gpu, &padded, t)?;
         let h = self.encoder.forward(&x, true)?;
         // Pool first, then normalise: LayerNorm is per row, so this equals transformers'
         // final_layer_norm over every position followed by the pick.
-        let rows: Vec<u32> = padded
+        // The pooled position is chosen on each unpadded sequence, so that the padding value
+        // cannot move it (with EOS padding, as transformers pads, the choice is the same).
+        let rows: Vec<u32> = ids
             .iter()
             .enumerate()
             .map(|(n, r)| (n * t + self.config.pool_index(r)) as u32)
             .collect();
-        let d = e.dim;
-        let pooled = pending::gather_rows(&h.reshape(&[ids.len() * t, d])?, &rows)?;
+        let flat = RowTable::from_tensor(&h.reshape(&[ids.len() * t, self.config.hidden_size])?)?;
+        let pooled = gather_rows_from_ids(gpu, &flat, &rows, &[ids.len()])?;
         self.final_layer_norm.forward(&pooled)
     }
 }

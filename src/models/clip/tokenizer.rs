@@ -201,11 +201,16 @@ impl ClipTokenizer {
     /// to the context length with `<|endoftext|>` kept last. An empty text gives the two
     /// special tokens alone (transformers allows it; the CLI refuses empty prompts).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.encode_checked(text)?.0)
+    }
+
+    /// [`Self::encode`], also saying whether the text was truncated to fit the context.
+    pub fn encode_checked(&self, text: &str) -> Result<(Vec<u32>, bool)> {
         let enc = self
             .inner
             .encode(text, true)
             .map_err(|e| Error::invalid(format!("cannot tokenize {text:?}: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+        Ok((enc.get_ids().to_vec(), !enc.get_overflowing().is_empty()))
     }
 
     /// [`Self::encode`] for every text.

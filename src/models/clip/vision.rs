@@ -4,8 +4,9 @@
 
 use super::config::VisionConfig;
 use super::encoder::{ClipEncoder, EncoderDims, LayerNorm};
-use super::pending;
+use crate::ops::concat::{concat, slice};
 use crate::ops::elementwise::add;
+use crate::ops::gather::{gather_rows_from_ids, RowTable};
 use crate::ops::matmul::{matmul, MatmulOpts};
 use crate::ops::permute::permute;
 use crate::weights::Loader;
@@ -56,8 +57,14 @@ impl ClipVisionEmbeddings {
             .reshape(&[n * g * g, ch * p * p])?;
         let x = matmul(&patches, &self.patch_embedding, &MatmulOpts::linear(None))?;
         let d = c.hidden_size;
-        let cls = pending::gather_rows(&self.class_embedding, &vec![0; n])?;
-        let x = pending::concat(&[&cls.reshape(&[n, 1, d])?, &x.reshape(&[n, g * g, d])?], 1)?;
+        // The class token, repeated per image, in front of the patches.
+        let cls = gather_rows_from_ids(
+            pixels.gpu(),
+            &RowTable::from_tensor(&self.class_embedding)?,
+            &vec![0; n],
+            &[n, 1],
+        )?;
+        let x = concat(&[&cls, &x.reshape(&[n, g * g, d])?], 1)?;
         add(&x, &self.position_embedding)
     }
 }
@@ -104,9 +111,8 @@ impl ClipVisionTransformer {
             .pre_layrnorm
             .forward(&self.embeddings.forward(pixels)?)?;
         let h = self.encoder.forward(&x, false)?;
-        let (n, t, d) = (h.dim(0), h.dim(1), h.dim(2));
-        let rows: Vec<u32> = (0..n).map(|i| (i * t) as u32).collect();
-        let cls = pending::gather_rows(&h.reshape(&[n * t, d])?, &rows)?;
+        let (n, d) = (h.dim(0), h.dim(2));
+        let cls = slice(&h, 1, 0, 1)?.reshape(&[n, d])?;
         self.post_layernorm.forward(&cls)
     }
 }
