@@ -1,7 +1,9 @@
 //! Subcommands. Each lives in its own file and only parses, calls the library and prints.
 
 mod bench;
+mod convert;
 mod info;
+mod reconstruct;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
@@ -52,11 +54,17 @@ pub enum Command {
     /// Measure kernels (checked against CPU references first).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Encode, quantise and decode an image with a VQGAN (taming .ckpt or .safetensors).
+    Reconstruct(reconstruct::ReconstructArgs),
+    /// Convert a taming VQGAN .ckpt to .safetensors (+ its .yaml config beside it).
+    Convert(convert::ConvertArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Command::Info(a) => info::run(&cli.device, a),
         Command::Bench(b) => bench::run(&cli.device, b),
+        Command::Reconstruct(a) => reconstruct::run(&cli.device, a),
+        Command::Convert(a) => convert::run(a),
     }
 }
