@@ -20,8 +20,8 @@ struct Params {
     row0: u32,     // first output row of this dispatch (large M is split)
     batch0: u32,   // first batch entry of this dispatch (large batch is split)
     alpha: f32,
-    _pad0: u32,
-    _pad1: u32,
+    k0: u32,       // this dispatch sums k in [k0, k1): long K is split so that one
+    k1: u32,       // invocation's loops stay under llvmpipe's cap (ops::CPU_LOOP_LIMIT)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -36,6 +36,10 @@ override TRANS_B: bool = false;
 override HAS_BIAS: bool = false;
 override HAS_RES: bool = false;
 override ACT: u32 = 0u;
+// Split K: ACCUMULATE adds to the partial sum already in C; EPILOGUE (the last split) applies
+// bias, activation and residual. A single dispatch has ACCUMULATE = false, EPILOGUE = true.
+override ACCUMULATE: bool = false;
+override EPILOGUE: bool = true;
 
 fn a_at(base: u32, i: u32, kk: u32) -> f32 {
     if TRANS_A {
@@ -52,14 +56,19 @@ fn b_at(base: u32, kk: u32, j: u32) -> f32 {
 }
 
 fn store(bi: u32, i: u32, j: u32, v: f32) {
-    var x = p.alpha * v;
-    if HAS_BIAS {
-        x += bias[j];
-    }
-    x = apply_act(ACT, x);
     let o = bi * p.stride_c + i * p.n + j;
-    if HAS_RES {
-        x += res[o];
+    var x = p.alpha * v;
+    if ACCUMULATE {
+        x += c[o];
+    }
+    if EPILOGUE {
+        if HAS_BIAS {
+            x += bias[j];
+        }
+        x = apply_act(ACT, x);
+        if HAS_RES {
+            x += res[o];
+        }
     }
     c[o] = x;
 }
@@ -96,7 +105,7 @@ fn matmul_reg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     let c2 = min(col + 2u, p.n - 1u);
     let c3 = min(col + 3u, p.n - 1u);
     var acc: array<vec4<f32>, 4>;
-    for (var kk = 0u; kk < p.k; kk++) {
+    for (var kk = p.k0; kk < p.k1; kk++) {
         let av = vec4<f32>(a_at(ba, row, kk), a_at(ba, r1, kk), a_at(ba, r2, kk), a_at(ba, r3, kk));
         let bv = vec4<f32>(b_at(bb, kk, col), b_at(bb, kk, c1), b_at(bb, kk, c2), b_at(bb, kk, c3));
         acc[0] = fma(vec4<f32>(av.x), bv, acc[0]);
@@ -124,7 +133,7 @@ fn matmul_shared(
     let ba = bi * p.stride_a;
     let bb = bi * p.stride_b;
     var acc: array<vec4<f32>, 4>;
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+    for (var k0 = p.k0; k0 < p.k1; k0 += BK) {
         for (var l = 0u; l < 4u; l++) {
             let e = li + l * 256u;
             // Consecutive invocations walk the operand's contiguous axis.
@@ -140,7 +149,7 @@ fn matmul_shared(
             let gi = row_base + i;
             let gk = k0 + kk;
             var v = 0.0;
-            if gi < p.m && gk < p.k {
+            if gi < p.m && gk < p.k1 {
                 v = a_at(ba, gi, gk);
             }
             ta[kk * TILE + i] = v;
@@ -157,7 +166,7 @@ fn matmul_shared(
             let gj = col_base + j;
             let gkb = k0 + kb;
             var w = 0.0;
-            if gj < p.n && gkb < p.k {
+            if gj < p.n && gkb < p.k1 {
                 w = b_at(bb, gkb, gj);
             }
             tb[kb * TILE + j] = w;

@@ -164,6 +164,10 @@ impl Tensor {
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
     }
+    /// An identity for the underlying buffer: equal for clones and reshapes of one tensor.
+    pub fn buffer_id(&self) -> usize {
+        Arc::as_ptr(&self.buf) as usize
+    }
     pub(crate) fn raw(&self) -> &wgpu::Buffer {
         self.buf.raw()
     }
@@ -172,6 +176,16 @@ impl Tensor {
         Binding {
             buffer: self.raw(),
             size: self.bytes(),
+        }
+    }
+    /// This tensor as a binding rounded up to whole 16-byte units, for kernels that view it
+    /// as `array<vec4<f32>>`. The tail past the data reads as whatever the pooled buffer
+    /// holds (pool size classes are multiples of 64 bytes, so the range stays inside the
+    /// buffer); such kernels mask it.
+    pub(crate) fn binding_vec4(&self) -> Binding<'_> {
+        Binding {
+            buffer: self.raw(),
+            size: self.bytes().div_ceil(16).max(1) * 16,
         }
     }
     /// Errors unless the tensor is f32.

@@ -57,6 +57,11 @@ impl Grads {
     pub fn get(&self, v: &Var) -> Option<&Tensor> {
         self.0.get(&v.id)
     }
+    /// The gradient of a parameter taken with [`Tape::param`] on `tape`.
+    pub fn param(&self, tape: &Tape, t: &Tensor) -> Option<&Tensor> {
+        let id = *tape.param_ids().get(&t.buffer_id())?;
+        self.0.get(&id)
+    }
     /// Removes and returns the gradient of `v`.
     pub fn take(&mut self, v: &Var) -> Option<Tensor> {
         self.0.remove(&v.id)
@@ -67,6 +72,9 @@ impl Grads {
 #[derive(Default)]
 pub struct Tape {
     nodes: RefCell<Vec<Node>>,
+    /// Parameter leaves by buffer identity, so a weight used twice is one leaf.
+    params: RefCell<HashMap<usize, Var>>,
+    training: bool,
 }
 
 /// Sums a gradient of shape `[.., rows.., N]` down to a broadcast operand's shape, where the
@@ -97,6 +105,56 @@ fn row_sum(x: &Tensor) -> Result<Tensor> {
     matmul(&x.reshape(&[rows, l])?, &ones, &MatmulOpts::default())
 }
 
+/// Backward of `y = GroupNorm(x)·γ + β` (no activation), composed from elementwise ops and
+/// row sums. Per group of `L = C/G·S` values: `x̂ = (x − μ)·r`, and with `t = g·γ`:
+/// `dx = r·(t − mean(t) − x̂·mean(t·x̂))`, `dγ = Σ_{n,s} g·x̂`, `dβ = Σ_{n,s} g`.
+/// Returns `(dx, dγ, dβ)`.
+pub fn group_norm_backward(
+    x: &Tensor,
+    groups: usize,
+    gamma: &Tensor,
+    g: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, c) = (x.dim(0), x.dim(1));
+    let s = x.numel() / (n * c).max(1);
+    let l = c / groups * s;
+    let rows = n * groups;
+    let inv_l = 1.0 / l as f32;
+    let xg = x.reshape(&[rows, l])?;
+    let mean = elementwise::scale(&row_sum(&xg)?, inv_l)?;
+    let xc = elementwise::binary(&xg, &mean, BinaryOp::Sub)?;
+    let var = elementwise::scale(&row_sum(&elementwise::unary(&xc, UnaryOp::Square)?)?, inv_l)?;
+    let r = elementwise::unary(
+        &elementwise::unary(
+            &var,
+            UnaryOp::Affine {
+                scale: 1.0,
+                shift: eps,
+            },
+        )?,
+        UnaryOp::Rsqrt,
+    )?;
+    let xhat = elementwise::mul(&xc, &r)?; // [rows, L]
+    let t =
+        elementwise::mul(&g.reshape(&[n, c, s])?, &gamma.reshape(&[c, 1])?)?.reshape(&[rows, l])?;
+    let a = elementwise::scale(&row_sum(&t)?, inv_l)?;
+    let b = elementwise::scale(&row_sum(&elementwise::mul(&t, &xhat)?)?, inv_l)?;
+    let inner = elementwise::binary(
+        &elementwise::binary(&t, &a, BinaryOp::Sub)?,
+        &elementwise::mul(&xhat, &b)?,
+        BinaryOp::Sub,
+    )?;
+    let dx = elementwise::mul(&inner, &r)?.reshape(x.shape())?;
+    // Per-channel sums over the batch and spatial positions.
+    let per_channel = |m: &Tensor| -> Result<Tensor> {
+        let rs = row_sum(&m.reshape(&[n * c, s])?)?; // [N·C, 1]
+        sum_leading(&rs.reshape(&[n, c])?, &[c])
+    };
+    let gx = elementwise::mul(&g.reshape(&[rows, l])?, &xhat)?;
+    Ok((dx, per_channel(&gx)?, per_channel(g)?))
+}
+
 /// Backward of `y = softmax(scale · x)` over the last axis:
 /// `dx = scale · y ⊙ (g − Σ_j g_j y_j)`, the row sums taken as `(g ⊙ y) @ ones[L, 1]`.
 pub fn softmax_backward(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
@@ -109,9 +167,46 @@ pub fn softmax_backward(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
 }
 
 impl Tape {
-    /// An empty tape.
+    /// An empty tape for inference or latent optimisation: model parameters taken with
+    /// [`Tape::param`] need no gradient.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty tape for training: parameters taken with [`Tape::param`] get gradients.
+    pub fn training() -> Self {
+        Tape {
+            training: true,
+            ..Self::default()
+        }
+    }
+
+    /// True for a [`Tape::training`] tape.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// A model parameter as a leaf (one leaf per parameter however often it is used);
+    /// it needs a gradient on a training tape. Read its gradient with [`Grads::param`].
+    pub fn param(&self, t: &Tensor) -> Var {
+        let key = t.buffer_id();
+        if let Some(v) = self.params.borrow().get(&key) {
+            if v.shape() == t.shape() {
+                return v.clone();
+            }
+        }
+        let v = self.leaf(t.clone(), self.training);
+        self.params.borrow_mut().insert(key, v.clone());
+        v
+    }
+
+    /// The parameter leaves taken so far, by buffer identity.
+    pub fn param_ids(&self) -> HashMap<usize, usize> {
+        self.params
+            .borrow()
+            .iter()
+            .map(|(k, v)| (*k, v.id))
+            .collect()
     }
 
     fn push(&self, value: Tensor, parents: &[&Var], backward: Backward) -> Var {
@@ -282,6 +377,14 @@ impl Tape {
                 "Tape::matmul takes its bias as a Var and no residual (use Tape::add)",
             ));
         }
+        if !(a.needs_grad || b.needs_grad || bias.is_some_and(|b| b.needs_grad)) {
+            // Inference: the fused epilogue, nothing to record.
+            let fused = MatmulOpts {
+                bias: bias.map(|b| &b.value),
+                ..*o
+            };
+            return Ok(self.leaf(matmul(&a.value, &b.value, &fused)?, false));
+        }
         let plain = MatmulOpts {
             act: Act::None,
             bias: bias.map(|b| &b.value),
@@ -349,6 +452,20 @@ impl Tape {
         } else {
             self.act(&out, o.act)
         }
+    }
+
+    /// `act(x @ weightᵀ + bias)` with a PyTorch `Linear` weight `[out, in]`; `x`: `[.., in]`.
+    pub fn linear(&self, x: &Var, weight: &Var, bias: Option<&Var>, act: Act) -> Result<Var> {
+        self.matmul(
+            x,
+            weight,
+            bias,
+            &MatmulOpts {
+                trans_b: true,
+                act,
+                ..Default::default()
+            },
+        )
     }
 
     /// The same value viewed with another shape.
@@ -508,6 +625,11 @@ impl Tape {
     /// softmax → matmul so that its backward is theirs; the probabilities `[B, H, Tq, Tk]` are
     /// kept for the backward pass.
     pub fn attention(&self, q: &Var, k: &Var, v: &Var, causal: bool, scale: f32) -> Result<Var> {
+        if !(q.needs_grad || k.needs_grad || v.needs_grad) {
+            // Inference: the fused online-softmax kernel, no probabilities kept.
+            let o = crate::ops::attention::attention(&q.value, &k.value, &v.value, causal, scale)?;
+            return Ok(self.leaf(o, false));
+        }
         let scores = self.matmul(
             q,
             k,
@@ -533,6 +655,107 @@ impl Tape {
         };
         let p = self.softmax(&scores, 1.0)?;
         self.matmul(&p, v, None, &MatmulOpts::default())
+    }
+
+    /// `act(GroupNorm(x))` with affine `gamma`, `beta` `[C]`; `x`: `[N, C, ..]`.
+    pub fn group_norm(
+        &self,
+        x: &Var,
+        groups: usize,
+        gamma: &Var,
+        beta: &Var,
+        eps: f32,
+        act: Act,
+    ) -> Result<Var> {
+        use crate::ops::group_norm::group_norm;
+        if !(x.needs_grad || gamma.needs_grad || beta.needs_grad) {
+            let y = group_norm(
+                &x.value,
+                groups,
+                Some(&gamma.value),
+                Some(&beta.value),
+                eps,
+                act,
+            )?;
+            return Ok(self.leaf(y, false));
+        }
+        let y = group_norm(
+            &x.value,
+            groups,
+            Some(&gamma.value),
+            Some(&beta.value),
+            eps,
+            Act::None,
+        )?;
+        let (xv, gv) = (x.value.clone(), gamma.value.clone());
+        let out = self.push(
+            y,
+            &[x, gamma, beta],
+            Box::new(move |g, need| {
+                let r = group_norm_backward(&xv, groups, &gv, g, eps)?;
+                Ok(vec![
+                    need[0].then_some(r.0),
+                    need[1].then_some(r.1),
+                    need[2].then_some(r.2),
+                ])
+            }),
+        );
+        if act == Act::None {
+            Ok(out)
+        } else {
+            self.act(&out, act)
+        }
+    }
+
+    /// `len` entries of `x` along `axis` from `start`.
+    pub fn slice(&self, x: &Var, axis: usize, start: usize, len: usize) -> Result<Var> {
+        use crate::ops::concat::{concat, slice};
+        let y = slice(&x.value, axis, start, len)?;
+        let shape = x.shape().to_vec();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _need| {
+                // The gradient is g in the slice's place and zero elsewhere.
+                let zeros = |n: usize| -> Result<Tensor> {
+                    let mut s = shape.clone();
+                    s[axis] = n;
+                    Tensor::zeros(g.gpu(), &s)
+                };
+                let after = shape[axis] - start - len;
+                let mut all = Vec::with_capacity(3);
+                if start > 0 {
+                    all.push(zeros(start)?);
+                }
+                all.push(g.clone());
+                if after > 0 {
+                    all.push(zeros(after)?);
+                }
+                let refs: Vec<&Tensor> = all.iter().collect();
+                Ok(vec![Some(concat(&refs, axis)?)])
+            }),
+        ))
+    }
+
+    /// `xs` joined along `axis`.
+    pub fn concat(&self, xs: &[&Var], axis: usize) -> Result<Var> {
+        use crate::ops::concat::{concat, slice};
+        let vals: Vec<&Tensor> = xs.iter().map(|v| &v.value).collect();
+        let y = concat(&vals, axis)?;
+        let sizes: Vec<usize> = xs.iter().map(|v| v.shape()[axis]).collect();
+        Ok(self.push(
+            y,
+            xs,
+            Box::new(move |g, need| {
+                let mut start = 0;
+                let mut out = Vec::with_capacity(sizes.len());
+                for (i, &n) in sizes.iter().enumerate() {
+                    out.push(need[i].then(|| slice(g, axis, start, n)).transpose()?);
+                    start += n;
+                }
+                Ok(out)
+            }),
+        ))
     }
 
     /// Runs the backward pass from the scalar `loss` (`[1]` or `[]`), seeding `dloss = 1`.

@@ -525,3 +525,177 @@ fn attention_gradients_with_and_without_causal_mask() {
         );
     }
 }
+
+#[test]
+fn inference_paths_match_the_recorded_ones() {
+    // Without gradients the tape takes the fused kernels; values must agree with the
+    // recorded (composed) path.
+    let g = gpu();
+    let sh = [2, 3, 5, 4];
+    let (qv, kv, vv) = (rand_vec(120, 70), rand_vec(120, 71), rand_vec(120, 72));
+    let wv = rand_vec(6 * 4, 73);
+    let bv = rand_vec(6, 74);
+    for needs in [false, true] {
+        let tape = Tape::new();
+        let t = |v: &[f32], s: &[usize]| tape.leaf(Tensor::from_slice(&g, v, s).unwrap(), needs);
+        let (q, k, v) = (t(&qv, &sh), t(&kv, &sh), t(&vv, &sh));
+        let o = tape
+            .attention(&q, &k, &v, true, 0.5)
+            .unwrap()
+            .value()
+            .to_vec()
+            .unwrap();
+        let lin = tape
+            .linear(&q, &t(&wv, &[6, 4]), Some(&t(&bv, &[6])), Act::QuickGelu)
+            .unwrap()
+            .value()
+            .to_vec()
+            .unwrap();
+        let want_o = crate::ops::attention::reference(&qv, &kv, &vv, 6, 5, 5, 4, true, 0.5);
+        for i in 0..o.len() {
+            assert!(
+                (o[i] as f64 - want_o[i]).abs() < 1e-5,
+                "attention needs={needs} [{i}]"
+            );
+        }
+        for r in 0..30 {
+            for j in 0..6 {
+                let pre: f64 = (0..4)
+                    .map(|c| qv[r * 4 + c] as f64 * wv[j * 4 + c] as f64)
+                    .sum::<f64>()
+                    + bv[j] as f64;
+                let want = Act::QuickGelu.reference(pre);
+                assert!(
+                    (lin[r * 6 + j] as f64 - want).abs() < 1e-5,
+                    "linear needs={needs}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn group_norm_gradients() {
+    // loss = Σ w ⊙ swish(GroupNorm(x))  with x: [2, 4, 3, 2], 2 groups
+    let g = gpu();
+    let (n, c, h, w, groups) = (2, 4, 3, 2, 2);
+    let len = n * c * h * w;
+    let xv: Vec<f32> = rand_vec(len, 80).iter().map(|v| v * 2.0 + 0.3).collect();
+    let gam: Vec<f32> = rand_vec(c, 81).iter().map(|v| v + 1.0).collect();
+    let bet = rand_vec(c, 82);
+    let wv = rand_vec(len, 83);
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::from_slice(&g, &xv, &[n, c, h, w]).unwrap(), true);
+    let gamma = tape.leaf(Tensor::from_slice(&g, &gam, &[c]).unwrap(), true);
+    let beta = tape.leaf(Tensor::from_slice(&g, &bet, &[c]).unwrap(), true);
+    let wt = tape.leaf(Tensor::from_slice(&g, &wv, &[n, c, h, w]).unwrap(), false);
+    let y = tape
+        .group_norm(&x, groups, &gamma, &beta, 1e-6, Act::Silu)
+        .unwrap();
+    let loss = tape.sum(&tape.mul(&y, &wt).unwrap()).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let s = h * w;
+    let cg = c / groups;
+    let f = |xs: &[f64], gs: &[f64], bs: &[f64]| -> f64 {
+        let mut total = 0.0;
+        for ni in 0..n {
+            for gi in 0..groups {
+                let idx: Vec<usize> = (0..cg * s).map(|j| ni * c * s + gi * cg * s + j).collect();
+                let m = idx.iter().map(|&i| xs[i]).sum::<f64>() / idx.len() as f64;
+                let v = idx.iter().map(|&i| (xs[i] - m).powi(2)).sum::<f64>() / idx.len() as f64;
+                for &i in &idx {
+                    let ch = (i / s) % c;
+                    let pre = (xs[i] - m) / (v + 1e-6).sqrt() * gs[ch] + bs[ch];
+                    total += Act::Silu.reference(pre) * wv[i] as f64;
+                }
+            }
+        }
+        total
+    };
+    let d64 = |v: &[f32]| v.iter().map(|&q| q as f64).collect::<Vec<_>>();
+    let (x64, g64, b64) = (d64(&xv), d64(&gam), d64(&bet));
+    check(
+        grads.get(&x).unwrap(),
+        &fd(&|p| f(p, &g64, &b64), &xv),
+        "dx",
+    );
+    check(
+        grads.get(&gamma).unwrap(),
+        &fd(&|p| f(&x64, p, &b64), &gam),
+        "dgamma",
+    );
+    check(
+        grads.get(&beta).unwrap(),
+        &fd(&|p| f(&x64, &g64, p), &bet),
+        "dbeta",
+    );
+}
+
+#[test]
+fn slice_and_concat_gradients() {
+    // loss = Σ w ⊙ concat([slice(x, 1, 1, 2), y], axis 1)²
+    let g = gpu();
+    let xv = rand_vec(2 * 4 * 3, 90);
+    let yv = rand_vec(6, 91);
+    let wv = rand_vec(2 * 3 * 3, 92);
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::from_slice(&g, &xv, &[2, 4, 3]).unwrap(), true);
+    let y = tape.leaf(Tensor::from_slice(&g, &yv, &[2, 1, 3]).unwrap(), true);
+    let w = tape.leaf(Tensor::from_slice(&g, &wv, &[2, 3, 3]).unwrap(), false);
+    let s = tape.slice(&x, 1, 1, 2).unwrap();
+    let c = tape.concat(&[&s, &y], 1).unwrap();
+    let loss = tape
+        .sum(&tape.mul(&tape.square(&c).unwrap(), &w).unwrap())
+        .unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let f = |xs: &[f64], ys: &[f64]| -> f64 {
+        let mut t = 0.0;
+        for b in 0..2 {
+            for r in 0..3 {
+                for k in 0..3 {
+                    let v = if r < 2 {
+                        xs[b * 12 + (r + 1) * 3 + k]
+                    } else {
+                        ys[b * 3 + k]
+                    };
+                    t += v * v * wv[b * 9 + r * 3 + k] as f64;
+                }
+            }
+        }
+        t
+    };
+    let d64 = |v: &[f32]| v.iter().map(|&q| q as f64).collect::<Vec<_>>();
+    let (x64, y64) = (d64(&xv), d64(&yv));
+    check(grads.get(&x).unwrap(), &fd(&|p| f(p, &y64), &xv), "dx");
+    check(grads.get(&y).unwrap(), &fd(&|p| f(&x64, p), &yv), "dy");
+}
+
+#[test]
+fn params_are_one_leaf_and_follow_the_tape_mode() {
+    let g = gpu();
+    let w = Tensor::from_slice(&g, &[2.0, 3.0], &[2]).unwrap();
+    let x = Tensor::from_slice(&g, &[1.0, -1.0], &[2]).unwrap();
+    // loss = Σ (w·x)·w = Σ w²x → d/dw = 2wx, accumulated over both uses of w.
+    let tape = Tape::training();
+    let (p1, p2) = (tape.param(&w), tape.param(&w));
+    assert_eq!(p1.id(), p2.id());
+    let xv = tape.leaf(x.clone(), false);
+    let loss = tape
+        .sum(&tape.mul(&tape.mul(&p1, &xv).unwrap(), &p2).unwrap())
+        .unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    assert_eq!(
+        grads.param(&tape, &w).unwrap().to_vec().unwrap(),
+        vec![4.0, -6.0]
+    );
+    let tape = Tape::new();
+    let p = tape.param(&w);
+    let xv = tape.leaf(x, true);
+    let loss = tape.sum(&tape.mul(&p, &xv).unwrap()).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    assert!(
+        grads.param(&tape, &w).is_none(),
+        "inference tapes freeze parameters"
+    );
+    assert_eq!(grads.get(&xv).unwrap().to_vec().unwrap(), vec![2.0, 3.0]);
+}

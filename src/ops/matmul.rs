@@ -22,8 +22,13 @@ struct Params {
     row0: u32,
     batch0: u32,
     alpha: f32,
-    _pad: [u32; 2],
+    k0: u32,
+    k1: u32,
 }
+
+/// Most of K one dispatch sums. Both kernels loop about 1.25 times per k (loads included),
+/// so a split stays well under llvmpipe's 65,535-iteration cap ([`super::CPU_LOOP_LIMIT`]).
+pub const K_SPLIT: usize = 16_384;
 
 /// Options of [`matmul`]. `Default` is a plain `A @ B`.
 #[derive(Clone, Copy, Default)]
@@ -209,29 +214,44 @@ pub fn matmul_variant(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Variant) -> Res
     let res_b = o.residual.map_or(gpu.unused_binding(), Tensor::binding);
     const MAX: usize = 65535;
     let row_tiles = m.div_ceil(rows_per_wg);
-    for batch0 in (0..batch).step_by(MAX) {
-        let nz = (batch - batch0).min(MAX);
-        for t0 in (0..row_tiles).step_by(MAX) {
-            let ny = (row_tiles - t0).min(MAX);
-            let p = Params {
-                m: m as u32,
-                n: n as u32,
-                k: ka as u32,
-                batch: batch as u32,
-                stride_a,
-                stride_b,
-                stride_c: (m * n) as u32,
-                row0: (t0 * rows_per_wg) as u32,
-                batch0: batch0 as u32,
-                alpha: o.alpha.unwrap_or(1.0),
-                _pad: [0; 2],
-            };
-            gpu.dispatch(
-                &kernel,
-                &p,
-                &[a.binding(), b.binding(), bias_b, res_b, c.binding()],
-                [wg_x as u32, ny as u32, nz as u32],
-            );
+    let splits: Vec<(usize, usize)> = if ka == 0 {
+        vec![(0, 0)]
+    } else {
+        (0..ka)
+            .step_by(K_SPLIT)
+            .map(|k0| (k0, (k0 + K_SPLIT).min(ka)))
+            .collect()
+    };
+    for (si, &(k0, k1)) in splits.iter().enumerate() {
+        let kernel = kernel
+            .clone()
+            .with("ACCUMULATE", si > 0)
+            .with("EPILOGUE", si + 1 == splits.len());
+        for batch0 in (0..batch).step_by(MAX) {
+            let nz = (batch - batch0).min(MAX);
+            for t0 in (0..row_tiles).step_by(MAX) {
+                let ny = (row_tiles - t0).min(MAX);
+                let p = Params {
+                    m: m as u32,
+                    n: n as u32,
+                    k: ka as u32,
+                    batch: batch as u32,
+                    stride_a,
+                    stride_b,
+                    stride_c: (m * n) as u32,
+                    row0: (t0 * rows_per_wg) as u32,
+                    batch0: batch0 as u32,
+                    alpha: o.alpha.unwrap_or(1.0),
+                    k0: k0 as u32,
+                    k1: k1 as u32,
+                };
+                gpu.dispatch(
+                    &kernel,
+                    &p,
+                    &[a.binding(), b.binding(), bias_b, res_b, c.binding()],
+                    [wg_x as u32, ny as u32, nz as u32],
+                );
+            }
         }
     }
     Ok(c)
@@ -504,5 +524,57 @@ mod tests {
         let _ = x.to_vec().unwrap();
         // One submit for the readback; 20 if each op submitted on its own.
         assert_eq!(g.submit_count() - before, 1);
+    }
+}
+
+#[cfg(test)]
+mod loop_limit_tests {
+    use super::*;
+    use crate::ops::testutil::gpu;
+
+    #[test]
+    fn inner_dimension_beyond_the_cpu_loop_limit() {
+        // llvmpipe stops an invocation's loops after 65,535 iterations in total
+        // (ops::CPU_LOOP_LIMIT); a long K must still be summed completely.
+        let g = gpu();
+        for k in [65_535usize, 70_000, 200_001] {
+            let a = Tensor::full(&g, &[2, k], 1.0).unwrap();
+            let b = Tensor::full(&g, &[k, 3], 0.5).unwrap();
+            for v in Variant::ALL {
+                let c = matmul_variant(&a, &b, &MatmulOpts::default(), v)
+                    .unwrap()
+                    .to_vec()
+                    .unwrap();
+                for x in c {
+                    assert_eq!(x, 0.5 * k as f32, "{v:?} k={k}");
+                }
+            }
+        }
+        // The epilogue runs once, after the last split: relu(−Σ + 1) + 2 = 2, while a
+        // per-split epilogue would leave a different value.
+        let k = 40_000;
+        let a = Tensor::full(&g, &[1, k], 1.0).unwrap();
+        let b = Tensor::full(&g, &[k, 1], 0.001).unwrap();
+        let bias = Tensor::full(&g, &[1], 1.0).unwrap();
+        let res = Tensor::full(&g, &[1, 1], 2.0).unwrap();
+        for v in Variant::ALL {
+            let o = MatmulOpts {
+                alpha: Some(-1.0),
+                bias: Some(&bias),
+                act: Act::Relu,
+                residual: Some(&res),
+                ..Default::default()
+            };
+            let c = matmul_variant(&a, &b, &o, v).unwrap().to_vec().unwrap();
+            assert_eq!(c, vec![2.0], "{v:?}");
+            let o = MatmulOpts {
+                alpha: Some(1.0),
+                ..o
+            };
+            let c = matmul_variant(&a, &b, &o, v).unwrap().to_vec().unwrap();
+            // Σ of 40,000 f32 terms: within K·eps·Σ|ab| ≈ 0.19 of exact; a bias or residual
+            // applied per split would be off by whole units.
+            assert!((c[0] - 43.0).abs() < 0.2, "{v:?}: {}", c[0]);
+        }
     }
 }

@@ -2,20 +2,28 @@
 //! `shaders/<op>.wgsl`), shape guards, dispatch, CPU reference and tests.
 
 pub mod attention;
+pub mod concat;
 pub mod conv2d;
 pub mod elementwise;
+pub mod gather;
+pub mod group_norm;
 pub mod layer_norm;
 pub mod matmul;
 pub mod permute;
+pub mod reduce;
 pub mod softmax;
 pub mod upsample;
 pub mod vq;
 
 pub use attention::{attention, attention_bthd, merge_heads, split_heads};
+pub use concat::{concat, slice};
 pub use elementwise::{binary, unary, BinaryOp, UnaryOp};
+pub use gather::{gather_rows, gather_rows_table, RowTable};
+pub use group_norm::group_norm;
 pub use layer_norm::layer_norm;
 pub use matmul::{matmul, MatmulOpts};
 pub use permute::{permute, transpose};
+pub use reduce::{reduce, sum_all, ReduceOp};
 pub use softmax::{softmax, softmax_scaled};
 
 /// How a row-wise kernel (norms, softmax, attention) spreads its work.

@@ -1,0 +1,316 @@
+//! GroupNorm with an optional fused activation (`shaders/group_norm.wgsl`), as
+//! `torch.nn.GroupNorm` (taming-transformers' `Normalize` is `GroupNorm(32, C, eps=1e-6)`,
+//! usually followed by swish: pass [`Act::Silu`]).
+
+use super::Act;
+use crate::gpu::{grid_1d, Kernel, Shader};
+use crate::tensor::{DType, Tensor};
+use crate::{Error, Result};
+
+static SHADER: Shader = crate::shader!("group_norm", "act");
+const WG: u32 = 64;
+/// Most units (vec4s, or single values) one partial-sum invocation adds up.
+const UNITS_PER_PART: usize = 1024;
+
+/// Mirrors `struct Params` in `shaders/group_norm.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    groups_total: u32,
+    g: u32,
+    cpg: u32,
+    s: u32,
+    m: u32,
+    parts: u32,
+    stats: u32,
+    eps: f32,
+    units: u32,
+    _pad: [u32; 3],
+}
+
+/// Units per group (vec4s when `S % 4 == 0`) and the number of partial sums per group.
+fn plan(m: usize, s: usize) -> (usize, usize) {
+    let units = if s % 4 == 0 { m / 4 } else { m };
+    (units, units.div_ceil(UNITS_PER_PART).max(1))
+}
+
+/// Terms in the longest chain of f32 additions behind one group's statistics: the longest
+/// partial (units, 4 lanes each when vectorised, then the 4 lanes) plus the sum of the
+/// partials. Tests derive their tolerance from it.
+pub fn summation_depth(m: usize, s: usize) -> usize {
+    let (units, parts) = plan(m, s);
+    units.div_ceil(parts) + 4 + parts
+}
+
+/// `act(GroupNorm(x))`. `x`: `[N, C, ..]` (e.g. `[N, C, H, W]` or `[N, C, L]`);
+/// `gamma`, `beta`: `[C]`; `groups` must divide C. Returns `x`'s shape.
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f32,
+    act: Act,
+) -> Result<Tensor> {
+    x.expect_f32("group_norm input")?;
+    if x.rank() < 2 {
+        return Err(Error::shape(format!(
+            "group_norm needs [N, C, ..], got {:?}",
+            x.shape()
+        )));
+    }
+    let (n, c) = (x.dim(0), x.dim(1));
+    let s: usize = x.shape()[2..].iter().product();
+    if groups == 0 || c % groups != 0 {
+        return Err(Error::shape(format!(
+            "group_norm: {groups} groups do not divide the {c} channels of {:?}",
+            x.shape()
+        )));
+    }
+    for (name, t) in [("gamma", gamma), ("beta", beta)] {
+        if let Some(t) = t {
+            t.expect_f32(name)?;
+            if t.numel() != c {
+                return Err(Error::shape(format!(
+                    "group_norm {name} has shape {:?} but the input {:?} has C = {c}",
+                    t.shape(),
+                    x.shape()
+                )));
+            }
+        }
+    }
+    if eps.is_nan() || eps < 0.0 {
+        return Err(Error::invalid(format!(
+            "group_norm eps must be >= 0, got {eps}"
+        )));
+    }
+    let gpu = x.gpu();
+    let y = Tensor::empty(gpu, x.shape(), DType::F32)?;
+    if y.numel() == 0 {
+        return Ok(y);
+    }
+    let cpg = c / groups;
+    let m = cpg * s;
+    let vec = s % 4 == 0;
+    let (_, parts) = plan(m, s);
+    let ng = n * groups;
+    let total_units = if vec { x.numel() / 4 } else { x.numel() };
+    if ng * parts + 2 * ng > u32::MAX as usize || x.numel() > u32::MAX as usize - 4 {
+        return Err(Error::shape(format!(
+            "group_norm input {:?} is too large",
+            x.shape()
+        )));
+    }
+    let work = Tensor::empty(gpu, &[ng * parts + 2 * ng], DType::F32)?;
+    let p = Params {
+        groups_total: ng as u32,
+        g: groups as u32,
+        cpg: cpg as u32,
+        s: s as u32,
+        m: m as u32,
+        parts: parts as u32,
+        stats: (ng * parts) as u32,
+        eps,
+        units: total_units as u32,
+        _pad: [0; 3],
+    };
+    let k = |entry, sq: bool| {
+        Kernel::new(&SHADER, entry)
+            .with("VEC", vec)
+            .with("SQ", sq)
+            .with("WG", WG)
+    };
+    let sum_groups = grid_1d(((ng * parts) as u32).div_ceil(WG));
+    let stat_groups = grid_1d((ng as u32).div_ceil(WG));
+    for sq in [false, true] {
+        gpu.dispatch(
+            &k("gn_sum", sq),
+            &p,
+            &[work.binding(), x.binding_vec4()],
+            sum_groups,
+        );
+        gpu.dispatch(&k("gn_stats", sq), &p, &[work.binding()], stat_groups);
+    }
+    let apply = k("gn_apply", false)
+        .with("HAS_GAMMA", gamma.is_some())
+        .with("HAS_BETA", beta.is_some())
+        .with("ACT", act as u32);
+    gpu.dispatch(
+        &apply,
+        &p,
+        &[
+            work.binding(),
+            x.binding_vec4(),
+            gamma.map_or(gpu.unused_binding(), Tensor::binding),
+            beta.map_or(gpu.unused_binding(), Tensor::binding),
+            y.binding_vec4(),
+        ],
+        grid_1d((total_units as u32).div_ceil(WG)),
+    );
+    Ok(y)
+}
+
+/// CPU reference in f64 on `[n, c, s]` row-major data.
+#[allow(clippy::too_many_arguments)]
+pub fn reference(
+    x: &[f32],
+    n: usize,
+    c: usize,
+    s: usize,
+    groups: usize,
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    eps: f32,
+    act: Act,
+) -> Vec<f64> {
+    let m = c / groups * s;
+    let mut out = Vec::with_capacity(x.len());
+    for (gi, grp) in x.chunks(m).enumerate().take(n * groups) {
+        let mean = grp.iter().map(|&v| v as f64).sum::<f64>() / m as f64;
+        let var = grp.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / m as f64;
+        let rstd = 1.0 / (var + eps as f64).sqrt();
+        for (i, &v) in grp.iter().enumerate() {
+            let ch = (gi % groups) * (c / groups) + i / s;
+            let g = gamma.map_or(1.0, |g| g[ch] as f64);
+            let b = beta.map_or(0.0, |b| b[ch] as f64);
+            out.push(act.reference((v as f64 - mean) * rstd * g + b));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testutil::{gpu, rand_vec};
+
+    /// As for layer_norm: the statistics come from chains of at most L =
+    /// [`summation_depth`] f32 additions, so x̂ is off by about L·ε·κ·(|x̂| + 1) with
+    /// κ = max|x| / σ of the group; the affine step and the activation (1.13-Lipschitz at
+    /// most, its own error ~2e-6 relative for erf-based GELU, ~1e-7 otherwise) follow. Bound:
+    /// 1.2·(4·L·ε·κ·(|x̂·γ| + |γ|) + 2ε|β|) + 2e-6·(1 + |y|).
+    #[allow(clippy::too_many_arguments)]
+    fn check(shape: &[usize], groups: usize, affine: bool, act: Act, offset: f32, seed: u64) {
+        let g = gpu();
+        let (n, c) = (shape[0], shape[1]);
+        let s: usize = shape[2..].iter().product();
+        let numel = n * c * s;
+        let xv: Vec<f32> = rand_vec(numel, seed)
+            .iter()
+            .map(|v| v * 2.0 + offset)
+            .collect();
+        let gv = rand_vec(c, seed + 1);
+        let bv = rand_vec(c, seed + 2);
+        let x = Tensor::from_slice(&g, &xv, shape).unwrap();
+        let gt = Tensor::from_slice(&g, &gv, &[c]).unwrap();
+        let bt = Tensor::from_slice(&g, &bv, &[c]).unwrap();
+        let y = group_norm(
+            &x,
+            groups,
+            affine.then_some(&gt),
+            affine.then_some(&bt),
+            1e-6,
+            act,
+        )
+        .unwrap();
+        assert_eq!(y.shape(), shape);
+        let got = y.to_vec().unwrap();
+        let (gs, bs) = (affine.then_some(&gv[..]), affine.then_some(&bv[..]));
+        let want = reference(&xv, n, c, s, groups, gs, bs, 1e-6, act);
+        let plain = reference(&xv, n, c, s, groups, None, None, 1e-6, Act::None);
+        let m = c / groups * s;
+        let depth = summation_depth(m, s) as f64;
+        let e = f32::EPSILON as f64;
+        let kappa: Vec<f64> = xv
+            .chunks(m)
+            .map(|grp| {
+                let mu = grp.iter().map(|&v| v as f64).sum::<f64>() / m as f64;
+                let var = grp.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / m as f64;
+                let amax = grp.iter().fold(0.0f64, |a, &v| a.max((v as f64).abs()));
+                (amax / (var + 1e-6).sqrt()).max(1.0)
+            })
+            .collect();
+        for i in 0..numel {
+            let ch = (i / s) % c;
+            let gi = if affine { gv[ch].abs() as f64 } else { 1.0 };
+            let bi = if affine { bv[ch].abs() as f64 } else { 0.0 };
+            let tol = 1.2
+                * (4.0 * depth * e * kappa[i / m] * (plain[i].abs() * gi + gi) + 2.0 * e * bi)
+                + 2e-6 * (1.0 + want[i].abs());
+            let err = (got[i] as f64 - want[i]).abs();
+            assert!(
+                err <= tol,
+                "{shape:?} groups {groups} affine {affine} {act:?}: element {i} got {} want {} \
+                 (err {err:e} > tol {tol:e})",
+                got[i],
+                want[i]
+            );
+        }
+    }
+
+    #[test]
+    fn matches_reference_over_shapes() {
+        let cases: &[(&[usize], usize)] = &[
+            (&[1, 1], 1),
+            (&[1, 3, 1], 3),
+            (&[2, 4, 3, 5], 2),
+            (&[1, 32, 4, 4], 32),
+            (&[2, 64, 8, 8], 32),
+            (&[1, 6, 17], 3),
+            (&[3, 12, 65], 4),
+            (&[1, 128, 16, 16], 32),
+            (&[1, 4, 1031], 1),
+            (&[2, 8, 1000], 2),
+        ];
+        let mut seed = 0;
+        for &(shape, groups) in cases {
+            for (affine, act) in [(true, Act::Silu), (true, Act::None), (false, Act::None)] {
+                seed += 10;
+                check(shape, groups, affine, act, 0.0, seed);
+            }
+        }
+        check(&[1, 8, 9, 9], 4, true, Act::Gelu, 0.0, 500);
+        check(&[1, 8, 12, 12], 2, true, Act::None, 50.0, 510);
+        check(&[1, 8, 7, 7], 2, true, Act::None, 50.0, 520);
+    }
+
+    #[test]
+    fn large_groups() {
+        // 16 channels of 256×256 per group: 1M values per group, 256 partials of 1,024 vec4s.
+        check(&[1, 64, 256, 256], 4, true, Act::Silu, 0.5, 600);
+        // No vec4 path: S = 65,537, one group of 131k values.
+        check(&[1, 2, 65_537], 1, true, Act::None, 0.0, 610);
+    }
+
+    #[test]
+    fn more_than_65535_workgroups() {
+        // 140,000 small groups; then 4.5M values in the scalar path, whose apply pass needs
+        // 70,313 workgroups of 64.
+        check(&[70_000, 2, 2], 2, true, Act::None, 0.0, 700);
+        check(&[1, 2, 2_250_001], 2, true, Act::None, 0.0, 710);
+    }
+
+    #[test]
+    fn bad_arguments_are_reported() {
+        let g = gpu();
+        let x = Tensor::zeros(&g, &[1, 6, 4]).unwrap();
+        let e = group_norm(&x, 4, None, None, 1e-6, Act::None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("do not divide"), "{e}");
+        let gm = Tensor::zeros(&g, &[5]).unwrap();
+        let e = group_norm(&x, 3, Some(&gm), None, 1e-6, Act::None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gamma") && e.contains("C = 6"), "{e}");
+        let e = group_norm(&x, 3, None, None, -1.0, Act::None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("eps"), "{e}");
+        let v = Tensor::zeros(&g, &[6]).unwrap();
+        let e = group_norm(&v, 3, None, None, 1e-6, Act::None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[N, C, ..]"), "{e}");
+    }
+}
