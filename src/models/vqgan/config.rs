@@ -201,7 +201,7 @@ impl VqGanConfig {
     pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let d = &self.dd;
         let mut out: Vec<(String, Vec<usize>)> = Vec::new();
-        let mut conv = |out: &mut Vec<_>, k: &str, cin: usize, cout: usize, ks: usize| {
+        let conv = |out: &mut Vec<_>, k: &str, cin: usize, cout: usize, ks: usize| {
             out.push((format!("{k}.weight"), vec![cout, cin, ks, ks]));
             out.push((format!("{k}.bias"), vec![cout]));
         };
@@ -210,7 +210,7 @@ impl VqGanConfig {
             out.push((format!("{k}.bias"), vec![c]));
         };
         let resnet = |out: &mut Vec<_>, k: &str, cin: usize, cout: usize| {
-            let mut conv = |out: &mut Vec<_>, n: &str, a, b, ks| {
+            let conv = |out: &mut Vec<_>, n: &str, a, b, ks| {
                 out.push((format!("{k}.{n}.weight"), vec![b, a, ks, ks]));
                 out.push((format!("{k}.{n}.bias"), vec![b]));
             };
