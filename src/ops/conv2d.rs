@@ -557,36 +557,3 @@ mod tests {
         assert!(e.contains("bias"), "{e}");
     }
 }
-#[cfg(test)]
-mod timing {
-    use super::*;
-    use crate::ops::testutil::{gpu, rand_vec};
-    #[test]
-    #[ignore]
-    fn time_conv() {
-        let g = gpu();
-        for &(c, hw) in &[(128usize, 64usize), (512, 16)] {
-            let x = Tensor::from_slice(&g, &rand_vec(c * hw * hw, 1), &[1, c, hw, hw]).unwrap();
-            let w = Tensor::from_slice(&g, &rand_vec(c * c * 9, 2), &[c, c, 3, 3]).unwrap();
-            for round in 0..3 {
-                for v in ["generic", "k3"] {
-                    std::env::set_var("VQCLIP_CONV", v);
-                    let _ = conv2d(&x, &w, &Conv2dOpts::padded(1, None))
-                        .unwrap()
-                        .to_vec();
-                    let t = std::time::Instant::now();
-                    let y = conv2d(&x, &w, &Conv2dOpts::padded(1, None)).unwrap();
-                    g.sync().unwrap();
-                    let s = t.elapsed().as_secs_f64();
-                    drop(y);
-                    let gmac = (c * c * 9 * hw * hw) as f64 / 1e9;
-                    eprintln!(
-                        "{round} {v} c{c} {hw}x{hw}: {:.1} ms, {:.2} GFLOP/s",
-                        s * 1e3,
-                        2.0 * gmac / s
-                    );
-                }
-            }
-        }
-    }
-}
