@@ -115,7 +115,10 @@ pub fn nearest_codes(z: &Tensor, codebook: &Tensor) -> Result<Tensor> {
             dist.binding(),
             idx.binding(),
         ],
-        grid_1d(((m * chunks) as u32).div_ceil(WG)),
+        {
+            let g = grid_1d((m as u32).div_ceil(WG));
+            [g[0], chunks as u32, g[1]]
+        },
     );
     gpu.dispatch(
         &Kernel::new(&SHADER, "nearest_reduce"),
