@@ -9,7 +9,12 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 have_vulkan_driver() {
-    ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json /usr/local/share/vulkan/icd.d/*.json >/dev/null 2>&1
+    # the loader, and at least one driver manifest
+    ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1' || return 1
+    for f in /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json /usr/local/share/vulkan/icd.d/*.json; do
+        [ -e "$f" ] && return 0
+    done
+    return 1
 }
 
 if [ "$(uname -s)" = "Linux" ] && ! have_vulkan_driver; then

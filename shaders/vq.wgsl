@@ -1,7 +1,7 @@
 // Vector quantisation against a codebook E [K, D], for z in NCHW layout.
 //
 //   code_norms       ee[k] = sum_d E[k, d]^2                                 one invocation per code
-//   nearest_partial  per (position, chunk of CHUNK codes): the code minimising
+//   nearest_partial  per (position, chunk of CHUNK codes; chunk = workgroup y): the code minimising
 //                    dist = (||z||^2 + ||e||^2) - 2 z.e, lowest index on ties  one invocation each
 //   nearest_reduce   per position: the best chunk result in index order (strict <, so ties keep
 //                    the lowest index). Deterministic: no atomics.
@@ -66,12 +66,14 @@ fn code_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
 @compute @workgroup_size(64, 1, 1)
 fn nearest_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) li: u32) {
-    let t = linear_id(wid, nwg, li);
-    if t >= p.m * p.chunks {
+    // Positions along x (folded into z past 65,535 workgroups), chunks along y: the chunk is
+    // the same for the whole workgroup, so the codebook reads are uniform loads.
+    let m = (wid.x + wid.z * nwg.x) * WG + li;
+    let c = wid.y;
+    if m >= p.m {
         return;
     }
-    let m = t / p.chunks;
-    let c = t % p.chunks;
+    let t = m * p.chunks + c;
     let zb = first_of(m);
     var zz = 0.0;
     for (var d = 0u; d < p.d; d++) {

@@ -101,3 +101,25 @@ fn tiny_f4_with_checkpoint_views_matches_taming() {
 fn gumbel_f8_matches_taming() {
     check_model("tiny_gumbel_f8");
 }
+
+#[test]
+fn config_tensor_list_is_exactly_the_checkpoint_model_keys() {
+    use vqclip::models::vqgan::VqGanConfig;
+    use vqclip::weights::torch::TorchCheckpoint;
+    use vqclip::weights::TensorSource;
+    for name in ["tiny_f2", "tiny_f4", "tiny_gumbel_f8"] {
+        let cfg = VqGanConfig::from_file(fixture(&format!("{name}.yaml"))).unwrap();
+        let ck = TorchCheckpoint::open(fixture(&format!("{name}.ckpt"))).unwrap();
+        let want: Vec<(String, Vec<usize>)> = ck
+            .keys()
+            .into_iter()
+            .filter(|k| !k.starts_with("loss."))
+            .map(|k| {
+                let s = ck.shape(&k).unwrap();
+                (k, s)
+            })
+            .collect();
+        // Same names, shapes and order as torch's state_dict.
+        assert_eq!(cfg.tensor_shapes(), want, "{name}");
+    }
+}

@@ -1,6 +1,6 @@
 // Shared by shaders/matmul.wgsl and shaders/matmul_subgroup.wgsl (prefixed to both, after
 // act.wgsl): the params struct, the epilogue bindings and overrides, and the fused store
-//   C[b] = act(alpha * acc + bias) + res[b]
+//   C[b] = act(alpha * acc [+ C[b] when accumulating a split of K] + bias) + res[b]
 // Each kernel file declares its own views of A (binding 1) and B (binding 2).
 
 struct Params {

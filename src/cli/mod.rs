@@ -3,8 +3,11 @@
 mod bench;
 mod classify;
 mod clip_args;
+mod convert;
 mod embed;
+mod generate;
 mod info;
+mod reconstruct;
 mod search;
 
 use anyhow::Result;
@@ -62,6 +65,12 @@ pub enum Command {
     Classify(classify::ClassifyArgs),
     /// Search a folder of images with a text or an image (the folder is indexed first).
     Search(search::SearchArgs),
+    /// VQGAN+CLIP text-to-image: optimise a VQGAN latent so CLIP sees the prompts.
+    Generate(Box<generate::GenerateArgs>),
+    /// Encode, quantise and decode an image with a VQGAN (taming .ckpt or .safetensors).
+    Reconstruct(reconstruct::ReconstructArgs),
+    /// Convert a taming VQGAN .ckpt to .safetensors (+ its .yaml config beside it).
+    Convert(convert::ConvertArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -71,5 +80,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Embed(a) => embed::run(&cli.device, a),
         Command::Classify(a) => classify::run(&cli.device, a),
         Command::Search(a) => search::run(&cli.device, a),
+        Command::Generate(a) => generate::run(&cli.device, *a),
+        Command::Reconstruct(a) => reconstruct::run(&cli.device, a),
+        Command::Convert(a) => convert::run(a),
     }
 }

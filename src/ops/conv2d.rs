@@ -1,6 +1,7 @@
 //! 2-D convolution in NCHW with arbitrary (asymmetric) zero padding, stride, fused bias,
 //! residual and an optional fused nearest x2 upsample of the input (`shaders/conv2d.wgsl`).
 
+use super::CPU_LOOP_LIMIT;
 use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
@@ -25,7 +26,8 @@ struct Params {
     hv: u32,
     wv: u32,
     co_base: u32,
-    _pad: [u32; 2],
+    ci0: u32,
+    ci1: u32,
 }
 
 /// Options of [`conv2d`]. `Default` is stride 1, no padding, no bias.
@@ -81,12 +83,49 @@ pub fn out_size(
     (full >= k && stride > 0).then(|| (full - k) / stride + 1)
 }
 
+/// Which kernel computes a convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// Any kernel size and stride with `3·stride + KW <= 16`: 4 channels x 4 pixels per
+    /// invocation.
+    Generic,
+    /// 3x3 with stride 1 or 2, everything in registers: 8 channels x 4 pixels per invocation.
+    Conv3x3,
+}
+
+impl Variant {
+    /// The fastest variant that supports the shape (`VQCLIP_CONV=generic` forces the generic
+    /// kernel).
+    pub fn for_shape(kh: usize, kw: usize, stride: usize) -> Variant {
+        if kh == 3
+            && kw == 3
+            && stride <= 2
+            && std::env::var("VQCLIP_CONV").as_deref() != Ok("generic")
+        {
+            Variant::Conv3x3
+        } else {
+            Variant::Generic
+        }
+    }
+}
+
 /// `y = conv(x, w) + bias + residual`.
 ///
 /// `x`: `[N, Cin, H, W]`; `w`: `[Cout, Cin, KH, KW]` (PyTorch layout). Returns
 /// `[N, Cout, Ho, Wo]`, `Ho = (H' + pad_top + pad_bottom - KH) / stride + 1` with `H' = 2H` if
 /// `upsample`, else `H`.
 pub fn conv2d(x: &Tensor, w: &Tensor, o: &Conv2dOpts) -> Result<Tensor> {
+    let v = if w.rank() == 4 {
+        Variant::for_shape(w.dim(2), w.dim(3), o.stride)
+    } else {
+        Variant::Generic
+    };
+    conv2d_variant(x, w, o, v)
+}
+
+/// [`conv2d`] with an explicit kernel (tests and benches); [`Variant::Conv3x3`] needs a 3x3
+/// kernel and stride 1 or 2.
+pub fn conv2d_variant(x: &Tensor, w: &Tensor, o: &Conv2dOpts, v: Variant) -> Result<Tensor> {
     x.expect_f32("conv2d input")?;
     w.expect_f32("conv2d weight")?;
     if x.rank() != 4 || w.rank() != 4 {
@@ -157,43 +196,75 @@ pub fn conv2d(x: &Tensor, w: &Tensor, o: &Conv2dOpts) -> Result<Tensor> {
     {
         return Err(Error::shape("conv2d operand has more than 2^32 elements"));
     }
-    let kernel = Kernel::new(&SHADER, "conv2d")
+    let k3 = v == Variant::Conv3x3;
+    if k3 && (kh != 3 || kw != 3 || s > 2) {
+        return Err(Error::shape(format!(
+            "the 3x3 conv kernel cannot run a {kh}x{kw} stride-{s} convolution"
+        )));
+    }
+    let kernel = Kernel::new(&SHADER, if k3 { "conv3x3" } else { "conv2d" })
         .with("KH", kh as u32)
         .with("KW", kw as u32)
         .with("STRIDE", s as u32)
-        .with("HAS_BIAS", o.bias.is_some())
-        .with("HAS_RES", o.residual.is_some())
         .with("UPSAMPLE", o.upsample);
-    let bias_b = o.bias.map_or(gpu.unused_binding(), Tensor::binding);
-    let res_b = o.residual.map_or(gpu.unused_binding(), Tensor::binding);
+    // Loop iterations per input channel, and so channels per dispatch under llvmpipe's cap.
+    let per_ci = if k3 {
+        4
+    } else {
+        kh * (3 * s + kw + kw + 1) + 1
+    };
+    let ci_step = (CPU_LOOP_LIMIT * 3 / 4 - 64) / per_ci;
     let grid = grid_1d((blocks as u32).div_ceil(64));
-    let cblocks = cout.div_ceil(4);
+    let per_wg = if k3 { 8 } else { 4 };
+    let cblocks = cout.div_ceil(per_wg);
     const MAX: usize = 65535;
-    for cb0 in (0..cblocks).step_by(MAX) {
-        let nz = (cblocks - cb0).min(MAX);
-        let p = Params {
-            n: n as u32,
-            cin: cin as u32,
-            h: h as u32,
-            w: wd as u32,
-            cout: cout as u32,
-            ho: ho as u32,
-            wo: wo as u32,
-            wblocks: wblocks as u32,
-            blocks: blocks as u32,
-            pad_top: pt as u32,
-            pad_left: pl as u32,
-            hv: hv as u32,
-            wv: wv as u32,
-            co_base: (cb0 * 4) as u32,
-            _pad: [0; 2],
+    let mut y = y;
+    for ci0 in (0..cin).step_by(ci_step) {
+        let ci1 = (ci0 + ci_step).min(cin);
+        let first = ci0 == 0;
+        // Later chunks add onto the previous partial sum (a fresh output each time: a buffer
+        // is never bound read-only and read-write at once).
+        let prev = if first { None } else { Some(y.clone()) };
+        let out = if first {
+            y.clone()
+        } else {
+            Tensor::empty(gpu, &out_shape, DType::F32)?
         };
-        gpu.dispatch(
-            &kernel,
-            &p,
-            &[x.binding(), w.binding(), bias_b, res_b, y.binding()],
-            [grid[0], grid[1], nz as u32],
-        );
+        let res = if first { o.residual } else { prev.as_ref() };
+        let k = kernel
+            .clone()
+            .with("HAS_BIAS", first && o.bias.is_some())
+            .with("HAS_RES", res.is_some());
+        let bias_b = o.bias.map_or(gpu.unused_binding(), Tensor::binding);
+        let res_b = res.map_or(gpu.unused_binding(), Tensor::binding);
+        for cb0 in (0..cblocks).step_by(MAX) {
+            let nz = (cblocks - cb0).min(MAX);
+            let p = Params {
+                n: n as u32,
+                cin: cin as u32,
+                h: h as u32,
+                w: wd as u32,
+                cout: cout as u32,
+                ho: ho as u32,
+                wo: wo as u32,
+                wblocks: wblocks as u32,
+                blocks: blocks as u32,
+                pad_top: pt as u32,
+                pad_left: pl as u32,
+                hv: hv as u32,
+                wv: wv as u32,
+                co_base: (cb0 * per_wg) as u32,
+                ci0: ci0 as u32,
+                ci1: ci1 as u32,
+            };
+            gpu.dispatch(
+                &k,
+                &p,
+                &[x.binding(), w.binding(), bias_b, res_b, out.binding()],
+                [grid[0], grid[1], nz as u32],
+            );
+        }
+        y = out;
     }
     Ok(y)
 }
@@ -288,6 +359,13 @@ mod tests {
     use crate::ops::testutil::{gpu, rand_vec};
 
     fn check(s: RefShape, bias: bool, res: bool, seed: u64) {
+        check_variant(s, bias, res, seed, Variant::Generic);
+        if s.kh == 3 && s.kw == 3 && s.stride <= 2 {
+            check_variant(s, bias, res, seed, Variant::Conv3x3);
+        }
+    }
+
+    fn check_variant(s: RefShape, bias: bool, res: bool, seed: u64, v: Variant) {
         let g = gpu();
         let xv = rand_vec(s.n * s.cin * s.h * s.w, seed);
         let wv = rand_vec(s.cout * s.cin * s.kh * s.kw, seed + 1);
@@ -305,7 +383,7 @@ mod tests {
             bias: bias.then_some(&b),
             residual: res.then_some(&r),
         };
-        let y = conv2d(&x, &w, &o).unwrap();
+        let y = conv2d_variant(&x, &w, &o, v).unwrap();
         assert_eq!(y.shape(), shape, "{s:?}");
         let got = y.to_vec().unwrap();
         let (want, mag, _) = reference(&xv, &wv, bias.then_some(&bv), res.then_some(&rv), &s);
@@ -317,7 +395,7 @@ mod tests {
             let err = (got[i] as f64 - want[i]).abs();
             assert!(
                 err <= tol,
-                "{s:?} bias{bias} res{res}: element {i} got {} want {} (err {err:e} > {tol:e})",
+                "{v:?} {s:?} bias{bias} res{res}: element {i} got {} want {} (err {err:e} > {tol:e})",
                 got[i],
                 want[i]
             );
@@ -427,6 +505,16 @@ mod tests {
     }
 
     #[test]
+    fn long_channel_reductions_are_split_under_the_loop_cap() {
+        // llvmpipe caps loop iterations per invocation; 12,300 input channels need two
+        // chained dispatches in the 3x3 kernel, 7,100 in the generic 1x1.
+        let mut s = shape(1, 12_300, (2, 5), 3, 3);
+        s.pad = [1, 0, 0, 1];
+        check(s, true, true, 31);
+        check(shape(1, 7_100, (1, 6), 2, 1), true, false, 32);
+    }
+
+    #[test]
     fn more_than_65535_workgroups() {
         // 2049 x 8192 output = 4.2M pixel blocks of 4 = 65,568 workgroups of 64.
         let s = RefShape {
@@ -467,33 +555,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("bias"), "{e}");
-    }
-}
-#[cfg(test)]
-mod timing {
-    use super::*;
-    use crate::ops::testutil::{gpu, rand_vec};
-    #[test]
-    #[ignore]
-    fn time_conv() {
-        let g = gpu();
-        for &(c, hw) in &[(128usize, 256usize), (512, 16), (256, 64)] {
-            let x = Tensor::from_slice(&g, &rand_vec(c * hw * hw, 1), &[1, c, hw, hw]).unwrap();
-            let w = Tensor::from_slice(&g, &rand_vec(c * c * 9, 2), &[c, c, 3, 3]).unwrap();
-            let _ = conv2d(&x, &w, &Conv2dOpts::padded(1, None))
-                .unwrap()
-                .to_vec();
-            let t = std::time::Instant::now();
-            let y = conv2d(&x, &w, &Conv2dOpts::padded(1, None)).unwrap();
-            g.sync().unwrap();
-            let s = t.elapsed().as_secs_f64();
-            drop(y);
-            let gmac = (c * c * 9 * hw * hw) as f64 / 1e9;
-            eprintln!(
-                "conv c{c} {hw}x{hw}: {:.1} ms, {:.1} GFLOP/s",
-                s * 1e3,
-                2.0 * gmac / s
-            );
-        }
     }
 }

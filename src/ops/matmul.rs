@@ -1,7 +1,7 @@
 //! Batched matrix multiply with fused bias, activation, scale and residual:
 //! `C = act(alpha * op(A) @ op(B) + bias) + residual` (`shaders/matmul.wgsl`).
 
-use super::{Act, CPU_LOOP_LIMIT};
+use super::Act;
 use crate::gpu::{Gpu, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
@@ -27,10 +27,12 @@ struct Params {
     k1: u32,
 }
 
-/// Most of K one dispatch sums (a multiple of 16). The kernels loop at most about 1.3 times
-/// per k (loads included), so a split stays under llvmpipe's 65,535-iteration cap
-/// ([`CPU_LOOP_LIMIT`]); longer K runs as several accumulating dispatches.
+/// Most of K one dispatch sums. The register and shared kernels loop about 1.25 times per k
+/// (loads included), the vec4 and subgroup kernels once per 4 k, so a split stays well under
+/// llvmpipe's 65,535-iteration cap ([`super::CPU_LOOP_LIMIT`]). A multiple of 4, so that
+/// every split of a vec4 kernel starts on a vec4 boundary.
 pub const K_SPLIT: usize = 16_384;
+const _: () = assert!(K_SPLIT % 4 == 0);
 
 /// Options of [`matmul`]. `Default` is a plain `A @ B`.
 #[derive(Clone, Copy, Default)]
@@ -109,8 +111,8 @@ pub fn subgroup_supported(gpu: &Gpu) -> bool {
         && info.subgroup_max_size == 8
 }
 
-/// The variant used on this device: `VQCLIP_MATMUL`, else a tuned choice stored with
-/// [`Gpu::set_tuning`] (key `"matmul"`), else on CPU adapters the subgroup kernel where
+/// The variant used on this device: `VQCLIP_MATMUL`, else the winner that `vqclip bench
+/// matmul` measured on this adapter ([`Gpu::tuning`], key `"matmul"`), else on CPU adapters the subgroup kernel where
 /// supported and the vec4 kernel otherwise (both fall back to register tiles for shapes they
 /// cannot read as vec4), and workgroup tiles elsewhere.
 pub fn variant_for(gpu: &Gpu) -> Variant {
@@ -255,7 +257,7 @@ pub fn matmul_variant(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Variant) -> Res
     };
     // Loop iterations per invocation per split: K (register), K/4 (vec4, subgroup), and
     // K/16 steps of up to 1 + 4 + 16 iterations (shared).
-    debug_assert!(K_SPLIT.div_ceil(16) * 21 <= CPU_LOOP_LIMIT);
+    debug_assert!(K_SPLIT.div_ceil(16) * 21 <= super::CPU_LOOP_LIMIT);
     let wg_x = n.div_ceil(cols_per_wg);
     if wg_x > 65535 {
         return Err(Error::shape(format!(
@@ -614,6 +616,42 @@ mod tests {
                     3000 + k as u64,
                 );
             }
+        }
+    }
+
+    #[test]
+    fn vec4_kernels_split_long_k() {
+        // K = 65,540 is summed in 4 accumulating splits of at most K_SPLIT (the vec4 kernels
+        // step K by 4, so the splits must stay multiples of 4); fused epilogue on the last.
+        for v in [Variant::Vec4, Variant::Subgroup] {
+            check(
+                v,
+                1,
+                9,
+                6,
+                65_540,
+                false,
+                true,
+                true,
+                true,
+                Act::Gelu,
+                true,
+                3000,
+            );
+            check(
+                v,
+                1,
+                8,
+                4,
+                40_004,
+                true,
+                false,
+                false,
+                false,
+                Act::None,
+                false,
+                3010,
+            );
         }
     }
 

@@ -5,14 +5,27 @@
 //! Deterministic: each position's search is split into chunks of codes whose minima are then
 //! reduced in index order; no atomics.
 
+use super::CPU_LOOP_LIMIT;
 use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
 static SHADER: Shader = crate::shader!("vq");
 const WG: u32 = 64;
-/// Codes searched by one invocation of `nearest_partial`.
-const CHUNK: usize = 256;
+/// Most codes searched by one invocation of `nearest_partial`.
+const MAX_CHUNK: usize = 256;
+
+/// Codes per invocation so that its loops (`d` steps for `||z||²`, `d + 1` per code) stay
+/// under llvmpipe's per-invocation iteration cap.
+fn chunk_for(d: usize) -> Result<usize> {
+    let budget = CPU_LOOP_LIMIT * 3 / 4;
+    if 2 * d + 1 > budget {
+        return Err(Error::shape(format!(
+            "vq vectors of {d} channels are too long for one invocation"
+        )));
+    }
+    Ok(((budget - d) / (d + 1)).clamp(1, MAX_CHUNK))
+}
 
 /// Mirrors `struct Params` in `shaders/vq.wgsl`.
 #[repr(C)]
@@ -67,7 +80,8 @@ pub fn nearest_codes(z: &Tensor, codebook: &Tensor) -> Result<Tensor> {
     if d == 0 {
         return Err(Error::shape("vq input has zero channels"));
     }
-    let chunks = k.div_ceil(CHUNK);
+    let chunk = chunk_for(d)?;
+    let chunks = k.div_ceil(chunk);
     if m.checked_mul(chunks)
         .map_or(true, |t| t > u32::MAX as usize)
     {
@@ -92,7 +106,7 @@ pub fn nearest_codes(z: &Tensor, codebook: &Tensor) -> Result<Tensor> {
     let dist = Tensor::empty(gpu, &[m, chunks], DType::F32)?;
     let idx = Tensor::empty(gpu, &[m, chunks], DType::U32)?;
     gpu.dispatch(
-        &Kernel::new(&SHADER, "nearest_partial").with("CHUNK", CHUNK as u32),
+        &Kernel::new(&SHADER, "nearest_partial").with("CHUNK", chunk as u32),
         &p,
         &[
             z.binding(),
@@ -101,7 +115,10 @@ pub fn nearest_codes(z: &Tensor, codebook: &Tensor) -> Result<Tensor> {
             dist.binding(),
             idx.binding(),
         ],
-        grid_1d(((m * chunks) as u32).div_ceil(WG)),
+        {
+            let g = grid_1d((m as u32).div_ceil(WG));
+            [g[0], chunks as u32, g[1]]
+        },
     );
     gpu.dispatch(
         &Kernel::new(&SHADER, "nearest_reduce"),
@@ -296,6 +313,8 @@ mod tests {
             (1, 4, 2, 3, 257),
             (1, 32, 4, 4, 1000),
             (2, 5, 1, 17, 513),
+            // 256 channels (the f16 models): 190 codes per invocation
+            (1, 256, 2, 2, 600),
         ] {
             seed += 10;
             check_nearest(n, d, h, w, k, seed);

@@ -4,6 +4,7 @@
 
 use crate::ops::attention::attention_bthd;
 use crate::ops::conv2d::{conv2d, Conv2dOpts};
+use crate::ops::group_norm::group_norm;
 use crate::ops::matmul::{matmul, MatmulOpts};
 use crate::ops::permute::permute;
 use crate::ops::Act;
@@ -68,29 +69,7 @@ impl Norm {
     }
     /// `x`: `[N, C, H, W]` -> `act(group_norm(x))`.
     pub fn forward(&self, x: &Tensor, act: Act) -> Result<Tensor> {
-        group_norm_interim(x, &self.weight, &self.bias, act)
-    }
-}
-
-/// Interim GroupNorm from existing ops until `ops::group_norm` lands from the kernels branch:
-/// layer_norm over each group's `C/G·H·W` values, then the per-channel affine and activation.
-fn group_norm_interim(x: &Tensor, gamma: &Tensor, beta: &Tensor, act: Act) -> Result<Tensor> {
-    use crate::ops::elementwise::{add, mul, unary, UnaryOp};
-    let (n, c) = (x.dim(0), x.dim(1));
-    let s: usize = x.shape()[2..].iter().product();
-    let y = crate::ops::layer_norm::layer_norm(
-        &x.reshape(&[n * GROUPS, c / GROUPS * s])?,
-        None,
-        None,
-        EPS,
-    )?
-    .reshape(x.shape())?;
-    let y = mul(&y, &gamma.reshape(&[1, c, 1, 1])?)?;
-    let y = add(&y, &beta.reshape(&[1, c, 1, 1])?)?;
-    if act == Act::None {
-        Ok(y)
-    } else {
-        unary(&y, UnaryOp::Act(act))
+        group_norm(x, GROUPS, Some(&self.weight), Some(&self.bias), EPS, act)
     }
 }
 

@@ -196,6 +196,129 @@ impl VqGanConfig {
         1 << (self.dd.ch_mult.len() - 1)
     }
 
+    /// Every tensor the model reads, with its shape, in taming's module order (the keys of
+    /// a checkpoint's state dict without `loss.*`).
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let d = &self.dd;
+        let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+        let conv = |out: &mut Vec<_>, k: &str, cin: usize, cout: usize, ks: usize| {
+            out.push((format!("{k}.weight"), vec![cout, cin, ks, ks]));
+            out.push((format!("{k}.bias"), vec![cout]));
+        };
+        let norm = |out: &mut Vec<(String, Vec<usize>)>, k: &str, c: usize| {
+            out.push((format!("{k}.weight"), vec![c]));
+            out.push((format!("{k}.bias"), vec![c]));
+        };
+        let resnet = |out: &mut Vec<_>, k: &str, cin: usize, cout: usize| {
+            let conv = |out: &mut Vec<_>, n: &str, a, b, ks| {
+                out.push((format!("{k}.{n}.weight"), vec![b, a, ks, ks]));
+                out.push((format!("{k}.{n}.bias"), vec![b]));
+            };
+            norm(out, &format!("{k}.norm1"), cin);
+            conv(out, "conv1", cin, cout, 3);
+            norm(out, &format!("{k}.norm2"), cout);
+            conv(out, "conv2", cout, cout, 3);
+            if cin != cout {
+                conv(out, "nin_shortcut", cin, cout, 1);
+            }
+        };
+        let attn = |out: &mut Vec<(String, Vec<usize>)>, k: &str, c: usize| {
+            norm(out, &format!("{k}.norm"), c);
+            for n in ["q", "k", "v", "proj_out"] {
+                out.push((format!("{k}.{n}.weight"), vec![c, c, 1, 1]));
+                out.push((format!("{k}.{n}.bias"), vec![c]));
+            }
+        };
+        let mid = |out: &mut Vec<_>, k: &str, c: usize| {
+            resnet(out, &format!("{k}.block_1"), c, c);
+            attn(out, &format!("{k}.attn_1"), c);
+            resnet(out, &format!("{k}.block_2"), c, c);
+        };
+        // encoder
+        conv(&mut out, "encoder.conv_in", d.in_channels, d.ch, 3);
+        let (mut res, mut cin) = (d.resolution, d.ch);
+        for (i, m) in d.ch_mult.iter().enumerate() {
+            for j in 0..d.num_res_blocks {
+                resnet(
+                    &mut out,
+                    &format!("encoder.down.{i}.block.{j}"),
+                    cin,
+                    d.ch * m,
+                );
+                cin = d.ch * m;
+            }
+            if d.attn_resolutions.contains(&res) {
+                for j in 0..d.num_res_blocks {
+                    attn(&mut out, &format!("encoder.down.{i}.attn.{j}"), cin);
+                }
+            }
+            if i + 1 != d.ch_mult.len() {
+                conv(
+                    &mut out,
+                    &format!("encoder.down.{i}.downsample.conv"),
+                    cin,
+                    cin,
+                    3,
+                );
+                res /= 2;
+            }
+        }
+        mid(&mut out, "encoder.mid", cin);
+        norm(&mut out, "encoder.norm_out", cin);
+        conv(&mut out, "encoder.conv_out", cin, d.z_channels, 3);
+        // decoder
+        let levels = d.ch_mult.len();
+        let mut cin = d.ch * d.ch_mult[levels - 1];
+        let mut res = d.resolution >> (levels - 1);
+        conv(&mut out, "decoder.conv_in", d.z_channels, cin, 3);
+        mid(&mut out, "decoder.mid", cin);
+        let mut up = Vec::new();
+        for i in (0..levels).rev() {
+            let mut lv = Vec::new();
+            let cout = d.ch * d.ch_mult[i];
+            for j in 0..=d.num_res_blocks {
+                resnet(&mut lv, &format!("decoder.up.{i}.block.{j}"), cin, cout);
+                cin = cout;
+            }
+            if d.attn_resolutions.contains(&res) {
+                for j in 0..=d.num_res_blocks {
+                    attn(&mut lv, &format!("decoder.up.{i}.attn.{j}"), cin);
+                }
+            }
+            if i != 0 {
+                conv(
+                    &mut lv,
+                    &format!("decoder.up.{i}.upsample.conv"),
+                    cin,
+                    cin,
+                    3,
+                );
+                res *= 2;
+            }
+            up.insert(0, lv);
+        }
+        out.extend(up.into_iter().flatten());
+        norm(&mut out, "decoder.norm_out", cin);
+        conv(&mut out, "decoder.conv_out", cin, d.out_ch, 3);
+        // quantiser and the 1x1 convs around it
+        match self.quantizer {
+            QuantizerKind::NearestNeighbour => out.push((
+                "quantize.embedding.weight".into(),
+                vec![self.n_embed, self.embed_dim],
+            )),
+            QuantizerKind::Gumbel => {
+                conv(&mut out, "quantize.proj", d.z_channels, self.n_embed, 1);
+                out.push((
+                    "quantize.embed.weight".into(),
+                    vec![self.n_embed, self.embed_dim],
+                ));
+            }
+        }
+        conv(&mut out, "quant_conv", d.z_channels, self.embed_dim, 1);
+        conv(&mut out, "post_quant_conv", self.embed_dim, d.z_channels, 1);
+        out
+    }
+
     /// The ImageNet VQGAN layout (`vqgan_imagenet_f16_*`, also the WikiArt f16 models) with
     /// `n_embed` codes (1024 or 16384).
     pub fn imagenet_f16(n_embed: usize) -> VqGanConfig {
@@ -284,6 +407,30 @@ mod tests {
         let c = VqGanConfig::from_yaml(F16, "f16.yaml").unwrap();
         assert_eq!(c, VqGanConfig::imagenet_f16(16384));
         assert_eq!(c.downsampling_factor(), 16);
+    }
+
+    #[test]
+    fn f16_16384_has_the_343_documented_tensors() {
+        let t = VqGanConfig::imagenet_f16(16384).tensor_shapes();
+        assert_eq!(t.len(), 343);
+        let find = |k: &str| t.iter().find(|(n, _)| n == k).map(|(_, s)| s.clone());
+        assert_eq!(
+            find("encoder.down.2.block.0.nin_shortcut.weight"),
+            Some(vec![256, 128, 1, 1])
+        );
+        assert_eq!(
+            find("decoder.up.4.attn.2.q.weight"),
+            Some(vec![512, 512, 1, 1])
+        );
+        assert_eq!(find("encoder.conv_out.weight"), Some(vec![256, 512, 3, 3]));
+        assert_eq!(
+            find("decoder.up.1.block.0.nin_shortcut.weight"),
+            Some(vec![128, 256, 1, 1])
+        );
+        assert_eq!(find("quantize.embedding.weight"), Some(vec![16384, 256]));
+        let params: usize = t.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        // MODEL_FACTS B7: 76,073,859 parameters without the loss.
+        assert_eq!(params, 76_073_859);
     }
 
     #[test]

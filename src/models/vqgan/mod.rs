@@ -59,10 +59,77 @@ pub fn open_weights(path: &Path) -> Result<Box<dyn TensorSource>> {
 }
 
 fn open_safetensors(path: &Path) -> Result<Box<dyn TensorSource>> {
-    Err(Error::Format {
-        path: path.display().to_string(),
-        msg: "safetensors reading is not available in this build yet".into(),
-    })
+    Ok(Box::new(InterimSafetensors::open(path)?))
+}
+
+/// Interim `.safetensors` reader (whole file in memory) until the shared
+/// `weights::safetensors` reader lands from the CLIP branch.
+struct InterimSafetensors {
+    path: String,
+    data: Vec<u8>,
+    start: usize,
+    meta: safetensors::tensor::Metadata,
+}
+
+impl InterimSafetensors {
+    fn open(path: &Path) -> Result<Self> {
+        let p = path.display().to_string();
+        let data = std::fs::read(path).map_err(|source| Error::Io {
+            path: p.clone(),
+            source,
+        })?;
+        let (n, meta) =
+            safetensors::SafeTensors::read_metadata(&data).map_err(|e| Error::Format {
+                path: p.clone(),
+                msg: format!("not a readable safetensors file: {e}"),
+            })?;
+        Ok(InterimSafetensors {
+            path: p,
+            start: 8 + n,
+            data,
+            meta,
+        })
+    }
+}
+
+impl TensorSource for InterimSafetensors {
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn keys(&self) -> Vec<String> {
+        self.meta.offset_keys()
+    }
+    fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        self.meta.info(key).map(|i| i.shape.clone())
+    }
+    fn read_f32(&self, key: &str) -> Result<Vec<f32>> {
+        use safetensors::Dtype;
+        let err = |msg: String| Error::Format {
+            path: self.path.clone(),
+            msg: format!("tensor '{key}': {msg}"),
+        };
+        let info = self.meta.info(key).ok_or_else(|| err("missing".into()))?;
+        let (a, b) = info.data_offsets;
+        let bytes = self
+            .data
+            .get(self.start + a..self.start + b)
+            .ok_or_else(|| err("data runs past the end of the file".into()))?;
+        Ok(match info.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes(c.try_into().expect("2")).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes(c.try_into().expect("2")).to_f32())
+                .collect(),
+            d => return Err(err(format!("dtype {d:?} is not a float type"))),
+        })
+    }
 }
 
 /// The config beside a weights file: the same stem with `.yaml`
@@ -156,4 +223,74 @@ impl VqGan {
         let zq = vq::gather(codes, self.quantize.codebook())?;
         self.decode(&zq)
     }
+}
+
+/// RGB8 pixels (row-major `[H, W, 3]`) to the model's input `[1, 3, H, W]` in [-1, 1]
+/// (`p / 127.5 − 1`, taming's data scaling).
+pub fn rgb8_to_input(rgb: &[u8], width: usize, height: usize) -> Vec<f32> {
+    let hw = width * height;
+    let mut x = vec![0.0f32; 3 * hw];
+    for (i, px) in rgb.chunks_exact(3).take(hw).enumerate() {
+        for c in 0..3 {
+            x[c * hw + i] = px[c] as f32 / 127.5 - 1.0;
+        }
+    }
+    x
+}
+
+/// The decoder's `[1, 3, H, W]` output to RGB8 pixels: `round(clamp((x + 1) / 2, 0, 1) · 255)`.
+pub fn output_to_rgb8(x: &[f32], width: usize, height: usize) -> Vec<u8> {
+    let hw = width * height;
+    let mut rgb = vec![0u8; 3 * hw];
+    for i in 0..hw {
+        for c in 0..3 {
+            let v = ((x[c * hw + i] + 1.0) / 2.0).clamp(0.0, 1.0);
+            rgb[3 * i + c] = (v * 255.0).round() as u8;
+        }
+    }
+    rgb
+}
+
+/// Writes the model tensors of `src` (every key except the training-only `loss.*`) to a
+/// `.safetensors` file at `out`, as f32 with the same keys. Returns the number of tensors.
+pub fn write_safetensors(src: &dyn TensorSource, out: &Path) -> Result<usize> {
+    let keys: Vec<String> = src
+        .keys()
+        .into_iter()
+        .filter(|k| !k.starts_with("loss."))
+        .collect();
+    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(keys.len());
+    for k in keys {
+        let shape = src.shape(&k).unwrap_or_default();
+        let v = src.read_f32(&k)?;
+        data.push((k, shape, bytemuck::cast_slice(&v).to_vec()));
+    }
+    let views = data
+        .iter()
+        .map(|(k, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| Error::Format {
+                    path: src.path().to_string(),
+                    msg: format!("tensor '{k}': {e}"),
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta = std::collections::HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        (
+            "source".to_string(),
+            format!("vqclip convert {}", src.path()),
+        ),
+    ]);
+    let n = views.len();
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Format {
+        path: out.display().to_string(),
+        msg: format!("writing safetensors: {e}"),
+    })?;
+    std::fs::write(out, bytes).map_err(|source| Error::Io {
+        path: out.display().to_string(),
+        source,
+    })?;
+    Ok(n)
 }

@@ -1,0 +1,352 @@
+//! `vqclip generate`: VQGAN+CLIP text-to-image.
+
+use super::clip_args::ClipArgs;
+use super::DeviceArgs;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::io::Write;
+use std::path::PathBuf;
+use vqclip::generate::cutouts::CutMethod;
+use vqclip::generate::output::{write_png, GifFrames};
+use vqclip::generate::{Generation, Init, Options, Prompt};
+use vqclip::models::clip::load_image;
+use vqclip::models::vqgan::config::VqGanConfig;
+use vqclip::models::vqgan::{config_beside, VqGan};
+use vqclip::optim::Kind;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Prompts: "text[:weight[:stop]]", several separated by '|'; a negative weight pushes
+    /// the image away from that prompt.
+    #[arg(value_name = "PROMPTS")]
+    prompts: Option<String>,
+    /// Another prompt (repeatable), same syntax.
+    #[arg(long = "prompt", value_name = "PROMPT")]
+    more_prompts: Vec<String>,
+    /// An image whose CLIP embedding to aim for: PATH[:weight[:stop]] (repeatable).
+    #[arg(long = "image-prompt", value_name = "PATH[:W]")]
+    image_prompts: Vec<String>,
+    /// A random CLIP embedding to aim for: SEED[:weight] (repeatable).
+    #[arg(long = "noise-prompt", value_name = "SEED[:W]")]
+    noise_prompts: Vec<String>,
+    #[command(flatten)]
+    clip: ClipArgs,
+    /// taming-transformers VQGAN weights (.ckpt or .safetensors).
+    #[arg(long, value_name = "FILE", env = "VQCLIP_VQGAN")]
+    vqgan: Option<PathBuf>,
+    /// The VQGAN's .yaml config (default: the .yaml beside the weights).
+    #[arg(long, value_name = "YAML")]
+    config: Option<PathBuf>,
+    /// Output size WxH, rounded down to a multiple of the VQGAN's downsampling factor.
+    #[arg(long, default_value = "256x256")]
+    size: String,
+    /// Optimisation steps (0 writes the initial image).
+    #[arg(long, default_value_t = 100)]
+    steps: usize,
+    /// Seed of every random choice (same seed, options and adapter: same bytes).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    lr: f32,
+    /// Optimiser: adam or adamw.
+    #[arg(long, default_value = "adam")]
+    optimizer: String,
+    /// Cutouts per step.
+    #[arg(long, default_value_t = 32)]
+    cutn: usize,
+    /// Cutout size exponent (original method): larger favours small cutouts.
+    #[arg(long, default_value_t = 1.0)]
+    cut_pow: f32,
+    /// Cutout method: original (random crops, resampled) or pooled (whole image, flips).
+    #[arg(long, default_value = "original")]
+    cut_method: String,
+    /// Noise added to cutouts (each cutout gets U(0, noise)·N(0, 1) per pixel).
+    #[arg(long, default_value_t = 0.1)]
+    noise: f32,
+    /// Start from this image (encoded by the VQGAN, resized to the output size).
+    #[arg(long, value_name = "PATH")]
+    init_image: Option<PathBuf>,
+    /// Start from random-codes, pixels or gradient (ignored with --init-image).
+    #[arg(long, default_value = "random-codes")]
+    init: String,
+    /// Pull toward the initial latent: mse(z, z0) · weight / 2.
+    #[arg(long, default_value_t = 0.0)]
+    init_weight: f32,
+    /// Total-variation loss weight (smoother images).
+    #[arg(long, default_value_t = 0.0)]
+    tv_weight: f32,
+    /// Save the image every N steps into --frames-dir (and into --gif).
+    #[arg(long, value_name = "N")]
+    save_every: Option<usize>,
+    /// Folder for --save-every frames (default: OUT's name with "-frames").
+    #[arg(long, value_name = "DIR")]
+    frames_dir: Option<PathBuf>,
+    /// Write an animated GIF of the progress.
+    #[arg(long, value_name = "OUT.gif")]
+    gif: Option<PathBuf>,
+    /// Write one JSON object per step (step, loss, prompt_losses) to this file.
+    #[arg(long, value_name = "FILE")]
+    json_log: Option<PathBuf>,
+    /// Output PNG.
+    #[arg(short, long, value_name = "OUT.png")]
+    output: PathBuf,
+}
+
+fn parse_size(s: &str) -> Result<(usize, usize)> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .with_context(|| format!("--size '{s}' is not WxH (e.g. 256x256)"))?;
+    let w: usize = w
+        .trim()
+        .parse()
+        .with_context(|| format!("--size '{s}': bad width"))?;
+    let h: usize = h
+        .trim()
+        .parse()
+        .with_context(|| format!("--size '{s}': bad height"))?;
+    if w == 0 || h == 0 {
+        bail!("--size '{s}': width and height must be positive");
+    }
+    Ok((w, h))
+}
+
+/// Image pixels `[3, H, W]` in [0, 1] of `path` resized to `w`×`h`.
+fn load_resized(path: &PathBuf, w: usize, h: usize) -> Result<Vec<f32>> {
+    let img = load_image(path)?;
+    let img = image::imageops::resize(
+        &img,
+        w as u32,
+        h as u32,
+        image::imageops::FilterType::Lanczos3,
+    );
+    let mut out = vec![0.0f32; 3 * w * h];
+    for (x, y, p) in img.enumerate_pixels() {
+        for c in 0..3 {
+            out[(c * h + y as usize) * w + x as usize] = p.0[c] as f32 / 255.0;
+        }
+    }
+    Ok(out)
+}
+
+/// Bytes of the largest single tensor the decoder (and its backward) holds at `w`×`h`.
+fn largest_tensor(cfg: &VqGanConfig, w: usize, h: usize) -> u64 {
+    let d = &cfg.dd;
+    let mut most = 0u64;
+    for (i, &m) in d.ch_mult.iter().enumerate() {
+        let (hh, ww) = ((h >> i) as u64, (w >> i) as u64);
+        most = most.max(4 * (d.ch * m) as u64 * hh * ww);
+        // conv weight gradients are not needed, but im2col-free input gradients run at the
+        // upsampled size of the level below
+        if d.attn_resolutions.contains(&(d.resolution >> i)) {
+            most = most.max(4 * (hh * ww) * (hh * ww));
+        }
+    }
+    most
+}
+
+pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
+    let mut prompts = Vec::new();
+    if let Some(p) = &a.prompts {
+        prompts.extend(Prompt::parse_list(p)?);
+    }
+    for p in &a.more_prompts {
+        prompts.extend(Prompt::parse_list(p)?);
+    }
+    let (w0, h0) = parse_size(&a.size)?;
+    let optimizer = match a.optimizer.as_str() {
+        "adam" => Kind::Adam,
+        "adamw" => Kind::AdamW,
+        o => bail!("unknown --optimizer '{o}': expected adam or adamw"),
+    };
+    let cut_method: CutMethod = a.cut_method.parse()?;
+    if a.cutn == 0 {
+        bail!("--cutn must be at least 1");
+    }
+    if a.save_every == Some(0) {
+        bail!("--save-every must be at least 1");
+    }
+    if !(a.lr > 0.0 && a.lr.is_finite()) {
+        bail!("--lr must be a positive number");
+    }
+    let mut noise_prompts = Vec::new();
+    for np in &a.noise_prompts {
+        let (seed, weight) = match np.split_once(':') {
+            Some((s, w)) => (
+                s,
+                w.parse::<f32>()
+                    .with_context(|| format!("--noise-prompt '{np}': bad weight"))?,
+            ),
+            None => (np.as_str(), 1.0),
+        };
+        let seed: u64 = seed
+            .parse()
+            .with_context(|| format!("--noise-prompt '{np}': the seed must be a number"))?;
+        noise_prompts.push((seed, weight));
+    }
+    if prompts.is_empty() && a.image_prompts.is_empty() && noise_prompts.is_empty() {
+        bail!("no prompt: give PROMPTS, --prompt, --image-prompt or --noise-prompt");
+    }
+    let Some(vq_path) = &a.vqgan else {
+        bail!(
+            "no VQGAN given: pass --vqgan FILE (a taming-transformers .ckpt or .safetensors, \
+             with its .yaml beside it or --config YAML); vqclip does not ship a VQGAN yet"
+        );
+    };
+    let config_path = match (&a.config, config_beside(vq_path)) {
+        (Some(c), _) => c.clone(),
+        (None, Some(c)) => c,
+        (None, None) => bail!(
+            "no config for {}: pass --config YAML (the taming .yaml the model was trained with)",
+            vq_path.display()
+        ),
+    };
+    let clip = a.clip.load(dev)?;
+    let gpu = clip.gpu().clone();
+    let vqgan = VqGan::load(vq_path, &config_path, &gpu)
+        .with_context(|| format!("cannot load the VQGAN {}", vq_path.display()))?;
+    let f = vqgan.downsampling_factor();
+    let (w, h) = (w0 / f * f, h0 / f * f);
+    if w == 0 || h == 0 {
+        bail!("--size {w0}x{h0} is smaller than the VQGAN's downsampling factor {f}");
+    }
+    if (w, h) != (w0, h0) {
+        eprintln!(
+            "note: size {w0}x{h0} rounded down to {w}x{h} (a multiple of the VQGAN factor {f})"
+        );
+    }
+    let limit = gpu
+        .limits()
+        .max_storage_buffer_binding_size
+        .min(gpu.limits().max_buffer_size);
+    let need = largest_tensor(&vqgan.config, w, h);
+    if need > limit {
+        let mut side = w.max(h);
+        while side > f
+            && largest_tensor(&vqgan.config, side * w / w.max(h), side * h / w.max(h)) > limit
+        {
+            side -= f;
+        }
+        bail!(
+            "{w}x{h} needs a {need}-byte tensor but this device allows {limit} bytes per buffer \
+             binding; the largest size of this shape that fits is about {}x{}",
+            (side * w / w.max(h)) / f * f,
+            (side * h / w.max(h)) / f * f
+        );
+    }
+    let mut opts = Options::new(prompts.clone(), w, h);
+    opts.steps = a.steps;
+    opts.seed = a.seed;
+    opts.lr = a.lr;
+    opts.optimizer = optimizer;
+    opts.cutn = a.cutn;
+    opts.cut_pow = a.cut_pow;
+    opts.cut_method = cut_method;
+    opts.noise = a.noise;
+    opts.init_weight = a.init_weight;
+    opts.tv_weight = a.tv_weight;
+    opts.noise_prompts = noise_prompts;
+    opts.init = match (&a.init_image, a.init.as_str()) {
+        (Some(p), _) => Init::Image(
+            load_resized(p, w, h).with_context(|| format!("--init-image {}", p.display()))?,
+        ),
+        (None, "random-codes") => Init::RandomCodes,
+        (None, "pixels") => Init::Pixels,
+        (None, "gradient") => Init::Gradient,
+        (None, o) => bail!("unknown --init '{o}': expected random-codes, pixels or gradient"),
+    };
+    for ip in &a.image_prompts {
+        // PATH[:weight[:stop]]: the trailing numeric fields are parsed like a text prompt's.
+        let pr = Prompt::parse(ip)?;
+        let path = PathBuf::from(&pr.text);
+        let px = load_resized(&path, w, h)
+            .with_context(|| format!("--image-prompt {}", path.display()))?;
+        opts.image_prompts.push((px, w, h, pr));
+    }
+    let mut gen = Generation::new(&gpu, &clip, &vqgan, opts)?;
+    let mut log = match &a.json_log {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let frames_dir = a.save_every.map(|_| {
+        a.frames_dir.clone().unwrap_or_else(|| {
+            let stem = a
+                .output
+                .file_stem()
+                .map_or("out".into(), |s| s.to_string_lossy().into_owned());
+            a.output.with_file_name(format!("{stem}-frames"))
+        })
+    });
+    if let Some(d) = &frames_dir {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    let mut gif = match &a.gif {
+        Some(_) => Some(GifFrames::new(w, h)?),
+        None => None,
+    };
+    let gif_every = a.save_every.unwrap_or((a.steps / 50).max(1));
+    let texts: Vec<(&str, String)> = vec![
+        (
+            "prompt",
+            prompts
+                .iter()
+                .map(|p| format!("{}:{}", p.text, p.weight))
+                .collect::<Vec<_>>()
+                .join(" | "),
+        ),
+        ("seed", a.seed.to_string()),
+        ("steps", a.steps.to_string()),
+        ("size", format!("{w}x{h}")),
+        (
+            "clip",
+            a.clip
+                .clip
+                .as_ref()
+                .map_or(String::new(), |p| p.display().to_string()),
+        ),
+        ("vqgan", vq_path.display().to_string()),
+        ("software", format!("vqclip {}", vqclip::VERSION)),
+    ];
+    let bar = indicatif::ProgressBar::new(a.steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {msg}  {per_sec}  eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    if let Some(g) = gif.as_mut() {
+        g.push(&gen.image_rgb8()?);
+    }
+    for step in 0..a.steps {
+        let l = gen.step()?;
+        bar.set_message(format!("loss {:.4}", l.loss));
+        bar.inc(1);
+        if let Some(f) = log.as_mut() {
+            writeln!(f, "{}", serde_json::to_string(&l)?)?;
+        }
+        let done = step + 1;
+        let save = a.save_every.is_some_and(|n| done % n == 0);
+        if save || (gif.is_some() && done % gif_every == 0) {
+            let rgb = gen.image_rgb8()?;
+            if let (true, Some(d)) = (save, &frames_dir) {
+                write_png(&d.join(format!("frame_{done:05}.png")), w, h, &rgb, &texts)?;
+            }
+            if let Some(g) = gif.as_mut() {
+                g.push(&rgb);
+            }
+        }
+    }
+    bar.finish();
+    if let Some(mut f) = log {
+        f.flush()?;
+    }
+    let rgb = gen.image_rgb8()?;
+    write_png(&a.output, w, h, &rgb, &texts)?;
+    if let (Some(g), Some(p)) = (gif, &a.gif) {
+        g.write(p)?;
+    }
+    eprintln!("wrote {} ({w}x{h}, {} steps)", a.output.display(), a.steps);
+    Ok(())
+}

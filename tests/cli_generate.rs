@@ -1,0 +1,157 @@
+//! `vqclip generate` as a user runs it, with the fixture CLIP and VQGAN: outputs, metadata,
+//! determinism, and refusals of bad input that leave no file behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fx(p: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(p)
+        .display()
+        .to_string()
+}
+
+fn vqclip(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vqclip"))
+        .args(args)
+        .env_remove("VQCLIP_CLIP")
+        .env_remove("VQCLIP_VQGAN")
+        .output()
+        .expect("run vqclip")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vqclip-gen-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+fn base<'a>(clip: &'a str, vq: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "generate", "--clip", clip, "--vqgan", vq, "--cutn", "4", "-o", out,
+    ]
+}
+
+#[test]
+fn generates_deterministic_pngs_with_metadata_and_logs() {
+    let (clip, vq) = (fx("clip/tiny_quickgelu"), fx("vqgan/tiny_f4.ckpt"));
+    let (a, b) = (tmp("a.png"), tmp("b.png"));
+    let log = tmp("a.jsonl");
+    let gif = tmp("a.gif");
+    let (sa, sb, sl, sg) = (
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        log.to_str().unwrap(),
+        gif.to_str().unwrap(),
+    );
+    let mut args = base(&clip, &vq, sa);
+    args.extend([
+        "a red circle:1|blurry:-0.5",
+        "--size",
+        "32x32",
+        "--steps",
+        "6",
+        "--seed",
+        "7",
+        "--json-log",
+        sl,
+        "--gif",
+        sg,
+    ]);
+    let out = vqclip(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut args = base(&clip, &vq, sb);
+    args.extend([
+        "a red circle:1|blurry:-0.5",
+        "--size",
+        "32x32",
+        "--steps",
+        "6",
+        "--seed",
+        "7",
+    ]);
+    assert!(vqclip(&args).status.success());
+    let (pa, pb) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    assert_eq!(pa, pb, "same seed and options give the same bytes");
+    let text = String::from_utf8_lossy(&pa);
+    for key in ["prompt", "seed", "steps", "vqclip"] {
+        assert!(text.contains(key), "PNG text chunk {key} missing");
+    }
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6);
+    assert_eq!(lines[0]["prompt_losses"].as_array().unwrap().len(), 2);
+    assert!(std::fs::read(&gif).unwrap().starts_with(b"GIF89a"));
+    // --steps 0 writes the initial image; another seed gives another one.
+    let c = tmp("c.png");
+    let mut args = base(&clip, &vq, c.to_str().unwrap());
+    args.extend([
+        "a red circle",
+        "--size",
+        "32x32",
+        "--steps",
+        "0",
+        "--seed",
+        "8",
+    ]);
+    assert!(vqclip(&args).status.success());
+    assert_ne!(std::fs::read(&c).unwrap(), pa);
+}
+
+#[test]
+fn bad_input_is_refused_and_leaves_no_file() {
+    let (clip, vq) = (fx("clip/tiny_quickgelu"), fx("vqgan/tiny_f4.ckpt"));
+    let out = tmp("never.png");
+    let so = out.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec![""], "empty prompt"),
+        (vec!["a cat:0"], "weight of 0"),
+        (vec!["a cat", "--size", "0x32"], "must be positive"),
+        (
+            vec!["a cat", "--size", "3x3"],
+            "smaller than the VQGAN's downsampling factor",
+        ),
+        (vec!["a cat", "--size", "big"], "is not WxH"),
+        (vec!["a cat", "--init-image", "/no/such.png"], "no/such.png"),
+        (vec!["a cat", "--optimizer", "sgd"], "unknown --optimizer"),
+        (vec!["a cat", "--cut-method", "zoom"], "unknown cut method"),
+        (vec!["a cat", "--cutn", "0"], "--cutn"),
+        (vec!["a cat", "--size", "40000x40000"], "largest size"),
+    ];
+    for (extra, want) in cases {
+        let mut args = base(&clip, &vq, so);
+        args.extend(extra.iter().copied());
+        let o = vqclip(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{extra:?} should fail");
+        assert!(err.contains(want), "{extra:?}: expected {want:?} in: {err}");
+        assert!(!err.contains("panicked"), "{extra:?}: {err}");
+        assert!(!out.exists(), "{extra:?} left an output file");
+    }
+    let o = vqclip(&["generate", "a cat", "--clip", &clip, "-o", so]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no VQGAN given"));
+    let o = vqclip(&["generate", "a cat", "--vqgan", &vq, "-o", so]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no CLIP model given"));
+    let o = vqclip(&[
+        "generate",
+        "a cat",
+        "--clip",
+        &clip,
+        "--vqgan",
+        "/no/model.ckpt",
+        "--config",
+        &fx("vqgan/tiny_f4.yaml"),
+        "-o",
+        so,
+    ]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("/no/model.ckpt"));
+    assert!(!out.exists());
+}
