@@ -1,45 +1,26 @@
 // Batched matrix multiply with a fused epilogue:
 //   C[b] = act(alpha * op(A[b]) @ op(B[b]) + bias) + res[b]
 // op() transposes when TRANS_A / TRANS_B is set. A batch stride of 0 broadcasts an operand
-// (one weight matrix for every batch entry).
+// (one weight matrix for every batch entry). The params, the epilogue bindings and the
+// fused store live in shaders/lib/matmul_epilogue.wgsl, shared with matmul_subgroup.wgsl
+// (a fourth variant that needs the SUBGROUP feature, hence its own module).
 //
-// Two variants of the same contract:
+// Three variants here, of the same contract:
 //   matmul_reg    4x4 outputs per invocation held in registers, no workgroup memory and no
 //                 barriers: best where barriers are expensive (CPU Vulkan such as lavapipe).
+//   matmul_vec4   the same 4x4 register tile, but reading 4x4 blocks of A and B as four vec4
+//                 loads each per 4 steps of K (4x fewer load instructions than matmul_reg:
+//                 lavapipe runs every load instruction as a loop over its SIMD lanes). Needs
+//                 vec4-aligned rows along each operand's contiguous axis: K % 4 == 0, and
+//                 M % 4 == 0 if TRANS_A, N % 4 == 0 unless TRANS_B (the host checks).
 //   matmul_shared 64x64 tile per workgroup staged through workgroup memory, BK = 16:
 //                 best on GPUs.
 
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    batch: u32,
-    stride_a: u32,
-    stride_b: u32,
-    stride_c: u32,
-    row0: u32,     // first output row of this dispatch (large M is split)
-    batch0: u32,   // first batch entry of this dispatch (large batch is split)
-    alpha: f32,
-    k0: u32,       // this dispatch sums k in [k0, k1): long K is split so that one
-    k1: u32,       // invocation's loops stay under llvmpipe's cap (ops::CPU_LOOP_LIMIT)
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;          // [batch, M, K], [batch, K, M] if TRANS_A
 @group(0) @binding(2) var<storage, read> b: array<f32>;          // [batch, K, N], [batch, N, K] if TRANS_B
-@group(0) @binding(3) var<storage, read> bias: array<f32>;       // [N] (read only if HAS_BIAS)
-@group(0) @binding(4) var<storage, read> res: array<f32>;        // [batch, M, N] (read only if HAS_RES)
-@group(0) @binding(5) var<storage, read_write> c: array<f32>;    // [batch, M, N]
-
-override TRANS_A: bool = false;
-override TRANS_B: bool = false;
-override HAS_BIAS: bool = false;
-override HAS_RES: bool = false;
-override ACT: u32 = 0u;
-// Split K: ACCUMULATE adds to the partial sum already in C; EPILOGUE (the last split) applies
-// bias, activation and residual. A single dispatch has ACCUMULATE = false, EPILOGUE = true.
-override ACCUMULATE: bool = false;
-override EPILOGUE: bool = true;
+// The same A and B buffers viewed as vec4 (matmul_vec4 only; no entry point uses both views).
+@group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b4: array<vec4<f32>>;
 
 fn a_at(base: u32, i: u32, kk: u32) -> f32 {
     if TRANS_A {
@@ -53,37 +34,6 @@ fn b_at(base: u32, kk: u32, j: u32) -> f32 {
         return b[base + j * p.k + kk];
     }
     return b[base + kk * p.n + j];
-}
-
-fn store(bi: u32, i: u32, j: u32, v: f32) {
-    let o = bi * p.stride_c + i * p.n + j;
-    var x = p.alpha * v;
-    if ACCUMULATE {
-        x += c[o];
-    }
-    if EPILOGUE {
-        if HAS_BIAS {
-            x += bias[j];
-        }
-        x = apply_act(ACT, x);
-        if HAS_RES {
-            x += res[o];
-        }
-    }
-    c[o] = x;
-}
-
-fn store_tile(bi: u32, row: u32, col: u32, acc: array<vec4<f32>, 4>) {
-    for (var r = 0u; r < 4u; r++) {
-        let i = row + r;
-        if i < p.m {
-            let v = acc[r];
-            if col < p.n { store(bi, i, col, v.x); }
-            if col + 1u < p.n { store(bi, i, col + 1u, v.y); }
-            if col + 2u < p.n { store(bi, i, col + 2u, v.z); }
-            if col + 3u < p.n { store(bi, i, col + 3u, v.w); }
-        }
-    }
 }
 
 @compute @workgroup_size(8, 8, 1)
@@ -114,6 +64,67 @@ fn matmul_reg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         acc[3] = fma(vec4<f32>(av.w), bv, acc[3]);
     }
     store_tile(bi, row, col, acc);
+}
+
+@compute @workgroup_size(8, 8, 1)
+fn matmul_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let bi = wid.z + p.batch0;
+    let row = p.row0 + (wid.y * 8u + lid.y) * 4u;
+    let col = (wid.x * 8u + lid.x) * 4u;
+    if row >= p.m || col >= p.n || bi >= p.batch {
+        return;
+    }
+    // Batch offsets and row lengths in vec4 units (all multiples of 4 values).
+    let ba = bi * p.stride_a / 4u;
+    let bb = bi * p.stride_b / 4u;
+    let k4 = p.k / 4u;
+    let m4 = p.m / 4u;
+    let n4 = p.n / 4u;
+    // Rows past M (A row-major) and columns past N (B transposed) re-read the last valid
+    // one; their results are never stored.
+    let r = min(vec4<u32>(row, row + 1u, row + 2u, row + 3u), vec4<u32>(p.m - 1u));
+    let cl = min(vec4<u32>(col, col + 1u, col + 2u, col + 3u), vec4<u32>(p.n - 1u));
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var kq = p.k0 / 4u; kq < p.k1 / 4u; kq++) {
+        // A block as four rows over kk (transposed from four columns over rows if TRANS_A).
+        var ab: mat4x4<f32>;
+        if TRANS_A {
+            let o = ba + 4u * kq * m4 + row / 4u;
+            ab = transpose(mat4x4<f32>(a4[o], a4[o + m4], a4[o + 2u * m4], a4[o + 3u * m4]));
+        } else {
+            ab = mat4x4<f32>(a4[ba + r.x * k4 + kq], a4[ba + r.y * k4 + kq],
+                             a4[ba + r.z * k4 + kq], a4[ba + r.w * k4 + kq]);
+        }
+        // B block as four rows over kk of outputs j (transposed if TRANS_B).
+        var bk: mat4x4<f32>;
+        if TRANS_B {
+            bk = transpose(mat4x4<f32>(b4[bb + cl.x * k4 + kq], b4[bb + cl.y * k4 + kq],
+                                       b4[bb + cl.z * k4 + kq], b4[bb + cl.w * k4 + kq]));
+        } else {
+            let o = bb + 4u * kq * n4 + col / 4u;
+            bk = mat4x4<f32>(b4[o], b4[o + n4], b4[o + 2u * n4], b4[o + 3u * n4]);
+        }
+        acc0 = fma(vec4<f32>(ab[0].x), bk[0], acc0);
+        acc0 = fma(vec4<f32>(ab[0].y), bk[1], acc0);
+        acc0 = fma(vec4<f32>(ab[0].z), bk[2], acc0);
+        acc0 = fma(vec4<f32>(ab[0].w), bk[3], acc0);
+        acc1 = fma(vec4<f32>(ab[1].x), bk[0], acc1);
+        acc1 = fma(vec4<f32>(ab[1].y), bk[1], acc1);
+        acc1 = fma(vec4<f32>(ab[1].z), bk[2], acc1);
+        acc1 = fma(vec4<f32>(ab[1].w), bk[3], acc1);
+        acc2 = fma(vec4<f32>(ab[2].x), bk[0], acc2);
+        acc2 = fma(vec4<f32>(ab[2].y), bk[1], acc2);
+        acc2 = fma(vec4<f32>(ab[2].z), bk[2], acc2);
+        acc2 = fma(vec4<f32>(ab[2].w), bk[3], acc2);
+        acc3 = fma(vec4<f32>(ab[3].x), bk[0], acc3);
+        acc3 = fma(vec4<f32>(ab[3].y), bk[1], acc3);
+        acc3 = fma(vec4<f32>(ab[3].z), bk[2], acc3);
+        acc3 = fma(vec4<f32>(ab[3].w), bk[3], acc3);
+    }
+    store_tile(bi, row, col, array<vec4<f32>, 4>(acc0, acc1, acc2, acc3));
 }
 
 const TILE: u32 = 64u;

@@ -14,6 +14,7 @@ pub mod gpu;
 pub mod models;
 pub mod ops;
 pub mod optim;
+pub mod search;
 pub mod tensor;
 pub mod weights;
 

@@ -79,7 +79,7 @@ pub struct Tape {
 
 /// Sums a gradient of shape `[.., rows.., N]` down to a broadcast operand's shape, where the
 /// operand's dims are trailing dims of the gradient with the leading ones summed away
-/// (`ones[1, R] @ g[R, N]`).
+/// (a reduction over the flattened leading dims).
 fn sum_leading(g: &Tensor, shape: &[usize]) -> Result<Tensor> {
     if g.shape() == shape {
         return Ok(g.clone());
@@ -93,16 +93,19 @@ fn sum_leading(g: &Tensor, shape: &[usize]) -> Result<Tensor> {
             shape
         )));
     }
-    let ones = Tensor::full(g.gpu(), &[1, r], 1.0)?;
-    matmul(&ones, &g.reshape(&[r, n])?, &MatmulOpts::default())?.reshape(shape)
+    crate::ops::reduce::sum(&g.reshape(&[r, n])?, 0)?.reshape(shape)
 }
 
-/// Row sums of `x` viewed as `[rows, L]` (L = last dim), as `[rows, 1]`: `x @ ones[L, 1]`.
+/// Row sums of `x` viewed as `[rows, L]` (L = last dim), as `[rows, 1]`.
 fn row_sum(x: &Tensor) -> Result<Tensor> {
     let l = x.dim(-1);
     let rows = x.numel() / l.max(1);
-    let ones = Tensor::full(x.gpu(), &[l, 1], 1.0)?;
-    matmul(&x.reshape(&[rows, l])?, &ones, &MatmulOpts::default())
+    crate::ops::reduce::reduce(
+        &x.reshape(&[rows, l])?,
+        1,
+        crate::ops::reduce::ReduceOp::Sum,
+        true,
+    )
 }
 
 /// Backward of `y = GroupNorm(x)·γ + β` (no activation), composed from elementwise ops and
@@ -345,10 +348,7 @@ impl Tape {
 
     /// The sum of every element, as a `[1]` tensor.
     pub fn sum(&self, x: &Var) -> Result<Var> {
-        let n = x.value.numel();
-        let flat = x.value.reshape(&[1, n])?;
-        let ones = Tensor::full(x.value.gpu(), &[n, 1], 1.0)?;
-        let y = matmul(&flat, &ones, &MatmulOpts::default())?.reshape(&[1])?;
+        let y = crate::ops::reduce::sum_all(&x.value)?;
         let shape = x.shape().to_vec();
         Ok(self.push(
             y,
@@ -795,6 +795,8 @@ impl Tape {
         Ok(Grads(leaves))
     }
 }
+
+mod conv;
 
 #[cfg(test)]
 mod tests;

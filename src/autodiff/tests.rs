@@ -5,7 +5,7 @@ use super::*;
 use crate::ops::testutil::{gpu, rand_vec};
 
 /// Central differences of `f` at `x` (f64, h = 1e-5): truncation error O(h²·f''') ≈ 1e-10.
-fn fd(f: &dyn Fn(&[f64]) -> f64, x: &[f32]) -> Vec<f64> {
+pub(crate) fn fd(f: &dyn Fn(&[f64]) -> f64, x: &[f32]) -> Vec<f64> {
     let mut xv: Vec<f64> = x.iter().map(|&v| v as f64).collect();
     let h = 1e-5;
     (0..xv.len())
@@ -23,7 +23,7 @@ fn fd(f: &dyn Fn(&[f64]) -> f64, x: &[f32]) -> Vec<f64> {
 
 /// f32 forward + backward against f64 differences: |g − fd| ≤ 1e-4 + 1e-3·|fd| covers f32
 /// rounding of sums of a few dozen terms and the 1.5e-7 erf approximation.
-fn check(got: &Tensor, want: &[f64], what: &str) {
+pub(crate) fn check(got: &Tensor, want: &[f64], what: &str) {
     let got = got.to_vec().unwrap();
     assert_eq!(got.len(), want.len(), "{what}");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {

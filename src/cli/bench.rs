@@ -14,7 +14,7 @@ pub struct MatmulArgs {
     /// Matrix size N.
     #[arg(long, default_value_t = 1024)]
     size: usize,
-    /// Only this variant (register4x4 or shared64); default: all.
+    /// Only this variant (register4x4, shared64, vec4x4 or subgroup8); default: all.
     #[arg(long)]
     variant: Option<String>,
     /// Seconds to spend timing each variant.

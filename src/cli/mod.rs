@@ -1,9 +1,13 @@
 //! Subcommands. Each lives in its own file and only parses, calls the library and prints.
 
 mod bench;
+mod classify;
+mod clip_args;
 mod convert;
+mod embed;
 mod info;
 mod reconstruct;
+mod search;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
@@ -54,6 +58,12 @@ pub enum Command {
     /// Measure kernels (checked against CPU references first).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// CLIP embeddings (L2-normalised) of texts and images, in argument order.
+    Embed(embed::EmbedArgs),
+    /// Zero-shot classification: each image's probability for each label.
+    Classify(classify::ClassifyArgs),
+    /// Search a folder of images with a text or an image (the folder is indexed first).
+    Search(search::SearchArgs),
     /// Encode, quantise and decode an image with a VQGAN (taming .ckpt or .safetensors).
     Reconstruct(reconstruct::ReconstructArgs),
     /// Convert a taming VQGAN .ckpt to .safetensors (+ its .yaml config beside it).
@@ -64,6 +74,9 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Command::Info(a) => info::run(&cli.device, a),
         Command::Bench(b) => bench::run(&cli.device, b),
+        Command::Embed(a) => embed::run(&cli.device, a),
+        Command::Classify(a) => classify::run(&cli.device, a),
+        Command::Search(a) => search::run(&cli.device, a),
         Command::Reconstruct(a) => reconstruct::run(&cli.device, a),
         Command::Convert(a) => convert::run(a),
     }

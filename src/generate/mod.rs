@@ -11,6 +11,7 @@
 //! [`Generator`] (VQGAN), so that any CLIP combines with any VQGAN.
 
 pub mod cutouts;
+pub mod models;
 pub mod output;
 pub mod prompt;
 

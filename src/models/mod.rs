@@ -1,3 +1,4 @@
-//! Models built on the ops: one folder per model, mirroring upstream structure and names.
+//! Models built from the ops, one folder per model family mirroring its upstream source.
 
+pub mod clip;
 pub mod vqgan;

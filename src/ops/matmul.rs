@@ -6,7 +6,8 @@ use crate::gpu::{Gpu, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
-static SHADER: Shader = crate::shader!("matmul", "act");
+static SHADER: Shader = crate::shader!("matmul", "act", "matmul_epilogue");
+static SUBGROUP_SHADER: Shader = crate::shader!("matmul_subgroup", "act", "matmul_epilogue");
 
 /// Mirrors `struct Params` in `shaders/matmul.wgsl`.
 #[repr(C)]
@@ -26,9 +27,12 @@ struct Params {
     k1: u32,
 }
 
-/// Most of K one dispatch sums. Both kernels loop about 1.25 times per k (loads included),
-/// so a split stays well under llvmpipe's 65,535-iteration cap ([`super::CPU_LOOP_LIMIT`]).
+/// Most of K one dispatch sums. The register and shared kernels loop about 1.25 times per k
+/// (loads included), the vec4 and subgroup kernels once per 4 k, so a split stays well under
+/// llvmpipe's 65,535-iteration cap ([`super::CPU_LOOP_LIMIT`]). A multiple of 4, so that
+/// every split of a vec4 kernel starts on a vec4 boundary.
 pub const K_SPLIT: usize = 16_384;
+const _: () = assert!(K_SPLIT % 4 == 0);
 
 /// Options of [`matmul`]. `Default` is a plain `A @ B`.
 #[derive(Clone, Copy, Default)]
@@ -65,16 +69,32 @@ pub enum Variant {
     Register,
     /// 64×64 workgroup-memory tile (GPUs).
     Shared,
+    /// 4×4 register tile fed by vec4 loads along each operand's contiguous axis (CPU
+    /// Vulkan). Applies when K % 4 == 0, M % 4 == 0 if `trans_a`, and N % 4 == 0 unless
+    /// `trans_b`; other shapes run [`Variant::Register`].
+    Vec4,
+    /// 8×32 block per subgroup of 8 lanes, A shared between lanes by subgroup broadcasts
+    /// (CPU Vulkan such as lavapipe, whose subgroups are its 8 SIMD lanes). Needs the
+    /// SUBGROUP feature with subgroups of exactly 8 and the shapes of [`Variant::Vec4`];
+    /// otherwise runs [`Variant::Vec4`] (or [`Variant::Register`]).
+    Subgroup,
 }
 
 impl Variant {
     /// All variants, for tuning and benches.
-    pub const ALL: [Variant; 2] = [Variant::Register, Variant::Shared];
+    pub const ALL: [Variant; 4] = [
+        Variant::Register,
+        Variant::Shared,
+        Variant::Vec4,
+        Variant::Subgroup,
+    ];
     /// Short name used in `VQCLIP_MATMUL`, the tuning cache and bench output.
     pub fn name(self) -> &'static str {
         match self {
             Variant::Register => "register4x4",
             Variant::Shared => "shared64",
+            Variant::Vec4 => "vec4x4",
+            Variant::Subgroup => "subgroup8",
         }
     }
     fn parse(s: &str) -> Option<Variant> {
@@ -82,9 +102,19 @@ impl Variant {
     }
 }
 
+/// Whether this device can run [`Variant::Subgroup`]: the SUBGROUP feature, with every
+/// subgroup exactly 8 invocations wide.
+pub fn subgroup_supported(gpu: &Gpu) -> bool {
+    let info = gpu.info();
+    gpu.features().contains(wgpu::Features::SUBGROUP)
+        && info.subgroup_min_size == 8
+        && info.subgroup_max_size == 8
+}
+
 /// The variant used on this device: `VQCLIP_MATMUL`, else the winner that `vqclip bench
-/// matmul` measured on this adapter ([`Gpu::tuning`], key `"matmul"`), else register tiles
-/// on CPU adapters and workgroup tiles elsewhere.
+/// matmul` measured on this adapter ([`Gpu::tuning`], key `"matmul"`), else on CPU adapters the subgroup kernel where
+/// supported and the vec4 kernel otherwise (both fall back to register tiles for shapes they
+/// cannot read as vec4), and workgroup tiles elsewhere.
 pub fn variant_for(gpu: &Gpu) -> Variant {
     if let Some(v) = std::env::var("VQCLIP_MATMUL")
         .ok()
@@ -96,10 +126,21 @@ pub fn variant_for(gpu: &Gpu) -> Variant {
         return v;
     }
     if gpu.is_cpu() {
-        Variant::Register
+        if subgroup_supported(gpu) {
+            Variant::Subgroup
+        } else {
+            Variant::Vec4
+        }
     } else {
         Variant::Shared
     }
+}
+
+/// Whether [`Variant::Vec4`] can read this product with vec4 loads: K % 4 == 0, and the
+/// contiguous axis of each operand (K, or M for a transposed A, or N for a plain B) a
+/// multiple of 4.
+fn vec4_applies(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> bool {
+    k % 4 == 0 && (!trans_a || m % 4 == 0) && (trans_b || n % 4 == 0)
 }
 
 /// `act(alpha * op(A) @ op(B) + bias) + residual`.
@@ -187,13 +228,22 @@ pub fn matmul_variant(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Variant) -> Res
     }
     let stride_a = if ab.is_empty() { 0 } else { m * ka } as u32;
     let stride_b = if bb.is_empty() { 0 } else { ka * n } as u32;
-    let kernel = Kernel::new(
-        &SHADER,
-        match v {
-            Variant::Register => "matmul_reg",
-            Variant::Shared => "matmul_shared",
-        },
-    )
+    let vec4 = vec4_applies(m, n, ka, o.trans_a, o.trans_b);
+    let v = match v {
+        Variant::Subgroup if !(vec4 && subgroup_supported(gpu)) => Variant::Vec4,
+        v => v,
+    };
+    let v = if v == Variant::Vec4 && !vec4 {
+        Variant::Register
+    } else {
+        v
+    };
+    let kernel = match v {
+        Variant::Register => Kernel::new(&SHADER, "matmul_reg"),
+        Variant::Shared => Kernel::new(&SHADER, "matmul_shared"),
+        Variant::Vec4 => Kernel::new(&SHADER, "matmul_vec4"),
+        Variant::Subgroup => Kernel::new(&SUBGROUP_SHADER, "matmul_subgroup"),
+    }
     .with("TRANS_A", o.trans_a)
     .with("TRANS_B", o.trans_b)
     .with("HAS_BIAS", o.bias.is_some())
@@ -201,9 +251,13 @@ pub fn matmul_variant(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Variant) -> Res
     .with("ACT", o.act as u32);
     // Rows and columns covered by one workgroup.
     let (rows_per_wg, cols_per_wg) = match v {
-        Variant::Register => (32usize, 32usize),
+        Variant::Register | Variant::Vec4 => (32usize, 32usize),
         Variant::Shared => (64, 64),
+        Variant::Subgroup => (64, 32),
     };
+    // Loop iterations per invocation per split: K (register), K/4 (vec4, subgroup), and
+    // K/16 steps of up to 1 + 4 + 16 iterations (shared).
+    debug_assert!(K_SPLIT.div_ceil(16) * 21 <= super::CPU_LOOP_LIMIT);
     let wg_x = n.div_ceil(cols_per_wg);
     if wg_x > 65535 {
         return Err(Error::shape(format!(
@@ -454,6 +508,149 @@ mod tests {
                 Act::Sigmoid,
                 false,
                 seed + 5,
+            );
+        }
+    }
+
+    #[test]
+    fn vec4_and_subgroup_variants_on_eligible_shapes() {
+        // Shapes where matmul_vec4 and matmul_subgroup themselves run (the latter where the
+        // device supports it), with ragged edges on the dims they clamp: M not a multiple
+        // of 4 or 8, N not a multiple of 4 (trans_b) or 32.
+        let cases = [
+            (1, 4, 4, 4, false, false),
+            (1, 17, 36, 20, false, false),
+            (1, 50, 77, 64, false, true),
+            (2, 50, 768, 768, false, true),
+            (1, 20, 12, 132, true, false),
+            (1, 36, 13, 8, true, true),
+            (2, 4, 44, 12, true, true),
+            (3, 65, 1028, 16, false, false),
+            (2, 8, 1031, 12, false, true),
+            (1, 132, 68, 36, true, false),
+        ];
+        let mut seed = 2000;
+        for v in [Variant::Vec4, Variant::Subgroup] {
+            for (batch, m, n, k, ta, tb) in cases {
+                assert!(vec4_applies(m, n, k, ta, tb), "{m}x{n}x{k} {ta} {tb}");
+                seed += 10;
+                check(
+                    v,
+                    batch,
+                    m,
+                    n,
+                    k,
+                    ta,
+                    tb,
+                    false,
+                    false,
+                    Act::None,
+                    false,
+                    seed,
+                );
+            }
+            check(
+                v,
+                3,
+                33,
+                48,
+                72,
+                false,
+                true,
+                true,
+                true,
+                Act::QuickGelu,
+                true,
+                seed + 1,
+            );
+            check(
+                v,
+                2,
+                12,
+                20,
+                8,
+                true,
+                false,
+                true,
+                true,
+                Act::Gelu,
+                true,
+                seed + 2,
+            );
+            check(
+                v,
+                70_000,
+                2,
+                4,
+                4,
+                false,
+                false,
+                false,
+                true,
+                Act::None,
+                false,
+                seed + 3,
+            );
+        }
+    }
+
+    #[test]
+    fn long_k_is_split_under_the_cpu_loop_limit() {
+        // llvmpipe stops an invocation's loops after 65,535 iterations in total
+        // (ops::CPU_LOOP_LIMIT); long K runs as accumulating splits of K_SPLIT, for every
+        // variant, whether or not K is a multiple of 4.
+        for v in Variant::ALL {
+            for (k, tb) in [(65_540, true), (65_537, false), (2 * K_SPLIT + 3, true)] {
+                check(
+                    v,
+                    1,
+                    2,
+                    3,
+                    k,
+                    false,
+                    tb,
+                    false,
+                    true,
+                    Act::Gelu,
+                    true,
+                    3000 + k as u64,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn vec4_kernels_split_long_k() {
+        // K = 65,540 is summed in 4 accumulating splits of at most K_SPLIT (the vec4 kernels
+        // step K by 4, so the splits must stay multiples of 4); fused epilogue on the last.
+        for v in [Variant::Vec4, Variant::Subgroup] {
+            check(
+                v,
+                1,
+                9,
+                6,
+                65_540,
+                false,
+                true,
+                true,
+                true,
+                Act::Gelu,
+                true,
+                3000,
+            );
+            check(
+                v,
+                1,
+                8,
+                4,
+                40_004,
+                true,
+                false,
+                false,
+                false,
+                Act::None,
+                false,
+                3010,
             );
         }
     }

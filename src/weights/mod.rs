@@ -5,6 +5,12 @@
 //! path mirrors the model's field path (`sub("encoder").sub("layers.0")`), and which fails
 //! with the key and both shapes when a file disagrees with the config.
 
+pub mod memory;
+pub mod safetensors;
+
+pub use self::safetensors::SafetensorsFile;
+pub use memory::MemorySource;
+
 use crate::{Error, Gpu, Result, Tensor};
 
 pub mod pickle;

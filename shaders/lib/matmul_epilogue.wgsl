@@ -1,0 +1,65 @@
+// Shared by shaders/matmul.wgsl and shaders/matmul_subgroup.wgsl (prefixed to both, after
+// act.wgsl): the params struct, the epilogue bindings and overrides, and the fused store
+//   C[b] = act(alpha * acc [+ C[b] when accumulating a split of K] + bias) + res[b]
+// Each kernel file declares its own views of A (binding 1) and B (binding 2).
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    batch: u32,
+    stride_a: u32,
+    stride_b: u32,
+    stride_c: u32,
+    row0: u32,     // first output row of this dispatch (large M is split)
+    batch0: u32,   // first batch entry of this dispatch (large batch is split)
+    alpha: f32,
+    k0: u32,       // this dispatch sums k in [k0, k1): long K is split so that one
+    k1: u32,       // invocation's loops stay under llvmpipe's cap (ops::CPU_LOOP_LIMIT)
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;       // [N] (read only if HAS_BIAS)
+@group(0) @binding(4) var<storage, read> res: array<f32>;        // [batch, M, N] (read only if HAS_RES)
+@group(0) @binding(5) var<storage, read_write> c: array<f32>;    // [batch, M, N]
+
+override TRANS_A: bool = false;
+override TRANS_B: bool = false;
+override HAS_BIAS: bool = false;
+override HAS_RES: bool = false;
+override ACT: u32 = 0u;
+// Split K: ACCUMULATE adds to the partial sum already in C; EPILOGUE (the last split) applies
+// bias, activation and residual. A single dispatch has ACCUMULATE = false, EPILOGUE = true.
+override ACCUMULATE: bool = false;
+override EPILOGUE: bool = true;
+
+fn store(bi: u32, i: u32, j: u32, v: f32) {
+    let o = bi * p.stride_c + i * p.n + j;
+    var x = p.alpha * v;
+    if ACCUMULATE {
+        x += c[o];
+    }
+    if EPILOGUE {
+        if HAS_BIAS {
+            x += bias[j];
+        }
+        x = apply_act(ACT, x);
+        if HAS_RES {
+            x += res[o];
+        }
+    }
+    c[o] = x;
+}
+
+fn store_tile(bi: u32, row: u32, col: u32, acc: array<vec4<f32>, 4>) {
+    for (var r = 0u; r < 4u; r++) {
+        let i = row + r;
+        if i < p.m {
+            let v = acc[r];
+            if col < p.n { store(bi, i, col, v.x); }
+            if col + 1u < p.n { store(bi, i, col + 1u, v.y); }
+            if col + 2u < p.n { store(bi, i, col + 2u, v.z); }
+            if col + 3u < p.n { store(bi, i, col + 3u, v.w); }
+        }
+    }
+}
