@@ -114,11 +114,13 @@ fn bench(c: &mut Criterion) {
         let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(s as u64);
         let xv: Vec<f32> = (0..3 * s * s).map(|_| r.random_range(-1.0..1.0)).collect();
         let x = Tensor::from_slice(&gpu, &xv, &[1, 3, s, s]).unwrap();
-        // One measured pass per stage first: the first run also compiles the pipelines.
-        let _ = measure(&gpu, || model.encode(&x).unwrap());
+        // One measured pass per stage (pipelines are compiled on a tiny input first, so the
+        // pass times the kernels, not the shader compiler).
+        let warm = Tensor::from_slice(&gpu, &vec![0.0; 3 * 16 * 16], &[1, 3, 16, 16]).unwrap();
+        let (wz, _) = model.quantize(&model.encode(&warm).unwrap()).unwrap();
+        let _ = model.decode(&wz).unwrap().to_vec().unwrap();
         let (te, pe, z) = measure(&gpu, || model.encode(&x).unwrap());
         let (tq, pq, (zq, _codes)) = measure(&gpu, || model.quantize(&z).unwrap());
-        let _ = measure(&gpu, || model.decode(&zq).unwrap());
         let (td, pd, _y) = measure(&gpu, || model.decode(&zq).unwrap());
         for (stage, secs, peak) in [("encode", te, pe), ("quantize", tq, pq), ("decode", td, pd)] {
             eprintln!(

@@ -239,7 +239,7 @@ impl ImageIndex {
         let mut todo: Vec<&String> = files
             .iter()
             .filter(|(p, s)| {
-                known.get(*p) != Some(s) && !failed.get(*p).is_some_and(|(a, b, _)| (*a, *b) == **s)
+                known.get(*p) != Some(s) && failed.get(*p).is_none_or(|(a, b, _)| (*a, *b) != **s)
             })
             .map(|(p, _)| p)
             .collect();

@@ -22,7 +22,7 @@ pub struct ConvertArgs {
 pub fn run(a: ConvertArgs) -> Result<()> {
     if a.output
         .extension()
-        .map_or(true, |e| !e.eq_ignore_ascii_case("safetensors"))
+        .is_none_or(|e| !e.eq_ignore_ascii_case("safetensors"))
     {
         bail!(
             "the output {} should end in .safetensors",

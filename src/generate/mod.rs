@@ -184,7 +184,11 @@ impl<'a> Generation<'a> {
         opts: Options,
     ) -> Result<Self> {
         let f = vqgan.factor();
-        if opts.width == 0 || opts.height == 0 || opts.width % f != 0 || opts.height % f != 0 {
+        if opts.width == 0
+            || opts.height == 0
+            || !opts.width.is_multiple_of(f)
+            || !opts.height.is_multiple_of(f)
+        {
             return Err(Error::invalid(format!(
                 "size {}x{} must be positive multiples of the VQGAN factor {f}",
                 opts.width, opts.height

@@ -260,7 +260,7 @@ fn run(
 
 /// `[B, T, H·D]` → `[B, H, T, D]`.
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
-    if x.rank() != 3 || heads == 0 || x.dim(2) % heads != 0 {
+    if x.rank() != 3 || heads == 0 || !x.dim(2).is_multiple_of(heads) {
         return Err(Error::shape(format!(
             "split_heads needs [B, T, H*D] with a width divisible by {heads}, got {:?}",
             x.shape()

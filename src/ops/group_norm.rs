@@ -30,7 +30,7 @@ struct Params {
 
 /// Units per group (vec4s when `S % 4 == 0`) and the number of partial sums per group.
 fn plan(m: usize, s: usize) -> (usize, usize) {
-    let units = if s % 4 == 0 { m / 4 } else { m };
+    let units = if s.is_multiple_of(4) { m / 4 } else { m };
     (units, units.div_ceil(UNITS_PER_PART).max(1))
 }
 
@@ -91,7 +91,7 @@ pub fn group_norm(
     }
     let cpg = c / groups;
     let m = cpg * s;
-    let vec = s % 4 == 0;
+    let vec = s.is_multiple_of(4);
     let (_, parts) = plan(m, s);
     let ng = n * groups;
     let total_units = if vec { x.numel() / 4 } else { x.numel() };

@@ -32,7 +32,7 @@ struct Params {
 /// llvmpipe's 65,535-iteration cap ([`super::CPU_LOOP_LIMIT`]). A multiple of 4, so that
 /// every split of a vec4 kernel starts on a vec4 boundary.
 pub const K_SPLIT: usize = 16_384;
-const _: () = assert!(K_SPLIT % 4 == 0);
+const _: () = assert!(K_SPLIT.is_multiple_of(4));
 
 /// Options of [`matmul`]. `Default` is a plain `A @ B`.
 #[derive(Clone, Copy, Default)]
@@ -140,7 +140,7 @@ pub fn variant_for(gpu: &Gpu) -> Variant {
 /// contiguous axis of each operand (K, or M for a transposed A, or N for a plain B) a
 /// multiple of 4.
 fn vec4_applies(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> bool {
-    k % 4 == 0 && (!trans_a || m % 4 == 0) && (trans_b || n % 4 == 0)
+    k.is_multiple_of(4) && (!trans_a || m.is_multiple_of(4)) && (trans_b || n.is_multiple_of(4))
 }
 
 /// `act(alpha * op(A) @ op(B) + bias) + residual`.

@@ -82,9 +82,7 @@ pub fn nearest_codes(z: &Tensor, codebook: &Tensor) -> Result<Tensor> {
     }
     let chunk = chunk_for(d)?;
     let chunks = k.div_ceil(chunk);
-    if m.checked_mul(chunks)
-        .map_or(true, |t| t > u32::MAX as usize)
-    {
+    if m.checked_mul(chunks).is_none_or(|t| t > u32::MAX as usize) {
         return Err(Error::shape("vq: positions x codebook chunks exceed 2^32"));
     }
     let p = Params {

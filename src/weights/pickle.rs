@@ -422,7 +422,7 @@ impl<'a> Vm<'a> {
         }
     }
     fn set_items(dict: &Value, items: Vec<Value>) -> R<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err("SETITEMS with an odd number of values".into());
         }
         match dict {

@@ -16,7 +16,7 @@ pub use config::{DdConfig, QuantizerKind, VqGanConfig};
 
 use crate::ops::vq;
 use crate::weights::torch::TorchCheckpoint;
-use crate::weights::{Loader, TensorSource};
+use crate::weights::{Loader, SafetensorsFile, TensorSource};
 use crate::{Error, Gpu, Result, Tensor};
 use blocks::Conv;
 use std::path::Path;
@@ -59,77 +59,7 @@ pub fn open_weights(path: &Path) -> Result<Box<dyn TensorSource>> {
 }
 
 fn open_safetensors(path: &Path) -> Result<Box<dyn TensorSource>> {
-    Ok(Box::new(InterimSafetensors::open(path)?))
-}
-
-/// Interim `.safetensors` reader (whole file in memory) until the shared
-/// `weights::safetensors` reader lands from the CLIP branch.
-struct InterimSafetensors {
-    path: String,
-    data: Vec<u8>,
-    start: usize,
-    meta: safetensors::tensor::Metadata,
-}
-
-impl InterimSafetensors {
-    fn open(path: &Path) -> Result<Self> {
-        let p = path.display().to_string();
-        let data = std::fs::read(path).map_err(|source| Error::Io {
-            path: p.clone(),
-            source,
-        })?;
-        let (n, meta) =
-            safetensors::SafeTensors::read_metadata(&data).map_err(|e| Error::Format {
-                path: p.clone(),
-                msg: format!("not a readable safetensors file: {e}"),
-            })?;
-        Ok(InterimSafetensors {
-            path: p,
-            start: 8 + n,
-            data,
-            meta,
-        })
-    }
-}
-
-impl TensorSource for InterimSafetensors {
-    fn path(&self) -> &str {
-        &self.path
-    }
-    fn keys(&self) -> Vec<String> {
-        self.meta.offset_keys()
-    }
-    fn shape(&self, key: &str) -> Option<Vec<usize>> {
-        self.meta.info(key).map(|i| i.shape.clone())
-    }
-    fn read_f32(&self, key: &str) -> Result<Vec<f32>> {
-        use safetensors::Dtype;
-        let err = |msg: String| Error::Format {
-            path: self.path.clone(),
-            msg: format!("tensor '{key}': {msg}"),
-        };
-        let info = self.meta.info(key).ok_or_else(|| err("missing".into()))?;
-        let (a, b) = info.data_offsets;
-        let bytes = self
-            .data
-            .get(self.start + a..self.start + b)
-            .ok_or_else(|| err("data runs past the end of the file".into()))?;
-        Ok(match info.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes(c.try_into().expect("2")).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes(c.try_into().expect("2")).to_f32())
-                .collect(),
-            d => return Err(err(format!("dtype {d:?} is not a float type"))),
-        })
-    }
+    Ok(Box::new(SafetensorsFile::open(path)?))
 }
 
 /// The config beside a weights file: the same stem with `.yaml`
