@@ -5,6 +5,7 @@
 use super::*;
 use crate::ops::matmul::MatmulOpts;
 use crate::ops::testutil::{gpu, rand_vec};
+use rand::SeedableRng;
 
 const E: usize = 4;
 const F: usize = 4;
@@ -231,4 +232,38 @@ fn bad_options_are_refused() {
     let mut o = opts();
     o.cutn = 0;
     assert!(Generation::new(&g, &clip, &vq, o).is_err());
+}
+
+#[test]
+fn colour_jitter_keeps_grey_grey_and_erasing_zeroes_a_rectangle() {
+    // Hue rotation about the grey axis and saturation toward luma leave grey pixels grey;
+    // brightness and contrast move them within ±0.1·0.5 + small; erased pixels are exactly 0
+    // and get no gradient.
+    let g = gpu();
+    let (n, s) = (16, 8);
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::full(&g, &[n, 3, s, s], 0.5).unwrap(), true);
+    let y = colour_jitter_and_erase(&g, &tape, &x, &mut rng).unwrap();
+    let v = y.value().to_vec().unwrap();
+    let grads = tape.backward(&tape.sum(&y).unwrap()).unwrap();
+    let gx = grads.get(&x).unwrap().to_vec().unwrap();
+    let mut zeros = 0;
+    for cut in 0..n {
+        for p in 0..s * s {
+            let rgb: Vec<f32> = (0..3).map(|c| v[(cut * 3 + c) * s * s + p]).collect();
+            if rgb.iter().all(|&c| c == 0.0) {
+                zeros += 1;
+                assert!((0..3).all(|c| gx[(cut * 3 + c) * s * s + p] == 0.0));
+                continue;
+            }
+            assert!(
+                (rgb[0] - rgb[1]).abs() < 1e-5 && (rgb[1] - rgb[2]).abs() < 1e-5,
+                "{rgb:?}"
+            );
+            assert!((rgb[0] - 0.5).abs() < 0.07, "{rgb:?}");
+        }
+    }
+    // The erased rectangle is the same in every cutout (or absent with probability 0.3).
+    assert_eq!(zeros % n, 0);
 }
