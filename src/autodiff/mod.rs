@@ -59,7 +59,7 @@ impl Grads {
     }
     /// The gradient of a parameter taken with [`Tape::param`] on `tape`.
     pub fn param(&self, tape: &Tape, t: &Tensor) -> Option<&Tensor> {
-        let id = *tape.param_ids().get(&t.buffer_id())?;
+        let id = tape.params.borrow().get(&t.buffer_id())?.id;
         self.0.get(&id)
     }
     /// Removes and returns the gradient of `v`.
@@ -201,15 +201,6 @@ impl Tape {
         let v = self.leaf(t.clone(), self.training);
         self.params.borrow_mut().insert(key, v.clone());
         v
-    }
-
-    /// The parameter leaves taken so far, by buffer identity.
-    pub fn param_ids(&self) -> HashMap<usize, usize> {
-        self.params
-            .borrow()
-            .iter()
-            .map(|(k, v)| (*k, v.id))
-            .collect()
     }
 
     fn push(&self, value: Tensor, parents: &[&Var], backward: Backward) -> Var {

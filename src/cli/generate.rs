@@ -136,8 +136,7 @@ fn largest_tensor(cfg: &VqGanConfig, w: usize, h: usize) -> u64 {
     for (i, &m) in d.ch_mult.iter().enumerate() {
         let (hh, ww) = ((h >> i) as u64, (w >> i) as u64);
         most = most.max(4 * (d.ch * m) as u64 * hh * ww);
-        // conv weight gradients are not needed, but im2col-free input gradients run at the
-        // upsampled size of the level below
+        // attention probabilities [HW, HW], kept for the backward pass
         if d.attn_resolutions.contains(&(d.resolution >> i)) {
             most = most.max(4 * (hh * ww) * (hh * ww));
         }

@@ -333,19 +333,17 @@ impl<'a> Generation<'a> {
         tape.clamp_with_grad(&img, 0.0, 1.0)
     }
 
-    /// The current image as RGB bytes (row-major HWC): `round(clamp((x+1)/2) · 255)`.
+    /// The current image as RGB bytes (row-major HWC): `round(clamp((x+1)/2) · 255)` of the
+    /// decoded quantised latent, the same conversion as `vqclip reconstruct`.
     pub fn image_rgb8(&self) -> Result<Vec<u8>> {
         let tape = Tape::new();
-        let z = tape.leaf(self.latent().clone(), false);
-        let img = self.synth(&tape, &z)?.value().to_vec()?;
-        let (w, h) = (self.opts.width, self.opts.height);
-        let mut out = vec![0u8; w * h * 3];
-        for c in 0..3 {
-            for i in 0..w * h {
-                out[i * 3 + c] = (img[c * w * h + i].clamp(0.0, 1.0) * 255.0).round() as u8;
-            }
-        }
-        Ok(out)
+        let zq = tape.leaf(self.vqgan.quantize(self.latent())?, false);
+        let x = self.vqgan.decode(&tape, &zq)?.value().to_vec()?;
+        Ok(crate::models::vqgan::output_to_rgb8(
+            &x,
+            self.opts.width,
+            self.opts.height,
+        ))
     }
 
     /// One optimisation step; returns its losses.
