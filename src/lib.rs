@@ -16,6 +16,7 @@ pub mod ops;
 pub mod optim;
 pub mod search;
 pub mod tensor;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -108,6 +108,31 @@ impl Adam {
         self.t
     }
 
+    /// The first and second moment estimates, one pair per parameter (for checkpoints).
+    pub fn moments(&self) -> (&[Tensor], &[Tensor]) {
+        (&self.m, &self.v)
+    }
+
+    /// Restores a checkpointed state: the moments (shapes must match the parameters) and the
+    /// step count.
+    pub fn restore(&mut self, m: &[Vec<f32>], v: &[Vec<f32>], steps: u32) -> Result<()> {
+        if m.len() != self.params.len() || v.len() != self.params.len() {
+            return Err(Error::invalid(format!(
+                "optimiser state has {}/{} moments for {} parameters",
+                m.len(),
+                v.len(),
+                self.params.len()
+            )));
+        }
+        for i in 0..self.params.len() {
+            let shape = self.params[i].shape().to_vec();
+            self.m[i] = Tensor::from_slice(self.params[i].gpu(), &m[i], &shape)?;
+            self.v[i] = Tensor::from_slice(self.params[i].gpu(), &v[i], &shape)?;
+        }
+        self.t = steps;
+        Ok(())
+    }
+
     /// One update with `grads[i]` for `params[i]` (`None` skips a parameter this step).
     pub fn step(&mut self, grads: &[Option<&Tensor>]) -> Result<()> {
         if grads.len() != self.params.len() {

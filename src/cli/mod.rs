@@ -9,6 +9,9 @@ mod generate;
 mod info;
 mod reconstruct;
 mod search;
+mod train;
+mod train_clip;
+mod train_vqgan;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
@@ -71,6 +74,12 @@ pub enum Command {
     Reconstruct(reconstruct::ReconstructArgs),
     /// Convert a taming VQGAN .ckpt to .safetensors (+ its .yaml config beside it).
     Convert(convert::ConvertArgs),
+    /// Train vqclip's own small models on the synthetic shapes world.
+    #[command(subcommand)]
+    Train(train::TrainCmd),
+    /// Measure a trained model on held-out synthetic images.
+    #[command(subcommand)]
+    Eval(train::EvalCmd),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -83,5 +92,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate::run(&cli.device, *a),
         Command::Reconstruct(a) => reconstruct::run(&cli.device, a),
         Command::Convert(a) => convert::run(a),
+        Command::Train(c) => train::run_train(&cli.device, c),
+        Command::Eval(c) => train::run_eval(&cli.device, c),
     }
 }

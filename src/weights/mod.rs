@@ -12,6 +12,13 @@ pub use self::safetensors::SafetensorsFile;
 pub use memory::MemorySource;
 
 use crate::{Error, Gpu, Result, Tensor};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+/// Every tensor a [`Loader`] uploaded, by full key, in load order: a model's parameters as
+/// the training code and the checkpoint writers see them (the tensors share the model's
+/// buffers, so optimiser updates show through).
+pub type NamedParams = Vec<(String, Tensor)>;
 
 pub mod pickle;
 pub mod torch;
@@ -33,6 +40,7 @@ pub struct Loader<'a> {
     src: &'a dyn TensorSource,
     gpu: &'a Gpu,
     prefix: String,
+    record: Rc<RefCell<NamedParams>>,
 }
 
 impl<'a> Loader<'a> {
@@ -42,7 +50,13 @@ impl<'a> Loader<'a> {
             src,
             gpu,
             prefix: String::new(),
+            record: Rc::default(),
         }
+    }
+
+    /// Every tensor uploaded so far through this loader or any loader derived from it.
+    pub fn uploaded(&self) -> NamedParams {
+        self.record.borrow().clone()
     }
 
     /// A loader for the sub-module `name` (keys become `prefix.name.…`).
@@ -51,6 +65,7 @@ impl<'a> Loader<'a> {
             src: self.src,
             gpu: self.gpu,
             prefix: self.key(&name.to_string()),
+            record: self.record.clone(),
         }
     }
 
@@ -94,6 +109,8 @@ impl<'a> Loader<'a> {
     /// Uploads `name` to the GPU, checking that its shape is `expect`.
     pub fn tensor(&self, name: &str, expect: &[usize]) -> Result<Tensor> {
         let data = self.cpu(name, expect)?;
-        Tensor::from_slice(self.gpu, &data, expect)
+        let t = Tensor::from_slice(self.gpu, &data, expect)?;
+        self.record.borrow_mut().push((self.key(name), t.clone()));
+        Ok(t)
     }
 }

@@ -19,6 +19,7 @@ pub struct SafetensorsFile {
     /// Offset of the data section (8 + header length).
     data_start: usize,
     tensors: BTreeMap<String, TensorInfo>,
+    metadata: std::collections::HashMap<String, String>,
 }
 
 impl std::fmt::Debug for SafetensorsFile {
@@ -70,6 +71,7 @@ impl SafetensorsFile {
         })?;
         let (header_len, meta) =
             SafeTensors::read_metadata(&mmap).map_err(|e| describe(&path, &mmap, e))?;
+        let metadata = meta.metadata().clone().unwrap_or_default();
         let tensors = meta
             .tensors()
             .into_iter()
@@ -80,7 +82,13 @@ impl SafetensorsFile {
             mmap,
             data_start: 8 + header_len,
             tensors,
+            metadata,
         })
+    }
+
+    /// The header's `__metadata__` strings (empty when it has none).
+    pub fn metadata(&self) -> std::collections::HashMap<String, String> {
+        self.metadata.clone()
     }
 
     /// The stored dtype of `key`.

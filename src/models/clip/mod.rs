@@ -48,6 +48,10 @@ pub struct ClipModel {
     pub tokenizer: Option<ClipTokenizer>,
     /// The folder's `preprocessor_config.json`, or the `CLIPImageProcessor` defaults.
     pub preprocess: PreprocessConfig,
+    /// Every weight uploaded to the GPU by checkpoint key, sharing buffers with the fields
+    /// above (what training updates and the writers save; `logit_scale` is a plain number
+    /// and not in it).
+    pub params: crate::weights::NamedParams,
     gpu: Gpu,
 }
 
@@ -144,6 +148,7 @@ impl ClipModel {
             text_projection,
             logit_scale,
             tokenizer: None,
+            params: l.uploaded(),
             gpu: gpu.clone(),
         })
     }

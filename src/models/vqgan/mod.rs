@@ -35,6 +35,9 @@ pub struct VqGan {
     pub post_quant_conv: Conv,
     /// `quantize.*`
     pub quantize: quantize::Quantize,
+    /// Every weight by checkpoint key, sharing buffers with the fields above (what training
+    /// updates and the writers save).
+    pub params: crate::weights::NamedParams,
     gpu: Gpu,
 }
 
@@ -84,12 +87,18 @@ impl VqGan {
     pub fn from_source(src: &dyn TensorSource, config: VqGanConfig, gpu: &Gpu) -> Result<VqGan> {
         let l = Loader::new(src, gpu);
         let (z, e) = (config.dd.z_channels, config.embed_dim);
+        let encoder = encoder::Encoder::load(&l.sub("encoder"), &config)?;
+        let decoder = decoder::Decoder::load(&l.sub("decoder"), &config)?;
+        let quant_conv = Conv::load(&l.sub("quant_conv"), z, e, 1)?;
+        let post_quant_conv = Conv::load(&l.sub("post_quant_conv"), e, z, 1)?;
+        let quantize = quantize::Quantize::load(&l.sub("quantize"), &config)?;
         Ok(VqGan {
-            encoder: encoder::Encoder::load(&l.sub("encoder"), &config)?,
-            decoder: decoder::Decoder::load(&l.sub("decoder"), &config)?,
-            quant_conv: Conv::load(&l.sub("quant_conv"), z, e, 1)?,
-            post_quant_conv: Conv::load(&l.sub("post_quant_conv"), e, z, 1)?,
-            quantize: quantize::Quantize::load(&l.sub("quantize"), &config)?,
+            encoder,
+            decoder,
+            quant_conv,
+            post_quant_conv,
+            quantize,
+            params: l.uploaded(),
             config,
             gpu: gpu.clone(),
         })

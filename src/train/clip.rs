@@ -1,0 +1,1 @@
+//! Training a CLIP on the tape (filled in by the CLIP trainer).
