@@ -103,7 +103,7 @@ impl Perceptor for ClipModel {
     }
 }
 
-fn conv(tape: &Tape, c: &Conv, x: &Var, residual: Option<&Var>) -> Result<Var> {
+pub(crate) fn conv(tape: &Tape, c: &Conv, x: &Var, residual: Option<&Var>) -> Result<Var> {
     let opts = Conv2dOpts {
         pad: [c.weight.dim(2) / 2; 4],
         ..Default::default()
@@ -115,7 +115,7 @@ fn conv(tape: &Tape, c: &Conv, x: &Var, residual: Option<&Var>) -> Result<Var> {
     }
 }
 
-fn norm(tape: &Tape, n: &Norm, x: &Var, act: Act) -> Result<Var> {
+pub(crate) fn norm(tape: &Tape, n: &Norm, x: &Var, act: Act) -> Result<Var> {
     tape.group_norm(
         x,
         GROUPS,
@@ -152,13 +152,13 @@ fn attn(tape: &Tape, a: &AttnBlock, x: &Var) -> Result<Var> {
     conv(tape, &a.proj_out, &o, Some(x))
 }
 
-fn mid(tape: &Tape, m: &Mid, x: &Var) -> Result<Var> {
+pub(crate) fn mid(tape: &Tape, m: &Mid, x: &Var) -> Result<Var> {
     let h = resnet(tape, &m.block_1, x)?;
     let h = attn(tape, &m.attn_1, &h)?;
     resnet(tape, &m.block_2, &h)
 }
 
-fn level(tape: &Tape, l: &Level, x: &Var) -> Result<Var> {
+pub(crate) fn level(tape: &Tape, l: &Level, x: &Var) -> Result<Var> {
     let mut h = x.clone();
     for (i, b) in l.block.iter().enumerate() {
         h = resnet(tape, b, &h)?;

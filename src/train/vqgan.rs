@@ -1,1 +1,488 @@
-//! Training a taming-style VQGAN on the tape (filled in by the VQGAN trainer).
+//! Training a taming-style VQGAN on the autodiff tape.
+//!
+//! The encoder is re-expressed on the tape mirroring `models::vqgan::encoder` (stride-2
+//! downsample convs with taming's asymmetric `(0, 1, 0, 1)` padding); the decoder is
+//! [`Generator::decode`]. The objective is taming's `VQModel` without the GAN and LPIPS terms:
+//!
+//! `loss = mse(x, x̂) + ‖sg[z] − z_q‖² + β·‖z − sg[z_q]‖²` (means over elements, β = 0.25),
+//!
+//! with `z_q` the nearest codebook rows and the straight-through estimator carrying the
+//! decoder's gradient to `z`. Codebook entries unused for [`Trainer::restart_after`] steps are
+//! re-seeded from random encoder outputs of the current batch (dead-code restart).
+
+use super::{default_init, init_weights, Init, Schedule};
+use crate::autodiff::{Tape, Var};
+use crate::data::shapes::{ShapesDataset, Split};
+use crate::generate::models::{conv, level, mid, norm};
+use crate::generate::Generator;
+use crate::models::vqgan::config::{DdConfig, QuantizerKind, VqGanConfig};
+use crate::models::vqgan::{rgb8_to_input, VqGan};
+use crate::ops::conv2d::Conv2dOpts;
+use crate::ops::matmul::MatmulOpts;
+use crate::ops::{vq, Act};
+use crate::optim::{Adam, AdamConfig};
+use crate::{Error, Gpu, Result, Tensor};
+use rand::{Rng, SeedableRng};
+
+/// The commitment weight β of taming's `VectorQuantizer2`.
+pub const BETA: f32 = 0.25;
+
+/// The dataset seed for training (its `Train` split) and evaluation (its `HeldOut` split).
+pub const DATA_SEED: u64 = 0;
+
+/// The shipped layout: 64x64 images, f = 4 (16x16 latents), widths 32/64/64, one residual
+/// block per level, no attention outside the middle blocks, 256 codes of 32 channels.
+pub fn small_config() -> VqGanConfig {
+    VqGanConfig {
+        dd: DdConfig {
+            ch: 32,
+            ch_mult: vec![1, 2, 2],
+            num_res_blocks: 1,
+            attn_resolutions: vec![],
+            z_channels: 32,
+            resolution: 64,
+            in_channels: 3,
+            out_ch: 3,
+            double_z: false,
+            dropout: 0.0,
+        },
+        embed_dim: 32,
+        n_embed: 256,
+        quantizer: QuantizerKind::NearestNeighbour,
+    }
+}
+
+/// A tiny layout for tests: 16x16 images, f = 2, width 32, 8-channel codes, 16 of them.
+pub fn tiny_config() -> VqGanConfig {
+    VqGanConfig {
+        dd: DdConfig {
+            ch: 32,
+            ch_mult: vec![1, 1],
+            num_res_blocks: 1,
+            attn_resolutions: vec![],
+            z_channels: 8,
+            resolution: 16,
+            in_channels: 3,
+            out_ch: 3,
+            double_z: false,
+            dropout: 0.0,
+        },
+        embed_dim: 8,
+        n_embed: 16,
+        quantizer: QuantizerKind::NearestNeighbour,
+    }
+}
+
+/// The initial value rule: GroupNorm scales 1, every bias 0, the codebook uniform in
+/// `±1/n_embed` (taming's `VectorQuantizer2`), conv weights PyTorch's default.
+pub fn init_rule(n_embed: usize) -> impl Fn(&str, &[usize]) -> Init {
+    move |key: &str, shape: &[usize]| {
+        if key == "quantize.embedding.weight" {
+            Init::Uniform(1.0 / n_embed as f32)
+        } else if key.ends_with(".bias") {
+            Init::Const(0.0)
+        } else if shape.len() == 1 {
+            Init::Const(1.0)
+        } else {
+            default_init(shape)
+        }
+    }
+}
+
+/// A freshly initialised model (nearest-neighbour quantiser only).
+pub fn new_model(cfg: &VqGanConfig, seed: u64, gpu: &Gpu) -> Result<VqGan> {
+    if cfg.quantizer != QuantizerKind::NearestNeighbour {
+        return Err(Error::invalid(
+            "training supports the nearest-neighbour quantiser (VQModel) only",
+        ));
+    }
+    let src = init_weights(&cfg.tensor_shapes(), seed, init_rule(cfg.n_embed))?;
+    VqGan::from_source(&src, cfg.clone(), gpu)
+}
+
+/// `x`: `[N, in_channels, H, W]` -> `z = quant_conv(encoder(x))` `[N, embed_dim, H/f, W/f]`
+/// on the tape (the same values as [`VqGan::encode`]).
+pub fn encode(tape: &Tape, vq: &VqGan, x: &Var) -> Result<Var> {
+    let e = &vq.encoder;
+    let mut h = conv(tape, &e.conv_in, x, None)?;
+    for lvl in &e.down {
+        h = level(tape, &lvl.level, &h)?;
+        if let Some(ds) = &lvl.downsample {
+            let opts = Conv2dOpts {
+                stride: 2,
+                pad: [0, 1, 0, 1],
+                ..Default::default()
+            };
+            h = tape.conv2d(
+                &h,
+                &tape.param(&ds.weight),
+                Some(&tape.param(&ds.bias)),
+                &opts,
+            )?;
+        }
+    }
+    let h = mid(tape, &e.mid, &h)?;
+    let h = norm(tape, &e.norm_out, &h, Act::Silu)?;
+    let h = conv(tape, &e.conv_out, &h, None)?;
+    conv(tape, &vq.quant_conv, &h, None)
+}
+
+/// Images `[start, start + n)` of a split, rendered at `size` and scaled to [-1, 1]:
+/// `[n, 3, size, size]`, plus the RGB8 pixels (HWC per image).
+pub fn batch(
+    gpu: &Gpu,
+    data: &ShapesDataset,
+    start: u64,
+    n: usize,
+    size: usize,
+) -> Result<(Tensor, Vec<Vec<u8>>)> {
+    let mut x = Vec::with_capacity(n * 3 * size * size);
+    let mut rgb = Vec::with_capacity(n);
+    for i in 0..n as u64 {
+        let px = data.sample(start + i).0.render(size);
+        x.extend(rgb8_to_input(&px, size, size));
+        rgb.push(px);
+    }
+    Ok((Tensor::from_slice(gpu, &x, &[n, 3, size, size])?, rgb))
+}
+
+/// PSNR in dB of a mean squared error on a signal of peak-to-peak range `peak`.
+pub fn psnr(mse: f64, peak: f64) -> f64 {
+    10.0 * (peak * peak / mse.max(1e-12)).log10()
+}
+
+/// What one training step measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// The total loss.
+    pub loss: f32,
+    /// Reconstruction MSE (images in [-1, 1], decoder output unclamped).
+    pub rec: f32,
+    /// `‖sg[z] − z_q‖²` (mean).
+    pub codebook: f32,
+    /// `‖z − sg[z_q]‖²` (mean, before β).
+    pub commit: f32,
+    /// PSNR of the batch from `rec` (peak-to-peak 2).
+    pub psnr: f32,
+    /// Distinct codes used in the batch.
+    pub codes_used: usize,
+    /// Codebook entries re-seeded after this step.
+    pub restarted: usize,
+    /// The learning rate of the step.
+    pub lr: f32,
+}
+
+/// A VQGAN, its optimiser and schedule, and the dead-code bookkeeping.
+pub struct Trainer {
+    /// The model being trained (its `params` are updated in place).
+    pub model: VqGan,
+    /// Adam over `model.params`, in that order.
+    pub adam: Adam,
+    /// The learning rate per step.
+    pub schedule: Schedule,
+    /// Training seed (restart sampling derives from it and the step).
+    pub seed: u64,
+    /// Steps done.
+    pub step: usize,
+    /// Per code, the last step (1-based count of steps done when it was used; 0 = never).
+    pub last_used: Vec<usize>,
+    /// Re-seed a code unused for this many steps (0 disables restarts).
+    pub restart_after: usize,
+}
+
+impl Trainer {
+    /// A trainer for `model` with Adam at the schedule's rates.
+    pub fn new(model: VqGan, schedule: Schedule, seed: u64) -> Result<Trainer> {
+        let tensors = model.params.iter().map(|(_, t)| t.clone()).collect();
+        let adam = Adam::new(tensors, AdamConfig::adam(schedule.lr))?;
+        let k = model.config.n_embed;
+        Ok(Trainer {
+            model,
+            adam,
+            schedule,
+            seed,
+            step: 0,
+            last_used: vec![0; k],
+            restart_after: 100,
+        })
+    }
+
+    /// One optimiser step on `x` `[N, 3, H, W]` in [-1, 1].
+    pub fn step(&mut self, x: &Tensor) -> Result<StepStats> {
+        let lr = self.schedule.at(self.step);
+        self.adam.config.lr = lr;
+        let tape = Tape::training();
+        let vq = &self.model;
+        let codebook = vq.quantize.codebook();
+        let (k, d) = (codebook.dim(0), codebook.dim(1));
+        let xin = tape.leaf(x.clone(), false);
+        let z = encode(&tape, vq, &xin)?; // [N, D, h, w]
+        let (n, h, w) = (z.shape()[0], z.shape()[2], z.shape()[3]);
+        let m = n * h * w;
+        let codes_t = vq::nearest_codes(z.value(), codebook)?; // [N, h, w]
+        let zq = vq::gather(&codes_t, codebook)?; // [N, D, h, w]
+        let codes = codes_t.to_vec_u32()?;
+        // z_q as rows of the codebook, differentiable in the codebook: one-hot [M, K] @ E.
+        let mut onehot = vec![0.0f32; m * k];
+        for (i, &c) in codes.iter().enumerate() {
+            onehot[i * k + c as usize] = 1.0;
+        }
+        let onehot = tape.leaf(Tensor::from_slice(x.gpu(), &onehot, &[m, k])?, false);
+        let emb = tape.param(codebook);
+        let zq_rows = tape.matmul(&onehot, &emb, None, &MatmulOpts::default())?; // [M, D]
+        let z_rows = tape.reshape(&tape.permute(&z, &[0, 2, 3, 1])?, &[m, d])?; // [M, D]
+        let sg_z = tape.leaf(z_rows.value().clone(), false);
+        let sg_zq = tape.leaf(zq_rows.value().clone(), false);
+        let cb = tape.mean(&tape.square(&tape.sub(&zq_rows, &sg_z)?)?)?;
+        let commit = tape.mean(&tape.square(&tape.sub(&z_rows, &sg_zq)?)?)?;
+        let zq_st = tape.straight_through(zq, &z)?;
+        let xr = Generator::decode(vq, &tape, &zq_st)?;
+        let rec = tape.mean(&tape.square(&tape.sub(&xr, &xin)?)?)?;
+        let loss = tape.add(&tape.add(&rec, &cb)?, &tape.affine(&commit, BETA, 0.0)?)?;
+        let grads = tape.backward(&loss)?;
+        let gs: Vec<Option<&Tensor>> = vq
+            .params
+            .iter()
+            .map(|(_, t)| grads.param(&tape, t))
+            .collect();
+        self.adam.step(&gs)?;
+        drop(grads);
+        let read = |v: &Var| -> Result<f32> { Ok(v.value().to_vec()?[0]) };
+        let (loss, rec, cb, commit) = (read(&loss)?, read(&rec)?, read(&cb)?, read(&commit)?);
+        self.step += 1;
+        let mut used = vec![false; k];
+        for &c in &codes {
+            used[c as usize] = true;
+            self.last_used[c as usize] = self.step;
+        }
+        let restarted = if self.restart_after > 0 {
+            self.restart_dead(&z_rows, m, d)?
+        } else {
+            0
+        };
+        Ok(StepStats {
+            loss,
+            rec,
+            codebook: cb,
+            commit,
+            psnr: psnr(rec as f64, 2.0) as f32,
+            codes_used: used.iter().filter(|&&u| u).count(),
+            restarted,
+            lr,
+        })
+    }
+
+    /// Re-seeds codes unused for `restart_after` steps from random rows of `z_rows`
+    /// (`[M, D]`) plus a little noise, so that re-seeded twins do not tie.
+    fn restart_dead(&mut self, z_rows: &Var, m: usize, d: usize) -> Result<usize> {
+        let dead: Vec<usize> = (0..self.last_used.len())
+            .filter(|&c| self.step - self.last_used[c] >= self.restart_after)
+            .collect();
+        if dead.is_empty() {
+            return Ok(0);
+        }
+        let z = z_rows.value().to_vec()?;
+        let codebook = self.model.quantize.codebook();
+        let mut e = codebook.to_vec()?;
+        let mut rng =
+            rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ (self.step as u64).rotate_left(32));
+        let scale = (z.iter().map(|v| v * v).sum::<f32>() / z.len().max(1) as f32).sqrt();
+        for &c in &dead {
+            let r = rng.random_range(0..m);
+            for j in 0..d {
+                let noise: f32 = rng.random_range(-1.0..1.0);
+                e[c * d + j] = z[r * d + j] + 0.01 * scale * noise;
+            }
+            self.last_used[c] = self.step;
+        }
+        codebook.assign(&Tensor::from_slice(codebook.gpu(), &e, codebook.shape())?)?;
+        Ok(dead.len())
+    }
+}
+
+/// Reconstruction quality over images: pooled and per-image PSNR on 8-bit outputs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalStats {
+    /// Images measured.
+    pub images: usize,
+    /// PSNR (dB, peak 255) of the mean squared error over every pixel of every image.
+    pub psnr: f64,
+    /// Mean of the per-image PSNRs (each capped at 100 dB).
+    pub psnr_mean_per_image: f64,
+    /// The worst image's PSNR.
+    pub psnr_min: f64,
+    /// Distinct codes used over all images.
+    pub codes_used: usize,
+}
+
+/// Encodes, quantises and decodes `n` held-out images (`ShapesDataset::new(DATA_SEED,
+/// HeldOut)`, from index 0) at the model's resolution, comparing the 8-bit outputs (as
+/// `vqclip reconstruct` writes them) with the 8-bit inputs.
+pub fn evaluate(vq: &VqGan, n: usize, batch_size: usize) -> Result<EvalStats> {
+    if n == 0 || batch_size == 0 {
+        return Err(Error::invalid("evaluation needs at least one image"));
+    }
+    let size = vq.config.dd.resolution;
+    let data = ShapesDataset::new(DATA_SEED, Split::HeldOut);
+    let mut used = vec![false; vq.config.n_embed];
+    let (mut se_total, mut per) = (0.0f64, Vec::with_capacity(n));
+    let mut start = 0;
+    while start < n {
+        let b = batch_size.min(n - start);
+        let (x, rgb) = batch(vq.gpu(), &data, start as u64, b, size)?;
+        let z = vq.encode(&x)?;
+        let (zq, codes) = vq.quantize(&z)?;
+        let out = vq.decode(&zq)?.to_vec()?;
+        for c in codes.to_vec_u32()? {
+            if let Some(u) = used.get_mut(c as usize) {
+                *u = true;
+            }
+        }
+        let hw3 = 3 * size * size;
+        for (i, want) in rgb.iter().enumerate() {
+            let got = crate::models::vqgan::output_to_rgb8(
+                &out[i * hw3..(i + 1) * hw3],
+                size,
+                size,
+            );
+            let se: f64 = got
+                .iter()
+                .zip(want)
+                .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+                .sum();
+            se_total += se;
+            per.push(psnr(se / hw3 as f64, 255.0).min(100.0));
+        }
+        start += b;
+    }
+    let pixels = (n * 3 * size * size) as f64;
+    Ok(EvalStats {
+        images: n,
+        psnr: psnr(se_total / pixels, 255.0),
+        psnr_mean_per_image: per.iter().sum::<f64>() / n as f64,
+        psnr_min: per.iter().cloned().fold(f64::INFINITY, f64::min),
+        codes_used: used.iter().filter(|&&u| u).count(),
+    })
+}
+
+/// The taming `.yaml` for a config (`taming.models.vqgan.VQModel`, a `DummyLoss` loss so
+/// that taming builds it without LPIPS weights), readable by [`VqGanConfig::from_yaml`].
+pub fn taming_yaml(cfg: &VqGanConfig, lr: f32) -> String {
+    let d = &cfg.dd;
+    let list = |v: &[usize]| {
+        if v.is_empty() {
+            "[]".to_string()
+        } else {
+            format!(
+                "[{}]",
+                v.iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    };
+    format!(
+        "model:
+  base_learning_rate: {lr:e}
+  target: taming.models.vqgan.VQModel
+  params:
+    embed_dim: {}
+    n_embed: {}
+    ddconfig:
+      double_z: false
+      z_channels: {}
+      resolution: {}
+      in_channels: {}
+      out_ch: {}
+      ch: {}
+      ch_mult: {}
+      num_res_blocks: {}
+      attn_resolutions: {}
+      dropout: 0.0
+    lossconfig:
+      target: taming.modules.losses.vqperceptual.DummyLoss
+",
+        cfg.embed_dim,
+        cfg.n_embed,
+        d.z_channels,
+        d.resolution,
+        d.in_channels,
+        d.out_ch,
+        d.ch,
+        list(&d.ch_mult),
+        d.num_res_blocks,
+        list(&d.attn_resolutions),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testutil::{gpu, rand_vec};
+
+    #[test]
+    fn tape_encoder_matches_the_inference_encoder() {
+        let g = gpu();
+        let mut cfg = tiny_config();
+        cfg.dd.ch_mult = vec![1, 2];
+        cfg.dd.attn_resolutions = vec![8];
+        let vq = new_model(&cfg, 3, &g).unwrap();
+        let x = Tensor::from_slice(&g, &rand_vec(2 * 3 * 16 * 16, 4), &[2, 3, 16, 16]).unwrap();
+        let want = vq.encode(&x).unwrap().to_vec().unwrap();
+        for training in [false, true] {
+            let tape = if training {
+                Tape::training()
+            } else {
+                Tape::new()
+            };
+            let got = encode(&tape, &vq, &tape.leaf(x.clone(), false)).unwrap();
+            assert_eq!(got.shape(), &[2, 8, 8, 8]);
+            let got = got.value().to_vec().unwrap();
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(worst < 1e-4, "training={training}: worst {worst}");
+        }
+    }
+
+    #[test]
+    fn yaml_round_trips_through_the_config_parser() {
+        for cfg in [small_config(), tiny_config()] {
+            let y = taming_yaml(&cfg, 1e-3);
+            assert_eq!(VqGanConfig::from_yaml(&y, "t.yaml").unwrap(), cfg);
+        }
+    }
+
+    #[test]
+    fn a_few_steps_lower_the_loss_and_restarts_revive_codes() {
+        let g = gpu();
+        let cfg = tiny_config();
+        let vq = new_model(&cfg, 1, &g).unwrap();
+        let sched = Schedule {
+            lr: 2e-3,
+            warmup: 1,
+            total: 40,
+            floor: 1.0,
+        };
+        let mut t = Trainer::new(vq, sched, 1).unwrap();
+        t.restart_after = 5;
+        let data = ShapesDataset::new(DATA_SEED, Split::Train);
+        // The same 4 images each step: the loss must fall.
+        let (x, _) = batch(&g, &data, 0, 4, 16).unwrap();
+        let stats: Vec<StepStats> = (0..40).map(|_| t.step(&x).unwrap()).collect();
+        let first = stats[..5].iter().map(|s| s.rec).sum::<f32>() / 5.0;
+        let last = stats[35..].iter().map(|s| s.rec).sum::<f32>() / 5.0;
+        assert!(last < 0.7 * first, "rec {first} -> {last}");
+        assert!(stats.iter().all(|s| s.loss.is_finite()));
+        assert!(
+            stats.iter().any(|s| s.restarted > 0),
+            "dead codes were re-seeded"
+        );
+        let ev = evaluate(&t.model, 3, 2).unwrap();
+        assert_eq!(ev.images, 3);
+        assert!(ev.psnr.is_finite() && ev.psnr_min <= ev.psnr_mean_per_image);
+    }
+}
