@@ -300,6 +300,193 @@ impl Trainer {
     }
 }
 
+/// Everything that fixes a training run (saved in checkpoints so a resumed run continues
+/// exactly).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunConfig {
+    /// The model layout.
+    pub model: VqGanConfig,
+    /// Total optimiser steps.
+    pub steps: usize,
+    /// Images per step.
+    pub batch: usize,
+    /// Peak learning rate.
+    pub lr: f32,
+    /// Seed of the initial weights and of code restarts.
+    pub seed: u64,
+    /// Warm-up steps.
+    pub warmup: usize,
+    /// Re-seed codes unused for this many steps (0: never).
+    pub restart_after: usize,
+    /// Train on random square crops of this side (a multiple of the downsampling factor,
+    /// at most the resolution) of the full-resolution renders; `None`: whole images.
+    pub crop: Option<usize>,
+}
+
+impl RunConfig {
+    /// Warm-up, then a cosine down to 5% of the peak at `steps`.
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            lr: self.lr,
+            warmup: self.warmup,
+            total: self.steps,
+            floor: 0.05,
+        }
+    }
+
+    /// The checkpoint metadata entries describing the run.
+    pub fn metadata(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("kind", "vqclip vqgan training state".into()),
+            ("config", taming_yaml(&self.model, self.lr)),
+            ("steps", self.steps.to_string()),
+            ("batch", self.batch.to_string()),
+            ("lr", self.lr.to_string()),
+            ("seed", self.seed.to_string()),
+            ("warmup", self.warmup.to_string()),
+            ("restart_after", self.restart_after.to_string()),
+            ("crop", self.crop.map_or("none".into(), |c| c.to_string())),
+        ]
+    }
+
+    /// Reads back [`RunConfig::metadata`]; `path` names the file in errors.
+    pub fn from_metadata(
+        meta: &std::collections::HashMap<String, String>,
+        path: &str,
+    ) -> Result<RunConfig> {
+        let get = |k: &str| -> Result<&String> {
+            meta.get(k).ok_or_else(|| Error::Format {
+                path: path.to_string(),
+                msg: format!("not a vqclip VQGAN training state (no '{k}' in its metadata)"),
+            })
+        };
+        fn num<T: std::str::FromStr>(v: &str, k: &str, path: &str) -> Result<T> {
+            v.parse().map_err(|_| Error::Format {
+                path: path.to_string(),
+                msg: format!("metadata '{k}' = '{v}' is not a number"),
+            })
+        }
+        Ok(RunConfig {
+            model: VqGanConfig::from_yaml(get("config")?, path)?,
+            steps: num(get("steps")?, "steps", path)?,
+            batch: num(get("batch")?, "batch", path)?,
+            lr: num(get("lr")?, "lr", path)?,
+            seed: num(get("seed")?, "seed", path)?,
+            warmup: num(get("warmup")?, "warmup", path)?,
+            restart_after: num(get("restart_after")?, "restart_after", path)?,
+            crop: match get("crop")?.as_str() {
+                "none" => None,
+                c => Some(num(c, "crop", path)?),
+            },
+        })
+    }
+
+    /// The model and trainer at step 0.
+    pub fn start(&self, gpu: &Gpu) -> Result<Trainer> {
+        if self.steps == 0 || self.batch == 0 {
+            return Err(Error::invalid("steps and batch must be at least 1"));
+        }
+        if let Some(c) = self.crop {
+            let f = self.model.downsampling_factor();
+            if c == 0 || c > self.model.dd.resolution || c % f != 0 {
+                return Err(Error::invalid(format!(
+                    "crop {c} must be a positive multiple of the downsampling factor {f} and at \
+                     most the resolution {}",
+                    self.model.dd.resolution
+                )));
+            }
+        }
+        let vq = new_model(&self.model, self.seed, gpu)?;
+        let mut t = Trainer::new(vq, self.schedule(), self.seed)?;
+        t.restart_after = self.restart_after;
+        Ok(t)
+    }
+
+    /// The training images of step `step`: samples `step·batch ..` of the `Train` split,
+    /// `[batch, 3, s, s]` with `s` the crop (random offsets from the seed and step) or the
+    /// resolution.
+    pub fn images(&self, gpu: &Gpu, step: usize) -> Result<Tensor> {
+        let data = ShapesDataset::new(DATA_SEED, Split::Train);
+        let size = self.model.dd.resolution;
+        let (full, _) = batch(gpu, &data, (step * self.batch) as u64, self.batch, size)?;
+        let Some(c) = self.crop.filter(|&c| c < size) else {
+            return Ok(full);
+        };
+        let x = full.to_vec()?;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream(1 + step as u64);
+        let mut out = Vec::with_capacity(self.batch * 3 * c * c);
+        for i in 0..self.batch {
+            let (ox, oy) = (
+                rng.random_range(0..=size - c),
+                rng.random_range(0..=size - c),
+            );
+            for ch in 0..3 {
+                for y in 0..c {
+                    let row = ((i * 3 + ch) * size + oy + y) * size + ox;
+                    out.extend_from_slice(&x[row..row + c]);
+                }
+            }
+        }
+        Tensor::from_slice(gpu, &out, &[self.batch, 3, c, c])
+    }
+}
+
+impl Trainer {
+    /// Saves a resumable state (parameters, Adam moments, step, the run config, the
+    /// dead-code clock and `seconds` of training so far) to `path`.
+    pub fn save(&self, path: &std::path::Path, run: &RunConfig, seconds: f64) -> Result<()> {
+        let mut extra = run.metadata();
+        extra.push((
+            "last_used",
+            self.last_used
+                .iter()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        ));
+        extra.push(("train_seconds", format!("{seconds:.1}")));
+        super::save_state(path, &self.model.params, &self.adam, self.step, &extra)
+    }
+
+    /// Restores a state written by [`Trainer::save`]: the trainer, its run config and the
+    /// training seconds so far.
+    pub fn resume(path: &std::path::Path, gpu: &Gpu) -> Result<(Trainer, RunConfig, f64)> {
+        let shown = path.display().to_string();
+        let meta = crate::weights::SafetensorsFile::open(path)?.metadata();
+        let run = RunConfig::from_metadata(&meta, &shown)?;
+        let mut t = run.start(gpu)?;
+        let st = super::load_state(path, &t.model.params, &mut t.adam)?;
+        t.step = st.step;
+        let bad = |msg: String| Error::Format {
+            path: shown.clone(),
+            msg,
+        };
+        let last: Vec<usize> = meta
+            .get("last_used")
+            .ok_or_else(|| bad("no 'last_used' in its metadata".into()))?
+            .split(',')
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| bad(format!("bad last_used entry '{v}'")))
+            })
+            .collect::<Result<_>>()?;
+        if last.len() != t.last_used.len() {
+            return Err(bad(format!(
+                "last_used has {} entries for {} codes",
+                last.len(),
+                t.last_used.len()
+            )));
+        }
+        t.last_used = last;
+        let secs = meta
+            .get("train_seconds")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        Ok((t, run, secs))
+    }
+}
+
 /// Reconstruction quality over images: pooled and per-image PSNR on 8-bit outputs.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EvalStats {
@@ -340,11 +527,8 @@ pub fn evaluate(vq: &VqGan, n: usize, batch_size: usize) -> Result<EvalStats> {
         }
         let hw3 = 3 * size * size;
         for (i, want) in rgb.iter().enumerate() {
-            let got = crate::models::vqgan::output_to_rgb8(
-                &out[i * hw3..(i + 1) * hw3],
-                size,
-                size,
-            );
+            let got =
+                crate::models::vqgan::output_to_rgb8(&out[i * hw3..(i + 1) * hw3], size, size);
             let se: f64 = got
                 .iter()
                 .zip(want)
@@ -484,5 +668,42 @@ mod tests {
         let ev = evaluate(&t.model, 3, 2).unwrap();
         assert_eq!(ev.images, 3);
         assert!(ev.psnr.is_finite() && ev.psnr_min <= ev.psnr_mean_per_image);
+    }
+
+    #[test]
+    fn a_resumed_run_continues_exactly() {
+        let g = gpu();
+        let run = RunConfig {
+            model: tiny_config(),
+            steps: 4,
+            batch: 2,
+            lr: 1e-3,
+            seed: 5,
+            warmup: 1,
+            restart_after: 2,
+            crop: Some(8),
+        };
+        let mut a = run.start(&g).unwrap();
+        for s in 0..4 {
+            a.step(&run.images(&g, s).unwrap()).unwrap();
+        }
+        let mut b = run.start(&g).unwrap();
+        for s in 0..2 {
+            b.step(&run.images(&g, s).unwrap()).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.safetensors");
+        b.save(&path, &run, 1.5).unwrap();
+        drop(b);
+        let (mut c, run2, secs) = Trainer::resume(&path, &g).unwrap();
+        assert_eq!(run2, run);
+        assert_eq!((c.step, secs), (2, 1.5));
+        for s in 2..4 {
+            c.step(&run.images(&g, s).unwrap()).unwrap();
+        }
+        assert_eq!(c.last_used, a.last_used);
+        for ((k, x), (_, y)) in a.model.params.iter().zip(&c.model.params) {
+            assert_eq!(x.to_vec().unwrap(), y.to_vec().unwrap(), "{k}");
+        }
     }
 }
