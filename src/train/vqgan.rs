@@ -30,13 +30,14 @@ pub const BETA: f32 = 0.25;
 /// The dataset seed for training (its `Train` split) and evaluation (its `HeldOut` split).
 pub const DATA_SEED: u64 = 0;
 
-/// The shipped layout: 64x64 images, f = 4 (16x16 latents), widths 32/64/64, one residual
-/// block per level, no attention outside the middle blocks, 256 codes of 32 channels.
+/// The shipped layout: 64x64 images, f = 4 (16x16 latents), width 32 at every level (the
+/// narrowest taming allows: GroupNorm's 32 groups), one residual block per level, no
+/// attention outside the middle blocks, 256 codes of 32 channels.
 pub fn small_config() -> VqGanConfig {
     VqGanConfig {
         dd: DdConfig {
             ch: 32,
-            ch_mult: vec![1, 2, 2],
+            ch_mult: vec![1, 1, 1],
             num_res_blocks: 1,
             attn_resolutions: vec![],
             z_channels: 32,
@@ -184,7 +185,8 @@ pub struct Trainer {
     pub seed: u64,
     /// Steps done.
     pub step: usize,
-    /// Per code, the last step (1-based count of steps done when it was used; 0 = never).
+    /// Per code, the step count when it was last used or re-seeded (0 = never: re-seeded after
+    /// the next step).
     pub last_used: Vec<usize>,
     /// Re-seed a code unused for this many steps (0 disables restarts).
     pub restart_after: usize,
@@ -275,8 +277,12 @@ impl Trainer {
     /// Re-seeds codes unused for `restart_after` steps from random rows of `z_rows`
     /// (`[M, D]`) plus a little noise, so that re-seeded twins do not tie.
     fn restart_dead(&mut self, z_rows: &Var, m: usize, d: usize) -> Result<usize> {
+        // Never-used codes (the initial codebook) are re-seeded at once: a data-dependent
+        // initialisation from the first batch's encoder outputs.
         let dead: Vec<usize> = (0..self.last_used.len())
-            .filter(|&c| self.step - self.last_used[c] >= self.restart_after)
+            .filter(|&c| {
+                self.last_used[c] == 0 || self.step - self.last_used[c] >= self.restart_after
+            })
             .collect();
         if dead.is_empty() {
             return Ok(0);
@@ -661,9 +667,10 @@ mod tests {
         let last = stats[35..].iter().map(|s| s.rec).sum::<f32>() / 5.0;
         assert!(last < 0.7 * first, "rec {first} -> {last}");
         assert!(stats.iter().all(|s| s.loss.is_finite()));
+        assert!(stats[0].restarted > 0, "unused initial codes re-seeded");
         assert!(
-            stats.iter().any(|s| s.restarted > 0),
-            "dead codes were re-seeded"
+            stats[1..].iter().any(|s| s.restarted > 0),
+            "codes unused for 5 steps re-seeded"
         );
         let ev = evaluate(&t.model, 3, 2).unwrap();
         assert_eq!(ev.images, 3);
