@@ -572,9 +572,15 @@ pub fn taming_yaml(cfg: &VqGanConfig, lr: f32) -> String {
             )
         }
     };
+    // PyYAML reads `2e-3` as a string: keep a point in the mantissa (`2.0e-3`).
+    let lr = format!("{lr:e}");
+    let lr = match lr.split_once('e') {
+        Some((m, e)) if !m.contains('.') => format!("{m}.0e{e}"),
+        _ => lr,
+    };
     format!(
         "model:
-  base_learning_rate: {lr:e}
+  base_learning_rate: {lr}
   target: taming.models.vqgan.VQModel
   params:
     embed_dim: {}
@@ -643,6 +649,7 @@ mod tests {
         for cfg in [small_config(), tiny_config()] {
             let y = taming_yaml(&cfg, 1e-3);
             assert_eq!(VqGanConfig::from_yaml(&y, "t.yaml").unwrap(), cfg);
+            assert!(y.contains("base_learning_rate: 1.0e-3"), "{y}");
         }
     }
 
