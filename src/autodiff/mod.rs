@@ -728,6 +728,30 @@ impl Tape {
         ))
     }
 
+    /// Rows of `table` `[V, D]` at `ids` (u32, any shape): `ids.shape() + [D]` (embedding
+    /// lookup, VQ codebook gather). Backward sums each row's gradients into the table
+    /// (deterministically); `ids` get none.
+    pub fn gather_rows(&self, table: &Var, ids: &Tensor) -> Result<Var> {
+        if table.shape().len() != 2 {
+            return Err(crate::Error::shape(format!(
+                "gather_rows table must be [V, D], got {:?}",
+                table.shape()
+            )));
+        }
+        let y = crate::ops::gather::gather_rows(table.value(), ids)?;
+        let vocab = table.shape()[0];
+        let ids = ids.clone();
+        Ok(self.push(
+            y,
+            &[table],
+            Box::new(move |g, _need| {
+                Ok(vec![Some(crate::ops::gather::scatter_add_rows(
+                    g, &ids, vocab,
+                )?)])
+            }),
+        ))
+    }
+
     /// `xs` joined along `axis`.
     pub fn concat(&self, xs: &[&Var], axis: usize) -> Result<Var> {
         use crate::ops::concat::{concat, slice};
