@@ -319,6 +319,92 @@ struct Im2colParams {
     _pad: [u32; 3],
 }
 
+/// The columns of `up?(x)` for a `kh`x`kw` convolution: `[N, K, Ho·Wo]` with `K = C·KH·KW`
+/// in `(c, ky, kx)` order (the weight gradient's operand). Errors when they exceed one
+/// storage binding.
+pub fn im2col(
+    x: &Tensor,
+    kernel: [usize; 2],
+    stride: usize,
+    pad: [usize; 4],
+    upsample: bool,
+) -> Result<Tensor> {
+    let (n, cin, h, wd) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let [kh, kw] = kernel;
+    let (hv, wv) = if upsample { (2 * h, 2 * wd) } else { (h, wd) };
+    let (Some(ho), Some(wo)) = (
+        out_size(hv, kh, stride, pad[0], pad[1]),
+        out_size(wv, kw, stride, pad[2], pad[3]),
+    ) else {
+        return Err(Error::shape(format!(
+            "im2col: kernel {kh}x{kw} does not fit input {hv}x{wv} padded by {pad:?}"
+        )));
+    };
+    let k = cin * kh * kw;
+    let bytes = (n * k * ho * wo * 4) as u64;
+    if bytes > x.gpu().limits().max_storage_buffer_binding_size {
+        return Err(Error::shape(format!(
+            "conv2d columns of {bytes} bytes exceed one storage binding"
+        )));
+    }
+    let o = Conv2dOpts {
+        stride,
+        pad,
+        upsample,
+        ..Default::default()
+    };
+    columns(x, &o, [kh, kw], [ho, wo, hv, wv], k, false)
+}
+
+/// The im2col dispatch: `[N, Kp, Ho·Wo]` columns of all of `x`.
+fn columns(
+    x: &Tensor,
+    o: &Conv2dOpts,
+    kernel: [usize; 2],
+    dims: [usize; 4],
+    kp: usize,
+    ones_row: bool,
+) -> Result<Tensor> {
+    let [ho, wo, hv, wv] = dims;
+    let [kh, kw] = kernel;
+    let (m, cin, h, wd) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let total = m * kp * ho;
+    if m * kp * ho * wo > u32::MAX as usize - 256 {
+        return Err(Error::shape("conv2d columns have more than 2^32 elements"));
+    }
+    let gpu = x.gpu();
+    let kernel = Kernel::new(&IM2COL, "im2col")
+        .with("KH", kh as u32)
+        .with("KW", kw as u32)
+        .with("STRIDE", o.stride as u32)
+        .with("UPSAMPLE", o.upsample)
+        .with("ONES_ROW", ones_row);
+    let cols = Tensor::empty(gpu, &[m, kp, ho * wo], DType::F32)?;
+    let p = Im2colParams {
+        n: m as u32,
+        cin: cin as u32,
+        h: h as u32,
+        w: wd as u32,
+        ho: ho as u32,
+        wo: wo as u32,
+        hv: hv as u32,
+        wv: wv as u32,
+        pad_top: o.pad[0] as u32,
+        pad_left: o.pad[2] as u32,
+        k: (cin * kh * kw) as u32,
+        kp: kp as u32,
+        total: total as u32,
+        _pad: [0; 3],
+    };
+    gpu.dispatch(
+        &kernel,
+        &p,
+        &[x.binding(), cols.binding()],
+        grid_1d((total as u32).div_ceil(256)),
+    );
+    Ok(cols)
+}
+
 /// [`Variant::Im2col`] after the shape checks: `dims` = `[Ho, Wo, H', W']`, `kp` rows of
 /// columns per image, at most `group` images per product.
 fn conv2d_im2col(
@@ -329,8 +415,8 @@ fn conv2d_im2col(
     kp: usize,
     group: usize,
 ) -> Result<Tensor> {
-    let [ho, wo, hv, wv] = dims;
-    let (n, cin, h, wd) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let [ho, wo, _, _] = dims;
+    let (n, cin) = (x.dim(0), x.dim(1));
     let (cout, kh, kw) = (w.dim(0), w.dim(2), w.dim(3));
     let k = cin * kh * kw;
     let gpu = x.gpu();
@@ -349,12 +435,6 @@ fn conv2d_im2col(
         let refs: Vec<&Tensor> = parts.iter().collect();
         super::concat::concat(&refs, 1)?
     };
-    let kernel = Kernel::new(&IM2COL, "im2col")
-        .with("KH", kh as u32)
-        .with("KW", kw as u32)
-        .with("STRIDE", o.stride as u32)
-        .with("UPSAMPLE", o.upsample)
-        .with("ONES_ROW", o.bias.is_some());
     let group = group.clamp(1, n);
     let mut outs = Vec::with_capacity(n.div_ceil(group));
     for n0 in (0..n).step_by(group) {
@@ -364,33 +444,7 @@ fn conv2d_im2col(
         } else {
             super::concat::slice(x, 0, n0, m)?
         };
-        let total = m * kp * ho;
-        if m * kp * ho * wo > u32::MAX as usize - 256 {
-            return Err(Error::shape("conv2d columns have more than 2^32 elements"));
-        }
-        let cols = Tensor::empty(gpu, &[m, kp, ho * wo], DType::F32)?;
-        let p = Im2colParams {
-            n: m as u32,
-            cin: cin as u32,
-            h: h as u32,
-            w: wd as u32,
-            ho: ho as u32,
-            wo: wo as u32,
-            hv: hv as u32,
-            wv: wv as u32,
-            pad_top: o.pad[0] as u32,
-            pad_left: o.pad[2] as u32,
-            k: k as u32,
-            kp: kp as u32,
-            total: total as u32,
-            _pad: [0; 3],
-        };
-        gpu.dispatch(
-            &kernel,
-            &p,
-            &[xs.binding(), cols.binding()],
-            grid_1d((total as u32).div_ceil(256)),
-        );
+        let cols = columns(&xs, o, [kh, kw], dims, kp, o.bias.is_some())?;
         let res = match o.residual {
             Some(r) if m == n => Some(r.reshape(&[m, cout, ho * wo])?),
             Some(r) => Some(super::concat::slice(r, 0, n0, m)?.reshape(&[m, cout, ho * wo])?),
