@@ -79,6 +79,10 @@ pub struct GenerateArgs {
     /// Total-variation loss weight (smoother images).
     #[arg(long, default_value_t = 0.0)]
     tv_weight: f32,
+    /// Recompute decoder and CLIP blocks during the backward pass instead of keeping their
+    /// activations: less GPU memory (larger images fit), about one more forward per step.
+    #[arg(long)]
+    recompute: bool,
     /// Save the image every N steps into --frames-dir (and into --gif).
     #[arg(long, value_name = "N")]
     save_every: Option<usize>,
@@ -246,6 +250,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
     opts.noise = a.noise;
     opts.init_weight = a.init_weight;
     opts.tv_weight = a.tv_weight;
+    opts.recompute = a.recompute;
     opts.noise_prompts = noise_prompts;
     opts.init = match (&a.init_image, a.init.as_str()) {
         (Some(p), _) => Init::Image(
