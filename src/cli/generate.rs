@@ -100,7 +100,7 @@ pub struct GenerateArgs {
     output: PathBuf,
 }
 
-fn parse_size(s: &str) -> Result<(usize, usize)> {
+pub(super) fn parse_size(s: &str) -> Result<(usize, usize)> {
     let (w, h) = s
         .split_once(['x', 'X'])
         .with_context(|| format!("--size '{s}' is not WxH (e.g. 256x256)"))?;
@@ -137,7 +137,7 @@ fn load_resized(path: &PathBuf, w: usize, h: usize) -> Result<Vec<f32>> {
 }
 
 /// Bytes of the largest single tensor the decoder (and its backward) holds at `w`×`h`.
-fn largest_tensor(cfg: &VqGanConfig, w: usize, h: usize) -> u64 {
+pub(super) fn largest_tensor(cfg: &VqGanConfig, w: usize, h: usize) -> u64 {
     let d = &cfg.dd;
     let mut most = 0u64;
     for (i, &m) in d.ch_mult.iter().enumerate() {
