@@ -87,7 +87,40 @@ pub fn run(dev: &DeviceArgs, a: GenerateBenchArgs) -> Result<()> {
     if a.config.is_some() && a.vqgan.is_none() {
         bail!("--config needs --vqgan FILE");
     }
+    // The VQGAN's shape first: the size checks need it, and they should fail before
+    // minutes of building or loading weights.
+    let vq_config_path = match &a.vqgan {
+        Some(path) => Some(match (&a.config, config_beside(path)) {
+            (Some(c), _) => c.clone(),
+            (None, Some(c)) => c,
+            (None, None) => bail!(
+                "no config for {}: pass --config YAML (the taming .yaml the model was \
+                 trained with)",
+                path.display()
+            ),
+        }),
+        None => None,
+    };
+    let vq_config = match &vq_config_path {
+        Some(c) => VqGanConfig::from_file(c)?,
+        None => VqGanConfig::imagenet_f16(16384),
+    };
+    let f = vq_config.downsampling_factor();
+    if !w.is_multiple_of(f) || !h.is_multiple_of(f) {
+        bail!("--size {w}x{h}: width and height must be multiples of the VQGAN factor {f}");
+    }
     let gpu = dev.open()?;
+    let limit = gpu
+        .limits()
+        .max_storage_buffer_binding_size
+        .min(gpu.limits().max_buffer_size);
+    let need = largest_tensor(&vq_config, w, h);
+    if need > limit {
+        bail!(
+            "{w}x{h} needs a {need}-byte tensor but this device allows {limit} bytes per buffer \
+             binding"
+        );
+    }
     let progress = |what: &str| {
         if !a.json {
             eprintln!("{what}…");
@@ -110,48 +143,21 @@ pub fn run(dev: &DeviceArgs, a: GenerateBenchArgs) -> Result<()> {
             )
         }
     };
-    let (vqgan, vqgan_name) = match &a.vqgan {
-        Some(path) => {
-            let config = match (&a.config, config_beside(path)) {
-                (Some(c), _) => c.clone(),
-                (None, Some(c)) => c,
-                (None, None) => bail!(
-                    "no config for {}: pass --config YAML (the taming .yaml the model was \
-                     trained with)",
-                    path.display()
-                ),
-            };
-            (
-                VqGan::load(path, &config, &gpu)
-                    .with_context(|| format!("cannot load the VQGAN {}", path.display()))?,
-                path.display().to_string(),
-            )
-        }
-        None => {
+    let (vqgan, vqgan_name) = match (&a.vqgan, &vq_config_path) {
+        (Some(path), Some(config)) => (
+            VqGan::load(path, config, &gpu)
+                .with_context(|| format!("cannot load the VQGAN {}", path.display()))?,
+            path.display().to_string(),
+        ),
+        _ => {
             progress("building a random-weight VQGAN f16-16384");
-            let cfg = VqGanConfig::imagenet_f16(16384);
-            let src = random_vqgan(&cfg, a.seed.wrapping_add(1))?;
+            let src = random_vqgan(&vq_config, a.seed.wrapping_add(1))?;
             (
-                VqGan::from_source(&src, cfg, &gpu)?,
+                VqGan::from_source(&src, vq_config, &gpu)?,
                 "random f16-16384".to_string(),
             )
         }
     };
-    let f = vqgan.downsampling_factor();
-    if !w.is_multiple_of(f) || !h.is_multiple_of(f) {
-        bail!("--size {w}x{h}: width and height must be multiples of the VQGAN factor {f}");
-    }
-    let limit = gpu
-        .limits()
-        .max_storage_buffer_binding_size
-        .min(gpu.limits().max_buffer_size);
-    let need = largest_tensor(&vqgan.config, w, h);
-    if need > limit {
-        bail!(
-            "{w}x{h} needs a {need}-byte tensor but this device allows {limit} bytes per buffer \
-             binding"
-        );
-    }
     gpu.sync()?;
     let setup_ms = setup.elapsed().as_secs_f64() * 1e3;
     progress(&format!(
