@@ -137,6 +137,8 @@ pub struct GenerateBench {
     pub height: usize,
     /// Cutouts per step.
     pub cutn: usize,
+    /// Whether blocks were recomputed in the backward pass (gradient checkpointing).
+    pub recompute: bool,
     /// Milliseconds of the untimed warm-up step (pipeline compilation, first allocations).
     pub warmup_ms: f64,
     /// Milliseconds of each timed step, in order.
@@ -168,7 +170,7 @@ pub fn generate_steps(
     if steps == 0 {
         return Err(Error::invalid("at least one timed step is needed"));
     }
-    let (width, height, cutn) = (opts.width, opts.height, opts.cutn);
+    let (width, height, cutn, recompute) = (opts.width, opts.height, opts.cutn, opts.recompute);
     let mut gen = crate::generate::Generation::new(gpu, clip, vqgan, opts)?;
     gpu.sync()?;
     let base_bytes = gpu.memory().live;
@@ -195,6 +197,7 @@ pub fn generate_steps(
         width,
         height,
         cutn,
+        recompute,
         warmup_ms,
         mean_ms: step_ms.iter().sum::<f64>() / steps as f64,
         step_ms,

@@ -37,6 +37,10 @@ pub struct GenerateBenchArgs {
     /// they aim at a random embedding, a noise prompt).
     #[arg(long, default_value = "a watercolour of a lighthouse at dawn")]
     prompt: String,
+    /// Recompute the VQGAN's and CLIP's blocks in the backward pass instead of keeping their
+    /// activations (less memory, more time), as `generate --recompute`.
+    #[arg(long)]
+    recompute: bool,
     /// Seed of the random weights and of the generation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -172,6 +176,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateBenchArgs) -> Result<()> {
     }
     opts.cutn = a.cutn;
     opts.seed = a.seed;
+    opts.recompute = a.recompute;
     let r = Report {
         clip: clip_name,
         vqgan: vqgan_name,
@@ -183,8 +188,13 @@ pub fn run(dev: &DeviceArgs, a: GenerateBenchArgs) -> Result<()> {
     } else {
         let (clip_name, vqgan_name, r) = (&r.clip, &r.vqgan, &r.bench);
         println!(
-            "generate step {}x{}, cutn {} on {} ({})",
-            r.width, r.height, r.cutn, r.adapter, r.backend
+            "generate step {}x{}, cutn {}{} on {} ({})",
+            r.width,
+            r.height,
+            r.cutn,
+            if r.recompute { ", recompute" } else { "" },
+            r.adapter,
+            r.backend
         );
         println!("  clip: {clip_name}; vqgan: {vqgan_name} (set up in {setup_ms:.0} ms)");
         println!("  warm-up step: {:.1} ms", r.warmup_ms);
