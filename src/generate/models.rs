@@ -455,6 +455,7 @@ mod tests {
             }
         }
         let (before, after) = (sims[0], sims[sims.len() - 1]);
+        eprintln!("CLIP similarity to the prompt every 5 steps: {sims:?}");
         assert!(
             after > before + MARGIN,
             "CLIP similarity to {prompt:?} should rise by more than {MARGIN}: {before} -> \
