@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
 # GPU check for a machine with a GPU and no network: runs a prebuilt vqclip release binary
-# (no cargo, no downloads) and records the device report and square matmul benchmarks.
+# (no cargo, no downloads) and records the device report, square matmul benchmarks and
+# VQGAN+CLIP generation steps (random-weight ViT-B/32 + f16-16384, cutn 32).
 #
 #   scripts/gpu-check.sh [BINARY] [RESULTS]
 #     BINARY   default ./target/release/vqclip
 #     RESULTS  default gpu-check-results.txt (written whole at the end; no partial file)
 #   Environment: SIZES (default "512 1024 2048 4096"), SECONDS_PER_VARIANT (default 2),
+#   GEN_SIZES (default "256 512"), GEN_CUTN (default 32), GEN_STEPS (default 3),
 #   TIMEOUT per command in seconds (default 300), and vqclip's own VQCLIP_BACKEND /
 #   VQCLIP_ADAPTER to pick the device.
 #
-# Every benchmark checks the GPU result against an f64 CPU reference before it reports a
-# speed, so a wrong kernel shows up as a failed run, not as a fast one.
+# Every matmul benchmark checks the GPU result against an f64 CPU reference before it
+# reports a speed, so a wrong kernel shows up as a failed run, not as a fast one. The
+# generation bench fails if its warm-up step's loss is not finite.
 set -uo pipefail
 
 BIN="${1:-./target/release/vqclip}"
 OUT="${2:-gpu-check-results.txt}"
 SIZES="${SIZES:-512 1024 2048 4096}"
 SECS="${SECONDS_PER_VARIANT:-2}"
+GEN_SIZES="${GEN_SIZES:-256 512}"
+GEN_CUTN="${GEN_CUTN:-32}"
+GEN_STEPS="${GEN_STEPS:-3}"
 TIMEOUT="${TIMEOUT:-300}"
 
 if [ ! -x "$BIN" ]; then
@@ -80,6 +86,23 @@ for n in $SIZES; do
     else
         failures=$((failures + 1))
         line="matmul $n: FAILED (see $OUT)"
+    fi
+    summary+="$line"$'\n'
+done
+
+for n in $GEN_SIZES; do
+    section "vqclip bench generate --size ${n}x$n --cutn $GEN_CUTN --steps $GEN_STEPS --json"
+    start=$(wc -c <"$TMP")
+    if record "$BIN" bench generate --size "${n}x$n" --cutn "$GEN_CUTN" --steps "$GEN_STEPS" \
+        --json; then
+        part="$(tail -c +"$((start + 1))" "$TMP")"
+        ms="$(printf '%s\n' "$part" | grep -m1 '"mean_ms"' | sed 's/.*: *\([0-9.eE+-]*\).*/\1/')"
+        peak="$(printf '%s\n' "$part" | grep -m1 '"peak_bytes"' | sed 's/.*: *\([0-9]*\).*/\1/')"
+        line="$(printf 'generate %4sx%-4s cutn %s: %9.1f ms/step  peak %6.0f MiB' \
+            "$n" "$n" "$GEN_CUTN" "$ms" "$(awk "BEGIN{print ${peak:-0}/1048576}")")"
+    else
+        failures=$((failures + 1))
+        line="generate ${n}x$n: FAILED (see $OUT)"
     fi
     summary+="$line"$'\n'
 done

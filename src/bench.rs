@@ -123,3 +123,87 @@ pub fn matmul_square(
         checked_entries: samples.len(),
     })
 }
+
+/// Result of timing VQGAN+CLIP generation steps ([`generate_steps`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GenerateBench {
+    /// Adapter name.
+    pub adapter: String,
+    /// Backend name.
+    pub backend: String,
+    /// Image width.
+    pub width: usize,
+    /// Image height.
+    pub height: usize,
+    /// Cutouts per step.
+    pub cutn: usize,
+    /// Whether blocks were recomputed in the backward pass (gradient checkpointing).
+    pub recompute: bool,
+    /// Milliseconds of the untimed warm-up step (pipeline compilation, first allocations).
+    pub warmup_ms: f64,
+    /// Milliseconds of each timed step, in order.
+    pub step_ms: Vec<f64>,
+    /// Mean of `step_ms`.
+    pub mean_ms: f64,
+    /// Bytes of live tensors before the first step: both models' weights, the latent and
+    /// the optimiser state.
+    pub base_bytes: u64,
+    /// Highest bytes of live tensors during the steps (buffer-pool size classes, so up to a
+    /// quarter above the tensors' own sizes; uniforms and readback buffers not counted).
+    pub peak_bytes: u64,
+    /// `peak_bytes − base_bytes`: what one step adds (activations, tape, gradients).
+    pub step_peak_bytes: u64,
+    /// Bytes the pool holds on the device after the steps (live plus idle buffers kept
+    /// for reuse).
+    pub resident_bytes: u64,
+}
+
+/// Times `steps` VQGAN+CLIP optimisation steps after one warm-up step. Each step ends with
+/// reading its loss back, so its time includes all of its GPU work.
+pub fn generate_steps(
+    gpu: &Gpu,
+    clip: &dyn crate::generate::Perceptor,
+    vqgan: &dyn crate::generate::Generator,
+    opts: crate::generate::Options,
+    steps: usize,
+) -> Result<GenerateBench> {
+    if steps == 0 {
+        return Err(Error::invalid("at least one timed step is needed"));
+    }
+    let (width, height, cutn, recompute) = (opts.width, opts.height, opts.cutn, opts.recompute);
+    let mut gen = crate::generate::Generation::new(gpu, clip, vqgan, opts)?;
+    gpu.sync()?;
+    let base_bytes = gpu.memory().live;
+    gpu.reset_peak();
+    let t = Instant::now();
+    let first = gen.step()?;
+    let warmup_ms = t.elapsed().as_secs_f64() * 1e3;
+    if !first.loss.is_finite() {
+        return Err(Error::invalid(format!(
+            "the warm-up step's loss is {}",
+            first.loss
+        )));
+    }
+    let mut step_ms = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let t = Instant::now();
+        gen.step()?;
+        step_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let mem = gpu.memory();
+    Ok(GenerateBench {
+        adapter: gpu.info().name.clone(),
+        backend: format!("{:?}", gpu.info().backend),
+        width,
+        height,
+        cutn,
+        recompute,
+        warmup_ms,
+        mean_ms: step_ms.iter().sum::<f64>() / steps as f64,
+        step_ms,
+        base_bytes,
+        peak_bytes: mem.peak,
+        step_peak_bytes: mem.peak.saturating_sub(base_bytes),
+        resident_bytes: mem.live + mem.idle,
+    })
+}

@@ -160,9 +160,25 @@ fn clip_commands_refuse_bad_input_clearly() {
     let m = model.to_str().unwrap();
     let img = fixtures().join("images/square_32.png");
     let i = img.to_str().unwrap();
-    fails(&["embed", "--text", "a cat"], "--clip DIR");
-    fails(&["classify", "--labels", "a,b", i], "--clip DIR");
-    fails(&["search", "--dir", ".", "a cat"], "--clip DIR");
+    // No --clip and no shipped model to fall back on.
+    for args in [
+        &["embed", "--text", "a cat"][..],
+        &["classify", "--labels", "a,b", i],
+        &["search", "--dir", ".", "a cat"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_vqclip"))
+            .args(args)
+            .env_remove("VQCLIP_CLIP")
+            .env("VQCLIP_WEIGHTS", "/nonexistent-vqclip-weights")
+            .output()
+            .expect("run vqclip");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(
+            err.contains("no CLIP model given") && err.contains("--clip DIR"),
+            "{args:?}: {err}"
+        );
+    }
     fails(&["embed", "--clip", m], "nothing to embed");
     fails(&["embed", "--clip", m, "--text", "  "], "empty");
     fails(

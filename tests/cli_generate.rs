@@ -136,10 +136,34 @@ fn bad_input_is_refused_and_leaves_no_file() {
         assert!(!err.contains("panicked"), "{extra:?}: {err}");
         assert!(!out.exists(), "{extra:?} left an output file");
     }
-    let o = vqclip(&["generate", "a cat", "--clip", &clip, "-o", so]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no VQGAN given"));
-    let o = vqclip(&["generate", "a cat", "--vqgan", &vq, "-o", so]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no CLIP model given"));
+    // Without --vqgan / --clip the shipped models are used; with none to be found (an empty
+    // weights folder) the error says what to pass.
+    let empty = tmp("no-weights");
+    std::fs::create_dir_all(&empty).unwrap();
+    let without = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_vqclip"))
+            .args(args)
+            .env_remove("VQCLIP_CLIP")
+            .env_remove("VQCLIP_VQGAN")
+            .env("VQCLIP_WEIGHTS", &empty)
+            .output()
+            .expect("run vqclip")
+    };
+    let o = without(&["generate", "a cat", "--clip", &clip, "-o", so]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("no VQGAN given") && err.contains("--vqgan FILE"),
+        "{err}"
+    );
+    let o = without(&["generate", "a cat", "--vqgan", &vq, "-o", so]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("no CLIP model given") && err.contains("--clip DIR"),
+        "{err}"
+    );
+    assert!(!out.exists());
     let o = vqclip(&[
         "generate",
         "a cat",

@@ -4,12 +4,12 @@
 //!   gradient with the kernel flipped in space and transposed in channels, padded so that it
 //!   lands on the input grid; a fused nearest ×2 upsample adds a 2×2 sum pool;
 //! - weight gradient: `dW [O, C·KH·KW] = Σ_n g_n [O, Ho·Wo] @ cols_n [Ho·Wo, C·KH·KW]`, with the
-//!   columns gathered from shifted slices of the padded input (im2col by slicing);
+//!   columns from the im2col kernel (`ops::conv2d::im2col`);
 //! - bias gradient: the sum of `g` over batch and positions.
 
 use super::{Tape, Var};
 use crate::ops::concat::{concat, slice};
-use crate::ops::conv2d::{conv2d, Conv2dOpts};
+use crate::ops::conv2d::{conv2d, im2col, Conv2dOpts};
 use crate::ops::matmul::{matmul, MatmulOpts};
 use crate::ops::permute::permute;
 use crate::ops::reduce;
@@ -29,32 +29,6 @@ fn flip_transpose(w: &Tensor) -> Result<Tensor> {
     permute(&flipped.reshape(&[o, c, kh, kw])?, &[1, 0, 2, 3])
 }
 
-/// Zero padding `[top, bottom, left, right]` of an `[N, C, H, W]` tensor.
-fn pad(x: &Tensor, p: [usize; 4]) -> Result<Tensor> {
-    let mut x = x.clone();
-    for (axis, before, after) in [(2, p[0], p[1]), (3, p[2], p[3])] {
-        if before == 0 && after == 0 {
-            continue;
-        }
-        let mut parts = Vec::new();
-        let zeros = |n: usize, x: &Tensor| -> Result<Tensor> {
-            let mut s = x.shape().to_vec();
-            s[axis] = n;
-            Tensor::zeros(x.gpu(), &s)
-        };
-        if before > 0 {
-            parts.push(zeros(before, &x)?);
-        }
-        parts.push(x.clone());
-        if after > 0 {
-            parts.push(zeros(after, &x)?);
-        }
-        let refs: Vec<&Tensor> = parts.iter().collect();
-        x = concat(&refs, axis)?;
-    }
-    Ok(x)
-}
-
 /// Inserts `s − 1` zeros between neighbours along H and W: `[N, C, H, W]` →
 /// `[N, C, s(H−1)+1, s(W−1)+1]`.
 fn dilate(x: &Tensor, s: usize) -> Result<Tensor> {
@@ -69,33 +43,6 @@ fn dilate(x: &Tensor, s: usize) -> Result<Tensor> {
     let z = Tensor::zeros(x.gpu(), &[n, c, hh, w, s - 1])?;
     let both = concat(&[&rows.reshape(&[n, c, hh, w, 1])?, &z], 4)?.reshape(&[n, c, hh, w * s])?;
     slice(&both, 3, 0, s * (w - 1) + 1)
-}
-
-/// Every `s`-th row and column from `start` of `x` `[N, C, H, W]`, `count` of each.
-fn strided_window(x: &Tensor, s: usize, start: [usize; 2], count: [usize; 2]) -> Result<Tensor> {
-    let mut x = x.clone();
-    for (i, axis) in [2usize, 3].into_iter().enumerate() {
-        let len = (count[i] - 1) * s + 1;
-        x = slice(&x, axis, start[i], len)?;
-        if s > 1 {
-            // keep indices 0, s, 2s, …: pad to a multiple of s, split the axis, take slot 0
-            let mut sh = x.shape().to_vec();
-            let extra = count[i] * s - len;
-            if extra > 0 {
-                sh[axis] = extra;
-                let z = Tensor::zeros(x.gpu(), &sh)?;
-                x = concat(&[&x, &z], axis)?;
-            }
-            let mut split = x.shape().to_vec();
-            split[axis] = count[i];
-            split.insert(axis + 1, s);
-            x = slice(&x.reshape(&split)?, axis + 1, 0, 1)?;
-            split[axis + 1] = 1;
-            split.remove(axis + 1);
-            x = x.reshape(&split)?;
-        }
-    }
-    Ok(x)
 }
 
 /// Sum over 2×2 blocks: `[N, C, 2H, 2W]` → `[N, C, H, W]` (the backward of nearest ×2).
@@ -161,36 +108,27 @@ fn weight_grad(
     g: &Tensor,
     stride: usize,
     p: [usize; 4],
+    upsample: bool,
 ) -> Result<Tensor> {
     let (o, c, kh, kw) = (w_shape[0], w_shape[1], w_shape[2], w_shape[3]);
     let (n, ho, wo) = (g.dim(0), g.dim(2), g.dim(3));
-    let xp = pad(x, p)?;
-    // cols [N, C, KH·KW, Ho·Wo]: one shifted, strided window of the padded input per tap
-    let mut taps = Vec::with_capacity(kh * kw);
-    for ky in 0..kh {
-        for kx in 0..kw {
-            taps.push(strided_window(&xp, stride, [ky, kx], [ho, wo])?.reshape(&[
-                n,
-                c,
-                1,
-                ho * wo,
-            ])?);
-        }
-    }
-    let refs: Vec<&Tensor> = taps.iter().collect();
-    let cols = concat(&refs, 2)?.reshape(&[n, c * kh * kw, ho * wo])?;
-    // Σ_n g_n [O, P] @ cols_nᵀ [P, C·K]: fold the batch into P
-    let g2 = permute(&g.reshape(&[n, o, ho * wo])?, &[1, 0, 2])?.reshape(&[o, n * ho * wo])?;
-    let c2 = permute(&cols, &[1, 0, 2])?.reshape(&[c * kh * kw, n * ho * wo])?;
-    matmul(
-        &g2,
-        &c2,
+    // cols [N, C·KH·KW, Ho·Wo] in one im2col pass (the fused upsample included), then
+    // dW = Σ_n g_n [O, P] @ cols_nᵀ [P, C·K] as one batched product and a sum over n.
+    let cols = im2col(x, [kh, kw], stride, p, upsample)?;
+    let per = matmul(
+        &g.reshape(&[n, o, ho * wo])?,
+        &cols,
         &MatmulOpts {
             trans_b: true,
             ..Default::default()
         },
-    )?
-    .reshape(w_shape)
+    )?;
+    let dw = if n == 1 {
+        per.reshape(&[o, c * kh * kw])?
+    } else {
+        reduce::sum(&per.reshape(&[n, o * c * kh * kw])?, 0)?
+    };
+    dw.reshape(w_shape)
 }
 
 impl Tape {
@@ -230,12 +168,7 @@ impl Tape {
                     .then(|| input_grad(xv.shape(), &wv, g, stride, p, up))
                     .transpose()?;
                 let dw = if need[1] {
-                    let xin = if up {
-                        crate::ops::upsample::upsample_nearest2(&xv)?
-                    } else {
-                        xv.clone()
-                    };
-                    Some(weight_grad(&xin, wv.shape(), g, stride, p)?)
+                    Some(weight_grad(&xv, wv.shape(), g, stride, p, up)?)
                 } else {
                     None
                 };

@@ -728,6 +728,74 @@ impl Tape {
         ))
     }
 
+    /// Gradient checkpointing: runs `f` on `inputs` without keeping its activations, and
+    /// runs it again during the backward pass to get the inputs' gradients (one more forward
+    /// of the block, in exchange for holding only the block's inputs between the passes).
+    /// `f` must be deterministic and may only read frozen parameters (through the inner
+    /// tape's [`Tape::param`]): checkpointing is refused on a [`Tape::training`] tape, whose
+    /// parameter gradients would be lost inside the block.
+    pub fn checkpoint(
+        &self,
+        inputs: &[&Var],
+        f: impl Fn(&Tape, &[Var]) -> Result<Var> + 'static,
+    ) -> Result<Var> {
+        if self.training {
+            return Err(Error::invalid(
+                "checkpointing keeps no parameter gradients; it cannot run on a training tape",
+            ));
+        }
+        let values: Vec<Tensor> = inputs.iter().map(|v| v.value.clone()).collect();
+        let y = {
+            let inner = Tape::new();
+            let leaves: Vec<Var> = values
+                .iter()
+                .map(|v| inner.leaf(v.clone(), false))
+                .collect();
+            f(&inner, &leaves)?.value
+        };
+        Ok(self.push(
+            y,
+            inputs,
+            Box::new(move |g, need| {
+                let inner = Tape::new();
+                let leaves: Vec<Var> = values
+                    .iter()
+                    .zip(need)
+                    .map(|(v, &n)| inner.leaf(v.clone(), n))
+                    .collect();
+                let y = f(&inner, &leaves)?;
+                let weight = inner.leaf(g.clone(), false);
+                let loss = inner.sum(&inner.mul(&y, &weight)?)?;
+                let mut grads = inner.backward(&loss)?;
+                Ok(leaves.iter().map(|l| grads.take(l)).collect())
+            }),
+        ))
+    }
+
+    /// Rows of `table` `[V, D]` at `ids` (u32, any shape): `ids.shape() + [D]` (embedding
+    /// lookup, VQ codebook gather). Backward sums each row's gradients into the table
+    /// (deterministically); `ids` get none.
+    pub fn gather_rows(&self, table: &Var, ids: &Tensor) -> Result<Var> {
+        if table.shape().len() != 2 {
+            return Err(crate::Error::shape(format!(
+                "gather_rows table must be [V, D], got {:?}",
+                table.shape()
+            )));
+        }
+        let y = crate::ops::gather::gather_rows(table.value(), ids)?;
+        let vocab = table.shape()[0];
+        let ids = ids.clone();
+        Ok(self.push(
+            y,
+            &[table],
+            Box::new(move |g, _need| {
+                Ok(vec![Some(crate::ops::gather::scatter_add_rows(
+                    g, &ids, vocab,
+                )?)])
+            }),
+        ))
+    }
+
     /// `xs` joined along `axis`.
     pub fn concat(&self, xs: &[&Var], axis: usize) -> Result<Var> {
         use crate::ops::concat::{concat, slice};

@@ -699,3 +699,33 @@ fn params_are_one_leaf_and_follow_the_tape_mode() {
     );
     assert_eq!(grads.get(&xv).unwrap().to_vec().unwrap(), vec![2.0, 3.0]);
 }
+
+#[test]
+fn gather_rows_gradient_sums_repeated_ids() {
+    // loss = Σ w ⊙ table[ids], with repeated and unused ids.
+    let g = gpu();
+    let (v, d) = (5, 3);
+    let idv: Vec<u32> = vec![4, 1, 4, 0, 4, 2, 1];
+    let n = idv.len();
+    let tv = rand_vec(v * d, 31);
+    let wv = rand_vec(n * d, 32);
+    let tape = Tape::new();
+    let t = tape.leaf(Tensor::from_slice(&g, &tv, &[v, d]).unwrap(), true);
+    let ids = Tensor::from_u32(&g, &idv, &[n]).unwrap();
+    let y = tape.gather_rows(&t, &ids).unwrap();
+    assert_eq!(y.shape(), &[n, d]);
+    let w = tape.leaf(Tensor::from_slice(&g, &wv, &[n, d]).unwrap(), false);
+    let loss = tape.sum(&tape.mul(&y, &w).unwrap()).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let f = |x: &[f64]| -> f64 {
+        idv.iter()
+            .enumerate()
+            .map(|(i, &id)| {
+                (0..d)
+                    .map(|c| x[id as usize * d + c] * wv[i * d + c] as f64)
+                    .sum::<f64>()
+            })
+            .sum()
+    };
+    check(grads.get(&t).unwrap(), &fd(&f, &tv), "d table");
+}

@@ -7,6 +7,9 @@ use vqclip::ops::matmul::Variant;
 pub enum BenchCmd {
     /// Square N×N matmul: every kernel variant, checked against the CPU, in GFLOP/s.
     Matmul(MatmulArgs),
+    /// One VQGAN+CLIP optimisation step (random-weight ViT-B/32 and f16-16384 by default):
+    /// ms per step and peak GPU memory.
+    Generate(super::bench_generate::GenerateBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -27,6 +30,7 @@ pub struct MatmulArgs {
 
 pub fn run(dev: &DeviceArgs, cmd: BenchCmd) -> Result<()> {
     match cmd {
+        BenchCmd::Generate(a) => super::bench_generate::run(dev, a),
         BenchCmd::Matmul(a) => {
             if a.size == 0 {
                 bail!("--size must be at least 1");

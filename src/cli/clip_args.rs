@@ -10,24 +10,26 @@ use vqclip::models::clip::{load_image, ClipModel};
 #[derive(Args, Debug, Clone)]
 pub struct ClipArgs {
     /// A Hugging Face CLIP folder: config.json, model.safetensors, and tokenizer.json (or
-    /// vocab.json + merges.txt), e.g. a download of openai/clip-vit-base-patch32.
+    /// vocab.json + merges.txt), e.g. a download of openai/clip-vit-base-patch32 [default:
+    /// the shipped weights/clip, trained by vqclip on its shapes world].
     #[arg(long, value_name = "DIR", env = "VQCLIP_CLIP")]
     pub clip: Option<PathBuf>,
 }
 
 impl ClipArgs {
+    /// `--clip`, else the shipped model's folder.
+    pub fn dir(&self) -> Result<PathBuf> {
+        match &self.clip {
+            Some(d) => Ok(d.clone()),
+            None => Ok(vqclip::weights::shipped::clip_dir()?),
+        }
+    }
+
     /// Opens the device and loads the model.
     pub fn load(&self, dev: &DeviceArgs) -> Result<ClipModel> {
-        let Some(dir) = &self.clip else {
-            bail!(
-                "no CLIP model given: pass --clip DIR (or set VQCLIP_CLIP), where DIR is a \
-                 Hugging Face CLIP folder with config.json, model.safetensors and \
-                 tokenizer.json, such as openai/clip-vit-base-patch32 (see the README section \
-                 \"CLIP with real weights\"); vqclip does not ship a CLIP model yet"
-            );
-        };
+        let dir = self.dir()?;
         let gpu = dev.open()?;
-        ClipModel::load(dir, &gpu)
+        ClipModel::load(&dir, &gpu)
             .with_context(|| format!("cannot load the CLIP model in {}", dir.display()))
     }
 }

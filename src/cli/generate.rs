@@ -31,15 +31,18 @@ pub struct GenerateArgs {
     noise_prompts: Vec<String>,
     #[command(flatten)]
     clip: ClipArgs,
-    /// taming-transformers VQGAN weights (.ckpt or .safetensors).
+    /// taming-transformers VQGAN weights (.ckpt or .safetensors) [default: the shipped
+    /// weights/vqgan/shapes_f4.safetensors, trained by vqclip on its shapes world].
     #[arg(long, value_name = "FILE", env = "VQCLIP_VQGAN")]
     vqgan: Option<PathBuf>,
     /// The VQGAN's .yaml config (default: the .yaml beside the weights).
     #[arg(long, value_name = "YAML")]
     config: Option<PathBuf>,
-    /// Output size WxH, rounded down to a multiple of the VQGAN's downsampling factor.
-    #[arg(long, default_value = "256x256")]
-    size: String,
+    /// Output size WxH, rounded down to a multiple of the VQGAN's downsampling factor
+    /// [default: the VQGAN's training resolution, e.g. 256x256 for taming's models, 64x64
+    /// for the shipped one].
+    #[arg(long)]
+    size: Option<String>,
     /// Optimisation steps (0 writes the initial image).
     #[arg(long, default_value_t = 100)]
     steps: usize,
@@ -76,6 +79,10 @@ pub struct GenerateArgs {
     /// Total-variation loss weight (smoother images).
     #[arg(long, default_value_t = 0.0)]
     tv_weight: f32,
+    /// Recompute decoder and CLIP blocks during the backward pass instead of keeping their
+    /// activations: less GPU memory (larger images fit), about one more forward per step.
+    #[arg(long)]
+    recompute: bool,
     /// Save the image every N steps into --frames-dir (and into --gif).
     #[arg(long, value_name = "N")]
     save_every: Option<usize>,
@@ -93,7 +100,7 @@ pub struct GenerateArgs {
     output: PathBuf,
 }
 
-fn parse_size(s: &str) -> Result<(usize, usize)> {
+pub(super) fn parse_size(s: &str) -> Result<(usize, usize)> {
     let (w, h) = s
         .split_once(['x', 'X'])
         .with_context(|| format!("--size '{s}' is not WxH (e.g. 256x256)"))?;
@@ -130,7 +137,7 @@ fn load_resized(path: &PathBuf, w: usize, h: usize) -> Result<Vec<f32>> {
 }
 
 /// Bytes of the largest single tensor the decoder (and its backward) holds at `w`×`h`.
-fn largest_tensor(cfg: &VqGanConfig, w: usize, h: usize) -> u64 {
+pub(super) fn largest_tensor(cfg: &VqGanConfig, w: usize, h: usize) -> u64 {
     let d = &cfg.dd;
     let mut most = 0u64;
     for (i, &m) in d.ch_mult.iter().enumerate() {
@@ -152,7 +159,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
     for p in &a.more_prompts {
         prompts.extend(Prompt::parse_list(p)?);
     }
-    let (w0, h0) = parse_size(&a.size)?;
+    let size = a.size.as_deref().map(parse_size).transpose()?;
     let optimizer = match a.optimizer.as_str() {
         "adam" => Kind::Adam,
         "adamw" => Kind::AdamW,
@@ -186,11 +193,9 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
     if prompts.is_empty() && a.image_prompts.is_empty() && noise_prompts.is_empty() {
         bail!("no prompt: give PROMPTS, --prompt, --image-prompt or --noise-prompt");
     }
-    let Some(vq_path) = &a.vqgan else {
-        bail!(
-            "no VQGAN given: pass --vqgan FILE (a taming-transformers .ckpt or .safetensors, \
-             with its .yaml beside it or --config YAML); vqclip does not ship a VQGAN yet"
-        );
+    let vq_path = &match &a.vqgan {
+        Some(p) => p.clone(),
+        None => vqclip::weights::shipped::vqgan_file()?,
     };
     let config_path = match (&a.config, config_beside(vq_path)) {
         (Some(c), _) => c.clone(),
@@ -205,6 +210,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
     let vqgan = VqGan::load(vq_path, &config_path, &gpu)
         .with_context(|| format!("cannot load the VQGAN {}", vq_path.display()))?;
     let f = vqgan.downsampling_factor();
+    let (w0, h0) = size.unwrap_or((vqgan.config.dd.resolution, vqgan.config.dd.resolution));
     let (w, h) = (w0 / f * f, h0 / f * f);
     if w == 0 || h == 0 {
         bail!("--size {w0}x{h0} is smaller than the VQGAN's downsampling factor {f}");
@@ -244,6 +250,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
     opts.noise = a.noise;
     opts.init_weight = a.init_weight;
     opts.tv_weight = a.tv_weight;
+    opts.recompute = a.recompute;
     opts.noise_prompts = noise_prompts;
     opts.init = match (&a.init_image, a.init.as_str()) {
         (Some(p), _) => Init::Image(
@@ -301,8 +308,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
         (
             "clip",
             a.clip
-                .clip
-                .as_ref()
+                .dir()
                 .map_or(String::new(), |p| p.display().to_string()),
         ),
         ("vqgan", vq_path.display().to_string()),

@@ -1,6 +1,7 @@
 //! Subcommands. Each lives in its own file and only parses, calls the library and prints.
 
 mod bench;
+mod bench_generate;
 mod classify;
 mod clip_args;
 mod convert;

@@ -9,9 +9,10 @@ use vqclip::Tensor;
 
 #[derive(Args, Debug)]
 pub struct ReconstructArgs {
-    /// VQGAN weights: a taming-transformers .ckpt or a .safetensors with the same keys.
-    #[arg(long)]
-    vqgan: PathBuf,
+    /// VQGAN weights: a taming-transformers .ckpt or a .safetensors with the same keys
+    /// [default: the shipped weights/vqgan/shapes_f4.safetensors].
+    #[arg(long, env = "VQCLIP_VQGAN")]
+    vqgan: Option<PathBuf>,
     /// The model's taming .yaml config (default: the .yaml next to the weights, same name).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -82,7 +83,11 @@ fn check_parent(path: &Path) -> Result<()> {
 }
 
 pub fn run(dev: &DeviceArgs, a: ReconstructArgs) -> Result<()> {
-    let config = resolve_config(&a.vqgan, a.config.as_deref())?;
+    let weights = match &a.vqgan {
+        Some(p) => p.clone(),
+        None => vqclip::weights::shipped::vqgan_file()?,
+    };
+    let config = resolve_config(&weights, a.config.as_deref())?;
     check_parent(&a.output)?;
     if let Some(c) = &a.codes {
         check_parent(c)?;
@@ -91,7 +96,7 @@ pub fn run(dev: &DeviceArgs, a: ReconstructArgs) -> Result<()> {
         .with_context(|| format!("reading image {}", a.image.display()))?
         .to_rgb8();
     let gpu = dev.open()?;
-    let model = VqGan::load(&a.vqgan, &config, &gpu)?;
+    let model = VqGan::load(&weights, &config, &gpu)?;
     let f = model.downsampling_factor() as u32;
     let (mut w, mut h) = img.dimensions();
     let img = if w % f != 0 || h % f != 0 {

@@ -2,7 +2,7 @@
 
 use super::clip_args::{check_texts, warn_truncated, ClipArgs};
 use super::DeviceArgs;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -54,7 +54,7 @@ pub fn run(dev: &DeviceArgs, a: SearchArgs) -> Result<()> {
         );
     }
     let model = a.clip.load(dev)?;
-    let clip_dir = a.clip.clip.as_ref().context("--clip")?;
+    let clip_dir = &a.clip.dir()?;
     let mut index = ImageIndex::open(
         &a.dir,
         &model_fingerprint(clip_dir)?,

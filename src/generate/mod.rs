@@ -37,6 +37,12 @@ pub trait Perceptor {
     fn encode_text(&self, texts: &[String]) -> Result<Tensor>;
     /// Projected image embeddings `[N, P]` of normalised pixels `[N, 3, S, S]`, on the tape.
     fn encode_image(&self, tape: &Tape, pixels: &Var) -> Result<Var>;
+    /// [`Perceptor::encode_image`] with each transformer block recomputed in the backward
+    /// pass instead of holding its activations ([`Tape::checkpoint`]): less memory, one
+    /// more forward pass.
+    fn encode_image_recomputed(&self, tape: &Tape, pixels: &Var) -> Result<Var> {
+        self.encode_image(tape, pixels)
+    }
 }
 
 /// The VQGAN side of generation.
@@ -49,6 +55,11 @@ pub trait Generator {
     fn quantize(&self, z: &Tensor) -> Result<Tensor>;
     /// The image `[1, 3, H, W]` (about [-1, 1]) decoded from quantised latents, on the tape.
     fn decode(&self, tape: &Tape, z_q: &Var) -> Result<Var>;
+    /// [`Generator::decode`] with its blocks recomputed in the backward pass instead of
+    /// holding their activations ([`Tape::checkpoint`]).
+    fn decode_recomputed(&self, tape: &Tape, z_q: &Var) -> Result<Var> {
+        self.decode(tape, z_q)
+    }
     /// The latent `[1, E, h, w]` (before quantisation) of an image `[1, 3, H, W]` in [-1, 1].
     fn encode(&self, image: &Tensor) -> Result<Tensor>;
 }
@@ -101,6 +112,9 @@ pub struct Options {
     pub tv_weight: f32,
     /// Noise added to cutouts: each cutout gets `U(0, noise) · N(0, 1)` per pixel.
     pub noise: f32,
+    /// Recompute decoder and CLIP blocks in the backward pass instead of holding their
+    /// activations (less GPU memory for large images, about one more forward pass per step).
+    pub recompute: bool,
 }
 
 impl Options {
@@ -123,6 +137,7 @@ impl Options {
             init_weight: 0.0,
             tv_weight: 0.0,
             noise: 0.1,
+            recompute: false,
         }
     }
 }
@@ -328,7 +343,11 @@ impl<'a> Generation<'a> {
     fn synth(&self, tape: &Tape, z: &Var) -> Result<Var> {
         let zq = self.vqgan.quantize(z.value())?;
         let zq = tape.straight_through(zq, z)?;
-        let out = self.vqgan.decode(tape, &zq)?;
+        let out = if self.opts.recompute {
+            self.vqgan.decode_recomputed(tape, &zq)?
+        } else {
+            self.vqgan.decode(tape, &zq)?
+        };
         let img = tape.affine(&out, 0.5, 0.5)?;
         tape.clamp_with_grad(&img, 0.0, 1.0)
     }
@@ -352,7 +371,11 @@ impl<'a> Generation<'a> {
         let z = tape.leaf(self.latent().clone(), true);
         let img = self.synth(&tape, &z)?;
         let views = make_views(&self.gpu, self.clip, &tape, &img, &self.opts, &mut self.rng)?;
-        let emb = self.clip.encode_image(&tape, &views)?;
+        let emb = if self.opts.recompute {
+            self.clip.encode_image_recomputed(&tape, &views)?
+        } else {
+            self.clip.encode_image(&tape, &views)?
+        };
         let mut terms = Vec::new();
         for t in &self.targets {
             let target = tape.leaf(t.embed.clone(), false);

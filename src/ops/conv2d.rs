@@ -91,17 +91,32 @@ pub enum Variant {
     Generic,
     /// 3x3 with stride 1 or 2, everything in registers: 8 channels x 4 pixels per invocation.
     Conv3x3,
+    /// The input's columns (im2col, bias as a row of ones) times the weights with the tuned
+    /// matmul; images are processed in batches whose columns fit one storage binding and
+    /// [`IM2COL_BUDGET`] bytes. Falls back to the direct kernels when one image's columns do
+    /// not fit.
+    Im2col,
 }
 
+/// Most bytes of im2col columns held at once (images are processed in groups under it).
+pub const IM2COL_BUDGET: u64 = 96 << 20;
+
 impl Variant {
-    /// The fastest variant that supports the shape (`VQCLIP_CONV=generic` forces the generic
-    /// kernel).
+    /// The variant for a shape: [`Variant::Im2col`] (2-4x the direct kernels on lavapipe,
+    /// where the tuned matmul is the fastest kernel), unless `VQCLIP_CONV=direct` (the
+    /// direct kernels: [`Variant::Conv3x3`] where it applies, else [`Variant::Generic`]) or
+    /// `VQCLIP_CONV=generic` asks otherwise.
     pub fn for_shape(kh: usize, kw: usize, stride: usize) -> Variant {
-        if kh == 3
-            && kw == 3
-            && stride <= 2
-            && std::env::var("VQCLIP_CONV").as_deref() != Ok("generic")
-        {
+        match std::env::var("VQCLIP_CONV").as_deref() {
+            Ok("generic") => Variant::Generic,
+            Ok("direct") => Self::direct(kh, kw, stride),
+            _ => Variant::Im2col,
+        }
+    }
+
+    /// The fastest direct kernel for the shape.
+    pub fn direct(kh: usize, kw: usize, stride: usize) -> Variant {
+        if kh == 3 && kw == 3 && stride <= 2 {
             Variant::Conv3x3
         } else {
             Variant::Generic
@@ -177,6 +192,19 @@ pub fn conv2d_variant(x: &Tensor, w: &Tensor, o: &Conv2dOpts, v: Variant) -> Res
                 r.shape()
             )));
         }
+    }
+    if v == Variant::Im2col && cin > 0 && n * ho * wo > 0 {
+        let kp = (cin * kh * kw + o.bias.is_some() as usize).next_multiple_of(4);
+        let per_image = (kp * ho * wo * 4) as u64;
+        let limit = x
+            .gpu()
+            .limits()
+            .max_storage_buffer_binding_size
+            .min(IM2COL_BUDGET);
+        if per_image <= limit {
+            return conv2d_im2col(x, w, o, [ho, wo, hv, wv], kp, (limit / per_image) as usize);
+        }
+        return conv2d_variant(x, w, o, Variant::direct(kh, kw, s));
     }
     let gpu = x.gpu();
     let y = Tensor::empty(gpu, &out_shape, DType::F32)?;
@@ -267,6 +295,176 @@ pub fn conv2d_variant(x: &Tensor, w: &Tensor, o: &Conv2dOpts, v: Variant) -> Res
         y = out;
     }
     Ok(y)
+}
+
+static IM2COL: Shader = crate::shader!("im2col");
+
+/// Mirrors `struct Params` in `shaders/im2col.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Im2colParams {
+    n: u32,
+    cin: u32,
+    h: u32,
+    w: u32,
+    ho: u32,
+    wo: u32,
+    hv: u32,
+    wv: u32,
+    pad_top: u32,
+    pad_left: u32,
+    k: u32,
+    kp: u32,
+    total: u32,
+    _pad: [u32; 3],
+}
+
+/// The columns of `up?(x)` for a `kh`x`kw` convolution: `[N, K, Ho·Wo]` with `K = C·KH·KW`
+/// in `(c, ky, kx)` order (the weight gradient's operand). Errors when they exceed one
+/// storage binding.
+pub fn im2col(
+    x: &Tensor,
+    kernel: [usize; 2],
+    stride: usize,
+    pad: [usize; 4],
+    upsample: bool,
+) -> Result<Tensor> {
+    let (n, cin, h, wd) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let [kh, kw] = kernel;
+    let (hv, wv) = if upsample { (2 * h, 2 * wd) } else { (h, wd) };
+    let (Some(ho), Some(wo)) = (
+        out_size(hv, kh, stride, pad[0], pad[1]),
+        out_size(wv, kw, stride, pad[2], pad[3]),
+    ) else {
+        return Err(Error::shape(format!(
+            "im2col: kernel {kh}x{kw} does not fit input {hv}x{wv} padded by {pad:?}"
+        )));
+    };
+    let k = cin * kh * kw;
+    let bytes = (n * k * ho * wo * 4) as u64;
+    if bytes > x.gpu().limits().max_storage_buffer_binding_size {
+        return Err(Error::shape(format!(
+            "conv2d columns of {bytes} bytes exceed one storage binding"
+        )));
+    }
+    let o = Conv2dOpts {
+        stride,
+        pad,
+        upsample,
+        ..Default::default()
+    };
+    columns(x, &o, [kh, kw], [ho, wo, hv, wv], k, false)
+}
+
+/// The im2col dispatch: `[N, Kp, Ho·Wo]` columns of all of `x`.
+fn columns(
+    x: &Tensor,
+    o: &Conv2dOpts,
+    kernel: [usize; 2],
+    dims: [usize; 4],
+    kp: usize,
+    ones_row: bool,
+) -> Result<Tensor> {
+    let [ho, wo, hv, wv] = dims;
+    let [kh, kw] = kernel;
+    let (m, cin, h, wd) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let total = m * kp * ho;
+    if m * kp * ho * wo > u32::MAX as usize - 256 {
+        return Err(Error::shape("conv2d columns have more than 2^32 elements"));
+    }
+    let gpu = x.gpu();
+    let kernel = Kernel::new(&IM2COL, "im2col")
+        .with("KH", kh as u32)
+        .with("KW", kw as u32)
+        .with("STRIDE", o.stride as u32)
+        .with("UPSAMPLE", o.upsample)
+        .with("ONES_ROW", ones_row);
+    let cols = Tensor::empty(gpu, &[m, kp, ho * wo], DType::F32)?;
+    let p = Im2colParams {
+        n: m as u32,
+        cin: cin as u32,
+        h: h as u32,
+        w: wd as u32,
+        ho: ho as u32,
+        wo: wo as u32,
+        hv: hv as u32,
+        wv: wv as u32,
+        pad_top: o.pad[0] as u32,
+        pad_left: o.pad[2] as u32,
+        k: (cin * kh * kw) as u32,
+        kp: kp as u32,
+        total: total as u32,
+        _pad: [0; 3],
+    };
+    gpu.dispatch(
+        &kernel,
+        &p,
+        &[x.binding(), cols.binding()],
+        grid_1d((total as u32).div_ceil(256)),
+    );
+    Ok(cols)
+}
+
+/// [`Variant::Im2col`] after the shape checks: `dims` = `[Ho, Wo, H', W']`, `kp` rows of
+/// columns per image, at most `group` images per product.
+fn conv2d_im2col(
+    x: &Tensor,
+    w: &Tensor,
+    o: &Conv2dOpts,
+    dims: [usize; 4],
+    kp: usize,
+    group: usize,
+) -> Result<Tensor> {
+    let [ho, wo, _, _] = dims;
+    let (n, cin) = (x.dim(0), x.dim(1));
+    let (cout, kh, kw) = (w.dim(0), w.dim(2), w.dim(3));
+    let k = cin * kh * kw;
+    let gpu = x.gpu();
+    // Weights [Cout, Kp]: the kernel, then the bias column, then zeros.
+    let mut parts = vec![w.reshape(&[cout, k])?];
+    if let Some(b) = o.bias {
+        parts.push(b.reshape(&[cout, 1])?);
+    }
+    let fill = kp - k - o.bias.is_some() as usize;
+    if fill > 0 {
+        parts.push(Tensor::zeros(gpu, &[cout, fill])?);
+    }
+    let wk = if parts.len() == 1 {
+        parts.remove(0)
+    } else {
+        let refs: Vec<&Tensor> = parts.iter().collect();
+        super::concat::concat(&refs, 1)?
+    };
+    let group = group.clamp(1, n);
+    let mut outs = Vec::with_capacity(n.div_ceil(group));
+    for n0 in (0..n).step_by(group) {
+        let m = group.min(n - n0);
+        let xs = if m == n {
+            x.clone()
+        } else {
+            super::concat::slice(x, 0, n0, m)?
+        };
+        let cols = columns(&xs, o, [kh, kw], dims, kp, o.bias.is_some())?;
+        let res = match o.residual {
+            Some(r) if m == n => Some(r.reshape(&[m, cout, ho * wo])?),
+            Some(r) => Some(super::concat::slice(r, 0, n0, m)?.reshape(&[m, cout, ho * wo])?),
+            None => None,
+        };
+        let y = super::matmul::matmul(
+            &wk,
+            &cols,
+            &super::matmul::MatmulOpts {
+                residual: res.as_ref(),
+                ..Default::default()
+            },
+        )?;
+        outs.push(y.reshape(&[m, cout, ho, wo])?);
+    }
+    if outs.len() == 1 {
+        return Ok(outs.remove(0));
+    }
+    let refs: Vec<&Tensor> = outs.iter().collect();
+    super::concat::concat(&refs, 0)
 }
 
 /// Shape and options of a [`reference`] convolution.
@@ -360,6 +558,7 @@ mod tests {
 
     fn check(s: RefShape, bias: bool, res: bool, seed: u64) {
         check_variant(s, bias, res, seed, Variant::Generic);
+        check_variant(s, bias, res, seed, Variant::Im2col);
         if s.kh == 3 && s.kw == 3 && s.stride <= 2 {
             check_variant(s, bias, res, seed, Variant::Conv3x3);
         }
@@ -399,6 +598,33 @@ mod tests {
                 got[i],
                 want[i]
             );
+        }
+    }
+
+    #[test]
+    fn im2col_in_groups_of_images_matches_one_product() {
+        // Stride 2 with taming's padding, bias and residual, three images one at a time.
+        let g = gpu();
+        let (n, cin, h, cout) = (3, 5, 9, 6);
+        let x = Tensor::from_slice(&g, &rand_vec(n * cin * h * h, 1), &[n, cin, h, h]).unwrap();
+        let w = Tensor::from_slice(&g, &rand_vec(cout * cin * 9, 2), &[cout, cin, 3, 3]).unwrap();
+        let b = Tensor::from_slice(&g, &rand_vec(cout, 3), &[cout]).unwrap();
+        let r = Tensor::from_slice(&g, &rand_vec(n * cout * 16, 4), &[n, cout, 4, 4]).unwrap();
+        let o = Conv2dOpts {
+            stride: 2,
+            pad: [0, 1, 0, 1],
+            bias: Some(&b),
+            residual: Some(&r),
+            ..Default::default()
+        };
+        let kp = (cin * 9 + 1).next_multiple_of(4);
+        let whole = conv2d_im2col(&x, &w, &o, [4, 4, h, h], kp, n).unwrap();
+        let grouped = conv2d_im2col(&x, &w, &o, [4, 4, h, h], kp, 1).unwrap();
+        let direct = conv2d_variant(&x, &w, &o, Variant::Generic).unwrap();
+        assert_eq!(grouped.shape(), &[n, cout, 4, 4]);
+        assert_eq!(whole.to_vec().unwrap(), grouped.to_vec().unwrap());
+        for (a, b) in whole.to_vec().unwrap().iter().zip(direct.to_vec().unwrap()) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
     }
 

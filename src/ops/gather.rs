@@ -187,6 +187,81 @@ pub fn gather_rows_from_ids(
     gather_rows_table(table, &Tensor::from_u32(gpu, ids, shape)?)
 }
 
+static SCATTER: Shader = crate::shader!("scatter_rows");
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ScatterParams {
+    d: u32,
+    vocab: u32,
+    start: u32,
+    len: u32,
+    accumulate: u32,
+    _pad: [u32; 3],
+}
+
+/// Ids walked per dispatch of [`scatter_add_rows`] (under llvmpipe's loop cap).
+const SCATTER_SEGMENT: usize = 16_384;
+
+/// The backward of [`gather_rows`]: `out[v, :] = Σ g[i, :]` over the `i` with `ids[i] == v`,
+/// `out` `[vocab, D]`; `g` `[N, D]` (any leading shape with `N` rows), `ids` u32 with `N`
+/// values. Rows no id names are zero; ids `>= vocab` contribute nothing. Deterministic (each
+/// output walks the ids in order; no atomics).
+pub fn scatter_add_rows(g: &Tensor, ids: &Tensor, vocab: usize) -> Result<Tensor> {
+    if ids.dtype() != DType::U32 {
+        return Err(Error::invalid("scatter_add_rows ids must be a u32 tensor"));
+    }
+    g.expect_f32("scatter_add_rows gradient")?;
+    let n = ids.numel();
+    let d = if g.rank() == 0 { 0 } else { g.dim(-1) };
+    if g.numel() != n * d || d == 0 || vocab == 0 {
+        return Err(Error::shape(format!(
+            "scatter_add_rows: gradient {:?} does not hold {n} rows for a [{vocab}, D] table",
+            g.shape()
+        )));
+    }
+    if vocab * d > u32::MAX as usize - WG as usize {
+        return Err(Error::shape(format!(
+            "scatter of a [{vocab}, {d}] table is too large"
+        )));
+    }
+    let gpu = g.gpu();
+    let out = Tensor::empty(gpu, &[vocab, d], DType::F32)?;
+    let k = Kernel::new(&SCATTER, "scatter_add_rows").with("WG", WG);
+    let segments = n.div_ceil(SCATTER_SEGMENT).max(1);
+    for s in 0..segments {
+        let start = s * SCATTER_SEGMENT;
+        let p = ScatterParams {
+            d: d as u32,
+            vocab: vocab as u32,
+            start: start as u32,
+            len: SCATTER_SEGMENT.min(n - start.min(n)) as u32,
+            accumulate: (s > 0) as u32,
+            _pad: [0; 3],
+        };
+        gpu.dispatch(
+            &k,
+            &p,
+            &[out.binding(), ids.binding(), g.binding()],
+            grid_1d(((vocab * d) as u32).div_ceil(WG)),
+        );
+    }
+    Ok(out)
+}
+
+/// CPU reference of [`scatter_add_rows`].
+pub fn reference_scatter(g: &[f32], dim: usize, ids: &[u32], vocab: usize) -> Vec<f32> {
+    let mut out = vec![0.0f64; vocab * dim];
+    for (i, &id) in ids.iter().enumerate() {
+        if (id as usize) < vocab {
+            for c in 0..dim {
+                out[id as usize * dim + c] += g[i * dim + c] as f64;
+            }
+        }
+    }
+    out.into_iter().map(|v| v as f32).collect()
+}
+
 /// CPU reference: rows of `table` (`[V, dim]`) at `ids` (clamped like the kernel).
 pub fn reference(table: &[f32], dim: usize, ids: &[u32]) -> Vec<f32> {
     let v = table.len() / dim;
@@ -208,6 +283,40 @@ mod tests {
             .iter()
             .map(|x| ((x + 1.0) * 0.5 * v as f32) as u32 % v as u32)
             .collect()
+    }
+
+    #[test]
+    fn scatter_add_matches_reference_over_shapes() {
+        let g = gpu();
+        // (vocab, dim, ids): repeated ids, unused rows, more ids than one segment.
+        for (v, d, n) in [
+            (1, 1, 1),
+            (3, 5, 7),
+            (17, 65, 40),
+            (256, 3, 40_000),
+            (5, 2, 16_385),
+        ] {
+            let gv = rand_vec(n * d, (n + d) as u64);
+            let gt = Tensor::from_slice(&g, &gv, &[n, d]).unwrap();
+            let idv = ids_for(n, v, v as u64);
+            let ids = Tensor::from_u32(&g, &idv, &[n]).unwrap();
+            let got = scatter_add_rows(&gt, &ids, v).unwrap();
+            assert_eq!(got.shape(), &[v, d]);
+            let want = reference_scatter(&gv, d, &idv, v);
+            // f32 sums of up to n/v terms of size <= 1 in a different order than f64.
+            let tol = 1e-6 * (n as f32 / v as f32).max(1.0) * 4.0;
+            for (i, (a, b)) in got.to_vec().unwrap().iter().zip(&want).enumerate() {
+                assert!((a - b).abs() <= tol, "V{v} D{d} N{n} [{i}]: {a} vs {b}");
+            }
+        }
+        // Rows nobody names are zero; runs are bit-identical.
+        let gt = Tensor::from_slice(&g, &[1.0, 2.0, 3.0, 4.0], &[2, 2]).unwrap();
+        let ids = Tensor::from_u32(&g, &[2, 2], &[2]).unwrap();
+        let a = scatter_add_rows(&gt, &ids, 4).unwrap().to_vec().unwrap();
+        assert_eq!(a, vec![0.0, 0.0, 0.0, 0.0, 4.0, 6.0, 0.0, 0.0]);
+        let b = scatter_add_rows(&gt, &ids, 4).unwrap().to_vec().unwrap();
+        assert_eq!(a, b);
+        assert!(scatter_add_rows(&gt, &ids, 0).is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 pub mod memory;
 pub mod safetensors;
+pub mod shipped;
 
 pub use self::safetensors::SafetensorsFile;
 pub use memory::MemorySource;

@@ -13,6 +13,7 @@ use crate::weights::Loader;
 use crate::{Result, Tensor};
 
 /// `nn.Linear`: `weight` `[out, in]`, optional `bias` `[out]`.
+#[derive(Clone)]
 pub struct Linear {
     /// `[out, in]`.
     pub weight: Tensor,
@@ -48,6 +49,7 @@ impl Linear {
 }
 
 /// `nn.LayerNorm` over the last axis.
+#[derive(Clone)]
 pub struct LayerNorm {
     /// Gain `[C]`.
     pub weight: Tensor,
@@ -91,6 +93,7 @@ pub struct EncoderDims {
 }
 
 /// `CLIPAttention`: multi-head self-attention with biased q/k/v/out projections.
+#[derive(Clone)]
 pub struct ClipAttention {
     /// `q_proj`.
     pub q_proj: Linear,
@@ -129,6 +132,7 @@ impl ClipAttention {
 }
 
 /// `CLIPMLP`: `fc2(act(fc1(x)))`.
+#[derive(Clone)]
 pub struct ClipMlp {
     /// `fc1` `[intermediate, hidden]`.
     pub fc1: Linear,
@@ -154,6 +158,7 @@ impl ClipMlp {
 }
 
 /// `CLIPEncoderLayer`.
+#[derive(Clone)]
 pub struct ClipEncoderLayer {
     /// `layer_norm1`.
     pub layer_norm1: LayerNorm,
@@ -185,6 +190,7 @@ impl ClipEncoderLayer {
 }
 
 /// `CLIPEncoder`: the stack of layers.
+#[derive(Clone)]
 pub struct ClipEncoder {
     /// `layers.{i}`.
     pub layers: Vec<ClipEncoderLayer>,

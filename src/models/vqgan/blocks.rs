@@ -17,6 +17,7 @@ pub const GROUPS: usize = 32;
 pub const EPS: f32 = 1e-6;
 
 /// `torch.nn.Conv2d` weights.
+#[derive(Clone)]
 pub struct Conv {
     /// `[Cout, Cin, K, K]`
     pub weight: Tensor,
@@ -52,6 +53,7 @@ impl Conv {
 }
 
 /// `torch.nn.GroupNorm(32, C, eps=1e-6, affine=True)`.
+#[derive(Clone)]
 pub struct Norm {
     /// gamma `[C]`
     pub weight: Tensor,
@@ -75,6 +77,7 @@ impl Norm {
 
 /// `ResnetBlock(in, out)` with `temb_channels = 0` (no `temb_proj`):
 /// `nin_shortcut(x) + conv2(swish(norm2(conv1(swish(norm1(x))))))`.
+#[derive(Clone)]
 pub struct ResnetBlock {
     /// GroupNorm over the input.
     pub norm1: Norm,
@@ -122,6 +125,7 @@ impl ResnetBlock {
 
 /// `AttnBlock(C)`: single-head self-attention over the H·W positions,
 /// `x + proj_out(attend(q(norm(x)), k(..), v(..)))` with scores scaled by `C^-0.5`.
+#[derive(Clone)]
 pub struct AttnBlock {
     /// GroupNorm over the input.
     pub norm: Norm,
@@ -171,6 +175,7 @@ impl AttnBlock {
 }
 
 /// The middle of the encoder and decoder: `block_1`, `attn_1`, `block_2` at one width.
+#[derive(Clone)]
 pub struct Mid {
     /// First residual block.
     pub block_1: ResnetBlock,
@@ -199,6 +204,7 @@ impl Mid {
 
 /// One resolution level: residual blocks, each followed by an attention block when the level
 /// has them (`attn` empty otherwise).
+#[derive(Clone)]
 pub struct Level {
     /// Residual blocks.
     pub block: Vec<ResnetBlock>,

@@ -13,6 +13,7 @@ use crate::{Result, Tensor};
 
 /// One decoder level (`decoder.up.{i}`; index i is the level, as taming builds the list with
 /// `insert(0, ..)`).
+#[derive(Clone)]
 pub struct UpLevel {
     /// Blocks and attention.
     pub level: Level,
@@ -21,6 +22,7 @@ pub struct UpLevel {
 }
 
 /// `decoder.*`
+#[derive(Clone)]
 pub struct Decoder {
     /// 3x3, z_channels -> ch * ch_mult[-1].
     pub conv_in: Conv,
