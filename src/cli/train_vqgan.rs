@@ -3,15 +3,12 @@
 use super::DeviceArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 use vqclip::models::vqgan::config::VqGanConfig;
 use vqclip::models::vqgan::{config_beside, VqGan};
 use vqclip::train::vqgan::{evaluate, small_config, taming_yaml, tiny_config, RunConfig, Trainer};
 use vqclip::train::{download, write_atomic, write_safetensors};
-
-/// The shipped model, relative to the repository (or the working directory).
-const DEFAULT_WEIGHTS: &str = "weights/vqgan/shapes_f4.safetensors";
 
 /// Options of `vqclip train vqgan`.
 #[derive(Args, Debug)]
@@ -68,7 +65,7 @@ pub struct TrainArgs {
 /// Options of `vqclip eval vqgan`.
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// VQGAN weights (.safetensors or .ckpt) [default: weights/vqgan/shapes_f4.safetensors].
+    /// VQGAN weights (.safetensors or .ckpt) [default: the shipped weights/vqgan/shapes_f4.safetensors].
     #[arg(long, value_name = "FILE", env = "VQCLIP_VQGAN")]
     vqgan: Option<PathBuf>,
     /// The model's .yaml config (default: the .yaml beside the weights).
@@ -296,14 +293,6 @@ pub fn train(device: &DeviceArgs, a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn default_weights() -> PathBuf {
-    let here = PathBuf::from(DEFAULT_WEIGHTS);
-    if here.is_file() {
-        return here;
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_WEIGHTS)
-}
-
 /// Runs `vqclip eval vqgan`.
 pub fn eval(device: &DeviceArgs, a: EvalArgs) -> Result<()> {
     if a.n == 0 {
@@ -312,7 +301,10 @@ pub fn eval(device: &DeviceArgs, a: EvalArgs) -> Result<()> {
     if a.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    let weights = a.vqgan.clone().unwrap_or_else(default_weights);
+    let weights = match a.vqgan.clone() {
+        Some(w) => w,
+        None => vqclip::weights::shipped::vqgan_file()?,
+    };
     if !weights.is_file() {
         bail!(
             "VQGAN weights {} not found (pass --vqgan FILE)",

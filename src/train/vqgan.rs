@@ -7,7 +7,8 @@
 //! `loss = mse(x, x̂) + ‖sg[z] − z_q‖² + β·‖z − sg[z_q]‖²` (means over elements, β = 0.25),
 //!
 //! with `z_q` the nearest codebook rows and the straight-through estimator carrying the
-//! decoder's gradient to `z`. Codebook entries unused for [`Trainer::restart_after`] steps are
+//! decoder's gradient to `z`; the codebook term reaches the codebook through
+//! [`Tape::gather_rows`]. Codebook entries unused for [`Trainer::restart_after`] steps are
 //! re-seeded from random encoder outputs of the current batch (dead-code restart).
 
 use super::{default_init, init_weights, Init, Schedule};
@@ -18,7 +19,6 @@ use crate::generate::Generator;
 use crate::models::vqgan::config::{DdConfig, QuantizerKind, VqGanConfig};
 use crate::models::vqgan::{rgb8_to_input, VqGan};
 use crate::ops::conv2d::Conv2dOpts;
-use crate::ops::matmul::MatmulOpts;
 use crate::ops::{vq, Act};
 use crate::optim::{Adam, AdamConfig};
 use crate::{Error, Gpu, Result, Tensor};
@@ -224,14 +224,9 @@ impl Trainer {
         let codes_t = vq::nearest_codes(z.value(), codebook)?; // [N, h, w]
         let zq = vq::gather(&codes_t, codebook)?; // [N, D, h, w]
         let codes = codes_t.to_vec_u32()?;
-        // z_q as rows of the codebook, differentiable in the codebook: one-hot [M, K] @ E.
-        let mut onehot = vec![0.0f32; m * k];
-        for (i, &c) in codes.iter().enumerate() {
-            onehot[i * k + c as usize] = 1.0;
-        }
-        let onehot = tape.leaf(Tensor::from_slice(x.gpu(), &onehot, &[m, k])?, false);
+        // z_q as rows of the codebook, differentiable in the codebook.
         let emb = tape.param(codebook);
-        let zq_rows = tape.matmul(&onehot, &emb, None, &MatmulOpts::default())?; // [M, D]
+        let zq_rows = tape.gather_rows(&emb, &codes_t.reshape(&[m])?)?; // [M, D]
         let z_rows = tape.reshape(&tape.permute(&z, &[0, 2, 3, 1])?, &[m, d])?; // [M, D]
         let sg_z = tape.leaf(z_rows.value().clone(), false);
         let sg_zq = tape.leaf(zq_rows.value().clone(), false);
