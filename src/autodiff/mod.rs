@@ -788,6 +788,7 @@ impl Tape {
 }
 
 mod conv;
+mod loss;
 
 #[cfg(test)]
 mod tests;

@@ -15,18 +15,28 @@ use crate::ops::conv2d::Conv2dOpts;
 use crate::ops::Act;
 use crate::{Result, Tensor};
 
-fn linear(tape: &Tape, l: &Linear, x: &Var, act: Act) -> Result<Var> {
+/// A CLIP `Linear` on the tape.
+pub(crate) fn linear(tape: &Tape, l: &Linear, x: &Var, act: Act) -> Result<Var> {
     let w = tape.param(&l.weight);
     let b = l.bias.as_ref().map(|b| tape.param(b));
     tape.linear(x, &w, b.as_ref(), act)
 }
 
-fn layer_norm(tape: &Tape, l: &LayerNorm, x: &Var) -> Result<Var> {
+/// A CLIP `LayerNorm` on the tape.
+pub(crate) fn layer_norm(tape: &Tape, l: &LayerNorm, x: &Var) -> Result<Var> {
     tape.layer_norm(x, &tape.param(&l.weight), &tape.param(&l.bias), l.eps)
 }
 
-/// `x`: `[N, T, D]` through CLIP's pre-LN blocks (no mask: the image tower).
-fn clip_encoder(tape: &Tape, enc: &ClipEncoder, x: &Var, heads: usize, act: Act) -> Result<Var> {
+/// `x`: `[N, T, D]` through CLIP's pre-LN blocks (`causal`: the text tower's mask; the
+/// image tower has none).
+pub(crate) fn clip_encoder(
+    tape: &Tape,
+    enc: &ClipEncoder,
+    x: &Var,
+    heads: usize,
+    act: Act,
+    causal: bool,
+) -> Result<Var> {
     let (n, t, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
     let hd = d / heads;
     let split = |v: &Var| -> Result<Var> {
@@ -39,7 +49,7 @@ fn clip_encoder(tape: &Tape, enc: &ClipEncoder, x: &Var, heads: usize, act: Act)
         let q = split(&linear(tape, &a.q_proj, &h, Act::None)?)?;
         let k = split(&linear(tape, &a.k_proj, &h, Act::None)?)?;
         let v = split(&linear(tape, &a.v_proj, &h, Act::None)?)?;
-        let o = tape.attention(&q, &k, &v, false, (hd as f32).powf(-0.5))?;
+        let o = tape.attention(&q, &k, &v, causal, (hd as f32).powf(-0.5))?;
         let o = tape.reshape(&tape.permute(&o, &[0, 2, 1, 3])?, &[n, t, d])?;
         x = tape.add(&x, &linear(tape, &a.out_proj, &o, Act::None)?)?;
         let h = layer_norm(tape, &layer.layer_norm2, &x)?;
@@ -96,6 +106,7 @@ impl Perceptor for ClipModel {
             &x,
             c.num_attention_heads,
             c.hidden_act,
+            false,
         )?;
         let cls = tape.reshape(&tape.slice(&h, 1, 0, 1)?, &[n, d])?;
         let pooled = layer_norm(tape, &self.vision_model.post_layernorm, &cls)?;
