@@ -155,7 +155,7 @@ pub fn shapes_tokenizer(context: usize) -> Result<ClipTokenizer> {
 }
 
 /// The default architecture of the shapes CLIP for a vocabulary of `vocab_size` tokens
-/// (`eos_token_id` is the last id): 64×64 images in 8×8 patches, width 64 in both towers,
+/// (`eos_token_id` is the last id): 64×64 images in 16×16 patches, width 64 in both towers,
 /// quick-GELU, a 16-token context.
 pub fn shapes_config(vocab_size: usize) -> ClipConfig {
     ClipConfig {
@@ -177,7 +177,7 @@ pub fn shapes_config(vocab_size: usize) -> ClipConfig {
             num_attention_heads: 4,
             num_channels: 3,
             image_size: 64,
-            patch_size: 8,
+            patch_size: 16,
             hidden_act: Act::QuickGelu,
             layer_norm_eps: 1e-5,
         },
@@ -627,6 +627,9 @@ pub struct Augment {
     pub position_crop: f32,
     /// Largest standard deviation of added Gaussian noise (pixel values in [0, 1]).
     pub noise: f32,
+    /// Make every second pair of a batch a hard negative of the one before (one word of
+    /// the caption, the shape kind or colour, changed in both scene and caption).
+    pub hard_negatives: bool,
 }
 
 impl Default for Augment {
@@ -635,6 +638,7 @@ impl Default for Augment {
             min_crop: 0.6,
             position_crop: 0.85,
             noise: 0.04,
+            hard_negatives: true,
         }
     }
 }
@@ -646,6 +650,7 @@ impl Augment {
             min_crop: 1.0,
             position_crop: 0.0,
             noise: 0.0,
+            hard_negatives: false,
         }
     }
 }
@@ -756,7 +761,8 @@ pub fn augmented_pair(
 
 /// Training batch `step`: samples `step·batch ..` of the train split of dataset `data_seed`,
 /// augmented with a generator seeded by `(seed, step)`, so a batch depends only on its step
-/// (a resumed run sees the same data). Returns `[B, 3, S, S]` pixels and the captions.
+/// (a resumed run sees the same data). With `aug.hard_negatives` every second pair is a
+/// variation of the one before. Returns `[B, 3, S, S]` pixels and the captions.
 pub fn batch(
     gpu: &Gpu,
     data_seed: u64,
@@ -771,9 +777,36 @@ pub fn batch(
     rng.set_stream(step as u64 + 1);
     let mut pixels = Vec::with_capacity(batch * 3 * size * size);
     let mut captions = Vec::with_capacity(batch);
+    let mut prev: Option<(Scene, usize)> = None;
     for i in 0..batch {
-        let (scene, _) = ds.sample((step * batch + i) as u64);
-        let variant = rng.random_range(0..4usize);
+        let (scene, variant) = match prev.take() {
+            // Every second pair is a hard negative of the one before: the same scene and
+            // phrasing with the first shape's kind or colour changed.
+            Some((mut scene, variant)) if aug.hard_negatives => {
+                let sh = &mut scene.shapes[0];
+                if rng.random_range(0..2) == 0 {
+                    let others: Vec<ShapeKind> = ShapeKind::ALL
+                        .into_iter()
+                        .filter(|&k| k != sh.kind)
+                        .collect();
+                    sh.kind = others[rng.random_range(0..others.len())];
+                } else {
+                    let bg = scene.background;
+                    let others: Vec<Colour> = Colour::ALL
+                        .into_iter()
+                        .filter(|&c| c != sh.colour && c != bg)
+                        .collect();
+                    sh.colour = others[rng.random_range(0..others.len())];
+                }
+                (scene, variant)
+            }
+            _ => {
+                let (scene, _) = ds.sample((step * batch + i) as u64);
+                let variant = rng.random_range(0..4usize);
+                prev = Some((scene.clone(), variant));
+                (scene, variant)
+            }
+        };
         let (px, cap) = augmented_pair(&scene, variant, size, aug, &mut rng);
         pixels.extend(px);
         captions.push(cap);

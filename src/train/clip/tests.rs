@@ -13,6 +13,7 @@ fn tiny(vocab: usize) -> ClipConfig {
     c.vision.num_hidden_layers = 1;
     c.vision.num_attention_heads = 2;
     c.vision.image_size = 16;
+    c.vision.patch_size = 8;
     c.projection_dim = 16;
     c
 }
@@ -188,5 +189,50 @@ fn augmentation_keeps_shapes_in_view_and_positions_honest() {
             || cap == scene.caption(1)
             || (scene.shapes.len() == 2 && cap == scene.caption(0));
         assert!(ok, "{cap}");
+    }
+}
+
+/// Timing of the parts of one step at the default size (run on request:
+/// `cargo test --release bench_clip_step -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn bench_clip_step() {
+    let g = gpu();
+    let cfg = shapes_config(vocab_size());
+    let b: usize = std::env::var("B")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let mut tr = ClipTrainer::new(cfg.clone(), 1, 1e-3, &g).unwrap();
+    let t = std::time::Instant::now();
+    let (px, caps) = batch(&g, 0, 1, 0, b, cfg.vision.image_size, &Augment::default()).unwrap();
+    eprintln!("batch {:.3}s", t.elapsed().as_secs_f64());
+    for _ in 0..3 {
+        let tape = Tape::training();
+        let t = std::time::Instant::now();
+        let img = Perceptor::encode_image(&tr.model, &tape, &tape.leaf(px.clone(), false)).unwrap();
+        img.value().to_vec().unwrap();
+        let t1 = t.elapsed().as_secs_f64();
+        let ids = tr.model.tokenize(&caps).unwrap();
+        let txt = text_features(&tape, &tr.model, &ids).unwrap();
+        txt.value().to_vec().unwrap();
+        let t2 = t.elapsed().as_secs_f64();
+        let (loss, _) = contrastive_loss(&tape, &img, &txt, &tape.param(&tr.logit_scale)).unwrap();
+        let grads = tape.backward(&loss).unwrap();
+        grads
+            .param(&tape, &tr.logit_scale)
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        let t3 = t.elapsed().as_secs_f64();
+        drop(grads);
+        let t = std::time::Instant::now();
+        tr.step(&px, &caps, 1e-3).unwrap();
+        eprintln!(
+            "vision fwd {t1:.3}s text fwd {:.3}s loss+backward {:.3}s | full step {:.3}s",
+            t2 - t1,
+            t3 - t2,
+            t.elapsed().as_secs_f64()
+        );
     }
 }
