@@ -236,3 +236,28 @@ fn bench_clip_step() {
         );
     }
 }
+
+#[test]
+fn tokenizer_matches_transformers() {
+    // Ids from transformers' CLIPTokenizer on a folder written by `vqclip train clip`
+    // (tools/verify_clip_hf.py --write-fixture).
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/clip/shapes_tokenizer_ids.json");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let ctx = v["context"].as_u64().unwrap() as usize;
+    let tok = shapes_tokenizer(ctx).unwrap();
+    let texts = v["texts"].as_array().unwrap();
+    let ids = v["ids"].as_array().unwrap();
+    assert!(texts.len() >= 10);
+    for (t, want) in texts.iter().zip(ids) {
+        let want: Vec<u32> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        let t = t.as_str().unwrap();
+        assert_eq!(tok.encode(t).unwrap(), want, "{t:?}");
+    }
+}
