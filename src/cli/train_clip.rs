@@ -176,6 +176,14 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
     } else {
         Augment::none()
     };
+    let longest = vqclip::train::clip::longest_caption_tokens()?;
+    if longest > s.config.text.max_position_embeddings {
+        eprintln!(
+            "warning: the longest caption has {longest} tokens but the context is {}; longer \
+             captions lose their last words",
+            s.config.text.max_position_embeddings
+        );
+    }
     let size = s.config.vision.image_size;
     let sched = schedule(s.lr, s.steps);
     let n_params: usize = tr.params.iter().map(|(_, t)| t.numel()).sum();

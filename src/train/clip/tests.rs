@@ -59,8 +59,9 @@ fn shapes_tokenizer_spells_every_grammar_word_as_one_token() {
             strip(&odd.to_lowercase())
         );
     }
-    let longest = longest_caption_tokens(&shapes_tokenizer(16).unwrap()).unwrap();
-    assert!(longest <= 16, "longest caption is {longest} tokens");
+    let longest = longest_caption_tokens().unwrap();
+    assert_eq!(longest, 17, "two shapes with positions");
+    assert!(longest <= shapes_config(v).text.max_position_embeddings);
     // merges.txt has the #version header; vocab.json is id-ordered JSON.
     let (vj, m) = shapes_tokenizer_files();
     assert!(m.starts_with("#version"));
@@ -259,5 +260,21 @@ fn tokenizer_matches_transformers() {
             .collect();
         let t = t.as_str().unwrap();
         assert_eq!(tok.encode(t).unwrap(), want, "{t:?}");
+    }
+}
+
+#[test]
+fn every_parameter_gets_a_gradient() {
+    let g = gpu();
+    let tr = ClipTrainer::new(tiny(vocab_size()), 4, 1e-3, &g).unwrap();
+    let (px, caps) = batch(&g, 0, 1, 0, 4, 16, &Augment::default()).unwrap();
+    let tape = Tape::training();
+    let (loss, _) = tr.loss(&tape, &px, &caps).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    for (k, t) in &tr.params {
+        let gr = grads.param(&tape, t);
+        assert!(gr.is_some(), "no gradient for {k}");
+        let v = gr.unwrap().to_vec().unwrap();
+        assert!(v.iter().any(|x| *x != 0.0), "zero gradient for {k}");
     }
 }
