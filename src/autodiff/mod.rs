@@ -856,6 +856,7 @@ impl Tape {
 }
 
 mod conv;
+mod loss;
 
 #[cfg(test)]
 mod tests;

@@ -1,23 +1,339 @@
 //! `vqclip train clip` and `vqclip eval clip`.
 
 use super::DeviceArgs;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use vqclip::models::clip::{ClipConfig, ClipModel};
+use vqclip::train::clip::{
+    batch, evaluate, schedule, shapes_config, shapes_tokenizer, Augment, ClipTrainer,
+};
+use vqclip::train::{load_state, save_state};
+
+/// Name of the resumable training state inside `--out`.
+const STATE: &str = "train_state.safetensors";
 
 /// Options of `vqclip train clip`.
 #[derive(Args, Debug)]
-pub struct TrainArgs {}
+pub struct TrainArgs {
+    /// Folder for checkpoints and the finished Hugging Face CLIP folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Optimiser steps in all.
+    #[arg(long, default_value_t = 3000)]
+    pub steps: usize,
+    /// Image-caption pairs per step.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Peak learning rate (AdamW, linear warm-up over 5% of the steps, cosine to 5%).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f32,
+    /// Seed of the initial weights and of the augmentation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Seed of the shapes dataset (training uses its train split).
+    #[arg(long, default_value_t = 0)]
+    pub data_seed: u64,
+    /// Write a checkpoint (and the Hugging Face folder) every N steps (0: only at the end).
+    #[arg(long, default_value_t = 250)]
+    pub save_every: usize,
+    /// Continue from the checkpoint in --out (its model, optimiser, step and settings).
+    #[arg(long)]
+    pub resume: bool,
+    /// A CLIP config.json giving the architecture (vocab_size and token ids are set to the
+    /// shapes tokenizer's); default: the built-in small one.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Train without crops and noise.
+    #[arg(long)]
+    pub no_augment: bool,
+}
 
 /// Options of `vqclip eval clip`.
 #[derive(Args, Debug)]
-pub struct EvalArgs {}
+pub struct EvalArgs {
+    /// Hugging Face CLIP folder to measure.
+    #[arg(long, default_value = "weights/clip")]
+    pub clip: PathBuf,
+    /// Held-out single-shape images to score.
+    #[arg(long, default_value_t = 400)]
+    pub n: usize,
+    /// Seed of the shapes dataset (its held-out split is used).
+    #[arg(long, default_value_t = 0)]
+    pub data_seed: u64,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Settings that a resumed run takes from its checkpoint.
+struct Settings {
+    config: ClipConfig,
+    batch: usize,
+    lr: f32,
+    seed: u64,
+    data_seed: u64,
+    steps: usize,
+    augment: bool,
+    elapsed: f64,
+}
+
+fn meta<T: std::str::FromStr>(m: &std::collections::HashMap<String, String>, k: &str) -> Result<T> {
+    m.get(k)
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("the checkpoint has no valid '{k}' (not a `train clip` state?)"))
+}
+
+fn architecture(args: &TrainArgs) -> Result<ClipConfig> {
+    let vocab = shapes_tokenizer(77)?.vocab_size();
+    let mut c = match &args.config {
+        None => shapes_config(vocab),
+        Some(p) => ClipConfig::from_file(p)?,
+    };
+    c.text.vocab_size = vocab;
+    c.text.eos_token_id = vocab as i64 - 1;
+    Ok(c)
+}
 
 /// Runs `vqclip train clip`.
-pub fn train(_device: &DeviceArgs, _args: TrainArgs) -> Result<()> {
-    bail!("vqclip train clip is not built yet")
+pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
+    if args.batch < 2 {
+        bail!("--batch must be at least 2 (the loss contrasts pairs within a batch)");
+    }
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    if !(args.lr.is_finite() && args.lr > 0.0) {
+        bail!("--lr must be a positive number");
+    }
+    if args.out.exists() && !args.out.is_dir() {
+        bail!("--out {} exists and is not a folder", args.out.display());
+    }
+    let state_path = args.out.join(STATE);
+    if !args.resume && state_path.exists() {
+        bail!(
+            "{} already holds a training state; pass --resume to continue it or choose \
+             another --out",
+            args.out.display()
+        );
+    }
+    let gpu = device.open()?;
+    let (mut tr, mut s, start) = if args.resume {
+        if !state_path.is_file() {
+            bail!("--resume: no checkpoint at {}", state_path.display());
+        }
+        let file = vqclip::weights::SafetensorsFile::open(&state_path)?;
+        let m = file.metadata();
+        if m.get("kind").map(String::as_str) != Some("clip") {
+            bail!("{} is not a `train clip` checkpoint", state_path.display());
+        }
+        let config = ClipConfig::from_json(&meta::<String>(&m, "config")?)
+            .map_err(|e| anyhow::anyhow!("checkpoint config: {e}"))?;
+        let s = Settings {
+            batch: meta(&m, "batch")?,
+            lr: meta(&m, "lr")?,
+            seed: meta(&m, "seed")?,
+            data_seed: meta(&m, "data_seed")?,
+            steps: args.steps,
+            augment: meta(&m, "augment")?,
+            elapsed: meta(&m, "elapsed_s")?,
+            config,
+        };
+        let total: usize = meta(&m, "steps")?;
+        if total != args.steps {
+            eprintln!(
+                "note: the checkpoint was for {total} steps; continuing to {} (the learning \
+                 rate schedule follows the new total)",
+                args.steps
+            );
+        }
+        let mut tr = ClipTrainer::new(s.config.clone(), s.seed, s.lr, &gpu)?;
+        let st = load_state(&state_path, &tr.params, &mut tr.adam)?;
+        tr.model.logit_scale = tr.logit_scale.to_vec()?[0];
+        eprintln!("resuming at step {} of {}", st.step, s.steps);
+        (tr, s, st.step)
+    } else {
+        let config = architecture(&args)?;
+        let tr = ClipTrainer::new(config.clone(), args.seed, args.lr, &gpu)?;
+        let s = Settings {
+            config,
+            batch: args.batch,
+            lr: args.lr,
+            seed: args.seed,
+            data_seed: args.data_seed,
+            steps: args.steps,
+            augment: !args.no_augment,
+            elapsed: 0.0,
+        };
+        (tr, s, 0)
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let aug = if s.augment {
+        Augment::default()
+    } else {
+        Augment::none()
+    };
+    let longest = vqclip::train::clip::longest_caption_tokens()?;
+    if longest > s.config.text.max_position_embeddings {
+        eprintln!(
+            "warning: the longest caption has {longest} tokens but the context is {}; longer \
+             captions lose their last words",
+            s.config.text.max_position_embeddings
+        );
+    }
+    let size = s.config.vision.image_size;
+    let sched = schedule(s.lr, s.steps);
+    let n_params: usize = tr.params.iter().map(|(_, t)| t.numel()).sum();
+    eprintln!(
+        "CLIP {n_params} parameters; vision {}x{} @{}px/{}, text {}x{} ctx {}, batch {}, lr {}",
+        s.config.vision.num_hidden_layers,
+        s.config.vision.hidden_size,
+        size,
+        s.config.vision.patch_size,
+        s.config.text.num_hidden_layers,
+        s.config.text.hidden_size,
+        s.config.text.max_position_embeddings,
+        s.batch,
+        s.lr
+    );
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(args.out.join("train_log.jsonl"))
+        .context("cannot open train_log.jsonl")?;
+    let bar = indicatif::ProgressBar::new(s.steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {msg}  {per_sec}  eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(start as u64);
+    let t0 = Instant::now();
+    let base_elapsed = s.elapsed;
+    let (mut ema_loss, mut ema_acc) = (None::<f32>, None::<f32>);
+    let save = |tr: &ClipTrainer, s: &Settings, step: usize, elapsed: f64| -> Result<()> {
+        let config = vqclip::train::clip::hf_config(&s.config).to_string();
+        save_state(
+            &state_path,
+            &tr.params,
+            &tr.adam,
+            step,
+            &[
+                ("kind", "clip".into()),
+                ("config", config),
+                ("batch", s.batch.to_string()),
+                ("lr", s.lr.to_string()),
+                ("seed", s.seed.to_string()),
+                ("data_seed", s.data_seed.to_string()),
+                ("steps", s.steps.to_string()),
+                ("augment", s.augment.to_string()),
+                ("elapsed_s", format!("{elapsed:.1}")),
+            ],
+        )?;
+        tr.write_folder(&args.out)?;
+        Ok(())
+    };
+    for step in start..s.steps {
+        let (px, caps) = batch(&gpu, s.data_seed, s.seed, step, s.batch, size, &aug)?;
+        let lr = sched.at(step);
+        let st = tr.step(&px, &caps, lr)?;
+        let ema = |e: Option<f32>, v: f32| Some(e.map_or(v, |e| 0.95 * e + 0.05 * v));
+        ema_loss = ema(ema_loss, st.loss);
+        ema_acc = ema(ema_acc, st.accuracy);
+        let elapsed = base_elapsed + t0.elapsed().as_secs_f64();
+        writeln!(
+            log,
+            "{{\"step\":{},\"loss\":{},\"accuracy\":{},\"temperature\":{},\"lr\":{},\"elapsed_s\":{:.2}}}",
+            step + 1,
+            st.loss,
+            st.accuracy,
+            st.temperature,
+            lr,
+            elapsed
+        )
+        .context("cannot write train_log.jsonl")?;
+        bar.set_message(format!(
+            "loss {:.3}  acc {:.0}%  T {:.1}",
+            ema_loss.unwrap_or(st.loss),
+            100.0 * ema_acc.unwrap_or(st.accuracy),
+            st.temperature
+        ));
+        bar.inc(1);
+        let done = step + 1;
+        if (args.save_every > 0 && done % args.save_every == 0) || done == s.steps {
+            save(&tr, &s, done, elapsed)?;
+        }
+    }
+    s.elapsed = base_elapsed + t0.elapsed().as_secs_f64();
+    if start >= s.steps {
+        save(&tr, &s, start, s.elapsed)?;
+    }
+    bar.finish();
+    eprintln!(
+        "done: {} steps, {:.0} s of training in all; Hugging Face CLIP folder in {}",
+        s.steps,
+        s.elapsed,
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn pct(k: usize, n: usize) -> f64 {
+    100.0 * k as f64 / n.max(1) as f64
 }
 
 /// Runs `vqclip eval clip`.
-pub fn eval(_device: &DeviceArgs, _args: EvalArgs) -> Result<()> {
-    bail!("vqclip eval clip is not built yet")
+pub fn eval(device: &DeviceArgs, args: EvalArgs) -> Result<()> {
+    if args.n == 0 {
+        bail!("--n must be at least 1");
+    }
+    let dir: &Path = &args.clip;
+    let gpu = device.open()?;
+    let model = ClipModel::load(dir, &gpu)?;
+    model.tokenizer()?;
+    let r = evaluate(&model, args.data_seed, args.n)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "clip": dir.display().to_string(),
+                "n": r.n,
+                "colour_correct": r.colour_correct,
+                "colour_accuracy": r.colour_correct as f64 / r.n as f64,
+                "shape_correct": r.shape_correct,
+                "shape_accuracy": r.shape_correct as f64 / r.n as f64,
+                "free_correct": r.free_correct,
+                "free_accuracy": r.free_correct as f64 / r.n as f64,
+            })
+        );
+    } else {
+        println!(
+            "zero-shot on {} held-out single-shape images ({}):",
+            r.n,
+            dir.display()
+        );
+        println!(
+            "  colour  {}/{} = {:.1}%  (8 captions differing only in the shape colour)",
+            r.colour_correct,
+            r.n,
+            pct(r.colour_correct, r.n)
+        );
+        println!(
+            "  shape   {}/{} = {:.1}%  (4 captions differing only in the shape kind)",
+            r.shape_correct,
+            r.n,
+            pct(r.shape_correct, r.n)
+        );
+        println!(
+            "  free    {}/{} = {:.1}%  (224 captions 'a <colour> <shape> on a <colour> background')",
+            r.free_correct,
+            r.n,
+            pct(r.free_correct, r.n)
+        );
+    }
+    Ok(())
 }

@@ -15,23 +15,26 @@ use crate::ops::conv2d::Conv2dOpts;
 use crate::ops::Act;
 use crate::{Result, Tensor};
 
-fn linear(tape: &Tape, l: &Linear, x: &Var, act: Act) -> Result<Var> {
+/// A CLIP `Linear` on the tape.
+pub(crate) fn linear(tape: &Tape, l: &Linear, x: &Var, act: Act) -> Result<Var> {
     let w = tape.param(&l.weight);
     let b = l.bias.as_ref().map(|b| tape.param(b));
     tape.linear(x, &w, b.as_ref(), act)
 }
 
-fn layer_norm(tape: &Tape, l: &LayerNorm, x: &Var) -> Result<Var> {
+/// A CLIP `LayerNorm` on the tape.
+pub(crate) fn layer_norm(tape: &Tape, l: &LayerNorm, x: &Var) -> Result<Var> {
     tape.layer_norm(x, &tape.param(&l.weight), &tape.param(&l.bias), l.eps)
 }
 
-/// One of CLIP's pre-LN blocks on `x` `[N, T, D]` (no mask: the image tower).
+/// One of CLIP's pre-LN blocks on `x` `[N, T, D]` (`causal`: the text tower's mask).
 fn clip_layer(
     tape: &Tape,
     layer: &ClipEncoderLayer,
     x: &Var,
     heads: usize,
     act: Act,
+    causal: bool,
 ) -> Result<Var> {
     let (n, t, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
     let hd = d / heads;
@@ -43,7 +46,7 @@ fn clip_layer(
     let q = split(&linear(tape, &a.q_proj, &h, Act::None)?)?;
     let k = split(&linear(tape, &a.k_proj, &h, Act::None)?)?;
     let v = split(&linear(tape, &a.v_proj, &h, Act::None)?)?;
-    let o = tape.attention(&q, &k, &v, false, (hd as f32).powf(-0.5))?;
+    let o = tape.attention(&q, &k, &v, causal, (hd as f32).powf(-0.5))?;
     let o = tape.reshape(&tape.permute(&o, &[0, 2, 1, 3])?, &[n, t, d])?;
     let x = tape.add(x, &linear(tape, &a.out_proj, &o, Act::None)?)?;
     let h = layer_norm(tape, &layer.layer_norm2, &x)?;
@@ -51,14 +54,27 @@ fn clip_layer(
     tape.add(&x, &linear(tape, &layer.mlp.fc2, &m, Act::None)?)
 }
 
-/// `x`: `[N, T, D]` through CLIP's pre-LN blocks (no mask: the image tower); with
-/// `recompute` each block is a [`Tape::checkpoint`].
-fn clip_encoder(
+/// `x`: `[N, T, D]` through CLIP's pre-LN blocks (`causal`: the text tower's mask; the
+/// image tower has none).
+pub(crate) fn clip_encoder(
     tape: &Tape,
     enc: &ClipEncoder,
     x: &Var,
     heads: usize,
     act: Act,
+    causal: bool,
+) -> Result<Var> {
+    clip_blocks(tape, enc, x, heads, act, causal, false)
+}
+
+/// [`clip_encoder`]; with `recompute` each block is a [`Tape::checkpoint`].
+fn clip_blocks(
+    tape: &Tape,
+    enc: &ClipEncoder,
+    x: &Var,
+    heads: usize,
+    act: Act,
+    causal: bool,
     recompute: bool,
 ) -> Result<Var> {
     let mut x = x.clone();
@@ -66,10 +82,10 @@ fn clip_encoder(
         x = if recompute {
             let layer = layer.clone();
             tape.checkpoint(&[&x], move |t, xs| {
-                clip_layer(t, &layer, &xs[0], heads, act)
+                clip_layer(t, &layer, &xs[0], heads, act, causal)
             })?
         } else {
-            clip_layer(tape, layer, &x, heads, act)?
+            clip_layer(tape, layer, &x, heads, act, causal)?
         };
     }
     Ok(x)
@@ -125,12 +141,13 @@ fn clip_image(model: &ClipModel, tape: &Tape, pixels: &Var, recompute: bool) -> 
     let x = tape.concat(&[&cls, &x], 1)?;
     let x = tape.add(&x, &tape.param(&e.position_embedding))?;
     let x = layer_norm(tape, &model.vision_model.pre_layrnorm, &x)?;
-    let h = clip_encoder(
+    let h = clip_blocks(
         tape,
         &model.vision_model.encoder,
         &x,
         c.num_attention_heads,
         c.hidden_act,
+        false,
         recompute,
     )?;
     let cls = tape.reshape(&tape.slice(&h, 1, 0, 1)?, &[n, d])?;

@@ -22,9 +22,24 @@ pub struct ClipTextEmbeddings {
 impl ClipTextEmbeddings {
     fn load(l: &Loader, c: &TextConfig) -> Result<ClipTextEmbeddings> {
         let d = c.hidden_size;
-        let table = l.sub("token_embedding").cpu("weight", &[c.vocab_size, d])?;
+        let lim = l.gpu().limits();
+        let fits = (c.vocab_size * d * 4) as u64
+            <= lim.max_storage_buffer_binding_size.min(lim.max_buffer_size);
+        let tl = l.sub("token_embedding");
+        // A table that fits one binding is uploaded through the loader, so it is one of the
+        // model's `params` (training updates it in place); a larger one is chunked.
+        let token_embedding = if fits {
+            RowTable::from_tensor(&tl.tensor("weight", &[c.vocab_size, d])?)?
+        } else {
+            RowTable::from_slice(
+                l.gpu(),
+                &tl.cpu("weight", &[c.vocab_size, d])?,
+                c.vocab_size,
+                d,
+            )?
+        };
         Ok(ClipTextEmbeddings {
-            token_embedding: RowTable::from_slice(l.gpu(), &table, c.vocab_size, d)?,
+            token_embedding,
             position_embedding: l
                 .sub("position_embedding")
                 .tensor("weight", &[c.max_position_embeddings, d])?,

@@ -96,12 +96,23 @@ impl ClipTokenizer {
                 source,
             })
         };
-        let vocab_map: std::collections::HashMap<String, u32> = serde_json::from_str(&read(vocab)?)
+        ClipTokenizer::from_vocab_merges_text(&read(vocab)?, &read(merges)?, context, vocab, merges)
+    }
+
+    /// [`ClipTokenizer::from_vocab_merges`] from the files' contents; `vocab` and `merges`
+    /// name them in error messages.
+    pub fn from_vocab_merges_text(
+        vocab_text: &str,
+        text: &str,
+        context: usize,
+        vocab: &Path,
+        merges: &Path,
+    ) -> Result<ClipTokenizer> {
+        let vocab_map: std::collections::HashMap<String, u32> = serde_json::from_str(vocab_text)
             .map_err(|e| Error::Format {
                 path: vocab.display().to_string(),
                 msg: format!("not a JSON map of token to id: {e}"),
             })?;
-        let text = read(merges)?;
         let mut pairs = Vec::new();
         for (n, line) in text.lines().enumerate() {
             if line.starts_with("#version") || line.trim().is_empty() {

@@ -1,0 +1,280 @@
+use super::*;
+use crate::ops::testutil::gpu;
+
+/// A tiny architecture for tests: 16 px images in 8 px patches, width 16, one layer each.
+fn tiny(vocab: usize) -> ClipConfig {
+    let mut c = shapes_config(vocab);
+    c.text.hidden_size = 16;
+    c.text.intermediate_size = 32;
+    c.text.num_hidden_layers = 2;
+    c.text.num_attention_heads = 2;
+    c.vision.hidden_size = 16;
+    c.vision.intermediate_size = 32;
+    c.vision.num_hidden_layers = 1;
+    c.vision.num_attention_heads = 2;
+    c.vision.image_size = 16;
+    c.vision.patch_size = 8;
+    c.projection_dim = 16;
+    c
+}
+
+fn vocab_size() -> usize {
+    shapes_tokenizer(16).unwrap().vocab_size()
+}
+
+#[test]
+fn shapes_tokenizer_spells_every_grammar_word_as_one_token() {
+    let tok = shapes_tokenizer(77).unwrap();
+    let v = tok.vocab_size();
+    assert!((514..1000).contains(&v), "vocabulary of {v}");
+    assert_eq!(
+        tok.eos_id() as usize,
+        v - 1,
+        "end-of-text is the highest id"
+    );
+    assert_eq!(tok.bos_id() as usize, v - 2);
+    for w in grammar_words() {
+        let ids = tok.encode(&w).unwrap();
+        assert_eq!(ids.len(), 3, "'{w}' -> {ids:?}");
+    }
+    let ds = ShapesDataset::new(3, Split::Train);
+    for i in 0..300 {
+        let (_, cap) = ds.sample(i);
+        let ids = tok.encode(&cap).unwrap();
+        assert_eq!(ids.len(), cap.split(' ').count() + 2, "{cap}");
+        assert_eq!(tok.decode(&ids).unwrap().trim(), cap);
+    }
+    // Anything else still tokenises (byte pieces) and decodes back.
+    for odd in [
+        "Zebra-crossing #42!",
+        "naïve café ☃",
+        "the backgrounds",
+        "x",
+    ] {
+        let ids = tok.encode(odd).unwrap();
+        assert!(ids.len() >= 3, "{odd}");
+        let strip = |s: &str| s.chars().filter(|c| !c.is_whitespace()).collect::<String>();
+        assert_eq!(
+            strip(&tok.decode(&ids).unwrap()),
+            strip(&odd.to_lowercase())
+        );
+    }
+    let longest = longest_caption_tokens().unwrap();
+    assert_eq!(longest, 17, "two shapes with positions");
+    assert!(longest <= shapes_config(v).text.max_position_embeddings);
+    // merges.txt has the #version header; vocab.json is id-ordered JSON.
+    let (vj, m) = shapes_tokenizer_files();
+    assert!(m.starts_with("#version"));
+    let map: std::collections::HashMap<String, u32> = serde_json::from_str(&vj).unwrap();
+    assert_eq!(map.len(), v);
+    assert_eq!(map["<|endoftext|>"] as usize, v - 1);
+    assert_eq!(map["!"], 0);
+}
+
+#[test]
+fn tape_text_tower_matches_the_inference_model() {
+    let g = gpu();
+    let tr = ClipTrainer::new(tiny(vocab_size()), 5, 1e-3, &g).unwrap();
+    let texts: Vec<String> = [
+        "a red circle",
+        "a small blue square at the top left on a white background",
+        "x",
+        "a green diamond and a black triangle on a purple background",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let want = tr.model.text_features(&texts).unwrap().to_vec().unwrap();
+    for training in [false, true] {
+        let tape = if training {
+            Tape::training()
+        } else {
+            Tape::new()
+        };
+        let ids = tr.model.tokenize(&texts).unwrap();
+        let got = text_features(&tape, &tr.model, &ids)
+            .unwrap()
+            .value()
+            .to_vec()
+            .unwrap();
+        assert_eq!(got.len(), want.len());
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(worst < 1e-4, "training={training}: worst {worst}");
+    }
+}
+
+#[test]
+fn training_steps_lower_the_loss_and_resume_exactly() {
+    let g = gpu();
+    let cfg = tiny(vocab_size());
+    let aug = Augment::default();
+    let mut tr = ClipTrainer::new(cfg.clone(), 1, 3e-3, &g).unwrap();
+    // One fixed batch, repeated: the loss must fall.
+    let (px, caps) = batch(&g, 0, 1, 0, 8, 16, &aug).unwrap();
+    let losses: Vec<f32> = (0..12)
+        .map(|_| tr.step(&px, &caps, 3e-3).unwrap().loss)
+        .collect();
+    assert!(losses[11] < losses[0] * 0.8, "loss should fall: {losses:?}");
+    // Resume: 2 steps, save, 2 more == 2 steps, load into a fresh trainer, 2 more.
+    let run = |tr: &mut ClipTrainer, from: usize, to: usize| {
+        for s in from..to {
+            let (px, caps) = batch(&g, 0, 9, s, 4, 16, &aug).unwrap();
+            tr.step(&px, &caps, 1e-3).unwrap();
+        }
+    };
+    let mut a = ClipTrainer::new(cfg.clone(), 2, 1e-3, &g).unwrap();
+    run(&mut a, 0, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.safetensors");
+    super::super::save_state(&path, &a.params, &a.adam, 2, &[]).unwrap();
+    run(&mut a, 2, 4);
+    let mut b = ClipTrainer::new(cfg, 77, 1e-3, &g).unwrap();
+    let st = super::super::load_state(&path, &b.params, &mut b.adam).unwrap();
+    b.model.logit_scale = b.logit_scale.to_vec().unwrap()[0];
+    run(&mut b, st.step, 4);
+    for ((k, x), (_, y)) in a.params.iter().zip(&b.params) {
+        assert_eq!(x.to_vec().unwrap(), y.to_vec().unwrap(), "{k}");
+    }
+}
+
+#[test]
+fn written_folder_loads_with_the_same_embeddings() {
+    let g = gpu();
+    let tr = ClipTrainer::new(tiny(vocab_size()), 3, 1e-3, &g).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    tr.write_folder(dir.path()).unwrap();
+    let m = ClipModel::load(dir.path(), &g).unwrap();
+    assert_eq!(m.config, tr.model.config);
+    assert_eq!(m.logit_scale, tr.model.logit_scale);
+    assert_eq!(m.preprocess.normalize, Some((MEAN, STD)));
+    let texts = vec!["a red circle on a blue background".to_string()];
+    assert_eq!(
+        m.encode_text(&texts).unwrap().to_vec().unwrap(),
+        tr.model.encode_text(&texts).unwrap().to_vec().unwrap()
+    );
+    let (px, _) = batch(&g, 0, 0, 0, 2, 16, &Augment::none()).unwrap();
+    assert_eq!(
+        m.encode_image(&px).unwrap().to_vec().unwrap(),
+        tr.model.encode_image(&px).unwrap().to_vec().unwrap()
+    );
+    // The evaluation runs on it (an untrained model scores near chance).
+    let r = evaluate(&m, 0, 8).unwrap();
+    assert_eq!(r.n, 8);
+    assert!(r.colour_correct <= 8 && r.shape_correct <= 8);
+}
+
+#[test]
+fn augmentation_keeps_shapes_in_view_and_positions_honest() {
+    let ds = ShapesDataset::new(0, Split::Train);
+    let aug = Augment::default();
+    let none = Augment::none();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for i in 0..50 {
+        let (scene, _) = ds.sample(i);
+        let (px, cap) = augmented_pair(&scene, 3, 32, &none, &mut rng);
+        assert_eq!(
+            px,
+            normalise(&scene.render(32), 32),
+            "no augmentation = plain"
+        );
+        assert_eq!(cap, scene.caption(3));
+        let (px, cap) = augmented_pair(&scene, 3, 32, &aug, &mut rng);
+        assert_eq!(px.len(), 3 * 32 * 32);
+        assert!(px.iter().all(|v| v.is_finite()));
+        // Either the full phrasing or one without positions.
+        let ok = cap == scene.caption(3)
+            || cap == scene.caption(1)
+            || (scene.shapes.len() == 2 && cap == scene.caption(0));
+        assert!(ok, "{cap}");
+    }
+}
+
+/// Timing of the parts of one step at the default size (run on request:
+/// `cargo test --release bench_clip_step -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn bench_clip_step() {
+    let g = gpu();
+    let cfg = shapes_config(vocab_size());
+    let b: usize = std::env::var("B")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let mut tr = ClipTrainer::new(cfg.clone(), 1, 1e-3, &g).unwrap();
+    let t = std::time::Instant::now();
+    let (px, caps) = batch(&g, 0, 1, 0, b, cfg.vision.image_size, &Augment::default()).unwrap();
+    eprintln!("batch {:.3}s", t.elapsed().as_secs_f64());
+    for _ in 0..3 {
+        let tape = Tape::training();
+        let t = std::time::Instant::now();
+        let img = Perceptor::encode_image(&tr.model, &tape, &tape.leaf(px.clone(), false)).unwrap();
+        img.value().to_vec().unwrap();
+        let t1 = t.elapsed().as_secs_f64();
+        let ids = tr.model.tokenize(&caps).unwrap();
+        let txt = text_features(&tape, &tr.model, &ids).unwrap();
+        txt.value().to_vec().unwrap();
+        let t2 = t.elapsed().as_secs_f64();
+        let (loss, _) = contrastive_loss(&tape, &img, &txt, &tape.param(&tr.logit_scale)).unwrap();
+        let grads = tape.backward(&loss).unwrap();
+        grads
+            .param(&tape, &tr.logit_scale)
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        let t3 = t.elapsed().as_secs_f64();
+        drop(grads);
+        let t = std::time::Instant::now();
+        tr.step(&px, &caps, 1e-3).unwrap();
+        eprintln!(
+            "vision fwd {t1:.3}s text fwd {:.3}s loss+backward {:.3}s | full step {:.3}s",
+            t2 - t1,
+            t3 - t2,
+            t.elapsed().as_secs_f64()
+        );
+    }
+}
+
+#[test]
+fn tokenizer_matches_transformers() {
+    // Ids from transformers' CLIPTokenizer on a folder written by `vqclip train clip`
+    // (tools/verify_clip_hf.py --write-fixture).
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/clip/shapes_tokenizer_ids.json");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let ctx = v["context"].as_u64().unwrap() as usize;
+    let tok = shapes_tokenizer(ctx).unwrap();
+    let texts = v["texts"].as_array().unwrap();
+    let ids = v["ids"].as_array().unwrap();
+    assert!(texts.len() >= 10);
+    for (t, want) in texts.iter().zip(ids) {
+        let want: Vec<u32> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        let t = t.as_str().unwrap();
+        assert_eq!(tok.encode(t).unwrap(), want, "{t:?}");
+    }
+}
+
+#[test]
+fn every_parameter_gets_a_gradient() {
+    let g = gpu();
+    let tr = ClipTrainer::new(tiny(vocab_size()), 4, 1e-3, &g).unwrap();
+    let (px, caps) = batch(&g, 0, 1, 0, 4, 16, &Augment::default()).unwrap();
+    let tape = Tape::training();
+    let (loss, _) = tr.loss(&tape, &px, &caps).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    for (k, t) in &tr.params {
+        let gr = grads.param(&tape, t);
+        assert!(gr.is_some(), "no gradient for {k}");
+        let v = gr.unwrap().to_vec().unwrap();
+        assert!(v.iter().any(|x| *x != 0.0), "zero gradient for {k}");
+    }
+}
