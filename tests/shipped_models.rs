@@ -1,0 +1,115 @@
+//! The shipped models (weights/, trained by vqclip on its shapes world) make images a person
+//! recognises as the prompt. Judged without CLIP: by the named colours of the pixels in the
+//! regions the prompt names (the border is the background; the shape's colour covers a
+//! visible part of the image, away from the border).
+
+use std::path::{Path, PathBuf};
+use vqclip::data::shapes::Colour;
+use vqclip::generate::{Generation, Options, Prompt};
+use vqclip::models::clip::ClipModel;
+use vqclip::models::vqgan::VqGan;
+use vqclip::{DeviceOptions, Gpu};
+
+fn weights() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("weights")
+}
+
+/// Fractions of the image's pixels nearest to each named colour, for the border ring
+/// (`ring` pixels wide) and for the interior.
+fn colour_shares(rgb: &[u8], size: usize, ring: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut border = vec![0f32; Colour::ALL.len()];
+    let mut inner = vec![0f32; Colour::ALL.len()];
+    let (mut nb, mut ni) = (0f32, 0f32);
+    for y in 0..size {
+        for x in 0..size {
+            let i = 3 * (y * size + x);
+            let c = Colour::nearest([rgb[i] as f32, rgb[i + 1] as f32, rgb[i + 2] as f32]);
+            let k = Colour::ALL.iter().position(|&a| a == c).unwrap();
+            let edge = x < ring || y < ring || x >= size - ring || y >= size - ring;
+            if edge {
+                border[k] += 1.0;
+                nb += 1.0;
+            } else {
+                inner[k] += 1.0;
+                ni += 1.0;
+            }
+        }
+    }
+    border.iter_mut().for_each(|v| *v /= nb);
+    inner.iter_mut().for_each(|v| *v /= ni);
+    (border, inner)
+}
+
+fn share(v: &[f32], c: Colour) -> f32 {
+    v[Colour::ALL.iter().position(|&a| a == c).unwrap()]
+}
+
+// Today's shipped models fail this (issue 6: the VQGAN reconstructs at 9.5 dB, the CLIP does
+// not tell shapes apart); it runs on request until retrained models pass it.
+#[test]
+#[ignore = "the shipped models are below their quality targets (issue 6); run with --ignored"]
+fn generated_images_show_the_prompted_colours_where_the_prompt_puts_them() {
+    let gpu = Gpu::new(&DeviceOptions::default()).unwrap();
+    let clip = ClipModel::load(weights().join("clip"), &gpu).expect("shipped CLIP in weights/clip");
+    let vq = VqGan::load(
+        weights().join("vqgan/shapes_f4.safetensors"),
+        weights().join("vqgan/shapes_f4.yaml"),
+        &gpu,
+    )
+    .expect("shipped VQGAN in weights/vqgan");
+    let size = vq.config.dd.resolution;
+    let cases = [
+        (
+            "a red circle on a blue background",
+            Colour::Red,
+            Colour::Blue,
+        ),
+        (
+            "a yellow square on a black background",
+            Colour::Yellow,
+            Colour::Black,
+        ),
+        (
+            "a white triangle on a green background",
+            Colour::White,
+            Colour::Green,
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (prompt, shape, background) in cases {
+        let mut o = Options::new(Prompt::parse_list(prompt).unwrap(), size, size);
+        o.steps = STEPS;
+        o.cutn = CUTN;
+        o.seed = 1;
+        let mut g = Generation::new(&gpu, &clip, &vq, o).unwrap();
+        for _ in 0..STEPS {
+            g.step().unwrap();
+        }
+        let rgb = g.image_rgb8().unwrap();
+        let (border, inner) = colour_shares(&rgb, size, size / 8);
+        let (bg_edge, shape_in) = (share(&border, background), share(&inner, shape));
+        eprintln!(
+            "{prompt}: background share of the border {bg_edge:.2}, shape colour share of the \
+             interior {shape_in:.2}"
+        );
+        if bg_edge < 0.5 {
+            failures.push(format!(
+                "{prompt}: only {bg_edge:.2} of the border is {background:?} (border shares \
+                 {border:?})"
+            ));
+        }
+        if shape_in < 0.08 {
+            failures.push(format!(
+                "{prompt}: only {shape_in:.2} of the interior is {shape:?} (interior shares \
+                 {inner:?})"
+            ));
+        }
+        if share(&border, shape) >= 0.5 {
+            failures.push(format!("{prompt}: the shape colour fills the border"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+const STEPS: usize = 40;
+const CUTN: usize = 8;
