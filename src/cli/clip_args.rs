@@ -19,10 +19,7 @@ pub struct ClipArgs {
 impl ClipArgs {
     /// `--clip`, else the shipped model's folder.
     pub fn dir(&self) -> Result<PathBuf> {
-        match &self.clip {
-            Some(d) => Ok(d.clone()),
-            None => Ok(vqclip::weights::shipped::clip_dir()?),
-        }
+        Ok(vqclip::weights::shipped::clip_dir_or(self.clip.as_deref())?)
     }
 
     /// Opens the device and loads the model.

@@ -193,10 +193,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
     if prompts.is_empty() && a.image_prompts.is_empty() && noise_prompts.is_empty() {
         bail!("no prompt: give PROMPTS, --prompt, --image-prompt or --noise-prompt");
     }
-    let vq_path = &match &a.vqgan {
-        Some(p) => p.clone(),
-        None => vqclip::weights::shipped::vqgan_file()?,
-    };
+    let vq_path = &vqclip::weights::shipped::vqgan_file_or(a.vqgan.as_deref())?;
     let config_path = match (&a.config, config_beside(vq_path)) {
         (Some(c), _) => c.clone(),
         (None, Some(c)) => c,

@@ -83,10 +83,7 @@ fn check_parent(path: &Path) -> Result<()> {
 }
 
 pub fn run(dev: &DeviceArgs, a: ReconstructArgs) -> Result<()> {
-    let weights = match &a.vqgan {
-        Some(p) => p.clone(),
-        None => vqclip::weights::shipped::vqgan_file()?,
-    };
+    let weights = vqclip::weights::shipped::vqgan_file_or(a.vqgan.as_deref())?;
     let config = resolve_config(&weights, a.config.as_deref())?;
     check_parent(&a.output)?;
     if let Some(c) = &a.codes {

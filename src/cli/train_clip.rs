@@ -54,9 +54,9 @@ pub struct TrainArgs {
 /// Options of `vqclip eval clip`.
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// Hugging Face CLIP folder to measure.
-    #[arg(long, default_value = "weights/clip")]
-    pub clip: PathBuf,
+    /// Hugging Face CLIP folder to measure [default: the shipped weights/clip].
+    #[arg(long)]
+    pub clip: Option<PathBuf>,
     /// Held-out single-shape images to score.
     #[arg(long, default_value_t = 400)]
     pub n: usize,
@@ -291,7 +291,7 @@ pub fn eval(device: &DeviceArgs, args: EvalArgs) -> Result<()> {
     if args.n == 0 {
         bail!("--n must be at least 1");
     }
-    let dir: &Path = &args.clip;
+    let dir: &Path = &vqclip::weights::shipped::clip_dir_or(args.clip.as_deref())?;
     let gpu = device.open()?;
     let model = ClipModel::load(dir, &gpu)?;
     model.tokenizer()?;

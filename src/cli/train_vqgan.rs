@@ -301,10 +301,7 @@ pub fn eval(device: &DeviceArgs, a: EvalArgs) -> Result<()> {
     if a.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    let weights = match a.vqgan.clone() {
-        Some(w) => w,
-        None => vqclip::weights::shipped::vqgan_file()?,
-    };
+    let weights = vqclip::weights::shipped::vqgan_file_or(a.vqgan.as_deref())?;
     if !weights.is_file() {
         bail!(
             "VQGAN weights {} not found (pass --vqgan FILE)",

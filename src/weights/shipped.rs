@@ -58,3 +58,13 @@ pub fn clip_dir() -> Result<PathBuf> {
 pub fn vqgan_file() -> Result<PathBuf> {
     find(VQGAN_FILE, "VQGAN", "--vqgan FILE")
 }
+
+/// `given` (a `--clip` argument), else the shipped CLIP folder.
+pub fn clip_dir_or(given: Option<&Path>) -> Result<PathBuf> {
+    given.map_or_else(clip_dir, |p| Ok(p.to_path_buf()))
+}
+
+/// `given` (a `--vqgan` argument), else the shipped VQGAN.
+pub fn vqgan_file_or(given: Option<&Path>) -> Result<PathBuf> {
+    given.map_or_else(vqgan_file, |p| Ok(p.to_path_buf()))
+}
