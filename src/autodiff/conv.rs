@@ -9,7 +9,8 @@
 
 use super::{Tape, Var};
 use crate::ops::concat::{concat, slice};
-use crate::ops::conv2d::{conv2d, im2col, Conv2dOpts};
+use crate::ops::conv2d::{conv2d, im2col, Conv2dOpts, IM2COL_BUDGET};
+use crate::ops::elementwise::add;
 use crate::ops::matmul::{matmul, MatmulOpts};
 use crate::ops::permute::permute;
 use crate::ops::reduce;
@@ -110,24 +111,55 @@ fn weight_grad(
     p: [usize; 4],
     upsample: bool,
 ) -> Result<Tensor> {
+    // cols [m, C·KH·KW, Ho·Wo] for a group of m images in one im2col pass (the fused upsample
+    // included), then dW = Σ_n g_n [O, P] @ cols_nᵀ [P, C·K] as one batched product and a
+    // sum over n. Groups keep the columns under IM2COL_BUDGET (and one storage binding).
+    let cap = IM2COL_BUDGET.min(x.gpu().limits().max_storage_buffer_binding_size);
+    weight_grad_in_groups(x, w_shape, g, stride, p, upsample, cap)
+}
+
+/// [`weight_grad`] with the im2col columns of at most `cap` bytes at once.
+fn weight_grad_in_groups(
+    x: &Tensor,
+    w_shape: &[usize],
+    g: &Tensor,
+    stride: usize,
+    p: [usize; 4],
+    upsample: bool,
+    cap: u64,
+) -> Result<Tensor> {
     let (o, c, kh, kw) = (w_shape[0], w_shape[1], w_shape[2], w_shape[3]);
     let (n, ho, wo) = (g.dim(0), g.dim(2), g.dim(3));
-    // cols [N, C·KH·KW, Ho·Wo] in one im2col pass (the fused upsample included), then
-    // dW = Σ_n g_n [O, P] @ cols_nᵀ [P, C·K] as one batched product and a sum over n.
-    let cols = im2col(x, [kh, kw], stride, p, upsample)?;
-    let per = matmul(
-        &g.reshape(&[n, o, ho * wo])?,
-        &cols,
-        &MatmulOpts {
-            trans_b: true,
-            ..Default::default()
-        },
-    )?;
-    let dw = if n == 1 {
-        per.reshape(&[o, c * kh * kw])?
-    } else {
-        reduce::sum(&per.reshape(&[n, o * c * kh * kw])?, 0)?
-    };
+    let per_image = (c * kh * kw * ho * wo * 4) as u64;
+    let group = ((cap / per_image.max(1)) as usize).clamp(1, n);
+    let mut dw: Option<Tensor> = None;
+    for n0 in (0..n).step_by(group) {
+        let m = group.min(n - n0);
+        let (xs, gs) = if m == n {
+            (x.clone(), g.clone())
+        } else {
+            (slice(x, 0, n0, m)?, slice(g, 0, n0, m)?)
+        };
+        let cols = im2col(&xs, [kh, kw], stride, p, upsample)?;
+        let per = matmul(
+            &gs.reshape(&[m, o, ho * wo])?,
+            &cols,
+            &MatmulOpts {
+                trans_b: true,
+                ..Default::default()
+            },
+        )?;
+        let part = if m == 1 {
+            per.reshape(&[o * c * kh * kw])?
+        } else {
+            reduce::sum(&per.reshape(&[m, o * c * kh * kw])?, 0)?
+        };
+        dw = Some(match dw {
+            None => part,
+            Some(acc) => add(&acc, &part)?,
+        });
+    }
+    let dw = dw.ok_or_else(|| Error::shape("conv2d weight gradient of an empty batch"))?;
     dw.reshape(w_shape)
 }
 
@@ -198,6 +230,26 @@ impl Tape {
 mod tests {
     use super::*;
     use crate::ops::testutil::{gpu, rand_vec};
+
+    #[test]
+    fn weight_grad_in_groups_of_images_matches_one_product() {
+        // 5 images of 3x6x6 columns (3·9·36·4 = 3888 bytes each) in groups of 2, 2 and 1.
+        let g = gpu();
+        let (n, c, o, h) = (5, 3, 4, 6);
+        let x = Tensor::from_slice(&g, &rand_vec(n * c * h * h, 1), &[n, c, h, h]).unwrap();
+        let gy = Tensor::from_slice(&g, &rand_vec(n * o * h * h, 2), &[n, o, h, h]).unwrap();
+        let w = [o, c, 3, 3];
+        let one = weight_grad_in_groups(&x, &w, &gy, 1, [1; 4], false, u64::MAX).unwrap();
+        let grouped = weight_grad_in_groups(&x, &w, &gy, 1, [1; 4], false, 2 * 3888).unwrap();
+        let (a, b) = (one.to_vec().unwrap(), grouped.to_vec().unwrap());
+        assert_eq!(grouped.shape(), &w);
+        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
+                "dw[{i}]: {a} vs {b}"
+            );
+        }
+    }
 
     /// f64 forward of conv(up?(x), w) + b for finite differences.
     #[allow(clippy::too_many_arguments)]

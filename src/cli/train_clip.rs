@@ -49,6 +49,11 @@ pub struct TrainArgs {
     /// Train without crops and noise.
     #[arg(long)]
     pub no_augment: bool,
+    /// Fit the run into this many seconds of training: after the first 25 steps the step
+    /// count is cut to what fits (the learning-rate schedule follows), and the run ends at
+    /// the limit in any case.
+    #[arg(long, value_name = "SECONDS")]
+    pub time_limit: Option<f64>,
 }
 
 /// Options of `vqclip eval clip`.
@@ -107,6 +112,11 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
     }
     if !(args.lr.is_finite() && args.lr > 0.0) {
         bail!("--lr must be a positive number");
+    }
+    if let Some(t) = args.time_limit {
+        if !(t.is_finite() && t > 0.0) {
+            bail!("--time-limit must be a positive number of seconds, got {t}");
+        }
     }
     if args.out.exists() && !args.out.is_dir() {
         bail!("--out {} exists and is not a folder", args.out.display());
@@ -185,7 +195,7 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
         );
     }
     let size = s.config.vision.image_size;
-    let sched = schedule(s.lr, s.steps);
+    let mut sched = schedule(s.lr, s.steps);
     let n_params: usize = tr.params.iter().map(|(_, t)| t.numel()).sum();
     eprintln!(
         "CLIP {n_params} parameters; vision {}x{} @{}px/{}, text {}x{} ctx {}, batch {}, lr {}",
@@ -237,7 +247,11 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
         tr.write_folder(&args.out)?;
         Ok(())
     };
-    for step in start..s.steps {
+    let mut budget = args
+        .time_limit
+        .map(|t| vqclip::train::TimeBudget::new(t, start));
+    let mut step = start;
+    while step < s.steps {
         let (px, caps) = batch(&gpu, s.data_seed, s.seed, step, s.batch, size, &aug)?;
         let lr = sched.at(step);
         let st = tr.step(&px, &caps, lr)?;
@@ -264,6 +278,18 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
         ));
         bar.inc(1);
         let done = step + 1;
+        step = done;
+        if let Some(total) = budget.as_mut().and_then(|b| b.observe(done, s.steps)) {
+            bar.suspend(|| {
+                eprintln!(
+                    "--time-limit: the run ends at step {total} instead of {}",
+                    s.steps
+                )
+            });
+            s.steps = total;
+            sched = schedule(s.lr, total);
+            bar.set_length(total as u64);
+        }
         if (args.save_every > 0 && done % args.save_every == 0) || done == s.steps {
             save(&tr, &s, done, elapsed)?;
         }

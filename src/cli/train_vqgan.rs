@@ -60,6 +60,11 @@ pub struct TrainArgs {
     /// Held-out images measured at the end (0: skip).
     #[arg(long, default_value_t = 256)]
     eval_images: usize,
+    /// Fit the run into this many seconds of training: after the first 25 steps the step
+    /// count is cut to what fits (the learning-rate schedule follows), and the run ends at
+    /// the limit in any case.
+    #[arg(long, value_name = "SECONDS")]
+    time_limit: Option<f64>,
 }
 
 /// Options of `vqclip eval vqgan`.
@@ -112,9 +117,14 @@ pub fn train(device: &DeviceArgs, a: TrainArgs) -> Result<()> {
     if a.out.exists() && !a.out.is_dir() {
         bail!("--out {} exists and is not a folder", a.out.display());
     }
+    if let Some(t) = a.time_limit {
+        if !(t.is_finite() && t > 0.0) {
+            bail!("--time-limit must be a positive number of seconds, got {t}");
+        }
+    }
     let state = a.out.join("state.safetensors");
     let gpu = device.open()?;
-    let (mut trainer, run, mut seconds) = if a.resume {
+    let (mut trainer, mut run, mut seconds) = if a.resume {
         if !state.is_file() {
             bail!(
                 "--resume: no checkpoint at {} (train without --resume first)",
@@ -218,9 +228,26 @@ pub fn train(device: &DeviceArgs, a: TrainArgs) -> Result<()> {
     };
     let mut since = Instant::now();
     let mut ema: Option<f32> = None;
+    let mut budget = a
+        .time_limit
+        .map(|t| vqclip::train::TimeBudget::new(t, trainer.step));
     while trainer.step < run.steps {
         let x = run.images(&gpu, trainer.step)?;
         let s = trainer.step(&x)?;
+        if let Some(total) = budget
+            .as_mut()
+            .and_then(|b| b.observe(trainer.step, run.steps))
+        {
+            bar.suspend(|| {
+                eprintln!(
+                    "--time-limit: the run ends at step {total} instead of {}",
+                    run.steps
+                )
+            });
+            run.steps = total;
+            trainer.schedule = run.schedule();
+            bar.set_length(total as u64);
+        }
         if !s.loss.is_finite() {
             bar.abandon();
             bail!(

@@ -86,6 +86,65 @@ impl Schedule {
     }
 }
 
+/// Fits a training run into a wall-clock budget (`--time-limit`).
+///
+/// The first [`TimeBudget::SKIP`] steps of a session are not timed (they include shader
+/// compilation and kernel tuning); the next [`TimeBudget::MEASURE`] steps give the time per
+/// step, from which the run's total is cut to what fits in the budget, once, so that the
+/// learning-rate schedule (which follows the total) still anneals to its end. Should the
+/// steps later slow down, [`TimeBudget::observe`] ends the run at the budget.
+#[derive(Debug, Clone)]
+pub struct TimeBudget {
+    limit_s: f64,
+    start: std::time::Instant,
+    first: usize,
+    mark: Option<std::time::Instant>,
+    fitted: bool,
+}
+
+impl TimeBudget {
+    /// Steps at the start of a session that are not timed.
+    pub const SKIP: usize = 5;
+    /// Steps timed to estimate the time per step.
+    pub const MEASURE: usize = 20;
+
+    /// A budget of `limit_s` seconds from now, for a session starting at step `first`.
+    pub fn new(limit_s: f64, first: usize) -> Self {
+        TimeBudget {
+            limit_s,
+            start: std::time::Instant::now(),
+            first,
+            mark: None,
+            fitted: false,
+        }
+    }
+
+    /// Seconds since the budget started.
+    pub fn elapsed(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
+    /// Called after each optimiser step with the steps `done` so far and the run's `total`;
+    /// returns the new total where the budget changes it (never below `done`).
+    pub fn observe(&mut self, done: usize, total: usize) -> Option<usize> {
+        let since = done.saturating_sub(self.first);
+        if since == Self::SKIP {
+            self.mark = Some(std::time::Instant::now());
+        }
+        if !self.fitted && since == Self::SKIP + Self::MEASURE {
+            self.fitted = true;
+            if let Some(mark) = self.mark {
+                let per_step = mark.elapsed().as_secs_f64() / Self::MEASURE as f64;
+                let left = (self.limit_s - self.elapsed()).max(0.0);
+                let fits = done + (0.97 * left / per_step.max(1e-9)) as usize;
+                let new = total.min(fits).max(done);
+                return (new != total).then_some(new);
+            }
+        }
+        (self.elapsed() >= self.limit_s && done < total).then_some(done)
+    }
+}
+
 /// A tensor on the CPU: `(key, shape, values)`.
 pub type HostTensor = (String, Vec<usize>, Vec<f32>);
 
@@ -226,6 +285,33 @@ pub fn load_state(path: &Path, params: &NamedParams, optim: &mut Adam) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_budget_cuts_the_total_to_what_fits_then_stops_at_the_limit() {
+        // 20 ms steps in a 2 s budget: after 25 steps (>= 0.5 s) at most 1.5 s are left,
+        // which holds at most 75 more steps however slow the machine is.
+        let mut b = TimeBudget::new(2.0, 0);
+        let mut fitted = None;
+        for done in 1..=TimeBudget::SKIP + TimeBudget::MEASURE {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            if let Some(n) = b.observe(done, 1000) {
+                fitted = Some((done, n));
+            }
+        }
+        let (at, n) = fitted.expect("the budget must cut a 1000-step run");
+        assert_eq!(at, TimeBudget::SKIP + TimeBudget::MEASURE);
+        assert!((at..=at + 75).contains(&n), "fitted total {n}");
+        // A run that fits is left alone.
+        let mut b = TimeBudget::new(1000.0, 10);
+        for done in 11..=40 {
+            assert_eq!(b.observe(done, 50), None);
+        }
+        // Past the limit the run ends at the step it reached.
+        let mut b = TimeBudget::new(0.0, 0);
+        b.fitted = true;
+        assert_eq!(b.observe(7, 50), Some(7));
+        assert_eq!(b.observe(50, 50), None);
+    }
 
     #[test]
     fn schedule_warms_up_then_decays_to_the_floor() {
