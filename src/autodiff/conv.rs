@@ -224,6 +224,24 @@ impl Tape {
             Box::new(move |g, _need| Ok(vec![Some(sum_pool2(g)?)])),
         ))
     }
+
+    /// Projective warp of `[N, C, H, W]` to `[N, C, OH, OW]` with bilinear sampling and zero
+    /// padding, one homography per image (`maps` from [`crate::ops::warp::homographies`];
+    /// constants, no gradient). Backward: [`crate::ops::warp::warp_backward`].
+    pub fn warp(&self, x: &Var, maps: &Tensor, out_hw: [usize; 2]) -> Result<Var> {
+        let y = crate::ops::warp::warp(&x.value, maps, out_hw)?;
+        let maps = maps.clone();
+        let in_hw = [x.shape()[2], x.shape()[3]];
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _need| {
+                Ok(vec![Some(crate::ops::warp::warp_backward(
+                    g, &maps, in_hw,
+                )?)])
+            }),
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -729,3 +729,36 @@ fn gather_rows_gradient_sums_repeated_ids() {
     };
     check(grads.get(&t).unwrap(), &fd(&f, &tv), "d table");
 }
+
+#[test]
+fn warp_gradient() {
+    // loss = Σ w ⊙ square(warp(x)) with x: [2, 3, 9, 9] -> [2, 3, 7, 7], one perspective and
+    // one affine map (both partly outside the input, so zero padding is exercised).
+    use crate::ops::warp::{homographies, reference, Homography};
+    let g = gpu();
+    let (n, c, s, o) = (2, 3, 9, 7);
+    let xv = rand_vec(n * c * s * s, 90);
+    let wv = rand_vec(n * c * o * o, 91);
+    let maps = [
+        Homography::from_points(
+            [(0.0, 0.0), (6.0, 0.0), (6.0, 6.0), (0.0, 6.0)],
+            [(-1.0, 0.5), (8.5, -0.7), (7.2, 9.4), (0.3, 7.7)],
+        )
+        .unwrap(),
+        Homography([0.9, 0.3, -0.5, -0.2, 1.1, 1.3, 0.0, 0.0, 1.0]),
+    ];
+    let m = homographies(&g, &maps).unwrap();
+    let tape = Tape::new();
+    let x = tape.leaf(Tensor::from_slice(&g, &xv, &[n, c, s, s]).unwrap(), true);
+    let wt = tape.leaf(Tensor::from_slice(&g, &wv, &[n, c, o, o]).unwrap(), false);
+    let y = tape.warp(&x, &m, [o, o]).unwrap();
+    let loss = tape
+        .sum(&tape.mul(&tape.square(&y).unwrap(), &wt).unwrap())
+        .unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let f = |xs: &[f64]| -> f64 {
+        let (y, _) = reference(xs, &maps, c, [s, s], [o, o]);
+        y.iter().zip(&wv).map(|(y, &w)| y * y * w as f64).sum()
+    };
+    check(grads.get(&x).unwrap(), &fd(&f, &xv), "dx");
+}

@@ -61,7 +61,7 @@ pub struct GenerateArgs {
     /// Cutout size exponent (original method): larger favours small cutouts.
     #[arg(long, default_value_t = 1.0)]
     cut_pow: f32,
-    /// Cutout method: original (random crops, resampled) or pooled (whole image, flips).
+    /// Cutout method: original (random crops, resampled) or pooled (the whole image with flips, random affine and perspective warps, colour jitter and erasing).
     #[arg(long, default_value = "original")]
     cut_method: String,
     /// Noise added to cutouts (each cutout gets U(0, noise)·N(0, 1) per pixel).

@@ -9,6 +9,7 @@
 
 use crate::autodiff::{Tape, Var};
 use crate::ops::matmul::MatmulOpts;
+use crate::ops::warp::Homography;
 use crate::{Error, Gpu, Result, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -19,8 +20,9 @@ pub enum CutMethod {
     /// Random square crops of size `rand^cut_pow · (max − min) + min`, resampled (Crowson's
     /// original notebook, nerdyrodent `--cut_method original`).
     Original,
-    /// The whole image every time, with random flips and small random crops of the border as
-    /// cheap geometric augmentation (the pooled family of methods).
+    /// The whole image every time, with random flips and small random crops of the border,
+    /// then (in `generate`) nerdyrodent's default kornia augmentations in their order:
+    /// random affine and perspective warps ([`pooled_warps`]), colour jitter and erasing.
     Pooled,
 }
 
@@ -50,6 +52,74 @@ pub struct Cut {
     pub h: f32,
     /// Mirror left-right.
     pub flip: bool,
+}
+
+/// kornia's `RandomAffine(degrees=15, translate=0.1, shear=5, p=0.7)` for a `size`-pixel
+/// square view, as the map from output pixels to the input pixels they sample: with
+/// probability 0.7 a rotation by U(−15°, 15°) and an x-shear by U(−5°, 5°) about the centre,
+/// then a shift by U(−0.1, 0.1)·size on each axis; else the identity.
+pub fn random_affine(rng: &mut ChaCha8Rng, size: usize) -> Homography {
+    if !rng.random_bool(0.7) {
+        return Homography::IDENTITY;
+    }
+    let angle = rng.random_range(-15.0f64..15.0).to_radians();
+    let shear = rng.random_range(-5.0f64..5.0).to_radians().tan();
+    let s = size as f64;
+    let (tx, ty) = (
+        rng.random_range(-0.1..0.1) * s,
+        rng.random_range(-0.1..0.1) * s,
+    );
+    let c = (s - 1.0) / 2.0;
+    let (cos, sin) = (angle.cos(), angle.sin());
+    // forward (input -> output): T(c + t) · R · Sh · T(−c)
+    let r_sh = [cos, cos * shear - sin, sin, sin * shear + cos];
+    let fwd = Homography([
+        r_sh[0],
+        r_sh[1],
+        c + tx - r_sh[0] * c - r_sh[1] * c,
+        r_sh[2],
+        r_sh[3],
+        c + ty - r_sh[2] * c - r_sh[3] * c,
+        0.0,
+        0.0,
+        1.0,
+    ]);
+    fwd.inverse().unwrap_or(Homography::IDENTITY)
+}
+
+/// kornia's `RandomPerspective(distortion_scale=0.7, p=0.7)` for a `size`-pixel square view,
+/// as the map from output pixels to input pixels: with probability 0.7 each corner moves
+/// inward by U(0, 0.7·size/2) on each axis and the image follows the corners; else the
+/// identity.
+pub fn random_perspective(rng: &mut ChaCha8Rng, size: usize) -> Homography {
+    if !rng.random_bool(0.7) {
+        return Homography::IDENTITY;
+    }
+    let e = size as f64 - 1.0;
+    let f = 0.7 * size as f64 / 2.0;
+    let start = [(0.0, 0.0), (e, 0.0), (e, e), (0.0, e)];
+    let inward = [(1.0, 1.0), (-1.0, 1.0), (-1.0, -1.0), (1.0, -1.0)];
+    let mut end = start;
+    for (p, d) in end.iter_mut().zip(inward) {
+        p.0 += d.0 * f * rng.random_range(0.0..1.0);
+        p.1 += d.1 * f * rng.random_range(0.0..1.0);
+    }
+    // Output pixels at `end` sample the input at `start`.
+    Homography::from_points(end, start).unwrap_or(Homography::IDENTITY)
+}
+
+/// The pooled method's geometric augmentations for `cutn` views of side `size`: per view a
+/// [`random_affine`] then a [`random_perspective`] warp (kornia's order), composed into one
+/// output-to-input map.
+pub fn pooled_warps(rng: &mut ChaCha8Rng, cutn: usize, size: usize) -> Vec<Homography> {
+    (0..cutn)
+        .map(|_| {
+            let affine = random_affine(rng, size);
+            let perspective = random_perspective(rng, size);
+            // output -> (perspective) -> affine output -> (affine) -> input
+            affine.then_after(&perspective)
+        })
+        .collect()
 }
 
 /// Draws `cutn` crop boxes for an image of `width`×`height` and views of side `size`.
@@ -200,6 +270,56 @@ mod tests {
     use super::*;
     use crate::ops::testutil::{gpu, rand_vec};
     use rand::SeedableRng;
+
+    #[test]
+    fn pooled_warps_follow_kornias_ranges() {
+        let s = 64usize;
+        let c = (s as f64 - 1.0) / 2.0;
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (mut affine, mut persp) = (0, 0);
+        let draws = 2000;
+        for _ in 0..draws {
+            let a = random_affine(&mut rng, s);
+            if a != Homography::IDENTITY {
+                affine += 1;
+                // rotation and shear keep area; the centre moves by at most 0.1·size per axis
+                let det = a.0[0] * a.0[4] - a.0[1] * a.0[3];
+                assert!((det - 1.0).abs() < 1e-9, "det {det}");
+                let fwd = a.inverse().unwrap();
+                let (x, y) = fwd.apply(c, c).unwrap();
+                assert!((x - c).abs() <= 0.1 * s as f64 && (y - c).abs() <= 0.1 * s as f64);
+            }
+            let p = random_perspective(&mut rng, s);
+            if p != Homography::IDENTITY {
+                persp += 1;
+                // the input's corners appear inside the output, each within 0.35·size of
+                // its own corner on each axis
+                let fwd = p.inverse().unwrap();
+                let e = s as f64 - 1.0;
+                for (x, y) in [(0.0, 0.0), (e, 0.0), (e, e), (0.0, e)] {
+                    let (u, v) = fwd.apply(x, y).unwrap();
+                    assert!((-1e-9..=e + 1e-9).contains(&u) && (-1e-9..=e + 1e-9).contains(&v));
+                    assert!((u - x).abs() <= 0.35 * s as f64 + 1e-9);
+                    assert!((v - y).abs() <= 0.35 * s as f64 + 1e-9);
+                }
+            }
+        }
+        // each applies with probability 0.7: 2000 draws give 0.7 ± 0.01 (1 sd)
+        for k in [affine, persp] {
+            let f = k as f64 / draws as f64;
+            assert!((0.65..0.75).contains(&f), "applied to {f} of the views");
+        }
+        // seeded, and composed in kornia's order (perspective output -> affine output -> input)
+        let a = pooled_warps(&mut ChaCha8Rng::seed_from_u64(9), 4, s);
+        let b = pooled_warps(&mut ChaCha8Rng::seed_from_u64(9), 4, s);
+        assert_eq!(a, b);
+        let mut r = ChaCha8Rng::seed_from_u64(9);
+        let (af, pe) = (random_affine(&mut r, s), random_perspective(&mut r, s));
+        let (x, y) = pe.apply(3.0, 7.0).unwrap();
+        let want = af.apply(x, y).unwrap();
+        let got = a[0].apply(3.0, 7.0).unwrap();
+        assert!((want.0 - got.0).abs() < 1e-9 && (want.1 - got.1).abs() < 1e-9);
+    }
 
     #[test]
     fn resample_rows_sum_to_one_and_identity_passes_through() {

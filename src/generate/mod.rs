@@ -550,6 +550,9 @@ fn make_views(
     let (wy, wx) = cut_matrices(gpu, &cuts, w, h, s)?;
     let mut views = cutouts::cutouts(tape, img, &wy, &wx)?;
     if opts.cut_method == CutMethod::Pooled {
+        let maps = cutouts::pooled_warps(rng, opts.cutn, s);
+        let maps = crate::ops::warp::homographies(gpu, &maps)?;
+        views = tape.warp(&views, &maps, [s, s])?;
         views = colour_jitter_and_erase(gpu, tape, &views, rng)?;
     }
     if opts.noise > 0.0 {

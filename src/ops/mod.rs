@@ -14,6 +14,7 @@ pub mod reduce;
 pub mod softmax;
 pub mod upsample;
 pub mod vq;
+pub mod warp;
 
 pub use attention::{attention, attention_bthd, merge_heads, split_heads};
 pub use concat::{concat, slice};
