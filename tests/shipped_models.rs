@@ -3,16 +3,11 @@
 //! regions the prompt names (the border is the background; the shape's colour covers a
 //! visible part of the image, away from the border).
 
-use std::path::{Path, PathBuf};
 use vqclip::data::shapes::Colour;
 use vqclip::generate::{Generation, Options, Prompt};
 use vqclip::models::clip::ClipModel;
 use vqclip::models::vqgan::VqGan;
 use vqclip::{DeviceOptions, Gpu};
-
-fn weights() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("weights")
-}
 
 /// Fractions of the image's pixels nearest to each named colour, for the border ring
 /// (`ring` pixels wide) and for the interior.
@@ -50,13 +45,13 @@ fn share(v: &[f32], c: Colour) -> f32 {
 #[ignore = "the shipped models are below their quality targets (issue 6); run with --ignored"]
 fn generated_images_show_the_prompted_colours_where_the_prompt_puts_them() {
     let gpu = Gpu::new(&DeviceOptions::default()).unwrap();
-    let clip = ClipModel::load(weights().join("clip"), &gpu).expect("shipped CLIP in weights/clip");
-    let vq = VqGan::load(
-        weights().join("vqgan/shapes_f4.safetensors"),
-        weights().join("vqgan/shapes_f4.yaml"),
-        &gpu,
-    )
-    .expect("shipped VQGAN in weights/vqgan");
+    // The shipped models, found as every command finds them (VQCLIP_WEIGHTS first).
+    let clip_dir = vqclip::weights::shipped::clip_dir().expect("shipped CLIP");
+    let vq_file = vqclip::weights::shipped::vqgan_file().expect("shipped VQGAN");
+    eprintln!("CLIP {}, VQGAN {}", clip_dir.display(), vq_file.display());
+    let clip = ClipModel::load(&clip_dir, &gpu).expect("shipped CLIP loads");
+    let vq =
+        VqGan::load(&vq_file, vq_file.with_extension("yaml"), &gpu).expect("shipped VQGAN loads");
     let size = vq.config.dd.resolution;
     let cases = [
         (

@@ -4,7 +4,7 @@ taming-transformers' own VQModel and reconstructs like vqclip. Not run in CI.
 
     /work/pyenv/bin/pip install taming-transformers-rom1504 pytorch-lightning einops
     /work/pyenv/bin/python tools/verify_vqgan_taming.py \
-        weights/vqgan/shapes_f4.safetensors weights/vqgan/shapes_f4.yaml [target/release/vqclip]
+        weights/vqgan/shapes.safetensors weights/vqgan/shapes.yaml [target/release/vqclip]
 
 1. builds taming.models.vqgan.VQModel from the .yaml exactly as taming's scripts do
    (instantiate_from_config(config.model)) and load_state_dict(strict=True) on the model keys;

@@ -32,7 +32,7 @@ pub struct GenerateArgs {
     #[command(flatten)]
     clip: ClipArgs,
     /// taming-transformers VQGAN weights (.ckpt or .safetensors) [default: the shipped
-    /// weights/vqgan/shapes_f4.safetensors, trained by vqclip on its shapes world].
+    /// weights/vqgan/shapes.safetensors, trained by vqclip on its shapes world].
     #[arg(long, value_name = "FILE", env = "VQCLIP_VQGAN")]
     vqgan: Option<PathBuf>,
     /// The VQGAN's .yaml config (default: the .yaml beside the weights).

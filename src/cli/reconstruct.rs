@@ -10,7 +10,7 @@ use vqclip::Tensor;
 #[derive(Args, Debug)]
 pub struct ReconstructArgs {
     /// VQGAN weights: a taming-transformers .ckpt or a .safetensors with the same keys
-    /// [default: the shipped weights/vqgan/shapes_f4.safetensors].
+    /// [default: the shipped weights/vqgan/shapes.safetensors].
     #[arg(long, env = "VQCLIP_VQGAN")]
     vqgan: Option<PathBuf>,
     /// The model's taming .yaml config (default: the .yaml next to the weights, same name).

@@ -49,6 +49,10 @@ pub struct TrainArgs {
     /// Train without crops and noise.
     #[arg(long)]
     pub no_augment: bool,
+    /// Probability that a pair is recoloured to white shapes on black (caption included), a
+    /// shape curriculum; with --resume it replaces the checkpoint's value [default: 0].
+    #[arg(long, value_name = "P")]
+    pub mask_prob: Option<f32>,
     /// Fit the run into this many seconds of training: after the first 25 steps the step
     /// count is cut to what fits (the learning-rate schedule follows), and the run ends at
     /// the limit in any case.
@@ -82,6 +86,7 @@ struct Settings {
     data_seed: u64,
     steps: usize,
     augment: bool,
+    mask: f32,
     elapsed: f64,
 }
 
@@ -112,6 +117,11 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
     }
     if !(args.lr.is_finite() && args.lr > 0.0) {
         bail!("--lr must be a positive number");
+    }
+    if let Some(p) = args.mask_prob {
+        if !(0.0..=1.0).contains(&p) {
+            bail!("--mask-prob must be between 0 and 1, got {p}");
+        }
     }
     if let Some(t) = args.time_limit {
         if !(t.is_finite() && t > 0.0) {
@@ -148,6 +158,9 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
             data_seed: meta(&m, "data_seed")?,
             steps: args.steps,
             augment: meta(&m, "augment")?,
+            mask: args
+                .mask_prob
+                .unwrap_or_else(|| meta(&m, "mask").unwrap_or(0.0)),
             elapsed: meta(&m, "elapsed_s")?,
             config,
         };
@@ -175,16 +188,20 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
             data_seed: args.data_seed,
             steps: args.steps,
             augment: !args.no_augment,
+            mask: args.mask_prob.unwrap_or(0.0),
             elapsed: 0.0,
         };
         (tr, s, 0)
     };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
-    let aug = if s.augment {
-        Augment::default()
-    } else {
-        Augment::none()
+    let aug = Augment {
+        mask: s.mask,
+        ..if s.augment {
+            Augment::default()
+        } else {
+            Augment::none()
+        }
     };
     let longest = vqclip::train::clip::longest_caption_tokens()?;
     if longest > s.config.text.max_position_embeddings {
@@ -241,6 +258,7 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
                 ("data_seed", s.data_seed.to_string()),
                 ("steps", s.steps.to_string()),
                 ("augment", s.augment.to_string()),
+                ("mask", s.mask.to_string()),
                 ("elapsed_s", format!("{elapsed:.1}")),
             ],
         )?;

@@ -70,7 +70,7 @@ pub struct TrainArgs {
 /// Options of `vqclip eval vqgan`.
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// VQGAN weights (.safetensors or .ckpt) [default: the shipped weights/vqgan/shapes_f4.safetensors].
+    /// VQGAN weights (.safetensors or .ckpt) [default: the shipped weights/vqgan/shapes.safetensors].
     #[arg(long, value_name = "FILE", env = "VQCLIP_VQGAN")]
     vqgan: Option<PathBuf>,
     /// The model's .yaml config (default: the .yaml beside the weights).

@@ -625,6 +625,11 @@ pub struct Augment {
     /// Make every second pair of a batch a hard negative of the one before (one word of
     /// the caption, the shape kind (p = 3/4) or colour, changed in both scene and caption).
     pub hard_negatives: bool,
+    /// Probability that a pair (with its hard negative) is recoloured to white shapes on a
+    /// black background, caption included: a shape curriculum, since the image tower learns
+    /// shape quickly without colour variation and slowly with it (docs/clip_shape_diagnosis.md).
+    /// Its hard negative then always changes the shape kind.
+    pub mask: f32,
 }
 
 impl Default for Augment {
@@ -634,6 +639,7 @@ impl Default for Augment {
             position_crop: 0.85,
             noise: 0.04,
             hard_negatives: true,
+            mask: 0.0,
         }
     }
 }
@@ -646,6 +652,7 @@ impl Augment {
             position_crop: 0.0,
             noise: 0.0,
             hard_negatives: false,
+            mask: 0.0,
         }
     }
 }
@@ -772,15 +779,15 @@ pub fn batch(
     rng.set_stream(step as u64 + 1);
     let mut pixels = Vec::with_capacity(batch * 3 * size * size);
     let mut captions = Vec::with_capacity(batch);
-    let mut prev: Option<(Scene, usize)> = None;
+    let mut prev: Option<(Scene, usize, bool)> = None;
     for i in 0..batch {
         let (scene, variant) = match prev.take() {
             // Every second pair is a hard negative of the one before: the same scene and
-            // phrasing with the first shape's kind (3 times in 4: colour is the easy part)
-            // or colour changed.
-            Some((mut scene, variant)) if aug.hard_negatives => {
+            // phrasing with the first shape's kind (3 times in 4, always for a recoloured
+            // pair: colour is the easy part) or colour changed.
+            Some((mut scene, variant, masked)) if aug.hard_negatives => {
                 let sh = &mut scene.shapes[0];
-                if rng.random_range(0..4) != 0 {
+                if masked || rng.random_range(0..4) != 0 {
                     let others: Vec<ShapeKind> = ShapeKind::ALL
                         .into_iter()
                         .filter(|&k| k != sh.kind)
@@ -797,9 +804,17 @@ pub fn batch(
                 (scene, variant)
             }
             _ => {
-                let (scene, _) = ds.sample((step * batch + i) as u64);
+                let (mut scene, _) = ds.sample((step * batch + i) as u64);
                 let variant = rng.random_range(0..4usize);
-                prev = Some((scene.clone(), variant));
+                // No draw when the curriculum is off: earlier runs keep their data.
+                let masked = aug.mask > 0.0 && rng.random_bool(aug.mask.min(1.0) as f64);
+                if masked {
+                    scene.background = Colour::Black;
+                    for sh in &mut scene.shapes {
+                        sh.colour = Colour::White;
+                    }
+                }
+                prev = Some((scene.clone(), variant, masked));
                 (scene, variant)
             }
         };

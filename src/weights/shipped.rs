@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 /// The shipped CLIP's folder name under the weights folder.
 pub const CLIP_DIR: &str = "clip";
 /// The shipped VQGAN's weights, relative to the weights folder (its `.yaml` sits beside it).
-pub const VQGAN_FILE: &str = "vqgan/shapes_f4.safetensors";
+pub const VQGAN_FILE: &str = "vqgan/shapes.safetensors";
 
 fn candidates() -> Vec<PathBuf> {
     let mut out = Vec::new();
