@@ -278,3 +278,169 @@ fn every_parameter_gets_a_gradient() {
         assert!(v.iter().any(|x| *x != 0.0), "zero gradient for {k}");
     }
 }
+
+/// The trainer's parameter gradients against central finite differences of the loss, for
+/// every tensor (the image tower's patch, class and position embeddings included): the
+/// directional derivative along the gradient itself (must equal |g|) and along a fixed
+/// random direction, with a tolerance for the f32 rounding of the loss and curvature.
+fn check_gradients_by_finite_differences(cfg: ClipConfig, n: usize) {
+    let g = gpu();
+    let size = cfg.vision.image_size;
+    let tr = ClipTrainer::new(cfg, 6, 1e-3, &g).unwrap();
+    let aug = Augment {
+        hard_negatives: true,
+        ..Augment::none()
+    };
+    let (px, caps) = batch(&g, 0, 3, 0, n, size, &aug).unwrap();
+    let loss_of = |tr: &ClipTrainer| -> f64 {
+        let tape = Tape::new();
+        let (l, _) = tr.loss(&tape, &px, &caps).unwrap();
+        l.value().to_vec().unwrap()[0] as f64
+    };
+    let tape = Tape::training();
+    let (loss, _) = tr.loss(&tape, &px, &caps).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut failures = Vec::new();
+    for (k, t) in &tr.params {
+        let gv = grads.param(&tape, t).unwrap().to_vec().unwrap();
+        let base = t.to_vec().unwrap();
+        let gn = gv.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let rand_dir: Vec<f64> = (0..base.len())
+            .map(|_| rng.random_range(-1.0..1.0f64))
+            .collect();
+        let rn = rand_dir.iter().map(|x| x * x).sum::<f64>().sqrt();
+        for (name, dir) in [
+            (
+                "gradient",
+                gv.iter()
+                    .map(|x| *x as f64 / gn.max(1e-30))
+                    .collect::<Vec<f64>>(),
+            ),
+            ("random", rand_dir.iter().map(|x| x / rn).collect()),
+        ] {
+            let want: f64 = gv.iter().zip(&dir).map(|(a, b)| *a as f64 * b).sum();
+            let eps = 1e-2;
+            let at = |s: f64| {
+                let v: Vec<f32> = base
+                    .iter()
+                    .zip(&dir)
+                    .map(|(b, d)| (*b as f64 + s * d) as f32)
+                    .collect();
+                t.assign(&Tensor::from_slice(&g, &v, t.shape()).unwrap())
+                    .unwrap();
+                loss_of(&tr)
+            };
+            let num = (at(eps) - at(-eps)) / (2.0 * eps);
+            t.assign(&Tensor::from_slice(&g, &base, t.shape()).unwrap())
+                .unwrap();
+            // f32 loss rounding (~1e-6 after reductions) over 2·eps, plus curvature.
+            let tol = 2e-4 + 0.03 * want.abs().max(num.abs());
+            eprintln!("{k:55} {name:8} analytic {want:+.6e} numeric {num:+.6e}");
+            if (want - num).abs() > tol {
+                failures.push(format!("{k} ({name}): analytic {want:e} numeric {num:e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// [`check_gradients_by_finite_differences`] on 24 px images in 3×3 patches, two image
+/// layers.
+#[test]
+fn parameter_gradients_match_finite_differences() {
+    let mut cfg = tiny(vocab_size());
+    cfg.vision.image_size = 24;
+    cfg.vision.num_hidden_layers = 2;
+    check_gradients_by_finite_differences(cfg, 6);
+}
+
+/// The same at the full shapes architecture (65 image tokens, width 64), batch 4 (on
+/// request: `cargo test --release full_size_gradients -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn full_size_gradients_match_finite_differences() {
+    check_gradients_by_finite_differences(shapes_config(vocab_size()), 4);
+}
+
+/// Writes training batches and the held-out evaluation set as raw bytes for a peer trainer
+/// (tools/clip_shapes_peer.py). Run on request:
+/// `EXPORT_DIR=/tmp/shapes STEPS=600 BATCH=32 cargo test --release export_shapes_pairs -- --ignored`.
+/// Files: `train.u8` `[STEPS·BATCH, S, S, 3]` (the augmented pixels, de-normalised to bytes),
+/// `train.txt` (one caption a line), `eval.u8` `[400, S, S, 3]`, `eval.json` (per image the
+/// candidate captions of `evaluate` and the right index).
+#[test]
+#[ignore]
+fn export_shapes_pairs() {
+    let g = gpu();
+    let dir = std::path::PathBuf::from(std::env::var("EXPORT_DIR").unwrap());
+    let env = |k: &str, d: usize| -> usize {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (steps, b, size) = (env("STEPS", 600), env("BATCH", 32), env("SIZE", 64));
+    let seed = env("SEED", 0) as u64;
+    let aug = if env("NO_AUGMENT", 0) == 1 {
+        Augment::none()
+    } else {
+        Augment::default()
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    let to_bytes = |chw: &[f32], out: &mut Vec<u8>| {
+        for p in 0..size * size {
+            for c in 0..3 {
+                let v = chw[c * size * size + p] * STD[c] + MEAN[c];
+                out.push((v * 255.0).round().clamp(0.0, 255.0) as u8);
+            }
+        }
+    };
+    let mut bytes = Vec::new();
+    let mut caps = String::new();
+    for s in 0..steps {
+        let (px, cs) = batch(&g, 0, seed, s, b, size, &aug).unwrap();
+        let px = px.to_vec().unwrap();
+        for i in 0..b {
+            to_bytes(
+                &px[i * 3 * size * size..(i + 1) * 3 * size * size],
+                &mut bytes,
+            );
+            caps.push_str(&cs[i]);
+            caps.push('\n');
+        }
+    }
+    std::fs::write(dir.join("train.u8"), &bytes).unwrap();
+    std::fs::write(dir.join("train.txt"), caps).unwrap();
+    // The held-out set exactly as `evaluate` builds it.
+    let ds = ShapesDataset::new(0, Split::HeldOut);
+    let (mut i, mut bytes, mut items) = (0u64, Vec::new(), Vec::new());
+    while items.len() < 400 {
+        let (scene, _) = ds.sample(i);
+        let v = (i % 4) as usize;
+        i += 1;
+        if scene.shapes.len() != 1 {
+            continue;
+        }
+        bytes.extend(scene.render(size));
+        let sh = scene.shapes[0];
+        let with = |colour: Colour, kind: ShapeKind| {
+            let mut s = scene.clone();
+            s.shapes[0].colour = colour;
+            s.shapes[0].kind = kind;
+            s.caption(v)
+        };
+        items.push(serde_json::json!({
+            "colour": Colour::ALL.iter().map(|&c| with(c, sh.kind)).collect::<Vec<_>>(),
+            "colour_idx": Colour::ALL.iter().position(|&c| c == sh.colour),
+            "shape": ShapeKind::ALL.iter().map(|&k| with(sh.colour, k)).collect::<Vec<_>>(),
+            "shape_idx": ShapeKind::ALL.iter().position(|&k| k == sh.kind),
+        }));
+    }
+    std::fs::write(dir.join("eval.u8"), &bytes).unwrap();
+    std::fs::write(
+        dir.join("eval.json"),
+        serde_json::to_string(&items).unwrap(),
+    )
+    .unwrap();
+}
