@@ -500,15 +500,6 @@ fn in_batch_accuracy(logits: &[f32], n: usize) -> f32 {
     hits as f32 / (2 * n.max(1)) as f32
 }
 
-/// `[N, V]` one-hot rows of `ids` (embedding lookups and row picks as products).
-fn one_hot(gpu: &Gpu, ids: &[u32], v: usize) -> Result<Tensor> {
-    let mut m = vec![0.0f32; ids.len() * v];
-    for (i, &id) in ids.iter().enumerate() {
-        m[i * v + id as usize] = 1.0;
-    }
-    Tensor::from_slice(gpu, &m, &[ids.len(), v])
-}
-
 /// CLIP's text tower and projection on the tape: projected, unnormalised features `[N, P]`
 /// of token id sequences (padded with the end-of-text id to the longest; pooled at
 /// [`TextConfig::pool_index`] of each unpadded sequence), equal to
@@ -547,10 +538,9 @@ pub fn text_features(tape: &Tape, model: &ClipModel, ids: &[Vec<u32>]) -> Result
             ))
         }
     };
-    // Token rows as onehot[N·T, V] @ table[V, D] (the backward sums rows into the table).
-    let oh = tape.leaf(one_hot(gpu, &flat, vocab)?, false);
-    let tok = tape.matmul(&oh, &table, None, &MatmulOpts::default())?;
-    let tok = tape.reshape(&tok, &[n, t, d])?;
+    // Token rows gathered from the table [V, D] (ids checked above); the backward
+    // scatter-adds their gradients into the table rows, deterministically.
+    let tok = tape.gather_rows(&table, &Tensor::from_u32(gpu, &flat, &[n, t])?)?;
     let pos = tape.slice(&tape.param(&tm.embeddings.position_embedding), 0, 0, t)?;
     let x = tape.add(&tok, &pos)?;
     let h = clip_encoder(
@@ -567,12 +557,9 @@ pub fn text_features(tape: &Tape, model: &ClipModel, ids: &[Vec<u32>]) -> Result
         .enumerate()
         .map(|(i, r)| (i * t + c.pool_index(r)) as u32)
         .collect();
-    let sel = tape.leaf(one_hot(gpu, &rows, n * t)?, false);
-    let pooled = tape.matmul(
-        &sel,
+    let pooled = tape.gather_rows(
         &tape.reshape(&h, &[n * t, d])?,
-        None,
-        &MatmulOpts::default(),
+        &Tensor::from_u32(gpu, &rows, &[n])?,
     )?;
     let pooled = layer_norm(tape, &tm.final_layer_norm, &pooled)?;
     linear(tape, &model.text_projection, &pooled, Act::None)
