@@ -764,8 +764,7 @@ pub fn batch(
     let ds = ShapesDataset::new(data_seed, Split::Train);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(step as u64 + 1);
-    let mut pixels = Vec::with_capacity(batch * 3 * size * size);
-    let mut captions = Vec::with_capacity(batch);
+    let mut jobs = Vec::with_capacity(batch);
     let mut prev: Option<(Scene, usize, bool)> = None;
     for i in 0..batch {
         let (scene, variant) = match prev.take() {
@@ -805,14 +804,49 @@ pub fn batch(
                 (scene, variant)
             }
         };
-        let (px, cap) = augmented_pair(&scene, variant, size, aug, &mut rng);
-        pixels.extend(px);
-        captions.push(cap);
+        // Each pair's augmentation gets its own generator, so the pairs can be rendered on
+        // several threads and the batch is the same for any thread count.
+        jobs.push((scene, variant, rng.random::<u64>()));
     }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (pixels, captions) = render_pairs(&jobs, size, aug, threads);
     Ok((
         Tensor::from_slice(gpu, &pixels, &[batch, 3, size, size])?,
         captions,
     ))
+}
+
+/// Renders `(scene, variant, seed)` pairs with [`augmented_pair`] on up to `threads`
+/// threads: `[N, 3, S, S]` normalised pixels and the captions, independent of `threads`.
+fn render_pairs(
+    jobs: &[(Scene, usize, u64)],
+    size: usize,
+    aug: &Augment,
+    threads: usize,
+) -> (Vec<f32>, Vec<String>) {
+    let per = 3 * size * size;
+    let mut pixels = vec![0.0f32; jobs.len() * per];
+    let mut captions = vec![String::new(); jobs.len()];
+    let chunk = jobs.len().div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|sc| {
+        for ((js, px), caps) in jobs
+            .chunks(chunk)
+            .zip(pixels.chunks_mut(chunk * per))
+            .zip(captions.chunks_mut(chunk))
+        {
+            sc.spawn(move || {
+                for ((scene, variant, seed), (out, cap)) in
+                    js.iter().zip(px.chunks_mut(per).zip(caps.iter_mut()))
+                {
+                    let mut rng = ChaCha8Rng::seed_from_u64(*seed);
+                    let (p, c) = augmented_pair(scene, *variant, size, aug, &mut rng);
+                    out.copy_from_slice(&p);
+                    *cap = c;
+                }
+            });
+        }
+    });
+    (pixels, captions)
 }
 
 /// A learning-rate schedule for `total` steps: warm-up over 5% (at least 1 step), cosine to

@@ -444,3 +444,27 @@ fn export_shapes_pairs() {
     )
     .unwrap();
 }
+
+#[test]
+fn batch_rendering_is_the_same_on_any_number_of_threads() {
+    let ds = ShapesDataset::new(3, Split::Train);
+    let jobs: Vec<(Scene, usize, u64)> = (0..7)
+        .map(|i| (ds.sample(i).0, (i % 4) as usize, 1000 + i))
+        .collect();
+    let aug = Augment::default();
+    let one = render_pairs(&jobs, 24, &aug, 1);
+    for threads in [2, 3, 16] {
+        assert_eq!(
+            render_pairs(&jobs, 24, &aug, threads),
+            one,
+            "{threads} threads"
+        );
+    }
+    assert_eq!(one.0.len(), 7 * 3 * 24 * 24);
+    // Different seeds give different augmentations of the same scene.
+    let mut other = jobs.clone();
+    other[0].2 += 1;
+    let two = render_pairs(&other, 24, &aug, 3);
+    assert_ne!(two.0[..3 * 24 * 24], one.0[..3 * 24 * 24]);
+    assert_eq!(two.0[3 * 24 * 24..], one.0[3 * 24 * 24..]);
+}
