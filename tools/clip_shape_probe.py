@@ -4,7 +4,8 @@ weights/clip/config.json + a linear head): can it learn the shape kind (4-way) o
 single-shape images exported by the ignored test export_shapes_pairs? Used to show that the
 shape plateau is the task, not vqclip.
 
-  python tools/clip_shape_probe.py PATCH LR [rgb|mask] STEPS   (BG=black: black backgrounds only)
+  python tools/clip_shape_probe.py PATCH LR [rgb|mask] STEPS   (BG=black: black backgrounds only;
+                                                               WARMUP=N: linear lr warm-up)
 """
 import json, math, os, sys, time
 import numpy as np, torch
@@ -37,12 +38,14 @@ def px(u):
         x = (d > 0.25).float().expand(-1, 3, -1, -1)
     return (x-MEAN)/STD
 opt=torch.optim.AdamW(list(m.parameters())+list(head.parameters()), lr=LR, weight_decay=0.01)
+WARM = int(os.environ.get("WARMUP", "0"))
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARM) if WARM else 1.0)
 B=32; t0=time.time()
 for step in range(STEPS):
     j = np.arange(step*B, step*B+B) % len(idx)
     x = px(train[[idx[k] for k in j]]); y = torch.tensor([lab[k] for k in j])
     loss = torch.nn.functional.cross_entropy(head(m(pixel_values=x).pooler_output), y)
-    opt.zero_grad(); loss.backward(); opt.step()
+    opt.zero_grad(); loss.backward(); opt.step(); sched.step()
     if (step+1) % 100 == 0:
         with torch.no_grad():
             m.eval(); p = head(m(pixel_values=px(ev_img)).pooler_output).argmax(1); m.train()
