@@ -282,7 +282,7 @@ fn vqgan_decode(model: &VqGan, tape: &Tape, z_q: &Var, recompute: bool) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testutil::{gpu, rand_vec};
+    use crate::ops::testutil::{assert_close, gpu, rand_vec};
 
     fn fixture(p: &str) -> std::path::PathBuf {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -329,14 +329,13 @@ mod tests {
                 .value()
                 .to_vec()
                 .unwrap();
-            let worst = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
-            assert!(
-                worst < 1e-4,
-                "vqgan decode needs_grad={needs}: worst {worst}"
+            let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+            assert_close(
+                &got,
+                &want,
+                1e-4,
+                0.0,
+                &format!("vqgan decode needs_grad={needs}"),
             );
         }
     }

@@ -610,7 +610,7 @@ pub fn taming_yaml(cfg: &VqGanConfig, lr: f32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testutil::{gpu, rand_vec};
+    use crate::ops::testutil::{assert_close, gpu, rand_vec};
 
     #[test]
     fn tape_encoder_matches_the_inference_encoder() {
@@ -630,12 +630,8 @@ mod tests {
             let got = encode(&tape, &vq, &tape.leaf(x.clone(), false)).unwrap();
             assert_eq!(got.shape(), &[2, 8, 8, 8]);
             let got = got.value().to_vec().unwrap();
-            let worst = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
-            assert!(worst < 1e-4, "training={training}: worst {worst}");
+            let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+            assert_close(&got, &want, 1e-4, 0.0, &format!("training={training}"));
         }
     }
 

@@ -1,5 +1,5 @@
 use super::*;
-use crate::ops::testutil::gpu;
+use crate::ops::testutil::{assert_close, gpu};
 
 /// A tiny architecture for tests: 16 px images in 8 px patches, width 16, one layer each.
 fn tiny(vocab: usize) -> ClipConfig {
@@ -97,13 +97,8 @@ fn tape_text_tower_matches_the_inference_model() {
             .value()
             .to_vec()
             .unwrap();
-        assert_eq!(got.len(), want.len());
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        assert!(worst < 1e-4, "training={training}: worst {worst}");
+        let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+        assert_close(&got, &want, 1e-4, 0.0, &format!("training={training}"));
     }
 }
 
