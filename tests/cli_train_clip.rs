@@ -53,11 +53,12 @@ fn train_resume_and_eval_clip() {
         args.extend_from_slice(extra);
         ok(&args);
     };
-    run(&a, "4", &[]);
+    run(&a, "4", &["--shape-negatives"]);
     // Two steps, then resume to four: the same weights. (With under 40 steps the warm-up
     // is one step, so steps 0 and 1 run at the peak rate for a total of 2 or 4 alike, and
-    // the resumed steps follow the 4-step schedule.)
-    run(&b, "2", &[]);
+    // the resumed steps follow the 4-step schedule.) The resumed run takes
+    // --shape-negatives from the checkpoint.
+    run(&b, "2", &["--shape-negatives"]);
     let mut args = vec!["train", "clip", "--out", s(&b), "--steps", "4", "--resume"];
     args.extend_from_slice(&common);
     ok(&args);
@@ -65,6 +66,10 @@ fn train_resume_and_eval_clip() {
     assert!(state.is_file());
     let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
     assert_eq!(weights(&a), weights(&b));
+    // Without the negative captions the same run ends elsewhere.
+    let plain = dir.path().join("plain");
+    run(&plain, "4", &[]);
+    assert_ne!(weights(&a), weights(&plain));
     for f in [
         "config.json",
         "vocab.json",

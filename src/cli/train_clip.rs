@@ -53,6 +53,12 @@ pub struct TrainArgs {
     /// shape curriculum; with --resume it replaces the checkpoint's value [default: 0].
     #[arg(long, value_name = "P")]
     pub mask_prob: Option<f32>,
+    /// Add hard-negative captions for shape (NegCLIP-style): each image must also beat its
+    /// own caption with the shape word swapped for each other shape, which teaches the towers
+    /// shape far sooner than in-batch negatives alone; with --resume it replaces the
+    /// checkpoint's setting.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub shape_negatives: Option<bool>,
     /// Fit the run into this many seconds of training: after the first 25 steps the step
     /// count is cut to what fits (the learning-rate schedule follows), and the run ends at
     /// the limit in any case.
@@ -87,6 +93,7 @@ struct Settings {
     steps: usize,
     augment: bool,
     mask: f32,
+    shape_negatives: bool,
     elapsed: f64,
 }
 
@@ -161,6 +168,9 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
             mask: args
                 .mask_prob
                 .unwrap_or_else(|| meta(&m, "mask").unwrap_or(0.0)),
+            shape_negatives: args
+                .shape_negatives
+                .unwrap_or_else(|| meta(&m, "shape_negatives").unwrap_or(false)),
             elapsed: meta(&m, "elapsed_s")?,
             config,
         };
@@ -189,6 +199,7 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
             steps: args.steps,
             augment: !args.no_augment,
             mask: args.mask_prob.unwrap_or(0.0),
+            shape_negatives: args.shape_negatives.unwrap_or(false),
             elapsed: 0.0,
         };
         (tr, s, 0)
@@ -259,6 +270,7 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
                 ("steps", s.steps.to_string()),
                 ("augment", s.augment.to_string()),
                 ("mask", s.mask.to_string()),
+                ("shape_negatives", s.shape_negatives.to_string()),
                 ("elapsed_s", format!("{elapsed:.1}")),
             ],
         )?;
@@ -272,7 +284,14 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
     while step < s.steps {
         let (px, caps) = batch(&gpu, s.data_seed, s.seed, step, s.batch, size, &aug)?;
         let lr = sched.at(step);
-        let st = tr.step(&px, &caps, lr)?;
+        let negatives: Vec<String> = if s.shape_negatives {
+            caps.iter()
+                .flat_map(|c| vqclip::train::clip::shape_negatives(c))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let st = tr.step(&px, &caps, &negatives, lr)?;
         let ema = |e: Option<f32>, v: f32| Some(e.map_or(v, |e| 0.95 * e + 0.05 * v));
         ema_loss = ema(ema_loss, st.loss);
         ema_acc = ema(ema_acc, st.accuracy);

@@ -285,19 +285,35 @@ impl ClipTrainer {
     }
 
     /// The contrastive loss of a batch (`pixels` `[N, 3, S, S]` preprocessed, one caption
-    /// per image) on `tape`, and the logits `[N, N]` (image rows, text columns).
-    pub fn loss(&self, tape: &Tape, pixels: &Tensor, captions: &[String]) -> Result<(Var, Var)> {
-        let ids = self.model.tokenize(captions)?;
+    /// per image, plus `negatives`: extra captions that match no image, see
+    /// [`contrastive_loss`]) on `tape`, and the logits `[N, N + negatives]` (image rows,
+    /// text columns).
+    pub fn loss(
+        &self,
+        tape: &Tape,
+        pixels: &Tensor,
+        captions: &[String],
+        negatives: &[String],
+    ) -> Result<(Var, Var)> {
+        let texts: Vec<String> = captions.iter().chain(negatives).cloned().collect();
+        let ids = self.model.tokenize(&texts)?;
         let img = Perceptor::encode_image(&self.model, tape, &tape.leaf(pixels.clone(), false))?;
         let txt = text_features(tape, &self.model, &ids)?;
         contrastive_loss(tape, &img, &txt, &tape.param(&self.logit_scale))
     }
 
-    /// One optimiser step on a batch at learning rate `lr`; clamps `logit_scale` to
-    /// `[0, ln 100]` afterwards as CLIP does.
-    pub fn step(&mut self, pixels: &Tensor, captions: &[String], lr: f32) -> Result<StepStats> {
+    /// One optimiser step on a batch (with optional hard-negative captions, see
+    /// [`ClipTrainer::loss`]) at learning rate `lr`; clamps `logit_scale` to `[0, ln 100]`
+    /// afterwards as CLIP does.
+    pub fn step(
+        &mut self,
+        pixels: &Tensor,
+        captions: &[String],
+        negatives: &[String],
+        lr: f32,
+    ) -> Result<StepStats> {
         let tape = Tape::training();
-        let (loss, logits) = self.loss(&tape, pixels, captions)?;
+        let (loss, logits) = self.loss(&tape, pixels, captions, negatives)?;
         let grads = tape.backward(&loss)?;
         // A parameter used under another view (the class embedding as [1, D]) gets its
         // gradient in that shape.
@@ -316,7 +332,11 @@ impl ClipTrainer {
         self.adam.step(&g)?;
         drop(grads);
         let loss = loss.value().to_vec()?[0];
-        let accuracy = in_batch_accuracy(&logits.value().to_vec()?, captions.len());
+        let accuracy = in_batch_accuracy(
+            &logits.value().to_vec()?,
+            captions.len(),
+            captions.len() + negatives.len(),
+        );
         let mut s = self.logit_scale.to_vec()?[0];
         if !(0.0..=MAX_LOGIT_SCALE).contains(&s) {
             s = s.clamp(0.0, MAX_LOGIT_SCALE);
@@ -489,12 +509,13 @@ pub fn longest_caption_tokens() -> Result<usize> {
     Ok(longest)
 }
 
-/// Image-to-text and text-to-image top-1 accuracy of `[N, N]` logits, averaged.
-fn in_batch_accuracy(logits: &[f32], n: usize) -> f32 {
+/// Image-to-text and text-to-image top-1 accuracy of `[N, M]` logits (M ≥ N; columns past
+/// N are negative captions, which count against the images), averaged.
+fn in_batch_accuracy(logits: &[f32], n: usize, m: usize) -> f32 {
     let mut hits = 0;
     for i in 0..n {
-        let row = (0..n).max_by(|&a, &b| logits[i * n + a].total_cmp(&logits[i * n + b]));
-        let col = (0..n).max_by(|&a, &b| logits[a * n + i].total_cmp(&logits[b * n + i]));
+        let row = (0..m).max_by(|&a, &b| logits[i * m + a].total_cmp(&logits[i * m + b]));
+        let col = (0..n).max_by(|&a, &b| logits[a * m + i].total_cmp(&logits[b * m + i]));
         hits += usize::from(row == Some(i)) + usize::from(col == Some(i));
     }
     hits as f32 / (2 * n.max(1)) as f32
@@ -565,10 +586,13 @@ pub fn text_features(tape: &Tape, model: &ClipModel, ids: &[Vec<u32>]) -> Result
     linear(tape, &model.text_projection, &pooled, Act::None)
 }
 
-/// CLIP's symmetric contrastive loss of image and text features `[N, P]` (row i of each is a
-/// pair) with the learned log temperature `logit_scale` `[1]`:
-/// `logits = exp(logit_scale) · norm(img) · norm(txt)ᵀ`,
-/// `loss = (CE(logits, diag) + CE(logitsᵀ, diag)) / 2`. Returns `(loss, logits)`.
+/// CLIP's symmetric contrastive loss of image features `[N, P]` and text features `[M, P]`
+/// (row i < N of each is a pair; text rows from N on are hard-negative captions that match
+/// no image, as in NegCLIP) with the learned log temperature `logit_scale` `[1]`:
+/// `logits = exp(logit_scale) · norm(img) · norm(txt)ᵀ` `[N, M]`,
+/// `loss = (CE(logits, diag) + CE(logits[:, :N]ᵀ, diag)) / 2`: each image picks its caption
+/// among all M texts, each caption its image among the N images. With M = N this is CLIP's
+/// loss. Returns `(loss, logits)`.
 pub fn contrastive_loss(
     tape: &Tape,
     img: &Var,
@@ -576,10 +600,10 @@ pub fn contrastive_loss(
     logit_scale: &Var,
 ) -> Result<(Var, Var)> {
     let n = img.shape()[0];
-    if txt.shape()[0] != n {
+    let m = txt.shape()[0];
+    if m < n {
         return Err(Error::shape(format!(
-            "contrastive loss: {n} images but {} texts",
-            txt.shape()[0]
+            "contrastive loss: {n} images but only {m} texts"
         )));
     }
     let (i, t) = (tape.l2_normalize(img)?, tape.l2_normalize(txt)?);
@@ -595,9 +619,37 @@ pub fn contrastive_loss(
     let logits = tape.mul_scalar(&sim, &tape.exp(logit_scale)?)?;
     let diag: Vec<u32> = (0..n as u32).collect();
     let a = tape.cross_entropy(&logits, &diag)?;
-    let b = tape.cross_entropy(&tape.permute(&logits, &[1, 0])?, &diag)?;
+    let pairs = if m == n {
+        logits.clone()
+    } else {
+        tape.slice(&logits, 1, 0, n)?
+    };
+    let b = tape.cross_entropy(&tape.permute(&pairs, &[1, 0])?, &diag)?;
     let loss = tape.affine(&tape.add(&a, &b)?, 0.5, 0.0)?;
     Ok((loss, logits))
+}
+
+/// Hard-negative captions for shape: `caption` with its first shape word replaced by each
+/// other shape kind (three for the shapes world), so the image must be told from captions
+/// that differ from its own in the shape alone. Empty when the caption names no shape.
+pub fn shape_negatives(caption: &str) -> Vec<String> {
+    let words: Vec<&str> = caption.split(' ').collect();
+    let Some((at, kind)) = words
+        .iter()
+        .enumerate()
+        .find_map(|(i, w)| ShapeKind::from_word(w).map(|k| (i, k)))
+    else {
+        return Vec::new();
+    };
+    ShapeKind::ALL
+        .into_iter()
+        .filter(|&k| k != kind)
+        .map(|k| {
+            let mut w = words.clone();
+            w[at] = k.word();
+            w.join(" ")
+        })
+        .collect()
 }
 
 /// Augmentation of training images.

@@ -111,14 +111,14 @@ fn training_steps_lower_the_loss_and_resume_exactly() {
     // One fixed batch, repeated: the loss must fall.
     let (px, caps) = batch(&g, 0, 1, 0, 8, 16, &aug).unwrap();
     let losses: Vec<f32> = (0..12)
-        .map(|_| tr.step(&px, &caps, 3e-3).unwrap().loss)
+        .map(|_| tr.step(&px, &caps, &[], 3e-3).unwrap().loss)
         .collect();
     assert!(losses[11] < losses[0] * 0.8, "loss should fall: {losses:?}");
     // Resume: 2 steps, save, 2 more == 2 steps, load into a fresh trainer, 2 more.
     let run = |tr: &mut ClipTrainer, from: usize, to: usize| {
         for s in from..to {
             let (px, caps) = batch(&g, 0, 9, s, 4, 16, &aug).unwrap();
-            tr.step(&px, &caps, 1e-3).unwrap();
+            tr.step(&px, &caps, &[], 1e-3).unwrap();
         }
     };
     let mut a = ClipTrainer::new(cfg.clone(), 2, 1e-3, &g).unwrap();
@@ -223,7 +223,7 @@ fn bench_clip_step() {
         let t3 = t.elapsed().as_secs_f64();
         drop(grads);
         let t = std::time::Instant::now();
-        tr.step(&px, &caps, 1e-3).unwrap();
+        tr.step(&px, &caps, &[], 1e-3).unwrap();
         eprintln!(
             "vision fwd {t1:.3}s text fwd {:.3}s loss+backward {:.3}s | full step {:.3}s",
             t2 - t1,
@@ -264,7 +264,7 @@ fn every_parameter_gets_a_gradient() {
     let tr = ClipTrainer::new(tiny(vocab_size()), 4, 1e-3, &g).unwrap();
     let (px, caps) = batch(&g, 0, 1, 0, 4, 16, &Augment::default()).unwrap();
     let tape = Tape::training();
-    let (loss, _) = tr.loss(&tape, &px, &caps).unwrap();
+    let (loss, _) = tr.loss(&tape, &px, &caps, &[]).unwrap();
     let grads = tape.backward(&loss).unwrap();
     for (k, t) in &tr.params {
         let gr = grads.param(&tape, t);
@@ -287,13 +287,15 @@ fn check_gradients_by_finite_differences(cfg: ClipConfig, n: usize) {
         ..Augment::none()
     };
     let (px, caps) = batch(&g, 0, 3, 0, n, size, &aug).unwrap();
+    // Shape-negative captions for the first two pairs: the loss with extra text columns.
+    let negs: Vec<String> = caps[..2].iter().flat_map(|c| shape_negatives(c)).collect();
     let loss_of = |tr: &ClipTrainer| -> f64 {
         let tape = Tape::new();
-        let (l, _) = tr.loss(&tape, &px, &caps).unwrap();
+        let (l, _) = tr.loss(&tape, &px, &caps, &negs).unwrap();
         l.value().to_vec().unwrap()[0] as f64
     };
     let tape = Tape::training();
-    let (loss, _) = tr.loss(&tape, &px, &caps).unwrap();
+    let (loss, _) = tr.loss(&tape, &px, &caps, &negs).unwrap();
     let grads = tape.backward(&loss).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let mut failures = Vec::new();
@@ -462,4 +464,68 @@ fn batch_rendering_is_the_same_on_any_number_of_threads() {
     let two = render_pairs(&other, 24, &aug, 3);
     assert_ne!(two.0[..3 * 24 * 24], one.0[..3 * 24 * 24]);
     assert_eq!(two.0[3 * 24 * 24..], one.0[3 * 24 * 24..]);
+}
+
+#[test]
+fn shape_negatives_swap_only_the_first_shape_word() {
+    let got = shape_negatives("a small red circle and a blue square on a green background");
+    assert_eq!(
+        got,
+        vec![
+            "a small red square and a blue square on a green background",
+            "a small red triangle and a blue square on a green background",
+            "a small red diamond and a blue square on a green background",
+        ]
+    );
+    assert!(shape_negatives("a red thing").is_empty());
+    assert!(shape_negatives("").is_empty());
+}
+
+/// The loss with negative captions against a CPU evaluation of its formula: image rows pick
+/// among all texts, caption columns among the images only.
+#[test]
+fn contrastive_loss_with_negative_captions_matches_its_formula() {
+    let g = gpu();
+    let (n, m, p) = (3usize, 5usize, 4usize);
+    let img: Vec<f32> = (0..n * p)
+        .map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0)
+        .collect();
+    let txt: Vec<f32> = (0..m * p)
+        .map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0)
+        .collect();
+    let scale = 1.3f32;
+    let tape = Tape::new();
+    let leaf = |v: &[f32], r: usize| tape.leaf(Tensor::from_slice(&g, v, &[r, p]).unwrap(), false);
+    let ls = tape.leaf(Tensor::from_slice(&g, &[scale], &[1]).unwrap(), false);
+    let (loss, logits) = contrastive_loss(&tape, &leaf(&img, n), &leaf(&txt, m), &ls).unwrap();
+    assert_eq!(logits.shape(), &[n, m]);
+    let norm = |v: &[f32]| {
+        let l = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        v.iter().map(|x| *x as f64 / l).collect::<Vec<f64>>()
+    };
+    let l: Vec<Vec<f64>> = (0..n)
+        .map(|i| {
+            let a = norm(&img[i * p..(i + 1) * p]);
+            (0..m)
+                .map(|j| {
+                    let b = norm(&txt[j * p..(j + 1) * p]);
+                    (scale as f64).exp() * a.iter().zip(&b).map(|(x, y)| x * y).sum::<f64>()
+                })
+                .collect()
+        })
+        .collect();
+    let ce = |row: &[f64], t: usize| {
+        let mx = row.iter().cloned().fold(f64::MIN, f64::max);
+        mx + row.iter().map(|x| (x - mx).exp()).sum::<f64>().ln() - row[t]
+    };
+    let a: f64 = (0..n).map(|i| ce(&l[i], i)).sum::<f64>() / n as f64;
+    let b: f64 = (0..n)
+        .map(|j| ce(&(0..n).map(|i| l[i][j]).collect::<Vec<_>>(), j))
+        .sum::<f64>()
+        / n as f64;
+    let want = (a + b) / 2.0;
+    let got = loss.value().to_vec().unwrap()[0] as f64;
+    assert!((got - want).abs() < 1e-4, "loss {got} vs {want}");
+    // Fewer texts than images is refused.
+    assert!(contrastive_loss(&tape, &leaf(&img, n), &leaf(&txt[..2 * p], 2), &ls).is_err());
 }
