@@ -54,11 +54,11 @@ fn train_resume_and_eval_clip() {
         ok(&args);
     };
     run(&a, "4", &["--shape-negatives"]);
-    // Two steps, then resume to four: the same weights. (With under 40 steps the warm-up
-    // is one step, so steps 0 and 1 run at the peak rate for a total of 2 or 4 alike, and
-    // the resumed steps follow the 4-step schedule.) The resumed run takes
-    // --shape-negatives from the checkpoint.
-    run(&b, "2", &["--shape-negatives"]);
+    // Two steps of a four-step run (--stop-after), then resume to four: the same weights.
+    // The resumed run takes --shape-negatives from the checkpoint.
+    run(&b, "4", &["--shape-negatives", "--stop-after", "2"]);
+    let log = std::fs::read_to_string(b.join("train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 2, "--stop-after 2 ran: {log}");
     let mut args = vec!["train", "clip", "--out", s(&b), "--steps", "4", "--resume"];
     args.extend_from_slice(&common);
     ok(&args);
@@ -66,6 +66,15 @@ fn train_resume_and_eval_clip() {
     assert!(state.is_file());
     let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
     assert_eq!(weights(&a), weights(&b));
+    // A run of two steps resumed to a new total of four also ends there (with under 40
+    // steps the warm-up is one step, so steps 0 and 1 run at the peak rate for a total of 2
+    // or 4 alike, and the resumed steps follow the 4-step schedule).
+    let b2 = dir.path().join("b2");
+    run(&b2, "2", &["--shape-negatives"]);
+    let mut args = vec!["train", "clip", "--out", s(&b2), "--steps", "4", "--resume"];
+    args.extend_from_slice(&common);
+    ok(&args);
+    assert_eq!(weights(&a), weights(&b2));
     // Without the negative captions the same run ends elsewhere.
     let plain = dir.path().join("plain");
     run(&plain, "4", &[]);

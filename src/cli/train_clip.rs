@@ -64,6 +64,11 @@ pub struct TrainArgs {
     /// the limit in any case.
     #[arg(long, value_name = "SECONDS")]
     pub time_limit: Option<f64>,
+    /// Stop after this step (checkpointed), keeping the schedule of --steps: a later
+    /// --resume continues exactly as an unbroken run would, so a run can change settings
+    /// (--mask-prob, --shape-negatives) at a given step.
+    #[arg(long, value_name = "STEP")]
+    pub stop_after: Option<usize>,
 }
 
 /// Options of `vqclip eval clip`.
@@ -281,7 +286,8 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
         .time_limit
         .map(|t| vqclip::train::TimeBudget::new(t, start));
     let mut step = start;
-    while step < s.steps {
+    let stop = args.stop_after.unwrap_or(usize::MAX);
+    while step < s.steps && step < stop {
         let (px, caps) = batch(&gpu, s.data_seed, s.seed, step, s.batch, size, &aug)?;
         let lr = sched.at(step);
         let negatives: Vec<String> = if s.shape_negatives {
@@ -327,7 +333,7 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
             sched = schedule(s.lr, total);
             bar.set_length(total as u64);
         }
-        if (args.save_every > 0 && done % args.save_every == 0) || done == s.steps {
+        if (args.save_every > 0 && done % args.save_every == 0) || done == s.steps || done == stop {
             save(&tr, &s, done, elapsed)?;
         }
     }
@@ -336,12 +342,21 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
         save(&tr, &s, start, s.elapsed)?;
     }
     bar.finish();
-    eprintln!(
-        "done: {} steps, {:.0} s of training in all; Hugging Face CLIP folder in {}",
-        s.steps,
-        s.elapsed,
-        args.out.display()
-    );
+    if step < s.steps {
+        eprintln!(
+            "stopped after step {step} of {} (--stop-after); continue with --resume. \
+             Checkpoint and Hugging Face CLIP folder in {}",
+            s.steps,
+            args.out.display()
+        );
+    } else {
+        eprintln!(
+            "done: {} steps, {:.0} s of training in all; Hugging Face CLIP folder in {}",
+            s.steps,
+            s.elapsed,
+            args.out.display()
+        );
+    }
     Ok(())
 }
 
