@@ -5,7 +5,9 @@ single-shape images exported by the ignored test export_shapes_pairs? Used to sh
 shape plateau is the task, not vqclip.
 
   python tools/clip_shape_probe.py PATCH LR [rgb|mask] STEPS   (BG=black: black backgrounds only;
-                                                               WARMUP=N: linear lr warm-up)
+                                                               WARMUP=N: linear lr warm-up;
+                                                               CURR=mask:N foreground masks for the first N
+                                                               steps, then RGB; CURR=ramp:N blend mask->RGB)
 """
 import json, math, os, sys, time
 import numpy as np, torch
@@ -31,9 +33,16 @@ lab = [next(k for k,w in enumerate(kinds) if w in caps[i].split()) for i in idx]
 ev = json.load(open(f"{D}/eval.json")); ev_img = np.fromfile(f"{D}/eval.u8",dtype=np.uint8).reshape(-1,S,S,3)
 ev_lab = torch.tensor([e["shape_idx"] for e in ev])
 MEAN=torch.tensor([0.48145466,0.4578275,0.40821073]).view(1,3,1,1); STD=torch.tensor([0.26862954,0.26130258,0.27577711]).view(1,3,1,1)
-def px(u):
+CURR=os.environ.get("CURR","")
+def px(u, step=10**9):
     x = torch.from_numpy(np.array(u)).float().permute(0,3,1,2)/255
-    if MASK:  # foreground mask (distance from the corner pixel's colour), as grey
+    if CURR:
+        kind,n=CURR.split(":"); n=int(n)
+        d = (x - x[:, :, :1, :1]).norm(dim=1, keepdim=True)
+        mk = (d > 0.25).float().expand(-1, 3, -1, -1)
+        a = (0.0 if step<n else 1.0) if kind=="mask" else min(1.0, step/n)
+        x = a*x + (1-a)*mk
+    elif MASK:  # foreground mask (distance from the corner pixel's colour), as grey
         d = (x - x[:, :, :1, :1]).norm(dim=1, keepdim=True)
         x = (d > 0.25).float().expand(-1, 3, -1, -1)
     return (x-MEAN)/STD
@@ -43,7 +52,7 @@ sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARM
 B=32; t0=time.time()
 for step in range(STEPS):
     j = np.arange(step*B, step*B+B) % len(idx)
-    x = px(train[[idx[k] for k in j]]); y = torch.tensor([lab[k] for k in j])
+    x = px(train[[idx[k] for k in j]], step); y = torch.tensor([lab[k] for k in j])
     loss = torch.nn.functional.cross_entropy(head(m(pixel_values=x).pooler_output), y)
     opt.zero_grad(); loss.backward(); opt.step(); sched.step()
     if (step+1) % 100 == 0:
