@@ -3,36 +3,18 @@
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+
+mod common;
+use common::{fails, ok};
+use std::process::Command;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip")
 }
 
-fn vqclip(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vqclip"))
-        .args(args)
-        .env_remove("VQCLIP_CLIP")
-        .output()
-        .expect("run vqclip")
-}
-
 fn ok_json(args: &[&str]) -> Value {
-    let out = vqclip(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = ok(args);
     serde_json::from_slice(&out.stdout).expect("JSON on stdout")
-}
-
-fn fails(args: &[&str], want: &str) {
-    let out = vqclip(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} should fail");
-    assert!(err.contains(want), "{args:?}: expected {want:?} in: {err}");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
 }
 
 fn golden(model: &str) -> (Value, vqclip::weights::SafetensorsFile) {

@@ -2,7 +2,10 @@
 //! determinism, and refusals of bad input that leave no file behind.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+
+mod common;
+use common::vqclip;
+use std::process::Command;
 
 fn fx(p: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -10,15 +13,6 @@ fn fx(p: &str) -> String {
         .join(p)
         .display()
         .to_string()
-}
-
-fn vqclip(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vqclip"))
-        .args(args)
-        .env_remove("VQCLIP_CLIP")
-        .env_remove("VQCLIP_VQGAN")
-        .output()
-        .expect("run vqclip")
 }
 
 fn tmp(name: &str) -> PathBuf {

@@ -3,42 +3,15 @@
 //! folder evaluates, and bad input fails with a message.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn vqclip(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vqclip"))
-        .args(args)
-        .output()
-        .expect("run vqclip")
-}
-
-fn ok(args: &[&str]) -> Output {
-    let out = vqclip(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn fails(args: &[&str], want: &str) {
-    let out = vqclip(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} should fail");
-    assert!(err.contains(want), "{args:?}: expected {want:?} in: {err}");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-}
+mod common;
+use common::{fails, ok, s};
 
 const TINY: &str = r#"{"model_type":"clip","projection_dim":16,
   "text_config":{"hidden_size":16,"intermediate_size":32,"num_hidden_layers":1,
     "num_attention_heads":2,"max_position_embeddings":20},
   "vision_config":{"hidden_size":16,"intermediate_size":32,"num_hidden_layers":1,
     "num_attention_heads":2,"image_size":16,"patch_size":8}}"#;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 #[test]
 fn train_resume_and_eval_clip() {

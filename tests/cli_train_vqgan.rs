@@ -1,23 +1,8 @@
 //! `vqclip train vqgan` and `vqclip eval vqgan` as a user runs them: a tiny run end to end
 //! (checkpoint, resume, shipped files that load back), and bad input.
 
-use std::process::{Command, Output};
-
-fn vqclip(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vqclip"))
-        .args(args)
-        .env_remove("VQCLIP_VQGAN")
-        .output()
-        .expect("run vqclip")
-}
-
-fn fails(args: &[&str], want: &str) {
-    let out = vqclip(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} should fail");
-    assert!(err.contains(want), "{args:?}: expected {want:?} in: {err}");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-}
+mod common;
+use common::{fails, vqclip};
 
 #[test]
 fn tiny_run_checkpoints_resumes_and_ships_taming_files() {

@@ -3,9 +3,11 @@
 //! multiples of the downsampling factor, truncated and malicious checkpoints.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use vqclip::models::vqgan::VqGan;
 use vqclip::Gpu;
+
+mod common;
+use common::s;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -15,20 +17,13 @@ fn fixture(name: &str) -> PathBuf {
 
 /// Runs the CLI; returns (success, stderr without Mesa's XDG noise).
 fn vqclip(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vqclip"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = common::vqclip(args);
     let err = String::from_utf8_lossy(&out.stderr)
         .lines()
         .filter(|l| !l.contains("XDG"))
         .collect::<Vec<_>>()
         .join("\n");
     (out.status.success(), err)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn golden(name: &str) -> serde_json::Value {
