@@ -86,4 +86,9 @@ fn train_resume_and_eval_clip() {
         "no such folder",
     );
     fails(&["eval", "clip", "--clip", s(&a), "--n", "0"], "--n");
+    fails(
+        &["train", "clip", "--out", s(&c), "--stop-after", "0"],
+        "--stop-after must be at least 1",
+    );
+    assert!(!c.exists(), "a refused run left {}", c.display());
 }

@@ -135,6 +135,9 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
             bail!("--mask-prob must be between 0 and 1, got {p}");
         }
     }
+    if args.stop_after == Some(0) {
+        bail!("--stop-after must be at least 1 (the step after which the run stops)");
+    }
     if let Some(t) = args.time_limit {
         if !(t.is_finite() && t > 0.0) {
             bail!("--time-limit must be a positive number of seconds, got {t}");
