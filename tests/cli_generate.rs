@@ -105,6 +105,7 @@ fn bad_input_is_refused_and_leaves_no_file() {
     let (clip, vq) = (fx("clip/tiny_quickgelu"), fx("vqgan/tiny_f4.ckpt"));
     let out = tmp("never.png");
     let so = out.to_str().unwrap();
+    let init = fx("../../docs/demo_red_circle.png");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec![""], "empty prompt"),
         (vec!["a cat:0"], "weight of 0"),
@@ -119,6 +120,16 @@ fn bad_input_is_refused_and_leaves_no_file() {
         (vec!["a cat", "--cut-method", "zoom"], "unknown cut method"),
         (vec!["a cat", "--cutn", "0"], "--cutn"),
         (vec!["a cat", "--size", "40000x40000"], "largest size"),
+        (vec!["a cat", "--preset", "fast"], "unknown preset 'fast'"),
+        (vec!["a cat", "--latent-grids", "2,99"], "latent grid 99"),
+        (
+            vec!["a cat", "--steps", "4", "--candidates", "3"],
+            "3 candidates of 4 steps do not fit in 4 steps",
+        ),
+        (
+            vec!["a cat", "--candidates", "2", "--init-image", &init],
+            "--candidates needs random starts",
+        ),
     ];
     for (extra, want) in cases {
         let mut args = base(&clip, &vq, so);

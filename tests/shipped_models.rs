@@ -4,7 +4,7 @@
 //! visible part of the image, away from the border).
 
 use vqclip::data::shapes::Colour;
-use vqclip::generate::{Generation, Options, Prompt};
+use vqclip::generate::{Generation, Options, Preset, Prompt};
 use vqclip::models::clip::ClipModel;
 use vqclip::models::vqgan::VqGan;
 use vqclip::{DeviceOptions, Gpu};
@@ -74,12 +74,13 @@ fn generated_images_show_the_prompted_colours_where_the_prompt_puts_them() {
     ];
     let mut failures = Vec::new();
     for (prompt, shape, background) in cases {
-        let mut o = Options::new(Prompt::parse_list(prompt).unwrap(), size, size);
-        o.steps = STEPS;
-        o.cutn = CUTN;
+        // What `vqclip generate` does with the shipped models: the shapes preset.
+        let mut o = Options::new(Prompt::parse_list(prompt).unwrap(), size, size)
+            .with_preset(Preset::Shapes);
         o.seed = 1;
+        let steps = o.steps;
         let mut g = Generation::new(&gpu, &clip, &vq, o).unwrap();
-        for _ in 0..STEPS {
+        for _ in 0..steps {
             g.step().unwrap();
         }
         let rgb = g.image_rgb8().unwrap();
@@ -107,6 +108,3 @@ fn generated_images_show_the_prompted_colours_where_the_prompt_puts_them() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
-
-const STEPS: usize = 40;
-const CUTN: usize = 8;

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use vqclip::generate::cutouts::CutMethod;
 use vqclip::generate::output::{write_png, GifFrames};
-use vqclip::generate::{Generation, Init, Options, Prompt};
+use vqclip::generate::{Generation, Init, Options, Preset, Prompt};
 use vqclip::models::clip::load_image;
 use vqclip::models::vqgan::config::VqGanConfig;
 use vqclip::models::vqgan::{config_beside, VqGan};
@@ -43,27 +43,34 @@ pub struct GenerateArgs {
     /// for the shipped one].
     #[arg(long)]
     size: Option<String>,
-    /// Optimisation steps (0 writes the initial image).
-    #[arg(long, default_value_t = 100)]
-    steps: usize,
+    /// Defaults for steps, lr, cutn, cut-method, latent-grids, candidates and
+    /// candidate-steps: reference (the notebook's: 100 steps, lr 0.1, 32 original cutouts)
+    /// or shapes (for the small shipped models: 28 steps, lr 0.3, 6 jitter views, latent
+    /// grids 2,4,8,16, 3 starts of 2 steps). Options given explicitly win
+    /// [default: shapes with the shipped CLIP and VQGAN, else reference].
+    #[arg(long)]
+    preset: Option<String>,
+    /// Optimisation steps (0 writes the initial image) [default: from --preset].
+    #[arg(long)]
+    steps: Option<usize>,
     /// Seed of every random choice (same seed, options and adapter: same bytes).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Learning rate.
-    #[arg(long, default_value_t = 0.1)]
-    lr: f32,
+    /// Learning rate [default: from --preset].
+    #[arg(long)]
+    lr: Option<f32>,
     /// Optimiser: adam or adamw.
     #[arg(long, default_value = "adam")]
     optimizer: String,
-    /// Cutouts per step.
-    #[arg(long, default_value_t = 32)]
-    cutn: usize,
+    /// Cutouts per step [default: from --preset].
+    #[arg(long)]
+    cutn: Option<usize>,
     /// Cutout size exponent (original method): larger favours small cutouts.
     #[arg(long, default_value_t = 1.0)]
     cut_pow: f32,
-    /// Cutout method: original (random crops, resampled) or pooled (the whole image with flips, random affine and perspective warps, colour jitter and erasing).
-    #[arg(long, default_value = "original")]
-    cut_method: String,
+    /// Cutout method: original (random crops, resampled), pooled (the whole image with flips, random affine and perspective warps, colour jitter and erasing) or jitter (the whole image zoomed by 0.9-1.2, shifted by up to 10%, blurred) [default: from --preset].
+    #[arg(long)]
+    cut_method: Option<String>,
     /// Noise added to cutouts (each cutout gets U(0, noise)·N(0, 1) per pixel).
     #[arg(long, default_value_t = 0.1)]
     noise: f32,
@@ -79,6 +86,20 @@ pub struct GenerateArgs {
     /// Total-variation loss weight (smoother images).
     #[arg(long, default_value_t = 0.0)]
     tv_weight: f32,
+    /// Coarse-to-fine latent grids, e.g. 2,4,8: the steps are split evenly over them, and in
+    /// each phase the latent is a G-cell grid (along its shorter side) upsampled bilinearly
+    /// to the full latent, so the image is laid out in large regions first; 0 turns it off
+    /// [default: from --preset].
+    #[arg(long, value_name = "G,...", value_delimiter = ',')]
+    latent_grids: Vec<usize>,
+    /// Random starts to try (1: off): each gets --candidate-steps steps, then the one whose
+    /// whole image is closest to the prompts goes on. The steps of all starts count toward
+    /// --steps [default: from --preset].
+    #[arg(long)]
+    candidates: Option<usize>,
+    /// Steps each of the --candidates starts gets before the choice [default: from --preset].
+    #[arg(long)]
+    candidate_steps: Option<usize>,
     /// Recompute decoder and CLIP blocks during the backward pass instead of keeping their
     /// activations: less GPU memory (larger images fit), about one more forward per step.
     #[arg(long)]
@@ -165,14 +186,33 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
         "adamw" => Kind::AdamW,
         o => bail!("unknown --optimizer '{o}': expected adam or adamw"),
     };
-    let cut_method: CutMethod = a.cut_method.parse()?;
-    if a.cutn == 0 {
+    let preset: Preset = match &a.preset {
+        Some(p) => p.parse()?,
+        None if a.clip.clip.is_none() && a.vqgan.is_none() => Preset::Shapes,
+        None => Preset::Reference,
+    };
+    let defaults = Options::new(Vec::new(), 1, 1).with_preset(preset);
+    let steps = a.steps.unwrap_or(defaults.steps);
+    let lr = a.lr.unwrap_or(defaults.lr);
+    let cutn = a.cutn.unwrap_or(defaults.cutn);
+    let cut_method: CutMethod = match &a.cut_method {
+        Some(m) => m.parse()?,
+        None => defaults.cut_method,
+    };
+    let latent_grids = match a.latent_grids.as_slice() {
+        [] => defaults.latent_grids.clone(),
+        [0] => Vec::new(),
+        g => g.to_vec(),
+    };
+    let candidates = a.candidates.unwrap_or(defaults.candidates);
+    let candidate_steps = a.candidate_steps.unwrap_or(defaults.candidate_steps);
+    if cutn == 0 {
         bail!("--cutn must be at least 1");
     }
     if a.save_every == Some(0) {
         bail!("--save-every must be at least 1");
     }
-    if !(a.lr > 0.0 && a.lr.is_finite()) {
+    if !(lr > 0.0 && lr.is_finite()) {
         bail!("--lr must be a positive number");
     }
     let mut noise_prompts = Vec::new();
@@ -236,18 +276,39 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
             (side * h / w.max(h)) / f * f
         );
     }
+    // The preset's latent grids and random starts adapt to a smaller latent or fewer steps;
+    // explicit values are checked as given.
+    let short = (w / f).min(h / f);
+    let latent_grids: Vec<usize> = if a.latent_grids.is_empty() {
+        latent_grids.into_iter().filter(|&g| g <= short).collect()
+    } else {
+        latent_grids
+    };
+    let candidates = match a.candidates {
+        None if candidates > 1
+            && (candidates * candidate_steps >= steps
+                || candidate_steps
+                    > (steps - (candidates - 1) * candidate_steps) / latent_grids.len().max(1)) =>
+        {
+            1
+        }
+        _ => candidates,
+    };
     let mut opts = Options::new(prompts.clone(), w, h);
-    opts.steps = a.steps;
+    opts.steps = steps;
     opts.seed = a.seed;
-    opts.lr = a.lr;
+    opts.lr = lr;
     opts.optimizer = optimizer;
-    opts.cutn = a.cutn;
+    opts.cutn = cutn;
     opts.cut_pow = a.cut_pow;
     opts.cut_method = cut_method;
     opts.noise = a.noise;
     opts.init_weight = a.init_weight;
     opts.tv_weight = a.tv_weight;
     opts.recompute = a.recompute;
+    opts.latent_grids = latent_grids;
+    opts.candidates = candidates;
+    opts.candidate_steps = candidate_steps;
     opts.noise_prompts = noise_prompts;
     opts.init = match (&a.init_image, a.init.as_str()) {
         (Some(p), _) => Init::Image(
@@ -289,7 +350,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
         Some(_) => Some(GifFrames::new(w, h)?),
         None => None,
     };
-    let gif_every = a.save_every.unwrap_or((a.steps / 50).max(1));
+    let gif_every = a.save_every.unwrap_or((steps / 50).max(1));
     let texts: Vec<(&str, String)> = vec![
         (
             "prompt",
@@ -300,7 +361,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
                 .join(" | "),
         ),
         ("seed", a.seed.to_string()),
-        ("steps", a.steps.to_string()),
+        ("steps", steps.to_string()),
         ("size", format!("{w}x{h}")),
         (
             "clip",
@@ -311,7 +372,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
         ("vqgan", vq_path.display().to_string()),
         ("software", format!("vqclip {}", vqclip::VERSION)),
     ];
-    let bar = indicatif::ProgressBar::new(a.steps as u64);
+    let bar = indicatif::ProgressBar::new(steps as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{bar:30} {pos}/{len} steps  {msg}  {per_sec}  eta {eta}",
@@ -321,7 +382,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
     if let Some(g) = gif.as_mut() {
         g.push(&gen.image_rgb8()?);
     }
-    for step in 0..a.steps {
+    for step in 0..steps {
         let l = gen.step()?;
         bar.set_message(format!("loss {:.4}", l.loss));
         bar.inc(1);
@@ -341,6 +402,19 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
         }
     }
     bar.finish();
+    let tried = gen.candidate_losses();
+    if !tried.is_empty() {
+        let best = (0..tried.len())
+            .min_by(|&i, &j| tried[i].total_cmp(&tried[j]))
+            .unwrap_or(0);
+        let list: Vec<String> = tried.iter().map(|l| format!("{l:.3}")).collect();
+        eprintln!(
+            "tried {} starts (whole-image loss {}), kept start {}",
+            tried.len(),
+            list.join(", "),
+            best + 1
+        );
+    }
     if let Some(mut f) = log {
         f.flush()?;
     }
@@ -349,6 +423,6 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
     if let (Some(g), Some(p)) = (gif, &a.gif) {
         g.write(p)?;
     }
-    eprintln!("wrote {} ({w}x{h}, {} steps)", a.output.display(), a.steps);
+    eprintln!("wrote {} ({w}x{h}, {} steps)", a.output.display(), steps);
     Ok(())
 }

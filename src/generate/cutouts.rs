@@ -24,6 +24,11 @@ pub enum CutMethod {
     /// then (in `generate`) nerdyrodent's default kornia augmentations in their order:
     /// random affine and perspective warps ([`pooled_warps`]), colour jitter and erasing.
     Pooled,
+    /// The whole image every time, zoomed by U(0.9, 1.2) (beyond 1 the edges are extended),
+    /// shifted by up to 10% of its side on each axis, and blurred by a 5-tap binomial filter:
+    /// views that barely differ from what CLIP saw in training, yet deny the optimiser the
+    /// pixel-exact high-frequency textures that fool a small CLIP.
+    Jitter,
 }
 
 impl std::str::FromStr for CutMethod {
@@ -32,8 +37,9 @@ impl std::str::FromStr for CutMethod {
         match s {
             "original" => Ok(CutMethod::Original),
             "pooled" => Ok(CutMethod::Pooled),
+            "jitter" => Ok(CutMethod::Jitter),
             o => Err(Error::invalid(format!(
-                "unknown cut method '{o}': expected original or pooled"
+                "unknown cut method '{o}': expected original, pooled or jitter"
             ))),
         }
     }
@@ -165,6 +171,21 @@ pub fn sample_cuts(
                     flip: rng.random_bool(0.5),
                 }
             }
+            CutMethod::Jitter => {
+                let (w, h) = (width as f32, height as f32);
+                let zoom = rng.random_range(0.9..1.2f32);
+                let (tx, ty) = (
+                    rng.random_range(-0.1..0.1f32),
+                    rng.random_range(-0.1..0.1f32),
+                );
+                Cut {
+                    x0: 0.5 * w * (1.0 - zoom) + tx * w,
+                    y0: 0.5 * h * (1.0 - zoom) + ty * h,
+                    w: zoom * w,
+                    h: zoom * h,
+                    flip: false,
+                }
+            }
         })
         .collect()
 }
@@ -199,13 +220,31 @@ pub fn resample_matrix(out: usize, len_in: usize, start: f32, len: f32, flip: bo
     m
 }
 
-/// Uploads the per-view matrices: `wy` `[cutn, S, H]`, `wx` `[cutn, S, W]`.
+/// `B · m` for a resampling matrix `m` `[out, len_in]`: each output sample becomes the
+/// binomial `[1, 4, 6, 4, 1] / 16` average of its neighbours, with the edge samples repeated.
+pub fn blur_rows(m: &[f32], out: usize, len_in: usize) -> Vec<f32> {
+    const TAPS: [f32; 5] = [1.0 / 16.0, 4.0 / 16.0, 6.0 / 16.0, 4.0 / 16.0, 1.0 / 16.0];
+    let mut b = vec![0.0f32; out * len_in];
+    for i in 0..out {
+        for (k, t) in TAPS.iter().enumerate() {
+            let src = (i as isize + k as isize - 2).clamp(0, out as isize - 1) as usize;
+            for j in 0..len_in {
+                b[i * len_in + j] += t * m[src * len_in + j];
+            }
+        }
+    }
+    b
+}
+
+/// Uploads the per-view matrices: `wy` `[cutn, S, H]`, `wx` `[cutn, S, W]`; with `blur`
+/// each view is also blurred ([`blur_rows`] on both axes).
 pub fn cut_matrices(
     gpu: &Gpu,
     cuts: &[Cut],
     width: usize,
     height: usize,
     size: usize,
+    blur: bool,
 ) -> Result<(Tensor, Tensor)> {
     if cuts.is_empty() || width == 0 || height == 0 || size == 0 {
         return Err(Error::invalid(
@@ -215,8 +254,15 @@ pub fn cut_matrices(
     let mut wy = Vec::with_capacity(cuts.len() * size * height);
     let mut wx = Vec::with_capacity(cuts.len() * size * width);
     for c in cuts {
-        wy.extend(resample_matrix(size, height, c.y0, c.h, false));
-        wx.extend(resample_matrix(size, width, c.x0, c.w, c.flip));
+        let my = resample_matrix(size, height, c.y0, c.h, false);
+        let mx = resample_matrix(size, width, c.x0, c.w, c.flip);
+        if blur {
+            wy.extend(blur_rows(&my, size, height));
+            wx.extend(blur_rows(&mx, size, width));
+        } else {
+            wy.extend(my);
+            wx.extend(mx);
+        }
     }
     Ok((
         Tensor::from_slice(gpu, &wy, &[cuts.len(), size, height])?,
@@ -224,7 +270,9 @@ pub fn cut_matrices(
     ))
 }
 
-/// The views of `image` `[1, 3, H, W]` as `[cutn, 3, S, S]`, on the tape.
+/// The views of `image` `[1, C, H, W]` as `[n, C, Sy, Sx]`, on the tape: `Wy · image · Wxᵀ`
+/// per view and channel, with `wy` `[n, Sy, H]` and `wx` `[n, Sx, W]` (square cutouts have
+/// `Sy = Sx`; the coarse-latent upsampling of `generate` uses the same map with `n = 1`).
 pub fn cutouts(tape: &Tape, image: &Var, wy: &Tensor, wx: &Tensor) -> Result<Var> {
     let (c, h, w) = match image.shape() {
         [1, c, h, w] => (*c, *h, *w),
@@ -234,8 +282,9 @@ pub fn cutouts(tape: &Tape, image: &Var, wy: &Tensor, wx: &Tensor) -> Result<Var
             )))
         }
     };
-    let (n, s) = (wy.dim(0), wy.dim(1));
-    if wy.shape() != [n, s, h] || wx.shape() != [n, s, w] {
+    let (n, sy) = (wy.dim(0), wy.dim(1));
+    let sx = wx.dim(1);
+    if wy.shape() != [n, sy, h] || wx.shape() != [n, sx, w] {
         return Err(Error::shape(format!(
             "cut matrices {:?} / {:?} do not fit an image of {h}x{w}",
             wy.shape(),
@@ -248,10 +297,10 @@ pub fn cutouts(tape: &Tape, image: &Var, wy: &Tensor, wx: &Tensor) -> Result<Var
     let x = tape.reshape(&x, &[h, c * w])?;
     let wy = tape.leaf(wy.clone(), false);
     let wx = tape.leaf(wx.clone(), false);
-    // [n, S, C·W] = Wy [n, S, H] @ x [H, C·W]
+    // [n, Sy, C·W] = Wy [n, Sy, H] @ x [H, C·W]
     let rows = tape.matmul(&wy, &x, None, &MatmulOpts::default())?;
-    // [n, S·C, S] = rows [n, S·C, W] @ Wxᵀ [n, W, S]
-    let rows = tape.reshape(&rows, &[n, s * c, w])?;
+    // [n, Sy·C, Sx] = rows [n, Sy·C, W] @ Wxᵀ [n, W, Sx]
+    let rows = tape.reshape(&rows, &[n, sy * c, w])?;
     let both = tape.matmul(
         &rows,
         &wx,
@@ -261,8 +310,25 @@ pub fn cutouts(tape: &Tape, image: &Var, wy: &Tensor, wx: &Tensor) -> Result<Var
             ..Default::default()
         },
     )?;
-    let both = tape.reshape(&both, &[n, s, c, s])?;
+    let both = tape.reshape(&both, &[n, sy, c, sx])?;
     tape.permute(&both, &[0, 2, 1, 3])
+}
+
+/// Bilinear upsampling matrix `[out, len_in]` with half-pixel centres (PyTorch's
+/// `interpolate(mode="bilinear", align_corners=False)`): output sample `i` reads the input
+/// at `(i + 0.5) · len_in / out − 0.5`, clamped to the edge samples.
+pub fn bilinear_matrix(out: usize, len_in: usize) -> Vec<f32> {
+    let mut m = vec![0.0f32; out * len_in];
+    let scale = len_in as f32 / out as f32;
+    for i in 0..out {
+        let src = ((i as f32 + 0.5) * scale - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(len_in - 1);
+        let i1 = (i0 + 1).min(len_in - 1);
+        let t = src - i0 as f32;
+        m[i * len_in + i0] += 1.0 - t;
+        m[i * len_in + i1] += t;
+    }
+    m
 }
 
 #[cfg(test)]
@@ -360,6 +426,71 @@ mod tests {
     }
 
     #[test]
+    fn bilinear_matrix_has_half_pixel_centres() {
+        // 2 -> 4 as torch.nn.functional.interpolate(mode="bilinear", align_corners=False)
+        let m = bilinear_matrix(4, 2);
+        assert_eq!(m, vec![1.0, 0.0, 0.75, 0.25, 0.25, 0.75, 0.0, 1.0]);
+        assert_eq!(
+            bilinear_matrix(3, 3),
+            resample_matrix(3, 3, 0.0, 3.0, false)
+        );
+        assert_eq!(bilinear_matrix(5, 1), vec![1.0; 5]);
+    }
+
+    #[test]
+    fn jitter_views_zoom_shift_and_blur_the_whole_image() {
+        let (w, h, s) = (96usize, 64usize, 32usize);
+        let mut r = ChaCha8Rng::seed_from_u64(3);
+        let cuts = sample_cuts(&mut r, CutMethod::Jitter, 200, 1.0, w, h, s);
+        let mut r2 = ChaCha8Rng::seed_from_u64(3);
+        assert_eq!(
+            cuts,
+            sample_cuts(&mut r2, CutMethod::Jitter, 200, 1.0, w, h, s)
+        );
+        let (mut zoomed_out, mut zoomed_in) = (0, 0);
+        for c in &cuts {
+            let zoom = c.w / w as f32;
+            assert!((0.9..1.2).contains(&zoom), "{c:?}");
+            assert!((c.h / h as f32 - zoom).abs() < 1e-5, "{c:?}");
+            let (cx, cy) = (c.x0 + c.w / 2.0, c.y0 + c.h / 2.0);
+            assert!(
+                (cx - 48.0).abs() <= 9.6 + 1e-3 && (cy - 32.0).abs() <= 6.4 + 1e-3,
+                "{c:?}"
+            );
+            assert!(!c.flip);
+            if zoom > 1.0 {
+                zoomed_out += 1
+            } else {
+                zoomed_in += 1
+            }
+        }
+        assert!(
+            zoomed_out > 50 && zoomed_in > 30,
+            "{zoomed_out} {zoomed_in}"
+        );
+        // Blurred matrices still average: every row sums to 1, so a flat image stays flat,
+        // even where the view reaches past the image's edge.
+        let g = gpu();
+        let (wy, wx) = cut_matrices(&g, &cuts[..8], w, h, s, true).unwrap();
+        for (m, len) in [(wy.to_vec().unwrap(), h), (wx.to_vec().unwrap(), w)] {
+            for row in m.chunks(len) {
+                let sum: f32 = row.iter().sum();
+                assert!((sum - 1.0).abs() < 1e-5, "row sums to {sum}");
+                assert!(row.iter().all(|&v| v >= 0.0));
+            }
+        }
+        // The blur is the 5-tap binomial with repeated edges: an impulse spreads as 1 4 6 4 1.
+        let eye: Vec<f32> = (0..81)
+            .map(|i| if i % 10 == 0 { 1.0 } else { 0.0 })
+            .collect();
+        let b = blur_rows(&eye, 9, 9);
+        let col4: Vec<f32> = (0..9).map(|i| b[i * 9 + 4] * 16.0).collect();
+        assert_eq!(col4, vec![0.0, 0.0, 1.0, 4.0, 6.0, 4.0, 1.0, 0.0, 0.0]);
+        let row0: Vec<f32> = b[..9].iter().map(|v| v * 16.0).collect();
+        assert_eq!(row0, vec![11.0, 4.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
     fn cutouts_match_a_cpu_resampling_and_gradients_flow() {
         let g = gpu();
         let (c, h, w, s) = (3, 20, 28, 8);
@@ -387,7 +518,7 @@ mod tests {
                 flip: false,
             },
         ];
-        let (wy, wx) = cut_matrices(&g, &cuts, w, h, s).unwrap();
+        let (wy, wx) = cut_matrices(&g, &cuts, w, h, s, false).unwrap();
         let tape = Tape::new();
         let x = tape.leaf(Tensor::from_slice(&g, &img, &[1, c, h, w]).unwrap(), true);
         let v = cutouts(&tape, &x, &wy, &wx).unwrap();

@@ -77,6 +77,33 @@ pub enum Init {
     Gradient,
 }
 
+/// A named set of defaults for the optimisation (steps, learning rate, cutouts, latent
+/// schedule, random starts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// The reference notebook's settings, for full-size CLIP and VQGAN models: 100 steps,
+    /// lr 0.1, 32 original cutouts, the full latent from the first step, one start.
+    Reference,
+    /// Settings for the small shipped models of the shapes world, where the reference
+    /// settings give noise that the small CLIP accepts: 28 steps, lr 0.3, 6 jitter views,
+    /// latent grids 2, 4, 8, 16, and 3 random starts of 2 steps each. Measured in
+    /// `docs/generation_recipe.md`.
+    Shapes,
+}
+
+impl std::str::FromStr for Preset {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "reference" => Ok(Preset::Reference),
+            "shapes" => Ok(Preset::Shapes),
+            o => Err(Error::invalid(format!(
+                "unknown preset '{o}': expected reference or shapes"
+            ))),
+        }
+    }
+}
+
 /// Everything that shapes one generation.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -115,9 +142,48 @@ pub struct Options {
     /// Recompute decoder and CLIP blocks in the backward pass instead of holding their
     /// activations (less GPU memory for large images, about one more forward pass per step).
     pub recompute: bool,
+    /// Coarse-to-fine latent schedule (empty: off). The steps are split evenly over these
+    /// grid sizes; in each phase the optimised latent has `G` cells along the latent's
+    /// shorter side (the other side in proportion) and is bilinearly upsampled to the full
+    /// latent before quantisation, so early steps can only lay out large regions and later
+    /// ones refine them. Moving to the next phase upsamples the latent and restarts Adam.
+    pub latent_grids: Vec<usize>,
+    /// Random starts tried before one is kept (1: off). Each of the `candidates` starts is
+    /// optimised for `candidate_steps` steps; the one whose image is closest to the prompts
+    /// (the weighted loss of the whole image, without cutouts or noise) goes on. Its steps
+    /// count toward `steps`; the others' steps are extra, also counted in `steps`, so the
+    /// kept start has `steps − (candidates − 1) · candidate_steps` steps in all.
+    pub candidates: usize,
+    /// Steps each start gets before the choice.
+    pub candidate_steps: usize,
 }
 
 impl Options {
+    /// These options with `preset`'s steps, learning rate, cutouts, latent grids and starts.
+    pub fn with_preset(mut self, preset: Preset) -> Self {
+        let base = Options::new(Vec::new(), 1, 1);
+        let (steps, lr, cutn, method, grids, cands, cand_steps) = match preset {
+            Preset::Reference => (
+                base.steps,
+                base.lr,
+                base.cutn,
+                base.cut_method,
+                base.latent_grids,
+                base.candidates,
+                base.candidate_steps,
+            ),
+            Preset::Shapes => (28, 0.3, 6, CutMethod::Jitter, vec![2, 4, 8, 16], 3, 2),
+        };
+        self.steps = steps;
+        self.lr = lr;
+        self.cutn = cutn;
+        self.cut_method = method;
+        self.latent_grids = grids;
+        self.candidates = cands;
+        self.candidate_steps = cand_steps;
+        self
+    }
+
     /// The reference defaults for a prompt list and size.
     pub fn new(prompts: Vec<Prompt>, width: usize, height: usize) -> Self {
         Options {
@@ -138,6 +204,9 @@ impl Options {
             tv_weight: 0.0,
             noise: 0.1,
             recompute: false,
+            latent_grids: Vec::new(),
+            candidates: 1,
+            candidate_steps: 4,
         }
     }
 }
@@ -166,12 +235,99 @@ pub struct Generation<'a> {
     vqgan: &'a dyn Generator,
     opts: Options,
     targets: Vec<Target>,
+    /// The initial full-resolution latent (for `init_weight`).
     z0: Tensor,
     z_min: Tensor,
     z_max: Tensor,
+    /// Adam over the optimised latent: the full latent, or a coarse grid of it.
     opt: Adam,
+    adam: AdamConfig,
+    /// Grid `(h, w)` of each phase of `latent_grids` (one entry, the full latent, when off).
+    grids: Vec<(usize, usize)>,
+    phase: usize,
+    /// Upsampling matrices from the current grid to the full latent (`None`: same size).
+    up: Option<(Tensor, Tensor)>,
     rng: ChaCha8Rng,
     step: usize,
+    /// The codebook `[n_embed, E]` on the CPU (random starts draw from it).
+    codebook: Vec<f32>,
+    /// Loss of each start tried so far, and the best start's latent.
+    candidate_losses: Vec<f32>,
+    best_start: Option<(f32, Tensor)>,
+}
+
+/// A latent `[1, E, h, w]` of uniformly random codebook entries.
+fn random_codes(
+    gpu: &Gpu,
+    rng: &mut ChaCha8Rng,
+    codebook: &[f32],
+    e: usize,
+    (h, w): (usize, usize),
+) -> Result<Tensor> {
+    let n_embed = codebook.len() / e;
+    // z[0, c, y, x] = codebook[idx[y, x], c]
+    let mut z = vec![0.0f32; e * h * w];
+    for pos in 0..h * w {
+        let idx = rng.random_range(0..n_embed);
+        for c in 0..e {
+            z[c * h * w + pos] = codebook[idx * e + c];
+        }
+    }
+    Tensor::from_slice(gpu, &z, &[1, e, h, w])
+}
+
+/// The grid `(h, w)` of each entry of `grids` for a latent of `h`×`w`: `G` cells along the
+/// shorter side, the longer side in proportion.
+fn resolve_grids(grids: &[usize], h: usize, w: usize) -> Result<Vec<(usize, usize)>> {
+    if grids.is_empty() {
+        return Ok(vec![(h, w)]);
+    }
+    let short = h.min(w);
+    grids
+        .iter()
+        .map(|&g| {
+            if g == 0 || g > short {
+                return Err(Error::invalid(format!(
+                    "latent grid {g} must be between 1 and {short} (the shorter side of the \
+                     {h}x{w} latent)"
+                )));
+            }
+            let side = |n: usize| ((g * n) as f32 / short as f32).round().clamp(1.0, n as f32);
+            Ok((side(h) as usize, side(w) as usize))
+        })
+        .collect()
+}
+
+/// Matrices `[1, to.0, from.0]` and `[1, to.1, from.1]` that resize a latent grid: bilinear
+/// when enlarging, an area-weighted tent when shrinking.
+fn resize_matrices(
+    gpu: &Gpu,
+    from: (usize, usize),
+    to: (usize, usize),
+) -> Result<(Tensor, Tensor)> {
+    let m = |o: usize, i: usize| {
+        if o >= i {
+            cutouts::bilinear_matrix(o, i)
+        } else {
+            cutouts::resample_matrix(o, i, 0.0, i as f32, false)
+        }
+    };
+    Ok((
+        Tensor::from_slice(gpu, &m(to.0, from.0), &[1, to.0, from.0])?,
+        Tensor::from_slice(gpu, &m(to.1, from.1), &[1, to.1, from.1])?,
+    ))
+}
+
+/// `x` `[1, C, h, w]` resized with [`resize_matrices`] (no gradient).
+fn resize_latent(gpu: &Gpu, x: &Tensor, to: (usize, usize)) -> Result<Tensor> {
+    let from = (x.dim(2), x.dim(3));
+    if from == to {
+        return elementwise::scale(x, 1.0);
+    }
+    let (my, mx) = resize_matrices(gpu, from, to)?;
+    let tape = Tape::new();
+    let v = cutouts::cutouts(&tape, &tape.leaf(x.clone(), false), &my, &mx)?;
+    Ok(v.value().clone())
 }
 
 /// Codebook per-channel minimum and maximum, each `[1, E, 1, 1]`.
@@ -257,20 +413,11 @@ impl<'a> Generation<'a> {
             }
         }
         let codebook = vqgan.codebook().to_vec()?;
-        let (n_embed, e) = (vqgan.codebook().dim(0), vqgan.codebook().dim(1));
+        let e = vqgan.codebook().dim(1);
         let (h, w) = (opts.height / f, opts.width / f);
+        let grids = resolve_grids(&opts.latent_grids, h, w)?;
         let z = match &opts.init {
-            Init::RandomCodes => {
-                // z[0, c, y, x] = codebook[idx[y, x], c]
-                let mut z = vec![0.0f32; e * h * w];
-                for pos in 0..h * w {
-                    let idx = rng.random_range(0..n_embed);
-                    for c in 0..e {
-                        z[c * h * w + pos] = codebook[idx * e + c];
-                    }
-                }
-                Tensor::from_slice(gpu, &z, &[1, e, h, w])?
-            }
+            Init::RandomCodes => random_codes(gpu, &mut rng, &codebook, e, grids[0])?,
             init => {
                 let (ww, hh) = (opts.width, opts.height);
                 let pixels: Vec<f32> = match init {
@@ -304,16 +451,41 @@ impl<'a> Generation<'a> {
                         shift: -1.0,
                     },
                 )?;
-                vqgan.quantize(&vqgan.encode(&img)?)?
+                resize_latent(gpu, &vqgan.quantize(&vqgan.encode(&img)?)?, grids[0])?
             }
         };
+        let (k, ks) = (opts.candidates, opts.candidate_steps);
+        if k == 0 {
+            return Err(Error::invalid("--candidates must be at least 1"));
+        }
+        if k > 1 {
+            if matches!(opts.init, Init::Image(_)) {
+                return Err(Error::invalid(
+                    "--candidates needs random starts: it cannot be used with --init-image",
+                ));
+            }
+            if ks == 0 || k * ks >= opts.steps || ks > (opts.steps - (k - 1) * ks) / grids.len() {
+                return Err(Error::invalid(format!(
+                    "{k} candidates of {ks} steps do not fit in {} steps: each needs at least \
+                     one step, all of them together fewer than --steps, and one candidate's steps \
+                     at most the first latent-grid phase",
+                    opts.steps
+                )));
+            }
+        }
         let (z_min, z_max) = codebook_range(gpu, &codebook, e)?;
-        let config = match opts.optimizer {
+        let adam = match opts.optimizer {
             Kind::Adam => AdamConfig::adam(opts.lr),
             Kind::AdamW => AdamConfig::adamw(opts.lr),
         };
-        let z0 = elementwise::scale(&z, 1.0)?; // a copy: z itself is updated in place
-        let opt = Adam::new(vec![z], config)?;
+        // a copy at full size: z itself is updated in place
+        let z0 = resize_latent(gpu, &z, (h, w))?;
+        let up = if grids[0] == (h, w) {
+            None
+        } else {
+            Some(resize_matrices(gpu, grids[0], (h, w))?)
+        };
+        let opt = Adam::new(vec![z], adam)?;
         Ok(Generation {
             gpu: gpu.clone(),
             clip,
@@ -324,9 +496,114 @@ impl<'a> Generation<'a> {
             z_min,
             z_max,
             opt,
+            adam,
+            grids,
+            phase: 0,
+            up,
             rng,
             step: 0,
+            codebook,
+            candidate_losses: Vec::new(),
+            best_start: None,
         })
+    }
+
+    /// Loss of each random start tried so far (see [`Options::candidates`]).
+    pub fn candidate_losses(&self) -> &[f32] {
+        &self.candidate_losses
+    }
+
+    /// The weighted prompt loss of the whole current image, as CLIP sees it without cutouts
+    /// or noise (prompt stops ignored).
+    pub fn clean_loss(&self) -> Result<f32> {
+        let tape = Tape::new();
+        let z = tape.leaf(self.opt.params()[0].clone(), false);
+        let img = self.synth(&tape, &self.full_latent(&tape, &z)?)?;
+        let (h, w) = (img.shape()[2], img.shape()[3]);
+        let s = self.clip.image_size();
+        let whole = cutouts::Cut {
+            x0: 0.0,
+            y0: 0.0,
+            w: w as f32,
+            h: h as f32,
+            flip: false,
+        };
+        let (wy, wx) = cut_matrices(&self.gpu, &[whole], w, h, s, false)?;
+        let view = cutouts::cutouts(&tape, &img, &wy, &wx)?;
+        let emb = self
+            .clip
+            .encode_image(&tape, &clip_normalise(&self.gpu, self.clip, &tape, &view)?)?;
+        let mut total = 0.0;
+        for t in &self.targets {
+            let d = tape.spherical_distance(&emb, &tape.leaf(t.embed.clone(), false))?;
+            total += t.weight * d.value().to_vec()?[0];
+        }
+        Ok(total)
+    }
+
+    /// Ends the current random start: keeps it if it is the best so far, then begins the
+    /// next one, or, after the last, goes on from the best.
+    fn next_candidate(&mut self) -> Result<()> {
+        let loss = self.clean_loss()?;
+        self.candidate_losses.push(loss);
+        if self.best_start.as_ref().is_none_or(|(b, _)| loss < *b) {
+            let z = elementwise::scale(&self.opt.params()[0], 1.0)?;
+            self.best_start = Some((loss, z));
+        }
+        let z = if self.candidate_losses.len() < self.opts.candidates {
+            let e = self.codebook.len() / self.vqgan.codebook().dim(0);
+            random_codes(&self.gpu, &mut self.rng, &self.codebook, e, self.grids[0])?
+        } else {
+            let (_, z) = self
+                .best_start
+                .take()
+                .ok_or_else(|| Error::invalid("no start"))?;
+            z
+        };
+        self.opt = Adam::new(vec![z], self.adam)?;
+        Ok(())
+    }
+
+    /// The phase of the coarse-to-fine schedule that step `step` of the run belongs to.
+    /// Phases split the kept start's steps evenly; every candidate start is in phase 0.
+    fn phase_at(&self, step: usize) -> usize {
+        let (k, ks) = (self.opts.candidates, self.opts.candidate_steps);
+        let (t, total) = if k > 1 {
+            let extra = (k - 1) * ks;
+            let total = self.opts.steps - extra;
+            if step < k * ks {
+                (step % ks, total)
+            } else {
+                (step - extra, total)
+            }
+        } else {
+            (step, self.opts.steps)
+        };
+        let n = self.grids.len();
+        (0..n).rev().find(|&p| p * total / n <= t).unwrap_or(0)
+    }
+
+    /// Moves the optimised latent to the grid of `phase`: upsampled, with a fresh Adam.
+    fn enter_phase(&mut self, phase: usize) -> Result<()> {
+        let full = (self.z0.dim(2), self.z0.dim(3));
+        let to = self.grids[phase];
+        let z = resize_latent(&self.gpu, &self.opt.params()[0], to)?;
+        self.opt = Adam::new(vec![z], self.adam)?;
+        self.up = if to == full {
+            None
+        } else {
+            Some(resize_matrices(&self.gpu, to, full)?)
+        };
+        self.phase = phase;
+        Ok(())
+    }
+
+    /// The optimised latent on the tape, upsampled to the full latent grid.
+    fn full_latent(&self, tape: &Tape, z: &Var) -> Result<Var> {
+        match &self.up {
+            Some((my, mx)) => cutouts::cutouts(tape, z, my, mx),
+            None => Ok(z.clone()),
+        }
     }
 
     /// Steps taken so far.
@@ -334,9 +611,18 @@ impl<'a> Generation<'a> {
         self.step
     }
 
-    /// The current latent `[1, E, h, w]`.
-    pub fn latent(&self) -> &Tensor {
-        &self.opt.params()[0]
+    /// The current latent `[1, E, h, w]` at the full latent size (upsampled from the
+    /// coarse grid while a coarse phase of `latent_grids` runs).
+    pub fn latent(&self) -> Result<Tensor> {
+        let z = &self.opt.params()[0];
+        match &self.up {
+            Some(_) => {
+                let tape = Tape::new();
+                let v = self.full_latent(&tape, &tape.leaf(z.clone(), false))?;
+                Ok(v.value().clone())
+            }
+            None => Ok(z.clone()),
+        }
     }
 
     /// `synth(z)`: the current image `[1, 3, H, W]` in [0, 1] on the tape.
@@ -356,7 +642,7 @@ impl<'a> Generation<'a> {
     /// decoded quantised latent, the same conversion as `vqclip reconstruct`.
     pub fn image_rgb8(&self) -> Result<Vec<u8>> {
         let tape = Tape::new();
-        let zq = tape.leaf(self.vqgan.quantize(self.latent())?, false);
+        let zq = tape.leaf(self.vqgan.quantize(&self.latent()?)?, false);
         let x = self.vqgan.decode(&tape, &zq)?.value().to_vec()?;
         Ok(crate::models::vqgan::output_to_rgb8(
             &x,
@@ -367,9 +653,14 @@ impl<'a> Generation<'a> {
 
     /// One optimisation step; returns its losses.
     pub fn step(&mut self) -> Result<StepLog> {
+        let phase = self.phase_at(self.step);
+        if phase != self.phase {
+            self.enter_phase(phase)?;
+        }
         let tape = Tape::new();
-        let z = tape.leaf(self.latent().clone(), true);
-        let img = self.synth(&tape, &z)?;
+        let z = tape.leaf(self.opt.params()[0].clone(), true);
+        let zf = self.full_latent(&tape, &z)?;
+        let img = self.synth(&tape, &zf)?;
         let views = make_views(&self.gpu, self.clip, &tape, &img, &self.opts, &mut self.rng)?;
         let emb = if self.opts.recompute {
             self.clip.encode_image_recomputed(&tape, &views)?
@@ -394,7 +685,7 @@ impl<'a> Generation<'a> {
         }
         if self.opts.init_weight != 0.0 {
             let z0 = tape.leaf(self.z0.clone(), false);
-            let d = tape.square(&tape.sub(&z, &z0)?)?;
+            let d = tape.square(&tape.sub(&zf, &z0)?)?;
             let l = tape.affine(&tape.mean(&d)?, self.opts.init_weight / 2.0, 0.0)?;
             total = tape.add(&total, &l)?;
         }
@@ -408,9 +699,10 @@ impl<'a> Generation<'a> {
             .ok_or_else(|| Error::invalid("the loss does not depend on the latent"))?;
         self.opt.step(&[Some(&gz)])?;
         // z ← clamp(z, codebook min, codebook max) per channel
-        let zc = elementwise::binary(self.latent(), &self.z_min, BinaryOp::Max)?;
+        let param = &self.opt.params()[0];
+        let zc = elementwise::binary(param, &self.z_min, BinaryOp::Max)?;
         let zc = elementwise::binary(&zc, &self.z_max, BinaryOp::Min)?;
-        self.latent().assign(&zc)?;
+        param.assign(&zc)?;
         let log = StepLog {
             step: self.step,
             loss: total.value().to_vec()?[0],
@@ -420,6 +712,10 @@ impl<'a> Generation<'a> {
                 .collect::<Result<_>>()?,
         };
         self.step += 1;
+        let (k, ks) = (self.opts.candidates, self.opts.candidate_steps);
+        if k > 1 && self.step <= k * ks && self.step.is_multiple_of(ks) {
+            self.next_candidate()?;
+        }
         Ok(log)
     }
 }
@@ -547,7 +843,8 @@ fn make_views(
     let (h, w) = (img.shape()[2], img.shape()[3]);
     let s = clip.image_size();
     let cuts = sample_cuts(rng, opts.cut_method, opts.cutn, opts.cut_pow, w, h, s);
-    let (wy, wx) = cut_matrices(gpu, &cuts, w, h, s)?;
+    let blur = opts.cut_method == CutMethod::Jitter;
+    let (wy, wx) = cut_matrices(gpu, &cuts, w, h, s, blur)?;
     let mut views = cutouts::cutouts(tape, img, &wy, &wx)?;
     if opts.cut_method == CutMethod::Pooled {
         let maps = cutouts::pooled_warps(rng, opts.cutn, s);
@@ -569,12 +866,17 @@ fn make_views(
         let noise = tape.leaf(Tensor::from_slice(gpu, &noise, &[n, 3, s, s])?, false);
         views = tape.add(&views, &noise)?;
     }
+    clip_normalise(gpu, clip, tape, &views)
+}
+
+/// `(views − mean) / std` with CLIP's per-channel statistics.
+fn clip_normalise(gpu: &Gpu, clip: &dyn Perceptor, tape: &Tape, views: &Var) -> Result<Var> {
     let (mean, std) = clip.mean_std();
     let scale: Vec<f32> = std.iter().map(|s| 1.0 / s).collect();
     let shift: Vec<f32> = mean.iter().zip(&std).map(|(m, s)| -m / s).collect();
     let scale = tape.leaf(Tensor::from_slice(gpu, &scale, &[3, 1, 1])?, false);
     let shift = tape.leaf(Tensor::from_slice(gpu, &shift, &[3, 1, 1])?, false);
-    tape.add(&tape.mul(&views, &scale)?, &shift)
+    tape.add(&tape.mul(views, &scale)?, &shift)
 }
 
 #[cfg(test)]

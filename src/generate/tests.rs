@@ -203,7 +203,7 @@ fn every_init_and_option_runs() {
         assert_eq!(log.prompt_losses.len(), 4);
         // z stays within the codebook's per-channel range
         let (z, cb) = (
-            gen.latent().to_vec().unwrap(),
+            gen.latent().unwrap().to_vec().unwrap(),
             vq.codebook.to_vec().unwrap(),
         );
         let hw = z.len() / E;
@@ -266,4 +266,143 @@ fn colour_jitter_keeps_grey_grey_and_erasing_zeroes_a_rectangle() {
     }
     // The erased rectangle is the same in every cutout (or absent with probability 0.3).
     assert_eq!(zeros % n, 0);
+}
+
+#[test]
+fn coarse_to_fine_latent_grids_lay_out_large_regions_first() {
+    let g = gpu();
+    let (clip, vq) = models(&g);
+    // The 16x16 image has a 4x4 latent: phases of 2 steps on grids 1, 2 and 4.
+    for init in [Init::RandomCodes, Init::Image(rand_vec(3 * 256, 8))] {
+        let mut o = opts();
+        o.init = init.clone();
+        o.steps = 6;
+        o.latent_grids = vec![1, 2, 4];
+        o.cut_method = CutMethod::Jitter;
+        o.init_weight = 0.1;
+        let mut gen = Generation::new(&g, &clip, &vq, o.clone()).unwrap();
+        let at = |z: &[f32], c: usize, y: usize, x: usize| z[(c * 4 + y) * 4 + x];
+        for step in 0..6 {
+            let log = gen.step().unwrap();
+            assert!(log.loss.is_finite(), "{init:?} step {step}");
+            let z = gen.latent().unwrap();
+            assert_eq!(z.shape(), [1, E, 4, 4]);
+            let z = z.to_vec().unwrap();
+            match step {
+                // grid 1: one latent vector everywhere
+                0 | 1 => {
+                    for c in 0..E {
+                        assert!((0..16).all(|p| z[c * 16 + p] == z[c * 16]), "step {step}");
+                    }
+                }
+                // grid 2: bilinear upsampling, e.g. row 1 = 0.75 row 0 + 0.25 row 3
+                2 | 3 => {
+                    for c in 0..E {
+                        for x in 0..4 {
+                            let want = 0.75 * at(&z, c, 0, x) + 0.25 * at(&z, c, 3, x);
+                            assert!((at(&z, c, 1, x) - want).abs() < 1e-5, "step {step}");
+                        }
+                        assert_ne!(at(&z, c, 0, 0), at(&z, c, 3, 3), "step {step}");
+                    }
+                }
+                // the full 4x4 latent, free
+                _ => {
+                    let bilinear = (0..E).all(|c| {
+                        (0..4).all(|x| {
+                            let want = 0.75 * at(&z, c, 0, x) + 0.25 * at(&z, c, 3, x);
+                            (at(&z, c, 1, x) - want).abs() < 1e-5
+                        })
+                    });
+                    assert!(!bilinear, "step {step}: the last phase is not constrained");
+                }
+            }
+        }
+        // seeded like everything else
+        let mut again = Generation::new(&g, &clip, &vq, o).unwrap();
+        for _ in 0..6 {
+            again.step().unwrap();
+        }
+        assert_eq!(again.image_rgb8().unwrap(), gen.image_rgb8().unwrap());
+    }
+}
+
+#[test]
+fn latent_grids_are_checked_and_follow_the_aspect_ratio() {
+    assert_eq!(resolve_grids(&[], 4, 8).unwrap(), vec![(4, 8)]);
+    assert_eq!(
+        resolve_grids(&[1, 2, 4], 4, 8).unwrap(),
+        vec![(1, 2), (2, 4), (4, 8)]
+    );
+    assert_eq!(resolve_grids(&[3], 6, 4).unwrap(), vec![(5, 3)]);
+    for bad in [0, 5] {
+        let e = resolve_grids(&[2, bad], 4, 8).unwrap_err().to_string();
+        assert!(e.contains(&format!("latent grid {bad}")), "{e}");
+    }
+    let g = gpu();
+    let (clip, vq) = models(&g);
+    let mut o = opts();
+    o.latent_grids = vec![9];
+    let e = Generation::new(&g, &clip, &vq, o)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("between 1 and 4"), "{e}");
+}
+
+#[test]
+fn candidates_try_random_starts_and_keep_the_best() {
+    let g = gpu();
+    let (clip, vq) = models(&g);
+    let mut o = opts();
+    o.steps = 10;
+    o.latent_grids = vec![2, 4];
+    o.candidates = 3;
+    o.candidate_steps = 2;
+    let mut gen = Generation::new(&g, &clip, &vq, o.clone()).unwrap();
+    let mut starts = Vec::new();
+    for step in 0..6usize {
+        gen.step().unwrap();
+        if step % 2 == 1 && step < 5 {
+            // a new random start has begun
+            starts.push(gen.latent().unwrap().to_vec().unwrap());
+        }
+        assert_eq!(
+            gen.candidate_losses().len(),
+            step.div_ceil(2),
+            "step {step}"
+        );
+    }
+    assert_ne!(starts[0], starts[1], "each start draws its own codes");
+    // After the third start the best one is back, with the loss it was chosen for.
+    let tried = gen.candidate_losses().to_vec();
+    let best = tried.iter().cloned().fold(f32::INFINITY, f32::min);
+    assert_eq!(gen.clean_loss().unwrap(), best, "tried {tried:?}");
+    assert!(
+        tried.iter().any(|&l| l > best),
+        "three different starts: {tried:?}"
+    );
+    for _ in 6..10 {
+        assert!(gen.step().unwrap().loss.is_finite());
+    }
+    assert_eq!(gen.candidate_losses().len(), 3);
+    // seeded
+    let mut again = Generation::new(&g, &clip, &vq, o.clone()).unwrap();
+    for _ in 0..10 {
+        again.step().unwrap();
+    }
+    assert_eq!(again.image_rgb8().unwrap(), gen.image_rgb8().unwrap());
+    // refused: no room for the choice, zero-step starts, a fixed start
+    for (steps, k, ks, init) in [
+        (6, 3, 2, Init::RandomCodes),
+        (10, 3, 0, Init::RandomCodes),
+        (10, 2, 4, Init::RandomCodes), // 4 steps > the first phase of (10 - 4) / 2 = 3
+        (10, 2, 2, Init::Image(vec![0.5; 3 * 256])),
+        (10, 0, 2, Init::RandomCodes),
+    ] {
+        let mut o = o.clone();
+        (o.steps, o.candidates, o.candidate_steps, o.init) = (steps, k, ks, init);
+        let e = Generation::new(&g, &clip, &vq, o).err();
+        assert!(e.is_some(), "{steps} {k} {ks}");
+        assert!(e.unwrap().to_string().contains("candidates"));
+    }
 }
