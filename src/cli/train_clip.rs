@@ -245,10 +245,7 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
         s.batch,
         s.lr
     );
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(args.out.join("train_log.jsonl"))
+    let mut log = vqclip::train::open_log_resumed(&args.out.join("train_log.jsonl"), start)
         .context("cannot open train_log.jsonl")?;
     let bar = indicatif::ProgressBar::new(s.steps as u64);
     bar.set_style(

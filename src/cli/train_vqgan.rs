@@ -218,10 +218,7 @@ pub fn train(device: &DeviceArgs, a: TrainArgs) -> Result<()> {
     bar.set_position(trainer.step as u64);
     let mut log = match &a.log {
         Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
+            vqclip::train::open_log_resumed(p, trainer.step)
                 .with_context(|| format!("opening --log {}", p.display()))?,
         ),
         None => None,

@@ -282,9 +282,70 @@ pub fn load_state(path: &Path, params: &NamedParams, optim: &mut Adam) -> Result
     Ok(State { step, metadata })
 }
 
+/// Opens a JSON-lines training log for appending, after dropping the lines of steps later
+/// than `done` (the steps a resumed run will do again: a run that stopped between two
+/// checkpoints logged them once already). Lines without a `"step"` number are kept.
+pub fn open_log_resumed(path: &Path, done: usize) -> Result<std::fs::File> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let later = |line: &str| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| s > done as u64)
+        };
+        if text.lines().any(later) {
+            let mut kept = String::with_capacity(text.len());
+            for line in text.lines().filter(|l| !later(l)) {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+            write_atomic(path, kept.as_bytes())?;
+        }
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resumed_log_forgets_the_steps_that_will_be_redone() {
+        let dir = std::env::temp_dir().join(format!("vqclip-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("log.jsonl");
+        let lines = [
+            "{\"step\":1,\"loss\":2}",
+            "{\"step\":2}",
+            "note",
+            "{\"step\":3}",
+        ];
+        std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+        {
+            use std::io::Write;
+            let mut f = open_log_resumed(&p, 2).unwrap();
+            writeln!(f, "{{\"step\":3,\"again\":true}}").unwrap();
+        }
+        let got = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(
+            got,
+            "{\"step\":1,\"loss\":2}\n{\"step\":2}\nnote\n{\"step\":3,\"again\":true}\n"
+        );
+        // nothing later than `done`: the file is left as it is; no file: a new one
+        open_log_resumed(&p, 5).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), got);
+        let q = dir.join("new.jsonl");
+        open_log_resumed(&q, 0).unwrap();
+        assert!(q.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn time_budget_cuts_the_total_to_what_fits_then_stops_at_the_limit() {
