@@ -55,8 +55,8 @@ pub struct TrainArgs {
     pub mask_prob: Option<f32>,
     /// Add hard-negative captions for shape (NegCLIP-style): each image must also beat its
     /// own caption with the shape word swapped for each other shape, which teaches the towers
-    /// shape far sooner than in-batch negatives alone; with --resume it replaces the
-    /// checkpoint's setting.
+    /// shape far sooner than in-batch negatives alone (swapped captions that are themselves
+    /// captions of the batch are left out); with --resume it replaces the checkpoint's setting.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub shape_negatives: Option<bool>,
     /// Fit the run into this many seconds of training: after the first 25 steps the step
@@ -291,9 +291,7 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
         let (px, caps) = batch(&gpu, s.data_seed, s.seed, step, s.batch, size, &aug)?;
         let lr = sched.at(step);
         let negatives: Vec<String> = if s.shape_negatives {
-            caps.iter()
-                .flat_map(|c| vqclip::train::clip::shape_negatives(c))
-                .collect()
+            vqclip::train::clip::batch_shape_negatives(&caps)
         } else {
             Vec::new()
         };

@@ -652,6 +652,21 @@ pub fn shape_negatives(caption: &str) -> Vec<String> {
         .collect()
 }
 
+/// The shape negatives of a whole batch: [`shape_negatives`] of every caption, without
+/// repeats and without any text that is itself a caption of the batch. A batch that holds a
+/// scene and its hard negative (the same scene with another shape) would otherwise list each
+/// one's own caption among the other's negatives, as a second column that also matches the
+/// image, and cap its best image-to-text probability at 1/2.
+pub fn batch_shape_negatives(captions: &[String]) -> Vec<String> {
+    let own: std::collections::HashSet<&str> = captions.iter().map(String::as_str).collect();
+    let mut seen = std::collections::HashSet::new();
+    captions
+        .iter()
+        .flat_map(|c| shape_negatives(c))
+        .filter(|n| !own.contains(n.as_str()) && seen.insert(n.clone()))
+        .collect()
+}
+
 /// Augmentation of training images.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Augment {

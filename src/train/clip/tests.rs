@@ -481,6 +481,37 @@ fn shape_negatives_swap_only_the_first_shape_word() {
     assert!(shape_negatives("").is_empty());
 }
 
+#[test]
+fn batch_shape_negatives_never_repeat_a_caption_of_the_batch() {
+    let caps: Vec<String> = [
+        "a red circle on a blue background",
+        "a red square on a blue background", // the first one's hard negative
+        "a red circle on a blue background", // the same caption twice
+        "a green triangle",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let got = batch_shape_negatives(&caps);
+    assert_eq!(
+        got,
+        vec![
+            "a red triangle on a blue background",
+            "a red diamond on a blue background",
+            "a green circle",
+            "a green square",
+            "a green diamond",
+        ]
+    );
+    // without such pairs it is every caption's shape negatives, in order
+    let plain: Vec<String> = vec![
+        "a red circle".into(),
+        "a blue square on a white background".into(),
+    ];
+    let all: Vec<String> = plain.iter().flat_map(|c| shape_negatives(c)).collect();
+    assert_eq!(batch_shape_negatives(&plain), all);
+}
+
 /// The loss with negative captions against a CPU evaluation of its formula: image rows pick
 /// among all texts, caption columns among the images only.
 #[test]
