@@ -294,6 +294,15 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
         }
         _ => candidates,
     };
+    let grids = match latent_grids.as_slice() {
+        [] => "the full latent".to_string(),
+        g => format!("latent grids {g:?}"),
+    };
+    eprintln!(
+        "{} preset: {steps} steps, lr {lr}, {cutn} {} views, {grids}, {candidates} start(s)",
+        format!("{preset:?}").to_lowercase(),
+        format!("{cut_method:?}").to_lowercase(),
+    );
     let mut opts = Options::new(prompts.clone(), w, h);
     opts.steps = steps;
     opts.seed = a.seed;
@@ -384,7 +393,16 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
     }
     for step in 0..steps {
         let l = gen.step()?;
-        bar.set_message(format!("loss {:.4}", l.loss));
+        let tried = gen.candidate_losses().len();
+        if candidates > 1 && tried < candidates {
+            bar.set_message(format!(
+                "start {}/{candidates}  loss {:.4}",
+                tried + 1,
+                l.loss
+            ));
+        } else {
+            bar.set_message(format!("loss {:.4}", l.loss));
+        }
         bar.inc(1);
         if let Some(f) = log.as_mut() {
             writeln!(f, "{}", serde_json::to_string(&l)?)?;
