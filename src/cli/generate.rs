@@ -277,32 +277,8 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
         );
     }
     // The preset's latent grids and random starts adapt to a smaller latent or fewer steps;
-    // explicit values are checked as given.
+    // explicit values are checked as given (by `Generation::new`).
     let short = (w / f).min(h / f);
-    let latent_grids: Vec<usize> = if a.latent_grids.is_empty() {
-        latent_grids.into_iter().filter(|&g| g <= short).collect()
-    } else {
-        latent_grids
-    };
-    let candidates = match a.candidates {
-        None if candidates > 1
-            && (candidates * candidate_steps >= steps
-                || candidate_steps
-                    > (steps - (candidates - 1) * candidate_steps) / latent_grids.len().max(1)) =>
-        {
-            1
-        }
-        _ => candidates,
-    };
-    let grids = match latent_grids.as_slice() {
-        [] => "the full latent".to_string(),
-        g => format!("latent grids {g:?}"),
-    };
-    eprintln!(
-        "{} preset: {steps} steps, lr {lr}, {cutn} {} views, {grids}, {candidates} start(s)",
-        format!("{preset:?}").to_lowercase(),
-        format!("{cut_method:?}").to_lowercase(),
-    );
     let mut opts = Options::new(prompts.clone(), w, h);
     opts.steps = steps;
     opts.seed = a.seed;
@@ -315,9 +291,26 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
     opts.init_weight = a.init_weight;
     opts.tv_weight = a.tv_weight;
     opts.recompute = a.recompute;
-    opts.latent_grids = latent_grids;
+    opts.latent_grids = if a.latent_grids.is_empty() {
+        latent_grids.into_iter().filter(|&g| g <= short).collect()
+    } else {
+        latent_grids
+    };
     opts.candidates = candidates;
     opts.candidate_steps = candidate_steps;
+    if a.candidates.is_none() && a.candidate_steps.is_none() && !opts.candidates_fit() {
+        opts.candidates = 1;
+    }
+    let grids = match opts.latent_grids.as_slice() {
+        [] => "the full latent".to_string(),
+        g => format!("latent grids {g:?}"),
+    };
+    eprintln!(
+        "{} preset: {steps} steps, lr {lr}, {cutn} {} views, {grids}, {} start(s)",
+        format!("{preset:?}").to_lowercase(),
+        format!("{cut_method:?}").to_lowercase(),
+        opts.candidates,
+    );
     opts.noise_prompts = noise_prompts;
     opts.init = match (&a.init_image, a.init.as_str()) {
         (Some(p), _) => Init::Image(
@@ -336,6 +329,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
             .with_context(|| format!("--image-prompt {}", path.display()))?;
         opts.image_prompts.push((px, w, h, pr));
     }
+    let opts_candidates = opts.candidates;
     let mut gen = Generation::new(&gpu, &clip, &vqgan, opts)?;
     let mut log = match &a.json_log {
         Some(p) => Some(std::io::BufWriter::new(
@@ -394,9 +388,9 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
     for step in 0..steps {
         let l = gen.step()?;
         let tried = gen.candidate_losses().len();
-        if candidates > 1 && tried < candidates {
+        if opts_candidates > 1 && tried < opts_candidates {
             bar.set_message(format!(
-                "start {}/{candidates}  loss {:.4}",
+                "start {}/{opts_candidates}  loss {:.4}",
                 tried + 1,
                 l.loss
             ));

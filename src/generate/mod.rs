@@ -159,6 +159,18 @@ pub struct Options {
 }
 
 impl Options {
+    /// Whether the random starts fit the run: each start has at least one step, all of them
+    /// together fewer than `steps` (so that one is kept and goes on), and one start's steps
+    /// at most the first phase of `latent_grids` (the kept start's steps split evenly over
+    /// the grids). Always true with a single start.
+    pub fn candidates_fit(&self) -> bool {
+        let (k, ks) = (self.candidates, self.candidate_steps);
+        k <= 1
+            || (ks > 0
+                && k * ks < self.steps
+                && ks <= (self.steps - (k - 1) * ks) / self.latent_grids.len().max(1))
+    }
+
     /// These options with `preset`'s steps, learning rate, cutouts, latent grids and starts.
     pub fn with_preset(mut self, preset: Preset) -> Self {
         let base = Options::new(Vec::new(), 1, 1);
@@ -464,7 +476,7 @@ impl<'a> Generation<'a> {
                     "--candidates needs random starts: it cannot be used with --init-image",
                 ));
             }
-            if ks == 0 || k * ks >= opts.steps || ks > (opts.steps - (k - 1) * ks) / grids.len() {
+            if !opts.candidates_fit() {
                 return Err(Error::invalid(format!(
                     "{k} candidates of {ks} steps do not fit in {} steps: each needs at least \
                      one step, all of them together fewer than --steps, and one candidate's steps \
@@ -551,7 +563,7 @@ impl<'a> Generation<'a> {
             self.best_start = Some((loss, z));
         }
         let z = if self.candidate_losses.len() < self.opts.candidates {
-            let e = self.codebook.len() / self.vqgan.codebook().dim(0);
+            let e = self.vqgan.codebook().dim(1);
             random_codes(&self.gpu, &mut self.rng, &self.codebook, e, self.grids[0])?
         } else {
             let (_, z) = self

@@ -293,13 +293,11 @@ pub fn open_log_resumed(path: &Path, done: usize) -> Result<std::fs::File> {
                 .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
                 .is_some_and(|s| s > done as u64)
         };
-        if text.lines().any(later) {
-            let mut kept = String::with_capacity(text.len());
-            for line in text.lines().filter(|l| !later(l)) {
-                kept.push_str(line);
-                kept.push('\n');
-            }
-            write_atomic(path, kept.as_bytes())?;
+        let kept: Vec<&str> = text.lines().filter(|l| !later(l)).collect();
+        if kept.len() < text.lines().count() {
+            let mut out = kept.join("\n");
+            out.push('\n');
+            write_atomic(path, out.as_bytes())?;
         }
     }
     std::fs::OpenOptions::new()
