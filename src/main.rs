@@ -6,7 +6,17 @@ use clap::Parser;
 
 fn main() {
     let args = cli::Cli::parse();
-    if let Err(e) = cli::run(args) {
+    let result = cli::run(args);
+    if vqclip::gpu::profile::enabled() {
+        let rows = vqclip::gpu::profile::report();
+        if !rows.is_empty() {
+            eprintln!(
+                "GPU time by kernel (VQCLIP_PROFILE: each dispatch submitted alone and waited for)\n{}",
+                vqclip::gpu::profile::format_table(&rows, 25)
+            );
+        }
+    }
+    if let Err(e) = result {
         // The cause chain, skipping causes that a message above already quotes (library
         // errors carry their I/O cause in their own text).
         let mut msg = e.to_string();

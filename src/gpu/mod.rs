@@ -6,6 +6,7 @@
 
 mod adapter;
 mod pool;
+pub mod profile;
 
 pub use adapter::{list_adapters, AdapterSummary, Backend, DeviceOptions};
 pub(crate) use pool::PooledBuffer;
@@ -383,6 +384,25 @@ impl Gpu {
         }
         debug_assert!(workgroups.iter().all(|&w| w <= 65535));
         let cached = self.pipeline(kernel);
+        let timer = profile::enabled().then(|| {
+            // Finish earlier work first so that only this dispatch is timed.
+            let _ = self.sync();
+            std::time::Instant::now()
+        });
+        self.record(&cached, params, bindings, workgroups);
+        if let Some(t0) = timer {
+            let _ = self.sync();
+            profile::add(kernel.key(), workgroups, t0.elapsed());
+        }
+    }
+
+    fn record<P: bytemuck::Pod>(
+        &self,
+        cached: &Cached,
+        params: &P,
+        bindings: &[Binding<'_>],
+        workgroups: [u32; 3],
+    ) {
         let bytes = bytemuck::bytes_of(params);
         let padded = (bytes.len() as u64).div_ceil(16) * 16;
         let mut rec = lock(&self.0.rec);
