@@ -632,6 +632,38 @@ fn group_norm_gradients() {
 }
 
 #[test]
+fn group_norm_gradient_of_x_alone_skips_the_parameter_sums() {
+    // The latent-optimisation path (γ, β need no gradient) gives the same dx and no sums.
+    let g = gpu();
+    let (n, c, h, w, groups) = (2, 4, 3, 2, 2);
+    let len = n * c * h * w;
+    let x = Tensor::from_slice(&g, &rand_vec(len, 84), &[n, c, h, w]).unwrap();
+    let gamma = Tensor::from_slice(&g, &rand_vec(c, 85), &[c]).unwrap();
+    let dy = Tensor::from_slice(&g, &rand_vec(len, 86), &[n, c, h, w]).unwrap();
+    let (dx_all, dg, db) = group_norm_backward(&x, groups, &gamma, &dy, 1e-6, true).unwrap();
+    let (dx, none_g, none_b) = group_norm_backward(&x, groups, &gamma, &dy, 1e-6, false).unwrap();
+    assert_eq!(dx.to_vec().unwrap(), dx_all.to_vec().unwrap());
+    assert!(dg.is_some() && db.is_some());
+    assert!(none_g.is_none() && none_b.is_none());
+    // And on a tape where only x needs a gradient, dx is that of the full backward.
+    let tape = Tape::new();
+    let xv = tape.leaf(x.clone(), true);
+    let gv = tape.leaf(gamma.clone(), false);
+    let bv = tape.leaf(Tensor::zeros(&g, &[c]).unwrap(), false);
+    let y = tape
+        .group_norm(&xv, groups, &gv, &bv, 1e-6, Act::None)
+        .unwrap();
+    let wt = tape.leaf(dy.clone(), false);
+    let loss = tape.sum(&tape.mul(&y, &wt).unwrap()).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let got = grads.get(&xv).unwrap().to_vec().unwrap();
+    let want = dx_all.to_vec().unwrap();
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+}
+
+#[test]
 fn slice_and_concat_gradients() {
     // loss = Σ w ⊙ concat([slice(x, 1, 1, 2), y], axis 1)²
     let g = gpu();
