@@ -154,14 +154,34 @@ pub fn homographies(gpu: &crate::Gpu, maps: &[Homography]) -> Result<Tensor> {
     Tensor::from_slice(gpu, &data, &[maps.len(), 18])
 }
 
-/// Runs `entry` over `src` `[N, C, ...]`: the forward pass reads the input and writes the
+/// Which pass [`launch`] runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Reads the input image, writes the warped output.
+    Forward,
+    /// Reads the output's gradient, writes the input's.
+    Backward,
+}
+
+impl Pass {
+    fn entry(self) -> &'static str {
+        match self {
+            Pass::Forward => "warp_forward",
+            Pass::Backward => "warp_backward",
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Pass::Forward => "warp",
+            Pass::Backward => "warp backward",
+        }
+    }
+}
+
+/// Runs `pass` over `src` `[N, C, ...]`: the forward pass reads the input and writes the
 /// output, the backward pass the other way round; `dst_hw` is the side it writes.
-fn launch(entry: &'static str, src: &Tensor, maps: &Tensor, dst_hw: [usize; 2]) -> Result<Tensor> {
-    let what = if entry == "warp_forward" {
-        "warp"
-    } else {
-        "warp backward"
-    };
+fn launch(pass: Pass, src: &Tensor, maps: &Tensor, dst_hw: [usize; 2]) -> Result<Tensor> {
+    let what = pass.name();
     src.expect_f32(what)?;
     let &[n, c, h, w] = src.shape() else {
         return Err(Error::shape(format!(
@@ -179,10 +199,9 @@ fn launch(entry: &'static str, src: &Tensor, maps: &Tensor, dst_hw: [usize; 2]) 
     if src.numel().max(total) > u32::MAX as usize {
         return Err(Error::shape(format!("{what}: more than 2^32 elements")));
     }
-    let ([ih, iw], [oh, ow]) = if entry == "warp_forward" {
-        ([h, w], dst_hw)
-    } else {
-        (dst_hw, [h, w])
+    let ([ih, iw], [oh, ow]) = match pass {
+        Pass::Forward => ([h, w], dst_hw),
+        Pass::Backward => (dst_hw, [h, w]),
     };
     let p = Params {
         total: total as u32,
@@ -196,7 +215,7 @@ fn launch(entry: &'static str, src: &Tensor, maps: &Tensor, dst_hw: [usize; 2]) 
     let dst = Tensor::empty(src.gpu(), &[n, c, dst_hw[0], dst_hw[1]], DType::F32)?;
     if total > 0 {
         src.gpu().dispatch(
-            &Kernel::new(&SHADER, entry),
+            &Kernel::new(&SHADER, pass.entry()),
             &p,
             &[src.binding(), maps.binding(), dst.binding()],
             grid_1d(p.total.div_ceil(256)),
@@ -208,13 +227,13 @@ fn launch(entry: &'static str, src: &Tensor, maps: &Tensor, dst_hw: [usize; 2]) 
 /// Warps `x` `[N, C, IH, IW]` to `[N, C, OH, OW]`: output pixel `(xo, yo)` of image `n` is
 /// `x` sampled bilinearly at `H_n(xo, yo)`, zero outside. `maps` from [`homographies`].
 pub fn warp(x: &Tensor, maps: &Tensor, out_hw: [usize; 2]) -> Result<Tensor> {
-    launch("warp_forward", x, maps, out_hw)
+    launch(Pass::Forward, x, maps, out_hw)
 }
 
 /// The gradient of [`warp`] with respect to its input: `g` `[N, C, OH, OW]` →
 /// `[N, C, IH, IW]` (the forward pass's adjoint, gathered per input pixel).
 pub fn warp_backward(g: &Tensor, maps: &Tensor, in_hw: [usize; 2]) -> Result<Tensor> {
-    launch("warp_backward", g, maps, in_hw)
+    launch(Pass::Backward, g, maps, in_hw)
 }
 
 /// CPU reference of [`warp`] in f64 on `[N, C, IH, IW]` data: returns the output and, for
