@@ -626,15 +626,9 @@ impl<'a> Generation<'a> {
     /// The current latent `[1, E, h, w]` at the full latent size (upsampled from the
     /// coarse grid while a coarse phase of `latent_grids` runs).
     pub fn latent(&self) -> Result<Tensor> {
-        let z = &self.opt.params()[0];
-        match &self.up {
-            Some(_) => {
-                let tape = Tape::new();
-                let v = self.full_latent(&tape, &tape.leaf(z.clone(), false))?;
-                Ok(v.value().clone())
-            }
-            None => Ok(z.clone()),
-        }
+        let tape = Tape::new();
+        let z = tape.leaf(self.opt.params()[0].clone(), false);
+        Ok(self.full_latent(&tape, &z)?.value().clone())
     }
 
     /// `synth(z)`: the current image `[1, 3, H, W]` in [0, 1] on the tape.

@@ -293,11 +293,18 @@ pub fn open_log_resumed(path: &Path, done: usize) -> Result<std::fs::File> {
                 .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
                 .is_some_and(|s| s > done as u64)
         };
-        let kept: Vec<&str> = text.lines().filter(|l| !later(l)).collect();
-        if kept.len() < text.lines().count() {
-            let mut out = kept.join("\n");
-            out.push('\n');
-            write_atomic(path, out.as_bytes())?;
+        let mut kept = String::with_capacity(text.len());
+        let mut dropped = false;
+        for line in text.lines() {
+            if later(line) {
+                dropped = true;
+            } else {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        if dropped {
+            write_atomic(path, kept.as_bytes())?;
         }
     }
     std::fs::OpenOptions::new()
@@ -336,6 +343,11 @@ mod tests {
             got,
             "{\"step\":1,\"loss\":2}\n{\"step\":2}\nnote\n{\"step\":3,\"again\":true}\n"
         );
+        // every line later than `done`: an empty file, not a blank line
+        let r = dir.join("redo.jsonl");
+        std::fs::write(&r, "{\"step\":1}\n{\"step\":2}\n").unwrap();
+        open_log_resumed(&r, 0).unwrap();
+        assert_eq!(std::fs::read_to_string(&r).unwrap(), "");
         // nothing later than `done`: the file is left as it is; no file: a new one
         open_log_resumed(&p, 5).unwrap();
         assert_eq!(std::fs::read_to_string(&p).unwrap(), got);
