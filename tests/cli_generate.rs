@@ -130,6 +130,19 @@ fn bad_input_is_refused_and_leaves_no_file() {
             vec!["a cat", "--candidates", "2", "--init-image", &init],
             "--candidates needs random starts",
         ),
+        (vec!["a cat", "--init", "noise"], "unknown --init 'noise'"),
+        (
+            vec!["a cat", "--init", "scenes:0"],
+            "scenes:N needs a whole number",
+        ),
+        (
+            vec!["a cat", "--init", "scenes:x"],
+            "scenes:N needs a whole number",
+        ),
+        (
+            vec!["a cat", "--init", "scenes:4", "--candidates", "2"],
+            "--candidates needs random starts",
+        ),
     ];
     for (extra, want) in cases {
         let mut args = base(&clip, &vq, so);
@@ -183,4 +196,34 @@ fn bad_input_is_refused_and_leaves_no_file() {
     ]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("/no/model.ckpt"));
     assert!(!out.exists());
+}
+
+#[test]
+fn a_scene_start_reports_its_choice_and_is_seeded() {
+    let (clip, vq) = (fx("clip/tiny_quickgelu"), fx("vqgan/tiny_f4.ckpt"));
+    let (a, b) = (tmp("scenes_a.png"), tmp("scenes_b.png"));
+    let run = |out: &PathBuf| {
+        let mut args = base(&clip, &vq, out.to_str().unwrap());
+        args.extend([
+            "a red circle on a blue background",
+            "--init",
+            "scenes:8",
+            "--size",
+            "32x32",
+            "--steps",
+            "1",
+        ]);
+        let o = vqclip(&args);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{err}");
+        err
+    };
+    let err = run(&a);
+    assert!(
+        err.contains("from the best of 8 shapes-world scenes"),
+        "{err}"
+    );
+    assert!(err.contains("start: the best of 8 scenes by CLIP"), "{err}");
+    run(&b);
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
 }

@@ -90,5 +90,60 @@ fn train_resume_and_eval_clip() {
         &["train", "clip", "--out", s(&c), "--stop-after", "0"],
         "--stop-after must be at least 1",
     );
+    let nope = dir.path().join("nope");
+    for (from, extra, want) in [
+        (
+            &a,
+            "--resume",
+            "cannot be combined with --resume or --config",
+        ),
+        (&nope, "--shape-negatives", "--init-from"),
+    ] {
+        let args = [
+            "train",
+            "clip",
+            "--out",
+            s(&c),
+            "--init-from",
+            s(from),
+            extra,
+        ];
+        fails(&args, want);
+    }
     assert!(!c.exists(), "a refused run left {}", c.display());
+
+    // A fine-tune: --init-from starts at the folder's weights and architecture (two steps
+    // move the weights), here with colour-role negatives too; the same fine-tune twice gives
+    // the same weights.
+    let (f1, f2) = (dir.path().join("f1"), dir.path().join("f2"));
+    for f in [&f1, &f2] {
+        ok(&[
+            "train",
+            "clip",
+            "--out",
+            s(f),
+            "--init-from",
+            s(&a),
+            "--steps",
+            "2",
+            "--batch",
+            "4",
+            "--swap-negatives",
+            "--shape-negatives",
+        ]);
+    }
+    assert_eq!(weights(&f1), weights(&f2));
+    assert_ne!(weights(&f1), weights(&a));
+    let cfg_of = |d: &Path| {
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(d.join("config.json")).unwrap())
+            .unwrap()
+    };
+    assert_eq!(
+        cfg_of(&f1)["vision_config"]["hidden_size"],
+        cfg_of(&a)["vision_config"]["hidden_size"],
+        "the architecture comes from the --init-from folder"
+    );
+    let out = ok(&["eval", "clip", "--clip", s(&f1), "--n", "4", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["n"], 4);
 }

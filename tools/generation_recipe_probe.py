@@ -53,6 +53,7 @@ ap.add_argument('--sched', default='')
 ap.add_argument('--cands', type=int, default=1)
 ap.add_argument('--scenes', type=int, default=0, help='start from the best of N random shapes-world images (export of export_shapes_pairs in /tmp/shapes)')
 ap.add_argument('--pick', type=int, default=0)
+ap.add_argument('--iw', type=float, default=0, help='init weight: mse(z, z0) * iw / 2 pulls the latent back to its start')
 ap.add_argument('--out', default='/tmp/proto/out.png')
 a = ap.parse_args()
 torch.manual_seed(a.seed)
@@ -118,6 +119,7 @@ def clean_loss(zz):
         return ((e - t).norm(dim=-1).div(2).arcsin().pow(2).mul(2)).item()
 def run(z, steps, lr):
     z = z.detach().clone().requires_grad_(True)
+    z0 = z.detach().clone()
     opt = torch.optim.Adam([z], lr=lr)
     for i in range(steps):
         img = synth(z)
@@ -129,6 +131,8 @@ def run(z, steps, lr):
             tot = tot + F.cross_entropy(lg, torch.zeros(len(e), dtype=torch.long))
         elif tn is not None:
             tot = tot - a.negw * ((e[:, None] - tn[None]).norm(dim=-1).div(2).arcsin().pow(2).mul(2)).mean()
+        if a.iw:
+            tot = tot + a.iw * (z - z0).pow(2).mean() / 2
         if a.tv:
             tot = tot + a.tv * ((img[..., 1:, :] - img[..., :-1, :]).pow(2).mean() + (img[..., 1:] - img[..., :-1]).pow(2).mean())
         if a.pal:

@@ -43,10 +43,12 @@ pub struct GenerateArgs {
     /// for the shipped one].
     #[arg(long)]
     size: Option<String>,
-    /// Defaults for steps, lr, cutn, cut-method, latent-grids, candidates and
-    /// candidate-steps: reference (the notebook's: 100 steps, lr 0.1, 32 original cutouts)
-    /// or shapes (for the small shipped models: 28 steps, lr 0.3, 6 jitter views, latent
-    /// grids 2,4,8,16, 3 starts of 2 steps). Options given explicitly win
+    /// Defaults for steps, lr, cutn, cut-method, latent-grids, candidates, candidate-steps
+    /// and init: reference (the notebook's: 100 steps, lr 0.1, 32 original cutouts, random
+    /// codes), shapes (for the small shipped models: start from the best of 512 random
+    /// shapes-world scenes as CLIP ranks them, then 10 steps at lr 0.01 with 6 jitter
+    /// views) or shapes-codes (the earlier one, from random codes: 28 steps, lr 0.3, latent
+    /// grids 2,4,8,16, 3 starts of 2 steps; draws blobs). Options given explicitly win
     /// [default: shapes with the shipped CLIP and VQGAN, else reference].
     #[arg(long)]
     preset: Option<String>,
@@ -77,9 +79,11 @@ pub struct GenerateArgs {
     /// Start from this image (encoded by the VQGAN, resized to the output size).
     #[arg(long, value_name = "PATH")]
     init_image: Option<PathBuf>,
-    /// Start from random-codes, pixels or gradient (ignored with --init-image).
-    #[arg(long, default_value = "random-codes")]
-    init: String,
+    /// Start from random-codes, pixels, gradient, or scenes:N (the best of N random scenes of
+    /// the shapes world as CLIP ranks them against the prompts, encoded; ignored with
+    /// --init-image) [default: from --preset].
+    #[arg(long)]
+    init: Option<String>,
     /// Pull toward the initial latent: mse(z, z0) · weight / 2.
     #[arg(long, default_value_t = 0.0)]
     init_weight: f32,
@@ -119,6 +123,24 @@ pub struct GenerateArgs {
     /// Output PNG.
     #[arg(short, long, value_name = "OUT.png")]
     output: PathBuf,
+}
+
+/// Parses `--init`.
+fn parse_init(s: &str) -> Result<Init> {
+    Ok(match s {
+        "random-codes" => Init::RandomCodes,
+        "pixels" => Init::Pixels,
+        "gradient" => Init::Gradient,
+        o => match o.strip_prefix("scenes:") {
+            Some(n) => match n.parse::<usize>() {
+                Ok(n) if n > 0 => Init::Scenes(n),
+                _ => bail!("--init '{o}': scenes:N needs a whole number N of at least 1"),
+            },
+            None => {
+                bail!("unknown --init '{o}': expected random-codes, pixels, gradient or scenes:N")
+            }
+        },
+    })
 }
 
 pub(super) fn parse_size(s: &str) -> Result<(usize, usize)> {
@@ -305,22 +327,34 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
         [] => "the full latent".to_string(),
         g => format!("latent grids {g:?}"),
     };
-    eprintln!(
-        "{} preset: {steps} steps, lr {lr}, {cutn} {} views, {grids}, {} start(s)",
-        format!("{preset:?}").to_lowercase(),
-        format!("{cut_method:?}").to_lowercase(),
-        opts.candidates,
-    );
     opts.noise_prompts = noise_prompts;
-    opts.init = match (&a.init_image, a.init.as_str()) {
+    opts.init = match (&a.init_image, a.init.as_deref()) {
         (Some(p), _) => Init::Image(
             load_resized(p, w, h).with_context(|| format!("--init-image {}", p.display()))?,
         ),
-        (None, "random-codes") => Init::RandomCodes,
-        (None, "pixels") => Init::Pixels,
-        (None, "gradient") => Init::Gradient,
-        (None, o) => bail!("unknown --init '{o}': expected random-codes, pixels or gradient"),
+        (None, None) => defaults.init.clone(),
+        (None, Some(i)) => parse_init(i)?,
     };
+    if matches!(opts.init, Init::Image(_) | Init::Scenes(_)) && a.candidates.is_none() {
+        opts.candidates = 1;
+    }
+    let start = match &opts.init {
+        Init::Scenes(n) => format!("the best of {n} shapes-world scenes"),
+        Init::Image(_) => "the init image".into(),
+        Init::Pixels => "random pixels".into(),
+        Init::Gradient => "a random gradient".into(),
+        _ => "random codes".into(),
+    };
+    eprintln!(
+        "{} preset: {steps} steps, lr {lr}, {cutn} {} views, {grids}, from {start}, {} start(s)",
+        match preset {
+            Preset::Reference => "reference",
+            Preset::Shapes => "shapes",
+            Preset::ShapesCodes => "shapes-codes",
+        },
+        format!("{cut_method:?}").to_lowercase(),
+        opts.candidates,
+    );
     for ip in &a.image_prompts {
         // PATH[:weight[:stop]]: the trailing numeric fields are parsed like a text prompt's.
         let pr = Prompt::parse(ip)?;
@@ -414,6 +448,17 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
         }
     }
     bar.finish();
+    let pool = gen.pool_losses();
+    if !pool.is_empty() {
+        let mut sorted = pool.to_vec();
+        sorted.sort_by(f32::total_cmp);
+        eprintln!(
+            "start: the best of {} scenes by CLIP (whole-image loss {:.3}; median {:.3})",
+            pool.len(),
+            sorted[0],
+            sorted[sorted.len() / 2]
+        );
+    }
     let tried = gen.candidate_losses();
     if !tried.is_empty() {
         let best = (0..tried.len())

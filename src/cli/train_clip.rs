@@ -59,6 +59,17 @@ pub struct TrainArgs {
     /// captions of the batch are left out); with --resume it replaces the checkpoint's setting.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub shape_negatives: Option<bool>,
+    /// Add colour-role negative captions: each one-shape image must also beat its caption
+    /// with the shape colour and the background colour exchanged ("a blue circle on a red
+    /// background" for "a red circle on a blue background"); with --resume it replaces the
+    /// checkpoint's setting.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub swap_negatives: Option<bool>,
+    /// Start from the weights of this Hugging Face CLIP folder (a fine-tune, e.g. of the
+    /// shipped weights/clip) instead of random ones; its config.json gives the architecture
+    /// and the optimiser starts fresh. Not with --resume or --config.
+    #[arg(long, value_name = "DIR")]
+    pub init_from: Option<PathBuf>,
     /// Fit the run into this many seconds of training: after the first 25 steps the step
     /// count is cut to what fits (the learning-rate schedule follows), and the run ends at
     /// the limit in any case.
@@ -99,6 +110,7 @@ struct Settings {
     augment: bool,
     mask: f32,
     shape_negatives: bool,
+    swap_negatives: bool,
     elapsed: f64,
 }
 
@@ -146,6 +158,9 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
     if args.out.exists() && !args.out.is_dir() {
         bail!("--out {} exists and is not a folder", args.out.display());
     }
+    if args.init_from.is_some() && (args.resume || args.config.is_some()) {
+        bail!("--init-from starts a new run from a CLIP folder: it cannot be combined with --resume or --config");
+    }
     let state_path = args.out.join(STATE);
     if !args.resume && state_path.exists() {
         bail!(
@@ -179,6 +194,9 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
             shape_negatives: args
                 .shape_negatives
                 .unwrap_or_else(|| meta(&m, "shape_negatives").unwrap_or(false)),
+            swap_negatives: args
+                .swap_negatives
+                .unwrap_or_else(|| meta(&m, "swap_negatives").unwrap_or(false)),
             elapsed: meta(&m, "elapsed_s")?,
             config,
         };
@@ -196,8 +214,28 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
         eprintln!("resuming at step {} of {}", st.step, s.steps);
         (tr, s, st.step)
     } else {
-        let config = architecture(&args)?;
-        let tr = ClipTrainer::new(config.clone(), args.seed, args.lr, &gpu)?;
+        let (config, tr) = match &args.init_from {
+            None => {
+                let config = architecture(&args)?;
+                let tr = ClipTrainer::new(config.clone(), args.seed, args.lr, &gpu)?;
+                (config, tr)
+            }
+            Some(dir) => {
+                let model = ClipModel::load(dir, &gpu)
+                    .with_context(|| format!("--init-from {}", dir.display()))?;
+                let vocab = shapes_tokenizer(77)?.vocab_size();
+                if model.config.text.vocab_size != vocab {
+                    bail!(
+                        "--init-from {}: its vocabulary has {} tokens, the shapes tokenizer {vocab}; \
+                         only CLIPs trained by `vqclip train clip` can be fine-tuned here",
+                        dir.display(),
+                        model.config.text.vocab_size
+                    );
+                }
+                let config = model.config.clone();
+                (config, ClipTrainer::from_model(model, args.lr)?)
+            }
+        };
         let s = Settings {
             config,
             batch: args.batch,
@@ -208,6 +246,7 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
             augment: !args.no_augment,
             mask: args.mask_prob.unwrap_or(0.0),
             shape_negatives: args.shape_negatives.unwrap_or(false),
+            swap_negatives: args.swap_negatives.unwrap_or(false),
             elapsed: 0.0,
         };
         (tr, s, 0)
@@ -276,6 +315,7 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
                 ("augment", s.augment.to_string()),
                 ("mask", s.mask.to_string()),
                 ("shape_negatives", s.shape_negatives.to_string()),
+                ("swap_negatives", s.swap_negatives.to_string()),
                 ("elapsed_s", format!("{elapsed:.1}")),
             ],
         )?;
@@ -290,11 +330,8 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
     while step < s.steps && step < stop {
         let (px, caps) = batch(&gpu, s.data_seed, s.seed, step, s.batch, size, &aug)?;
         let lr = sched.at(step);
-        let negatives: Vec<String> = if s.shape_negatives {
-            vqclip::train::clip::batch_shape_negatives(&caps)
-        } else {
-            Vec::new()
-        };
+        let negatives =
+            vqclip::train::clip::batch_negatives(&caps, s.shape_negatives, s.swap_negatives);
         let st = tr.step(&px, &caps, &negatives, lr)?;
         let ema = |e: Option<f32>, v: f32| Some(e.map_or(v, |e| 0.95 * e + 0.05 * v));
         ema_loss = ema(ema_loss, st.loss);

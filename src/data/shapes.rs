@@ -275,6 +275,31 @@ impl Scene {
         out
     }
 
+    /// Renders the scene as planar RGB `[3, height, width]` in [0, 1]: rendered square at the
+    /// longer side, then cropped to the centre.
+    pub fn render_chw(&self, width: usize, height: usize) -> Vec<f32> {
+        let side = width.max(height);
+        let rgb = self.render(side);
+        let (x0, y0) = ((side - width) / 2, (side - height) / 2);
+        let mut out = vec![0.0; 3 * width * height];
+        for c in 0..3 {
+            for y in 0..height {
+                for x in 0..width {
+                    out[(c * height + y) * width + x] =
+                        rgb[((y + y0) * side + x + x0) * 3 + c] as f32 / 255.0;
+                }
+            }
+        }
+        out
+    }
+
+    /// `n` random scenes (as [`Scene::random`]) from `seed`: the same seed always gives the
+    /// same scenes.
+    pub fn random_many(seed: u64, n: usize) -> Vec<Scene> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| Scene::random(&mut rng)).collect()
+    }
+
     /// One caption of the scene; `variant` picks among the grammar's phrasings.
     pub fn caption(&self, variant: usize) -> String {
         let np = |s: &Shape, with_size: bool| {
@@ -357,6 +382,31 @@ impl ShapesDataset {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn planar_renders_match_the_bytes_and_crop_to_the_centre() {
+        let scenes = Scene::random_many(3, 4);
+        assert_eq!(scenes, Scene::random_many(3, 4), "seeded");
+        assert_ne!(scenes, Scene::random_many(4, 4));
+        let s = &scenes[0];
+        let rgb = s.render(32);
+        let chw = s.render_chw(32, 32);
+        for c in 0..3 {
+            for i in 0..32 * 32 {
+                assert_eq!(chw[c * 1024 + i], rgb[i * 3 + c] as f32 / 255.0);
+            }
+        }
+        // 32x16: rows 8..24 of the 32x32 render
+        let wide = s.render_chw(32, 16);
+        assert_eq!(wide.len(), 3 * 32 * 16);
+        for c in 0..3 {
+            for y in 0..16 {
+                for x in 0..32 {
+                    assert_eq!(wide[(c * 16 + y) * 32 + x], chw[(c * 32 + y + 8) * 32 + x]);
+                }
+            }
+        }
+    }
 
     #[test]
     fn samples_are_deterministic_and_splits_differ() {

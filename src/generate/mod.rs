@@ -75,7 +75,20 @@ pub enum Init {
     Pixels,
     /// A random two-colour gradient, encoded.
     Gradient,
+    /// The image of a pool (each `[1, 3, H, W]` in [0, 1], at the output size) that CLIP
+    /// finds closest to the prompts (the weighted loss of the whole image, as
+    /// [`Generation::clean_loss`]), encoded: CLIP re-ranking of samples from a prior, as
+    /// DALL·E re-ranks its samples, before the optimisation refines the chosen one.
+    Pool(Vec<Vec<f32>>),
+    /// [`Init::Pool`] of this many random scenes of the shapes world
+    /// ([`crate::data::shapes::Scene::random`], drawn from the generation's seed): the
+    /// world the shipped models were trained on, standing in for the token prior
+    /// (taming's transformer) that real VQGAN checkpoints come with.
+    Scenes(usize),
 }
+
+/// Images CLIP scores at once when it ranks an [`Init::Pool`].
+const POOL_BATCH: usize = 64;
 
 /// A named set of defaults for the optimisation (steps, learning rate, cutouts, latent
 /// schedule, random starts).
@@ -84,12 +97,23 @@ pub enum Preset {
     /// The reference notebook's settings, for full-size CLIP and VQGAN models: 100 steps,
     /// lr 0.1, 32 original cutouts, the full latent from the first step, one start.
     Reference,
-    /// Settings for the small shipped models of the shapes world, where the reference
-    /// settings give noise that the small CLIP accepts: 28 steps, lr 0.3, 6 jitter views,
-    /// latent grids 2, 4, 8, 16, and 3 random starts of 2 steps each. Measured in
+    /// Settings for the small shipped models of the shapes world: start from the best of
+    /// SCENES random shapes-world scenes as CLIP ranks them ([`Init::Scenes`]), then
+    /// STEPS steps at lr LR with 6 jitter views on the full latent. Measured in
     /// `docs/generation_recipe.md`.
     Shapes,
+    /// The earlier shapes preset, from random codes alone: 28 steps, lr 0.3, 6 jitter
+    /// views, latent grids 2, 4, 8, 16, and 3 random starts of 2 steps each. The small CLIP
+    /// accepts blobs in the prompt's colours, so this draws blobs rather than shapes.
+    ShapesCodes,
 }
+
+/// Scenes the [`Preset::Shapes`] start is chosen from.
+pub const SHAPES_PRESET_SCENES: usize = 512;
+/// Steps of [`Preset::Shapes`].
+pub const SHAPES_PRESET_STEPS: usize = 10;
+/// Learning rate of [`Preset::Shapes`].
+pub const SHAPES_PRESET_LR: f32 = 0.01;
 
 impl std::str::FromStr for Preset {
     type Err = Error;
@@ -97,8 +121,9 @@ impl std::str::FromStr for Preset {
         match s {
             "reference" => Ok(Preset::Reference),
             "shapes" => Ok(Preset::Shapes),
+            "shapes-codes" => Ok(Preset::ShapesCodes),
             o => Err(Error::invalid(format!(
-                "unknown preset '{o}': expected reference or shapes"
+                "unknown preset '{o}': expected reference, shapes or shapes-codes"
             ))),
         }
     }
@@ -171,10 +196,11 @@ impl Options {
                 && ks <= (self.steps - (k - 1) * ks) / self.latent_grids.len().max(1))
     }
 
-    /// These options with `preset`'s steps, learning rate, cutouts, latent grids and starts.
+    /// These options with `preset`'s steps, learning rate, cutouts, latent grids, starts and
+    /// initialisation.
     pub fn with_preset(mut self, preset: Preset) -> Self {
         let base = Options::new(Vec::new(), 1, 1);
-        let (steps, lr, cutn, method, grids, cands, cand_steps) = match preset {
+        let (steps, lr, cutn, method, grids, cands, cand_steps, init) = match preset {
             Preset::Reference => (
                 base.steps,
                 base.lr,
@@ -183,9 +209,30 @@ impl Options {
                 base.latent_grids,
                 base.candidates,
                 base.candidate_steps,
+                base.init,
             ),
-            Preset::Shapes => (28, 0.3, 6, CutMethod::Jitter, vec![2, 4, 8, 16], 3, 2),
+            Preset::Shapes => (
+                SHAPES_PRESET_STEPS,
+                SHAPES_PRESET_LR,
+                6,
+                CutMethod::Jitter,
+                vec![],
+                1,
+                base.candidate_steps,
+                Init::Scenes(SHAPES_PRESET_SCENES),
+            ),
+            Preset::ShapesCodes => (
+                28,
+                0.3,
+                6,
+                CutMethod::Jitter,
+                vec![2, 4, 8, 16],
+                3,
+                2,
+                Init::RandomCodes,
+            ),
         };
+        self.init = init;
         self.steps = steps;
         self.lr = lr;
         self.cutn = cutn;
@@ -266,6 +313,7 @@ pub struct Generation<'a> {
     /// Loss of each start tried so far, and the best start's latent.
     candidate_losses: Vec<f32>,
     best_start: Option<(f32, Tensor)>,
+    pool_losses: Vec<f32>,
 }
 
 /// A latent `[1, E, h, w]` of uniformly random codebook entries.
@@ -428,12 +476,37 @@ impl<'a> Generation<'a> {
         let e = vqgan.codebook().dim(1);
         let (h, w) = (opts.height / f, opts.width / f);
         let grids = resolve_grids(&opts.latent_grids, h, w)?;
-        let z = match &opts.init {
+        let mut pool_losses = Vec::new();
+        let scenes;
+        let init = match &opts.init {
+            Init::Scenes(n) => {
+                if *n == 0 {
+                    return Err(Error::invalid("--init scenes:N needs N of at least 1"));
+                }
+                let seed = rng.random::<u64>();
+                scenes = Init::Pool(
+                    crate::data::shapes::Scene::random_many(seed, *n)
+                        .iter()
+                        .map(|s| s.render_chw(opts.width, opts.height))
+                        .collect(),
+                );
+                &scenes
+            }
+            other => other,
+        };
+        let z = match init {
             Init::RandomCodes => random_codes(gpu, &mut rng, &codebook, e, grids[0])?,
             init => {
                 let (ww, hh) = (opts.width, opts.height);
                 let pixels: Vec<f32> = match init {
                     Init::Image(p) => p.clone(),
+                    Init::Pool(pool) => {
+                        pool_losses = rank_pool(gpu, clip, &targets, pool, ww, hh)?;
+                        let best = (0..pool_losses.len())
+                            .min_by(|&i, &j| pool_losses[i].total_cmp(&pool_losses[j]))
+                            .ok_or_else(|| Error::invalid("the init pool is empty"))?;
+                        pool[best].clone()
+                    }
                     Init::Pixels => (0..3 * ww * hh).map(|_| rng.random::<f32>()).collect(),
                     _ => {
                         let (a, b): ([f32; 3], [f32; 3]) = (rng.random(), rng.random());
@@ -471,9 +544,10 @@ impl<'a> Generation<'a> {
             return Err(Error::invalid("--candidates must be at least 1"));
         }
         if k > 1 {
-            if matches!(opts.init, Init::Image(_)) {
+            if matches!(opts.init, Init::Image(_) | Init::Pool(_) | Init::Scenes(_)) {
                 return Err(Error::invalid(
-                    "--candidates needs random starts: it cannot be used with --init-image",
+                    "--candidates needs random starts: it cannot be used with --init-image or \
+                     --init scenes:N",
                 ));
             }
             if !opts.candidates_fit() {
@@ -517,7 +591,14 @@ impl<'a> Generation<'a> {
             codebook,
             candidate_losses: Vec::new(),
             best_start: None,
+            pool_losses,
         })
+    }
+
+    /// With [`Init::Pool`] or [`Init::Scenes`]: CLIP's loss of every pool image (lower is
+    /// closer to the prompts); the start is the lowest. Empty otherwise.
+    pub fn pool_losses(&self) -> &[f32] {
+        &self.pool_losses
     }
 
     /// Loss of each random start tried so far (see [`Options::candidates`]).
@@ -532,15 +613,7 @@ impl<'a> Generation<'a> {
         let z = tape.leaf(self.opt.params()[0].clone(), false);
         let img = self.synth(&tape, &self.full_latent(&tape, &z)?)?;
         let (h, w) = (img.shape()[2], img.shape()[3]);
-        let s = self.clip.image_size();
-        let whole = cutouts::Cut {
-            x0: 0.0,
-            y0: 0.0,
-            w: w as f32,
-            h: h as f32,
-            flip: false,
-        };
-        let (wy, wx) = cut_matrices(&self.gpu, &[whole], w, h, s, false)?;
+        let (wy, wx) = whole_view(&self.gpu, w, h, self.clip.image_size())?;
         let view = cutouts::cutouts(&tape, &img, &wy, &wx)?;
         let emb = self
             .clip
@@ -876,6 +949,71 @@ fn make_views(
 }
 
 /// `(views − mean) / std` with CLIP's per-channel statistics.
+/// The resampling matrices of one view: the whole `w`×`h` image at CLIP's size `s`.
+fn whole_view(gpu: &Gpu, w: usize, h: usize, s: usize) -> Result<(Tensor, Tensor)> {
+    let whole = cutouts::Cut {
+        x0: 0.0,
+        y0: 0.0,
+        w: w as f32,
+        h: h as f32,
+        flip: false,
+    };
+    cut_matrices(gpu, &[whole], w, h, s, false)
+}
+
+/// CLIP's weighted loss against `targets` of each image of `pool` (`[3, h, w]` in [0, 1]),
+/// seen whole as [`Generation::clean_loss`] sees the current image, in batches of
+/// [`POOL_BATCH`].
+fn rank_pool(
+    gpu: &Gpu,
+    clip: &dyn Perceptor,
+    targets: &[Target],
+    pool: &[Vec<f32>],
+    w: usize,
+    h: usize,
+) -> Result<Vec<f32>> {
+    let s = clip.image_size();
+    let (wy, wx) = whole_view(gpu, w, h, s)?;
+    // The whole-image view of an image of CLIP's size is the image itself (the resampling
+    // matrices are the identity), so such pools go to CLIP as they are.
+    let same_size = w == s && h == s;
+    let mut losses = Vec::with_capacity(pool.len());
+    for chunk in pool.chunks(POOL_BATCH) {
+        if let Some(px) = chunk.iter().find(|px| px.len() != 3 * w * h) {
+            return Err(Error::shape(format!(
+                "init pool image has {} values, expected 3x{h}x{w}",
+                px.len()
+            )));
+        }
+        let tape = Tape::new();
+        let batch = if same_size {
+            let all: Vec<f32> = chunk.concat();
+            tape.leaf(
+                Tensor::from_slice(gpu, &all, &[chunk.len(), 3, h, w])?,
+                false,
+            )
+        } else {
+            let mut views = Vec::with_capacity(chunk.len());
+            for px in chunk {
+                let img = tape.leaf(Tensor::from_slice(gpu, px, &[1, 3, h, w])?, false);
+                views.push(cutouts::cutouts(&tape, &img, &wy, &wx)?);
+            }
+            let refs: Vec<&Var> = views.iter().collect();
+            tape.concat(&refs, 0)?
+        };
+        let emb = clip.encode_image(&tape, &clip_normalise(gpu, clip, &tape, &batch)?)?;
+        let mut total = vec![0.0f32; chunk.len()];
+        for t in targets {
+            let d = tape.spherical_distance(&emb, &tape.leaf(t.embed.clone(), false))?;
+            for (acc, v) in total.iter_mut().zip(d.value().to_vec()?) {
+                *acc += t.weight * v;
+            }
+        }
+        losses.extend(total);
+    }
+    Ok(losses)
+}
+
 fn clip_normalise(gpu: &Gpu, clip: &dyn Perceptor, tape: &Tape, views: &Var) -> Result<Var> {
     let (mean, std) = clip.mean_std();
     let scale: Vec<f32> = std.iter().map(|s| 1.0 / s).collect();

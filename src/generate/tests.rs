@@ -406,3 +406,139 @@ fn candidates_try_random_starts_and_keep_the_best() {
         assert!(e.unwrap().to_string().contains("candidates"));
     }
 }
+
+/// CLIP's loss of `img` (`[3, h, w]`) seen whole, on the CPU: the stand-in CLIP is linear, so
+/// this is `acos(cos(proj · normalise(resample(img)), text))² / 2` summed over the weighted
+/// text prompts.
+fn cpu_pool_loss(clip: &LinearClip, prompts: &[Prompt], img: &[f32], w: usize, h: usize) -> f32 {
+    let my = cutouts::resample_matrix(S, h, 0.0, h as f32, false);
+    let mx = cutouts::resample_matrix(S, w, 0.0, w as f32, false);
+    let (mean, std) = clip.mean_std();
+    let mut x = vec![0.0f32; 3 * S * S];
+    for c in 0..3 {
+        for i in 0..S {
+            for j in 0..S {
+                let mut v = 0.0;
+                for y in 0..h {
+                    for xx in 0..w {
+                        v += my[i * h + y] * img[(c * h + y) * w + xx] * mx[j * w + xx];
+                    }
+                }
+                x[(c * S + i) * S + j] = (v - mean[c]) / std[c];
+            }
+        }
+    }
+    let proj = clip.proj.to_vec().unwrap();
+    let emb: Vec<f32> = (0..P)
+        .map(|p| (0..3 * S * S).map(|k| proj[p * 3 * S * S + k] * x[k]).sum())
+        .collect();
+    let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
+    let mut total = 0.0;
+    for pr in prompts {
+        let t = clip
+            .encode_text(std::slice::from_ref(&pr.text))
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        let cos = emb.iter().zip(&t).map(|(a, b)| a * b).sum::<f32>() / (norm(&emb) * norm(&t));
+        total += pr.weight * cos.clamp(-1.0, 1.0).acos().powi(2) / 2.0;
+    }
+    total
+}
+
+#[test]
+fn a_pool_start_is_the_image_clip_ranks_closest_to_the_prompts() {
+    let g = gpu();
+    let (clip, vq) = models(&g);
+    let o = opts();
+    let pool: Vec<Vec<f32>> = (0..70)
+        .map(|i| {
+            rand_vec(3 * 256, 100 + i)
+                .iter()
+                .map(|v| v * 0.5 + 0.5)
+                .collect()
+        })
+        .collect();
+    let mut po = o.clone();
+    po.init = Init::Pool(pool.clone());
+    let gen = Generation::new(&g, &clip, &vq, po).unwrap();
+    // every image scored (70: more than one batch), as the CPU reference scores it
+    let losses = gen.pool_losses().to_vec();
+    assert_eq!(losses.len(), 70);
+    for (i, img) in pool.iter().enumerate() {
+        let want = cpu_pool_loss(&clip, &o.prompts, img, 16, 16);
+        assert!(
+            (losses[i] - want).abs() < 1e-4,
+            "image {i}: {} vs CPU {want}",
+            losses[i]
+        );
+    }
+    let best = (0..70)
+        .min_by(|&a, &b| losses[a].total_cmp(&losses[b]))
+        .unwrap();
+    assert!(losses.iter().any(|&l| l > losses[best] + 1e-3));
+    // the start is the best image, encoded, as --init-image would start from it
+    let mut io = o.clone();
+    io.init = Init::Image(pool[best].clone());
+    let from_image = Generation::new(&g, &clip, &vq, io).unwrap();
+    assert_eq!(
+        gen.latent().unwrap().to_vec().unwrap(),
+        from_image.latent().unwrap().to_vec().unwrap()
+    );
+    assert!(from_image.pool_losses().is_empty());
+    // CLIP-sized images go to CLIP as they are: same losses as the CPU reference
+    let small: Vec<Vec<f32>> = pool
+        .iter()
+        .take(5)
+        .map(|p| p[..3 * S * S].to_vec())
+        .collect();
+    let targets: Vec<Target> = o
+        .prompts
+        .iter()
+        .map(|p| Target {
+            embed: clip.encode_text(std::slice::from_ref(&p.text)).unwrap(),
+            weight: p.weight,
+            stop: p.stop,
+        })
+        .collect();
+    let got = rank_pool(&g, &clip, &targets, &small, S, S).unwrap();
+    for (i, img) in small.iter().enumerate() {
+        let want = cpu_pool_loss(&clip, &o.prompts, img, S, S);
+        assert!((got[i] - want).abs() < 1e-4, "{} vs {want}", got[i]);
+    }
+    // a wrong-sized pool image is refused
+    let mut bad = o.clone();
+    bad.init = Init::Pool(vec![vec![0.5; 10]]);
+    let e = Generation::new(&g, &clip, &vq, bad)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("init pool image"), "{e}");
+}
+
+#[test]
+fn scene_starts_are_seeded_shapes_world_pools() {
+    let g = gpu();
+    let (clip, vq) = models(&g);
+    let mut o = opts();
+    o.init = Init::Scenes(6);
+    let a = Generation::new(&g, &clip, &vq, o.clone()).unwrap();
+    let b = Generation::new(&g, &clip, &vq, o.clone()).unwrap();
+    assert_eq!(a.pool_losses().len(), 6);
+    assert_eq!(a.pool_losses(), b.pool_losses(), "same seed, same scenes");
+    o.seed = 5;
+    let c = Generation::new(&g, &clip, &vq, o.clone()).unwrap();
+    assert_ne!(
+        a.pool_losses(),
+        c.pool_losses(),
+        "another seed, other scenes"
+    );
+    for (init, k) in [(Init::Scenes(0), 1), (Init::Scenes(4), 3)] {
+        let mut o = o.clone();
+        o.init = init;
+        o.candidates = k;
+        o.steps = 10;
+        o.candidate_steps = 2;
+        assert!(Generation::new(&g, &clip, &vq, o).is_err());
+    }
+}

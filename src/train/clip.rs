@@ -652,19 +652,57 @@ pub fn shape_negatives(caption: &str) -> Vec<String> {
         .collect()
 }
 
-/// The shape negatives of a whole batch: [`shape_negatives`] of every caption, without
-/// repeats and without any text that is itself a caption of the batch. A batch that holds a
-/// scene and its hard negative (the same scene with another shape) would otherwise list each
-/// one's own caption among the other's negatives, as a second column that also matches the
-/// image, and cap its best image-to-text probability at 1/2.
-pub fn batch_shape_negatives(captions: &[String]) -> Vec<String> {
+/// The colour-role negative of a caption: for a one-shape caption that names the shape's
+/// colour and the background's ("a red circle on a blue background"), the same caption with
+/// the two colours exchanged ("a blue circle on a red background"), which describes the
+/// inverse picture. `None` for captions without exactly two colour words or with two shapes
+/// (exchanging two shape colours there can describe the same scene).
+pub fn swap_negative(caption: &str) -> Option<String> {
+    if caption.contains(" and ") || !caption.ends_with(" background") {
+        return None;
+    }
+    let mut words: Vec<&str> = caption.split(' ').collect();
+    let at: Vec<usize> = (0..words.len())
+        .filter(|&i| Colour::from_word(words[i]).is_some())
+        .collect();
+    match at.as_slice() {
+        [a, b] if words[*a] != words[*b] => {
+            words.swap(*a, *b);
+            Some(words.join(" "))
+        }
+        _ => None,
+    }
+}
+
+/// The hard-negative captions of a whole batch: [`shape_negatives`] (with `shape`) and
+/// [`swap_negative`] (with `swap`) of every caption, without repeats and without any text
+/// that is itself a caption of the batch. A batch that holds a scene and its hard negative
+/// (the same scene with another shape) would otherwise list each one's own caption among the
+/// other's negatives, as a second column that also matches the image, and cap its best
+/// image-to-text probability at 1/2.
+pub fn batch_negatives(captions: &[String], shape: bool, swap: bool) -> Vec<String> {
     let own: std::collections::HashSet<&str> = captions.iter().map(String::as_str).collect();
     let mut seen = std::collections::HashSet::new();
     captions
         .iter()
-        .flat_map(|c| shape_negatives(c))
+        .flat_map(|c| {
+            let mut v = if shape {
+                shape_negatives(c)
+            } else {
+                Vec::new()
+            };
+            if swap {
+                v.extend(swap_negative(c));
+            }
+            v
+        })
         .filter(|n| !own.contains(n.as_str()) && seen.insert(n.clone()))
         .collect()
+}
+
+/// [`batch_negatives`] with shape negatives only.
+pub fn batch_shape_negatives(captions: &[String]) -> Vec<String> {
+    batch_negatives(captions, true, false)
 }
 
 /// Augmentation of training images.

@@ -512,6 +512,40 @@ fn batch_shape_negatives_never_repeat_a_caption_of_the_batch() {
     assert_eq!(batch_shape_negatives(&plain), all);
 }
 
+#[test]
+fn swap_negatives_exchange_the_shape_and_background_colours() {
+    assert_eq!(
+        swap_negative("a small red circle at the top left on a blue background").as_deref(),
+        Some("a small blue circle at the top left on a red background")
+    );
+    // two shapes, no background, one colour: none
+    for c in [
+        "a red circle and a blue square on a green background",
+        "a red circle at the top left",
+        "a plain red background",
+        "a red circle on a red background",
+        "",
+    ] {
+        assert_eq!(swap_negative(c), None, "{c}");
+    }
+    let caps: Vec<String> = [
+        "a red circle on a blue background",
+        "a blue circle on a red background", // the first one's swap: a caption, not a negative
+        "a green triangle on a white background",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(
+        batch_negatives(&caps, false, true),
+        vec!["a white triangle on a green background"]
+    );
+    let both = batch_negatives(&caps, true, true);
+    assert_eq!(both.len(), 3 + 3 + 3 + 1);
+    assert!(both.contains(&"a red square on a blue background".to_string()));
+    assert!(batch_negatives(&caps, false, false).is_empty());
+}
+
 /// The loss with negative captions against a CPU evaluation of its formula: image rows pick
 /// among all texts, caption columns among the images only.
 #[test]
