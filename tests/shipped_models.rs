@@ -204,7 +204,15 @@ fn generate_and_judge(
     for _ in 0..steps {
         g.step().unwrap();
     }
-    let lab = labels(&g.image_rgb8().unwrap());
+    let rgb = g.image_rgb8().unwrap();
+    if let Some(dir) = std::env::var_os("VQCLIP_SWEEP_DIR") {
+        let name = format!("{}_seed{seed}.png", prompt.replace(' ', "_"));
+        image::RgbImage::from_raw(size as u32, size as u32, rgb.clone())
+            .unwrap()
+            .save(std::path::Path::new(&dir).join(name))
+            .unwrap();
+    }
+    let lab = labels(&rgb);
     let (bg_edge, _) = shares(&lab, size, size / 8, background);
     let (shape_edge, shape_in) = shares(&lab, size, size / 8, shape);
     let judged = judge_shape(&largest_region(&lab, size, shape), size);
@@ -292,7 +300,8 @@ fn generated_images_show_the_prompted_shape_and_colours_where_the_prompt_puts_th
 }
 
 /// Seeds 1..=N (N from VQCLIP_SEEDS, default 8) of every case: prints each result and the
-/// pass count (the figures in docs/generation_recipe.md). A measurement, not a gate.
+/// pass count (the figures in docs/generation_recipe.md), and with VQCLIP_SWEEP_DIR set
+/// writes each image there. A measurement, not a gate.
 #[test]
 #[ignore = "a measurement over many seeds (minutes on lavapipe); run with --ignored --nocapture"]
 fn pass_rate_over_seeds() {

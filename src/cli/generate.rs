@@ -45,7 +45,7 @@ pub struct GenerateArgs {
     size: Option<String>,
     /// Defaults for steps, lr, cutn, cut-method, latent-grids, candidates, candidate-steps
     /// and init: reference (the notebook's: 100 steps, lr 0.1, 32 original cutouts, random
-    /// codes), shapes (for the small shipped models: start from the best of 512 random
+    /// codes), shapes (for the small shipped models: start from the best of 512
     /// shapes-world scenes as CLIP ranks them, then 10 steps at lr 0.01 with 6 jitter
     /// views) or shapes-codes (the earlier one, from random codes: 28 steps, lr 0.3, latent
     /// grids 2,4,8,16, 3 starts of 2 steps; draws blobs). Options given explicitly win
@@ -79,9 +79,9 @@ pub struct GenerateArgs {
     /// Start from this image (encoded by the VQGAN, resized to the output size).
     #[arg(long, value_name = "PATH")]
     init_image: Option<PathBuf>,
-    /// Start from random-codes, pixels, gradient, or scenes:N (the best of N random scenes of
-    /// the shapes world as CLIP ranks them against the prompts, encoded; ignored with
-    /// --init-image) [default: from --preset].
+    /// Start from random-codes, pixels, gradient, or scenes:N (the best of N scenes of the
+    /// shapes world, every one-shape combination of colours and kind first, as CLIP ranks
+    /// them against the prompts, encoded; ignored with --init-image) [default: from --preset].
     #[arg(long)]
     init: Option<String>,
     /// Pull toward the initial latent: mse(z, z0) · weight / 2.

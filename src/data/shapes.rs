@@ -300,6 +300,45 @@ impl Scene {
         (0..n).map(|_| Scene::random(&mut rng)).collect()
     }
 
+    /// `n` scenes from `seed` that cover the world: first one one-shape scene for every
+    /// (background, shape colour, shape kind) combination (8 × 7 × 4 = 224, in a seeded
+    /// random order, each with a random size and position), then [`Scene::random`] scenes
+    /// (one or two shapes). With `n` below 224 it is a random subset of the combinations.
+    /// A random pool of the same size would miss a given combination often: one scene in
+    /// 299 is a given one-shape combination, so 512 random scenes hold none of it about one
+    /// time in six.
+    pub fn covering(seed: u64, n: usize) -> Vec<Scene> {
+        use rand::seq::SliceRandom;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut combos = Vec::new();
+        for background in Colour::ALL {
+            for colour in Colour::ALL.into_iter().filter(|&c| c != background) {
+                for kind in ShapeKind::ALL {
+                    combos.push((background, colour, kind));
+                }
+            }
+        }
+        combos.shuffle(&mut rng);
+        let mut out: Vec<Scene> = Vec::with_capacity(n);
+        for (background, colour, kind) in combos.into_iter().take(n) {
+            let large = rng.random_range(0..2) == 0;
+            let position = pick(&mut rng, &Position::ALL);
+            out.push(Scene {
+                background,
+                shapes: vec![Shape {
+                    kind,
+                    colour,
+                    large,
+                    position,
+                }],
+            });
+        }
+        while out.len() < n {
+            out.push(Scene::random(&mut rng));
+        }
+        out
+    }
+
     /// One caption of the scene; `variant` picks among the grammar's phrasings.
     pub fn caption(&self, variant: usize) -> String {
         let np = |s: &Shape, with_size: bool| {
@@ -382,6 +421,29 @@ impl ShapesDataset {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_covering_pool_holds_every_one_shape_combination_then_random_scenes() {
+        let pool = Scene::covering(9, 300);
+        assert_eq!(pool.len(), 300);
+        assert_eq!(pool, Scene::covering(9, 300), "seeded");
+        let mut seen = std::collections::HashSet::new();
+        for s in &pool[..224] {
+            assert_eq!(s.shapes.len(), 1);
+            let sh = s.shapes[0];
+            assert_ne!(sh.colour, s.background);
+            assert!(seen.insert((s.background.word(), sh.colour.word(), sh.kind.word())));
+        }
+        assert_eq!(seen.len(), 224, "every combination once");
+        // the rest are random scenes: some with two shapes
+        assert!(pool[224..].iter().any(|s| s.shapes.len() == 2));
+        // sizes and positions vary
+        assert!(pool[..224].iter().any(|s| s.shapes[0].large));
+        assert!(pool[..224].iter().any(|s| !s.shapes[0].large));
+        let small = Scene::covering(9, 10);
+        assert_eq!(small.len(), 10);
+        assert!(small.iter().all(|s| s.shapes.len() == 1));
+    }
 
     #[test]
     fn planar_renders_match_the_bytes_and_crop_to_the_centre() {

@@ -80,10 +80,11 @@ pub enum Init {
     /// [`Generation::clean_loss`]), encoded: CLIP re-ranking of samples from a prior, as
     /// DALL·E re-ranks its samples, before the optimisation refines the chosen one.
     Pool(Vec<Vec<f32>>),
-    /// [`Init::Pool`] of this many random scenes of the shapes world
-    /// ([`crate::data::shapes::Scene::random`], drawn from the generation's seed): the
-    /// world the shipped models were trained on, standing in for the token prior
-    /// (taming's transformer) that real VQGAN checkpoints come with.
+    /// [`Init::Pool`] of this many scenes of the shapes world, the world the shipped models
+    /// were trained on, standing in for the token prior (taming's transformer) that real
+    /// VQGAN checkpoints come with: [`crate::data::shapes::Scene::covering`] (every
+    /// one-shape colour, kind and background combination once, then random scenes), drawn
+    /// from the generation's seed.
     Scenes(usize),
 }
 
@@ -98,8 +99,9 @@ pub enum Preset {
     /// lr 0.1, 32 original cutouts, the full latent from the first step, one start.
     Reference,
     /// Settings for the small shipped models of the shapes world: start from the best of
-    /// SCENES random shapes-world scenes as CLIP ranks them ([`Init::Scenes`]), then
-    /// STEPS steps at lr LR with 6 jitter views on the full latent. Measured in
+    /// [`SHAPES_PRESET_SCENES`] shapes-world scenes as CLIP ranks them ([`Init::Scenes`]),
+    /// then [`SHAPES_PRESET_STEPS`] steps at lr [`SHAPES_PRESET_LR`] with 6 jitter views on
+    /// the full latent. Measured in
     /// `docs/generation_recipe.md`.
     Shapes,
     /// The earlier shapes preset, from random codes alone: 28 steps, lr 0.3, 6 jitter
@@ -485,7 +487,7 @@ impl<'a> Generation<'a> {
                 }
                 let seed = rng.random::<u64>();
                 scenes = Init::Pool(
-                    crate::data::shapes::Scene::random_many(seed, *n)
+                    crate::data::shapes::Scene::covering(seed, *n)
                         .iter()
                         .map(|s| s.render_chw(opts.width, opts.height))
                         .collect(),
