@@ -542,3 +542,21 @@ fn scene_starts_are_seeded_shapes_world_pools() {
         assert!(Generation::new(&g, &clip, &vq, o).is_err());
     }
 }
+
+#[test]
+fn presets_set_the_documented_options() {
+    let base = Options::new(Vec::new(), 64, 64);
+    let r = base.clone().with_preset("reference".parse().unwrap());
+    assert_eq!((r.steps, r.lr, r.cutn), (100, 0.1, 32));
+    assert_eq!(r.init, Init::RandomCodes);
+    let s = base.clone().with_preset("shapes".parse().unwrap());
+    assert_eq!(s.init, Init::Scenes(512));
+    assert_eq!((s.steps, s.lr, s.cutn, s.candidates), (10, 0.01, 6, 1));
+    assert_eq!(s.cut_method, CutMethod::Jitter);
+    assert!(s.latent_grids.is_empty());
+    let c = base.with_preset("shapes-codes".parse().unwrap());
+    assert_eq!(c.init, Init::RandomCodes);
+    assert_eq!((c.steps, c.lr, c.candidates, c.candidate_steps), (28, 0.3, 3, 2));
+    assert_eq!(c.latent_grids, vec![2, 4, 8, 16]);
+    assert!("fast".parse::<Preset>().is_err());
+}
