@@ -556,7 +556,10 @@ fn presets_set_the_documented_options() {
     assert!(s.latent_grids.is_empty());
     let c = base.with_preset("shapes-codes".parse().unwrap());
     assert_eq!(c.init, Init::RandomCodes);
-    assert_eq!((c.steps, c.lr, c.candidates, c.candidate_steps), (28, 0.3, 3, 2));
+    assert_eq!(
+        (c.steps, c.lr, c.candidates, c.candidate_steps),
+        (28, 0.3, 3, 2)
+    );
     assert_eq!(c.latent_grids, vec![2, 4, 8, 16]);
     assert!("fast".parse::<Preset>().is_err());
 }
