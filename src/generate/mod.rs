@@ -478,6 +478,27 @@ impl<'a> Generation<'a> {
         let e = vqgan.codebook().dim(1);
         let (h, w) = (opts.height / f, opts.width / f);
         let grids = resolve_grids(&opts.latent_grids, h, w)?;
+        // Checked before the start is made: a pool is ranked by CLIP, which takes a while.
+        let (k, ks) = (opts.candidates, opts.candidate_steps);
+        if k == 0 {
+            return Err(Error::invalid("--candidates must be at least 1"));
+        }
+        if k > 1 {
+            if matches!(opts.init, Init::Image(_) | Init::Pool(_) | Init::Scenes(_)) {
+                return Err(Error::invalid(
+                    "--candidates needs random starts: it cannot be used with --init-image or \
+                     --init scenes:N",
+                ));
+            }
+            if !opts.candidates_fit() {
+                return Err(Error::invalid(format!(
+                    "{k} candidates of {ks} steps do not fit in {} steps: each needs at least \
+                     one step, all of them together fewer than --steps, and one candidate's steps \
+                     at most the first latent-grid phase",
+                    opts.steps
+                )));
+            }
+        }
         let mut pool_losses = Vec::new();
         let scenes;
         let init = match &opts.init {
@@ -541,26 +562,6 @@ impl<'a> Generation<'a> {
                 resize_latent(gpu, &vqgan.quantize(&vqgan.encode(&img)?)?, grids[0])?
             }
         };
-        let (k, ks) = (opts.candidates, opts.candidate_steps);
-        if k == 0 {
-            return Err(Error::invalid("--candidates must be at least 1"));
-        }
-        if k > 1 {
-            if matches!(opts.init, Init::Image(_) | Init::Pool(_) | Init::Scenes(_)) {
-                return Err(Error::invalid(
-                    "--candidates needs random starts: it cannot be used with --init-image or \
-                     --init scenes:N",
-                ));
-            }
-            if !opts.candidates_fit() {
-                return Err(Error::invalid(format!(
-                    "{k} candidates of {ks} steps do not fit in {} steps: each needs at least \
-                     one step, all of them together fewer than --steps, and one candidate's steps \
-                     at most the first latent-grid phase",
-                    opts.steps
-                )));
-            }
-        }
         let (z_min, z_max) = codebook_range(gpu, &codebook, e)?;
         let adam = match opts.optimizer {
             Kind::Adam => AdamConfig::adam(opts.lr),
@@ -617,15 +618,7 @@ impl<'a> Generation<'a> {
         let (h, w) = (img.shape()[2], img.shape()[3]);
         let (wy, wx) = whole_view(&self.gpu, w, h, self.clip.image_size())?;
         let view = cutouts::cutouts(&tape, &img, &wy, &wx)?;
-        let emb = self
-            .clip
-            .encode_image(&tape, &clip_normalise(&self.gpu, self.clip, &tape, &view)?)?;
-        let mut total = 0.0;
-        for t in &self.targets {
-            let d = tape.spherical_distance(&emb, &tape.leaf(t.embed.clone(), false))?;
-            total += t.weight * d.value().to_vec()?[0];
-        }
-        Ok(total)
+        Ok(whole_losses(&self.gpu, self.clip, &self.targets, &tape, &view)?[0])
     }
 
     /// Ends the current random start: keeps it if it is the best so far, then begins the
@@ -950,7 +943,6 @@ fn make_views(
     clip_normalise(gpu, clip, tape, &views)
 }
 
-/// `(views − mean) / std` with CLIP's per-channel statistics.
 /// The resampling matrices of one view: the whole `w`×`h` image at CLIP's size `s`.
 fn whole_view(gpu: &Gpu, w: usize, h: usize, s: usize) -> Result<(Tensor, Tensor)> {
     let whole = cutouts::Cut {
@@ -1003,19 +995,32 @@ fn rank_pool(
             let refs: Vec<&Var> = views.iter().collect();
             tape.concat(&refs, 0)?
         };
-        let emb = clip.encode_image(&tape, &clip_normalise(gpu, clip, &tape, &batch)?)?;
-        let mut total = vec![0.0f32; chunk.len()];
-        for t in targets {
-            let d = tape.spherical_distance(&emb, &tape.leaf(t.embed.clone(), false))?;
-            for (acc, v) in total.iter_mut().zip(d.value().to_vec()?) {
-                *acc += t.weight * v;
-            }
-        }
-        losses.extend(total);
+        losses.extend(whole_losses(gpu, clip, targets, &tape, &batch)?);
     }
     Ok(losses)
 }
 
+/// The weighted loss against `targets` (prompt stops ignored) of each of `views`
+/// `[N, 3, S, S]` (pixels in [0, 1], at CLIP's size), one value per view.
+fn whole_losses(
+    gpu: &Gpu,
+    clip: &dyn Perceptor,
+    targets: &[Target],
+    tape: &Tape,
+    views: &Var,
+) -> Result<Vec<f32>> {
+    let emb = clip.encode_image(tape, &clip_normalise(gpu, clip, tape, views)?)?;
+    let mut total = vec![0.0f32; views.shape()[0]];
+    for t in targets {
+        let d = tape.spherical_distance(&emb, &tape.leaf(t.embed.clone(), false))?;
+        for (acc, v) in total.iter_mut().zip(d.value().to_vec()?) {
+            *acc += t.weight * v;
+        }
+    }
+    Ok(total)
+}
+
+/// `(views − mean) / std` with CLIP's per-channel statistics.
 fn clip_normalise(gpu: &Gpu, clip: &dyn Perceptor, tape: &Tape, views: &Var) -> Result<Var> {
     let (mean, std) = clip.mean_std();
     let scale: Vec<f32> = std.iter().map(|s| 1.0 / s).collect();
