@@ -5,6 +5,7 @@
 //! (GPU tensors), [`ops`] (one file per kernel family, each with a CPU reference).
 #![warn(missing_docs)]
 
+pub mod atomic;
 pub mod autodiff;
 pub mod bench;
 pub mod data;

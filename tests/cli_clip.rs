@@ -92,6 +92,41 @@ fn embed_json_matches_transformers_in_argument_order() {
 }
 
 #[test]
+fn embed_empty_text_as_transformers() {
+    use vqclip::weights::TensorSource;
+    let model = fixtures().join("tiny_quickgelu");
+    let (g, t) = golden("tiny_quickgelu");
+    let texts = g["texts"].as_array().unwrap();
+    // The golden's text 7 is "" (ids [49406, 49407]); text 0 is an ordinary caption, so the
+    // empty text also sits in a padded batch beside a longer one.
+    assert_eq!(texts[7], "");
+    assert_eq!(g["input_ids"][7], serde_json::json!([49406, 49407]));
+    let out = ok_json(&[
+        "embed",
+        "--clip",
+        model.to_str().unwrap(),
+        "--json",
+        "--text",
+        "",
+        "--text",
+        texts[0].as_str().unwrap(),
+        "--text",
+        "  ",
+    ]);
+    let te = t.read_f32("text_embeds").unwrap();
+    let p = 16;
+    let got = rows(&out["text_embeds"]);
+    assert_eq!(got.len(), 3);
+    for (row, k) in got.iter().zip([7, 0, 7]) {
+        for (a, b) in row.iter().zip(&te[k * p..(k + 1) * p]) {
+            assert!((a - b).abs() <= 1e-5, "golden row {k}: {a} vs {b}");
+        }
+        let norm: f32 = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "{norm}");
+    }
+}
+
+#[test]
 fn classify_gives_softmax_of_logits_best_first() {
     use vqclip::weights::TensorSource;
     let model = fixtures().join("small_gelu");
@@ -162,7 +197,7 @@ fn clip_commands_refuse_bad_input_clearly() {
         );
     }
     fails(&["embed", "--clip", m], "nothing to embed");
-    fails(&["embed", "--clip", m, "--text", "  "], "empty");
+    // An empty --text is embedded, not refused: see embed_empty_text_as_transformers.
     fails(
         &["embed", "--clip", "/no/such/clip", "--text", "x"],
         "no such folder",

@@ -1,6 +1,6 @@
 //! `vqclip embed`: L2-normalised CLIP embeddings of texts and images.
 
-use super::clip_args::{check_texts, load_images, warn_truncated, ClipArgs};
+use super::clip_args::{load_images, warn_truncated, ClipArgs};
 use super::DeviceArgs;
 use anyhow::{bail, Result};
 use clap::Args;
@@ -10,7 +10,8 @@ use std::path::PathBuf;
 pub struct EmbedArgs {
     #[command(flatten)]
     clip: ClipArgs,
-    /// A text to embed (repeatable).
+    /// A text to embed (repeatable; "" is embedded as transformers embeds it, from the
+    /// start and end tokens alone).
     #[arg(long = "text", value_name = "TEXT")]
     texts: Vec<String>,
     /// An image file to embed (repeatable).
@@ -25,7 +26,8 @@ pub fn run(dev: &DeviceArgs, a: EmbedArgs) -> Result<()> {
     if a.texts.is_empty() && a.images.is_empty() {
         bail!("nothing to embed: give --text TEXT and/or --image PATH (both repeatable)");
     }
-    check_texts(&a.texts, "a --text")?;
+    // No emptiness check: transformers embeds "" as <|startoftext|><|endoftext|>, and people
+    // use it (a null prompt, an empty caption in a batch).
     let model = a.clip.load(dev)?;
     warn_truncated(&model, &a.texts)?;
     // Decode everything before any GPU work so that a bad file fails fast.

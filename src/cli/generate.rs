@@ -366,9 +366,12 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
     let opts_candidates = opts.candidates;
     let mut gen = Generation::new(&gpu, &clip, &vqgan, opts)?;
     let mut log = match &a.json_log {
-        Some(p) => Some(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
-        )),
+        // Written to a temporary file and renamed once the run succeeds: a failed or
+        // killed run leaves no partial log under the name.
+        Some(p) => Some(
+            vqclip::atomic::AtomicFile::create(p)
+                .with_context(|| format!("cannot create {}", p.display()))?,
+        ),
         None => None,
     };
     let frames_dir = a.save_every.map(|_| {
@@ -384,7 +387,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
     let mut gif = match &a.gif {
-        Some(_) => Some(GifFrames::new(w, h)?),
+        Some(p) => Some(GifFrames::create(p, w, h)?),
         None => None,
     };
     let gif_every = a.save_every.unwrap_or((steps / 50).max(1));
@@ -417,7 +420,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     if let Some(g) = gif.as_mut() {
-        g.push(&gen.image_rgb8()?);
+        g.push(&gen.image_rgb8()?)?;
     }
     for step in 0..steps {
         let l = gen.step()?;
@@ -443,7 +446,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
                 write_png(&d.join(format!("frame_{done:05}.png")), w, h, &rgb, &texts)?;
             }
             if let Some(g) = gif.as_mut() {
-                g.push(&rgb);
+                g.push(&rgb)?;
             }
         }
     }
@@ -472,13 +475,13 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
             best + 1
         );
     }
-    if let Some(mut f) = log {
-        f.flush()?;
-    }
     let rgb = gen.image_rgb8()?;
     write_png(&a.output, w, h, &rgb, &texts)?;
-    if let (Some(g), Some(p)) = (gif, &a.gif) {
-        g.write(p)?;
+    if let Some(g) = gif {
+        g.finish()?;
+    }
+    if let Some(f) = log {
+        f.commit()?;
     }
     eprintln!("wrote {} ({w}x{h}, {} steps)", a.output.display(), steps);
     Ok(())

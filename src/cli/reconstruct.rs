@@ -45,28 +45,12 @@ pub fn resolve_config(weights: &Path, config: Option<&Path>) -> Result<PathBuf> 
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder, so that a failure
-/// never leaves a partial file behind.
+/// Runs `write` on a temporary path beside `path` and moves the result to `path` (synced and
+/// renamed by [`vqclip::atomic`]), so that a failure never leaves a partial file behind.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let r = write(&tmp).and_then(|()| {
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
-    });
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
+    let file = vqclip::atomic::AtomicFile::create(path)?;
+    write(file.temp_path())?;
+    Ok(file.commit()?)
 }
 
 fn check_parent(path: &Path) -> Result<()> {

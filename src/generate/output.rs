@@ -1,17 +1,11 @@
 //! Writing results: PNGs with the generation's settings in text chunks, and an animated GIF of
-//! the progress. Files are written next to their destination under a temporary name and
-//! renamed when complete, so a failure never leaves a partial image.
+//! the progress, streamed frame by frame. Both go through [`crate::atomic`]: a failure or a
+//! kill never leaves a partial image under the final name.
 
+use crate::atomic::AtomicFile;
 use crate::{Error, Result};
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
-
-fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
+use std::io::Write;
+use std::path::Path;
 
 fn png_err(path: &Path) -> impl Fn(png::EncodingError) -> Error + '_ {
     move |e| Error::Format {
@@ -20,33 +14,10 @@ fn png_err(path: &Path) -> impl Fn(png::EncodingError) -> Error + '_ {
     }
 }
 
-/// A temporary path beside `path` (same directory, so the final rename is atomic).
-pub fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map_or("out".into(), |n| n.to_string_lossy().into_owned());
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
-}
-
-/// Writes `f`'s output to a temporary file and renames it to `path` on success; on error the
-/// temporary file is removed and `path` is untouched.
+/// Writes `f`'s output to `path` atomically (see [`crate::atomic`]): on error `path` is
+/// untouched and no temporary file is left.
 pub fn write_atomic(path: &Path, f: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
-    let tmp = temp_path(path);
-    let result = (|| {
-        let file = std::fs::File::create(&tmp).map_err(io_err(path))?;
-        let mut w = BufWriter::new(file);
-        f(&mut w)?;
-        w.flush().map_err(io_err(path))?;
-        w.into_inner()
-            .map_err(|e| io_err(path)(e.into_error()))?
-            .sync_all()
-            .map_err(io_err(path))?;
-        std::fs::rename(&tmp, path).map_err(io_err(path))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::atomic::write_with(path, f)
 }
 
 /// Writes an RGB8 PNG (`rgb` row-major HWC) with `tEXt` chunks, atomically.
@@ -77,57 +48,72 @@ pub fn write_png(
     })
 }
 
-/// An animated GIF built frame by frame (kept in memory, written atomically by
-/// [`GifFrames::write`]).
+/// An animated GIF (10 frames per second, looping) written frame by frame: each frame is
+/// encoded into the temporary file as it is pushed, so memory does not grow with the number
+/// of frames; the GIF appears under its name only on [`GifFrames::finish`].
 pub struct GifFrames {
     width: u16,
     height: u16,
-    frames: Vec<Vec<u8>>,
+    frames: usize,
+    enc: gif::Encoder<AtomicFile>,
 }
 
 impl GifFrames {
-    /// An empty animation of `width`×`height`.
-    pub fn new(width: usize, height: usize) -> Result<Self> {
-        let (w, h) = (u16::try_from(width), u16::try_from(height));
-        match (w, h) {
-            (Ok(w), Ok(h)) => Ok(GifFrames {
-                width: w,
-                height: h,
-                frames: Vec::new(),
-            }),
-            _ => Err(Error::invalid(format!(
-                "{width}x{height} is too large for a GIF"
-            ))),
-        }
+    /// Starts an animation of `width`×`height` to be written to `path`.
+    pub fn create(path: &Path, width: usize, height: usize) -> Result<Self> {
+        let (Ok(w), Ok(h)) = (u16::try_from(width), u16::try_from(height)) else {
+            return Err(Error::invalid(format!(
+                "{width}x{height} is too large for a GIF (at most 65535 per side)"
+            )));
+        };
+        let file = AtomicFile::create(path)?;
+        let mut enc = gif::Encoder::new(file, w, h, &[]).map_err(gif_err(path))?;
+        enc.set_repeat(gif::Repeat::Infinite)
+            .map_err(gif_err(path))?;
+        Ok(GifFrames {
+            width: w,
+            height: h,
+            frames: 0,
+            enc,
+        })
     }
-    /// Adds an RGB8 frame.
-    pub fn push(&mut self, rgb: &[u8]) {
-        self.frames.push(rgb.to_vec());
+    /// Encodes an RGB8 frame (`width * height * 3` bytes).
+    pub fn push(&mut self, rgb: &[u8]) -> Result<()> {
+        let (w, h) = (self.width as usize, self.height as usize);
+        if rgb.len() != w * h * 3 {
+            return Err(Error::shape(format!(
+                "{} bytes are not a {w}x{h} RGB frame",
+                rgb.len()
+            )));
+        }
+        let mut frame = gif::Frame::from_rgb_speed(self.width, self.height, rgb, 10);
+        frame.delay = 10;
+        let path = self.enc.get_ref().path().to_path_buf();
+        self.enc.write_frame(&frame).map_err(gif_err(&path))?;
+        self.frames += 1;
+        Ok(())
     }
     /// Frames so far.
     pub fn len(&self) -> usize {
-        self.frames.len()
+        self.frames
     }
     /// True when no frame was added.
     pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
+        self.frames == 0
     }
-    /// Writes the animation (10 frames per second, looping).
-    pub fn write(&self, path: &Path) -> Result<()> {
-        let gif_err = |e: gif::EncodingError| Error::Format {
-            path: path.display().to_string(),
-            msg: e.to_string(),
-        };
-        write_atomic(path, |w| {
-            let mut enc = gif::Encoder::new(w, self.width, self.height, &[]).map_err(gif_err)?;
-            enc.set_repeat(gif::Repeat::Infinite).map_err(gif_err)?;
-            for f in &self.frames {
-                let mut frame = gif::Frame::from_rgb_speed(self.width, self.height, f, 10);
-                frame.delay = 10;
-                enc.write_frame(&frame).map_err(gif_err)?;
-            }
-            Ok(())
-        })
+    /// Writes the trailer and moves the GIF to its name. Dropped without this, the
+    /// temporary file is removed and nothing appears.
+    pub fn finish(self) -> Result<()> {
+        let path = self.enc.get_ref().path().to_path_buf();
+        let file = self.enc.into_inner().map_err(gif_err(&path))?;
+        file.commit()
+    }
+}
+
+fn gif_err(path: &Path) -> impl Fn(gif::EncodingError) -> Error + '_ {
+    move |e| Error::Format {
+        path: path.display().to_string(),
+        msg: e.to_string(),
     }
 }
 
@@ -176,12 +162,22 @@ mod tests {
                 .ends_with(".tmp")
         });
         assert_eq!(leftovers.count(), 0);
-        let mut gif = GifFrames::new(4, 3).unwrap();
-        gif.push(&rgb);
-        gif.push(&rgb);
         let gpath = dir.join("p.gif");
-        gif.write(&gpath).unwrap();
+        let mut gif = GifFrames::create(&gpath, 4, 3).unwrap();
+        gif.push(&rgb).unwrap();
+        assert!(gif.push(&rgb[1..]).is_err());
+        gif.push(&rgb).unwrap();
+        assert_eq!(gif.len(), 2);
+        // Nothing under the final name until the animation is finished.
+        assert!(!gpath.exists());
+        gif.finish().unwrap();
         assert!(std::fs::read(&gpath).unwrap().starts_with(b"GIF89a"));
+        // Abandoned (an error in the run): no GIF and no temporary file.
+        let dropped = dir.join("q.gif");
+        let mut gif = GifFrames::create(&dropped, 4, 3).unwrap();
+        gif.push(&rgb).unwrap();
+        drop(gif);
+        assert!(!dropped.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -279,10 +279,10 @@ impl Gpu {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(&all).map_err(|e| Error::invalid(e.to_string()))?;
-        std::fs::write(&tmp, text).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)
+        // A unique temporary name per writer: concurrent `bench` runs each replace the file
+        // whole (the last one wins) instead of racing on one fixed `.tmp` name.
+        crate::atomic::write(&path, &text)
     }
     fn tuning_scope(&self) -> String {
         let i = &self.0.info;

@@ -184,7 +184,9 @@ pub fn write_safetensors(
     write_atomic(path, &bytes)
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+/// Writes `bytes` to `path` through [`crate::atomic`] (a synced temporary file with a unique
+/// name, then a rename), creating its folder first. A checkpoint killed mid-write leaves the
+/// previous one in place; resuming reads only the final name.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let io = |source| Error::Io {
         path: path.display().to_string(),
@@ -194,17 +196,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(d) = dir {
         std::fs::create_dir_all(d).map_err(io)?;
     }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "out".into());
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
-    })?;
-    Ok(())
+    crate::atomic::write(path, bytes)
 }
 
 /// Saves a resumable training state to `path` (`.safetensors`): the parameters under their
