@@ -1,6 +1,7 @@
 //! CLIP against goldens from Hugging Face transformers (tests/fixtures/clip, made by
 //! tools/make_clip_fixtures.py): token ids, preprocessing, embeddings, logits, bad input.
 
+mod common;
 use std::path::{Path, PathBuf};
 use vqclip::models::clip::preprocess::{load_image, PreprocessConfig};
 use vqclip::models::clip::ClipTokenizer;
@@ -249,6 +250,22 @@ fn undecodable_image_is_an_error_naming_the_file() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("missing.jpg"), "{e}");
+}
+
+#[test]
+fn an_image_header_claiming_too_many_pixels_is_refused_before_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bomb.png");
+    std::fs::write(&p, common::png_header_only(65535, 65535)).unwrap();
+    let e = load_image(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("bomb.png") && e.contains("65535x65535") && e.contains("at most"),
+        "{e}"
+    );
+    // A header within the limits gets as far as the (missing) pixel data.
+    std::fs::write(&p, common::png_header_only(64, 64)).unwrap();
+    let e = load_image(&p).unwrap_err().to_string();
+    assert!(!e.contains("at most"), "{e}");
 }
 
 fn gpu() -> vqclip::Gpu {

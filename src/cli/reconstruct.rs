@@ -73,7 +73,8 @@ pub fn run(dev: &DeviceArgs, a: ReconstructArgs) -> Result<()> {
     if let Some(c) = &a.codes {
         check_parent(c)?;
     }
-    let img = image::open(&a.image)
+    // Decoded with the header size checked before allocation, as every image vqclip reads.
+    let img = vqclip::models::clip::preprocess::decode_image(&a.image)
         .with_context(|| format!("reading image {}", a.image.display()))?
         .to_rgb8();
     let gpu = dev.open()?;

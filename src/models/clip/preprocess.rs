@@ -7,6 +7,18 @@
 //! downscale factor, coefficients in 22-bit fixed point, horizontal pass then vertical, each
 //! rounded to 8 bits), so the result matches the PIL backend bit for bit; an image already at
 //! the target size is not resampled at all.
+//!
+//! Only the pixels the centre crop keeps are computed ([`PreprocessConfig::plan`]). Each
+//! output pixel of Pillow's separable resize depends only on its own row of horizontal
+//! coefficients and its own column of vertical ones, so computing the cropped window alone,
+//! from the source rows and columns its coefficients touch, gives exactly the bytes that
+//! resize-then-crop gives, but the work and memory are bounded by the crop and not by the
+//! resized image: a 1x20000 strip, whose resized image would be 224x4,480,000 (3 GB), costs
+//! one 224x224 window.
+//!
+//! Decoding is bounded too ([`load_image`]): a header that claims more than
+//! [`MAX_IMAGE_PIXELS`] pixels or a side over [`MAX_IMAGE_SIDE`] is refused before any pixel
+//! buffer is allocated.
 
 use crate::{Error, Result};
 use image::RgbImage;
@@ -18,6 +30,56 @@ pub const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73]
 /// `OPENAI_CLIP_STD` in transformers (its digits kept, though f32 holds fewer).
 #[allow(clippy::excessive_precision)]
 pub const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+/// Largest image side [`load_image`] decodes, in pixels.
+pub const MAX_IMAGE_SIDE: u32 = 1 << 15;
+/// Largest image [`load_image`] decodes, in pixels (128 megapixels: 512 MiB as RGBA8).
+pub const MAX_IMAGE_PIXELS: u64 = 1 << 27;
+/// Most bytes a decoder may allocate: the largest image at 16-bit RGBA.
+const MAX_DECODE_BYTES: u64 = MAX_IMAGE_PIXELS * 8;
+
+/// Which part of the resized image preprocessing computes, and from which source pixels
+/// (see the module doc). Ranges are half-open `[start, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResizePlan {
+    /// `(height, width)` of the resized image (never materialised).
+    pub resized: (u32, u32),
+    /// `(top, left)` of the crop in resized coordinates; negative where the crop is larger
+    /// than the image and is padded with zeros, as transformers pads it.
+    pub crop_origin: (i64, i64),
+    /// Rows of the resized image computed: the crop's rows inside the image.
+    pub rows: (u32, u32),
+    /// Columns of the resized image computed.
+    pub cols: (u32, u32),
+    /// Source rows read (those the vertical filter of `rows` touches).
+    pub src_rows: (u32, u32),
+    /// Source columns read.
+    pub src_cols: (u32, u32),
+}
+
+impl ResizePlan {
+    /// Bytes of the horizontal pass's intermediate image: source rows read × columns
+    /// computed × 3.
+    pub fn intermediate_bytes(&self) -> u64 {
+        (self.src_rows.1 - self.src_rows.0) as u64 * (self.cols.1 - self.cols.0) as u64 * 3
+    }
+    /// Pixels computed.
+    pub fn window_pixels(&self) -> u64 {
+        (self.rows.1 - self.rows.0) as u64 * (self.cols.1 - self.cols.0) as u64
+    }
+}
+
+/// The span of source indices Pillow's filter reads for outputs `[o0, o1)` of a resize from
+/// `in_size` to `out_size` (the outputs themselves when the axis is not resized).
+fn source_span(in_size: u32, out_size: u32, f: Resample, (o0, o1): (u32, u32)) -> (u32, u32) {
+    if in_size == out_size || o0 >= o1 {
+        return (o0, o1);
+    }
+    let (bounds, _, _) = coeffs(in_size, out_size, f, (o0, o1));
+    let lo = bounds.iter().map(|&(m, _)| m).min().unwrap_or(0);
+    let hi = bounds.iter().map(|&(m, n)| m + n).max().unwrap_or(0);
+    (lo as u32, hi as u32)
+}
 
 /// Resampling filters by PIL's numbering (`resample` in `preprocessor_config.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,40 +377,73 @@ impl PreprocessConfig {
         }
     }
 
+    /// Which window of the resized image an `h`×`w` input needs, and which source pixels
+    /// that window reads (pure arithmetic; nothing is allocated).
+    pub fn plan(&self, h: u32, w: u32) -> ResizePlan {
+        let (rh, rw) = self.resized_size(h, w);
+        let (ch, cw) = self.crop.unwrap_or((rh, rw));
+        // transformers center_crop: top = (H - crop) // 2; when the image is smaller than the
+        // crop it is first padded with zeros, placed at ceil((crop - H) / 2).
+        let origin = |size: u32, crop: u32| -> i64 {
+            let (size, crop) = (size as i64, crop as i64);
+            if size >= crop {
+                (size - crop) / 2
+            } else {
+                -((crop - size + 1) / 2)
+            }
+        };
+        let (top, left) = (origin(rh, ch), origin(rw, cw));
+        let span = |o: i64, crop: u32, size: u32| -> (u32, u32) {
+            let a = o.clamp(0, size as i64) as u32;
+            let b = (o + crop as i64).clamp(0, size as i64) as u32;
+            (a, b.max(a))
+        };
+        let rows = span(top, ch, rh);
+        let cols = span(left, cw, rw);
+        ResizePlan {
+            resized: (rh, rw),
+            crop_origin: (top, left),
+            rows,
+            cols,
+            src_rows: source_span(h, rh, self.resample, rows),
+            src_cols: source_span(w, rw, self.resample, cols),
+        }
+    }
+
     /// Preprocesses one RGB image to `[3, H, W]` values.
     pub fn apply(&self, img: &RgbImage) -> Result<Vec<f32>> {
         if img.width() == 0 || img.height() == 0 {
             return Err(Error::invalid("image has no pixels"));
         }
-        let (rh, rw) = self.resized_size(img.height(), img.width());
-        let resized;
-        let img = if (rh, rw) != (img.height(), img.width()) {
-            resized = resize_pil(img, rw, rh, self.resample);
-            &resized
-        } else {
-            img
-        };
-        let (h, w) = (img.height() as i64, img.width() as i64);
-        let (ch, cw) = self.crop.map_or((h, w), |(a, b)| (a as i64, b as i64));
-        // transformers center_crop: top = (H - crop) // 2; when the image is smaller than the
-        // crop it is first padded with zeros, placed at ceil((crop - H) / 2).
-        let top = if h >= ch {
-            (h - ch) / 2
-        } else {
-            -((ch - h + 1) / 2)
-        };
-        let left = if w >= cw {
-            (w - cw) / 2
-        } else {
-            -((cw - w + 1) / 2)
-        };
+        let plan = self.plan(img.height(), img.width());
+        // Only a config without a crop can ask for a window larger than the crop; bound it
+        // as decoding is bounded.
+        if plan.window_pixels() > MAX_IMAGE_PIXELS {
+            return Err(Error::invalid(format!(
+                "a {}x{} image resizes to {}x{} pixels, over the limit of {MAX_IMAGE_PIXELS} \
+                 (set crop_size in preprocessor_config.json)",
+                img.width(),
+                img.height(),
+                plan.resized.1,
+                plan.resized.0
+            )));
+        }
+        let window = resize_window(img, &plan, self.resample);
+        let (ch, cw) = self
+            .crop
+            .map_or((plan.resized.0 as i64, plan.resized.1 as i64), |(a, b)| {
+                (a as i64, b as i64)
+            });
+        let (top, left) = plan.crop_origin;
+        let (wy0, wx0) = (plan.rows.0 as i64, plan.cols.0 as i64);
+        let (wh, ww) = (window.height() as i64, window.width() as i64);
         let mut out = vec![0f32; (3 * ch * cw) as usize];
         let plane = (ch * cw) as usize;
         for y in 0..ch {
             for x in 0..cw {
-                let (sy, sx) = (y + top, x + left);
-                let px = if sy >= 0 && sy < h && sx >= 0 && sx < w {
-                    img.get_pixel(sx as u32, sy as u32).0
+                let (sy, sx) = (y + top - wy0, x + left - wx0);
+                let px = if sy >= 0 && sy < wh && sx >= 0 && sx < ww {
+                    window.get_pixel(sx as u32, sy as u32).0
                 } else {
                     [0, 0, 0]
                 };
@@ -374,24 +469,67 @@ impl PreprocessConfig {
     }
 }
 
-/// Decodes an image file (PNG, JPEG, WebP, BMP, GIF, TIFF) and converts it to 8-bit RGB as
-/// transformers does: grey is replicated, transparency is composited onto white.
-pub fn load_image(path: impl AsRef<Path>) -> Result<RgbImage> {
+/// Checks an image's header dimensions against [`MAX_IMAGE_SIDE`] and [`MAX_IMAGE_PIXELS`].
+pub fn check_image_size(width: u32, height: u32) -> std::result::Result<(), String> {
+    let pixels = width as u64 * height as u64;
+    if width > MAX_IMAGE_SIDE || height > MAX_IMAGE_SIDE {
+        return Err(format!(
+            "the image claims {width}x{height} pixels; vqclip decodes at most {MAX_IMAGE_SIDE} \
+             per side"
+        ));
+    }
+    if pixels > MAX_IMAGE_PIXELS {
+        return Err(format!(
+            "the image claims {width}x{height} = {pixels} pixels; vqclip decodes at most \
+             {MAX_IMAGE_PIXELS} ({} megapixels)",
+            MAX_IMAGE_PIXELS >> 20
+        ));
+    }
+    if pixels == 0 {
+        return Err(format!("the image is {width}x{height}: it has no pixels"));
+    }
+    Ok(())
+}
+
+/// Decodes an image file (PNG, JPEG, WebP, BMP, GIF, TIFF; the format is guessed from the
+/// content) with its size checked by [`check_image_size`] from the header, before the pixel
+/// buffer is allocated, and the decoders' own allocations capped.
+pub fn decode_image(path: impl AsRef<Path>) -> Result<image::DynamicImage> {
     let p = path.as_ref();
-    let reader = image::ImageReader::open(p)
-        .map_err(|source| Error::Io {
-            path: p.display().to_string(),
-            source,
-        })?
-        .with_guessed_format()
-        .map_err(|source| Error::Io {
-            path: p.display().to_string(),
-            source,
-        })?;
-    let img = reader.decode().map_err(|e| Error::Format {
+    let io = |source| Error::Io {
         path: p.display().to_string(),
-        msg: format!("cannot decode image: {e}"),
+        source,
+    };
+    let format = |msg: String| Error::Format {
+        path: p.display().to_string(),
+        msg,
+    };
+    let mut reader = image::ImageReader::open(p)
+        .map_err(io)?
+        .with_guessed_format()
+        .map_err(io)?;
+    // The sides are checked below, with the numbers in the message; the decoders' own
+    // allocations are capped here.
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits);
+    let decoder = reader.into_decoder().map_err(|e| match e {
+        image::ImageError::Limits(_) => format(format!(
+            "cannot decode image: {e} (vqclip lets a decoder allocate at most \
+             {MAX_DECODE_BYTES} bytes)"
+        )),
+        e => format(format!("cannot decode image: {e}")),
     })?;
+    let (w, h) = image::ImageDecoder::dimensions(&decoder);
+    check_image_size(w, h).map_err(format)?;
+    image::DynamicImage::from_decoder(decoder)
+        .map_err(|e| format(format!("cannot decode image: {e}")))
+}
+
+/// Decodes an image file with [`decode_image`] and converts it to 8-bit RGB as transformers
+/// does: grey is replicated, transparency is composited onto white.
+pub fn load_image(path: impl AsRef<Path>) -> Result<RgbImage> {
+    let img = decode_image(path)?;
     if !img.color().has_alpha() {
         return Ok(img.to_rgb8());
     }
@@ -419,15 +557,25 @@ pub fn composite_on_white(img: &image::RgbaImage) -> RgbImage {
 /// Pillow's coefficients for one axis: per output index the first input index, the count,
 /// and fixed-point weights (`PRECISION_BITS` = 22), as `precompute_coeffs` and
 /// `normalize_coeffs_8bpc` in Pillow's `Resample.c` compute them.
-fn coeffs(in_size: u32, out_size: u32, f: Resample) -> (Vec<(usize, usize)>, Vec<i32>, usize) {
+///
+/// Only the outputs `o0..o1` are computed (entry `i` is output `o0 + i`); each output's
+/// coefficients depend on its own index alone, so a range gives the same values as the
+/// full axis.
+fn coeffs(
+    in_size: u32,
+    out_size: u32,
+    f: Resample,
+    (o0, o1): (u32, u32),
+) -> (Vec<(usize, usize)>, Vec<i32>, usize) {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = f.support() * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
-    let mut bounds = Vec::with_capacity(out_size as usize);
-    let mut kk = vec![0i32; out_size as usize * ksize];
+    let count = o1.saturating_sub(o0) as usize;
+    let mut bounds = Vec::with_capacity(count);
+    let mut kk = vec![0i32; count * ksize];
     let mut w = vec![0f64; ksize];
-    for xx in 0..out_size as usize {
+    for (i, xx) in (o0 as usize..o1 as usize).enumerate() {
         let center = (xx as f64 + 0.5) * scale;
         let ss = 1.0 / filterscale;
         // C casts truncate toward zero.
@@ -442,7 +590,7 @@ fn coeffs(in_size: u32, out_size: u32, f: Resample) -> (Vec<(usize, usize)>, Vec
         for x in 0..n {
             let v = if total != 0.0 { w[x] / total } else { w[x] };
             let fixed = v * (1u32 << 22) as f64;
-            kk[xx * ksize + x] = if v < 0.0 {
+            kk[i * ksize + x] = if v < 0.0 {
                 (fixed - 0.5) as i32
             } else {
                 (fixed + 0.5) as i32
@@ -461,15 +609,38 @@ fn clip8(acc: i64) -> u8 {
 /// `reducing_gap`): horizontal pass, then vertical pass, each rounded to 8 bits.
 pub fn resize_pil(img: &RgbImage, w: u32, h: u32, f: Resample) -> RgbImage {
     let (iw, ih) = (img.width(), img.height());
+    let plan = ResizePlan {
+        resized: (h, w),
+        crop_origin: (0, 0),
+        rows: (0, h),
+        cols: (0, w),
+        src_rows: source_span(ih, h, f, (0, h)),
+        src_cols: source_span(iw, w, f, (0, w)),
+    };
+    resize_window(img, &plan, f)
+}
+
+/// The window `plan.rows` × `plan.cols` of Pillow's resize of `img` to `plan.resized`,
+/// reading only `plan.src_rows` × `plan.src_cols` (see the module doc for why this is
+/// exact).
+fn resize_window(img: &RgbImage, plan: &ResizePlan, f: Resample) -> RgbImage {
+    let (iw, ih) = (img.width(), img.height());
+    let (h, w) = plan.resized;
+    let (x0, x1) = plan.cols;
+    let (y0, y1) = plan.rows;
+    let (sy0, sy1) = plan.src_rows;
+    let (ww, wh) = ((x1 - x0) as usize, (y1 - y0) as usize);
     let src = img.as_raw();
-    // Horizontal pass.
+    let row_of = |y: usize| &src[y * iw as usize * 3..(y + 1) * iw as usize * 3];
+    // Horizontal pass over the source rows the vertical pass reads: `tmp` row r is source
+    // row sy0 + r, column c is output column x0 + c.
     let tmp: Vec<u8> = if w != iw {
-        let (bounds, kk, ksize) = coeffs(iw, w, f);
-        let mut out = vec![0u8; (w * ih * 3) as usize];
-        for y in 0..ih as usize {
-            let row = &src[y * iw as usize * 3..(y + 1) * iw as usize * 3];
-            for (xx, &(xmin, n)) in bounds.iter().enumerate() {
-                let k = &kk[xx * ksize..xx * ksize + n];
+        let (bounds, kk, ksize) = coeffs(iw, w, f, (x0, x1));
+        let mut out = Vec::with_capacity((sy1 - sy0) as usize * ww * 3);
+        for y in sy0 as usize..sy1 as usize {
+            let row = row_of(y);
+            for (i, &(xmin, n)) in bounds.iter().enumerate() {
+                let k = &kk[i * ksize..i * ksize + n];
                 let mut acc = [1i64 << 21; 3];
                 for (j, &kv) in k.iter().enumerate() {
                     let p = &row[(xmin + j) * 3..(xmin + j) * 3 + 3];
@@ -477,37 +648,41 @@ pub fn resize_pil(img: &RgbImage, w: u32, h: u32, f: Resample) -> RgbImage {
                         acc[c] += p[c] as i64 * kv as i64;
                     }
                 }
-                let o = (y * w as usize + xx) * 3;
-                for c in 0..3 {
-                    out[o + c] = clip8(acc[c]);
-                }
+                out.extend(acc.map(clip8));
             }
         }
         out
     } else {
-        src.to_vec()
+        let mut out = Vec::with_capacity((sy1 - sy0) as usize * ww * 3);
+        for y in sy0 as usize..sy1 as usize {
+            out.extend_from_slice(&row_of(y)[x0 as usize * 3..x1 as usize * 3]);
+        }
+        out
     };
-    // Vertical pass.
+    let stride = ww * 3;
+    // Vertical pass: output row y0 + i from tmp rows shifted by sy0.
     let out = if h != ih {
-        let (bounds, kk, ksize) = coeffs(ih, h, f);
-        let mut out = vec![0u8; (w * h * 3) as usize];
-        let stride = w as usize * 3;
-        for (yy, &(ymin, n)) in bounds.iter().enumerate() {
-            let k = &kk[yy * ksize..yy * ksize + n];
-            for i in 0..stride {
+        let (bounds, kk, ksize) = coeffs(ih, h, f, (y0, y1));
+        let mut out = vec![0u8; wh * stride];
+        for (i, &(ymin, n)) in bounds.iter().enumerate() {
+            let k = &kk[i * ksize..i * ksize + n];
+            let base = ymin - sy0 as usize;
+            for c in 0..stride {
                 let mut acc = 1i64 << 21;
                 for (j, &kv) in k.iter().enumerate() {
-                    acc += tmp[(ymin + j) * stride + i] as i64 * kv as i64;
+                    acc += tmp[(base + j) * stride + c] as i64 * kv as i64;
                 }
-                out[yy * stride + i] = clip8(acc);
+                out[i * stride + c] = clip8(acc);
             }
         }
         out
     } else {
+        // Not resized vertically: src_rows == rows.
         tmp
     };
     // Sizes match by construction.
-    RgbImage::from_raw(w, h, out).unwrap_or_else(|| RgbImage::new(w, h))
+    RgbImage::from_raw(ww as u32, wh as u32, out)
+        .unwrap_or_else(|| RgbImage::new(ww as u32, wh as u32))
 }
 
 #[cfg(test)]
@@ -593,6 +768,99 @@ mod tests {
                 assert!(r.pixels().all(|p| p.0 == [200, 13, 255]), "{f:?} {w}x{h}");
             }
         }
+    }
+
+    /// Resize-then-crop done the plain way: the whole resized image, then the crop.
+    fn full_then_crop(c: &PreprocessConfig, img: &RgbImage) -> Vec<f32> {
+        let (rh, rw) = c.resized_size(img.height(), img.width());
+        let full = resize_pil(img, rw, rh, c.resample);
+        let mut plain = c.clone();
+        plain.resize = None;
+        plain.apply(&full).unwrap()
+    }
+
+    fn noise(w: u32, h: u32) -> RgbImage {
+        let mut s = 12345u32;
+        RgbImage::from_fn(w, h, |_, _| {
+            let mut b = [0u8; 3];
+            for v in &mut b {
+                s = s.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                *v = (s >> 16) as u8;
+            }
+            image::Rgb(b)
+        })
+    }
+
+    #[test]
+    fn cropped_window_equals_resize_then_crop_exactly() {
+        for f in [Resample::Bicubic, Resample::Lanczos, Resample::Box] {
+            for (w, h, size, crop) in [
+                (3, 200, 24, (24, 24)),  // tall strip, upscaled
+                (200, 3, 24, (24, 24)),  // wide strip
+                (97, 61, 24, (24, 24)),  // downscaled both ways
+                (61, 97, 24, (20, 16)),  // non-square crop
+                (40, 30, 24, (30, 40)),  // crop larger than the resized image: padded
+                (24, 500, 24, (24, 24)), // short side already at size: no horizontal pass
+            ] {
+                let mut c = PreprocessConfig::for_size(size);
+                c.resample = f;
+                c.crop = Some(crop);
+                let img = noise(w, h);
+                assert_eq!(
+                    c.apply(&img).unwrap(),
+                    full_then_crop(&c, &img),
+                    "{f:?} {w}x{h}"
+                );
+            }
+        }
+        // Exact-size resizes and no crop at all take the same path.
+        let img = noise(50, 20);
+        let mut c = PreprocessConfig::for_size(16);
+        c.resize = Some(ResizeTo::Exact {
+            height: 13,
+            width: 31,
+        });
+        assert_eq!(c.apply(&img).unwrap(), full_then_crop(&c, &img));
+        c.crop = None;
+        assert_eq!(c.apply(&img).unwrap(), full_then_crop(&c, &img));
+    }
+
+    #[test]
+    fn an_extreme_strip_reads_a_bounded_window() {
+        let c = PreprocessConfig::for_size(224);
+        // 1 wide, 20000 tall: the resized image would be 4,480,000 x 224.
+        let plan = c.plan(20000, 1);
+        assert_eq!(plan.resized, (4_480_000, 224));
+        assert_eq!(plan.window_pixels(), 224 * 224);
+        assert_eq!(plan.src_cols, (0, 1));
+        // 224 resized rows are 1/224 of a source row each: a handful of source rows.
+        let rows = plan.src_rows.1 - plan.src_rows.0;
+        assert!(rows <= 6, "{plan:?}");
+        assert!(plan.intermediate_bytes() <= 6 * 224 * 3, "{plan:?}");
+        // The same for the wide strip, and it runs.
+        let plan = c.plan(1, 20000);
+        assert_eq!(plan.window_pixels(), 224 * 224);
+        assert!(plan.src_cols.1 - plan.src_cols.0 <= 6, "{plan:?}");
+        let img = noise(20000, 1);
+        let v = c.apply(&img).unwrap();
+        assert_eq!(v.len(), 3 * 224 * 224);
+        assert!(v.iter().all(|x| x.is_finite()));
+        // Without a crop the whole resized image is the window, and that is refused.
+        let mut nocrop = c.clone();
+        nocrop.crop = None;
+        let e = nocrop.apply(&img).unwrap_err().to_string();
+        assert!(e.contains("over the limit"), "{e}");
+    }
+
+    #[test]
+    fn header_sizes_are_checked() {
+        assert!(check_image_size(1, 20000).is_ok());
+        assert!(check_image_size(16384, 8192).is_ok());
+        let e = check_image_size(65535, 65535).unwrap_err();
+        assert!(e.contains("65535x65535") && e.contains("at most"), "{e}");
+        let e = check_image_size(MAX_IMAGE_SIDE + 1, 1).unwrap_err();
+        assert!(e.contains("per side"), "{e}");
+        assert!(check_image_size(0, 5).is_err());
     }
 
     #[test]
