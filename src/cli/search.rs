@@ -7,16 +7,20 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use vqclip::models::clip::load_image;
-use vqclip::search::{is_image_path, model_fingerprint, ImageIndex, DB_NAME};
+use vqclip::search::{is_image_path, model_fingerprint, ImageIndex};
 
 #[derive(Args, Debug)]
 pub struct SearchArgs {
     #[command(flatten)]
     clip: ClipArgs,
-    /// The folder of images to search (indexed into FOLDER/.vqclip-index.sqlite; only new or
-    /// changed files are encoded on later runs).
+    /// The folder of images to search (indexed into FOLDER/.vqclip-index.sqlite, or into the
+    /// per-user cache when the folder is read-only; only new or changed files are encoded on
+    /// later runs).
     #[arg(long, value_name = "FOLDER")]
     dir: PathBuf,
+    /// Keep the index in this file instead.
+    #[arg(long, value_name = "PATH")]
+    index: Option<PathBuf>,
     /// A text, or the path of an image to find similar images to.
     #[arg(value_name = "QUERY")]
     query: String,
@@ -55,11 +59,15 @@ pub fn run(dev: &DeviceArgs, a: SearchArgs) -> Result<()> {
     }
     let model = a.clip.load(dev)?;
     let clip_dir = &a.clip.dir()?;
-    let mut index = ImageIndex::open(
-        &a.dir,
-        &model_fingerprint(clip_dir)?,
-        model.config.projection_dim,
-    )?;
+    let model_id = model_fingerprint(clip_dir)?;
+    let dim = model.config.projection_dim;
+    let mut index = match &a.index {
+        Some(p) => ImageIndex::open_at(&a.dir, p, &model_id, dim)?,
+        None => ImageIndex::open(&a.dir, &model_id, dim)?,
+    };
+    for note in index.notes() {
+        eprintln!("warning: {note}");
+    }
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("indexing {bar:30} {pos}/{len} images ({per_sec}, eta {eta})")
@@ -70,22 +78,20 @@ pub fn run(dev: &DeviceArgs, a: SearchArgs) -> Result<()> {
         bar.set_position(done as u64);
     })?;
     bar.finish_and_clear();
-    for (_, err) in &stats.skipped {
-        eprintln!("warning: skipped {err}");
+    for (path, why) in &stats.skipped {
+        eprintln!("warning: skipped {}: {why}", a.dir.join(path).display());
     }
     if stats.model_changed {
         eprintln!("note: the index was made with another model; it was rebuilt");
     }
-    if !a.json {
-        eprintln!(
-            "index {}: {} images ({} encoded now, {} removed, {} undecodable skipped)",
-            a.dir.join(DB_NAME).display(),
-            stats.indexed,
-            stats.encoded,
-            stats.removed,
-            stats.skipped.len()
-        );
-    }
+    eprintln!(
+        "index {}: {} images ({} encoded now, {} removed, {} skipped)",
+        index.db_path().display(),
+        stats.indexed,
+        stats.encoded,
+        stats.removed,
+        stats.skipped.len()
+    );
     let q = if image_query {
         let img = load_image(&query_path)?;
         model.encode_image(&model.pixel_values(&[img])?)?
@@ -105,6 +111,7 @@ pub fn run(dev: &DeviceArgs, a: SearchArgs) -> Result<()> {
             query: &'a str,
             query_kind: &'static str,
             results: &'a [vqclip::search::Hit],
+            index: String,
             indexed: usize,
             encoded: usize,
             removed: usize,
@@ -114,6 +121,7 @@ pub fn run(dev: &DeviceArgs, a: SearchArgs) -> Result<()> {
             query: &a.query,
             query_kind: if image_query { "image" } else { "text" },
             results: &hits,
+            index: index.db_path().display().to_string(),
             indexed: stats.indexed,
             encoded: stats.encoded,
             removed: stats.removed,

@@ -529,11 +529,15 @@ pub fn decode_image(path: impl AsRef<Path>) -> Result<image::DynamicImage> {
 /// Decodes an image file with [`decode_image`] and converts it to 8-bit RGB as transformers
 /// does: grey is replicated, transparency is composited onto white.
 pub fn load_image(path: impl AsRef<Path>) -> Result<RgbImage> {
-    let img = decode_image(path)?;
+    Ok(to_rgb(decode_image(path)?))
+}
+
+/// 8-bit RGB as transformers converts: grey replicated, transparency composited onto white.
+pub fn to_rgb(img: image::DynamicImage) -> RgbImage {
     if !img.color().has_alpha() {
-        return Ok(img.to_rgb8());
+        return img.to_rgb8();
     }
-    Ok(composite_on_white(&img.to_rgba8()))
+    composite_on_white(&img.to_rgba8())
 }
 
 /// transformers' `convert_to_rgb`: transparency is composited onto white with Pillow's
