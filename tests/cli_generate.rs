@@ -227,3 +227,36 @@ fn a_scene_start_reports_its_choice_and_is_seeded() {
     run(&b);
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
 }
+
+#[test]
+fn a_run_that_fails_at_the_end_leaves_no_log_or_gif() {
+    let (clip, vq) = (fx("clip/tiny_quickgelu"), fx("vqgan/tiny_f4.ckpt"));
+    let dir = tempfile::tempdir().unwrap();
+    // The output is a folder: every step runs and logs, then writing the image fails.
+    let out = dir.path().join("out.png");
+    std::fs::create_dir(&out).unwrap();
+    let (log, gif) = (dir.path().join("run.jsonl"), dir.path().join("run.gif"));
+    let mut args = base(&clip, &vq, out.to_str().unwrap());
+    args.extend([
+        "a red circle",
+        "--size",
+        "32x32",
+        "--steps",
+        "3",
+        "--json-log",
+        log.to_str().unwrap(),
+        "--gif",
+        gif.to_str().unwrap(),
+    ]);
+    let o = vqclip(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("out.png"), "{err}");
+    // Neither a partial log nor a partial GIF under the final names, and no temporaries.
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["out.png"]);
+}

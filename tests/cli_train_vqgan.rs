@@ -27,6 +27,14 @@ fn tiny_run_checkpoints_resumes_and_ships_taming_files() {
     assert!(stdout.contains("held-out PSNR"), "{stdout}");
     assert!(out.join("state.safetensors").is_file());
     fails(&args, "--resume");
+    // A run killed while writing its next checkpoint leaves a hidden temporary beside the
+    // last whole one: resuming reads the whole one and ignores the fragment.
+    let whole = std::fs::read(out.join("state.safetensors")).unwrap();
+    std::fs::write(
+        out.join(".state.safetensors.Xk3q9Z.tmp"),
+        &whole[..whole.len() / 3],
+    )
+    .unwrap();
     let r = vqclip(&[
         "train",
         "vqgan",

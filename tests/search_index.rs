@@ -401,3 +401,31 @@ fn entries_that_cannot_be_indexed_are_skipped_and_counted() {
         .unwrap();
     assert!((strip.1 - dot).abs() < 1e-5, "{} vs {dot}", strip.1);
 }
+
+#[test]
+fn a_model_swap_by_another_process_stops_writes_of_the_old_model() {
+    use vqclip::search::ImageIndex;
+    let dir = tempfile::tempdir().unwrap();
+    images(dir.path(), 3);
+    let gpu = vqclip::Gpu::shared().expect("a wgpu adapter");
+    let clip = vqclip::models::clip::ClipModel::load(model(), &gpu).unwrap();
+    let dim = clip.config.projection_dim;
+    // Two processes' views of one index, made by two models of the same width: the second
+    // swaps the index to its model while the first still has it open.
+    let mut first = ImageIndex::open(dir.path(), "model-one", dim).unwrap();
+    let mut second = ImageIndex::open(dir.path(), "model-two", dim).unwrap();
+    let e = first
+        .update(&clip, 2, &mut |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("different model"), "{e}");
+    let q = clip.encode_text(&["a red disc".to_string()]).unwrap();
+    let e = first.search(&q, 5).unwrap_err().to_string();
+    assert!(e.contains("different model"), "{e}");
+    // Nothing of the first model's got in; the second indexes and ranks its own.
+    let (rows, _) = index_state(&dir.path().join(".vqclip-index.sqlite"));
+    assert_eq!(rows, 0);
+    let st = second.update(&clip, 2, &mut |_, _| {}).unwrap();
+    assert_eq!((st.indexed, st.encoded), (3, 3));
+    assert_eq!(second.search(&q, 5).unwrap().len(), 3);
+}
