@@ -164,13 +164,15 @@ pub fn default_index_path(root: &Path) -> Result<PathBuf> {
     Ok(dir.join(format!("{h:016x}.sqlite")))
 }
 
-/// One directory entry that could not be indexed.
+/// One directory entry that could not be indexed: relative path, reason.
 type Skip = (String, String);
+/// Image files found by [`scan`]: relative path → (size, mtime).
+type Found = HashMap<String, (i64, i64)>;
 
 /// Image files under `root` (recursively; hidden entries skipped; symlinked files and
 /// folders followed, each folder once), relative path → (size, mtime), plus what was skipped
 /// and why.
-fn scan(root: &Path) -> Result<(HashMap<String, (i64, i64)>, Vec<Skip>)> {
+fn scan(root: &Path) -> Result<(Found, Vec<Skip>)> {
     let mut out = HashMap::new();
     let mut skipped = Vec::new();
     let rel = |p: &Path| {
@@ -185,7 +187,26 @@ fn scan(root: &Path) -> Result<(HashMap<String, (i64, i64)>, Vec<Skip>)> {
     let root_meta = std::fs::metadata(root).map_err(io_err(root))?;
     seen.insert(folder_id(root, &root_meta));
     let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
+    // Symlinked folders are walked after every real one, so that a folder reachable both
+    // ways is always indexed under its real path, whatever the listing order.
+    let mut linked: Vec<(PathBuf, FolderId)> = Vec::new();
+    loop {
+        let dir = match stack.pop() {
+            Some(d) => d,
+            None => match linked.pop() {
+                Some((path, id)) => {
+                    if !seen.insert(id) {
+                        skipped.push((
+                            rel(&path),
+                            "symlink loop or second link: the folder is already indexed".into(),
+                        ));
+                        continue;
+                    }
+                    path
+                }
+                None => break,
+            },
+        };
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if dir == root => return Err(io_err(root)(e)),
@@ -236,14 +257,9 @@ fn scan(root: &Path) -> Result<(HashMap<String, (i64, i64)>, Vec<Skip>)> {
             if meta.is_dir() {
                 if name.to_str().is_none() {
                     skipped.push((rel(&path), "the folder name is not UTF-8".into()));
-                } else if !seen.insert(folder_id(&path, &meta)) {
-                    if is_link {
-                        skipped.push((
-                            rel(&path),
-                            "symlink loop (the folder is already indexed)".into(),
-                        ));
-                    }
-                } else {
+                } else if is_link {
+                    linked.push((path.clone(), folder_id(&path, &meta)));
+                } else if seen.insert(folder_id(&path, &meta)) {
                     stack.push(path);
                 }
             } else if meta.is_file() && is_image_path(&path) {
@@ -540,6 +556,7 @@ impl ImageIndex {
             let mut pixels: Vec<f32> = Vec::new();
             let mut bad = Vec::new();
             let mut changed = Vec::new();
+            let mut transient = Vec::new();
             for p in chunk {
                 let full = self.root.join(p);
                 match decode_and_preprocess(model, &full, side) {
@@ -553,6 +570,11 @@ impl ImageIndex {
                         } else {
                             changed.push(*p);
                         }
+                    }
+                    // An I/O error (a file gone or unreadable right now) is not remembered;
+                    // a file that does not decode is, until it changes.
+                    Err(Error::Io { source, .. }) => {
+                        transient.push((*p, format!("cannot read it: {source}")))
                     }
                     Err(err) => bad.push((*p, reason(err))),
                 }
@@ -590,6 +612,9 @@ impl ImageIndex {
                 stats
                     .skipped
                     .push((p.clone(), "the file changed while it was being read".into()));
+            }
+            for (p, why) in transient {
+                stats.skipped.push((p.clone(), why));
             }
             stats.encoded += ok.len();
             progress((done * batch + chunk.len()).min(total), total);

@@ -312,6 +312,11 @@ fn entries_that_cannot_be_indexed_are_skipped_and_counted() {
         use std::os::unix::ffi::OsStrExt;
         std::os::unix::fs::symlink(".", d.join("loop")).unwrap();
         std::os::unix::fs::symlink("self.png", d.join("self.png")).unwrap();
+        // A folder reachable through a link too ("a_alias" lists before "sub"): indexed once,
+        // under its real path.
+        std::fs::create_dir(d.join("sub")).unwrap();
+        images(&d.join("sub"), 1);
+        std::os::unix::fs::symlink("sub", d.join("a_alias")).unwrap();
         let bad = d.join(std::ffi::OsStr::from_bytes(b"bad\xffname.png"));
         std::fs::copy(d.join("img_000.png"), bad).unwrap();
     }
@@ -360,7 +365,8 @@ fn entries_that_cannot_be_indexed_are_skipped_and_counted() {
         assert!(find("loop").contains("symlink loop"));
         assert!(find("self.png").contains("symlink loop"));
         assert!(find("bad").contains("not UTF-8"));
-        want += 3;
+        assert!(find("a_alias").contains("already indexed"));
+        want += 4;
     }
     assert_eq!(skipped.len(), want, "{skipped:?}");
     assert!(err.contains(&format!("{want} skipped")), "{err}");
@@ -369,13 +375,15 @@ fn entries_that_cannot_be_indexed_are_skipped_and_counted() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let indexed = 3 + usize::from(!locked_out);
+    let indexed = 3 + usize::from(!locked_out) + usize::from(cfg!(unix));
     assert_eq!(
         r["indexed"], indexed,
         "the two images, the strip (and locked/)"
     );
     let paths: Vec<String> = ranking(&r).into_iter().map(|(p, _)| p).collect();
     assert!(paths.contains(&"strip.png".to_string()), "{paths:?}");
+    #[cfg(unix)]
+    assert!(paths.contains(&"sub/img_000.png".to_string()), "{paths:?}");
     // The strip ranks as embed scores it.
     let e = ok(&[
         "embed",
