@@ -117,7 +117,8 @@ pub struct GenerateArgs {
     /// Write an animated GIF of the progress.
     #[arg(long, value_name = "OUT.gif")]
     gif: Option<PathBuf>,
-    /// Write one JSON object per step (step, loss, prompt_losses) to this file.
+    /// Write one JSON object per step (step, loss, prompt_losses) to this file (it appears
+    /// when the run succeeds; a failed run leaves none).
     #[arg(long, value_name = "FILE")]
     json_log: Option<PathBuf>,
     /// Output PNG.
