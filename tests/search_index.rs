@@ -437,3 +437,37 @@ fn a_model_swap_by_another_process_stops_writes_of_the_old_model() {
     assert_eq!((st.indexed, st.encoded), (3, 3));
     assert_eq!(second.search(&q, 5).unwrap().len(), 3);
 }
+
+#[test]
+fn a_file_rewritten_after_the_scan_is_skipped_then_taken_next_time() {
+    use vqclip::search::ImageIndex;
+    let dir = tempfile::tempdir().unwrap();
+    images(dir.path(), 3);
+    let gpu = vqclip::Gpu::shared().expect("a wgpu adapter");
+    let clip = vqclip::models::clip::ClipModel::load(model(), &gpu).unwrap();
+    let dim = clip.config.projection_dim;
+    let mut index = ImageIndex::open(dir.path(), "m", dim).unwrap();
+    let victim = dir.path().join("img_001.png");
+    // progress(0, total) comes after the scan and before any file is read: rewrite one file
+    // there, as another program writing it while vqclip indexes would.
+    let st = index
+        .update(&clip, 8, &mut |done, _| {
+            if done == 0 {
+                image::RgbImage::from_pixel(50, 50, image::Rgb([9, 9, 9]))
+                    .save(&victim)
+                    .unwrap();
+            }
+        })
+        .unwrap();
+    assert_eq!((st.indexed, st.encoded), (2, 2));
+    assert_eq!(st.skipped.len(), 1, "{:?}", st.skipped);
+    assert_eq!(st.skipped[0].0, "img_001.png");
+    assert!(
+        st.skipped[0].1.contains("changed while"),
+        "{:?}",
+        st.skipped
+    );
+    // Not remembered as bad: the next update encodes its new content.
+    let st = index.update(&clip, 8, &mut |_, _| {}).unwrap();
+    assert_eq!((st.indexed, st.encoded, st.skipped.len()), (3, 1, 0));
+}
