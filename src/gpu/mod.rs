@@ -442,6 +442,12 @@ impl Gpu {
         if let Some(p) = lock(&self.0.pipelines).get(&key) {
             return p.clone();
         }
+        // `dispatch` returns nothing (ops record work and fail at readback), so an invalid
+        // shader or kernel is recorded with its name and returned by the next sync or readback.
+        let guard = self
+            .0
+            .device
+            .push_error_scope(wgpu::ErrorFilter::Validation);
         let module = {
             let mut mods = lock(&self.0.modules);
             mods.entry(k.shader.name)
@@ -455,28 +461,20 @@ impl Gpu {
                 })
                 .clone()
         };
-        let create = || {
-            self.0
-                .device
-                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some(&key),
-                    layout: None,
-                    module: &module,
-                    entry_point: Some(k.entry),
-                    compilation_options: wgpu::PipelineCompilationOptions {
-                        constants: &k.constants,
-                        zero_initialize_workgroup_memory: false,
-                    },
-                    cache: None,
-                })
-        };
-        // `dispatch` returns nothing (ops record work and fail at readback), so an invalid
-        // kernel is recorded with its name and returned by the next sync or readback.
-        let guard = self
+        let pipeline = self
             .0
             .device
-            .push_error_scope(wgpu::ErrorFilter::Validation);
-        let pipeline = create();
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&key),
+                layout: None,
+                module: &module,
+                entry_point: Some(k.entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &k.constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
         if let Some(e) = pollster::block_on(guard.pop()) {
             record(
                 &self.0.fault,
@@ -741,5 +739,20 @@ mod tests {
         assert!(e.contains("GPU validation error"), "{e}");
         // Later work is refused rather than run on a device in an unknown state.
         assert!(crate::Tensor::zeros(&gpu, &[4]).is_err());
+    }
+
+    #[test]
+    fn a_kernel_that_does_not_compile_is_named_in_an_err() {
+        static BAD: Shader = Shader {
+            name: "deliberately_invalid",
+            source: "@compute @workgroup_size(1) fn main() { let x: u32 = 1.5; }",
+        };
+        let gpu = own_device();
+        gpu.dispatch(&Kernel::new(&BAD, "main"), &[0u32; 4], &[], [1, 1, 1]);
+        let e = gpu.sync().unwrap_err().to_string();
+        assert!(
+            e.contains("compiling kernel deliberately_invalid:main") && e.contains("engine bug"),
+            "{e}"
+        );
     }
 }
