@@ -93,3 +93,40 @@ fn a_run_without_xdg_runtime_dir_prints_no_error_line() {
         );
     }
 }
+
+/// `info` shows the pool's budget: the one given, or the adapter's default.
+#[test]
+fn info_reports_the_memory_budget() {
+    let o = common::ok(&["info", "--json", "--max-memory", "3GiB"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["memory_budget_bytes"], 3u64 << 30);
+    let o = common::ok(&["info", "--max-memory", "512MiB"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("memory budget: 512.0 MiB"));
+}
+
+/// `bench generate` applies the same memory check as `generate` before timing anything.
+#[test]
+fn bench_generate_refuses_a_size_past_the_budget() {
+    let fx = |p: &str| format!("{}/tests/fixtures/{p}", env!("CARGO_MANIFEST_DIR"));
+    let (clip, vq) = (fx("clip/tiny_quickgelu"), fx("vqgan/tiny_f4.ckpt"));
+    let args = [
+        "bench",
+        "generate",
+        "--clip",
+        &clip,
+        "--vqgan",
+        &vq,
+        "--cutn",
+        "4",
+        "--size",
+        "256x256",
+        "--max-memory",
+        "16MiB",
+    ];
+    fails(&args, "might fit is 64x64");
+    let err = String::from_utf8_lossy(&vqclip(&args).stderr).into_owned();
+    assert!(
+        !err.contains("timing"),
+        "refused only after starting: {err}"
+    );
+}
