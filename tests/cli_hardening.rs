@@ -59,6 +59,26 @@ fn numeric_options_of_every_subcommand_refuse_bad_values() {
             "at most 65536 pixels",
         ),
         (vec!["info", "--max-memory=-5MiB"], "--max-memory"),
+        (
+            vec!["train", "clip", "--out", o, "--batch", "1000000000"],
+            "--batch 1000000000 is more than the 4096 allowed",
+        ),
+        (
+            vec!["train", "vqgan", "--out", o, "--batch", "100000"],
+            "more than the 4096 allowed",
+        ),
+        (
+            vec!["eval", "clip", "--n", "99999999999"],
+            "more than the 100000 allowed",
+        ),
+        (
+            vec!["eval", "vqgan", "--batch", "99999999"],
+            "more than the 4096 allowed",
+        ),
+        (
+            vec!["search", "--dir", o, "--batch", "99999999", "a cat"],
+            "more than the 4096 allowed",
+        ),
     ];
     for (args, want) in cases {
         fails(&args, want);

@@ -136,6 +136,12 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
     if args.batch < 2 {
         bail!("--batch must be at least 2 (the loss contrasts pairs within a batch)");
     }
+    values::at_most(
+        "--batch",
+        args.batch,
+        values::MAX_BATCH,
+        "a batch trains at once",
+    )?;
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
@@ -391,6 +397,12 @@ pub fn eval(device: &DeviceArgs, args: EvalArgs) -> Result<()> {
     if args.n == 0 {
         bail!("--n must be at least 1");
     }
+    values::at_most(
+        "--n",
+        args.n,
+        values::MAX_EVAL_IMAGES,
+        "each image is rendered and scored",
+    )?;
     let dir: &Path = &vqclip::weights::shipped::clip_dir_or(args.clip.as_deref())?;
     let gpu = device.open()?;
     let model = ClipModel::load(dir, &gpu)?;

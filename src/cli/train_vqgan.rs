@@ -109,6 +109,13 @@ pub fn train(device: &DeviceArgs, a: TrainArgs) -> Result<()> {
     let us = |v: Option<u32>| v.map(|v| v as usize);
     positive(a.steps, "steps")?;
     positive(a.batch, "batch")?;
+    let batch = a.batch.map_or(0, |b| b as usize);
+    values::at_most(
+        "--batch",
+        batch,
+        values::MAX_BATCH,
+        "a batch trains at once",
+    )?;
     if a.out.exists() && !a.out.is_dir() {
         bail!("--out {} exists and is not a folder", a.out.display());
     }
@@ -315,6 +322,18 @@ pub fn eval(device: &DeviceArgs, a: EvalArgs) -> Result<()> {
     if a.batch == 0 {
         bail!("--batch must be at least 1");
     }
+    values::at_most(
+        "--n",
+        a.n,
+        values::MAX_EVAL_IMAGES,
+        "each image is rendered and scored",
+    )?;
+    values::at_most(
+        "--batch",
+        a.batch,
+        values::MAX_BATCH,
+        "a batch is decoded at once",
+    )?;
     let weights = vqclip::weights::shipped::vqgan_file_or(a.vqgan.as_deref())?;
     if !weights.is_file() {
         bail!(

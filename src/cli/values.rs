@@ -71,6 +71,21 @@ pub fn seconds(s: &str) -> Result<f64, String> {
     Ok(v)
 }
 
+/// Most images one batch may hold (training, evaluation, indexing): every image of a batch
+/// is on the GPU at once with its activations, and past this no device has the memory.
+pub const MAX_BATCH: usize = 4096;
+/// Most held-out images an `eval` may score: each is rendered and scored, so the run's time
+/// grows with it, and a few thousand already give percentages to a fraction of a point.
+pub const MAX_EVAL_IMAGES: usize = 100_000;
+
+/// Refuses `value` of option `name` above `max`, saying why the cap exists.
+pub fn at_most(name: &str, value: usize, max: usize, why: &str) -> anyhow::Result<()> {
+    if value > max {
+        anyhow::bail!("{name} {value} is more than the {max} allowed ({why})");
+    }
+    Ok(())
+}
+
 /// A count of at least 1.
 pub fn at_least_one(s: &str) -> Result<usize, String> {
     let v: usize = s
