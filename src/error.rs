@@ -29,6 +29,10 @@ pub enum Error {
     /// Bad argument value.
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// The GPU reported an error: out of memory, the memory budget exceeded, a validation
+    /// error (an engine bug) or a lost device. The message says which and what to try.
+    #[error("{0}")]
+    Gpu(String),
     /// Reading results back from the GPU failed.
     #[error("GPU readback failed: {0}")]
     Readback(String),

@@ -5,6 +5,8 @@ mod cli;
 use clap::Parser;
 
 fn main() {
+    // First, while this is the only thread: it may set an environment variable.
+    vqclip::gpu::prepare_driver_environment();
     let args = cli::Cli::parse();
     let result = cli::run(args);
     if vqclip::gpu::profile::enabled() {

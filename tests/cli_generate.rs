@@ -260,3 +260,153 @@ fn a_run_that_fails_at_the_end_leaves_no_log_or_gif() {
     left.sort();
     assert_eq!(left, ["out.png"]);
 }
+
+/// Issue 15: NaN, infinity (`1e309` parses to it), out-of-range numbers, unbounded counts and
+/// sizes whose products overflow are refused with a message naming the problem, before any
+/// work, and leave no file.
+#[test]
+fn non_finite_numbers_huge_counts_and_sizes_are_refused_before_work() {
+    let (clip, vq) = (fx("clip/tiny_quickgelu"), fx("vqgan/tiny_f4.ckpt"));
+    let out = tmp("never-numbers.png");
+    let so = out.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["x:nan"],
+            "prompt 'x:nan': the weight must be a finite number",
+        ),
+        (
+            vec!["x:1e309"],
+            "prompt 'x:1e309': the weight must be a finite number",
+        ),
+        (vec!["x:1:nan"], "the stop must be a finite number"),
+        (vec!["a cat | x:inf"], "prompt ' x:inf'"),
+        (
+            vec!["x", "--noise", "nan"],
+            "invalid value 'nan' for '--noise",
+        ),
+        (
+            vec!["x", "--noise=-0.5"],
+            "'--noise <NOISE>': must be 0 or more",
+        ),
+        (
+            vec!["x", "--tv-weight", "nan"],
+            "invalid value 'nan' for '--tv-weight",
+        ),
+        (
+            vec!["x", "--init-weight", "inf"],
+            "invalid value 'inf' for '--init-weight",
+        ),
+        (vec!["x", "--lr", "1e309"], "'1e309' is not a finite number"),
+        (
+            vec!["x", "--lr", "0"],
+            "'--lr <LR>': must be greater than 0",
+        ),
+        (vec!["x", "--cut-pow", "nan"], "--cut-pow"),
+        (
+            vec!["x", "--noise-prompt", "3:nan"],
+            "--noise-prompt '3:nan'",
+        ),
+        (
+            vec!["x", "--noise-prompt", "3:1e309"],
+            "must be a finite number",
+        ),
+        (
+            vec!["x", "--image-prompt", "/no/such.png:nan"],
+            "the weight must be a finite number",
+        ),
+        (
+            vec!["x", "--init", "scenes:99999999"],
+            "at most 4096 scenes",
+        ),
+        (
+            vec!["x", "--cutn", "99999999999"],
+            "more than the 4096 allowed",
+        ),
+        (
+            vec!["x", "--size", "4294967296x4294967296"],
+            "each side may be at most 65536 pixels",
+        ),
+        (vec!["x", "--size", "1x4294967296"], "at most 65536 pixels"),
+        (vec!["x", "--size", "0x0"], "must be positive"),
+        (vec!["x", "--size", "65536x65536"], "largest size"),
+        (vec!["x", "--max-memory", "nan"], "--max-memory"),
+        (
+            vec!["x", "--max-memory", "12parsecs"],
+            "unknown unit 'parsecs'",
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut args = base(&clip, &vq, so);
+        if extra.contains(&"--cutn") {
+            args.retain(|&a| a != "--cutn" && a != "4");
+        }
+        args.extend(extra.iter().copied());
+        let o = vqclip(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{extra:?} should fail");
+        assert!(err.contains(want), "{extra:?}: expected {want:?} in: {err}");
+        assert!(!err.contains("panicked"), "{extra:?}: {err}");
+        // Refused before the run starts: the settings line comes just before the work.
+        assert!(!err.contains("preset:"), "{extra:?} started work: {err}");
+        assert!(!out.exists(), "{extra:?} left an output file");
+    }
+}
+
+/// `--max-memory`: a size whose lower-bound need passes the budget is refused before work
+/// with the largest size that might fit; one that passes the estimate but not the pool
+/// fails during the run with the budget named and no file; a small size still works.
+#[test]
+fn the_memory_budget_refuses_sizes_that_cannot_fit() {
+    let (clip, vq) = (fx("clip/tiny_quickgelu"), fx("vqgan/tiny_f4.ckpt"));
+    let out = tmp("budget.png");
+    let so = out.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = base(&clip, &vq, so);
+        args.extend(["a cat", "--steps", "2", "--max-memory", "16MiB"]);
+        args.extend(extra);
+        vqclip(&args)
+    };
+    let o = run(&["--size", "256x256"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("256x256 with 4 cutouts would need at least")
+            && err.contains("budget of 16.0 MiB")
+            && err.contains("might fit is 64x64"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("preset:"),
+        "refused only after starting: {err}"
+    );
+    assert!(!out.exists());
+    // The tiny models peak near 28 MiB at 64x64: the pool stops the run.
+    let o = run(&["--size", "64x64"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("over the GPU memory budget"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.exists());
+    let o = run(&["--size", "32x32"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.exists());
+    std::fs::remove_file(&out).unwrap();
+    // The issue's example, with the shipped models.
+    let o = vqclip(&[
+        "generate",
+        "a red circle",
+        "--max-memory",
+        "64MiB",
+        "--size",
+        "512x512",
+        "-o",
+        so,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("would need at least") && err.contains("budget of 64.0 MiB"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

@@ -1,4 +1,14 @@
-use super::DeviceArgs;
+use super::{values, DeviceArgs};
+
+/// Parses `--size N` of the matmul bench: at least 1 and at most 65536, so that N² · 4 bytes
+/// is far from overflowing (the device's buffer limit refuses sizes that do not fit).
+fn matmul_size(s: &str) -> std::result::Result<usize, String> {
+    let n = values::at_least_one(s)?;
+    if n > 1 << 16 {
+        return Err(format!("{n} is more than the 65536 allowed"));
+    }
+    Ok(n)
+}
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use vqclip::ops::matmul::Variant;
@@ -14,14 +24,14 @@ pub enum BenchCmd {
 
 #[derive(Args, Debug)]
 pub struct MatmulArgs {
-    /// Matrix size N.
-    #[arg(long, default_value_t = 1024)]
+    /// Matrix size N, 1 to 65536.
+    #[arg(long, default_value_t = 1024, value_parser = matmul_size)]
     size: usize,
     /// Only this variant (register4x4, shared64, vec4x4 or subgroup8); default: all.
     #[arg(long)]
     variant: Option<String>,
-    /// Seconds to spend timing each variant.
-    #[arg(long, default_value_t = 2.0)]
+    /// Seconds to spend timing each variant (greater than 0, at most a week).
+    #[arg(long, default_value_t = 2.0, value_parser = values::seconds)]
     seconds: f64,
     /// Print JSON.
     #[arg(long)]
@@ -32,9 +42,6 @@ pub fn run(dev: &DeviceArgs, cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Generate(a) => super::bench_generate::run(dev, a),
         BenchCmd::Matmul(a) => {
-            if a.size == 0 {
-                bail!("--size must be at least 1");
-            }
             let variants: Vec<Variant> = match &a.variant {
                 None => Variant::ALL.to_vec(),
                 Some(name) => match Variant::ALL.into_iter().find(|v| v.name() == name) {

@@ -1,7 +1,7 @@
 //! `vqclip bench generate`: time VQGAN+CLIP optimisation steps, on random-weight models of
 //! the real shapes (CLIP ViT-B/32, VQGAN f16-16384) or on given models.
 
-use super::generate::{largest_tensor, parse_size};
+use super::generate::{check_fits, cutn_value, largest_tensor, parse_size};
 use super::DeviceArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -17,8 +17,8 @@ pub struct GenerateBenchArgs {
     /// Image size WxH (multiples of the VQGAN's downsampling factor).
     #[arg(long, default_value = "256x256")]
     size: String,
-    /// Cutouts per step.
-    #[arg(long, default_value_t = 32)]
+    /// Cutouts per step (1 to 4096).
+    #[arg(long, default_value_t = 32, value_parser = cutn_value)]
     cutn: usize,
     /// Timed steps, after one untimed warm-up step.
     #[arg(long, default_value_t = 3)]
@@ -82,9 +82,6 @@ fn mib(b: u64) -> f64 {
 
 pub fn run(dev: &DeviceArgs, a: GenerateBenchArgs) -> Result<()> {
     let (w, h) = parse_size(&a.size)?;
-    if a.cutn == 0 {
-        bail!("--cutn must be at least 1");
-    }
     if a.steps == 0 {
         bail!("--steps must be at least 1");
     }
@@ -163,6 +160,14 @@ pub fn run(dev: &DeviceArgs, a: GenerateBenchArgs) -> Result<()> {
         }
     };
     gpu.sync()?;
+    check_fits(
+        &gpu,
+        &vqgan.config,
+        &clip.config.vision,
+        (w, h),
+        a.cutn,
+        a.recompute,
+    )?;
     let setup_ms = setup.elapsed().as_secs_f64() * 1e3;
     progress(&format!(
         "timing {} steps after a warm-up step at {w}x{h}, cutn {}",

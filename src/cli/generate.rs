@@ -1,15 +1,16 @@
 //! `vqclip generate`: VQGAN+CLIP text-to-image.
 
 use super::clip_args::ClipArgs;
-use super::DeviceArgs;
+use super::{values, DeviceArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::Write;
 use std::path::PathBuf;
 use vqclip::generate::cutouts::CutMethod;
 use vqclip::generate::output::{write_png, GifFrames};
-use vqclip::generate::{Generation, Init, Options, Preset, Prompt};
-use vqclip::models::clip::load_image;
+use vqclip::generate::{Generation, Init, Options, Preset, Prompt, MAX_CUTN, MAX_INIT_SCENES};
+use vqclip::gpu::human_bytes;
+use vqclip::models::clip::{load_image, VisionConfig};
 use vqclip::models::vqgan::config::VqGanConfig;
 use vqclip::models::vqgan::{config_beside, VqGan};
 use vqclip::optim::Kind;
@@ -58,23 +59,23 @@ pub struct GenerateArgs {
     /// Seed of every random choice (same seed, options and adapter: same bytes).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Learning rate [default: from --preset].
-    #[arg(long)]
+    /// Learning rate, greater than 0 [default: from --preset].
+    #[arg(long, value_parser = values::positive_f32)]
     lr: Option<f32>,
     /// Optimiser: adam or adamw.
     #[arg(long, default_value = "adam")]
     optimizer: String,
-    /// Cutouts per step [default: from --preset].
-    #[arg(long)]
+    /// Cutouts per step, 1 to 4096 [default: from --preset].
+    #[arg(long, value_parser = cutn_value)]
     cutn: Option<usize>,
-    /// Cutout size exponent (original method): larger favours small cutouts.
-    #[arg(long, default_value_t = 1.0)]
+    /// Cutout size exponent (original method), greater than 0: larger favours small cutouts.
+    #[arg(long, default_value_t = 1.0, value_parser = values::positive_f32)]
     cut_pow: f32,
     /// Cutout method: original (random crops, resampled), pooled (the whole image with flips, random affine and perspective warps, colour jitter and erasing) or jitter (the whole image zoomed by 0.9-1.2, shifted by up to 10%, blurred) [default: from --preset].
     #[arg(long)]
     cut_method: Option<String>,
-    /// Noise added to cutouts (each cutout gets U(0, noise)·N(0, 1) per pixel).
-    #[arg(long, default_value_t = 0.1)]
+    /// Noise added to cutouts, 0 or more (each cutout gets U(0, noise)·N(0, 1) per pixel).
+    #[arg(long, default_value_t = 0.1, value_parser = values::non_negative_f32)]
     noise: f32,
     /// Start from this image (encoded by the VQGAN, resized to the output size).
     #[arg(long, value_name = "PATH")]
@@ -84,11 +85,11 @@ pub struct GenerateArgs {
     /// them against the prompts, encoded; ignored with --init-image) [default: from --preset].
     #[arg(long)]
     init: Option<String>,
-    /// Pull toward the initial latent: mse(z, z0) · weight / 2.
-    #[arg(long, default_value_t = 0.0)]
+    /// Pull toward the initial latent: mse(z, z0) · weight / 2 (0 or more).
+    #[arg(long, default_value_t = 0.0, value_parser = values::non_negative_f32)]
     init_weight: f32,
-    /// Total-variation loss weight (smoother images).
-    #[arg(long, default_value_t = 0.0)]
+    /// Total-variation loss weight, 0 or more (smoother images).
+    #[arg(long, default_value_t = 0.0, value_parser = values::non_negative_f32)]
     tv_weight: f32,
     /// Coarse-to-fine latent grids, e.g. 2,4,8: the steps are split evenly over them, and in
     /// each phase the latent is a G-cell grid (along its shorter side) upsampled bilinearly
@@ -126,6 +127,17 @@ pub struct GenerateArgs {
     output: PathBuf,
 }
 
+/// Parses `--cutn`: at least 1 and at most [`MAX_CUTN`].
+pub(super) fn cutn_value(s: &str) -> std::result::Result<usize, String> {
+    let n = values::at_least_one(s)?;
+    if n > MAX_CUTN {
+        return Err(format!(
+            "{n} cutouts per step is more than the {MAX_CUTN} allowed"
+        ));
+    }
+    Ok(n)
+}
+
 /// Parses `--init`.
 fn parse_init(s: &str) -> Result<Init> {
     Ok(match s {
@@ -134,6 +146,10 @@ fn parse_init(s: &str) -> Result<Init> {
         "gradient" => Init::Gradient,
         o => match o.strip_prefix("scenes:") {
             Some(n) => match n.parse::<usize>() {
+                Ok(n) if n > MAX_INIT_SCENES => bail!(
+                    "--init '{o}': at most {MAX_INIT_SCENES} scenes (each is rendered and \
+                     ranked by CLIP before the first step)"
+                ),
                 Ok(n) if n > 0 => Init::Scenes(n),
                 _ => bail!("--init '{o}': scenes:N needs a whole number N of at least 1"),
             },
@@ -144,6 +160,12 @@ fn parse_init(s: &str) -> Result<Init> {
     })
 }
 
+/// Longest side `--size` accepts: PNG and the image crate store sides as u32, and a side
+/// this long already needs far more memory than any device has.
+const MAX_SIDE: usize = 1 << 16;
+
+/// Parses `--size WxH`: both sides positive and at most [`MAX_SIDE`], so that every
+/// product of them with channels, batch and element size fits a u64.
 pub(super) fn parse_size(s: &str) -> Result<(usize, usize)> {
     let (w, h) = s
         .split_once(['x', 'X'])
@@ -158,6 +180,9 @@ pub(super) fn parse_size(s: &str) -> Result<(usize, usize)> {
         .with_context(|| format!("--size '{s}': bad height"))?;
     if w == 0 || h == 0 {
         bail!("--size '{s}': width and height must be positive");
+    }
+    if w > MAX_SIDE || h > MAX_SIDE {
+        bail!("--size '{s}' is too large: each side may be at most {MAX_SIDE} pixels");
     }
     Ok((w, h))
 }
@@ -180,19 +205,131 @@ fn load_resized(path: &PathBuf, w: usize, h: usize) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// Bytes of the largest single tensor the decoder (and its backward) holds at `w`×`h`.
+/// Bytes of the largest single tensor the decoder (and its backward) holds at `w`×`h`
+/// (saturating: a size whose products overflow needs `u64::MAX`).
 pub(super) fn largest_tensor(cfg: &VqGanConfig, w: usize, h: usize) -> u64 {
     let d = &cfg.dd;
     let mut most = 0u64;
     for (i, &m) in d.ch_mult.iter().enumerate() {
-        let (hh, ww) = ((h >> i) as u64, (w >> i) as u64);
-        most = most.max(4 * (d.ch * m) as u64 * hh * ww);
+        let hw = ((h >> i) as u64).saturating_mul((w >> i) as u64);
+        most = most.max(4u64.saturating_mul((d.ch * m) as u64).saturating_mul(hw));
         // attention probabilities [HW, HW], kept for the backward pass
         if d.attn_resolutions.contains(&(d.resolution >> i)) {
-            most = most.max(4 * (hh * ww) * (hh * ww));
+            most = most.max(4u64.saturating_mul(hw).saturating_mul(hw));
         }
     }
     most
+}
+
+/// A lower bound of the GPU bytes one optimisation step adds at `w`×`h` with `cutn`
+/// cutouts: the decoder's activations the backward pass needs (per residual block its input
+/// and the outputs of its two convolutions and a normalisation, at every level; with
+/// `recompute` only the largest level's), the cutouts, and per cutout the CLIP image tower's
+/// residual stream and attention input at every layer. Gradients, scratch and the engine's
+/// other buffers come on top (the shipped models measure 3-9 times this on a step), so a
+/// size refused by it cannot fit, while one it passes may still meet the pool's budget.
+pub(super) fn step_bytes_at_least(
+    cfg: &VqGanConfig,
+    vision: &VisionConfig,
+    (w, h): (usize, usize),
+    cutn: usize,
+    recompute: bool,
+) -> u64 {
+    let d = &cfg.dd;
+    let blocks = (d.num_res_blocks + 1) as u64;
+    let levels = d.ch_mult.iter().enumerate().map(|(i, &m)| {
+        let hw = ((h >> i) as u64).saturating_mul((w >> i) as u64);
+        (4 * blocks)
+            .saturating_mul((d.ch * m) as u64)
+            .saturating_mul(hw)
+    });
+    let decoder = if recompute {
+        levels.max().unwrap_or(0)
+    } else {
+        levels.fold(0u64, u64::saturating_add)
+    };
+    let s = vision.image_size as u64;
+    let tokens = (s / vision.patch_size.max(1) as u64).pow(2) + 1;
+    let per_cut = (3 * s * s)
+        .saturating_add(tokens * vision.hidden_size as u64 * 2 * vision.num_hidden_layers as u64);
+    4u64.saturating_mul(decoder.saturating_add(per_cut.saturating_mul(cutn as u64)))
+}
+
+/// Refuses a size before any work when it cannot fit the device: a decoder tensor larger
+/// than one buffer binding may be, or (with a memory budget) the loaded models plus
+/// [`step_bytes_at_least`] past the budget. The message gives the largest size of the same
+/// shape, a multiple of the VQGAN factor, that passes both checks: no larger size can fit,
+/// though with a budget a size near it may still be refused by the pool during the run.
+pub(super) fn check_fits(
+    gpu: &vqclip::Gpu,
+    cfg: &VqGanConfig,
+    vision: &VisionConfig,
+    (w, h): (usize, usize),
+    cutn: usize,
+    recompute: bool,
+) -> Result<()> {
+    let f = cfg.downsampling_factor().max(1);
+    let limit = gpu
+        .limits()
+        .max_storage_buffer_binding_size
+        .min(gpu.limits().max_buffer_size);
+    let (budget, base) = (gpu.memory_budget(), gpu.memory().live);
+    let total = |w: usize, h: usize| {
+        base.saturating_add(step_bytes_at_least(cfg, vision, (w, h), cutn, recompute))
+    };
+    let fits = |w: usize, h: usize| {
+        largest_tensor(cfg, w, h) <= limit && budget.is_none_or(|b| total(w, h) <= b)
+    };
+    if fits(w, h) {
+        return Ok(());
+    }
+    // The largest multiple-of-f size of this aspect that fits (both costs grow with size).
+    let long = w.max(h);
+    let scaled = |side: usize| (side * w / long / f * f, side * h / long / f * f);
+    let (mut lo, mut hi) = (0usize, long / f);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        let (sw, sh) = scaled(mid * f);
+        if sw > 0 && sh > 0 && fits(sw, sh) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let largest = scaled(lo * f);
+    let none = lo == 0 || largest.0 == 0 || largest.1 == 0;
+    let need = largest_tensor(cfg, w, h);
+    if need > limit {
+        let largest = match none {
+            true => "no size of this shape fits".to_string(),
+            false => format!(
+                "the largest size of this shape that fits is about {}x{}",
+                largest.0, largest.1
+            ),
+        };
+        bail!(
+            "{w}x{h} needs a {need}-byte tensor but this device allows {limit} bytes per buffer \
+             binding; {largest}"
+        );
+    }
+    // The memory need is a lower bound: sizes above the one found cannot fit, and the pool
+    // refuses, during the run, a size below it that still does not.
+    let largest = match none {
+        true => "no size of this shape fits in it".to_string(),
+        false => format!(
+            "the largest size of this shape that might fit is {}x{} (no larger one can)",
+            largest.0, largest.1
+        ),
+    };
+    let budget = budget.unwrap_or(u64::MAX);
+    bail!(
+        "{w}x{h} with {cutn} cutouts would need at least {} of GPU memory ({} of loaded models \
+         and {} of activations per step), more than the --max-memory budget of {}; {largest}",
+        human_bytes(total(w, h)),
+        human_bytes(base),
+        human_bytes(total(w, h) - base),
+        human_bytes(budget)
+    )
 }
 
 pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
@@ -202,6 +339,10 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
     }
     for p in &a.more_prompts {
         prompts.extend(Prompt::parse_list(p)?);
+    }
+    for ip in &a.image_prompts {
+        // Its weight and stop are checked now, before the models load; the image later.
+        Prompt::parse(ip).with_context(|| format!("--image-prompt '{ip}'"))?;
     }
     let size = a.size.as_deref().map(parse_size).transpose()?;
     let optimizer = match a.optimizer.as_str() {
@@ -248,6 +389,9 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
             ),
             None => (np.as_str(), 1.0),
         };
+        if let Some(e) = vqclip::generate::prompt::weight_problem(weight) {
+            bail!("--noise-prompt '{np}': {e}");
+        }
         let seed: u64 = seed
             .parse()
             .with_context(|| format!("--noise-prompt '{np}': the seed must be a number"))?;
@@ -280,25 +424,14 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
             "note: size {w0}x{h0} rounded down to {w}x{h} (a multiple of the VQGAN factor {f})"
         );
     }
-    let limit = gpu
-        .limits()
-        .max_storage_buffer_binding_size
-        .min(gpu.limits().max_buffer_size);
-    let need = largest_tensor(&vqgan.config, w, h);
-    if need > limit {
-        let mut side = w.max(h);
-        while side > f
-            && largest_tensor(&vqgan.config, side * w / w.max(h), side * h / w.max(h)) > limit
-        {
-            side -= f;
-        }
-        bail!(
-            "{w}x{h} needs a {need}-byte tensor but this device allows {limit} bytes per buffer \
-             binding; the largest size of this shape that fits is about {}x{}",
-            (side * w / w.max(h)) / f * f,
-            (side * h / w.max(h)) / f * f
-        );
-    }
+    check_fits(
+        &gpu,
+        &vqgan.config,
+        &clip.config.vision,
+        (w, h),
+        cutn,
+        a.recompute,
+    )?;
     // The preset's latent grids and random starts adapt to a smaller latent or fewer steps;
     // explicit values are checked as given (by `Generation::new`).
     let short = (w / f).min(h / f);

@@ -15,6 +15,8 @@ pub fn run(dev: &DeviceArgs, a: InfoArgs) -> Result<()> {
     let adapters = list_adapters();
     let opts = dev.options()?;
     let gpu = vqclip::Gpu::new(&opts);
+    // The pool's budget (--max-memory, or the adapter's default); null: none.
+    let budget = gpu.as_ref().ok().and_then(|g| g.memory_budget());
     let (chosen, limits, features, err) = match &gpu {
         Ok(g) => {
             let l = g.limits();
@@ -46,6 +48,7 @@ pub fn run(dev: &DeviceArgs, a: InfoArgs) -> Result<()> {
             "chosen": chosen,
             "limits": limits,
             "features": features,
+            "memory_budget_bytes": budget,
             "error": err,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -76,6 +79,10 @@ pub fn run(dev: &DeviceArgs, a: InfoArgs) -> Result<()> {
                 } else {
                     features.join(", ")
                 }
+            );
+            println!(
+                "memory budget: {} (--max-memory)",
+                budget.map_or("none".to_string(), vqclip::gpu::human_bytes)
             );
         }
     }

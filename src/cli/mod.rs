@@ -13,6 +13,7 @@ mod search;
 mod train;
 mod train_clip;
 mod train_vqgan;
+mod values;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
@@ -37,6 +38,13 @@ pub struct DeviceArgs {
     /// Use the adapter whose name contains this text (case-insensitive).
     #[arg(long, global = true, env = "VQCLIP_ADAPTER")]
     pub adapter: Option<String>,
+    /// Most GPU memory vqclip may use, e.g. 512MiB or 8GiB: work that would need more is
+    /// refused before it starts, with the largest size that fits [default: three quarters of
+    /// the machine's memory on a CPU adapter such as lavapipe; no budget on a GPU, whose
+    /// memory size wgpu does not report].
+    #[arg(long, global = true, env = "VQCLIP_MAX_MEMORY", value_name = "BYTES",
+          value_parser = values::byte_size)]
+    pub max_memory: Option<u64>,
 }
 
 impl DeviceArgs {
@@ -48,6 +56,7 @@ impl DeviceArgs {
                 _ => None,
             },
             adapter: self.adapter.clone().filter(|s| !s.trim().is_empty()),
+            max_memory: self.max_memory,
         })
     }
     /// Opens the chosen device.

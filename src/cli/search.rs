@@ -1,7 +1,7 @@
 //! `vqclip search`: rank a folder's images against a text or an image.
 
 use super::clip_args::{check_texts, warn_truncated, ClipArgs};
-use super::DeviceArgs;
+use super::{values, DeviceArgs};
 use anyhow::{bail, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -43,6 +43,12 @@ pub fn run(dev: &DeviceArgs, a: SearchArgs) -> Result<()> {
     if a.batch == 0 {
         bail!("--batch must be at least 1");
     }
+    values::at_most(
+        "--batch",
+        a.batch,
+        values::MAX_BATCH,
+        "a batch is encoded at once",
+    )?;
     if !a.dir.is_dir() {
         bail!("--dir {}: not a folder", a.dir.display());
     }

@@ -1,6 +1,6 @@
 //! `vqclip train clip` and `vqclip eval clip`.
 
-use super::DeviceArgs;
+use super::{values, DeviceArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::Write;
@@ -28,7 +28,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
     /// Peak learning rate (AdamW, linear warm-up over 5% of the steps, cosine to 5%).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, value_parser = values::positive_f32)]
     pub lr: f32,
     /// Seed of the initial weights and of the augmentation.
     #[arg(long, default_value_t = 0)]
@@ -51,7 +51,7 @@ pub struct TrainArgs {
     pub no_augment: bool,
     /// Probability that a pair is recoloured to white shapes on black (caption included), a
     /// shape curriculum; with --resume it replaces the checkpoint's value [default: 0].
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", value_parser = values::unit_interval)]
     pub mask_prob: Option<f32>,
     /// Add hard-negative captions for shape (NegCLIP-style): each image must also beat its
     /// own caption with the shape word swapped for each other shape, which teaches the towers
@@ -73,7 +73,7 @@ pub struct TrainArgs {
     /// Fit the run into this many seconds of training: after the first 25 steps the step
     /// count is cut to what fits (the learning-rate schedule follows), and the run ends at
     /// the limit in any case.
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", value_parser = values::seconds)]
     pub time_limit: Option<f64>,
     /// Stop after this step (checkpointed), keeping the schedule of --steps: a later
     /// --resume continues exactly as an unbroken run would, so a run can change settings
@@ -136,24 +136,17 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
     if args.batch < 2 {
         bail!("--batch must be at least 2 (the loss contrasts pairs within a batch)");
     }
+    values::at_most(
+        "--batch",
+        args.batch,
+        values::MAX_BATCH,
+        "a batch trains at once",
+    )?;
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
-    if !(args.lr.is_finite() && args.lr > 0.0) {
-        bail!("--lr must be a positive number");
-    }
-    if let Some(p) = args.mask_prob {
-        if !(0.0..=1.0).contains(&p) {
-            bail!("--mask-prob must be between 0 and 1, got {p}");
-        }
-    }
     if args.stop_after == Some(0) {
         bail!("--stop-after must be at least 1 (the step after which the run stops)");
-    }
-    if let Some(t) = args.time_limit {
-        if !(t.is_finite() && t > 0.0) {
-            bail!("--time-limit must be a positive number of seconds, got {t}");
-        }
     }
     if args.out.exists() && !args.out.is_dir() {
         bail!("--out {} exists and is not a folder", args.out.display());
@@ -404,6 +397,12 @@ pub fn eval(device: &DeviceArgs, args: EvalArgs) -> Result<()> {
     if args.n == 0 {
         bail!("--n must be at least 1");
     }
+    values::at_most(
+        "--n",
+        args.n,
+        values::MAX_EVAL_IMAGES,
+        "each image is rendered and scored",
+    )?;
     let dir: &Path = &vqclip::weights::shipped::clip_dir_or(args.clip.as_deref())?;
     let gpu = device.open()?;
     let model = ClipModel::load(dir, &gpu)?;

@@ -1,6 +1,6 @@
 //! `vqclip train vqgan` and `vqclip eval vqgan`.
 
-use super::DeviceArgs;
+use super::{values, DeviceArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -23,7 +23,7 @@ pub struct TrainArgs {
     #[arg(long)]
     batch: Option<u32>,
     /// Peak learning rate (Adam; warm-up then cosine to 5%) [default: 0.002].
-    #[arg(long)]
+    #[arg(long, value_parser = values::positive_f32)]
     lr: Option<f32>,
     /// Seed of the initial weights and code restarts [default: 0].
     #[arg(long)]
@@ -63,7 +63,7 @@ pub struct TrainArgs {
     /// Fit the run into this many seconds of training: after the first 25 steps the step
     /// count is cut to what fits (the learning-rate schedule follows), and the run ends at
     /// the limit in any case.
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", value_parser = values::seconds)]
     time_limit: Option<f64>,
 }
 
@@ -109,18 +109,15 @@ pub fn train(device: &DeviceArgs, a: TrainArgs) -> Result<()> {
     let us = |v: Option<u32>| v.map(|v| v as usize);
     positive(a.steps, "steps")?;
     positive(a.batch, "batch")?;
-    if let Some(lr) = a.lr {
-        if !(lr.is_finite() && lr > 0.0) {
-            bail!("--lr must be a positive number, got {lr}");
-        }
-    }
+    let batch = a.batch.map_or(0, |b| b as usize);
+    values::at_most(
+        "--batch",
+        batch,
+        values::MAX_BATCH,
+        "a batch trains at once",
+    )?;
     if a.out.exists() && !a.out.is_dir() {
         bail!("--out {} exists and is not a folder", a.out.display());
-    }
-    if let Some(t) = a.time_limit {
-        if !(t.is_finite() && t > 0.0) {
-            bail!("--time-limit must be a positive number of seconds, got {t}");
-        }
     }
     let state = a.out.join("state.safetensors");
     let gpu = device.open()?;
@@ -325,6 +322,18 @@ pub fn eval(device: &DeviceArgs, a: EvalArgs) -> Result<()> {
     if a.batch == 0 {
         bail!("--batch must be at least 1");
     }
+    values::at_most(
+        "--n",
+        a.n,
+        values::MAX_EVAL_IMAGES,
+        "each image is rendered and scored",
+    )?;
+    values::at_most(
+        "--batch",
+        a.batch,
+        values::MAX_BATCH,
+        "a batch is decoded at once",
+    )?;
     let weights = vqclip::weights::shipped::vqgan_file_or(a.vqgan.as_deref())?;
     if !weights.is_file() {
         bail!(

@@ -13,13 +13,11 @@ pub struct Prompt {
     pub stop: f32,
 }
 
+/// A trailing field that reads as a number. Non-finite spellings (`nan`, `inf`, `1e309`,
+/// which overflows to infinity) count as numbers here so that [`Prompt::parse`] refuses
+/// them rather than silently keeping them as part of the text.
 fn number(s: &str) -> Option<f32> {
-    let t = s.trim();
-    match t {
-        "-inf" => Some(f32::NEG_INFINITY),
-        "inf" => Some(f32::INFINITY),
-        _ => t.parse::<f32>().ok().filter(|v| v.is_finite()),
-    }
+    s.trim().parse::<f32>().ok()
 }
 
 impl Prompt {
@@ -42,22 +40,36 @@ impl Prompt {
                 "empty prompt in '{s}': write some text before the ':weight:stop' fields"
             )));
         }
-        let weight = weight.unwrap_or(1.0);
-        if !weight.is_finite() {
-            return Err(Error::invalid(format!(
-                "prompt '{s}': the weight must be a finite number"
-            )));
-        }
-        if weight == 0.0 {
-            return Err(Error::invalid(format!(
-                "prompt '{s}': a weight of 0 has no effect"
-            )));
-        }
-        Ok(Prompt {
+        let p = Prompt {
             text,
-            weight,
+            weight: weight.unwrap_or(1.0),
             stop: stop.unwrap_or(f32::NEG_INFINITY),
-        })
+        };
+        match p.problem() {
+            Some(e) => Err(Error::invalid(format!("prompt '{s}': {e}"))),
+            None => Ok(p),
+        }
+    }
+
+    /// Checks the weight (finite and not 0) and the stop (finite, or `-inf` for none).
+    pub fn check(&self) -> Result<()> {
+        match self.problem() {
+            Some(e) => Err(Error::invalid(format!("prompt '{}': {e}", self.text))),
+            None => Ok(()),
+        }
+    }
+
+    fn problem(&self) -> Option<String> {
+        if let Some(e) = weight_problem(self.weight) {
+            return Some(e);
+        }
+        if self.stop.is_nan() || self.stop == f32::INFINITY {
+            return Some(format!(
+                "the stop must be a finite number (or -inf for none), got {}",
+                self.stop
+            ));
+        }
+        None
     }
 
     /// Parses several prompts separated by `|`.
@@ -69,6 +81,18 @@ impl Prompt {
         }
         s.split('|').map(Prompt::parse).collect()
     }
+}
+
+/// What is wrong with a prompt weight, if anything: it must be finite (NaN or infinity
+/// makes the loss NaN) and not 0 (no effect).
+pub fn weight_problem(weight: f32) -> Option<String> {
+    if !weight.is_finite() {
+        return Some(format!("the weight must be a finite number, got {weight}"));
+    }
+    if weight == 0.0 {
+        return Some("a weight of 0 has no effect".into());
+    }
+    None
 }
 
 #[cfg(test)]
@@ -112,5 +136,26 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("weight of 0"));
+    }
+
+    #[test]
+    fn refuses_non_finite_weights_and_stops() {
+        // "1e309" overflows f32 to infinity; none of these may reach the loss.
+        for bad in [
+            "x:nan", "x:1e309", "x:inf", "x:-inf", "x:NaN", "x:1:nan", "x:1:inf",
+        ] {
+            let e = Prompt::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("finite"), "{bad}: {e}");
+        }
+        assert!(Prompt::parse_list("a cat | x:nan").is_err());
+        // -inf stays the explicit "no stop".
+        let p = Prompt::parse("x:1:-inf").unwrap();
+        assert_eq!((p.weight, p.stop), (1.0, f32::NEG_INFINITY));
+        let direct = Prompt {
+            text: "x".into(),
+            weight: f32::NAN,
+            stop: 0.0,
+        };
+        assert!(direct.check().is_err());
     }
 }

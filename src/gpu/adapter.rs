@@ -48,6 +48,10 @@ pub struct DeviceOptions {
     pub backend: Option<Backend>,
     /// Only consider adapters whose name contains this (case-insensitive).
     pub adapter: Option<String>,
+    /// Most bytes the buffer pool may hold (live and idle buffers together); `None` takes
+    /// [`default_memory_budget`]. An allocation past it fails with an error that names the
+    /// budget, instead of the driver failing (or swapping) later.
+    pub max_memory: Option<u64>,
 }
 
 impl DeviceOptions {
@@ -60,8 +64,87 @@ impl DeviceOptions {
         let adapter = std::env::var("VQCLIP_ADAPTER")
             .ok()
             .filter(|s| !s.trim().is_empty());
-        Ok(DeviceOptions { backend, adapter })
+        Ok(DeviceOptions {
+            backend,
+            adapter,
+            max_memory: None,
+        })
     }
+}
+
+/// The memory budget used when [`DeviceOptions::max_memory`] is not given: on a CPU adapter
+/// (lavapipe, SwiftShader) "GPU" memory is system memory, so three quarters of the machine's
+/// physical memory (`MemTotal` of /proc/meminfo; none where that cannot be read). wgpu does
+/// not report a GPU's own memory size, so GPUs get no budget by default and their driver's
+/// out-of-memory error (turned into an [`Error::Gpu`]) is the limit.
+pub fn default_memory_budget(info: &wgpu::AdapterInfo) -> Option<u64> {
+    if info.device_type != wgpu::DeviceType::Cpu {
+        return None;
+    }
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib.checked_mul(1024)? / 4 * 3)
+}
+
+/// Gives the driver the environment it expects before any device is opened: Mesa's Vulkan
+/// drivers (through libwayland) print `error: XDG_RUNTIME_DIR is invalid or not set` when
+/// the variable is unset or not an absolute path to a folder, which reads as a failure on
+/// every run. In that case this sets it, for this process only, to a private folder
+/// (`<temp dir>/vqclip-runtime-<uid>`, mode 0700, created if needed, used only if it is ours).
+///
+/// It changes the process environment, so call it first thing in `main`, before any thread
+/// starts (another thread reading the environment while it is written is a data race in
+/// the C library). Does nothing on other systems or when the folder cannot be made private.
+pub fn prepare_driver_environment() {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if !needs_runtime_dir(std::env::var_os("XDG_RUNTIME_DIR").as_deref()) {
+            return;
+        }
+        // The effective uid, as the owner of what this process creates.
+        let Ok(uid) = std::fs::metadata("/proc/self").map(|m| m.uid()) else {
+            return;
+        };
+        if let Some(dir) = private_dir(&std::env::temp_dir(), uid) {
+            std::env::set_var("XDG_RUNTIME_DIR", dir);
+        }
+    }
+}
+
+/// Whether `XDG_RUNTIME_DIR` (its value, if set) is one libwayland complains about: unset,
+/// not an absolute path, or not an existing folder.
+#[cfg(unix)]
+fn needs_runtime_dir(value: Option<&std::ffi::OsStr>) -> bool {
+    !value.is_some_and(|d| {
+        let p = std::path::Path::new(d);
+        p.is_absolute() && p.is_dir()
+    })
+}
+
+/// `<base>/vqclip-runtime-<uid>`, created with mode 0700 if missing; `None` unless it ends
+/// up a real folder owned by `uid` with mode 0700. A folder of someone else's in a shared
+/// temp dir (or a link planted there) could watch or replace what the driver puts in it.
+#[cfg(unix)]
+fn private_dir(base: &std::path::Path, uid: u32) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let dir = base.join(format!("vqclip-runtime-{uid}"));
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+    let meta = std::fs::symlink_metadata(&dir).ok()?;
+    if !meta.is_dir() || meta.uid() != uid {
+        return None;
+    }
+    if meta.mode() & 0o777 != 0o700 {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).ok()?;
+    }
+    Some(dir)
 }
 
 /// What `vqclip info` prints about one adapter.
@@ -174,11 +257,39 @@ mod tests {
         assert!(e.contains("unknown backend 'cuda'"), "{e}");
     }
 
+    #[cfg(unix)]
+    #[test]
+    fn the_runtime_dir_is_replaced_only_when_invalid_and_made_private() {
+        use std::ffi::OsStr;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let base = tempfile::tempdir().unwrap();
+        assert!(needs_runtime_dir(None));
+        assert!(needs_runtime_dir(Some(OsStr::new(""))));
+        assert!(needs_runtime_dir(Some(OsStr::new("relative/dir"))));
+        assert!(needs_runtime_dir(Some(OsStr::new("/no/such/vqclip/dir"))));
+        assert!(!needs_runtime_dir(Some(base.path().as_os_str())));
+        let uid = std::fs::metadata(base.path()).unwrap().uid();
+        let dir = private_dir(base.path(), uid).unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        // An existing folder left too open is tightened; someone else's is not used.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(private_dir(base.path(), uid), Some(dir.clone()));
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(private_dir(base.path(), uid + 1), None);
+        // A link planted where the folder should be is refused.
+        let other = tempfile::tempdir().unwrap();
+        let link = base.path().join(format!("vqclip-runtime-{}", uid + 2));
+        std::os::unix::fs::symlink(other.path(), &link).unwrap();
+        assert_eq!(private_dir(base.path(), uid + 2), None);
+    }
+
     #[test]
     fn adapter_that_matches_nothing_is_an_error() {
         let opts = DeviceOptions {
             backend: None,
             adapter: Some("no-such-adapter-xyz".into()),
+            max_memory: None,
         };
         let e = choose(&opts).unwrap_err().to_string();
         assert!(

@@ -8,7 +8,11 @@ mod adapter;
 mod pool;
 pub mod profile;
 
-pub use adapter::{list_adapters, AdapterSummary, Backend, DeviceOptions};
+pub use adapter::{
+    default_memory_budget, list_adapters, prepare_driver_environment, AdapterSummary, Backend,
+    DeviceOptions,
+};
+pub use pool::human_bytes;
 pub(crate) use pool::PooledBuffer;
 
 use crate::{Error, Result};
@@ -112,6 +116,36 @@ pub(crate) struct GpuInner {
     submits: std::sync::atomic::AtomicU64,
     tuning: Mutex<HashMap<String, String>>,
     dummy: wgpu::Buffer,
+    /// The first GPU error no error scope caught (from wgpu's uncaptured-error handler or
+    /// the device-lost callback), returned by the next [`Gpu::sync`], readback or
+    /// allocation. It stays set: work recorded after an error cannot be trusted.
+    fault: Arc<Mutex<Option<String>>>,
+}
+
+/// The message of a GPU error raised while doing `what`.
+fn describe(what: &str, e: &wgpu::Error) -> String {
+    match e {
+        wgpu::Error::OutOfMemory { .. } => format!(
+            "the GPU ran out of memory while {what}: try a smaller image size, fewer cutouts or \
+             a smaller batch, --recompute, or close other programs using the GPU"
+        ),
+        wgpu::Error::Validation { description, .. } => format!(
+            "GPU validation error while {what} (most likely a vqclip engine bug; please \
+             report it with this message): {}",
+            description.trim()
+        ),
+        wgpu::Error::Internal { description, .. } => {
+            format!(
+                "internal GPU driver error while {what}: {}",
+                description.trim()
+            )
+        }
+    }
+}
+
+/// Keeps the first error in `slot`.
+fn record(slot: &Mutex<Option<String>>, msg: String) {
+    lock(slot).get_or_insert(msg);
 }
 
 /// A handle to the chosen GPU device. Cheap to clone; all clones share one device, pool,
@@ -148,11 +182,28 @@ impl Gpu {
             trace: wgpu::Trace::Off,
         }))
         .map_err(|e| Error::Device(e.to_string()))?;
-        device.on_uncaptured_error(Arc::new(|e: wgpu::Error| {
-            // Validation errors are engine bugs; say so loudly rather than silently corrupting.
-            eprintln!("vqclip: internal GPU error: {e}");
-            std::process::abort();
+        // wgpu's default handler panics; errors outside an error scope (a bind group or a
+        // dispatch, say) are kept instead and returned at the next sync or readback.
+        let fault = Arc::new(Mutex::new(None));
+        let slot = fault.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            record(&slot, describe("running GPU work", &e));
         }));
+        let slot = fault.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            if reason != wgpu::DeviceLostReason::Destroyed {
+                record(
+                    &slot,
+                    format!(
+                        "the GPU device was lost ({reason:?}): {msg}; the driver may have \
+                             reset it after a fault or a time-out"
+                    ),
+                );
+            }
+        });
+        let budget = opts
+            .max_memory
+            .or_else(|| adapter::default_memory_budget(&info));
         let slot = (limits.min_uniform_buffer_offset_alignment as u64).max(256);
         let arena = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("params arena"),
@@ -174,7 +225,7 @@ impl Gpu {
             features,
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
-            pool: Mutex::new(Pool::default()),
+            pool: Mutex::new(Pool::with_budget(budget)),
             rec: Mutex::new(Recorder {
                 encoder: None,
                 dispatches: 0,
@@ -185,6 +236,7 @@ impl Gpu {
             submits: std::sync::atomic::AtomicU64::new(0),
             tuning: Mutex::new(HashMap::new()),
             dummy,
+            fault,
         })))
     }
 
@@ -238,6 +290,58 @@ impl Gpu {
     /// Releases every idle pooled buffer.
     pub fn trim(&self) {
         lock(&self.0.pool).trim()
+    }
+    /// Most bytes the buffer pool may hold ([`DeviceOptions::max_memory`] or
+    /// [`default_memory_budget`]); `None`: no budget.
+    pub fn memory_budget(&self) -> Option<u64> {
+        lock(&self.0.pool).budget()
+    }
+
+    /// The GPU error recorded outside an error scope, if any, as an `Err`.
+    pub fn check_fault(&self) -> Result<()> {
+        match lock(&self.0.fault).as_ref() {
+            Some(msg) => Err(Error::Gpu(msg.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `f` (which creates GPU objects) inside out-of-memory and validation error
+    /// scopes, so that what it raises comes back as an [`Error::Gpu`] saying it happened
+    /// while doing `what`. Scopes are per thread and cost a lock each: they wrap object
+    /// creation and submission, not every dispatch.
+    pub(crate) fn scoped<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+        let d = &self.0.device;
+        let oom = d.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let invalid = d.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out = f();
+        // Native wgpu resolves these futures at once.
+        let invalid = pollster::block_on(invalid.pop());
+        let oom = pollster::block_on(oom.pop());
+        match oom.or(invalid) {
+            Some(e) => Err(Error::Gpu(describe(what, &e))),
+            None => Ok(out),
+        }
+    }
+
+    /// A buffer created inside error scopes: too large, out of memory or otherwise invalid
+    /// comes back as an `Err`.
+    pub(crate) fn create_buffer(
+        &self,
+        what: &str,
+        size: u64,
+        usage: wgpu::BufferUsages,
+    ) -> Result<wgpu::Buffer> {
+        self.scoped(
+            &format!("allocating a {size}-byte buffer for {what}"),
+            || {
+                self.0.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(what),
+                    size,
+                    usage,
+                    mapped_at_creation: false,
+                })
+            },
+        )
     }
 
     /// Remembered choice for a tuning key (e.g. which matmul variant won on this adapter):
@@ -329,7 +433,8 @@ impl Gpu {
 
     pub(crate) fn alloc(&self, bytes: u64) -> Result<PooledBuffer> {
         self.check_size("tensor", bytes)?;
-        Ok(pool::alloc(self, bytes))
+        self.check_fault()?;
+        pool::alloc(self, bytes)
     }
 
     fn pipeline(&self, k: &Kernel) -> Arc<Cached> {
@@ -337,6 +442,12 @@ impl Gpu {
         if let Some(p) = lock(&self.0.pipelines).get(&key) {
             return p.clone();
         }
+        // `dispatch` returns nothing (ops record work and fail at readback), so an invalid
+        // shader or kernel is recorded with its name and returned by the next sync or readback.
+        let guard = self
+            .0
+            .device
+            .push_error_scope(wgpu::ErrorFilter::Validation);
         let module = {
             let mut mods = lock(&self.0.modules);
             mods.entry(k.shader.name)
@@ -364,6 +475,12 @@ impl Gpu {
                 },
                 cache: None,
             });
+        if let Some(e) = pollster::block_on(guard.pop()) {
+            record(
+                &self.0.fault,
+                describe(&format!("compiling kernel {key}"), &e),
+            );
+        }
         let layout = pipeline.get_bind_group_layout(0);
         let c = Arc::new(Cached { pipeline, layout });
         lock(&self.0.pipelines).insert(key, c.clone());
@@ -486,7 +603,16 @@ impl Gpu {
         self.0
             .submits
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Some(self.0.queue.submit([enc.finish()]))
+        let submitted = self.scoped("submitting GPU work", || {
+            self.0.queue.submit([enc.finish()])
+        });
+        match submitted {
+            Ok(i) => Some(i),
+            Err(e) => {
+                record(&self.0.fault, e.to_string());
+                None
+            }
+        }
     }
 
     /// Submits everything recorded so far without waiting.
@@ -495,13 +621,14 @@ impl Gpu {
         self.submit_locked(&mut rec);
     }
 
-    /// Submits everything recorded so far and waits until the GPU has finished it.
+    /// Submits everything recorded so far and waits until the GPU has finished it; returns
+    /// any GPU error raised since the device was opened (see [`Gpu::check_fault`]).
     pub fn sync(&self) -> Result<()> {
         self.flush();
-        self.0
-            .device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Readback(e.to_string()))?;
+        let polled = self.0.device.poll(wgpu::PollType::wait_indefinitely());
+        // A lost device makes the poll fail too; its callback's message says more.
+        self.check_fault()?;
+        polled.map_err(|e| Error::Readback(e.to_string()))?;
         Ok(())
     }
 
@@ -519,22 +646,20 @@ impl Gpu {
             return Ok(Vec::new());
         }
         let size = bytes.div_ceil(4) * 4;
-        let staging = self.0.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
+        let staging = self.create_buffer(
+            "a readback",
             size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        )?;
         self.copy(src, offset, &staging, 0, size);
         self.flush();
         let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
         });
-        self.0
-            .device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Readback(e.to_string()))?;
+        let polled = self.0.device.poll(wgpu::PollType::wait_indefinitely());
+        self.check_fault()?;
+        polled.map_err(|e| Error::Readback(e.to_string()))?;
         rx.recv()
             .map_err(|e| Error::Readback(e.to_string()))?
             .map_err(|e| Error::Readback(e.to_string()))?;
@@ -571,5 +696,63 @@ pub fn grid_1d(n: u32) -> [u32; 3] {
         [n, 1, 1]
     } else {
         [MAX, n.div_ceil(MAX), 1]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device of its own: a recorded fault stays, and must not fail other tests.
+    fn own_device() -> Gpu {
+        Gpu::new(&DeviceOptions::from_env().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_validation_error_in_a_scope_is_an_err() {
+        let gpu = Gpu::shared().unwrap();
+        let too_big = gpu.limits().max_buffer_size.saturating_add(4);
+        let e = gpu
+            .create_buffer("a test", too_big, wgpu::BufferUsages::STORAGE)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("GPU validation error while allocating") && e.contains("engine bug"),
+            "{e}"
+        );
+        // The device goes on working.
+        gpu.sync().unwrap();
+    }
+
+    #[test]
+    fn an_uncaptured_error_comes_back_from_sync_instead_of_aborting() {
+        let gpu = own_device();
+        gpu.sync().unwrap();
+        // Raw wgpu, outside any scope: the uncaptured-error handler used to abort here.
+        let _bad = gpu.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("deliberately invalid"),
+            size: 16,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::MAP_WRITE,
+            mapped_at_creation: false,
+        });
+        let e = gpu.sync().unwrap_err().to_string();
+        assert!(e.contains("GPU validation error"), "{e}");
+        // Later work is refused rather than run on a device in an unknown state.
+        assert!(crate::Tensor::zeros(&gpu, &[4]).is_err());
+    }
+
+    #[test]
+    fn a_kernel_that_does_not_compile_is_named_in_an_err() {
+        static BAD: Shader = Shader {
+            name: "deliberately_invalid",
+            source: "@compute @workgroup_size(1) fn main() { let x: u32 = 1.5; }",
+        };
+        let gpu = own_device();
+        gpu.dispatch(&Kernel::new(&BAD, "main"), &[0u32; 4], &[], [1, 1, 1]);
+        let e = gpu.sync().unwrap_err().to_string();
+        assert!(
+            e.contains("compiling kernel deliberately_invalid:main") && e.contains("engine bug"),
+            "{e}"
+        );
     }
 }

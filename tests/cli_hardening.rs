@@ -1,0 +1,152 @@
+//! Issue 15 across the CLI: numeric options of every subcommand refuse NaN, infinity and
+//! out-of-range values at parse time (before a device is opened or a file read), and a
+//! plain run prints no driver `error:` line.
+
+mod common;
+use common::{fails, vqclip};
+use std::process::Command;
+
+#[test]
+fn numeric_options_of_every_subcommand_refuse_bad_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = out.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["train", "clip", "--out", o, "--lr", "nan"],
+            "'--lr <LR>'",
+        ),
+        (
+            vec!["train", "clip", "--out", o, "--lr=-1"],
+            "greater than 0",
+        ),
+        (
+            vec!["train", "clip", "--out", o, "--mask-prob", "1.5"],
+            "between 0 and 1",
+        ),
+        (
+            vec!["train", "clip", "--out", o, "--mask-prob", "nan"],
+            "--mask-prob",
+        ),
+        (
+            vec!["train", "clip", "--out", o, "--time-limit", "inf"],
+            "'inf' is not a finite number",
+        ),
+        (
+            vec!["train", "vqgan", "--out", o, "--lr", "1e309"],
+            "not a finite number",
+        ),
+        (
+            vec!["train", "vqgan", "--out", o, "--time-limit", "1e12"],
+            "more than a week",
+        ),
+        (vec!["bench", "matmul", "--seconds", "nan"], "--seconds"),
+        (
+            vec!["bench", "matmul", "--seconds", "0"],
+            "positive number of seconds",
+        ),
+        (vec!["bench", "matmul", "--size", "0"], "must be at least 1"),
+        (
+            vec!["bench", "matmul", "--size", "4294967296"],
+            "more than the 65536",
+        ),
+        (
+            vec!["bench", "generate", "--cutn", "0"],
+            "must be at least 1",
+        ),
+        (
+            vec!["bench", "generate", "--size", "4294967296x4294967296"],
+            "at most 65536 pixels",
+        ),
+        (vec!["info", "--max-memory=-5MiB"], "--max-memory"),
+        (
+            vec!["train", "clip", "--out", o, "--batch", "1000000000"],
+            "--batch 1000000000 is more than the 4096 allowed",
+        ),
+        (
+            vec!["train", "vqgan", "--out", o, "--batch", "100000"],
+            "more than the 4096 allowed",
+        ),
+        (
+            vec!["eval", "clip", "--n", "99999999999"],
+            "more than the 100000 allowed",
+        ),
+        (
+            vec!["eval", "vqgan", "--batch", "99999999"],
+            "more than the 4096 allowed",
+        ),
+        (
+            vec!["search", "--dir", o, "--batch", "99999999", "a cat"],
+            "more than the 4096 allowed",
+        ),
+    ];
+    for (args, want) in cases {
+        fails(&args, want);
+        assert!(!out.exists(), "{args:?} created {o}");
+    }
+    // clap's usage errors exit with 2, before any work.
+    assert_eq!(
+        vqclip(&["bench", "matmul", "--seconds", "nan"])
+            .status
+            .code(),
+        Some(2)
+    );
+}
+
+/// Mesa's drivers print `error: XDG_RUNTIME_DIR is invalid or not set` when the variable is
+/// missing; vqclip sets a private one up first, so a successful run shows no `error:` line.
+#[test]
+fn a_run_without_xdg_runtime_dir_prints_no_error_line() {
+    for value in [None, Some("relative/dir"), Some("/no/such/vqclip/runtime")] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vqclip"));
+        cmd.arg("info");
+        match value {
+            None => cmd.env_remove("XDG_RUNTIME_DIR"),
+            Some(v) => cmd.env("XDG_RUNTIME_DIR", v),
+        };
+        let o = cmd.output().expect("run vqclip");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{value:?}: {err}");
+        assert!(
+            !err.lines().any(|l| l.contains("error:")),
+            "{value:?}: {err}"
+        );
+    }
+}
+
+/// `info` shows the pool's budget: the one given, or the adapter's default.
+#[test]
+fn info_reports_the_memory_budget() {
+    let o = common::ok(&["info", "--json", "--max-memory", "3GiB"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["memory_budget_bytes"], 3u64 << 30);
+    let o = common::ok(&["info", "--max-memory", "512MiB"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("memory budget: 512.0 MiB"));
+}
+
+/// `bench generate` applies the same memory check as `generate` before timing anything.
+#[test]
+fn bench_generate_refuses_a_size_past_the_budget() {
+    let fx = |p: &str| format!("{}/tests/fixtures/{p}", env!("CARGO_MANIFEST_DIR"));
+    let (clip, vq) = (fx("clip/tiny_quickgelu"), fx("vqgan/tiny_f4.ckpt"));
+    let args = [
+        "bench",
+        "generate",
+        "--clip",
+        &clip,
+        "--vqgan",
+        &vq,
+        "--cutn",
+        "4",
+        "--size",
+        "256x256",
+        "--max-memory",
+        "16MiB",
+    ];
+    fails(&args, "might fit is 64x64");
+    let err = String::from_utf8_lossy(&vqclip(&args).stderr).into_owned();
+    assert!(
+        !err.contains("timing"),
+        "refused only after starting: {err}"
+    );
+}
