@@ -6,18 +6,29 @@ use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
-static SHADER: Shader = crate::shader!("layer_norm");
+/// The `override` constants the kernels below set.
+mod ov {
+    use crate::gpu::Override;
+    pub(super) const HAS_GAMMA: Override<bool> = Override::new("HAS_GAMMA");
+    pub(super) const HAS_BETA: Override<bool> = Override::new("HAS_BETA");
+    pub(super) const WG: Override<u32> = Override::new("WG");
+}
+
+pub(crate) static SHADER: Shader<Params> = crate::shader!(
+    "layer_norm",
+    overrides = [ov::HAS_GAMMA, ov::HAS_BETA, ov::WG]
+);
 /// Rows per workgroup of the one-invocation-per-row variant.
 const ROWS_WG: u32 = 16;
 
-/// Mirrors `struct Params` in `shaders/layer_norm.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    rows: u32,
-    c: u32,
-    eps: f32,
-    _pad: u32,
+crate::shader_params! {
+    /// Mirrors `struct Params` in `shaders/layer_norm.wgsl`.
+    pub(crate) struct Params {
+        rows: u32,
+        c: u32,
+        eps: f32,
+        _pad: u32,
+    }
 }
 
 /// `(x - mean) / sqrt(var + eps) * gamma + beta` over the last axis.
@@ -87,9 +98,9 @@ pub fn layer_norm_strategy(
         Strategy::Workgroup => ("ln_wg", rows as u32),
     };
     let k = Kernel::new(&SHADER, entry)
-        .with("HAS_GAMMA", gamma.is_some())
-        .with("HAS_BETA", beta.is_some())
-        .with("WG", ROWS_WG);
+        .with(ov::HAS_GAMMA, gamma.is_some())
+        .with(ov::HAS_BETA, beta.is_some())
+        .with(ov::WG, ROWS_WG);
     gpu.dispatch(
         &k,
         &p,
@@ -303,7 +314,8 @@ mod tests {
     }
 }
 
-static BACKWARD: Shader = crate::shader!("layer_norm_backward");
+pub(crate) static BACKWARD: Shader<Params> =
+    crate::shader!("layer_norm_backward", overrides = [ov::HAS_GAMMA, ov::WG]);
 
 /// Gradients of [`layer_norm`] with respect to its input and affine parameters.
 pub struct LayerNormGrads {
@@ -356,8 +368,8 @@ pub fn layer_norm_backward(
             _pad: 0,
         };
         let k = Kernel::new(&BACKWARD, "ln_backward_rows")
-            .with("HAS_GAMMA", gamma.is_some())
-            .with("WG", ROWS_WG);
+            .with(ov::HAS_GAMMA, gamma.is_some())
+            .with(ov::WG, ROWS_WG);
         gpu.dispatch(
             &k,
             &p,

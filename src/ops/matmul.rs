@@ -6,25 +6,63 @@ use crate::gpu::{Gpu, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
-static SHADER: Shader = crate::shader!("matmul", "act", "matmul_epilogue");
-static SUBGROUP_SHADER: Shader = crate::shader!("matmul_subgroup", "act", "matmul_epilogue");
+/// The `override` constants the kernels below set.
+mod ov {
+    use crate::gpu::Override;
+    pub(super) const TRANS_A: Override<bool> = Override::new("TRANS_A");
+    pub(super) const TRANS_B: Override<bool> = Override::new("TRANS_B");
+    pub(super) const HAS_BIAS: Override<bool> = Override::new("HAS_BIAS");
+    pub(super) const HAS_RES: Override<bool> = Override::new("HAS_RES");
+    pub(super) const ACT: Override<u32> = Override::new("ACT");
+    pub(super) const ACCUMULATE: Override<bool> = Override::new("ACCUMULATE");
+    pub(super) const EPILOGUE: Override<bool> = Override::new("EPILOGUE");
+}
 
-/// Mirrors `struct Params` in `shaders/matmul.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    batch: u32,
-    stride_a: u32,
-    stride_b: u32,
-    stride_c: u32,
-    row0: u32,
-    batch0: u32,
-    alpha: f32,
-    k0: u32,
-    k1: u32,
+pub(crate) static SHADER: Shader<Params> = crate::shader!(
+    "matmul",
+    "act",
+    "matmul_epilogue",
+    overrides = [
+        ov::TRANS_A,
+        ov::TRANS_B,
+        ov::HAS_BIAS,
+        ov::HAS_RES,
+        ov::ACT,
+        ov::ACCUMULATE,
+        ov::EPILOGUE
+    ]
+);
+pub(crate) static SUBGROUP_SHADER: Shader<Params> = crate::shader!(
+    "matmul_subgroup",
+    "act",
+    "matmul_epilogue",
+    overrides = [
+        ov::TRANS_A,
+        ov::TRANS_B,
+        ov::HAS_BIAS,
+        ov::HAS_RES,
+        ov::ACT,
+        ov::ACCUMULATE,
+        ov::EPILOGUE
+    ]
+);
+
+crate::shader_params! {
+    /// Mirrors `struct Params` in `shaders/matmul.wgsl`.
+    pub(crate) struct Params {
+        m: u32,
+        n: u32,
+        k: u32,
+        batch: u32,
+        stride_a: u32,
+        stride_b: u32,
+        stride_c: u32,
+        row0: u32,
+        batch0: u32,
+        alpha: f32,
+        k0: u32,
+        k1: u32,
+    }
 }
 
 /// Most of K one dispatch sums. The register and shared kernels loop about 1.25 times per k
@@ -244,11 +282,11 @@ pub fn matmul_variant(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Variant) -> Res
         Variant::Vec4 => Kernel::new(&SHADER, "matmul_vec4"),
         Variant::Subgroup => Kernel::new(&SUBGROUP_SHADER, "matmul_subgroup"),
     }
-    .with("TRANS_A", o.trans_a)
-    .with("TRANS_B", o.trans_b)
-    .with("HAS_BIAS", o.bias.is_some())
-    .with("HAS_RES", o.residual.is_some())
-    .with("ACT", o.act as u32);
+    .with(ov::TRANS_A, o.trans_a)
+    .with(ov::TRANS_B, o.trans_b)
+    .with(ov::HAS_BIAS, o.bias.is_some())
+    .with(ov::HAS_RES, o.residual.is_some())
+    .with(ov::ACT, o.act as u32);
     // Rows and columns covered by one workgroup.
     let (rows_per_wg, cols_per_wg) = match v {
         Variant::Register | Variant::Vec4 => (32usize, 32usize),
@@ -279,8 +317,8 @@ pub fn matmul_variant(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Variant) -> Res
     for (si, &(k0, k1)) in splits.iter().enumerate() {
         let kernel = kernel
             .clone()
-            .with("ACCUMULATE", si > 0)
-            .with("EPILOGUE", si + 1 == splits.len());
+            .with(ov::ACCUMULATE, si > 0)
+            .with(ov::EPILOGUE, si + 1 == splits.len());
         for batch0 in (0..batch).step_by(MAX) {
             let nz = (batch - batch0).min(MAX);
             for t0 in (0..row_tiles).step_by(MAX) {

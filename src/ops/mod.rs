@@ -3,6 +3,8 @@
 
 pub mod attention;
 pub mod concat;
+#[cfg(test)]
+mod contract_tests;
 pub mod conv2d;
 pub mod elementwise;
 pub mod gather;
