@@ -3,7 +3,7 @@
 use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::{Error, Result, Tensor};
 
-pub(crate) static SHADER: Shader<Params> = crate::shader!("optim");
+pub(crate) static SHADER: Shader<Params> = crate::shader!("optim", "grid");
 
 crate::shader_params! {
     /// Mirrors `struct Params` in `shaders/optim.wgsl`.

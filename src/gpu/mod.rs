@@ -620,7 +620,8 @@ fn read_tuning(path: &std::path::Path, scope: &str, key: &str) -> Option<String>
 }
 
 /// Splits `n` workgroups over x and y so that neither exceeds 65,535. Kernels rebuild the
-/// linear index as `wid.x + wid.y * nwg.x` and skip indices past their element count.
+/// linear index with `grid_index` / `grid_group` (`shaders/lib/grid.wgsl`) and skip indices
+/// past their element count.
 pub fn grid_1d(n: u32) -> [u32; 3] {
     const MAX: u32 = 65535;
     if n <= MAX {

@@ -24,6 +24,7 @@ mod ov {
 
 pub(crate) static SHADER: Shader<Params> = crate::shader!(
     "attention",
+    "grid",
     overrides = [ov::WGQ, ov::CAUSAL, ov::SPLIT, ov::D_MULT4, ov::D4, ov::WGC]
 );
 /// Largest head dim the kernel holds in its private arrays.

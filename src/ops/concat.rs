@@ -12,7 +12,7 @@ mod ov {
     pub(super) const WG: Override<u32> = Override::new("WG");
 }
 
-pub(crate) static SHADER: Shader<Params> = crate::shader!("concat", overrides = [ov::WG]);
+pub(crate) static SHADER: Shader<Params> = crate::shader!("concat", "grid", overrides = [ov::WG]);
 const WG: u32 = 256;
 
 crate::shader_params! {

@@ -20,6 +20,7 @@ mod ov {
 
 pub(crate) static SHADER: Shader<Params> = crate::shader!(
     "conv2d",
+    "grid",
     overrides = [
         ov::KH,
         ov::KW,
@@ -321,6 +322,7 @@ pub fn conv2d_variant(x: &Tensor, w: &Tensor, o: &Conv2dOpts, v: Variant) -> Res
 
 pub(crate) static IM2COL: Shader<Im2colParams> = crate::shader!(
     "im2col",
+    "grid",
     overrides = [ov::KH, ov::KW, ov::STRIDE, ov::UPSAMPLE, ov::ONES_ROW]
 );
 

@@ -13,7 +13,7 @@ mod ov {
 }
 
 pub(crate) static SHADER: Shader<Params> =
-    crate::shader!("elementwise", "act", overrides = [ov::OP, ov::WG]);
+    crate::shader!("elementwise", "grid", "act", overrides = [ov::OP, ov::WG]);
 const WG: u32 = 256;
 /// Most dims a broadcasting binary op handles.
 pub const MAX_RANK: usize = 8;

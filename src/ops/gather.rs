@@ -17,7 +17,7 @@ mod ov {
     pub(super) const WG: Override<u32> = Override::new("WG");
 }
 
-pub(crate) static SHADER: Shader<Params> = crate::shader!("gather", overrides = [ov::WG]);
+pub(crate) static SHADER: Shader<Params> = crate::shader!("gather", "grid", overrides = [ov::WG]);
 const WG: u32 = 256;
 
 crate::shader_params! {
@@ -194,7 +194,7 @@ pub fn gather_rows_from_ids(
 }
 
 pub(crate) static SCATTER: Shader<ScatterParams> =
-    crate::shader!("scatter_rows", overrides = [ov::WG]);
+    crate::shader!("scatter_rows", "grid", overrides = [ov::WG]);
 
 crate::shader_params! {
     pub(crate) struct ScatterParams {

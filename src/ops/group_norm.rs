@@ -20,6 +20,7 @@ mod ov {
 
 pub(crate) static SHADER: Shader<Params> = crate::shader!(
     "group_norm",
+    "grid",
     "act",
     overrides = [
         ov::VEC,

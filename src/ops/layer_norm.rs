@@ -16,6 +16,7 @@ mod ov {
 
 pub(crate) static SHADER: Shader<Params> = crate::shader!(
     "layer_norm",
+    "grid",
     overrides = [ov::HAS_GAMMA, ov::HAS_BETA, ov::WG]
 );
 /// Rows per workgroup of the one-invocation-per-row variant.
@@ -314,8 +315,11 @@ mod tests {
     }
 }
 
-pub(crate) static BACKWARD: Shader<Params> =
-    crate::shader!("layer_norm_backward", overrides = [ov::HAS_GAMMA, ov::WG]);
+pub(crate) static BACKWARD: Shader<Params> = crate::shader!(
+    "layer_norm_backward",
+    "grid",
+    overrides = [ov::HAS_GAMMA, ov::WG]
+);
 
 /// Gradients of [`layer_norm`] with respect to its input and affine parameters.
 pub struct LayerNormGrads {

@@ -15,7 +15,7 @@ mod ov {
     pub(super) const WG: Override<u32> = Override::new("WG");
 }
 
-pub(crate) static SHADER: Shader<Params> = crate::shader!("permute", overrides = [ov::WG]);
+pub(crate) static SHADER: Shader<Params> = crate::shader!("permute", "grid", overrides = [ov::WG]);
 const WG: u32 = 256;
 /// Most dims the kernel handles after merging.
 pub const MAX_RANK: usize = 8;

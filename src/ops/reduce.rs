@@ -15,7 +15,8 @@ mod ov {
     pub(super) const WG: Override<u32> = Override::new("WG");
 }
 
-pub(crate) static SHADER: Shader<Params> = crate::shader!("reduce", overrides = [ov::OP, ov::WG]);
+pub(crate) static SHADER: Shader<Params> =
+    crate::shader!("reduce", "grid", overrides = [ov::OP, ov::WG]);
 const WG: u32 = 256;
 /// Most values one invocation combines.
 pub const MAX_TERMS: usize = 1024;

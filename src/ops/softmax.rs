@@ -12,7 +12,7 @@ mod ov {
     pub(super) const WG: Override<u32> = Override::new("WG");
 }
 
-pub(crate) static SHADER: Shader<Params> = crate::shader!("softmax", overrides = [ov::WG]);
+pub(crate) static SHADER: Shader<Params> = crate::shader!("softmax", "grid", overrides = [ov::WG]);
 /// Rows per workgroup of the one-invocation-per-row variant.
 const ROWS_WG: u32 = 16;
 

@@ -8,7 +8,7 @@ use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
-pub(crate) static SHADER: Shader<Params> = crate::shader!("upsample");
+pub(crate) static SHADER: Shader<Params> = crate::shader!("upsample", "grid");
 
 crate::shader_params! {
     /// Mirrors `struct Params` in `shaders/upsample.wgsl`.

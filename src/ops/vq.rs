@@ -16,7 +16,7 @@ mod ov {
     pub(super) const CHUNK: Override<u32> = Override::new("CHUNK");
 }
 
-pub(crate) static SHADER: Shader<Params> = crate::shader!("vq", overrides = [ov::CHUNK]);
+pub(crate) static SHADER: Shader<Params> = crate::shader!("vq", "grid", overrides = [ov::CHUNK]);
 const WG: u32 = 64;
 /// Most codes searched by one invocation of `nearest_partial`.
 const MAX_CHUNK: usize = 256;

@@ -12,7 +12,7 @@ use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
-pub(crate) static SHADER: Shader<Params> = crate::shader!("warp");
+pub(crate) static SHADER: Shader<Params> = crate::shader!("warp", "grid");
 
 crate::shader_params! {
     /// Mirrors `struct Params` in `shaders/warp.wgsl`.
