@@ -23,6 +23,19 @@ fn vocab_size() -> usize {
 }
 
 #[test]
+fn the_written_config_reads_back_with_every_activation() {
+    // `hf_config` once wrote "quick_gelu" for any activation but GELU.
+    for act in Act::ALL {
+        let mut c = tiny(vocab_size());
+        c.text.hidden_act = act;
+        c.vision.hidden_act = act;
+        let back = ClipConfig::from_json(&hf_config(&c).to_string()).unwrap();
+        assert_eq!(back.text.hidden_act, act);
+        assert_eq!(back.vision.hidden_act, act);
+    }
+}
+
+#[test]
 fn shapes_tokenizer_spells_every_grammar_word_as_one_token() {
     let tok = shapes_tokenizer(77).unwrap();
     let v = tok.vocab_size();
