@@ -298,11 +298,12 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 }
 
 /// CPU reference in f64 on `[B, H, T, D]` data: the naive `softmax(scale·QKᵀ)V`.
+/// Inputs are f32 (the kernel tests) or f64 (the autodiff tests' finite differences).
 #[allow(clippy::too_many_arguments)]
-pub fn reference(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+pub fn reference<T: Copy + Into<f64>>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
     bh: usize,
     tq: usize,
     tk: usize,
@@ -321,7 +322,7 @@ pub fn reference(
                     scale as f64
                         * qi.iter()
                             .zip(kj)
-                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .map(|(&a, &b)| a.into() * b.into())
                             .sum::<f64>()
                 })
                 .collect();
@@ -331,7 +332,7 @@ pub fn reference(
             let o = &mut out[(x * tq + i) * d..][..d];
             for (j, wj) in w.iter().enumerate() {
                 for (dd, od) in o.iter_mut().enumerate() {
-                    *od += wj / z * v[(x * tk + j) * d + dd] as f64;
+                    *od += wj / z * v[(x * tk + j) * d + dd].into();
                 }
             }
         }

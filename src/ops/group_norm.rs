@@ -174,29 +174,30 @@ pub fn group_norm(
 }
 
 /// CPU reference in f64 on `[n, c, s]` row-major data.
+/// Inputs are f32 (the kernel tests) or f64 (the autodiff tests' finite differences).
 #[allow(clippy::too_many_arguments)]
-pub fn reference(
-    x: &[f32],
+pub fn reference<T: Copy + Into<f64>>(
+    x: &[T],
     n: usize,
     c: usize,
     s: usize,
     groups: usize,
-    gamma: Option<&[f32]>,
-    beta: Option<&[f32]>,
+    gamma: Option<&[T]>,
+    beta: Option<&[T]>,
     eps: f32,
     act: Act,
 ) -> Vec<f64> {
     let m = c / groups * s;
     let mut out = Vec::with_capacity(x.len());
     for (gi, grp) in x.chunks(m).enumerate().take(n * groups) {
-        let mean = grp.iter().map(|&v| v as f64).sum::<f64>() / m as f64;
-        let var = grp.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / m as f64;
+        let mean = grp.iter().map(|&v| v.into()).sum::<f64>() / m as f64;
+        let var = grp.iter().map(|&v| (v.into() - mean).powi(2)).sum::<f64>() / m as f64;
         let rstd = 1.0 / (var + eps as f64).sqrt();
         for (i, &v) in grp.iter().enumerate() {
             let ch = (gi % groups) * (c / groups) + i / s;
-            let g = gamma.map_or(1.0, |g| g[ch] as f64);
-            let b = beta.map_or(0.0, |b| b[ch] as f64);
-            out.push(act.reference((v as f64 - mean) * rstd * g + b));
+            let g = gamma.map_or(1.0, |g| g[ch].into());
+            let b = beta.map_or(0.0, |b| b[ch].into());
+            out.push(act.reference((v.into() - mean) * rstd * g + b));
         }
     }
     out

@@ -117,23 +117,24 @@ pub fn layer_norm_strategy(
 }
 
 /// CPU reference in f64: `x` is `[rows, c]` row-major.
-pub fn reference(
-    x: &[f32],
+/// Inputs are f32 (the kernel tests) or f64 (the autodiff tests' finite differences).
+pub fn reference<T: Copy + Into<f64>>(
+    x: &[T],
     c: usize,
-    gamma: Option<&[f32]>,
-    beta: Option<&[f32]>,
+    gamma: Option<&[T]>,
+    beta: Option<&[T]>,
     eps: f32,
 ) -> Vec<f64> {
     let mut out = Vec::with_capacity(x.len());
     for row in x.chunks(c) {
         let n = c as f64;
-        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
-        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        let mean = row.iter().map(|&v| v.into()).sum::<f64>() / n;
+        let var = row.iter().map(|&v| (v.into() - mean).powi(2)).sum::<f64>() / n;
         let rstd = 1.0 / (var + eps as f64).sqrt();
         for (i, &v) in row.iter().enumerate() {
-            let g = gamma.map_or(1.0, |g| g[i] as f64);
-            let b = beta.map_or(0.0, |b| b[i] as f64);
-            out.push((v as f64 - mean) * rstd * g + b);
+            let g = gamma.map_or(1.0, |g| g[i].into());
+            let b = beta.map_or(0.0, |b| b[i].into());
+            out.push((v.into() - mean) * rstd * g + b);
         }
     }
     out

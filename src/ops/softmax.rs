@@ -82,10 +82,11 @@ pub fn softmax_strategy(x: &Tensor, scale: f32, s: Strategy) -> Result<Tensor> {
 }
 
 /// CPU reference in f64 of `softmax(scale · x)` over rows of `len` values.
-pub fn reference(x: &[f32], len: usize, scale: f32) -> Vec<f64> {
+/// Inputs are f32 (the kernel tests) or f64 (the autodiff tests' finite differences).
+pub fn reference<T: Copy + Into<f64>>(x: &[T], len: usize, scale: f32) -> Vec<f64> {
     let mut out = Vec::with_capacity(x.len());
     for row in x.chunks(len) {
-        let v: Vec<f64> = row.iter().map(|&a| a as f64 * scale as f64).collect();
+        let v: Vec<f64> = row.iter().map(|&a| a.into() * scale as f64).collect();
         let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = v.iter().map(|&a| (a - m).exp()).collect();
         let s: f64 = e.iter().sum();
