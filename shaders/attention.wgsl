@@ -189,7 +189,7 @@ override WGC: u32 = 64u;
 @compute @workgroup_size(WGC)
 fn attn_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) li: u32) {
-    let e = (wid.x + wid.y * nwg.x) * WGC + li;
+    let e = grid_index(wid, nwg, WGC, li);
     let rows = p.bh * p.tq;
     if e >= rows * p.d {
         return;

@@ -23,7 +23,7 @@ override WG: u32 = 256u;
 @compute @workgroup_size(WG)
 fn copy_slice(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) li: u32) {
-    let e = (wid.x + wid.y * nwg.x) * WG + li;
+    let e = grid_index(wid, nwg, WG, li);
     if e >= p.n {
         return;
     }

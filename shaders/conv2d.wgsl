@@ -51,7 +51,7 @@ const MAX_SPAN: u32 = 16u;
 @compute @workgroup_size(64, 1, 1)
 fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) li: u32) {
-    let blk = (wid.x + wid.y * nwg.x) * WG + li;
+    let blk = grid_index(wid, nwg, WG, li);
     if blk >= p.blocks {
         return;
     }
@@ -161,7 +161,7 @@ fn store4(n: u32, co: u32, oy: u32, ox0: u32, v: vec4<f32>) {
 @compute @workgroup_size(64, 1, 1)
 fn conv3x3(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) li: u32) {
-    let blk = (wid.x + wid.y * nwg.x) * WG + li;
+    let blk = grid_index(wid, nwg, WG, li);
     if blk >= p.blocks {
         return;
     }

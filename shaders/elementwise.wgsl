@@ -21,10 +21,6 @@ struct Params {
 override OP: u32 = 0u;
 override WG: u32 = 256u;
 
-fn linear_id(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.x + wid.y * nwg.x) * WG + lid;
-}
-
 // acos to ~1e-7 (Abramowitz & Stegun 4.4.46, |error| <= 2e-8 on [0, 1]); the built-in acos
 // is far less accurate on some drivers (2e-4 rad seen on llvmpipe).
 fn acos_precise(v: f32) -> f32 {
@@ -62,7 +58,7 @@ fn unary_op(x: f32) -> f32 {
 @compute @workgroup_size(WG)
 fn unary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
          @builtin(local_invocation_index) li: u32) {
-    let i = linear_id(wid, nwg, li);
+    let i = grid_index(wid, nwg, WG, li);
     if i >= p.n {
         return;
     }
@@ -114,7 +110,7 @@ fn binary_op(x: f32, z: f32) -> f32 {
 @compute @workgroup_size(WG)
 fn binary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) li: u32) {
-    let i = linear_id(wid, nwg, li);
+    let i = grid_index(wid, nwg, WG, li);
     if i >= p.n {
         return;
     }

@@ -40,10 +40,6 @@ override HAS_BETA: bool = false;
 override ACT: u32 = 0u;
 override WG: u32 = 64u;
 
-fn lin(wid: vec3<u32>, nwg: vec3<u32>, li: u32) -> u32 {
-    return (wid.x + wid.y * nwg.x) * WG + li;
-}
-
 fn scalar_at(e: u32) -> f32 {
     return x[e / 4u][e % 4u];
 }
@@ -51,7 +47,7 @@ fn scalar_at(e: u32) -> f32 {
 @compute @workgroup_size(WG)
 fn gn_sum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) li: u32) {
-    let id = lin(wid, nwg, li);
+    let id = grid_index(wid, nwg, WG, li);
     if id >= p.groups_total * p.parts {
         return;
     }
@@ -93,7 +89,7 @@ fn gn_sum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
 @compute @workgroup_size(WG)
 fn gn_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) li: u32) {
-    let grp = lin(wid, nwg, li);
+    let grp = grid_index(wid, nwg, WG, li);
     if grp >= p.groups_total {
         return;
     }
@@ -123,7 +119,7 @@ fn affine_act(v: f32, c: u32) -> f32 {
 @compute @workgroup_size(WG)
 fn gn_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
             @builtin(local_invocation_index) li: u32) {
-    let u = lin(wid, nwg, li);
+    let u = grid_index(wid, nwg, WG, li);
     if u >= p.units {
         return;
     }

@@ -38,7 +38,7 @@ const WG: u32 = 256u;
 fn im2col(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) li: u32) {
     // One invocation per output row (n, k, oy): Wo values, divisions once per row.
-    let r = (wid.x + wid.y * nwg.x) * WG + li;
+    let r = grid_index(wid, nwg, WG, li);
     if r >= p.total {
         return;
     }

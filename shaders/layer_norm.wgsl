@@ -42,7 +42,7 @@ fn affine(v: f32, i: u32) -> f32 {
 @compute @workgroup_size(WG)
 fn ln_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) li: u32) {
-    let row = (wid.x + wid.y * nwg.x) * WG + li;
+    let row = grid_index(wid, nwg, WG, li);
     if row >= p.rows {
         return;
     }
@@ -106,7 +106,7 @@ fn ln_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
          @builtin(local_invocation_index) li: u32) {
     // One workgroup per row; the grid is folded into x/y. Rows past the end still take part
     // in the barriers (they read row 0) and store nothing.
-    let row = wid.x + wid.y * nwg.x;
+    let row = grid_group(wid, nwg);
     let live = row < p.rows;
     let base = select(0u, row, live) * p.c;
     let n = f32(p.c);

@@ -32,7 +32,7 @@ fn gg(i: u32, j: u32) -> f32 {
 @compute @workgroup_size(WG)
 fn ln_backward_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(local_invocation_index) li: u32) {
-    let row = (wid.x + wid.y * nwg.x) * WG + li;
+    let row = grid_index(wid, nwg, WG, li);
     if row >= p.rows {
         return;
     }

@@ -31,7 +31,7 @@ const WG: u32 = 256u;
 @compute @workgroup_size(WG)
 fn adam(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) li: u32) {
-    let i = (wid.x + wid.y * nwg.x) * WG + li;
+    let i = grid_index(wid, nwg, WG, li);
     if i >= p.n {
         return;
     }

@@ -25,7 +25,7 @@ fn stride(i: u32) -> u32 { return p.in_strides[i / 4u][i % 4u]; }
 @compute @workgroup_size(WG)
 fn permute(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) li: u32) {
-    let i = (wid.x + wid.y * nwg.x) * WG + li;
+    let i = grid_index(wid, nwg, WG, li);
     if i >= p.n {
         return;
     }

@@ -41,7 +41,7 @@ fn combine(acc: f32, v: f32) -> f32 {
 @compute @workgroup_size(WG)
 fn reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) li: u32) {
-    let id = (wid.x + wid.y * nwg.x) * WG + li;
+    let id = grid_index(wid, nwg, WG, li);
     if id >= p.outer * p.parts * p.inner {
         return;
     }

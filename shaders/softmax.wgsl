@@ -35,7 +35,7 @@ fn rescale(m: f32, s: f32, m_new: f32) -> f32 {
 @compute @workgroup_size(WG)
 fn softmax_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) li: u32) {
-    let row = (wid.x + wid.y * nwg.x) * WG + li;
+    let row = grid_index(wid, nwg, WG, li);
     if row >= p.rows {
         return;
     }
@@ -79,7 +79,7 @@ var<workgroup> red_s: array<f32, WGR>;
 fn softmax_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) li: u32) {
     // One workgroup per row; rows past the end join the barriers and store nothing.
-    let row = wid.x + wid.y * nwg.x;
+    let row = grid_group(wid, nwg);
     let live = row < p.rows;
     let base = select(0u, row, live) * p.len;
     var m = NEG_BIG;

@@ -28,10 +28,6 @@ struct Params {
 const WG: u32 = 64u;
 override CHUNK: u32 = 256u;
 
-fn linear_id(wid: vec3<u32>, nwg: vec3<u32>, li: u32) -> u32 {
-    return (wid.x + wid.y * nwg.x) * WG + li;
-}
-
 fn first_of(m: u32) -> u32 {
     // Offset of position m's first channel in an NCHW tensor of D channels.
     return (m / p.hw) * p.d * p.hw + m % p.hw;
@@ -44,7 +40,7 @@ fn first_of(m: u32) -> u32 {
 @compute @workgroup_size(64, 1, 1)
 fn code_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) li: u32) {
-    let k = linear_id(wid, nwg, li);
+    let k = grid_index(wid, nwg, WG, li);
     if k >= p.k {
         return;
     }
@@ -108,7 +104,7 @@ fn nearest_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
 @compute @workgroup_size(64, 1, 1)
 fn nearest_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) li: u32) {
-    let m = linear_id(wid, nwg, li);
+    let m = grid_index(wid, nwg, WG, li);
     if m >= p.m {
         return;
     }
@@ -132,7 +128,7 @@ fn nearest_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
 @compute @workgroup_size(64, 1, 1)
 fn gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) li: u32) {
-    let i = linear_id(wid, nwg, li);
+    let i = grid_index(wid, nwg, WG, li);
     if i >= p.total {
         return;
     }
@@ -151,7 +147,7 @@ fn gather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
 @compute @workgroup_size(64, 1, 1)
 fn argmax_channels(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) li: u32) {
-    let m = linear_id(wid, nwg, li);
+    let m = grid_index(wid, nwg, WG, li);
     if m >= p.m {
         return;
     }

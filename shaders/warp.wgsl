@@ -62,7 +62,7 @@ fn tap(plane: u32, yi: i32, xi: i32) -> f32 {
 @compute @workgroup_size(256, 1, 1)
 fn warp_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) li: u32) {
-    let i = (wid.x + wid.y * nwg.x) * WG + li;
+    let i = grid_index(wid, nwg, WG, li);
     if i >= p.total {
         return;
     }
@@ -90,7 +90,7 @@ fn warp_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 @compute @workgroup_size(256, 1, 1)
 fn warp_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) li: u32) {
-    let i = (wid.x + wid.y * nwg.x) * WG + li;
+    let i = grid_index(wid, nwg, WG, li);
     if i >= p.total {
         return;
     }

@@ -3,22 +3,22 @@
 use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::{Error, Result, Tensor};
 
-static SHADER: Shader = crate::shader!("optim");
+pub(crate) static SHADER: Shader<Params> = crate::shader!("optim", "grid");
 
-/// Mirrors `struct Params` in `shaders/optim.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n: u32,
-    lr: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    weight_decay: f32,
-    decoupled: f32,
-    bias1: f32,
-    bias2: f32,
-    _pad: [u32; 3],
+crate::shader_params! {
+    /// Mirrors `struct Params` in `shaders/optim.wgsl`.
+    pub(crate) struct Params {
+        n: u32,
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        decoupled: f32,
+        bias1: f32,
+        bias2: f32,
+        _pad: [u32; 3],
+    }
 }
 
 /// Which update rule.

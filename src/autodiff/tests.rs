@@ -35,45 +35,30 @@ pub(crate) fn check(got: &Tensor, want: &[f64], what: &str) {
     }
 }
 
-/// CPU f64: y[b,i,j] = alpha·Σk opA[b,i,k]·opB[b,k,j] + bias[j].
-#[allow(clippy::too_many_arguments)]
-fn cpu_matmul(
-    a: &[f64],
-    b: &[f64],
-    bias: Option<&[f64]>,
-    batch: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    ta: bool,
-    tb: bool,
-    b_shared: bool,
-    alpha: f64,
-) -> Vec<f64> {
-    let mut y = vec![0.0; batch * m * n];
-    for bi in 0..batch {
-        for i in 0..m {
-            for j in 0..n {
-                let mut s = 0.0;
-                for kk in 0..k {
-                    let av = if ta {
-                        a[bi * m * k + kk * m + i]
-                    } else {
-                        a[bi * m * k + i * k + kk]
-                    };
-                    let bb = if b_shared { 0 } else { bi * k * n };
-                    let bv = if tb {
-                        b[bb + j * k + kk]
-                    } else {
-                        b[bb + kk * n + j]
-                    };
-                    s += av * bv;
-                }
-                y[bi * m * n + i * n + j] = alpha * s + bias.map_or(0.0, |bv| bv[j]);
-            }
-        }
-    }
-    y
+/// A loss as a function of a norm's input, scale and shift, in f64.
+type NormLoss<'a> = &'a dyn Fn(&[f64], &[f64], &[f64]) -> f64;
+
+/// dx, dγ and dβ of an affine norm against central differences of `f(x, γ, β)`, each
+/// argument perturbed with the other two held at their values.
+fn check_norm_grads(
+    grads: &Grads,
+    (x, gamma, beta): (&Var, &Var, &Var),
+    (xv, gam, bet): (&[f32], &[f32], &[f32]),
+    f: NormLoss<'_>,
+) {
+    let d64 = |v: &[f32]| v.iter().map(|&q| q as f64).collect::<Vec<_>>();
+    let (x64, g64, b64) = (d64(xv), d64(gam), d64(bet));
+    check(grads.get(x).unwrap(), &fd(&|p| f(p, &g64, &b64), xv), "dx");
+    check(
+        grads.get(gamma).unwrap(),
+        &fd(&|p| f(&x64, p, &b64), gam),
+        "dgamma",
+    );
+    check(
+        grads.get(beta).unwrap(),
+        &fd(&|p| f(&x64, &g64, p), bet),
+        "dbeta",
+    );
 }
 
 #[test]
@@ -111,10 +96,25 @@ fn linear_act_square_sum_gradients() {
         let loss = tape.sum(&tape.square(&y).unwrap()).unwrap();
         let grads = tape.backward(&loss).unwrap();
         let f = |xs: &[f64], ws: &[f64], bs: &[f64]| -> f64 {
-            cpu_matmul(xs, ws, Some(bs), batch, m, n, k, false, true, true, 0.7)
-                .iter()
-                .map(|&p| act.reference(p).powi(2))
-                .sum()
+            crate::ops::matmul::reference(
+                xs,
+                ws,
+                batch,
+                m,
+                n,
+                k,
+                false,
+                true,
+                true,
+                0.7,
+                Some(bs),
+                Act::None,
+                None,
+            )
+            .0
+            .iter()
+            .map(|&p| act.reference(p).powi(2))
+            .sum()
         };
         let d64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
         let (x64, w64, b64) = (d64(&xv), d64(&wv), d64(&bv));
@@ -185,11 +185,26 @@ fn matmul_gradients_for_every_transpose_and_batching() {
         );
         let w64: Vec<f64> = wv.iter().map(|&v| v as f64).collect();
         let f = |as_: &[f64], bs: &[f64]| -> f64 {
-            cpu_matmul(as_, bs, None, batch, m, n, k, ta, tb, shared, 1.5)
-                .iter()
-                .zip(&w64)
-                .map(|(y, w)| y * w)
-                .sum()
+            crate::ops::matmul::reference(
+                as_,
+                bs,
+                batch,
+                m,
+                n,
+                k,
+                ta,
+                tb,
+                shared,
+                1.5,
+                None,
+                Act::None,
+                None,
+            )
+            .0
+            .iter()
+            .zip(&w64)
+            .map(|(y, w)| y * w)
+            .sum()
         };
         let a64: Vec<f64> = av.iter().map(|&v| v as f64).collect();
         let b64: Vec<f64> = bv.iter().map(|&v| v as f64).collect();
@@ -318,49 +333,12 @@ fn layer_norm_softmax_permute_gradients() {
     let loss = tape.sum(&tape.mul(&sm, &w).unwrap()).unwrap();
     let grads = tape.backward(&loss).unwrap();
     let f = |xs: &[f64], gs: &[f64], bs: &[f64]| -> f64 {
-        // layer norm over c
-        let mut ln = vec![0.0; a * b * c];
-        for r in 0..a * b {
-            let row = &xs[r * c..(r + 1) * c];
-            let m = row.iter().sum::<f64>() / c as f64;
-            let v = row.iter().map(|q| (q - m).powi(2)).sum::<f64>() / c as f64;
-            for i in 0..c {
-                ln[r * c + i] = (row[i] - m) / (v + 1e-5).sqrt() * gs[i] + bs[i];
-            }
-        }
-        // permute [a, b, c] -> [a, c, b], softmax over b
-        let mut total = 0.0;
-        for ai in 0..a {
-            for ci in 0..c {
-                let row: Vec<f64> = (0..b)
-                    .map(|bi| 1.3 * ln[ai * b * c + bi * c + ci])
-                    .collect();
-                let mx = row.iter().cloned().fold(f64::MIN, f64::max);
-                let z: f64 = row.iter().map(|q| (q - mx).exp()).sum();
-                for bi in 0..b {
-                    total += (row[bi] - mx).exp() / z * wv[ai * c * b + ci * b + bi] as f64;
-                }
-            }
-        }
-        total
+        let ln = crate::ops::layer_norm::reference(xs, c, Some(gs), Some(bs), 1e-5);
+        let pm = crate::ops::permute::reference(&ln, &[a, b, c], &[0, 2, 1]);
+        let sm = crate::ops::softmax::reference(&pm, b, 1.3);
+        sm.iter().zip(&wv).map(|(y, &w)| y * w as f64).sum()
     };
-    let d64 = |v: &[f32]| v.iter().map(|&q| q as f64).collect::<Vec<_>>();
-    let (x64, g64, b64) = (d64(&xv), d64(&gam), d64(&bet));
-    check(
-        grads.get(&x).unwrap(),
-        &fd(&|p| f(p, &g64, &b64), &xv),
-        "dx",
-    );
-    check(
-        grads.get(&gamma).unwrap(),
-        &fd(&|p| f(&x64, p, &b64), &gam),
-        "dgamma",
-    );
-    check(
-        grads.get(&beta).unwrap(),
-        &fd(&|p| f(&x64, &g64, p), &bet),
-        "dbeta",
-    );
+    check_norm_grads(&grads, (&x, &gamma, &beta), (&xv, &gam, &bet), &f);
 }
 
 #[test]
@@ -482,29 +460,8 @@ fn attention_gradients_with_and_without_causal_mask() {
         let loss = tape.sum(&tape.mul(&o, &w).unwrap()).unwrap();
         let grads = tape.backward(&loss).unwrap();
         let f = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
-            let mut total = 0.0;
-            for hh in 0..b * h {
-                let base = hh * t * d;
-                for i in 0..t {
-                    let kmax = if causal { i + 1 } else { t };
-                    let s: Vec<f64> = (0..kmax)
-                        .map(|j| {
-                            0.7 * (0..d)
-                                .map(|e| q[base + i * d + e] * k[base + j * d + e])
-                                .sum::<f64>()
-                        })
-                        .collect();
-                    let mx = s.iter().cloned().fold(f64::MIN, f64::max);
-                    let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
-                    for e in 0..d {
-                        let out: f64 = (0..kmax)
-                            .map(|j| (s[j] - mx).exp() / z * v[base + j * d + e])
-                            .sum();
-                        total += out * wv[base + i * d + e] as f64;
-                    }
-                }
-            }
-            total
+            let o = crate::ops::attention::reference(q, k, v, b * h, t, t, d, causal, 0.7);
+            o.iter().zip(&wv).map(|(o, &w)| o * w as f64).sum()
         };
         let d64 = |x: &[f32]| x.iter().map(|&q| q as f64).collect::<Vec<_>>();
         let (q64, k64, v64) = (d64(&qv), d64(&kv), d64(&vv));
@@ -594,41 +551,21 @@ fn group_norm_gradients() {
         .unwrap();
     let loss = tape.sum(&tape.mul(&y, &wt).unwrap()).unwrap();
     let grads = tape.backward(&loss).unwrap();
-    let s = h * w;
-    let cg = c / groups;
     let f = |xs: &[f64], gs: &[f64], bs: &[f64]| -> f64 {
-        let mut total = 0.0;
-        for ni in 0..n {
-            for gi in 0..groups {
-                let idx: Vec<usize> = (0..cg * s).map(|j| ni * c * s + gi * cg * s + j).collect();
-                let m = idx.iter().map(|&i| xs[i]).sum::<f64>() / idx.len() as f64;
-                let v = idx.iter().map(|&i| (xs[i] - m).powi(2)).sum::<f64>() / idx.len() as f64;
-                for &i in &idx {
-                    let ch = (i / s) % c;
-                    let pre = (xs[i] - m) / (v + 1e-6).sqrt() * gs[ch] + bs[ch];
-                    total += Act::Silu.reference(pre) * wv[i] as f64;
-                }
-            }
-        }
-        total
+        let y = crate::ops::group_norm::reference(
+            xs,
+            n,
+            c,
+            h * w,
+            groups,
+            Some(gs),
+            Some(bs),
+            1e-6,
+            Act::Silu,
+        );
+        y.iter().zip(&wv).map(|(y, &w)| y * w as f64).sum()
     };
-    let d64 = |v: &[f32]| v.iter().map(|&q| q as f64).collect::<Vec<_>>();
-    let (x64, g64, b64) = (d64(&xv), d64(&gam), d64(&bet));
-    check(
-        grads.get(&x).unwrap(),
-        &fd(&|p| f(p, &g64, &b64), &xv),
-        "dx",
-    );
-    check(
-        grads.get(&gamma).unwrap(),
-        &fd(&|p| f(&x64, p, &b64), &gam),
-        "dgamma",
-    );
-    check(
-        grads.get(&beta).unwrap(),
-        &fd(&|p| f(&x64, &g64, p), &bet),
-        "dbeta",
-    );
+    check_norm_grads(&grads, (&x, &gamma, &beta), (&xv, &gam, &bet), &f);
 }
 
 #[test]
@@ -681,20 +618,10 @@ fn slice_and_concat_gradients() {
         .unwrap();
     let grads = tape.backward(&loss).unwrap();
     let f = |xs: &[f64], ys: &[f64]| -> f64 {
-        let mut t = 0.0;
-        for b in 0..2 {
-            for r in 0..3 {
-                for k in 0..3 {
-                    let v = if r < 2 {
-                        xs[b * 12 + (r + 1) * 3 + k]
-                    } else {
-                        ys[b * 3 + k]
-                    };
-                    t += v * v * wv[b * 9 + r * 3 + k] as f64;
-                }
-            }
-        }
-        t
+        use crate::ops::concat::{reference_concat, reference_slice};
+        let s = reference_slice(xs, &[2, 4, 3], 1, 1, 2);
+        let c = reference_concat(&[(&s, &[2, 2, 3]), (ys, &[2, 1, 3])], 1);
+        c.iter().zip(&wv).map(|(v, &w)| v * v * w as f64).sum()
     };
     let d64 = |v: &[f32]| v.iter().map(|&q| q as f64).collect::<Vec<_>>();
     let (x64, y64) = (d64(&xv), d64(&yv));

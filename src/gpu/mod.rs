@@ -5,6 +5,7 @@
 //! result back. Nothing waits on the GPU except a readback or an explicit [`Gpu::sync`].
 
 mod adapter;
+mod contract;
 mod pool;
 pub mod profile;
 
@@ -12,61 +13,116 @@ pub use adapter::{
     default_memory_budget, list_adapters, prepare_driver_environment, AdapterSummary, Backend,
     DeviceOptions,
 };
+pub use contract::{
+    Contract, Field, Override, OverrideDecl, OverrideValue, ParamsLayout, Scalar, ShaderParams,
+    WgslField,
+};
 pub use pool::human_bytes;
 pub(crate) use pool::PooledBuffer;
 
 use crate::{Error, Result};
 use pool::Pool;
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// A WGSL source file compiled once per device.
-#[derive(Debug)]
-pub struct Shader {
+/// A WGSL source file compiled once per device, with the Rust side of its contract: the
+/// params struct `P` uploaded to `@binding(0)` and the `override` constants the runtime may
+/// set. `ops::contract_tests` checks both against the parsed shader.
+pub struct Shader<P> {
     /// Name used in errors and as the cache key; the file is `shaders/<name>.wgsl`.
     pub name: &'static str,
     /// The WGSL text.
     pub source: &'static str,
+    /// The override constants kernels of this shader may set.
+    pub overrides: &'static [OverrideDecl],
+    /// Ties the shader to its params type, so a dispatch cannot upload another struct.
+    pub params: PhantomData<fn(P)>,
+}
+
+impl<P> std::fmt::Debug for Shader<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Shader({})", self.name)
+    }
+}
+
+impl<P: ShaderParams> Shader<P> {
+    /// The shader's contract, for the test that checks it against the WGSL.
+    pub fn contract(&self) -> Contract {
+        Contract {
+            name: self.name,
+            source: self.source,
+            params: P::LAYOUT,
+            overrides: self.overrides,
+        }
+    }
 }
 
 /// Declares a [`Shader`] from `shaders/<name>.wgsl`, optionally prefixed at compile time by
-/// shared function files from `shaders/lib/` (WGSL has no `#include`).
+/// shared function files from `shaders/lib/` (WGSL has no `#include`), with the `override`
+/// constants ([`Override`] consts) that kernels of it may set:
+/// `shader!("matmul", "act", "matmul_epilogue", overrides = [TRANS_A, TRANS_B])`.
+/// The params type comes from the static's type, `Shader<Params>`.
 #[macro_export]
 macro_rules! shader {
-    ($name:literal $(, $lib:literal)*) => {
+    ($name:literal $(, $lib:literal)* $(, overrides = [$($ov:expr),* $(,)?])? $(,)?) => {
         $crate::gpu::Shader {
             name: $name,
             source: concat!(
                 $(include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/lib/", $lib, ".wgsl")),)*
                 include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name, ".wgsl"))
             ),
+            overrides: &[$($($ov.decl()),*)?],
+            params: ::std::marker::PhantomData,
         }
     };
 }
 
 /// One specialisation of a shader entry point: `override` constants fixed by name.
-#[derive(Debug, Clone)]
-pub struct Kernel {
+pub struct Kernel<P: 'static> {
     /// The shader module.
-    pub shader: &'static Shader,
+    pub shader: &'static Shader<P>,
     /// The `@compute` entry point.
     pub entry: &'static str,
     /// Values for the shader's `override` declarations (bools as 0/1).
     pub constants: Vec<(&'static str, f64)>,
 }
 
-impl Kernel {
+impl<P: 'static> Clone for Kernel<P> {
+    fn clone(&self) -> Self {
+        Kernel {
+            shader: self.shader,
+            entry: self.entry,
+            constants: self.constants.clone(),
+        }
+    }
+}
+
+impl<P: 'static> std::fmt::Debug for Kernel<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.key())
+    }
+}
+
+impl<P: 'static> Kernel<P> {
     /// A kernel with no overrides set.
-    pub fn new(shader: &'static Shader, entry: &'static str) -> Self {
+    pub fn new(shader: &'static Shader<P>, entry: &'static str) -> Self {
         Kernel {
             shader,
             entry,
             constants: Vec::new(),
         }
     }
-    /// Sets an `override` constant.
-    pub fn with(mut self, name: &'static str, value: impl Into<f64>) -> Self {
-        self.constants.push((name, value.into()));
+    /// Sets an `override` constant, one the shader's [`shader!`](crate::shader) call lists
+    /// (the list the contract test checks against the WGSL).
+    pub fn with<T: OverrideValue>(mut self, o: Override<T>, value: T) -> Self {
+        debug_assert!(
+            self.shader.overrides.contains(&o.decl()),
+            "override {} is not listed for shader {}",
+            o.name,
+            self.shader.name
+        );
+        self.constants.push((o.name, value.into()));
         self
     }
     fn key(&self) -> String {
@@ -437,7 +493,7 @@ impl Gpu {
         pool::alloc(self, bytes)
     }
 
-    fn pipeline(&self, k: &Kernel) -> Arc<Cached> {
+    fn pipeline<P: 'static>(&self, k: &Kernel<P>) -> Arc<Cached> {
         let key = k.key();
         if let Some(p) = lock(&self.0.pipelines).get(&key) {
             return p.clone();
@@ -489,9 +545,9 @@ impl Gpu {
 
     /// Records one dispatch: `params` goes to `@binding(0)` as a uniform, `bindings` to
     /// `@binding(1..)` as storage buffers, in order.
-    pub fn dispatch<P: bytemuck::Pod>(
+    pub fn dispatch<P: ShaderParams + 'static>(
         &self,
-        kernel: &Kernel,
+        kernel: &Kernel<P>,
         params: &P,
         bindings: &[Binding<'_>],
         workgroups: [u32; 3],
@@ -689,7 +745,8 @@ fn read_tuning(path: &std::path::Path, scope: &str, key: &str) -> Option<String>
 }
 
 /// Splits `n` workgroups over x and y so that neither exceeds 65,535. Kernels rebuild the
-/// linear index as `wid.x + wid.y * nwg.x` and skip indices past their element count.
+/// linear index with `grid_index` / `grid_group` (`shaders/lib/grid.wgsl`) and skip indices
+/// past their element count.
 pub fn grid_1d(n: u32) -> [u32; 3] {
     const MAX: u32 = 65535;
     if n <= MAX {
@@ -741,14 +798,32 @@ mod tests {
         assert!(crate::Tensor::zeros(&gpu, &[4]).is_err());
     }
 
+    crate::shader_params! {
+        /// The params of the deliberately invalid shader below (never read by it).
+        struct BadParams {
+            a: u32,
+            b: u32,
+            c: u32,
+            d: u32,
+        }
+    }
+
     #[test]
     fn a_kernel_that_does_not_compile_is_named_in_an_err() {
-        static BAD: Shader = Shader {
+        static BAD: Shader<BadParams> = Shader {
             name: "deliberately_invalid",
             source: "@compute @workgroup_size(1) fn main() { let x: u32 = 1.5; }",
+            overrides: &[],
+            params: std::marker::PhantomData,
         };
         let gpu = own_device();
-        gpu.dispatch(&Kernel::new(&BAD, "main"), &[0u32; 4], &[], [1, 1, 1]);
+        let p = BadParams {
+            a: 0,
+            b: 0,
+            c: 0,
+            d: 0,
+        };
+        gpu.dispatch(&Kernel::new(&BAD, "main"), &p, &[], [1, 1, 1]);
         let e = gpu.sync().unwrap_err().to_string();
         assert!(
             e.contains("compiling kernel deliberately_invalid:main") && e.contains("engine bug"),

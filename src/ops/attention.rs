@@ -11,7 +11,22 @@ use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
-static SHADER: Shader = crate::shader!("attention");
+/// The `override` constants the kernels below set.
+mod ov {
+    use crate::gpu::Override;
+    pub(super) const WGQ: Override<u32> = Override::new("WGQ");
+    pub(super) const CAUSAL: Override<bool> = Override::new("CAUSAL");
+    pub(super) const SPLIT: Override<bool> = Override::new("SPLIT");
+    pub(super) const D_MULT4: Override<bool> = Override::new("D_MULT4");
+    pub(super) const D4: Override<u32> = Override::new("D4");
+    pub(super) const WGC: Override<u32> = Override::new("WGC");
+}
+
+pub(crate) static SHADER: Shader<Params> = crate::shader!(
+    "attention",
+    "grid",
+    overrides = [ov::WGQ, ov::CAUSAL, ov::SPLIT, ov::D_MULT4, ov::D4, ov::WGC]
+);
 /// Largest head dim the kernel holds in its private arrays.
 pub const MAX_HEAD_DIM: usize = 512;
 /// Loop iterations one invocation may spend (kept below [`CPU_LOOP_LIMIT`]).
@@ -19,23 +34,23 @@ const LOOP_BUDGET: usize = CPU_LOOP_LIMIT * 3 / 4;
 /// Invocations per workgroup of the combine pass.
 const WGC: u32 = 64;
 
-/// Mirrors `struct Params` in `shaders/attention.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    heads: u32,
-    tq: u32,
-    tk: u32,
-    d: u32,
-    kps: u32,
-    splits: u32,
-    bh0: u32,
-    scale: f32,
-    q_s: [u32; 3],
-    k_s: [u32; 3],
-    o_s: [u32; 3],
-    bh: u32,
-    _pad: [u32; 2],
+crate::shader_params! {
+    /// Mirrors `struct Params` in `shaders/attention.wgsl`.
+    pub(crate) struct Params {
+        heads: u32,
+        tq: u32,
+        tk: u32,
+        d: u32,
+        kps: u32,
+        splits: u32,
+        bh0: u32,
+        scale: f32,
+        q_s: [u32; 3],
+        k_s: [u32; 3],
+        o_s: [u32; 3],
+        bh: u32,
+        _pad: [u32; 2],
+    }
 }
 
 /// How q, k, v and the output are laid out.
@@ -201,11 +216,11 @@ fn run(
     };
     let split = splits > 1;
     let kernel = Kernel::new(&SHADER, "attn")
-        .with("WGQ", wgq as u32)
-        .with("CAUSAL", causal)
-        .with("SPLIT", split)
-        .with("D_MULT4", d % 4 == 0)
-        .with("D4", d.div_ceil(4) as u32);
+        .with(ov::WGQ, wgq as u32)
+        .with(ov::CAUSAL, causal)
+        .with(ov::SPLIT, split)
+        .with(ov::D_MULT4, d % 4 == 0)
+        .with(ov::D4, d.div_ceil(4) as u32);
     let scratch = if split {
         let rows = bh * tq * splits;
         Some((
@@ -247,7 +262,7 @@ fn run(
             return Err(Error::shape("attention output has more than 2^32 elements"));
         }
         p.bh0 = 0;
-        let k = Kernel::new(&SHADER, "attn_combine").with("WGC", WGC);
+        let k = Kernel::new(&SHADER, "attn_combine").with(ov::WGC, WGC);
         gpu.dispatch(
             &k,
             &p,
@@ -283,11 +298,12 @@ pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
 }
 
 /// CPU reference in f64 on `[B, H, T, D]` data: the naive `softmax(scale·QKᵀ)V`.
+/// Inputs are f32 (the kernel tests) or f64 (the autodiff tests' finite differences).
 #[allow(clippy::too_many_arguments)]
-pub fn reference(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+pub fn reference<T: Copy + Into<f64>>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
     bh: usize,
     tq: usize,
     tk: usize,
@@ -306,7 +322,7 @@ pub fn reference(
                     scale as f64
                         * qi.iter()
                             .zip(kj)
-                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .map(|(&a, &b)| a.into() * b.into())
                             .sum::<f64>()
                 })
                 .collect();
@@ -316,7 +332,7 @@ pub fn reference(
             let o = &mut out[(x * tq + i) * d..][..d];
             for (j, wj) in w.iter().enumerate() {
                 for (dd, od) in o.iter_mut().enumerate() {
-                    *od += wj / z * v[(x * tk + j) * d + dd] as f64;
+                    *od += wj / z * v[(x * tk + j) * d + dd].into();
                 }
             }
         }

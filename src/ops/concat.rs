@@ -6,21 +6,27 @@ use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::Tensor;
 use crate::{Error, Result};
 
-static SHADER: Shader = crate::shader!("concat");
+/// The `override` constants the kernels below set.
+mod ov {
+    use crate::gpu::Override;
+    pub(super) const WG: Override<u32> = Override::new("WG");
+}
+
+pub(crate) static SHADER: Shader<Params> = crate::shader!("concat", "grid", overrides = [ov::WG]);
 const WG: u32 = 256;
 
-/// Mirrors `struct Params` in `shaders/concat.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n: u32,
-    len: u32,
-    inner: u32,
-    a_src: u32,
-    a_dst: u32,
-    s0: u32,
-    d0: u32,
-    _pad: u32,
+crate::shader_params! {
+    /// Mirrors `struct Params` in `shaders/concat.wgsl`.
+    pub(crate) struct Params {
+        n: u32,
+        len: u32,
+        inner: u32,
+        a_src: u32,
+        a_dst: u32,
+        s0: u32,
+        d0: u32,
+        _pad: u32,
+    }
 }
 
 /// Records `dst[:, d0..d0+len, :] = src[:, s0..s0+len, :]` for tensors viewed as
@@ -71,7 +77,7 @@ fn copy_block(
         _pad: 0,
     };
     gpu.dispatch(
-        &Kernel::new(&SHADER, "copy_slice").with("WG", WG),
+        &Kernel::new(&SHADER, "copy_slice").with(ov::WG, WG),
         &p,
         &[dst.binding(), src.binding()],
         grid_1d((n as u32).div_ceil(WG)),

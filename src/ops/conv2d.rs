@@ -6,28 +6,51 @@ use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
-static SHADER: Shader = crate::shader!("conv2d");
+/// The `override` constants the kernels below set.
+mod ov {
+    use crate::gpu::Override;
+    pub(super) const KH: Override<u32> = Override::new("KH");
+    pub(super) const KW: Override<u32> = Override::new("KW");
+    pub(super) const STRIDE: Override<u32> = Override::new("STRIDE");
+    pub(super) const UPSAMPLE: Override<bool> = Override::new("UPSAMPLE");
+    pub(super) const HAS_BIAS: Override<bool> = Override::new("HAS_BIAS");
+    pub(super) const HAS_RES: Override<bool> = Override::new("HAS_RES");
+    pub(super) const ONES_ROW: Override<bool> = Override::new("ONES_ROW");
+}
 
-/// Mirrors `struct Params` in `shaders/conv2d.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n: u32,
-    cin: u32,
-    h: u32,
-    w: u32,
-    cout: u32,
-    ho: u32,
-    wo: u32,
-    wblocks: u32,
-    blocks: u32,
-    pad_top: u32,
-    pad_left: u32,
-    hv: u32,
-    wv: u32,
-    co_base: u32,
-    ci0: u32,
-    ci1: u32,
+pub(crate) static SHADER: Shader<Params> = crate::shader!(
+    "conv2d",
+    "grid",
+    overrides = [
+        ov::KH,
+        ov::KW,
+        ov::STRIDE,
+        ov::UPSAMPLE,
+        ov::HAS_BIAS,
+        ov::HAS_RES
+    ]
+);
+
+crate::shader_params! {
+    /// Mirrors `struct Params` in `shaders/conv2d.wgsl`.
+    pub(crate) struct Params {
+        n: u32,
+        cin: u32,
+        h: u32,
+        w: u32,
+        cout: u32,
+        ho: u32,
+        wo: u32,
+        wblocks: u32,
+        blocks: u32,
+        pad_top: u32,
+        pad_left: u32,
+        hv: u32,
+        wv: u32,
+        co_base: u32,
+        ci0: u32,
+        ci1: u32,
+    }
 }
 
 /// Options of [`conv2d`]. `Default` is stride 1, no padding, no bias.
@@ -231,10 +254,10 @@ pub fn conv2d_variant(x: &Tensor, w: &Tensor, o: &Conv2dOpts, v: Variant) -> Res
         )));
     }
     let kernel = Kernel::new(&SHADER, if k3 { "conv3x3" } else { "conv2d" })
-        .with("KH", kh as u32)
-        .with("KW", kw as u32)
-        .with("STRIDE", s as u32)
-        .with("UPSAMPLE", o.upsample);
+        .with(ov::KH, kh as u32)
+        .with(ov::KW, kw as u32)
+        .with(ov::STRIDE, s as u32)
+        .with(ov::UPSAMPLE, o.upsample);
     // Loop iterations per input channel, and so channels per dispatch under llvmpipe's cap.
     let per_ci = if k3 {
         4
@@ -261,8 +284,8 @@ pub fn conv2d_variant(x: &Tensor, w: &Tensor, o: &Conv2dOpts, v: Variant) -> Res
         let res = if first { o.residual } else { prev.as_ref() };
         let k = kernel
             .clone()
-            .with("HAS_BIAS", first && o.bias.is_some())
-            .with("HAS_RES", res.is_some());
+            .with(ov::HAS_BIAS, first && o.bias.is_some())
+            .with(ov::HAS_RES, res.is_some());
         let bias_b = o.bias.map_or(gpu.unused_binding(), Tensor::binding);
         let res_b = res.map_or(gpu.unused_binding(), Tensor::binding);
         for cb0 in (0..cblocks).step_by(MAX) {
@@ -297,26 +320,30 @@ pub fn conv2d_variant(x: &Tensor, w: &Tensor, o: &Conv2dOpts, v: Variant) -> Res
     Ok(y)
 }
 
-static IM2COL: Shader = crate::shader!("im2col");
+pub(crate) static IM2COL: Shader<Im2colParams> = crate::shader!(
+    "im2col",
+    "grid",
+    overrides = [ov::KH, ov::KW, ov::STRIDE, ov::UPSAMPLE, ov::ONES_ROW]
+);
 
-/// Mirrors `struct Params` in `shaders/im2col.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Im2colParams {
-    n: u32,
-    cin: u32,
-    h: u32,
-    w: u32,
-    ho: u32,
-    wo: u32,
-    hv: u32,
-    wv: u32,
-    pad_top: u32,
-    pad_left: u32,
-    k: u32,
-    kp: u32,
-    total: u32,
-    _pad: [u32; 3],
+crate::shader_params! {
+    /// Mirrors `struct Params` in `shaders/im2col.wgsl`.
+    pub(crate) struct Im2colParams {
+        n: u32,
+        cin: u32,
+        h: u32,
+        w: u32,
+        ho: u32,
+        wo: u32,
+        hv: u32,
+        wv: u32,
+        pad_top: u32,
+        pad_left: u32,
+        k: u32,
+        kp: u32,
+        total: u32,
+        _pad: [u32; 3],
+    }
 }
 
 /// The columns of `up?(x)` for a `kh`x`kw` convolution: `[N, K, Ho·Wo]` with `K = C·KH·KW`
@@ -374,11 +401,11 @@ fn columns(
     }
     let gpu = x.gpu();
     let kernel = Kernel::new(&IM2COL, "im2col")
-        .with("KH", kh as u32)
-        .with("KW", kw as u32)
-        .with("STRIDE", o.stride as u32)
-        .with("UPSAMPLE", o.upsample)
-        .with("ONES_ROW", ones_row);
+        .with(ov::KH, kh as u32)
+        .with(ov::KW, kw as u32)
+        .with(ov::STRIDE, o.stride as u32)
+        .with(ov::UPSAMPLE, o.upsample)
+        .with(ov::ONES_ROW, ones_row);
     let cols = Tensor::empty(gpu, &[m, kp, ho * wo], DType::F32)?;
     let p = Im2colParams {
         n: m as u32,

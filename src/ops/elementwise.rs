@@ -5,22 +5,30 @@ use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
-static SHADER: Shader = crate::shader!("elementwise", "act");
+/// The `override` constants the kernels below set.
+mod ov {
+    use crate::gpu::Override;
+    pub(super) const OP: Override<u32> = Override::new("OP");
+    pub(super) const WG: Override<u32> = Override::new("WG");
+}
+
+pub(crate) static SHADER: Shader<Params> =
+    crate::shader!("elementwise", "grid", "act", overrides = [ov::OP, ov::WG]);
 const WG: u32 = 256;
 /// Most dims a broadcasting binary op handles.
 pub const MAX_RANK: usize = 8;
 
-/// Mirrors `struct Params` in `shaders/elementwise.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n: u32,
-    rank: u32,
-    alpha: f32,
-    beta: f32,
-    out_dims: [u32; MAX_RANK],
-    a_strides: [u32; MAX_RANK],
-    b_strides: [u32; MAX_RANK],
+crate::shader_params! {
+    /// Mirrors `struct Params` in `shaders/elementwise.wgsl`.
+    pub(crate) struct Params {
+        n: u32,
+        rank: u32,
+        alpha: f32,
+        beta: f32,
+        out_dims: [u32; MAX_RANK],
+        a_strides: [u32; MAX_RANK],
+        b_strides: [u32; MAX_RANK],
+    }
 }
 
 /// A one-input elementwise function.
@@ -169,8 +177,8 @@ pub fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
         b_strides: [0; MAX_RANK],
     };
     let k = Kernel::new(&SHADER, "unary")
-        .with("OP", code)
-        .with("WG", WG);
+        .with(ov::OP, code)
+        .with(ov::WG, WG);
     x.gpu().dispatch(
         &k,
         &p,
@@ -347,8 +355,8 @@ fn binary_code_full(a: &Tensor, b: &Tensor, code: u32, alpha: f32, beta: f32) ->
         p.b_strides[i] = sb[i];
     }
     let k = Kernel::new(&SHADER, "binary")
-        .with("OP", code)
-        .with("WG", WG);
+        .with(ov::OP, code)
+        .with(ov::WG, WG);
     a.gpu().dispatch(
         &k,
         &p,

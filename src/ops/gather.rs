@@ -11,19 +11,25 @@ use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Gpu, Result};
 
-static SHADER: Shader = crate::shader!("gather");
+/// The `override` constants the kernels below set.
+mod ov {
+    use crate::gpu::Override;
+    pub(super) const WG: Override<u32> = Override::new("WG");
+}
+
+pub(crate) static SHADER: Shader<Params> = crate::shader!("gather", "grid", overrides = [ov::WG]);
 const WG: u32 = 256;
 
-/// Mirrors `struct Params` in `shaders/gather.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n: u32,
-    d: u32,
-    vocab: u32,
-    row0: u32,
-    rows: u32,
-    _pad: [u32; 3],
+crate::shader_params! {
+    /// Mirrors `struct Params` in `shaders/gather.wgsl`.
+    pub(crate) struct Params {
+        n: u32,
+        d: u32,
+        vocab: u32,
+        row0: u32,
+        rows: u32,
+        _pad: [u32; 3],
+    }
 }
 
 /// A `[V, D]` table stored as consecutive row chunks, each within the device's binding
@@ -155,7 +161,7 @@ pub fn gather_rows_table(table: &RowTable, ids: &Tensor) -> Result<Tensor> {
             "gather of {n} rows of {d} values is too large"
         )));
     }
-    let k = Kernel::new(&SHADER, "gather_rows").with("WG", WG);
+    let k = Kernel::new(&SHADER, "gather_rows").with(ov::WG, WG);
     for (ci, chunk) in table.chunks.iter().enumerate() {
         let p = Params {
             n: n as u32,
@@ -187,17 +193,18 @@ pub fn gather_rows_from_ids(
     gather_rows_table(table, &Tensor::from_u32(gpu, ids, shape)?)
 }
 
-static SCATTER: Shader = crate::shader!("scatter_rows");
+pub(crate) static SCATTER: Shader<ScatterParams> =
+    crate::shader!("scatter_rows", "grid", overrides = [ov::WG]);
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct ScatterParams {
-    d: u32,
-    vocab: u32,
-    start: u32,
-    len: u32,
-    accumulate: u32,
-    _pad: [u32; 3],
+crate::shader_params! {
+    pub(crate) struct ScatterParams {
+        d: u32,
+        vocab: u32,
+        start: u32,
+        len: u32,
+        accumulate: u32,
+        _pad: [u32; 3],
+    }
 }
 
 /// Ids walked per dispatch of [`scatter_add_rows`] (under llvmpipe's loop cap).
@@ -227,7 +234,7 @@ pub fn scatter_add_rows(g: &Tensor, ids: &Tensor, vocab: usize) -> Result<Tensor
     }
     let gpu = g.gpu();
     let out = Tensor::empty(gpu, &[vocab, d], DType::F32)?;
-    let k = Kernel::new(&SCATTER, "scatter_add_rows").with("WG", WG);
+    let k = Kernel::new(&SCATTER, "scatter_add_rows").with(ov::WG, WG);
     let segments = n.div_ceil(SCATTER_SEGMENT).max(1);
     for s in 0..segments {
         let start = s * SCATTER_SEGMENT;

@@ -7,25 +7,48 @@ use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
-static SHADER: Shader = crate::shader!("group_norm", "act");
+/// The `override` constants the kernels below set.
+mod ov {
+    use crate::gpu::Override;
+    pub(super) const VEC: Override<bool> = Override::new("VEC");
+    pub(super) const SQ: Override<bool> = Override::new("SQ");
+    pub(super) const WG: Override<u32> = Override::new("WG");
+    pub(super) const HAS_GAMMA: Override<bool> = Override::new("HAS_GAMMA");
+    pub(super) const HAS_BETA: Override<bool> = Override::new("HAS_BETA");
+    pub(super) const ACT: Override<u32> = Override::new("ACT");
+}
+
+pub(crate) static SHADER: Shader<Params> = crate::shader!(
+    "group_norm",
+    "grid",
+    "act",
+    overrides = [
+        ov::VEC,
+        ov::SQ,
+        ov::WG,
+        ov::HAS_GAMMA,
+        ov::HAS_BETA,
+        ov::ACT
+    ]
+);
 const WG: u32 = 64;
 /// Most units (vec4s, or single values) one partial-sum invocation adds up.
 const UNITS_PER_PART: usize = 1024;
 
-/// Mirrors `struct Params` in `shaders/group_norm.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    groups_total: u32,
-    g: u32,
-    cpg: u32,
-    s: u32,
-    m: u32,
-    parts: u32,
-    stats: u32,
-    eps: f32,
-    units: u32,
-    _pad: [u32; 3],
+crate::shader_params! {
+    /// Mirrors `struct Params` in `shaders/group_norm.wgsl`.
+    pub(crate) struct Params {
+        groups_total: u32,
+        g: u32,
+        cpg: u32,
+        s: u32,
+        m: u32,
+        parts: u32,
+        stats: u32,
+        eps: f32,
+        units: u32,
+        _pad: [u32; 3],
+    }
 }
 
 /// Units per group (vec4s when `S % 4 == 0`) and the number of partial sums per group.
@@ -116,9 +139,9 @@ pub fn group_norm(
     };
     let k = |entry, sq: bool| {
         Kernel::new(&SHADER, entry)
-            .with("VEC", vec)
-            .with("SQ", sq)
-            .with("WG", WG)
+            .with(ov::VEC, vec)
+            .with(ov::SQ, sq)
+            .with(ov::WG, WG)
     };
     let sum_groups = grid_1d(((ng * parts) as u32).div_ceil(WG));
     let stat_groups = grid_1d((ng as u32).div_ceil(WG));
@@ -132,9 +155,9 @@ pub fn group_norm(
         gpu.dispatch(&k("gn_stats", sq), &p, &[work.binding()], stat_groups);
     }
     let apply = k("gn_apply", false)
-        .with("HAS_GAMMA", gamma.is_some())
-        .with("HAS_BETA", beta.is_some())
-        .with("ACT", act as u32);
+        .with(ov::HAS_GAMMA, gamma.is_some())
+        .with(ov::HAS_BETA, beta.is_some())
+        .with(ov::ACT, act as u32);
     gpu.dispatch(
         &apply,
         &p,
@@ -151,29 +174,30 @@ pub fn group_norm(
 }
 
 /// CPU reference in f64 on `[n, c, s]` row-major data.
+/// Inputs are f32 (the kernel tests) or f64 (the autodiff tests' finite differences).
 #[allow(clippy::too_many_arguments)]
-pub fn reference(
-    x: &[f32],
+pub fn reference<T: Copy + Into<f64>>(
+    x: &[T],
     n: usize,
     c: usize,
     s: usize,
     groups: usize,
-    gamma: Option<&[f32]>,
-    beta: Option<&[f32]>,
+    gamma: Option<&[T]>,
+    beta: Option<&[T]>,
     eps: f32,
     act: Act,
 ) -> Vec<f64> {
     let m = c / groups * s;
     let mut out = Vec::with_capacity(x.len());
     for (gi, grp) in x.chunks(m).enumerate().take(n * groups) {
-        let mean = grp.iter().map(|&v| v as f64).sum::<f64>() / m as f64;
-        let var = grp.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / m as f64;
+        let mean = grp.iter().map(|&v| v.into()).sum::<f64>() / m as f64;
+        let var = grp.iter().map(|&v| (v.into() - mean).powi(2)).sum::<f64>() / m as f64;
         let rstd = 1.0 / (var + eps as f64).sqrt();
         for (i, &v) in grp.iter().enumerate() {
             let ch = (gi % groups) * (c / groups) + i / s;
-            let g = gamma.map_or(1.0, |g| g[ch] as f64);
-            let b = beta.map_or(0.0, |b| b[ch] as f64);
-            out.push(act.reference((v as f64 - mean) * rstd * g + b));
+            let g = gamma.map_or(1.0, |g| g[ch].into());
+            let b = beta.map_or(0.0, |b| b[ch].into());
+            out.push(act.reference((v.into() - mean) * rstd * g + b));
         }
     }
     out

@@ -6,18 +6,30 @@ use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
-static SHADER: Shader = crate::shader!("layer_norm");
+/// The `override` constants the kernels below set.
+mod ov {
+    use crate::gpu::Override;
+    pub(super) const HAS_GAMMA: Override<bool> = Override::new("HAS_GAMMA");
+    pub(super) const HAS_BETA: Override<bool> = Override::new("HAS_BETA");
+    pub(super) const WG: Override<u32> = Override::new("WG");
+}
+
+pub(crate) static SHADER: Shader<Params> = crate::shader!(
+    "layer_norm",
+    "grid",
+    overrides = [ov::HAS_GAMMA, ov::HAS_BETA, ov::WG]
+);
 /// Rows per workgroup of the one-invocation-per-row variant.
 const ROWS_WG: u32 = 16;
 
-/// Mirrors `struct Params` in `shaders/layer_norm.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    rows: u32,
-    c: u32,
-    eps: f32,
-    _pad: u32,
+crate::shader_params! {
+    /// Mirrors `struct Params` in `shaders/layer_norm.wgsl`.
+    pub(crate) struct Params {
+        rows: u32,
+        c: u32,
+        eps: f32,
+        _pad: u32,
+    }
 }
 
 /// `(x - mean) / sqrt(var + eps) * gamma + beta` over the last axis.
@@ -87,9 +99,9 @@ pub fn layer_norm_strategy(
         Strategy::Workgroup => ("ln_wg", rows as u32),
     };
     let k = Kernel::new(&SHADER, entry)
-        .with("HAS_GAMMA", gamma.is_some())
-        .with("HAS_BETA", beta.is_some())
-        .with("WG", ROWS_WG);
+        .with(ov::HAS_GAMMA, gamma.is_some())
+        .with(ov::HAS_BETA, beta.is_some())
+        .with(ov::WG, ROWS_WG);
     gpu.dispatch(
         &k,
         &p,
@@ -105,23 +117,24 @@ pub fn layer_norm_strategy(
 }
 
 /// CPU reference in f64: `x` is `[rows, c]` row-major.
-pub fn reference(
-    x: &[f32],
+/// Inputs are f32 (the kernel tests) or f64 (the autodiff tests' finite differences).
+pub fn reference<T: Copy + Into<f64>>(
+    x: &[T],
     c: usize,
-    gamma: Option<&[f32]>,
-    beta: Option<&[f32]>,
+    gamma: Option<&[T]>,
+    beta: Option<&[T]>,
     eps: f32,
 ) -> Vec<f64> {
     let mut out = Vec::with_capacity(x.len());
     for row in x.chunks(c) {
         let n = c as f64;
-        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
-        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        let mean = row.iter().map(|&v| v.into()).sum::<f64>() / n;
+        let var = row.iter().map(|&v| (v.into() - mean).powi(2)).sum::<f64>() / n;
         let rstd = 1.0 / (var + eps as f64).sqrt();
         for (i, &v) in row.iter().enumerate() {
-            let g = gamma.map_or(1.0, |g| g[i] as f64);
-            let b = beta.map_or(0.0, |b| b[i] as f64);
-            out.push((v as f64 - mean) * rstd * g + b);
+            let g = gamma.map_or(1.0, |g| g[i].into());
+            let b = beta.map_or(0.0, |b| b[i].into());
+            out.push((v.into() - mean) * rstd * g + b);
         }
     }
     out
@@ -303,7 +316,11 @@ mod tests {
     }
 }
 
-static BACKWARD: Shader = crate::shader!("layer_norm_backward");
+pub(crate) static BACKWARD: Shader<Params> = crate::shader!(
+    "layer_norm_backward",
+    "grid",
+    overrides = [ov::HAS_GAMMA, ov::WG]
+);
 
 /// Gradients of [`layer_norm`] with respect to its input and affine parameters.
 pub struct LayerNormGrads {
@@ -356,8 +373,8 @@ pub fn layer_norm_backward(
             _pad: 0,
         };
         let k = Kernel::new(&BACKWARD, "ln_backward_rows")
-            .with("HAS_GAMMA", gamma.is_some())
-            .with("WG", ROWS_WG);
+            .with(ov::HAS_GAMMA, gamma.is_some())
+            .with(ov::WG, ROWS_WG);
         gpu.dispatch(
             &k,
             &p,

@@ -6,25 +6,63 @@ use crate::gpu::{Gpu, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
-static SHADER: Shader = crate::shader!("matmul", "act", "matmul_epilogue");
-static SUBGROUP_SHADER: Shader = crate::shader!("matmul_subgroup", "act", "matmul_epilogue");
+/// The `override` constants the kernels below set.
+mod ov {
+    use crate::gpu::Override;
+    pub(super) const TRANS_A: Override<bool> = Override::new("TRANS_A");
+    pub(super) const TRANS_B: Override<bool> = Override::new("TRANS_B");
+    pub(super) const HAS_BIAS: Override<bool> = Override::new("HAS_BIAS");
+    pub(super) const HAS_RES: Override<bool> = Override::new("HAS_RES");
+    pub(super) const ACT: Override<u32> = Override::new("ACT");
+    pub(super) const ACCUMULATE: Override<bool> = Override::new("ACCUMULATE");
+    pub(super) const EPILOGUE: Override<bool> = Override::new("EPILOGUE");
+}
 
-/// Mirrors `struct Params` in `shaders/matmul.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    batch: u32,
-    stride_a: u32,
-    stride_b: u32,
-    stride_c: u32,
-    row0: u32,
-    batch0: u32,
-    alpha: f32,
-    k0: u32,
-    k1: u32,
+pub(crate) static SHADER: Shader<Params> = crate::shader!(
+    "matmul",
+    "act",
+    "matmul_epilogue",
+    overrides = [
+        ov::TRANS_A,
+        ov::TRANS_B,
+        ov::HAS_BIAS,
+        ov::HAS_RES,
+        ov::ACT,
+        ov::ACCUMULATE,
+        ov::EPILOGUE
+    ]
+);
+pub(crate) static SUBGROUP_SHADER: Shader<Params> = crate::shader!(
+    "matmul_subgroup",
+    "act",
+    "matmul_epilogue",
+    overrides = [
+        ov::TRANS_A,
+        ov::TRANS_B,
+        ov::HAS_BIAS,
+        ov::HAS_RES,
+        ov::ACT,
+        ov::ACCUMULATE,
+        ov::EPILOGUE
+    ]
+);
+
+crate::shader_params! {
+    /// Mirrors `struct Params` in `shaders/matmul.wgsl`.
+    pub(crate) struct Params {
+        m: u32,
+        n: u32,
+        k: u32,
+        batch: u32,
+        stride_a: u32,
+        stride_b: u32,
+        stride_c: u32,
+        row0: u32,
+        batch0: u32,
+        alpha: f32,
+        k0: u32,
+        k1: u32,
+    }
 }
 
 /// Most of K one dispatch sums. The register and shared kernels loop about 1.25 times per k
@@ -244,11 +282,11 @@ pub fn matmul_variant(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Variant) -> Res
         Variant::Vec4 => Kernel::new(&SHADER, "matmul_vec4"),
         Variant::Subgroup => Kernel::new(&SUBGROUP_SHADER, "matmul_subgroup"),
     }
-    .with("TRANS_A", o.trans_a)
-    .with("TRANS_B", o.trans_b)
-    .with("HAS_BIAS", o.bias.is_some())
-    .with("HAS_RES", o.residual.is_some())
-    .with("ACT", o.act as u32);
+    .with(ov::TRANS_A, o.trans_a)
+    .with(ov::TRANS_B, o.trans_b)
+    .with(ov::HAS_BIAS, o.bias.is_some())
+    .with(ov::HAS_RES, o.residual.is_some())
+    .with(ov::ACT, o.act as u32);
     // Rows and columns covered by one workgroup.
     let (rows_per_wg, cols_per_wg) = match v {
         Variant::Register | Variant::Vec4 => (32usize, 32usize),
@@ -279,8 +317,8 @@ pub fn matmul_variant(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Variant) -> Res
     for (si, &(k0, k1)) in splits.iter().enumerate() {
         let kernel = kernel
             .clone()
-            .with("ACCUMULATE", si > 0)
-            .with("EPILOGUE", si + 1 == splits.len());
+            .with(ov::ACCUMULATE, si > 0)
+            .with(ov::EPILOGUE, si + 1 == splits.len());
         for batch0 in (0..batch).step_by(MAX) {
             let nz = (batch - batch0).min(MAX);
             for t0 in (0..row_tiles).step_by(MAX) {
@@ -313,10 +351,11 @@ pub fn matmul_variant(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Variant) -> Res
 
 /// CPU reference in f64 with the same contract as [`matmul`] on flat row-major data; also
 /// returns, per output, `Σ|a·b|` (scaled by |alpha|), the bound used for f32 tolerances.
+/// Inputs are f32 (the kernel tests) or f64 (the autodiff tests' finite differences).
 #[allow(clippy::too_many_arguments)]
-pub fn reference(
-    a: &[f32],
-    b: &[f32],
+pub fn reference<T: Copy + Into<f64>>(
+    a: &[T],
+    b: &[T],
     batch: usize,
     m: usize,
     n: usize,
@@ -325,9 +364,9 @@ pub fn reference(
     trans_b: bool,
     broadcast_b: bool,
     alpha: f32,
-    bias: Option<&[f32]>,
+    bias: Option<&[T]>,
     act: Act,
-    residual: Option<&[f32]>,
+    residual: Option<&[T]>,
 ) -> (Vec<f64>, Vec<f64>) {
     let mut out = vec![0.0; batch * m * n];
     let mut mag = vec![0.0; batch * m * n];
@@ -338,27 +377,29 @@ pub fn reference(
             for j in 0..n {
                 let (mut s, mut g) = (0.0f64, 0.0f64);
                 for kk in 0..k {
-                    let av = if trans_a {
+                    let av: f64 = if trans_a {
                         a[ab + kk * m + i]
                     } else {
                         a[ab + i * k + kk]
-                    } as f64;
-                    let bv = if trans_b {
+                    }
+                    .into();
+                    let bv: f64 = if trans_b {
                         b[bb + j * k + kk]
                     } else {
                         b[bb + kk * n + j]
-                    } as f64;
+                    }
+                    .into();
                     s += av * bv;
                     g += (av * bv).abs();
                 }
                 let o = bi * m * n + i * n + j;
-                let mut x = alpha as f64 * s + bias.map_or(0.0, |bv| bv[j] as f64);
+                let mut x = alpha as f64 * s + bias.map_or(0.0, |bv| bv[j].into());
                 x = act.reference(x);
                 if let Some(r) = residual {
-                    x += r[o] as f64;
+                    x += r[o].into();
                 }
                 out[o] = x;
-                mag[o] = (alpha as f64).abs() * g + bias.map_or(0.0, |bv| (bv[j] as f64).abs());
+                mag[o] = (alpha as f64).abs() * g + bias.map_or(0.0, |bv| bv[j].into().abs());
             }
         }
     }
@@ -370,77 +411,136 @@ mod tests {
     use super::*;
     use crate::ops::testutil::{gpu, rand_vec};
 
-    #[allow(clippy::too_many_arguments)]
-    fn check(
-        v: Variant,
+    /// One test problem: `op(A) [batch, m, k] @ op(B) [batch (or none: broadcast), k, n]`,
+    /// optionally with the fused bias, activation and residual (alpha 0.5 with a residual).
+    #[derive(Debug, Clone, Copy)]
+    struct Problem {
         batch: usize,
         m: usize,
         n: usize,
         k: usize,
-        ta: bool,
-        tb: bool,
-        bcast: bool,
+        trans_a: bool,
+        trans_b: bool,
+        broadcast_b: bool,
         bias: bool,
         act: Act,
-        res: bool,
-        seed: u64,
-    ) {
-        let g = gpu();
-        let av = rand_vec(batch * m * k, seed);
-        let bv = rand_vec(if bcast { k * n } else { batch * k * n }, seed + 1);
-        let biasv = rand_vec(n, seed + 2);
-        let resv = rand_vec(batch * m * n, seed + 3);
-        let a_shape = if ta { [batch, k, m] } else { [batch, m, k] };
-        let b_shape: Vec<usize> = match (bcast, tb) {
-            (true, true) => vec![n, k],
-            (true, false) => vec![k, n],
-            (false, true) => vec![batch, n, k],
-            (false, false) => vec![batch, k, n],
-        };
-        let a = Tensor::from_slice(&g, &av, &a_shape).unwrap();
-        let b = Tensor::from_slice(&g, &bv, &b_shape).unwrap();
-        let bias_t = Tensor::from_slice(&g, &biasv, &[n]).unwrap();
-        let res_t = Tensor::from_slice(&g, &resv, &[batch, m, n]).unwrap();
-        let alpha = if res { 0.5 } else { 1.0 };
-        let o = MatmulOpts {
-            trans_a: ta,
-            trans_b: tb,
-            alpha: Some(alpha),
-            bias: bias.then_some(&bias_t),
-            act,
-            residual: res.then_some(&res_t),
-        };
-        let c = matmul_variant(&a, &b, &o, v).unwrap();
-        assert_eq!(c.shape(), &[batch, m, n]);
-        let got = c.to_vec().unwrap();
-        let (want, mag) = reference(
-            &av,
-            &bv,
-            batch,
-            m,
-            n,
-            k,
-            ta,
-            tb,
-            bcast,
-            alpha,
-            bias.then_some(&biasv),
-            act,
-            res.then_some(&resv),
-        );
-        // Recursive f32 summation of K products is within K·eps·Σ|a·b| of the exact sum;
-        // activations are 1-Lipschitz-ish (≤ 1.13) and add their own ~1e-6 error.
-        for i in 0..got.len() {
-            let tol = 1.2 * (k as f64 + 2.0) * f32::EPSILON as f64 * mag[i]
-                + 2e-6 * (1.0 + want[i].abs());
-            let err = (got[i] as f64 - want[i]).abs();
-            assert!(
-                err <= tol,
-                "{v:?} b{batch} m{m} n{n} k{k} ta{ta} tb{tb} bcast{bcast} bias{bias} {act:?} res{res}: \
-                 element {i} got {} want {} (err {err:e} > tol {tol:e})",
-                got[i],
-                want[i]
+        residual: bool,
+    }
+
+    impl Problem {
+        /// A plain `A @ B`.
+        fn new(batch: usize, m: usize, n: usize, k: usize) -> Problem {
+            Problem {
+                batch,
+                m,
+                n,
+                k,
+                trans_a: false,
+                trans_b: false,
+                broadcast_b: false,
+                bias: false,
+                act: Act::None,
+                residual: false,
+            }
+        }
+        fn trans(self, trans_a: bool, trans_b: bool) -> Problem {
+            Problem {
+                trans_a,
+                trans_b,
+                ..self
+            }
+        }
+        /// B is one `[k, n]` matrix for every batch entry.
+        fn broadcast_b(self) -> Problem {
+            Problem {
+                broadcast_b: true,
+                ..self
+            }
+        }
+        fn bias(self) -> Problem {
+            Problem { bias: true, ..self }
+        }
+        fn act(self, act: Act) -> Problem {
+            Problem { act, ..self }
+        }
+        fn residual(self) -> Problem {
+            Problem {
+                residual: true,
+                ..self
+            }
+        }
+
+        /// Runs the problem on variant `v` with inputs from `seed` and compares with
+        /// [`reference`].
+        fn check(self, v: Variant, seed: u64) {
+            let Problem {
+                batch,
+                m,
+                n,
+                k,
+                trans_a: ta,
+                trans_b: tb,
+                broadcast_b: bcast,
+                bias,
+                act,
+                residual: res,
+            } = self;
+            let g = gpu();
+            let av = rand_vec(batch * m * k, seed);
+            let bv = rand_vec(if bcast { k * n } else { batch * k * n }, seed + 1);
+            let biasv = rand_vec(n, seed + 2);
+            let resv = rand_vec(batch * m * n, seed + 3);
+            let a_shape = if ta { [batch, k, m] } else { [batch, m, k] };
+            let b_shape: Vec<usize> = match (bcast, tb) {
+                (true, true) => vec![n, k],
+                (true, false) => vec![k, n],
+                (false, true) => vec![batch, n, k],
+                (false, false) => vec![batch, k, n],
+            };
+            let a = Tensor::from_slice(&g, &av, &a_shape).unwrap();
+            let b = Tensor::from_slice(&g, &bv, &b_shape).unwrap();
+            let bias_t = Tensor::from_slice(&g, &biasv, &[n]).unwrap();
+            let res_t = Tensor::from_slice(&g, &resv, &[batch, m, n]).unwrap();
+            let alpha = if res { 0.5 } else { 1.0 };
+            let o = MatmulOpts {
+                trans_a: ta,
+                trans_b: tb,
+                alpha: Some(alpha),
+                bias: bias.then_some(&bias_t),
+                act,
+                residual: res.then_some(&res_t),
+            };
+            let c = matmul_variant(&a, &b, &o, v).unwrap();
+            assert_eq!(c.shape(), &[batch, m, n]);
+            let got = c.to_vec().unwrap();
+            let (want, mag) = reference(
+                &av,
+                &bv,
+                batch,
+                m,
+                n,
+                k,
+                ta,
+                tb,
+                bcast,
+                alpha,
+                bias.then_some(&biasv),
+                act,
+                res.then_some(&resv),
             );
+            // Recursive f32 summation of K products is within K·eps·Σ|a·b| of the exact
+            // sum; activations are 1-Lipschitz-ish (≤ 1.13) and add their own ~1e-6 error.
+            for i in 0..got.len() {
+                let tol = 1.2 * (k as f64 + 2.0) * f32::EPSILON as f64 * mag[i]
+                    + 2e-6 * (1.0 + want[i].abs());
+                let err = (got[i] as f64 - want[i]).abs();
+                assert!(
+                    err <= tol,
+                    "{v:?} {self:?}: element {i} got {} want {} (err {err:e} > tol {tol:e})",
+                    got[i],
+                    want[i]
+                );
+            }
         }
     }
 
@@ -461,20 +561,7 @@ mod tests {
             for &(batch, m, n, k) in &shapes {
                 for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
                     seed += 10;
-                    check(
-                        v,
-                        batch,
-                        m,
-                        n,
-                        k,
-                        ta,
-                        tb,
-                        false,
-                        false,
-                        Act::None,
-                        false,
-                        seed,
-                    );
+                    Problem::new(batch, m, n, k).trans(ta, tb).check(v, seed);
                 }
             }
         }
@@ -493,22 +580,20 @@ mod tests {
                 Act::GeluTanh,
             ] {
                 seed += 10;
-                check(v, 3, 33, 47, 70, false, true, true, true, act, true, seed);
+                Problem::new(3, 33, 47, 70)
+                    .trans(false, true)
+                    .broadcast_b()
+                    .bias()
+                    .act(act)
+                    .residual()
+                    .check(v, seed);
             }
-            check(
-                v,
-                2,
-                5,
-                9,
-                3,
-                true,
-                false,
-                true,
-                true,
-                Act::Sigmoid,
-                false,
-                seed + 5,
-            );
+            Problem::new(2, 5, 9, 3)
+                .trans(true, false)
+                .broadcast_b()
+                .bias()
+                .act(Act::Sigmoid)
+                .check(v, seed + 5);
         }
     }
 
@@ -534,63 +619,23 @@ mod tests {
             for (batch, m, n, k, ta, tb) in cases {
                 assert!(vec4_applies(m, n, k, ta, tb), "{m}x{n}x{k} {ta} {tb}");
                 seed += 10;
-                check(
-                    v,
-                    batch,
-                    m,
-                    n,
-                    k,
-                    ta,
-                    tb,
-                    false,
-                    false,
-                    Act::None,
-                    false,
-                    seed,
-                );
+                Problem::new(batch, m, n, k).trans(ta, tb).check(v, seed);
             }
-            check(
-                v,
-                3,
-                33,
-                48,
-                72,
-                false,
-                true,
-                true,
-                true,
-                Act::QuickGelu,
-                true,
-                seed + 1,
-            );
-            check(
-                v,
-                2,
-                12,
-                20,
-                8,
-                true,
-                false,
-                true,
-                true,
-                Act::Gelu,
-                true,
-                seed + 2,
-            );
-            check(
-                v,
-                70_000,
-                2,
-                4,
-                4,
-                false,
-                false,
-                false,
-                true,
-                Act::None,
-                false,
-                seed + 3,
-            );
+            Problem::new(3, 33, 48, 72)
+                .trans(false, true)
+                .broadcast_b()
+                .bias()
+                .act(Act::QuickGelu)
+                .residual()
+                .check(v, seed + 1);
+            Problem::new(2, 12, 20, 8)
+                .trans(true, false)
+                .broadcast_b()
+                .bias()
+                .act(Act::Gelu)
+                .residual()
+                .check(v, seed + 2);
+            Problem::new(70_000, 2, 4, 4).bias().check(v, seed + 3);
         }
     }
 
@@ -601,20 +646,12 @@ mod tests {
         // variant, whether or not K is a multiple of 4.
         for v in Variant::ALL {
             for (k, tb) in [(65_540, true), (65_537, false), (2 * K_SPLIT + 3, true)] {
-                check(
-                    v,
-                    1,
-                    2,
-                    3,
-                    k,
-                    false,
-                    tb,
-                    false,
-                    true,
-                    Act::Gelu,
-                    true,
-                    3000 + k as u64,
-                );
+                Problem::new(1, 2, 3, k)
+                    .trans(false, tb)
+                    .bias()
+                    .act(Act::Gelu)
+                    .residual()
+                    .check(v, 3000 + k as u64);
             }
         }
     }
@@ -624,54 +661,23 @@ mod tests {
         // K = 65,540 is summed in 4 accumulating splits of at most K_SPLIT (the vec4 kernels
         // step K by 4, so the splits must stay multiples of 4); fused epilogue on the last.
         for v in [Variant::Vec4, Variant::Subgroup] {
-            check(
-                v,
-                1,
-                9,
-                6,
-                65_540,
-                false,
-                true,
-                true,
-                true,
-                Act::Gelu,
-                true,
-                3000,
-            );
-            check(
-                v,
-                1,
-                8,
-                4,
-                40_004,
-                true,
-                false,
-                false,
-                false,
-                Act::None,
-                false,
-                3010,
-            );
+            Problem::new(1, 9, 6, 65_540)
+                .trans(false, true)
+                .broadcast_b()
+                .bias()
+                .act(Act::Gelu)
+                .residual()
+                .check(v, 3000);
+            Problem::new(1, 8, 4, 40_004)
+                .trans(true, false)
+                .check(v, 3010);
         }
     }
 
     #[test]
     fn batch_past_65535_workgroups_is_split() {
         for v in Variant::ALL {
-            check(
-                v,
-                70_000,
-                2,
-                3,
-                4,
-                false,
-                false,
-                false,
-                true,
-                Act::None,
-                false,
-                77,
-            );
+            Problem::new(70_000, 2, 3, 4).bias().check(v, 77);
         }
     }
 

@@ -3,6 +3,8 @@
 
 pub mod attention;
 pub mod concat;
+#[cfg(test)]
+mod contract_tests;
 pub mod conv2d;
 pub mod elementwise;
 pub mod gather;
@@ -92,9 +94,35 @@ pub enum Act {
 }
 
 impl Act {
+    /// Every activation, in code order.
+    pub const ALL: [Act; 7] = [
+        Act::None,
+        Act::Gelu,
+        Act::QuickGelu,
+        Act::Silu,
+        Act::Sigmoid,
+        Act::Relu,
+        Act::GeluTanh,
+    ];
+
+    /// The Hugging Face `hidden_act` name (transformers' `ACT2FN` key); [`Act::from_hf`]
+    /// reads it back.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Act::None => "linear",
+            Act::Gelu => "gelu",
+            Act::QuickGelu => "quick_gelu",
+            Act::Silu => "silu",
+            Act::Sigmoid => "sigmoid",
+            Act::Relu => "relu",
+            Act::GeluTanh => "gelu_new",
+        }
+    }
+
     /// Parses a Hugging Face `hidden_act` name.
     pub fn from_hf(name: &str) -> crate::Result<Act> {
         Ok(match name {
+            "linear" => Act::None,
             "gelu" => Act::Gelu,
             "quick_gelu" => Act::QuickGelu,
             "silu" | "swish" => Act::Silu,
@@ -250,6 +278,20 @@ pub(crate) mod testutil {
 
 #[cfg(test)]
 mod tests {
+    use super::Act;
+
+    #[test]
+    fn hf_names_read_back_as_the_same_activation() {
+        for (i, a) in Act::ALL.into_iter().enumerate() {
+            assert_eq!(a as usize, i, "Act::ALL is in code order and complete");
+            assert_eq!(Act::from_hf(a.hf_name()).unwrap(), a, "{}", a.hf_name());
+        }
+        // The aliases transformers also accepts.
+        assert_eq!(Act::from_hf("swish").unwrap(), Act::Silu);
+        assert_eq!(Act::from_hf("gelu_pytorch_tanh").unwrap(), Act::GeluTanh);
+        assert!(Act::from_hf("tanh").is_err());
+    }
+
     #[test]
     fn erf_matches_known_values() {
         for (x, want) in [

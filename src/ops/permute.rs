@@ -9,20 +9,26 @@ use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::Tensor;
 use crate::{Error, Result};
 
-static SHADER: Shader = crate::shader!("permute");
+/// The `override` constants the kernels below set.
+mod ov {
+    use crate::gpu::Override;
+    pub(super) const WG: Override<u32> = Override::new("WG");
+}
+
+pub(crate) static SHADER: Shader<Params> = crate::shader!("permute", "grid", overrides = [ov::WG]);
 const WG: u32 = 256;
 /// Most dims the kernel handles after merging.
 pub const MAX_RANK: usize = 8;
 
-/// Mirrors `struct Params` in `shaders/permute.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    n: u32,
-    rank: u32,
-    _pad: [u32; 2],
-    out_dims: [u32; MAX_RANK],
-    in_strides: [u32; MAX_RANK],
+crate::shader_params! {
+    /// Mirrors `struct Params` in `shaders/permute.wgsl`.
+    pub(crate) struct Params {
+        n: u32,
+        rank: u32,
+        _pad: [u32; 2],
+        out_dims: [u32; MAX_RANK],
+        in_strides: [u32; MAX_RANK],
+    }
 }
 
 /// Checks that `perm` is a permutation of `0..rank`.
@@ -102,7 +108,7 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
         p.out_dims[i] = dims[i] as u32;
         p.in_strides[i] = strides[i] as u32;
     }
-    let k = Kernel::new(&SHADER, "permute").with("WG", WG);
+    let k = Kernel::new(&SHADER, "permute").with(ov::WG, WG);
     gpu.dispatch(
         &k,
         &p,

@@ -8,21 +8,29 @@ use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
-static SHADER: Shader = crate::shader!("reduce");
+/// The `override` constants the kernels below set.
+mod ov {
+    use crate::gpu::Override;
+    pub(super) const OP: Override<u32> = Override::new("OP");
+    pub(super) const WG: Override<u32> = Override::new("WG");
+}
+
+pub(crate) static SHADER: Shader<Params> =
+    crate::shader!("reduce", "grid", overrides = [ov::OP, ov::WG]);
 const WG: u32 = 256;
 /// Most values one invocation combines.
 pub const MAX_TERMS: usize = 1024;
 
-/// Mirrors `struct Params` in `shaders/reduce.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    outer: u32,
-    a: u32,
-    inner: u32,
-    parts: u32,
-    scale: f32,
-    _pad: [u32; 3],
+crate::shader_params! {
+    /// Mirrors `struct Params` in `shaders/reduce.wgsl`.
+    pub(crate) struct Params {
+        outer: u32,
+        a: u32,
+        inner: u32,
+        parts: u32,
+        scale: f32,
+        _pad: [u32; 3],
+    }
 }
 
 /// What a reduction computes.
@@ -136,8 +144,8 @@ fn reduce_3d(
         )));
     }
     let k = Kernel::new(&SHADER, "reduce")
-        .with("OP", op.code())
-        .with("WG", WG);
+        .with(ov::OP, op.code())
+        .with(ov::WG, WG);
     let mut cur = x.clone();
     let mut len = a;
     let plan = passes(a);

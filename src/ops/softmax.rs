@@ -6,18 +6,24 @@ use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
-static SHADER: Shader = crate::shader!("softmax");
+/// The `override` constants the kernels below set.
+mod ov {
+    use crate::gpu::Override;
+    pub(super) const WG: Override<u32> = Override::new("WG");
+}
+
+pub(crate) static SHADER: Shader<Params> = crate::shader!("softmax", "grid", overrides = [ov::WG]);
 /// Rows per workgroup of the one-invocation-per-row variant.
 const ROWS_WG: u32 = 16;
 
-/// Mirrors `struct Params` in `shaders/softmax.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    rows: u32,
-    len: u32,
-    scale: f32,
-    _pad: u32,
+crate::shader_params! {
+    /// Mirrors `struct Params` in `shaders/softmax.wgsl`.
+    pub(crate) struct Params {
+        rows: u32,
+        len: u32,
+        scale: f32,
+        _pad: u32,
+    }
 }
 
 /// Loop iterations of the per-invocation kernel for rows of `len` values.
@@ -70,16 +76,17 @@ pub fn softmax_strategy(x: &Tensor, scale: f32, s: Strategy) -> Result<Tensor> {
         Strategy::Invocation => ("softmax_rows", (rows as u32).div_ceil(ROWS_WG)),
         Strategy::Workgroup => ("softmax_wg", rows as u32),
     };
-    let k = Kernel::new(&SHADER, entry).with("WG", ROWS_WG);
+    let k = Kernel::new(&SHADER, entry).with(ov::WG, ROWS_WG);
     gpu.dispatch(&k, &p, &[x.binding(), y.binding()], grid_1d(groups));
     Ok(y)
 }
 
 /// CPU reference in f64 of `softmax(scale · x)` over rows of `len` values.
-pub fn reference(x: &[f32], len: usize, scale: f32) -> Vec<f64> {
+/// Inputs are f32 (the kernel tests) or f64 (the autodiff tests' finite differences).
+pub fn reference<T: Copy + Into<f64>>(x: &[T], len: usize, scale: f32) -> Vec<f64> {
     let mut out = Vec::with_capacity(x.len());
     for row in x.chunks(len) {
-        let v: Vec<f64> = row.iter().map(|&a| a as f64 * scale as f64).collect();
+        let v: Vec<f64> = row.iter().map(|&a| a.into() * scale as f64).collect();
         let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = v.iter().map(|&a| (a - m).exp()).collect();
         let s: f64 = e.iter().sum();

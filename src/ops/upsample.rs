@@ -8,16 +8,16 @@ use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
-static SHADER: Shader = crate::shader!("upsample");
+pub(crate) static SHADER: Shader<Params> = crate::shader!("upsample", "grid");
 
-/// Mirrors `struct Params` in `shaders/upsample.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    total: u32,
-    h: u32,
-    w: u32,
-    _pad: u32,
+crate::shader_params! {
+    /// Mirrors `struct Params` in `shaders/upsample.wgsl`.
+    pub(crate) struct Params {
+        total: u32,
+        h: u32,
+        w: u32,
+        _pad: u32,
+    }
 }
 
 /// `x`: `[N, C, H, W]` -> `[N, C, 2H, 2W]`, each input pixel repeated in a 2x2 block.

@@ -10,7 +10,13 @@ use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
-static SHADER: Shader = crate::shader!("vq");
+/// The `override` constants the kernels below set.
+mod ov {
+    use crate::gpu::Override;
+    pub(super) const CHUNK: Override<u32> = Override::new("CHUNK");
+}
+
+pub(crate) static SHADER: Shader<Params> = crate::shader!("vq", "grid", overrides = [ov::CHUNK]);
 const WG: u32 = 64;
 /// Most codes searched by one invocation of `nearest_partial`.
 const MAX_CHUNK: usize = 256;
@@ -27,17 +33,17 @@ fn chunk_for(d: usize) -> Result<usize> {
     Ok(((budget - d) / (d + 1)).clamp(1, MAX_CHUNK))
 }
 
-/// Mirrors `struct Params` in `shaders/vq.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    m: u32,
-    hw: u32,
-    d: u32,
-    k: u32,
-    chunks: u32,
-    total: u32,
-    _pad: [u32; 2],
+crate::shader_params! {
+    /// Mirrors `struct Params` in `shaders/vq.wgsl`.
+    pub(crate) struct Params {
+        m: u32,
+        hw: u32,
+        d: u32,
+        k: u32,
+        chunks: u32,
+        total: u32,
+        _pad: [u32; 2],
+    }
 }
 
 fn nchw(t: &Tensor, what: &str) -> Result<(usize, usize, usize, usize)> {
@@ -104,7 +110,7 @@ pub fn nearest_codes(z: &Tensor, codebook: &Tensor) -> Result<Tensor> {
     let dist = Tensor::empty(gpu, &[m, chunks], DType::F32)?;
     let idx = Tensor::empty(gpu, &[m, chunks], DType::U32)?;
     gpu.dispatch(
-        &Kernel::new(&SHADER, "nearest_partial").with("CHUNK", chunk as u32),
+        &Kernel::new(&SHADER, "nearest_partial").with(ov::CHUNK, chunk as u32),
         &p,
         &[
             z.binding(),

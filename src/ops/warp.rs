@@ -12,19 +12,19 @@ use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
-static SHADER: Shader = crate::shader!("warp");
+pub(crate) static SHADER: Shader<Params> = crate::shader!("warp", "grid");
 
-/// Mirrors `struct Params` in `shaders/warp.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    total: u32,
-    ih: u32,
-    iw: u32,
-    oh: u32,
-    ow: u32,
-    c: u32,
-    _pad: [u32; 2],
+crate::shader_params! {
+    /// Mirrors `struct Params` in `shaders/warp.wgsl`.
+    pub(crate) struct Params {
+        total: u32,
+        ih: u32,
+        iw: u32,
+        oh: u32,
+        ow: u32,
+        c: u32,
+        _pad: [u32; 2],
+    }
 }
 
 /// A 3×3 projective map of pixel coordinates, row-major: `(x, y) ↦ (h0·x + h1·y + h2,

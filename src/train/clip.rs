@@ -420,14 +420,6 @@ impl ClipTrainer {
     }
 }
 
-fn act_name(a: Act) -> &'static str {
-    match a {
-        Act::QuickGelu => "quick_gelu",
-        Act::Gelu => "gelu",
-        _ => "quick_gelu",
-    }
-}
-
 /// `config.json` of a `CLIPModel` with this architecture.
 pub fn hf_config(c: &ClipConfig) -> serde_json::Value {
     let (t, v) = (&c.text, &c.vision);
@@ -446,7 +438,7 @@ pub fn hf_config(c: &ClipConfig) -> serde_json::Value {
             "num_hidden_layers": t.num_hidden_layers,
             "num_attention_heads": t.num_attention_heads,
             "max_position_embeddings": t.max_position_embeddings,
-            "hidden_act": act_name(t.hidden_act),
+            "hidden_act": t.hidden_act.hf_name(),
             "layer_norm_eps": t.layer_norm_eps,
             "projection_dim": c.projection_dim,
             "bos_token_id": t.vocab_size - 2,
@@ -464,7 +456,7 @@ pub fn hf_config(c: &ClipConfig) -> serde_json::Value {
             "num_channels": v.num_channels,
             "image_size": v.image_size,
             "patch_size": v.patch_size,
-            "hidden_act": act_name(v.hidden_act),
+            "hidden_act": v.hidden_act.hf_name(),
             "layer_norm_eps": v.layer_norm_eps,
             "projection_dim": c.projection_dim,
             "attention_dropout": 0.0,
