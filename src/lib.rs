@@ -12,6 +12,7 @@ pub mod error;
 pub mod generate;
 pub mod gpu;
 pub mod models;
+pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod search;

@@ -7,89 +7,12 @@
 
 use super::{Generator, Perceptor};
 use crate::autodiff::{Tape, Var};
-use crate::models::clip::encoder::{ClipEncoder, ClipEncoderLayer, LayerNorm, Linear};
 use crate::models::clip::ClipModel;
 use crate::models::vqgan::blocks::{AttnBlock, Conv, Level, Mid, Norm, ResnetBlock, EPS, GROUPS};
 use crate::models::vqgan::VqGan;
 use crate::ops::conv2d::Conv2dOpts;
 use crate::ops::Act;
 use crate::{Result, Tensor};
-
-/// A CLIP `Linear` on the tape.
-pub(crate) fn linear(tape: &Tape, l: &Linear, x: &Var, act: Act) -> Result<Var> {
-    let w = tape.param(&l.weight);
-    let b = l.bias.as_ref().map(|b| tape.param(b));
-    tape.linear(x, &w, b.as_ref(), act)
-}
-
-/// A CLIP `LayerNorm` on the tape.
-pub(crate) fn layer_norm(tape: &Tape, l: &LayerNorm, x: &Var) -> Result<Var> {
-    tape.layer_norm(x, &tape.param(&l.weight), &tape.param(&l.bias), l.eps)
-}
-
-/// One of CLIP's pre-LN blocks on `x` `[N, T, D]` (`causal`: the text tower's mask).
-fn clip_layer(
-    tape: &Tape,
-    layer: &ClipEncoderLayer,
-    x: &Var,
-    heads: usize,
-    act: Act,
-    causal: bool,
-) -> Result<Var> {
-    let (n, t, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
-    let hd = d / heads;
-    let split = |v: &Var| -> Result<Var> {
-        tape.permute(&tape.reshape(v, &[n, t, heads, hd])?, &[0, 2, 1, 3])
-    };
-    let h = layer_norm(tape, &layer.layer_norm1, x)?;
-    let a = &layer.self_attn;
-    let q = split(&linear(tape, &a.q_proj, &h, Act::None)?)?;
-    let k = split(&linear(tape, &a.k_proj, &h, Act::None)?)?;
-    let v = split(&linear(tape, &a.v_proj, &h, Act::None)?)?;
-    let o = tape.attention(&q, &k, &v, causal, (hd as f32).powf(-0.5))?;
-    let o = tape.reshape(&tape.permute(&o, &[0, 2, 1, 3])?, &[n, t, d])?;
-    let x = tape.add(x, &linear(tape, &a.out_proj, &o, Act::None)?)?;
-    let h = layer_norm(tape, &layer.layer_norm2, &x)?;
-    let m = linear(tape, &layer.mlp.fc1, &h, act)?;
-    tape.add(&x, &linear(tape, &layer.mlp.fc2, &m, Act::None)?)
-}
-
-/// `x`: `[N, T, D]` through CLIP's pre-LN blocks (`causal`: the text tower's mask; the
-/// image tower has none).
-pub(crate) fn clip_encoder(
-    tape: &Tape,
-    enc: &ClipEncoder,
-    x: &Var,
-    heads: usize,
-    act: Act,
-    causal: bool,
-) -> Result<Var> {
-    clip_blocks(tape, enc, x, heads, act, causal, false)
-}
-
-/// [`clip_encoder`]; with `recompute` each block is a [`Tape::checkpoint`].
-fn clip_blocks(
-    tape: &Tape,
-    enc: &ClipEncoder,
-    x: &Var,
-    heads: usize,
-    act: Act,
-    causal: bool,
-    recompute: bool,
-) -> Result<Var> {
-    let mut x = x.clone();
-    for layer in &enc.layers {
-        x = if recompute {
-            let layer = layer.clone();
-            tape.checkpoint(&[&x], move |t, xs| {
-                clip_layer(t, &layer, &xs[0], heads, act, causal)
-            })?
-        } else {
-            clip_layer(tape, layer, &x, heads, act, causal)?
-        };
-    }
-    Ok(x)
-}
 
 impl Perceptor for ClipModel {
     fn image_size(&self) -> usize {
@@ -108,51 +31,11 @@ impl Perceptor for ClipModel {
         self.text_features(texts)
     }
     fn encode_image(&self, tape: &Tape, pixels: &Var) -> Result<Var> {
-        clip_image(self, tape, pixels, false)
+        self.image_features_on(tape, pixels, false)
     }
     fn encode_image_recomputed(&self, tape: &Tape, pixels: &Var) -> Result<Var> {
-        clip_image(self, tape, pixels, true)
+        self.image_features_on(tape, pixels, true)
     }
-}
-
-/// CLIP's image tower on the tape (see [`Perceptor::encode_image`]).
-fn clip_image(model: &ClipModel, tape: &Tape, pixels: &Var, recompute: bool) -> Result<Var> {
-    let c = &model.config.vision;
-    let (s, p, g, ch, d) = (
-        c.image_size,
-        c.patch_size,
-        c.grid(),
-        c.num_channels,
-        c.hidden_size,
-    );
-    let n = pixels.shape()[0];
-    let e = &model.vision_model.embeddings;
-    // The stride-P patch conv as one product: patches [N·G², C·P·P] @ Wᵀ.
-    let x = tape.reshape(pixels, &[n, ch, g, p, g, p])?;
-    let x = tape.reshape(
-        &tape.permute(&x, &[0, 2, 4, 1, 3, 5])?,
-        &[n * g * g, ch * p * p],
-    )?;
-    let w = tape.param(&e.patch_embedding);
-    let x = tape.reshape(&tape.linear(&x, &w, None, Act::None)?, &[n, g * g, d])?;
-    debug_assert_eq!(s, g * p);
-    let zeros = tape.leaf(Tensor::zeros(pixels.value().gpu(), &[n, 1, d])?, false);
-    let cls = tape.add(&zeros, &tape.param(&e.class_embedding))?;
-    let x = tape.concat(&[&cls, &x], 1)?;
-    let x = tape.add(&x, &tape.param(&e.position_embedding))?;
-    let x = layer_norm(tape, &model.vision_model.pre_layrnorm, &x)?;
-    let h = clip_blocks(
-        tape,
-        &model.vision_model.encoder,
-        &x,
-        c.num_attention_heads,
-        c.hidden_act,
-        false,
-        recompute,
-    )?;
-    let cls = tape.reshape(&tape.slice(&h, 1, 0, 1)?, &[n, d])?;
-    let pooled = layer_norm(tape, &model.vision_model.post_layernorm, &cls)?;
-    linear(tape, &model.visual_projection, &pooled, Act::None)
 }
 
 pub(crate) fn conv(tape: &Tape, c: &Conv, x: &Var, residual: Option<&Var>) -> Result<Var> {

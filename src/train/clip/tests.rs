@@ -206,7 +206,10 @@ fn bench_clip_step() {
     for _ in 0..3 {
         let tape = Tape::training();
         let t = std::time::Instant::now();
-        let img = Perceptor::encode_image(&tr.model, &tape, &tape.leaf(px.clone(), false)).unwrap();
+        let img = tr
+            .model
+            .image_features_on(&tape, &tape.leaf(px.clone(), false), false)
+            .unwrap();
         img.value().to_vec().unwrap();
         let t1 = t.elapsed().as_secs_f64();
         let ids = tr.model.tokenize(&caps).unwrap();
