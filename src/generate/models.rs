@@ -1,17 +1,11 @@
-//! The real models behind [`Perceptor`] and [`Generator`]: CLIP's image tower and the VQGAN
-//! decoder re-expressed on the autodiff tape, reading the loaded models' weights.
-//!
-//! The structure follows `models::clip::vision` / `encoder` and `models::vqgan::blocks` /
-//! `decoder` exactly (those run inference with fused kernels); tests check that both paths
-//! give the same values.
+//! The real models behind [`Perceptor`] and [`Generator`]: [`ClipModel`]'s image tower and
+//! [`VqGan`]'s decoder, whose one forward each (written over the tape in `models/`) serves
+//! inference and VQGAN+CLIP alike; this file only maps the traits onto them.
 
 use super::{Generator, Perceptor};
 use crate::autodiff::{Tape, Var};
 use crate::models::clip::ClipModel;
-use crate::models::vqgan::blocks::{AttnBlock, Conv, Level, Mid, Norm, ResnetBlock, EPS, GROUPS};
 use crate::models::vqgan::VqGan;
-use crate::ops::conv2d::Conv2dOpts;
-use crate::ops::Act;
 use crate::{Result, Tensor};
 
 impl Perceptor for ClipModel {
@@ -38,72 +32,6 @@ impl Perceptor for ClipModel {
     }
 }
 
-pub(crate) fn conv(tape: &Tape, c: &Conv, x: &Var, residual: Option<&Var>) -> Result<Var> {
-    let opts = Conv2dOpts {
-        pad: [c.weight.dim(2) / 2; 4],
-        ..Default::default()
-    };
-    let y = tape.conv2d(x, &tape.param(&c.weight), Some(&tape.param(&c.bias)), &opts)?;
-    match residual {
-        Some(r) => tape.add(&y, r),
-        None => Ok(y),
-    }
-}
-
-pub(crate) fn norm(tape: &Tape, n: &Norm, x: &Var, act: Act) -> Result<Var> {
-    tape.group_norm(
-        x,
-        GROUPS,
-        &tape.param(&n.weight),
-        &tape.param(&n.bias),
-        EPS,
-        act,
-    )
-}
-
-fn resnet(tape: &Tape, b: &ResnetBlock, x: &Var) -> Result<Var> {
-    let h = conv(tape, &b.conv1, &norm(tape, &b.norm1, x, Act::Silu)?, None)?;
-    let h = norm(tape, &b.norm2, &h, Act::Silu)?;
-    let skip = match &b.nin_shortcut {
-        Some(nin) => conv(tape, nin, x, None)?,
-        None => x.clone(),
-    };
-    conv(tape, &b.conv2, &h, Some(&skip))
-}
-
-fn attn(tape: &Tape, a: &AttnBlock, x: &Var) -> Result<Var> {
-    let (n, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
-    let hn = norm(tape, &a.norm, x, Act::None)?;
-    let t = tape.permute(&tape.reshape(&hn, &[n, c, h * w])?, &[0, 2, 1])?; // [N, HW, C]
-    let proj = |p: &Conv| -> Result<Var> {
-        let wt = tape.reshape(&tape.param(&p.weight), &[c, c])?;
-        let y = tape.linear(&t, &wt, Some(&tape.param(&p.bias)), Act::None)?;
-        tape.reshape(&y, &[n, 1, h * w, c])
-    };
-    let (q, k, v) = (proj(&a.q)?, proj(&a.k)?, proj(&a.v)?);
-    let o = tape.attention(&q, &k, &v, false, (c as f32).powf(-0.5))?;
-    let o = tape.permute(&tape.reshape(&o, &[n, h * w, c])?, &[0, 2, 1])?;
-    let o = tape.reshape(&o, &[n, c, h, w])?;
-    conv(tape, &a.proj_out, &o, Some(x))
-}
-
-pub(crate) fn mid(tape: &Tape, m: &Mid, x: &Var) -> Result<Var> {
-    let h = resnet(tape, &m.block_1, x)?;
-    let h = attn(tape, &m.attn_1, &h)?;
-    resnet(tape, &m.block_2, &h)
-}
-
-pub(crate) fn level(tape: &Tape, l: &Level, x: &Var) -> Result<Var> {
-    let mut h = x.clone();
-    for (i, b) in l.block.iter().enumerate() {
-        h = resnet(tape, b, &h)?;
-        if let Some(a) = l.attn.get(i) {
-            h = attn(tape, a, &h)?;
-        }
-    }
-    Ok(h)
-}
-
 impl Generator for VqGan {
     fn factor(&self) -> usize {
         self.downsampling_factor()
@@ -115,51 +43,14 @@ impl Generator for VqGan {
         Ok(VqGan::quantize(self, z)?.0)
     }
     fn decode(&self, tape: &Tape, z_q: &Var) -> Result<Var> {
-        vqgan_decode(self, tape, z_q, false)
+        self.decode_on(tape, z_q, false)
     }
     fn decode_recomputed(&self, tape: &Tape, z_q: &Var) -> Result<Var> {
-        vqgan_decode(self, tape, z_q, true)
+        self.decode_on(tape, z_q, true)
     }
     fn encode(&self, image: &Tensor) -> Result<Tensor> {
         VqGan::encode(self, image)
     }
-}
-
-/// The VQGAN decoder on the tape; with `recompute` the middle blocks and each level's
-/// blocks are [`Tape::checkpoint`]s.
-fn vqgan_decode(model: &VqGan, tape: &Tape, z_q: &Var, recompute: bool) -> Result<Var> {
-    let d = &model.decoder;
-    let h = conv(tape, &model.post_quant_conv, z_q, None)?;
-    let h = conv(tape, &d.conv_in, &h, None)?;
-    let mut h = if recompute {
-        let m = d.mid.clone();
-        tape.checkpoint(&[&h], move |t, x| mid(t, &m, &x[0]))?
-    } else {
-        mid(tape, &d.mid, &h)?
-    };
-    for lvl in d.up.iter().rev() {
-        h = if recompute {
-            let l = lvl.level.clone();
-            tape.checkpoint(&[&h], move |t, x| level(t, &l, &x[0]))?
-        } else {
-            level(tape, &lvl.level, &h)?
-        };
-        if let Some(us) = &lvl.upsample {
-            let opts = Conv2dOpts {
-                pad: [1; 4],
-                upsample: true,
-                ..Default::default()
-            };
-            h = tape.conv2d(
-                &h,
-                &tape.param(&us.weight),
-                Some(&tape.param(&us.bias)),
-                &opts,
-            )?;
-        }
-    }
-    let h = norm(tape, &d.norm_out, &h, Act::Silu)?;
-    conv(tape, &d.conv_out, &h, None)
 }
 
 #[cfg(test)]
@@ -173,8 +64,11 @@ mod tests {
             .join(p)
     }
 
+    /// The one forward takes fused kernels when nothing needs a gradient (inference) and
+    /// records the unfused ops otherwise (VQGAN+CLIP, training); both must give the same
+    /// values.
     #[test]
-    fn tape_forwards_match_the_inference_models() {
+    fn gradient_and_inference_paths_of_the_forwards_agree() {
         let g = gpu();
         let clip = ClipModel::load(fixture("clip/tiny_quickgelu"), &g).unwrap();
         let s = clip.config.vision.image_size;
