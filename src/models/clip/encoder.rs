@@ -120,8 +120,9 @@ impl ClipEncoderLayer {
 
     /// `x`: `[B, T, C]`.
     fn forward(&self, tape: &Tape, x: &Var, causal: bool) -> Result<Var> {
-        let h = self.layer_norm1.forward(tape, x)?;
-        let h = self.self_attn.forward(tape, &h, causal, x)?;
+        let h = self
+            .self_attn
+            .forward(tape, &self.layer_norm1.forward(tape, x)?, causal, x)?;
         self.mlp
             .forward(tape, &self.layer_norm2.forward(tape, &h)?, &h)
     }

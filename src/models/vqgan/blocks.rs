@@ -51,8 +51,10 @@ impl ResnetBlock {
     }
     /// `x`: `[N, Cin, H, W]` -> `[N, Cout, H, W]`.
     pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
-        let h = self.norm1.forward(tape, x, Act::Silu)?;
-        let h = self.conv1.forward(tape, &h, None)?;
+        // Temporaries, not shadowed bindings: each activation is freed as soon as it is read.
+        let h = self
+            .conv1
+            .forward(tape, &self.norm1.forward(tape, x, Act::Silu)?, None)?;
         let h = self.norm2.forward(tape, &h, Act::Silu)?;
         // dropout is identity at inference
         match &self.nin_shortcut {
