@@ -2,7 +2,13 @@
 //! CLIP and the taming-transformers VQGAN, with an autodiff tape for VQGAN+CLIP generation.
 //!
 //! Layers, bottom up: [`gpu`] (device, pool, pipelines, batched dispatch), [`tensor`]
-//! (GPU tensors), [`ops`] (one file per kernel family, each with a CPU reference).
+//! (GPU tensors), [`ops`] (one file per kernel family, each with a CPU reference),
+//! [`autodiff`] (the tape: ops that record their backward rules, and take the fused
+//! inference kernels when nothing needs a gradient), [`nn`] (layers holding their weights,
+//! forward over the tape), [`models`] (CLIP and VQGAN, each tower and block written once
+//! over [`nn`]: `embed`, `reconstruct`, [`generate`] and [`train`] run the same forward),
+//! [`weights`] (checkpoint readers), [`generate`] (the VQGAN+CLIP loop, no model code of its
+//! own), [`train`] (the trainers of the shipped models, on [`data`]'s shapes world).
 #![warn(missing_docs)]
 
 pub mod atomic;
@@ -13,6 +19,7 @@ pub mod error;
 pub mod generate;
 pub mod gpu;
 pub mod models;
+pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod search;

@@ -215,6 +215,33 @@ impl Tape {
         ))
     }
 
+    /// [`Tape::conv2d`] plus `residual` (the output's shape). When nothing needs a
+    /// gradient the bias and the residual are added in the convolution's epilogue, as the
+    /// inference kernels do; otherwise the sum is its own node.
+    pub fn conv2d_residual(
+        &self,
+        x: &Var,
+        weight: &Var,
+        bias: Option<&Var>,
+        opts: &Conv2dOpts,
+        residual: &Var,
+    ) -> Result<Var> {
+        let grad = x.needs_grad
+            || weight.needs_grad
+            || residual.needs_grad
+            || bias.is_some_and(|b| b.needs_grad);
+        if !grad && opts.bias.is_none() && opts.residual.is_none() {
+            let fused = Conv2dOpts {
+                bias: bias.map(|b| &b.value),
+                residual: Some(&residual.value),
+                ..*opts
+            };
+            return Ok(self.leaf(conv2d(&x.value, &weight.value, &fused)?, false));
+        }
+        let y = self.conv2d(x, weight, bias, opts)?;
+        self.add(&y, residual)
+    }
+
     /// Nearest-neighbour ×2 upsample of `[N, C, H, W]`.
     pub fn upsample_nearest2(&self, x: &Var) -> Result<Var> {
         let y = crate::ops::upsample::upsample_nearest2(&x.value)?;

@@ -464,6 +464,35 @@ impl Tape {
         )
     }
 
+    /// `act(x @ weightᵀ + bias) + residual` ([`Tape::linear`] followed by a residual
+    /// addition). When nothing needs a gradient this is one matmul whose epilogue adds the
+    /// bias, applies the activation and adds the residual, as the inference kernels do.
+    pub fn linear_residual(
+        &self,
+        x: &Var,
+        weight: &Var,
+        bias: Option<&Var>,
+        act: Act,
+        residual: &Var,
+    ) -> Result<Var> {
+        let grad = x.needs_grad
+            || weight.needs_grad
+            || residual.needs_grad
+            || bias.is_some_and(|b| b.needs_grad);
+        if !grad {
+            let fused = MatmulOpts {
+                trans_b: true,
+                act,
+                bias: bias.map(|b| &b.value),
+                residual: Some(&residual.value),
+                ..Default::default()
+            };
+            return Ok(self.leaf(matmul(&x.value, &weight.value, &fused)?, false));
+        }
+        let y = self.linear(x, weight, bias, act)?;
+        self.add(residual, &y)
+    }
+
     /// The same value viewed with another shape.
     pub fn reshape(&self, x: &Var, shape: &[usize]) -> Result<Var> {
         let y = x.value.reshape(shape)?;
@@ -651,6 +680,53 @@ impl Tape {
         };
         let p = self.softmax(&scores, 1.0)?;
         self.matmul(&p, v, None, &MatmulOpts::default())
+    }
+
+    /// [`Tape::attention`] on the `[B, T, H·D]` layout of q/k/v projections (`k`, `v` may
+    /// have another T): returns `[B, Tq, H·D]`, the heads side by side as the output
+    /// projection reads them. With no gradient needed this is one fused kernel reading the
+    /// layout in place (no permutes); otherwise the heads are split out
+    /// (`[B, T, H, D]` → `[B, H, T, D]`) around [`Tape::attention`].
+    pub fn attention_bthd(
+        &self,
+        q: &Var,
+        k: &Var,
+        v: &Var,
+        heads: usize,
+        causal: bool,
+        scale: f32,
+    ) -> Result<Var> {
+        if !(q.needs_grad || k.needs_grad || v.needs_grad) {
+            let o = crate::ops::attention::attention_bthd(
+                &q.value, &k.value, &v.value, heads, causal, scale,
+            )?;
+            return Ok(self.leaf(o, false));
+        }
+        for (n, t) in [("q", q), ("k", k), ("v", v)] {
+            if t.shape().len() != 3 || heads == 0 || t.shape()[2] % heads != 0 {
+                return Err(Error::shape(format!(
+                    "attention_bthd {n} must be [B, T, H*D] with {heads} heads, got {:?}",
+                    t.shape()
+                )));
+            }
+        }
+        let (b, tq, hd) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+        let d = hd / heads;
+        // One head: [B, T, D] is already [B, 1, T, D] in memory.
+        let split = |x: &Var| -> Result<Var> {
+            let t = x.shape()[1];
+            if heads == 1 {
+                self.reshape(x, &[b, 1, t, d])
+            } else {
+                self.permute(&self.reshape(x, &[b, t, heads, d])?, &[0, 2, 1, 3])
+            }
+        };
+        let o = self.attention(&split(q)?, &split(k)?, &split(v)?, causal, scale)?;
+        if heads == 1 {
+            self.reshape(&o, &[b, tq, hd])
+        } else {
+            self.reshape(&self.permute(&o, &[0, 2, 1, 3])?, &[b, tq, hd])
+        }
     }
 
     /// `act(GroupNorm(x))` with affine `gamma`, `beta` `[C]`; `x`: `[N, C, ..]`.

@@ -1,95 +1,12 @@
-//! The real models behind [`Perceptor`] and [`Generator`]: CLIP's image tower and the VQGAN
-//! decoder re-expressed on the autodiff tape, reading the loaded models' weights.
-//!
-//! The structure follows `models::clip::vision` / `encoder` and `models::vqgan::blocks` /
-//! `decoder` exactly (those run inference with fused kernels); tests check that both paths
-//! give the same values.
+//! The real models behind [`Perceptor`] and [`Generator`]: [`ClipModel`]'s image tower and
+//! [`VqGan`]'s decoder, whose one forward each (written over the tape in `models/`) serves
+//! inference and VQGAN+CLIP alike; this file only maps the traits onto them.
 
 use super::{Generator, Perceptor};
 use crate::autodiff::{Tape, Var};
-use crate::models::clip::encoder::{ClipEncoder, ClipEncoderLayer, LayerNorm, Linear};
 use crate::models::clip::ClipModel;
-use crate::models::vqgan::blocks::{AttnBlock, Conv, Level, Mid, Norm, ResnetBlock, EPS, GROUPS};
 use crate::models::vqgan::VqGan;
-use crate::ops::conv2d::Conv2dOpts;
-use crate::ops::Act;
 use crate::{Result, Tensor};
-
-/// A CLIP `Linear` on the tape.
-pub(crate) fn linear(tape: &Tape, l: &Linear, x: &Var, act: Act) -> Result<Var> {
-    let w = tape.param(&l.weight);
-    let b = l.bias.as_ref().map(|b| tape.param(b));
-    tape.linear(x, &w, b.as_ref(), act)
-}
-
-/// A CLIP `LayerNorm` on the tape.
-pub(crate) fn layer_norm(tape: &Tape, l: &LayerNorm, x: &Var) -> Result<Var> {
-    tape.layer_norm(x, &tape.param(&l.weight), &tape.param(&l.bias), l.eps)
-}
-
-/// One of CLIP's pre-LN blocks on `x` `[N, T, D]` (`causal`: the text tower's mask).
-fn clip_layer(
-    tape: &Tape,
-    layer: &ClipEncoderLayer,
-    x: &Var,
-    heads: usize,
-    act: Act,
-    causal: bool,
-) -> Result<Var> {
-    let (n, t, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
-    let hd = d / heads;
-    let split = |v: &Var| -> Result<Var> {
-        tape.permute(&tape.reshape(v, &[n, t, heads, hd])?, &[0, 2, 1, 3])
-    };
-    let h = layer_norm(tape, &layer.layer_norm1, x)?;
-    let a = &layer.self_attn;
-    let q = split(&linear(tape, &a.q_proj, &h, Act::None)?)?;
-    let k = split(&linear(tape, &a.k_proj, &h, Act::None)?)?;
-    let v = split(&linear(tape, &a.v_proj, &h, Act::None)?)?;
-    let o = tape.attention(&q, &k, &v, causal, (hd as f32).powf(-0.5))?;
-    let o = tape.reshape(&tape.permute(&o, &[0, 2, 1, 3])?, &[n, t, d])?;
-    let x = tape.add(x, &linear(tape, &a.out_proj, &o, Act::None)?)?;
-    let h = layer_norm(tape, &layer.layer_norm2, &x)?;
-    let m = linear(tape, &layer.mlp.fc1, &h, act)?;
-    tape.add(&x, &linear(tape, &layer.mlp.fc2, &m, Act::None)?)
-}
-
-/// `x`: `[N, T, D]` through CLIP's pre-LN blocks (`causal`: the text tower's mask; the
-/// image tower has none).
-pub(crate) fn clip_encoder(
-    tape: &Tape,
-    enc: &ClipEncoder,
-    x: &Var,
-    heads: usize,
-    act: Act,
-    causal: bool,
-) -> Result<Var> {
-    clip_blocks(tape, enc, x, heads, act, causal, false)
-}
-
-/// [`clip_encoder`]; with `recompute` each block is a [`Tape::checkpoint`].
-fn clip_blocks(
-    tape: &Tape,
-    enc: &ClipEncoder,
-    x: &Var,
-    heads: usize,
-    act: Act,
-    causal: bool,
-    recompute: bool,
-) -> Result<Var> {
-    let mut x = x.clone();
-    for layer in &enc.layers {
-        x = if recompute {
-            let layer = layer.clone();
-            tape.checkpoint(&[&x], move |t, xs| {
-                clip_layer(t, &layer, &xs[0], heads, act, causal)
-            })?
-        } else {
-            clip_layer(tape, layer, &x, heads, act, causal)?
-        };
-    }
-    Ok(x)
-}
 
 impl Perceptor for ClipModel {
     fn image_size(&self) -> usize {
@@ -108,117 +25,11 @@ impl Perceptor for ClipModel {
         self.text_features(texts)
     }
     fn encode_image(&self, tape: &Tape, pixels: &Var) -> Result<Var> {
-        clip_image(self, tape, pixels, false)
+        self.image_features_on(tape, pixels, false)
     }
     fn encode_image_recomputed(&self, tape: &Tape, pixels: &Var) -> Result<Var> {
-        clip_image(self, tape, pixels, true)
+        self.image_features_on(tape, pixels, true)
     }
-}
-
-/// CLIP's image tower on the tape (see [`Perceptor::encode_image`]).
-fn clip_image(model: &ClipModel, tape: &Tape, pixels: &Var, recompute: bool) -> Result<Var> {
-    let c = &model.config.vision;
-    let (s, p, g, ch, d) = (
-        c.image_size,
-        c.patch_size,
-        c.grid(),
-        c.num_channels,
-        c.hidden_size,
-    );
-    let n = pixels.shape()[0];
-    let e = &model.vision_model.embeddings;
-    // The stride-P patch conv as one product: patches [N·G², C·P·P] @ Wᵀ.
-    let x = tape.reshape(pixels, &[n, ch, g, p, g, p])?;
-    let x = tape.reshape(
-        &tape.permute(&x, &[0, 2, 4, 1, 3, 5])?,
-        &[n * g * g, ch * p * p],
-    )?;
-    let w = tape.param(&e.patch_embedding);
-    let x = tape.reshape(&tape.linear(&x, &w, None, Act::None)?, &[n, g * g, d])?;
-    debug_assert_eq!(s, g * p);
-    let zeros = tape.leaf(Tensor::zeros(pixels.value().gpu(), &[n, 1, d])?, false);
-    let cls = tape.add(&zeros, &tape.param(&e.class_embedding))?;
-    let x = tape.concat(&[&cls, &x], 1)?;
-    let x = tape.add(&x, &tape.param(&e.position_embedding))?;
-    let x = layer_norm(tape, &model.vision_model.pre_layrnorm, &x)?;
-    let h = clip_blocks(
-        tape,
-        &model.vision_model.encoder,
-        &x,
-        c.num_attention_heads,
-        c.hidden_act,
-        false,
-        recompute,
-    )?;
-    let cls = tape.reshape(&tape.slice(&h, 1, 0, 1)?, &[n, d])?;
-    let pooled = layer_norm(tape, &model.vision_model.post_layernorm, &cls)?;
-    linear(tape, &model.visual_projection, &pooled, Act::None)
-}
-
-pub(crate) fn conv(tape: &Tape, c: &Conv, x: &Var, residual: Option<&Var>) -> Result<Var> {
-    let opts = Conv2dOpts {
-        pad: [c.weight.dim(2) / 2; 4],
-        ..Default::default()
-    };
-    let y = tape.conv2d(x, &tape.param(&c.weight), Some(&tape.param(&c.bias)), &opts)?;
-    match residual {
-        Some(r) => tape.add(&y, r),
-        None => Ok(y),
-    }
-}
-
-pub(crate) fn norm(tape: &Tape, n: &Norm, x: &Var, act: Act) -> Result<Var> {
-    tape.group_norm(
-        x,
-        GROUPS,
-        &tape.param(&n.weight),
-        &tape.param(&n.bias),
-        EPS,
-        act,
-    )
-}
-
-fn resnet(tape: &Tape, b: &ResnetBlock, x: &Var) -> Result<Var> {
-    let h = conv(tape, &b.conv1, &norm(tape, &b.norm1, x, Act::Silu)?, None)?;
-    let h = norm(tape, &b.norm2, &h, Act::Silu)?;
-    let skip = match &b.nin_shortcut {
-        Some(nin) => conv(tape, nin, x, None)?,
-        None => x.clone(),
-    };
-    conv(tape, &b.conv2, &h, Some(&skip))
-}
-
-fn attn(tape: &Tape, a: &AttnBlock, x: &Var) -> Result<Var> {
-    let (n, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
-    let hn = norm(tape, &a.norm, x, Act::None)?;
-    let t = tape.permute(&tape.reshape(&hn, &[n, c, h * w])?, &[0, 2, 1])?; // [N, HW, C]
-    let proj = |p: &Conv| -> Result<Var> {
-        let wt = tape.reshape(&tape.param(&p.weight), &[c, c])?;
-        let y = tape.linear(&t, &wt, Some(&tape.param(&p.bias)), Act::None)?;
-        tape.reshape(&y, &[n, 1, h * w, c])
-    };
-    let (q, k, v) = (proj(&a.q)?, proj(&a.k)?, proj(&a.v)?);
-    let o = tape.attention(&q, &k, &v, false, (c as f32).powf(-0.5))?;
-    let o = tape.permute(&tape.reshape(&o, &[n, h * w, c])?, &[0, 2, 1])?;
-    let o = tape.reshape(&o, &[n, c, h, w])?;
-    conv(tape, &a.proj_out, &o, Some(x))
-}
-
-pub(crate) fn mid(tape: &Tape, m: &Mid, x: &Var) -> Result<Var> {
-    let h = resnet(tape, &m.block_1, x)?;
-    let h = attn(tape, &m.attn_1, &h)?;
-    resnet(tape, &m.block_2, &h)
-}
-
-pub(crate) fn level(tape: &Tape, l: &Level, x: &Var) -> Result<Var> {
-    let mut h = x.clone();
-    for (i, b) in l.block.iter().enumerate() {
-        h = resnet(tape, b, &h)?;
-        if let Some(a) = l.attn.get(i) {
-            h = attn(tape, a, &h)?;
-        }
-    }
-    Ok(h)
 }
 
 impl Generator for VqGan {
@@ -232,51 +43,14 @@ impl Generator for VqGan {
         Ok(VqGan::quantize(self, z)?.0)
     }
     fn decode(&self, tape: &Tape, z_q: &Var) -> Result<Var> {
-        vqgan_decode(self, tape, z_q, false)
+        self.decode_on(tape, z_q, false)
     }
     fn decode_recomputed(&self, tape: &Tape, z_q: &Var) -> Result<Var> {
-        vqgan_decode(self, tape, z_q, true)
+        self.decode_on(tape, z_q, true)
     }
     fn encode(&self, image: &Tensor) -> Result<Tensor> {
         VqGan::encode(self, image)
     }
-}
-
-/// The VQGAN decoder on the tape; with `recompute` the middle blocks and each level's
-/// blocks are [`Tape::checkpoint`]s.
-fn vqgan_decode(model: &VqGan, tape: &Tape, z_q: &Var, recompute: bool) -> Result<Var> {
-    let d = &model.decoder;
-    let h = conv(tape, &model.post_quant_conv, z_q, None)?;
-    let h = conv(tape, &d.conv_in, &h, None)?;
-    let mut h = if recompute {
-        let m = d.mid.clone();
-        tape.checkpoint(&[&h], move |t, x| mid(t, &m, &x[0]))?
-    } else {
-        mid(tape, &d.mid, &h)?
-    };
-    for lvl in d.up.iter().rev() {
-        h = if recompute {
-            let l = lvl.level.clone();
-            tape.checkpoint(&[&h], move |t, x| level(t, &l, &x[0]))?
-        } else {
-            level(tape, &lvl.level, &h)?
-        };
-        if let Some(us) = &lvl.upsample {
-            let opts = Conv2dOpts {
-                pad: [1; 4],
-                upsample: true,
-                ..Default::default()
-            };
-            h = tape.conv2d(
-                &h,
-                &tape.param(&us.weight),
-                Some(&tape.param(&us.bias)),
-                &opts,
-            )?;
-        }
-    }
-    let h = norm(tape, &d.norm_out, &h, Act::Silu)?;
-    conv(tape, &d.conv_out, &h, None)
 }
 
 #[cfg(test)]
@@ -290,8 +64,11 @@ mod tests {
             .join(p)
     }
 
+    /// The one forward takes fused kernels when nothing needs a gradient (inference) and
+    /// records the unfused ops otherwise (VQGAN+CLIP, training); both must give the same
+    /// values.
     #[test]
-    fn tape_forwards_match_the_inference_models() {
+    fn gradient_and_inference_paths_of_the_forwards_agree() {
         let g = gpu();
         let clip = ClipModel::load(fixture("clip/tiny_quickgelu"), &g).unwrap();
         let s = clip.config.vision.image_size;

@@ -1,6 +1,6 @@
 //! Training a small CLIP on the shapes world ([`crate::data::shapes`]): a byte-level BPE
 //! vocabulary whose merges spell every caption word as one token, the text tower on the
-//! autodiff tape (the image tower is [`crate::generate::Perceptor::encode_image`]), the
+//! autodiff tape (both towers are [`ClipModel`]'s own forwards on a training tape), the
 //! symmetric contrastive loss with a learned temperature, augmented batches, one optimiser
 //! step, and the Hugging Face folder that transformers' `CLIPModel` and [`ClipModel::load`]
 //! both read.
@@ -8,8 +8,6 @@
 use super::{download, init_weights, write_atomic, write_safetensors, Init, Schedule};
 use crate::autodiff::{Tape, Var};
 use crate::data::shapes::{Colour, Position, Scene, ShapeKind, ShapesDataset, Split};
-use crate::generate::models::{clip_encoder, layer_norm, linear};
-use crate::generate::Perceptor;
 use crate::models::clip::tokenizer::{BOS, EOS};
 use crate::models::clip::{ClipConfig, ClipModel, ClipTokenizer, TextConfig, VisionConfig};
 use crate::ops::matmul::MatmulOpts;
@@ -264,7 +262,15 @@ impl ClipTrainer {
 
     /// Wraps a loaded model for training (its `logit_scale` becomes a trained tensor).
     pub fn from_model(model: ClipModel, lr: f32) -> Result<ClipTrainer> {
-        if model.text_model.embeddings.token_embedding.chunks().len() != 1 {
+        if model
+            .text_model
+            .embeddings
+            .token_embedding
+            .table
+            .chunks()
+            .len()
+            != 1
+        {
             return Err(Error::invalid(
                 "the token embedding is too large for one binding; training needs it whole",
             ));
@@ -297,7 +303,9 @@ impl ClipTrainer {
     ) -> Result<(Var, Var)> {
         let texts: Vec<String> = captions.iter().chain(negatives).cloned().collect();
         let ids = self.model.tokenize(&texts)?;
-        let img = Perceptor::encode_image(&self.model, tape, &tape.leaf(pixels.clone(), false))?;
+        let img = self
+            .model
+            .image_features_on(tape, &tape.leaf(pixels.clone(), false), false)?;
         let txt = text_features(tape, &self.model, &ids)?;
         contrastive_loss(tape, &img, &txt, &tape.param(&self.logit_scale))
     }
@@ -515,67 +523,12 @@ fn in_batch_accuracy(logits: &[f32], n: usize, m: usize) -> f32 {
 
 /// CLIP's text tower and projection on the tape: projected, unnormalised features `[N, P]`
 /// of token id sequences (padded with the end-of-text id to the longest; pooled at
-/// [`TextConfig::pool_index`] of each unpadded sequence), equal to
-/// [`ClipModel::text_features_ids`].
+/// [`TextConfig::pool_index`] of each unpadded sequence): [`ClipModel::text_features_on`],
+/// the forward behind [`ClipModel::text_features_ids`], with its input checks.
 pub fn text_features(tape: &Tape, model: &ClipModel, ids: &[Vec<u32>]) -> Result<Var> {
-    let c = &model.config.text;
-    let tm = &model.text_model;
-    let (n, d, vocab) = (ids.len(), c.hidden_size, c.vocab_size);
-    let t = ids.iter().map(Vec::len).max().unwrap_or(0);
-    if n == 0 || t == 0 {
-        return Err(Error::invalid("text tower: no tokens to encode"));
-    }
-    if t > c.max_position_embeddings {
-        return Err(Error::invalid(format!(
-            "text of {t} tokens is longer than the model's context of {} tokens",
-            c.max_position_embeddings
-        )));
-    }
-    let pad = c.eos_token_id.clamp(0, vocab as i64 - 1) as u32;
-    let mut flat = Vec::with_capacity(n * t);
-    for r in ids {
-        if let Some(&bad) = r.iter().find(|&&id| id as usize >= vocab) {
-            return Err(Error::invalid(format!(
-                "token id {bad} is outside the vocabulary of {vocab} tokens"
-            )));
-        }
-        flat.extend(r.iter().copied());
-        flat.extend(std::iter::repeat_n(pad, t - r.len()));
-    }
-    let gpu = model.gpu();
-    let table = match tm.embeddings.token_embedding.chunks() {
-        [one] => tape.param(one),
-        _ => {
-            return Err(Error::invalid(
-                "text tower on the tape needs the token embedding in one binding",
-            ))
-        }
-    };
-    // Token rows gathered from the table [V, D] (ids checked above); the backward
-    // scatter-adds their gradients into the table rows, deterministically.
-    let tok = tape.gather_rows(&table, &Tensor::from_u32(gpu, &flat, &[n, t])?)?;
-    let pos = tape.slice(&tape.param(&tm.embeddings.position_embedding), 0, 0, t)?;
-    let x = tape.add(&tok, &pos)?;
-    let h = clip_encoder(
-        tape,
-        &tm.encoder,
-        &x,
-        c.num_attention_heads,
-        c.hidden_act,
-        true,
-    )?;
-    // Pool (one row per text) before the final LayerNorm, which is per row.
-    let rows: Vec<u32> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (i * t + c.pool_index(r)) as u32)
-        .collect();
-    let pooled = tape.gather_rows(
-        &tape.reshape(&h, &[n * t, d])?,
-        &Tensor::from_u32(gpu, &rows, &[n])?,
-    )?;
-    let pooled = layer_norm(tape, &tm.final_layer_norm, &pooled)?;
-    linear(tape, &model.text_projection, &pooled, Act::None)
+    let vocab = model.config.text.vocab_size;
+    let pad = model.config.text.eos_token_id.clamp(0, vocab as i64 - 1) as u32;
+    model.text_features_on(tape, ids, pad)
 }
 
 /// CLIP's symmetric contrastive loss of image features `[N, P]` and text features `[M, P]`

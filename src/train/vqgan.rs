@@ -1,8 +1,7 @@
 //! Training a taming-style VQGAN on the autodiff tape.
 //!
-//! The encoder is re-expressed on the tape mirroring `models::vqgan::encoder` (stride-2
-//! downsample convs with taming's asymmetric `(0, 1, 0, 1)` padding); the decoder is
-//! [`Generator::decode`]. The objective is taming's `VQModel` without the GAN and LPIPS terms:
+//! The encoder and decoder are the model's own forwards ([`VqGan::encode_on`],
+//! [`VqGan::decode_on`]) on a training tape. The objective is taming's `VQModel` without the GAN and LPIPS terms:
 //!
 //! `loss = mse(x, x̂) + ‖sg[z] − z_q‖² + β·‖z − sg[z_q]‖²` (means over elements, β = 0.25),
 //!
@@ -14,12 +13,9 @@
 use super::{default_init, init_weights, Init, Schedule};
 use crate::autodiff::{Tape, Var};
 use crate::data::shapes::{ShapesDataset, Split};
-use crate::generate::models::{conv, level, mid, norm};
-use crate::generate::Generator;
 use crate::models::vqgan::config::{DdConfig, QuantizerKind, VqGanConfig};
 use crate::models::vqgan::{rgb8_to_input, VqGan};
-use crate::ops::conv2d::Conv2dOpts;
-use crate::ops::{vq, Act};
+use crate::ops::vq;
 use crate::optim::{Adam, AdamConfig};
 use crate::{Error, Gpu, Result, Tensor};
 use rand::{Rng, SeedableRng};
@@ -99,33 +95,6 @@ pub fn new_model(cfg: &VqGanConfig, seed: u64, gpu: &Gpu) -> Result<VqGan> {
     }
     let src = init_weights(&cfg.tensor_shapes(), seed, init_rule(cfg.n_embed))?;
     VqGan::from_source(&src, cfg.clone(), gpu)
-}
-
-/// `x`: `[N, in_channels, H, W]` -> `z = quant_conv(encoder(x))` `[N, embed_dim, H/f, W/f]`
-/// on the tape (the same values as [`VqGan::encode`]).
-pub fn encode(tape: &Tape, vq: &VqGan, x: &Var) -> Result<Var> {
-    let e = &vq.encoder;
-    let mut h = conv(tape, &e.conv_in, x, None)?;
-    for lvl in &e.down {
-        h = level(tape, &lvl.level, &h)?;
-        if let Some(ds) = &lvl.downsample {
-            let opts = Conv2dOpts {
-                stride: 2,
-                pad: [0, 1, 0, 1],
-                ..Default::default()
-            };
-            h = tape.conv2d(
-                &h,
-                &tape.param(&ds.weight),
-                Some(&tape.param(&ds.bias)),
-                &opts,
-            )?;
-        }
-    }
-    let h = mid(tape, &e.mid, &h)?;
-    let h = norm(tape, &e.norm_out, &h, Act::Silu)?;
-    let h = conv(tape, &e.conv_out, &h, None)?;
-    conv(tape, &vq.quant_conv, &h, None)
 }
 
 /// Images `[start, start + n)` of a split, rendered at `size` and scaled to [-1, 1]:
@@ -218,7 +187,7 @@ impl Trainer {
         let codebook = vq.quantize.codebook();
         let (k, d) = (codebook.dim(0), codebook.dim(1));
         let xin = tape.leaf(x.clone(), false);
-        let z = encode(&tape, vq, &xin)?; // [N, D, h, w]
+        let z = vq.encode_on(&tape, &xin)?; // [N, D, h, w]
         let (n, h, w) = (z.shape()[0], z.shape()[2], z.shape()[3]);
         let m = n * h * w;
         let codes_t = vq::nearest_codes(z.value(), codebook)?; // [N, h, w]
@@ -233,7 +202,7 @@ impl Trainer {
         let cb = tape.mean(&tape.square(&tape.sub(&zq_rows, &sg_z)?)?)?;
         let commit = tape.mean(&tape.square(&tape.sub(&z_rows, &sg_zq)?)?)?;
         let zq_st = tape.straight_through(zq, &z)?;
-        let xr = Generator::decode(vq, &tape, &zq_st)?;
+        let xr = vq.decode_on(&tape, &zq_st, false)?;
         let rec = tape.mean(&tape.square(&tape.sub(&xr, &xin)?)?)?;
         let loss = tape.add(&tape.add(&rec, &cb)?, &tape.affine(&commit, BETA, 0.0)?)?;
         let grads = tape.backward(&loss)?;
@@ -627,7 +596,7 @@ mod tests {
             } else {
                 Tape::new()
             };
-            let got = encode(&tape, &vq, &tape.leaf(x.clone(), false)).unwrap();
+            let got = vq.encode_on(&tape, &tape.leaf(x.clone(), false)).unwrap();
             assert_eq!(got.shape(), &[2, 8, 8, 8]);
             let got = got.value().to_vec().unwrap();
             let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();

@@ -3,77 +3,16 @@
 //! checkpoint keys (`encoder.layers.3.self_attn.q_proj.weight`).
 //!
 //! Pre-norm residual blocks: `x = x + out_proj(attn(layer_norm1(x)))`,
-//! `x = x + fc2(act(fc1(layer_norm2(x))))`. Biases, activations and residual additions run in
-//! the matmul epilogue, so a layer is 2 norms, 6 matmuls and one fused attention.
+//! `x = x + fc2(act(fc1(layer_norm2(x))))`, written once over the tape (`nn`). Without
+//! gradients biases, activations and residual additions run in the matmul epilogue, so a
+//! layer is 2 norms, 6 matmuls and one fused attention; on a gradient tape the same code
+//! records the unfused ops.
 
-use crate::ops::attention::attention_bthd;
-use crate::ops::matmul::{matmul, MatmulOpts};
-use crate::ops::{layer_norm, Act};
+use crate::autodiff::{Tape, Var};
+use crate::nn::{attend, LayerNorm, Linear};
+use crate::ops::Act;
 use crate::weights::Loader;
-use crate::{Result, Tensor};
-
-/// `nn.Linear`: `weight` `[out, in]`, optional `bias` `[out]`.
-#[derive(Clone)]
-pub struct Linear {
-    /// `[out, in]`.
-    pub weight: Tensor,
-    /// `[out]`.
-    pub bias: Option<Tensor>,
-}
-
-impl Linear {
-    /// Loads `weight` (and `bias` if `bias`) under `l`.
-    pub fn load(l: &Loader, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
-        Ok(Linear {
-            weight: l.tensor("weight", &[out_dim, in_dim])?,
-            bias: if bias {
-                Some(l.tensor("bias", &[out_dim])?)
-            } else {
-                None
-            },
-        })
-    }
-
-    /// `act(x @ Wᵀ + b) + residual`. `x`: `[.., in]`; `residual`: `[.., out]`.
-    pub fn forward(&self, x: &Tensor, act: Act, residual: Option<&Tensor>) -> Result<Tensor> {
-        matmul(
-            x,
-            &self.weight,
-            &MatmulOpts {
-                act,
-                residual,
-                ..MatmulOpts::linear(self.bias.as_ref())
-            },
-        )
-    }
-}
-
-/// `nn.LayerNorm` over the last axis.
-#[derive(Clone)]
-pub struct LayerNorm {
-    /// Gain `[C]`.
-    pub weight: Tensor,
-    /// Shift `[C]`.
-    pub bias: Tensor,
-    /// Added to the variance.
-    pub eps: f32,
-}
-
-impl LayerNorm {
-    /// Loads `weight` and `bias` `[dim]` under `l`.
-    pub fn load(l: &Loader, dim: usize, eps: f32) -> Result<LayerNorm> {
-        Ok(LayerNorm {
-            weight: l.tensor("weight", &[dim])?,
-            bias: l.tensor("bias", &[dim])?,
-            eps,
-        })
-    }
-
-    /// `x`: `[.., C]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm(x, Some(&self.weight), Some(&self.bias), self.eps)
-    }
-}
+use crate::Result;
 
 /// Sizes of one tower's encoder.
 #[derive(Debug, Clone, Copy)]
@@ -119,15 +58,14 @@ impl ClipAttention {
     }
 
     /// `residual + out_proj(attention(x))`. `x`, `residual`: `[B, T, C]`.
-    fn forward(&self, x: &Tensor, causal: bool, residual: &Tensor) -> Result<Tensor> {
-        let q = self.q_proj.forward(x, Act::None, None)?;
-        let k = self.k_proj.forward(x, Act::None, None)?;
-        let v = self.v_proj.forward(x, Act::None, None)?;
-        let head_dim = x.dim(-1) / self.heads;
-        let scale = (head_dim as f32).powf(-0.5);
+    fn forward(&self, tape: &Tape, x: &Var, causal: bool, residual: &Var) -> Result<Var> {
+        let q = self.q_proj.forward(tape, x, Act::None)?;
+        let k = self.k_proj.forward(tape, x, Act::None)?;
+        let v = self.v_proj.forward(tape, x, Act::None)?;
         // [B, T, H·D] in and out: no permutes around the fused kernel.
-        let o = attention_bthd(&q, &k, &v, self.heads, causal, scale)?;
-        self.out_proj.forward(&o, Act::None, Some(residual))
+        let o = attend(tape, &q, &k, &v, self.heads, causal)?;
+        self.out_proj
+            .forward_residual(tape, &o, Act::None, residual)
     }
 }
 
@@ -151,9 +89,9 @@ impl ClipMlp {
     }
 
     /// `residual + fc2(act(fc1(x)))`.
-    fn forward(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let h = self.fc1.forward(x, self.act, None)?;
-        self.fc2.forward(&h, Act::None, Some(residual))
+    fn forward(&self, tape: &Tape, x: &Var, residual: &Var) -> Result<Var> {
+        let h = self.fc1.forward(tape, x, self.act)?;
+        self.fc2.forward_residual(tape, &h, Act::None, residual)
     }
 }
 
@@ -181,11 +119,12 @@ impl ClipEncoderLayer {
     }
 
     /// `x`: `[B, T, C]`.
-    fn forward(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
+    fn forward(&self, tape: &Tape, x: &Var, causal: bool) -> Result<Var> {
         let h = self
             .self_attn
-            .forward(&self.layer_norm1.forward(x)?, causal, x)?;
-        self.mlp.forward(&self.layer_norm2.forward(&h)?, &h)
+            .forward(tape, &self.layer_norm1.forward(tape, x)?, causal, x)?;
+        self.mlp
+            .forward(tape, &self.layer_norm2.forward(tape, &h)?, &h)
     }
 }
 
@@ -205,11 +144,18 @@ impl ClipEncoder {
         Ok(ClipEncoder { layers })
     }
 
-    /// `x`: `[B, T, C]`; `causal` masks keys after each query (text tower).
-    pub fn forward(&self, x: &Tensor, causal: bool) -> Result<Tensor> {
+    /// `x`: `[B, T, C]`; `causal` masks keys after each query (text tower). With
+    /// `recompute` each layer is a [`Tape::checkpoint`]: its activations are not kept for
+    /// the backward pass but computed again there (frozen weights only).
+    pub fn forward(&self, tape: &Tape, x: &Var, causal: bool, recompute: bool) -> Result<Var> {
         let mut h = x.clone();
         for layer in &self.layers {
-            h = layer.forward(&h, causal)?;
+            h = if recompute {
+                let layer = layer.clone();
+                tape.checkpoint(&[&h], move |t, xs| layer.forward(t, &xs[0], causal))?
+            } else {
+                layer.forward(tape, &h, causal)?
+            };
         }
         Ok(h)
     }

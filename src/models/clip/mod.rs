@@ -16,6 +16,8 @@ pub use text::ClipTextTransformer;
 pub use tokenizer::ClipTokenizer;
 pub use vision::ClipVisionTransformer;
 
+use crate::autodiff::{Tape, Var};
+use crate::nn::Linear;
 use crate::ops::concat::{concat, slice};
 use crate::ops::elementwise::{mul, unary, UnaryOp};
 use crate::ops::matmul::{matmul, MatmulOpts};
@@ -23,7 +25,6 @@ use crate::ops::reduce::{reduce, ReduceOp};
 use crate::ops::Act;
 use crate::weights::{Loader, SafetensorsFile, TensorSource};
 use crate::{Error, Gpu, Result, Tensor};
-use encoder::Linear;
 use std::path::Path;
 
 /// Batches larger than this are encoded in chunks (bounds the peak memory of activations).
@@ -190,11 +191,29 @@ impl ClipModel {
         let chunks = ids
             .chunks(self.chunk(per_text))
             .map(|c| {
-                let pooled = self.text_model.forward(&self.gpu, c, pad)?;
-                self.text_projection.forward(&pooled, Act::None, None)
+                // Inference: a tape where nothing needs a gradient takes the fused kernels.
+                let tape = Tape::new();
+                Ok(self.text_features_on(&tape, c, pad)?.value().clone())
             })
             .collect::<Result<Vec<_>>>()?;
         cat_rows(chunks)
+    }
+
+    /// The text tower and projection on `tape`: projected, unnormalised features `[N, P]`
+    /// of token id sequences padded with `pad_id` (see [`ClipTextTransformer::forward`]).
+    /// The one forward behind [`ClipModel::text_features_ids`] (no gradients) and training.
+    pub fn text_features_on(&self, tape: &Tape, ids: &[Vec<u32>], pad_id: u32) -> Result<Var> {
+        let pooled = self.text_model.forward(tape, &self.gpu, ids, pad_id)?;
+        self.text_projection.forward(tape, &pooled, Act::None)
+    }
+
+    /// The image tower and projection on `tape`: projected, unnormalised features `[N, P]`
+    /// of `pixels` `[N, C, S, S]`; with `recompute` the encoder layers are
+    /// [`Tape::checkpoint`]s. The one forward behind [`ClipModel::image_features`],
+    /// VQGAN+CLIP's perceptor and training.
+    pub fn image_features_on(&self, tape: &Tape, pixels: &Var, recompute: bool) -> Result<Var> {
+        let pooled = self.vision_model.forward(tape, pixels, recompute)?;
+        self.visual_projection.forward(tape, &pooled, Act::None)
     }
 
     /// Projected, unnormalised text features `[N, P]` of texts.
@@ -233,8 +252,9 @@ impl ClipModel {
             } else {
                 slice(pixels, 0, start, m)?
             };
-            let pooled = self.vision_model.forward(&part)?;
-            outs.push(self.visual_projection.forward(&pooled, Act::None, None)?);
+            let tape = Tape::new();
+            let x = tape.leaf(part, false);
+            outs.push(self.image_features_on(&tape, &x, false)?.value().clone());
         }
         cat_rows(outs)
     }

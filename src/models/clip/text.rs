@@ -3,18 +3,16 @@
 //! hidden state at the end-of-text position.
 
 use super::config::TextConfig;
-use super::encoder::{ClipEncoder, EncoderDims, LayerNorm};
-use crate::ops::concat::slice;
-use crate::ops::elementwise::add;
-use crate::ops::gather::{gather_rows_from_ids, RowTable};
+use super::encoder::{ClipEncoder, EncoderDims};
+use crate::autodiff::{Tape, Var};
+use crate::nn::{Embedding, LayerNorm};
 use crate::weights::Loader;
 use crate::{Error, Gpu, Result, Tensor};
 
 /// `CLIPTextEmbeddings`.
 pub struct ClipTextEmbeddings {
-    /// `token_embedding.weight` `[vocab, D]`, in row chunks that each fit a storage binding
-    /// (ViT-L's table is larger than lavapipe's 128 MiB limit).
-    pub token_embedding: RowTable,
+    /// `token_embedding` `[vocab, D]`.
+    pub token_embedding: Embedding,
     /// `position_embedding.weight` `[context, D]`.
     pub position_embedding: Tensor,
 }
@@ -22,36 +20,20 @@ pub struct ClipTextEmbeddings {
 impl ClipTextEmbeddings {
     fn load(l: &Loader, c: &TextConfig) -> Result<ClipTextEmbeddings> {
         let d = c.hidden_size;
-        let lim = l.gpu().limits();
-        let fits = (c.vocab_size * d * 4) as u64
-            <= lim.max_storage_buffer_binding_size.min(lim.max_buffer_size);
-        let tl = l.sub("token_embedding");
-        // A table that fits one binding is uploaded through the loader, so it is one of the
-        // model's `params` (training updates it in place); a larger one is chunked.
-        let token_embedding = if fits {
-            RowTable::from_tensor(&tl.tensor("weight", &[c.vocab_size, d])?)?
-        } else {
-            RowTable::from_slice(
-                l.gpu(),
-                &tl.cpu("weight", &[c.vocab_size, d])?,
-                c.vocab_size,
-                d,
-            )?
-        };
         Ok(ClipTextEmbeddings {
-            token_embedding,
+            token_embedding: Embedding::load(&l.sub("token_embedding"), c.vocab_size, d)?,
             position_embedding: l
                 .sub("position_embedding")
                 .tensor("weight", &[c.max_position_embeddings, d])?,
         })
     }
 
-    /// `[N, T, D]` embeddings of `ids` (each row already padded to `T`): token rows plus
-    /// the first `T` position rows.
-    fn forward(&self, gpu: &Gpu, ids: &[Vec<u32>], t: usize) -> Result<Tensor> {
-        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
-        let tok = gather_rows_from_ids(gpu, &self.token_embedding, &flat, &[ids.len(), t])?;
-        add(&tok, &slice(&self.position_embedding, 0, 0, t)?)
+    /// `[N, T, D]` embeddings of `ids` (`N·T` ids, each row already padded to `T`): token
+    /// rows plus the first `T` position rows.
+    fn forward(&self, tape: &Tape, gpu: &Gpu, ids: &[u32], n: usize, t: usize) -> Result<Var> {
+        let tok = self.token_embedding.forward(tape, gpu, ids, &[n, t])?;
+        let pos = tape.slice(&tape.param(&self.position_embedding), 0, 0, t)?;
+        tape.add(&tok, &pos)
     }
 }
 
@@ -93,8 +75,9 @@ impl ClipTextTransformer {
     /// Pooled output `[N, D]` (transformers' `pooler_output`) of token id sequences.
     /// Sequences are padded with `pad_id` (any id of the vocabulary) to the longest one;
     /// under the causal mask the pooled position does not see the padding, so each result
-    /// equals the unpadded run.
-    pub fn forward(&self, gpu: &Gpu, ids: &[Vec<u32>], pad_id: u32) -> Result<Tensor> {
+    /// equals the unpadded run. Fails with a clear error on no tokens, a text longer than
+    /// the context, or an id outside the vocabulary.
+    pub fn forward(&self, tape: &Tape, gpu: &Gpu, ids: &[Vec<u32>], pad_id: u32) -> Result<Var> {
         let (vocab, context) = (self.config.vocab_size, self.config.max_position_embeddings);
         let t = ids.iter().map(Vec::len).max().unwrap_or(0);
         if ids.is_empty() || t == 0 {
@@ -116,16 +99,17 @@ impl ClipTextTransformer {
                  model do not match?)"
             )));
         }
-        let padded: Vec<Vec<u32>> = ids
+        let n = ids.len();
+        let padded: Vec<u32> = ids
             .iter()
-            .map(|r| {
-                let mut r = r.clone();
-                r.resize(t, pad_id);
-                r
+            .flat_map(|r| {
+                r.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(pad_id, t - r.len()))
             })
             .collect();
-        let x = self.embeddings.forward(gpu, &padded, t)?;
-        let h = self.encoder.forward(&x, true)?;
+        let x = self.embeddings.forward(tape, gpu, &padded, n, t)?;
+        let h = self.encoder.forward(tape, &x, true, false)?;
         // Pool first, then normalise: LayerNorm is per row, so this equals transformers'
         // final_layer_norm over every position followed by the pick.
         // The pooled position is chosen on each unpadded sequence, so that the padding value
@@ -133,10 +117,12 @@ impl ClipTextTransformer {
         let rows: Vec<u32> = ids
             .iter()
             .enumerate()
-            .map(|(n, r)| (n * t + self.config.pool_index(r)) as u32)
+            .map(|(i, r)| (i * t + self.config.pool_index(r)) as u32)
             .collect();
-        let flat = RowTable::from_tensor(&h.reshape(&[ids.len() * t, self.config.hidden_size])?)?;
-        let pooled = gather_rows_from_ids(gpu, &flat, &rows, &[ids.len()])?;
-        self.final_layer_norm.forward(&pooled)
+        let pooled = tape.gather_rows(
+            &tape.reshape(&h, &[n * t, self.config.hidden_size])?,
+            &Tensor::from_u32(gpu, &rows, &[n])?,
+        )?;
+        self.final_layer_norm.forward(tape, &pooled)
     }
 }

@@ -3,12 +3,10 @@
 //! `pre_layrnorm` (the checkpoint's spelling), encoder, `post_layernorm` on the class token.
 
 use super::config::VisionConfig;
-use super::encoder::{ClipEncoder, EncoderDims, LayerNorm};
-use crate::ops::concat::{concat, slice};
-use crate::ops::elementwise::add;
-use crate::ops::gather::{gather_rows_from_ids, RowTable};
-use crate::ops::matmul::{matmul, MatmulOpts};
-use crate::ops::permute::permute;
+use super::encoder::{ClipEncoder, EncoderDims};
+use crate::autodiff::{Tape, Var};
+use crate::nn::LayerNorm;
+use crate::ops::Act;
 use crate::weights::Loader;
 use crate::{Error, Result, Tensor};
 
@@ -41,31 +39,36 @@ impl ClipVisionEmbeddings {
     }
 
     /// `pixels`: `[N, C, S, S]` → `[N, G² + 1, D]`.
-    fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+    fn forward(&self, tape: &Tape, pixels: &Var) -> Result<Var> {
         let c = &self.config;
-        let (s, p, g, ch) = (c.image_size, c.patch_size, c.grid(), c.num_channels);
-        if pixels.rank() != 4 || pixels.shape()[1..] != [ch, s, s] {
+        let (s, p, g, ch, d) = (
+            c.image_size,
+            c.patch_size,
+            c.grid(),
+            c.num_channels,
+            c.hidden_size,
+        );
+        if pixels.shape().len() != 4 || pixels.shape()[1..] != [ch, s, s] {
             return Err(Error::shape(format!(
                 "pixel values must be [N, {ch}, {s}, {s}] for this model, got {:?}",
                 pixels.shape()
             )));
         }
-        let n = pixels.dim(0);
+        let n = pixels.shape()[0];
         // The stride-P conv as one matmul: gather each patch's C·P·P values into a row
         // (a permute), then multiply by the kernel viewed as [D, C·P·P].
-        let patches = permute(&pixels.reshape(&[n, ch, g, p, g, p])?, &[0, 2, 4, 1, 3, 5])?
-            .reshape(&[n * g * g, ch * p * p])?;
-        let x = matmul(&patches, &self.patch_embedding, &MatmulOpts::linear(None))?;
-        let d = c.hidden_size;
-        // The class token, repeated per image, in front of the patches.
-        let cls = gather_rows_from_ids(
-            pixels.gpu(),
-            &RowTable::from_tensor(&self.class_embedding)?,
-            &vec![0; n],
-            &[n, 1],
+        let x = tape.reshape(pixels, &[n, ch, g, p, g, p])?;
+        let x = tape.reshape(
+            &tape.permute(&x, &[0, 2, 4, 1, 3, 5])?,
+            &[n * g * g, ch * p * p],
         )?;
-        let x = concat(&[&cls, &x.reshape(&[n, g * g, d])?], 1)?;
-        add(&x, &self.position_embedding)
+        let w = tape.param(&self.patch_embedding);
+        let x = tape.reshape(&tape.linear(&x, &w, None, Act::None)?, &[n, g * g, d])?;
+        // The class token, repeated per image (0 + row: exact), in front of the patches.
+        let zeros = tape.leaf(Tensor::zeros(pixels.value().gpu(), &[n, 1, d])?, false);
+        let cls = tape.add(&zeros, &tape.param(&self.class_embedding))?;
+        let x = tape.concat(&[&cls, &x], 1)?;
+        tape.add(&x, &tape.param(&self.position_embedding))
     }
 }
 
@@ -105,14 +108,13 @@ impl ClipVisionTransformer {
     }
 
     /// Pooled output `[N, D]` (`post_layernorm` of the class token) of `pixels`
-    /// `[N, C, S, S]`.
-    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
-        let x = self
-            .pre_layrnorm
-            .forward(&self.embeddings.forward(pixels)?)?;
-        let h = self.encoder.forward(&x, false)?;
-        let (n, d) = (h.dim(0), h.dim(2));
-        let cls = slice(&h, 1, 0, 1)?.reshape(&[n, d])?;
-        self.post_layernorm.forward(&cls)
+    /// `[N, C, S, S]`; with `recompute` the encoder layers are [`Tape::checkpoint`]s.
+    pub fn forward(&self, tape: &Tape, pixels: &Var, recompute: bool) -> Result<Var> {
+        let x = self.embeddings.forward(tape, pixels)?;
+        let x = self.pre_layrnorm.forward(tape, &x)?;
+        let h = self.encoder.forward(tape, &x, false, recompute)?;
+        let (n, d) = (h.shape()[0], h.shape()[2]);
+        let cls = tape.reshape(&tape.slice(&h, 1, 0, 1)?, &[n, d])?;
+        self.post_layernorm.forward(tape, &cls)
     }
 }

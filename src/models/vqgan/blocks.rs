@@ -2,77 +2,20 @@
 //! `taming/modules/diffusionmodules/model.py` (`Normalize`, `ResnetBlock`, `AttnBlock`,
 //! `Downsample`, `Upsample`). Field names are the checkpoint's module names.
 
-use crate::ops::attention::attention_bthd;
-use crate::ops::conv2d::{conv2d, Conv2dOpts};
-use crate::ops::group_norm::group_norm;
-use crate::ops::matmul::{matmul, MatmulOpts};
-use crate::ops::permute::permute;
+use crate::autodiff::{Tape, Var};
+use crate::nn::{attend, Conv2d, GroupNorm};
 use crate::ops::Act;
 use crate::weights::Loader;
-use crate::{Result, Tensor};
+use crate::Result;
 
 /// taming's `Normalize`: GroupNorm with 32 groups, eps 1e-6, affine.
 pub const GROUPS: usize = 32;
 /// GroupNorm epsilon.
 pub const EPS: f32 = 1e-6;
 
-/// `torch.nn.Conv2d` weights.
-#[derive(Clone)]
-pub struct Conv {
-    /// `[Cout, Cin, K, K]`
-    pub weight: Tensor,
-    /// `[Cout]`
-    pub bias: Tensor,
-}
-
-impl Conv {
-    /// Loads `weight` `[cout, cin, k, k]` and `bias` `[cout]` under `l`.
-    pub fn load(l: &Loader, cin: usize, cout: usize, k: usize) -> Result<Conv> {
-        Ok(Conv {
-            weight: l.tensor("weight", &[cout, cin, k, k])?,
-            bias: l.tensor("bias", &[cout])?,
-        })
-    }
-    /// Output channels.
-    pub fn cout(&self) -> usize {
-        self.weight.dim(0)
-    }
-    /// `x`: `[N, Cin, H, W]`: same-size convolution (padding K/2), plus `residual`.
-    pub fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        conv2d(
-            x,
-            &self.weight,
-            &Conv2dOpts {
-                pad: [self.weight.dim(2) / 2; 4],
-                bias: Some(&self.bias),
-                residual,
-                ..Default::default()
-            },
-        )
-    }
-}
-
-/// `torch.nn.GroupNorm(32, C, eps=1e-6, affine=True)`.
-#[derive(Clone)]
-pub struct Norm {
-    /// gamma `[C]`
-    pub weight: Tensor,
-    /// beta `[C]`
-    pub bias: Tensor,
-}
-
-impl Norm {
-    /// Loads gamma and beta `[c]` under `l`.
-    pub fn load(l: &Loader, c: usize) -> Result<Norm> {
-        Ok(Norm {
-            weight: l.tensor("weight", &[c])?,
-            bias: l.tensor("bias", &[c])?,
-        })
-    }
-    /// `x`: `[N, C, H, W]` -> `act(group_norm(x))`.
-    pub fn forward(&self, x: &Tensor, act: Act) -> Result<Tensor> {
-        group_norm(x, GROUPS, Some(&self.weight), Some(&self.bias), EPS, act)
-    }
+/// taming's `Normalize(c)` under `l`.
+pub fn normalize(l: &Loader, c: usize) -> Result<GroupNorm> {
+    GroupNorm::load(l, c, GROUPS, EPS)
 }
 
 /// `ResnetBlock(in, out)` with `temb_channels = 0` (no `temb_proj`):
@@ -80,45 +23,46 @@ impl Norm {
 #[derive(Clone)]
 pub struct ResnetBlock {
     /// GroupNorm over the input.
-    pub norm1: Norm,
+    pub norm1: GroupNorm,
     /// 3x3, in -> out.
-    pub conv1: Conv,
+    pub conv1: Conv2d,
     /// GroupNorm over conv1's output.
-    pub norm2: Norm,
+    pub norm2: GroupNorm,
     /// 3x3, out -> out.
-    pub conv2: Conv,
+    pub conv2: Conv2d,
     /// 1x1 projection of the input when in != out.
-    pub nin_shortcut: Option<Conv>,
+    pub nin_shortcut: Option<Conv2d>,
 }
 
 impl ResnetBlock {
     /// Loads a block `cin -> cout` under `l`.
     pub fn load(l: &Loader, cin: usize, cout: usize) -> Result<ResnetBlock> {
         Ok(ResnetBlock {
-            norm1: Norm::load(&l.sub("norm1"), cin)?,
-            conv1: Conv::load(&l.sub("conv1"), cin, cout, 3)?,
-            norm2: Norm::load(&l.sub("norm2"), cout)?,
-            conv2: Conv::load(&l.sub("conv2"), cout, cout, 3)?,
+            norm1: normalize(&l.sub("norm1"), cin)?,
+            conv1: Conv2d::load(&l.sub("conv1"), cin, cout, 3)?,
+            norm2: normalize(&l.sub("norm2"), cout)?,
+            conv2: Conv2d::load(&l.sub("conv2"), cout, cout, 3)?,
             nin_shortcut: if cin != cout {
-                Some(Conv::load(&l.sub("nin_shortcut"), cin, cout, 1)?)
+                Some(Conv2d::load(&l.sub("nin_shortcut"), cin, cout, 1)?)
             } else {
                 None
             },
         })
     }
     /// `x`: `[N, Cin, H, W]` -> `[N, Cout, H, W]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
+        // Temporaries, not shadowed bindings: each activation is freed as soon as it is read.
         let h = self
             .conv1
-            .forward(&self.norm1.forward(x, Act::Silu)?, None)?;
-        let h = self.norm2.forward(&h, Act::Silu)?;
+            .forward(tape, &self.norm1.forward(tape, x, Act::Silu)?, None)?;
+        let h = self.norm2.forward(tape, &h, Act::Silu)?;
         // dropout is identity at inference
         match &self.nin_shortcut {
             Some(nin) => {
-                let skip = nin.forward(x, None)?;
-                self.conv2.forward(&h, Some(&skip))
+                let skip = nin.forward(tape, x, None)?;
+                self.conv2.forward(tape, &h, Some(&skip))
             }
-            None => self.conv2.forward(&h, Some(x)),
+            None => self.conv2.forward(tape, &h, Some(x)),
         }
     }
 }
@@ -128,49 +72,45 @@ impl ResnetBlock {
 #[derive(Clone)]
 pub struct AttnBlock {
     /// GroupNorm over the input.
-    pub norm: Norm,
+    pub norm: GroupNorm,
     /// 1x1 query projection.
-    pub q: Conv,
+    pub q: Conv2d,
     /// 1x1 key projection.
-    pub k: Conv,
+    pub k: Conv2d,
     /// 1x1 value projection.
-    pub v: Conv,
+    pub v: Conv2d,
     /// 1x1 output projection.
-    pub proj_out: Conv,
+    pub proj_out: Conv2d,
 }
 
 impl AttnBlock {
     /// Loads a block of `c` channels under `l`.
     pub fn load(l: &Loader, c: usize) -> Result<AttnBlock> {
         Ok(AttnBlock {
-            norm: Norm::load(&l.sub("norm"), c)?,
-            q: Conv::load(&l.sub("q"), c, c, 1)?,
-            k: Conv::load(&l.sub("k"), c, c, 1)?,
-            v: Conv::load(&l.sub("v"), c, c, 1)?,
-            proj_out: Conv::load(&l.sub("proj_out"), c, c, 1)?,
+            norm: normalize(&l.sub("norm"), c)?,
+            q: Conv2d::load(&l.sub("q"), c, c, 1)?,
+            k: Conv2d::load(&l.sub("k"), c, c, 1)?,
+            v: Conv2d::load(&l.sub("v"), c, c, 1)?,
+            proj_out: Conv2d::load(&l.sub("proj_out"), c, c, 1)?,
         })
     }
 
     /// `x`: `[N, C, H, W]` -> `[N, C, H, W]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, c, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
-        let hn = self.norm.forward(x, Act::None)?;
+    pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
+        let (n, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+        let hn = self.norm.forward(tape, x, Act::None)?;
         // Positions-major [N, HW, C]: q/k/v are then plain linear layers and the attention
         // runs on the [B, T, H·D] layout with one head of width C.
-        let t = permute(&hn.reshape(&[n, c, h * w])?, &[0, 2, 1])?;
+        let t = tape.permute(&tape.reshape(&hn, &[n, c, h * w])?, &[0, 2, 1])?;
         drop(hn);
-        let proj = |p: &Conv| -> Result<Tensor> {
-            matmul(
-                &t,
-                &p.weight.reshape(&[c, c])?,
-                &MatmulOpts::linear(Some(&p.bias)),
-            )
-        };
-        let (q, k, v) = (proj(&self.q)?, proj(&self.k)?, proj(&self.v)?);
-        let o = attention_bthd(&q, &k, &v, 1, false, (c as f32).powf(-0.5))?;
+        let q = self.q.forward_tokens(tape, &t)?;
+        let k = self.k.forward_tokens(tape, &t)?;
+        let v = self.v.forward_tokens(tape, &t)?;
+        drop(t);
+        let o = attend(tape, &q, &k, &v, 1, false)?;
         drop((q, k, v));
-        let o = permute(&o, &[0, 2, 1])?.reshape(&[n, c, h, w])?;
-        self.proj_out.forward(&o, Some(x))
+        let o = tape.reshape(&tape.permute(&o, &[0, 2, 1])?, &[n, c, h, w])?;
+        self.proj_out.forward(tape, &o, Some(x))
     }
 }
 
@@ -195,10 +135,19 @@ impl Mid {
         })
     }
     /// `x`: `[N, C, H, W]` -> same.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.block_1.forward(x)?;
-        let h = self.attn_1.forward(&h)?;
-        self.block_2.forward(&h)
+    pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
+        let h = self.block_1.forward(tape, x)?;
+        let h = self.attn_1.forward(tape, &h)?;
+        self.block_2.forward(tape, &h)
+    }
+
+    /// [`Mid::forward`] as one [`Tape::checkpoint`] when `recompute`.
+    pub fn forward_maybe_recomputed(&self, tape: &Tape, x: &Var, recompute: bool) -> Result<Var> {
+        if !recompute {
+            return self.forward(tape, x);
+        }
+        let m = self.clone();
+        tape.checkpoint(&[x], move |t, xs| m.forward(t, &xs[0]))
     }
 }
 
@@ -214,14 +163,23 @@ pub struct Level {
 
 impl Level {
     /// Runs the blocks (and attention) in order.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
         let mut h = x.clone();
         for (i, b) in self.block.iter().enumerate() {
-            h = b.forward(&h)?;
+            h = b.forward(tape, &h)?;
             if let Some(a) = self.attn.get(i) {
-                h = a.forward(&h)?;
+                h = a.forward(tape, &h)?;
             }
         }
         Ok(h)
+    }
+
+    /// [`Level::forward`] as one [`Tape::checkpoint`] when `recompute`.
+    pub fn forward_maybe_recomputed(&self, tape: &Tape, x: &Var, recompute: bool) -> Result<Var> {
+        if !recompute {
+            return self.forward(tape, x);
+        }
+        let l = self.clone();
+        tape.checkpoint(&[x], move |t, xs| l.forward(t, &xs[0]))
     }
 }

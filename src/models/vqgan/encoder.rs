@@ -3,12 +3,14 @@
 //! resolutions, a stride-2 downsample on all but the last level), the middle blocks, then
 //! `norm_out` -> swish -> `conv_out` to `z_channels`.
 
-use super::blocks::{AttnBlock, Conv, Level, Mid, Norm, ResnetBlock};
+use super::blocks::{normalize, AttnBlock, Level, Mid, ResnetBlock};
 use super::config::VqGanConfig;
-use crate::ops::conv2d::{conv2d, Conv2dOpts};
+use crate::autodiff::{Tape, Var};
+use crate::nn::{Conv2d, GroupNorm};
+use crate::ops::conv2d::Conv2dOpts;
 use crate::ops::Act;
 use crate::weights::Loader;
-use crate::{Result, Tensor};
+use crate::Result;
 
 /// One encoder level (`encoder.down.{i}`).
 pub struct DownLevel {
@@ -16,28 +18,28 @@ pub struct DownLevel {
     pub level: Level,
     /// `Downsample`: pad (left 0, right 1, top 0, bottom 1), then 3x3 stride 2 (absent on the
     /// last level).
-    pub downsample: Option<Conv>,
+    pub downsample: Option<Conv2d>,
 }
 
 /// `encoder.*`
 pub struct Encoder {
     /// 3x3, in_channels -> ch.
-    pub conv_in: Conv,
+    pub conv_in: Conv2d,
     /// Levels from full resolution down.
     pub down: Vec<DownLevel>,
     /// Middle blocks.
     pub mid: Mid,
     /// Final GroupNorm.
-    pub norm_out: Norm,
+    pub norm_out: GroupNorm,
     /// 3x3 to z_channels.
-    pub conv_out: Conv,
+    pub conv_out: Conv2d,
 }
 
 impl Encoder {
     /// Loads the encoder under `l` (`encoder`).
     pub fn load(l: &Loader, cfg: &VqGanConfig) -> Result<Encoder> {
         let d = &cfg.dd;
-        let conv_in = Conv::load(&l.sub("conv_in"), d.in_channels, d.ch, 3)?;
+        let conv_in = Conv2d::load(&l.sub("conv_in"), d.in_channels, d.ch, 3)?;
         let mut curr_res = d.resolution;
         let mut block_in = d.ch;
         let mut down = Vec::with_capacity(d.ch_mult.len());
@@ -59,7 +61,7 @@ impl Encoder {
             }
             let downsample = if i + 1 != d.ch_mult.len() {
                 curr_res /= 2;
-                Some(Conv::load(
+                Some(Conv2d::load(
                     &li.sub("downsample").sub("conv"),
                     block_in,
                     block_in,
@@ -77,31 +79,27 @@ impl Encoder {
             conv_in,
             down,
             mid: Mid::load(&l.sub("mid"), block_in)?,
-            norm_out: Norm::load(&l.sub("norm_out"), block_in)?,
-            conv_out: Conv::load(&l.sub("conv_out"), block_in, d.z_channels, 3)?,
+            norm_out: normalize(&l.sub("norm_out"), block_in)?,
+            conv_out: Conv2d::load(&l.sub("conv_out"), block_in, d.z_channels, 3)?,
         })
     }
 
     /// `x`: `[N, in_channels, H, W]` -> `[N, z_channels, H/f, W/f]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = self.conv_in.forward(x, None)?;
+    pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
+        let mut h = self.conv_in.forward(tape, x, None)?;
         for lvl in &self.down {
-            h = lvl.level.forward(&h)?;
+            h = lvl.level.forward(tape, &h)?;
             if let Some(ds) = &lvl.downsample {
-                h = conv2d(
-                    &h,
-                    &ds.weight,
-                    &Conv2dOpts {
-                        stride: 2,
-                        pad: [0, 1, 0, 1],
-                        bias: Some(&ds.bias),
-                        ..Default::default()
-                    },
-                )?;
+                let opts = Conv2dOpts {
+                    stride: 2,
+                    pad: [0, 1, 0, 1],
+                    ..Default::default()
+                };
+                h = ds.forward_opts(tape, &h, &opts, None)?;
             }
         }
-        let h = self.mid.forward(&h)?;
-        let h = self.norm_out.forward(&h, Act::Silu)?;
-        self.conv_out.forward(&h, None)
+        let h = self.mid.forward(tape, &h)?;
+        let h = self.norm_out.forward(tape, &h, Act::Silu)?;
+        self.conv_out.forward(tape, &h, None)
     }
 }

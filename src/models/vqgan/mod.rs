@@ -14,11 +14,12 @@ pub mod quantize;
 
 pub use config::{DdConfig, QuantizerKind, VqGanConfig};
 
+use crate::autodiff::{Tape, Var};
+use crate::nn::Conv2d;
 use crate::ops::vq;
 use crate::weights::torch::TorchCheckpoint;
 use crate::weights::{Loader, SafetensorsFile, TensorSource};
 use crate::{Error, Gpu, Result, Tensor};
-use blocks::Conv;
 use std::path::Path;
 
 /// A loaded VQGAN.
@@ -30,9 +31,9 @@ pub struct VqGan {
     /// `decoder.*`
     pub decoder: decoder::Decoder,
     /// `quant_conv`: 1x1, z_channels -> embed_dim.
-    pub quant_conv: Conv,
+    pub quant_conv: Conv2d,
     /// `post_quant_conv`: 1x1, embed_dim -> z_channels.
-    pub post_quant_conv: Conv,
+    pub post_quant_conv: Conv2d,
     /// `quantize.*`
     pub quantize: quantize::Quantize,
     /// Every weight by checkpoint key, sharing buffers with the fields above (what training
@@ -89,8 +90,8 @@ impl VqGan {
         let (z, e) = (config.dd.z_channels, config.embed_dim);
         let encoder = encoder::Encoder::load(&l.sub("encoder"), &config)?;
         let decoder = decoder::Decoder::load(&l.sub("decoder"), &config)?;
-        let quant_conv = Conv::load(&l.sub("quant_conv"), z, e, 1)?;
-        let post_quant_conv = Conv::load(&l.sub("post_quant_conv"), e, z, 1)?;
+        let quant_conv = Conv2d::load(&l.sub("quant_conv"), z, e, 1)?;
+        let post_quant_conv = Conv2d::load(&l.sub("post_quant_conv"), e, z, 1)?;
         let quantize = quantize::Quantize::load(&l.sub("quantize"), &config)?;
         Ok(VqGan {
             encoder,
@@ -118,15 +119,25 @@ impl VqGan {
     /// [`Self::downsampling_factor`] -> `z` `[N, embed_dim, H/f, W/f]` (after `quant_conv`,
     /// before quantisation).
     pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
+        let tape = Tape::new();
+        Ok(self
+            .encode_on(&tape, &tape.leaf(x.clone(), false))?
+            .value()
+            .clone())
+    }
+
+    /// [`VqGan::encode`] on `tape`: the one encoder forward, for inference (nothing needs a
+    /// gradient: fused kernels) and training.
+    pub fn encode_on(&self, tape: &Tape, x: &Var) -> Result<Var> {
         let f = self.downsampling_factor();
         let c = self.config.dd.in_channels;
-        if x.rank() != 4 || x.dim(1) != c {
+        let s = x.shape();
+        if s.len() != 4 || s[1] != c {
             return Err(Error::shape(format!(
-                "VQGAN input must be [N, {c}, H, W], got {:?}",
-                x.shape()
+                "VQGAN input must be [N, {c}, H, W], got {s:?}"
             )));
         }
-        let (h, w) = (x.dim(2), x.dim(3));
+        let (h, w) = (s[2], s[3]);
         if h == 0 || w == 0 || h % f != 0 || w % f != 0 {
             return Err(Error::shape(format!(
                 "image size {w}x{h} is not a multiple of the VQGAN's downsampling factor {f} \
@@ -135,8 +146,8 @@ impl VqGan {
                 (h / f).max(1) * f
             )));
         }
-        let h = self.encoder.forward(x)?;
-        self.quant_conv.forward(&h, None)
+        let h = self.encoder.forward(tape, x)?;
+        self.quant_conv.forward(tape, &h, None)
     }
 
     /// `z`: `[N, embed_dim, h, w]` -> `(z_q [N, embed_dim, h, w], codes [N, h, w] u32)`.
@@ -146,15 +157,26 @@ impl VqGan {
 
     /// `z_q`: `[N, embed_dim, h, w]` -> image `[N, out_ch, h·f, w·f]` in about [-1, 1].
     pub fn decode(&self, zq: &Tensor) -> Result<Tensor> {
+        let tape = Tape::new();
+        Ok(self
+            .decode_on(&tape, &tape.leaf(zq.clone(), false), false)?
+            .value()
+            .clone())
+    }
+
+    /// [`VqGan::decode`] on `tape`: the one decoder forward, for inference, VQGAN+CLIP and
+    /// training. With `recompute` the middle blocks and each level's blocks are
+    /// [`Tape::checkpoint`]s (less memory held for the backward pass, one more forward).
+    pub fn decode_on(&self, tape: &Tape, zq: &Var, recompute: bool) -> Result<Var> {
         let e = self.config.embed_dim;
-        if zq.rank() != 4 || zq.dim(1) != e {
+        let s = zq.shape();
+        if s.len() != 4 || s[1] != e {
             return Err(Error::shape(format!(
-                "VQGAN latent must be [N, {e}, h, w], got {:?}",
-                zq.shape()
+                "VQGAN latent must be [N, {e}, h, w], got {s:?}"
             )));
         }
-        let h = self.post_quant_conv.forward(zq, None)?;
-        self.decoder.forward(&h)
+        let h = self.post_quant_conv.forward(tape, zq, None)?;
+        self.decoder.forward(tape, &h, recompute)
     }
 
     /// Decodes a grid of codes `[N, h, w]` (u32, each below `n_embed`).

@@ -9,8 +9,8 @@
 //! codes are random; this takes the noise-free mode, `argmax(logits)` (first index on ties),
 //! and the matching `embed` row.
 
-use super::blocks::Conv;
 use super::config::{QuantizerKind, VqGanConfig};
+use crate::nn::Conv2d;
 use crate::ops::vq;
 use crate::weights::Loader;
 use crate::{Result, Tensor};
@@ -25,7 +25,7 @@ pub enum Quantize {
     /// `GumbelQuantize`.
     Gumbel {
         /// `quantize.proj`: 1x1, z_channels -> n_embed logits.
-        proj: Conv,
+        proj: Conv2d,
         /// `quantize.embed.weight` `[n_embed, embed_dim]`.
         embed: Tensor,
     },
@@ -40,7 +40,7 @@ impl Quantize {
                 embedding: l.sub("embedding").tensor("weight", &[n, d])?,
             },
             QuantizerKind::Gumbel => Quantize::Gumbel {
-                proj: Conv::load(&l.sub("proj"), cfg.dd.z_channels, n, 1)?,
+                proj: Conv2d::load(&l.sub("proj"), cfg.dd.z_channels, n, 1)?,
                 embed: l.sub("embed").tensor("weight", &[n, d])?,
             },
         })
@@ -58,7 +58,11 @@ impl Quantize {
     pub fn forward(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
         let codes = match self {
             Quantize::NearestNeighbour { embedding } => vq::nearest_codes(z, embedding)?,
-            Quantize::Gumbel { proj, .. } => vq::argmax_channels(&proj.forward(z, None)?)?,
+            Quantize::Gumbel { proj, .. } => {
+                let tape = crate::autodiff::Tape::new();
+                let logits = proj.forward(&tape, &tape.leaf(z.clone(), false), None)?;
+                vq::argmax_channels(logits.value())?
+            }
         };
         let zq = vq::gather(&codes, self.codebook())?;
         Ok((zq, codes))
