@@ -90,9 +90,69 @@ struct Params {
     temperature_scheduler_config: Option<serde_yaml::Value>,
 }
 
+/// Largest config file read (a taming config is about 2 KB).
+pub const MAX_YAML_BYTES: u64 = 1 << 20;
+
+/// Deepest `[`/`{` nesting accepted in a config. serde_yaml refuses values nested past 128,
+/// but only after its parser has spent time quadratic in the depth (50,000 levels take
+/// seconds), so flow nesting is measured first; taming configs use at most one level.
+pub const MAX_YAML_FLOW_NESTING: usize = 64;
+
+/// The deepest flow-collection nesting of `text`, not counting brackets inside quoted
+/// scalars or comments (a bracket in a plain scalar counts, which can only over-estimate).
+fn flow_nesting(text: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let mut chars = text.chars().peekable();
+    // The previous character, to tell a quote that opens a scalar from an apostrophe.
+    let mut prev = '\n';
+    while let Some(c) = chars.next() {
+        match c {
+            '[' | '{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            '#' if prev.is_whitespace() => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        break;
+                    }
+                }
+            }
+            '"' | '\'' if prev.is_whitespace() || "[{,:-?".contains(prev) => {
+                while let Some(q) = chars.next() {
+                    if q == '\\' && c == '"' {
+                        chars.next();
+                    } else if q == c {
+                        // '' inside a single-quoted scalar is an escaped quote.
+                        if c == '\'' && chars.peek() == Some(&'\'') {
+                            chars.next();
+                            continue;
+                        }
+                        break;
+                    }
+                }
+            }
+            _ => {}
+        }
+        prev = c;
+    }
+    max
+}
+
 impl VqGanConfig {
     /// Parses a taming `.yaml` config; `path` names the file in errors.
     pub fn from_yaml(text: &str, path: &str) -> Result<VqGanConfig> {
+        let nesting = flow_nesting(text);
+        if nesting > MAX_YAML_FLOW_NESTING {
+            return Err(Error::Format {
+                path: path.to_string(),
+                msg: format!(
+                    "[ ] / {{ }} collections nest {nesting} deep, beyond the limit \
+                     MAX_YAML_FLOW_NESTING ({MAX_YAML_FLOW_NESTING}); not a taming config"
+                ),
+            });
+        }
         let root: Root = serde_yaml::from_str(text).map_err(|e| Error::Format {
             path: path.to_string(),
             msg: format!(
@@ -135,10 +195,21 @@ impl VqGanConfig {
     /// Reads and parses a config file.
     pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<VqGanConfig> {
         let p = path.as_ref();
-        let text = std::fs::read_to_string(p).map_err(|source| Error::Io {
+        let io = |source| Error::Io {
             path: p.display().to_string(),
             source,
-        })?;
+        };
+        let size = std::fs::metadata(p).map_err(io)?.len();
+        if size > MAX_YAML_BYTES {
+            return Err(Error::Format {
+                path: p.display().to_string(),
+                msg: format!(
+                    "{size} bytes is beyond the limit MAX_YAML_BYTES ({MAX_YAML_BYTES}) for a \
+                     taming config (about 2 KB); is this the checkpoint instead?"
+                ),
+            });
+        }
+        let text = std::fs::read_to_string(p).map_err(io)?;
         Self::from_yaml(&text, &p.display().to_string())
     }
 
@@ -366,6 +437,15 @@ impl VqGanConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flow_nesting_skips_quotes_and_comments() {
+        assert_eq!(flow_nesting("a: [1, [2, {b: 3}]]\n"), 3);
+        assert_eq!(flow_nesting("a: '[[[' # [[[[\nb: \"{{\\\"[\"\n"), 0);
+        assert_eq!(flow_nesting("a: 'it''s [' \nb: don't [x]\n"), 1);
+        let real = include_str!("../../../tests/fixtures/vqgan/tiny_gumbel_f8.yaml");
+        assert!(flow_nesting(real) <= 1);
+    }
 
     const F16: &str = "model:
   base_learning_rate: 4.5e-06
