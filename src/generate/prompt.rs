@@ -71,6 +71,23 @@ impl Prompt {
     }
 }
 
+/// Parses a noise prompt, `SEED[:weight]` (a random CLIP embedding to aim for), as
+/// `vqclip generate --noise-prompt` reads it.
+pub fn parse_noise(s: &str) -> Result<(u64, f32)> {
+    let (seed, weight) = match s.split_once(':') {
+        Some((seed, w)) => (
+            seed,
+            w.parse::<f32>()
+                .map_err(|_| Error::invalid(format!("--noise-prompt '{s}': bad weight")))?,
+        ),
+        None => (s, 1.0),
+    };
+    let seed = seed
+        .parse()
+        .map_err(|_| Error::invalid(format!("--noise-prompt '{s}': the seed must be a number")))?;
+    Ok((seed, weight))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,10 +12,26 @@ use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, TensorInfo};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// The bytes of a safetensors file: mapped from disk, or already in memory.
+enum Bytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
 /// A memory-mapped safetensors file.
 pub struct SafetensorsFile {
     path: String,
-    mmap: memmap2::Mmap,
+    mmap: Bytes,
     /// Offset of the data section (8 + header length).
     data_start: usize,
     tensors: BTreeMap<String, TensorInfo>,
@@ -69,6 +85,25 @@ impl SafetensorsFile {
             path: path.clone(),
             source,
         })?;
+        Self::validate(path, Bytes::Mapped(mmap))
+    }
+
+    /// Reads a safetensors file held in memory; `name` stands for its path in messages. This
+    /// is [`SafetensorsFile::open`] without the file (the fuzz target uses it).
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<SafetensorsFile> {
+        if bytes.len() < 8 {
+            return Err(format_err(
+                name,
+                format!(
+                    "{} bytes is too short for a safetensors file (truncated or empty?)",
+                    bytes.len()
+                ),
+            ));
+        }
+        Self::validate(name.to_string(), Bytes::Owned(bytes))
+    }
+
+    fn validate(path: String, mmap: Bytes) -> Result<SafetensorsFile> {
         let (header_len, meta) =
             SafeTensors::read_metadata(&mmap).map_err(|e| describe(&path, &mmap, e))?;
         let metadata = meta.metadata().clone().unwrap_or_default();

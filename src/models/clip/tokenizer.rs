@@ -86,6 +86,17 @@ impl ClipTokenizer {
         ClipTokenizer::finish(inner, context, path)
     }
 
+    /// [`ClipTokenizer::from_tokenizer_json`] from the file's contents; `path` names it in
+    /// error messages (the fuzz target uses this).
+    pub fn from_tokenizer_json_bytes(
+        bytes: &[u8],
+        context: usize,
+        path: &Path,
+    ) -> Result<ClipTokenizer> {
+        let inner = Tokenizer::from_bytes(bytes).map_err(|e| tok_err(path, e))?;
+        ClipTokenizer::finish(inner, context, path)
+    }
+
     /// Builds the transformers `CLIPTokenizer` pipeline from `vocab.json` and `merges.txt`
     /// (a `#version` header line is skipped; at most 48,894 merges are used, as transformers
     /// does).
