@@ -79,10 +79,9 @@ fn a_pickle_nesting_lists_200000_deep_is_refused_by_name() {
     assert!(!out.exists(), "a partial output was written");
 }
 
-#[test]
-fn a_storage_shorter_than_its_view_is_refused() {
-    // {'w': _rebuild_tensor_v2(storage('0', FloatStorage, numel=1000), 0, (1000,), (1,))}
-    // whose storage entry holds 8 bytes.
+/// `{'w': _rebuild_tensor_v2(storage('0', FloatStorage, numel), 0, (numel,), (1,))}`.
+fn one_tensor_pickle(numel: u16) -> Vec<u8> {
+    let n = numel.to_le_bytes();
     let mut p = vec![0x80, 2, b'}', 0x8c, 1, b'w'];
     p.extend(b"ctorch._utils\n_rebuild_tensor_v2\n((");
     p.extend([0x8c, 7]);
@@ -91,16 +90,73 @@ fn a_storage_shorter_than_its_view_is_refused() {
     p.extend([0x8c, 1, b'0', 0x8c, 3]);
     p.extend(b"cpu");
     p.extend([
-        b'M', 0xe8, 0x03, b't', b'Q', b'K', 0, b'M', 0xe8, 0x03, 0x85,
+        b'M', n[0], n[1], b't', b'Q', b'K', 0, b'M', n[0], n[1], 0x85,
     ]);
     p.extend([b'K', 1, 0x85, b't', b'R', b's', b'.']);
+    p
+}
+
+#[test]
+fn a_storage_shorter_than_its_view_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("short.ckpt");
-    checkpoint(&ckpt, &p, &[("0", &[0u8; 8])]);
+    checkpoint(&ckpt, &one_tensor_pickle(1000), &[("0", &[0u8; 8])]);
     let e = vqclip::weights::torch::TorchCheckpoint::open(&ckpt)
         .unwrap_err()
         .to_string();
     assert!(e.contains("has 8 bytes, expected 4000"), "{e}");
+}
+
+/// A checkpoint whose storage entry is deflated and whose central directory then claims
+/// `claimed` bytes for it.
+fn lying_checkpoint(path: &Path, claimed: u32) {
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    w.start_file("archive/data.pkl", stored).unwrap();
+    w.write_all(&one_tensor_pickle(1000)).unwrap();
+    let deflated = stored.compression_method(zip::CompressionMethod::Deflated);
+    w.start_file("archive/data/0", deflated).unwrap();
+    w.write_all(&[0u8; 4000]).unwrap();
+    let mut bytes = w.finish().unwrap().into_inner();
+    // The storage's central directory record: signature PK\1\2, uncompressed size at +24.
+    let cd = bytes
+        .windows(4)
+        .enumerate()
+        .filter(|(_, w)| *w == [b'P', b'K', 1, 2])
+        .map(|(i, _)| i)
+        .nth(1)
+        .unwrap();
+    assert_eq!(bytes[cd + 24..cd + 28], 4000u32.to_le_bytes());
+    bytes[cd + 24..cd + 28].copy_from_slice(&claimed.to_le_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn entries_whose_sizes_lie_are_refused() {
+    use vqclip::weights::TensorSource;
+    let dir = tempfile::tempdir().unwrap();
+    // 4 GB claimed from a few dozen compressed bytes: refused at open, before any read.
+    let bomb = dir.path().join("bomb.ckpt");
+    lying_checkpoint(&bomb, 0xffff_fff0);
+    let e = vqclip::weights::torch::TorchCheckpoint::open(&bomb)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("MAX_DEFLATE_RATIO") && e.contains("bomb"), "{e}");
+    // One byte more than the entry holds: found when the tensor is read.
+    let off_by_one = dir.path().join("lie.ckpt");
+    lying_checkpoint(&off_by_one, 4001);
+    let ck = vqclip::weights::torch::TorchCheckpoint::open(&off_by_one).unwrap();
+    let e = ck.read_f32("w").unwrap_err().to_string();
+    assert!(
+        e.contains("'w'") && e.contains("truncated or corrupt"),
+        "{e}"
+    );
+    // The honest file reads.
+    let honest = dir.path().join("honest.ckpt");
+    lying_checkpoint(&honest, 4000);
+    let ck = vqclip::weights::torch::TorchCheckpoint::open(&honest).unwrap();
+    assert_eq!(ck.read_f32("w").unwrap(), vec![0.0; 1000]);
 }
 
 #[test]

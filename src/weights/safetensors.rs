@@ -304,6 +304,41 @@ mod tests {
     }
 
     #[test]
+    fn hostile_headers_are_refused_before_anything_is_allocated() {
+        let huge = r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,0]}}"#;
+        let overlap = r#"{"a":{"dtype":"F32","shape":[6],"data_offsets":[0,24]},"b":{"dtype":"F32","shape":[6],"data_offsets":[0,24]}}"#;
+        let dtype = r#"{"w":{"dtype":"F9","shape":[6],"data_offsets":[0,24]}}"#;
+        let neg = r#"{"w":{"dtype":"F32","shape":[-6],"data_offsets":[0,24]}}"#;
+        // Nested where serde has to skip it (an unknown field) or refuse it at the top.
+        let deep = format!(
+            r#"{{"w":{{"dtype":"F32","shape":[6],"data_offsets":[0,24],"x":{}{}}}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let deep_top = "[".repeat(100_000) + &"]".repeat(100_000);
+        let mut max_len = build("{}", &[]);
+        max_len[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (build(huge, &[]), "overflow"),
+            (build(overlap, &[0; 24]), "overlap"),
+            (build(dtype, &[0; 24]), "not valid JSON"),
+            (build(neg, &[0; 24]), "not valid JSON"),
+            (build(&deep, &[0; 24]), "not valid JSON"),
+            (build(&deep_top, &[]), "not valid JSON"),
+            (max_len, "implausibly large"),
+        ];
+        for (bytes, want) in cases {
+            let e = SafetensorsFile::from_bytes("hostile.safetensors", bytes)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("hostile.safetensors") && e.contains(want),
+                "{want}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn corrupt_files_name_the_file_and_the_problem() {
         let dir = tempfile::tempdir().unwrap();
         let good_header = r#"{"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}}"#;
