@@ -140,6 +140,15 @@ fn flow_nesting(text: &str) -> usize {
     max
 }
 
+/// Most resolution levels (`ch_mult` entries); the downsampling factor is `2^(levels-1)`.
+pub const MAX_LEVELS: usize = 8;
+/// Most residual blocks per level.
+pub const MAX_RES_BLOCKS: usize = 64;
+/// Widest channel count, latent width or resolution a config may name.
+pub const MAX_WIDTH: usize = 1 << 16;
+/// Most codebook entries (`n_embed`).
+pub const MAX_CODEBOOK: usize = 1 << 22;
+
 impl VqGanConfig {
     /// Parses a taming `.yaml` config; `path` names the file in errors.
     pub fn from_yaml(text: &str, path: &str) -> Result<VqGanConfig> {
@@ -215,6 +224,48 @@ impl VqGanConfig {
 
     fn validate(&self) -> std::result::Result<(), String> {
         let d = &self.dd;
+        // Plausibility bounds first, so that nothing below (channel products, the tensor
+        // list, the downsampling shift) can overflow or loop for ages on a hostile file.
+        if d.ch_mult.len() > MAX_LEVELS {
+            return Err(format!(
+                "ddconfig.ch_mult has {} levels, beyond the limit MAX_LEVELS ({MAX_LEVELS}); \
+                 taming models have 4 or 5",
+                d.ch_mult.len()
+            ));
+        }
+        if d.num_res_blocks > MAX_RES_BLOCKS {
+            return Err(format!(
+                "ddconfig.num_res_blocks {} is beyond the limit MAX_RES_BLOCKS \
+                 ({MAX_RES_BLOCKS})",
+                d.num_res_blocks
+            ));
+        }
+        let widths = [
+            (
+                "ddconfig.ch x ch_mult",
+                d.ch_mult.iter().map(|m| m.saturating_mul(d.ch)).max(),
+            ),
+            ("ddconfig.ch", Some(d.ch)),
+            ("ddconfig.z_channels", Some(d.z_channels)),
+            ("ddconfig.in_channels", Some(d.in_channels)),
+            ("ddconfig.out_ch", Some(d.out_ch)),
+            ("ddconfig.resolution", Some(d.resolution)),
+            ("embed_dim", Some(self.embed_dim)),
+        ];
+        for (name, w) in widths {
+            if let Some(w) = w.filter(|&w| w > MAX_WIDTH) {
+                return Err(format!(
+                    "{name} is {w}, beyond the limit MAX_WIDTH ({MAX_WIDTH})"
+                ));
+            }
+        }
+        if self.n_embed > MAX_CODEBOOK {
+            return Err(format!(
+                "n_embed {} is beyond the limit MAX_CODEBOOK ({MAX_CODEBOOK}); taming \
+                 codebooks have 1024 to 16384 entries",
+                self.n_embed
+            ));
+        }
         if d.double_z {
             return Err(
                 "ddconfig.double_z is true (a KL autoencoder); VQGAN configs set it to false"
@@ -538,6 +589,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a VQGAN"), "{e}");
+        // Sizes that would overflow, or make the tensor list endless, are refused by name.
+        for (from, to, limit) in [
+            (
+                "num_res_blocks: 2",
+                "num_res_blocks: 1000000000000",
+                "MAX_RES_BLOCKS",
+            ),
+            ("n_embed: 16384", "n_embed: 100000000000", "MAX_CODEBOOK"),
+            ("z_channels: 256", "z_channels: 1000000", "MAX_WIDTH"),
+            ("ch: 128", "ch: 4611686018427387904", "MAX_WIDTH"),
+            (
+                "      - 4\n",
+                "      - 4\n      - 4\n      - 4\n      - 4\n      - 4\n",
+                "MAX_LEVELS",
+            ),
+        ] {
+            let text = F16.replacen(from, to, 1);
+            assert_ne!(text, F16, "{from}");
+            let e = VqGanConfig::from_yaml(&text, "y").unwrap_err().to_string();
+            assert!(e.contains(limit), "{from}: {e}");
+        }
         let e = VqGanConfig::from_file("/nonexistent/model.yaml")
             .unwrap_err()
             .to_string();
