@@ -14,8 +14,11 @@ use vqclip::weights::safetensors::SafetensorsFile;
 use vqclip::weights::torch::TorchCheckpoint;
 use vqclip::weights::{pickle, TensorSource};
 
+/// A target body: one input in, and it must not panic.
+pub type Target = fn(&[u8]);
+
 /// Every target, by name, for the replay test.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("safetensors", safetensors),
     ("pickle", pickle),
     ("torch_zip", torch_zip),
