@@ -304,13 +304,16 @@ pub fn materialise(storage: &[f32], t: &TensorRef) -> Vec<f32> {
     for _ in 0..n {
         out.push(storage[off]);
         // Odometer increment over the view's index, innermost dim fastest.
+        // Wrapping: a stride the view never steps along (a dim of size 1 may have any
+        // stride, even usize::MAX) is added and taken back again; every offset read above
+        // is exact and inside the storage (the reader checked the view's extent).
         for d in (0..rank).rev() {
             idx[d] += 1;
-            off += t.stride[d];
+            off = off.wrapping_add(t.stride[d]);
             if idx[d] < t.shape[d] {
                 break;
             }
-            off -= t.stride[d] * t.shape[d];
+            off = off.wrapping_sub(t.stride[d].wrapping_mul(t.shape[d]));
             idx[d] = 0;
         }
     }
@@ -400,6 +403,15 @@ mod tests {
             shape: vec![3, 2],
             stride: vec![1, 3],
         };
+        assert_eq!(materialise(&s, &t), vec![2.0, 5.0, 3.0, 6.0, 4.0, 7.0]);
+        // A dim of size 1 may carry any stride (PyTorch leaves them arbitrary); the walk
+        // must neither overflow nor read past the storage.
+        let t = TensorRef {
+            shape: vec![3, 1, 2],
+            stride: vec![1, usize::MAX, 3],
+            ..t
+        };
+        assert_eq!(t.extent(), Some(8));
         assert_eq!(materialise(&s, &t), vec![2.0, 5.0, 3.0, 6.0, 4.0, 7.0]);
     }
 
