@@ -247,3 +247,23 @@ fn a_clip_config_json_nesting_100000_deep_is_refused() {
         "recursion limit",
     );
 }
+
+#[test]
+fn a_tokenizer_json_that_panicked_the_tokenizers_crate_is_an_error() {
+    // Found by the tokenizer_load fuzz target: a lone-surrogate escape made tokenizers 0.23
+    // panic (an `expect` in its decoders/mod.rs). The input's first byte is the target's
+    // mode byte.
+    let bytes = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/regressions/tokenizer_load/lone_surrogate_escape_panics_in_tokenizers"),
+    )
+    .unwrap();
+    let e = vqclip::models::clip::ClipTokenizer::from_tokenizer_json_bytes(
+        &bytes[1..],
+        77,
+        Path::new("t.json"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("t.json") && e.contains("not valid JSON"), "{e}");
+}
