@@ -100,7 +100,7 @@ impl ClipTokenizer {
         // string escape that serde_json refuses there (a lone surrogate, "\\udc00") panics
         // inside the crate. Checking the whole file as JSON first turns that into an error;
         // catching a panic is the last resort for whatever else the crate does not handle.
-        serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+        serde_json::from_slice::<serde_json::Value>(bytes)
             .map_err(|e| tok_err(path, format!("not valid JSON: {e}")))?;
         let inner = std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes))
             .map_err(|_| tok_err(path, "the tokenizers crate failed on this file"))?
