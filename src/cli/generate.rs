@@ -379,24 +379,11 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
     if !(lr > 0.0 && lr.is_finite()) {
         bail!("--lr must be a positive number");
     }
-    let mut noise_prompts = Vec::new();
-    for np in &a.noise_prompts {
-        let (seed, weight) = match np.split_once(':') {
-            Some((s, w)) => (
-                s,
-                w.parse::<f32>()
-                    .with_context(|| format!("--noise-prompt '{np}': bad weight"))?,
-            ),
-            None => (np.as_str(), 1.0),
-        };
-        if let Some(e) = vqclip::generate::prompt::weight_problem(weight) {
-            bail!("--noise-prompt '{np}': {e}");
-        }
-        let seed: u64 = seed
-            .parse()
-            .with_context(|| format!("--noise-prompt '{np}': the seed must be a number"))?;
-        noise_prompts.push((seed, weight));
-    }
+    let noise_prompts = a
+        .noise_prompts
+        .iter()
+        .map(|np| vqclip::generate::prompt::parse_noise(np))
+        .collect::<Result<Vec<_>, _>>()?;
     if prompts.is_empty() && a.image_prompts.is_empty() && noise_prompts.is_empty() {
         bail!("no prompt: give PROMPTS, --prompt, --image-prompt or --noise-prompt");
     }

@@ -95,6 +95,26 @@ pub fn weight_problem(weight: f32) -> Option<String> {
     None
 }
 
+/// Parses a noise prompt, `SEED[:weight]` (a random CLIP embedding to aim for), as
+/// `vqclip generate --noise-prompt` reads it; the weight must pass [`weight_problem`].
+pub fn parse_noise(s: &str) -> Result<(u64, f32)> {
+    let (seed, weight) = match s.split_once(':') {
+        Some((seed, w)) => (
+            seed,
+            w.parse::<f32>()
+                .map_err(|_| Error::invalid(format!("--noise-prompt '{s}': bad weight")))?,
+        ),
+        None => (s, 1.0),
+    };
+    if let Some(e) = weight_problem(weight) {
+        return Err(Error::invalid(format!("--noise-prompt '{s}': {e}")));
+    }
+    let seed = seed
+        .parse()
+        .map_err(|_| Error::invalid(format!("--noise-prompt '{s}': the seed must be a number")))?;
+    Ok((seed, weight))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,8 @@
 //! empty dict), and metadata types that Lightning checkpoints carry (callback classes,
 //! numpy scalars) become inert [`Value::Object`] placeholders that are never called.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 
 /// Element type of a tensor storage (`torch.FloatStorage` and friends).
@@ -96,9 +97,13 @@ pub struct TensorRef {
 }
 
 impl TensorRef {
-    /// Elements in the view.
+    /// Elements in the view (saturating at `usize::MAX`; [`parse`] refuses views whose
+    /// element count overflows).
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        if self.shape.contains(&0) {
+            return 0;
+        }
+        self.shape.iter().fold(1usize, |n, &d| n.saturating_mul(d))
     }
     /// True if the view is row-major contiguous.
     pub fn is_contiguous(&self) -> bool {
@@ -107,7 +112,7 @@ impl TensorRef {
             if d != 1 && s != expect {
                 return false;
             }
-            expect *= d;
+            expect = expect.saturating_mul(d);
         }
         true
     }
@@ -157,8 +162,22 @@ pub struct Global {
     pub callable: Callable,
 }
 
+/// How many containers may sit inside one another (a list in a dict in a tuple is 3 deep).
+/// A state dict is under 10 deep, and Python itself cannot pickle past its recursion limit
+/// of 1000; the bound keeps every walk over a [`Value`] (its drop included) shallow, so a
+/// hostile file cannot overflow the stack.
+pub const MAX_NESTING: usize = 256;
+
+/// How many values a pickle may create (pushes, memo entries). Each opcode makes at most
+/// one, so this bounds the reader's memory to a constant times this count, whatever the
+/// file claims; a state dict makes about fifteen per tensor.
+pub const MAX_VALUES: usize = 1 << 22;
+
+/// The most dimensions a tensor may have (PyTorch's own limit is 64).
+pub const MAX_RANK: usize = 64;
+
 /// An inert object: an allowed metadata type "called" with arguments, never executed.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Object {
     /// The type.
     pub global: Global,
@@ -166,11 +185,131 @@ pub struct Object {
     pub args: Value,
     /// State set by `BUILD`, if any.
     pub state: Option<Value>,
+    height: usize,
 }
 
-/// A value on the pickle stack. Lists and dicts are shared (`Rc<RefCell>`) so that the memo
-/// sees later mutations, as Python's does.
-#[derive(Debug, Clone, PartialEq)]
+/// An immutable tuple and its nesting height.
+#[derive(Debug, Clone)]
+pub struct Tuple {
+    items: Vec<Value>,
+    height: usize,
+}
+
+impl std::ops::Deref for Tuple {
+    type Target = [Value];
+    fn deref(&self) -> &[Value] {
+        &self.items
+    }
+}
+
+/// A dict's entries in insertion order, with an index over its scalar keys so that filling
+/// it stays linear in its size.
+#[derive(Debug, Default)]
+pub struct Dict {
+    entries: Vec<(Value, Value)>,
+    index: HashMap<Key, usize>,
+}
+
+impl Dict {
+    /// The entries, in insertion order.
+    pub fn entries(&self) -> &[(Value, Value)] {
+        &self.entries
+    }
+}
+
+/// A dict key the reader can compare: the scalar types a state dict uses. Other keys
+/// (tuples, objects) are kept but never merged, which only matters for a pickle that sets
+/// the same such key twice.
+#[derive(Debug, Hash, PartialEq, Eq)]
+enum Key {
+    None,
+    Int(i64),
+    Str(Rc<str>),
+    Bytes(Rc<[u8]>),
+}
+
+impl Key {
+    fn of(v: &Value) -> Option<Key> {
+        Some(match v {
+            Value::None => Key::None,
+            // Python's True == 1 as a dict key.
+            Value::Bool(b) => Key::Int(*b as i64),
+            Value::Int(i) => Key::Int(*i),
+            Value::Str(s) => Key::Str(s.clone()),
+            Value::Bytes(b) => Key::Bytes(b.clone()),
+            _ => return None,
+        })
+    }
+}
+
+/// A mutable container (list or dict) shared through the memo, as Python's are, with what
+/// bounds nesting: its height, and whether it already sits inside another container.
+///
+/// Heights are kept exact without walking: a container may only grow taller while nothing
+/// holds it (which is how Python's pickler writes: a container is filled before its parent
+/// takes it). Growing one that is already inside another would change its ancestors'
+/// heights unseen, and is also the only way to build a cycle, so it is refused.
+#[derive(Debug)]
+pub struct Shared<T> {
+    items: RefCell<T>,
+    height: Cell<usize>,
+    inside: Cell<bool>,
+}
+
+impl<T: Default> Shared<T> {
+    fn new() -> Rc<Shared<T>> {
+        Rc::new(Shared {
+            items: RefCell::default(),
+            height: Cell::new(1),
+            inside: Cell::new(false),
+        })
+    }
+}
+
+impl<T> Shared<T> {
+    /// The contents.
+    pub fn borrow(&self) -> std::cell::Ref<'_, T> {
+        self.items.borrow()
+    }
+
+    /// Records that `child` goes into this container: marks it held and raises this
+    /// container's height, refusing cycles and nesting past [`MAX_NESTING`].
+    fn adopt(&self, child: &Value) -> R<()> {
+        if child.shared_ptr() == Some(self as *const Self as *const ()) {
+            return Err(format!("a {} is put inside itself", child.type_name()));
+        }
+        let h = nested_height(child.height())?;
+        if h > self.height.get() {
+            if self.inside.get() {
+                return Err(
+                    "a container that already sits inside another is made deeper afterwards \
+                     (a cycle or a hand-made pickle; a state dict never does this)"
+                        .into(),
+                );
+            }
+            self.height.set(h);
+        }
+        child.mark_inside();
+        Ok(())
+    }
+}
+
+/// The height of a container holding a value of height `child`, refused past the limit.
+fn nested_height(child: usize) -> R<usize> {
+    let h = child + 1;
+    if h > MAX_NESTING {
+        return Err(format!(
+            "containers nest more than {MAX_NESTING} deep (the limit MAX_NESTING); a state \
+             dict is a few levels deep, so this file is corrupt or hostile"
+        ));
+    }
+    Ok(h)
+}
+
+/// A value on the pickle stack. Lists and dicts are shared so that the memo sees later
+/// mutations, as Python's does; strings and bytes are shared so that copying them (`DUP`,
+/// memo gets) costs nothing, whatever their length.
+#[derive(Debug, Clone)]
 pub enum Value {
     /// `None`
     None,
@@ -181,15 +320,15 @@ pub enum Value {
     /// A float.
     Float(f64),
     /// A text string.
-    Str(String),
+    Str(Rc<str>),
     /// Bytes.
-    Bytes(Vec<u8>),
+    Bytes(Rc<[u8]>),
     /// A tuple.
-    Tuple(Rc<Vec<Value>>),
+    Tuple(Rc<Tuple>),
     /// A list (also used for sets).
-    List(Rc<RefCell<Vec<Value>>>),
+    List(Rc<Shared<Vec<Value>>>),
     /// A dict, in insertion order.
-    Dict(Rc<RefCell<Vec<(Value, Value)>>>),
+    Dict(Rc<Shared<Dict>>),
     /// A reference to an allowed global.
     Global(Rc<Global>),
     /// An inert placeholder object.
@@ -211,12 +350,43 @@ impl Value {
     /// Looks up `key` (a string) if this is a dict.
     pub fn get(&self, key: &str) -> Option<Value> {
         match self {
-            Value::Dict(d) => d
-                .borrow()
-                .iter()
-                .find(|(k, _)| k.as_str() == Some(key))
-                .map(|(_, v)| v.clone()),
+            Value::Dict(d) => {
+                let d = d.borrow();
+                let i = *d.index.get(&Key::Str(key.into()))?;
+                Some(d.entries[i].1.clone())
+            }
             _ => None,
+        }
+    }
+    /// A tuple of `items`, refused if it would nest too deep.
+    fn tuple(items: Vec<Value>) -> R<Value> {
+        let height = nested_height(items.iter().map(Value::height).max().unwrap_or(0))?;
+        items.iter().for_each(Value::mark_inside);
+        Ok(Value::Tuple(Rc::new(Tuple { items, height })))
+    }
+    /// Containers nested at or below this value (0 for a scalar).
+    fn height(&self) -> usize {
+        match self {
+            Value::Tuple(t) => t.height,
+            Value::List(l) => l.height.get(),
+            Value::Dict(d) => d.height.get(),
+            Value::Object(o) => o.height,
+            _ => 0,
+        }
+    }
+    /// The address of a mutable container, to recognise it.
+    fn shared_ptr(&self) -> Option<*const ()> {
+        match self {
+            Value::List(l) => Some(Rc::as_ptr(l) as *const ()),
+            Value::Dict(d) => Some(Rc::as_ptr(d) as *const ()),
+            _ => None,
+        }
+    }
+    fn mark_inside(&self) {
+        match self {
+            Value::List(l) => l.inside.set(true),
+            Value::Dict(d) => d.inside.set(true),
+            _ => {}
         }
     }
     fn type_name(&self) -> &'static str {
@@ -319,7 +489,9 @@ struct Vm<'a> {
     pos: usize,
     stack: Vec<Value>,
     marks: Vec<usize>,
-    memo: std::collections::HashMap<u64, Value>,
+    memo: HashMap<u64, Value>,
+    /// Values made so far, against [`MAX_VALUES`].
+    made: usize,
     /// Offset of the opcode being executed, for errors.
     op_start: usize,
 }
@@ -371,12 +543,28 @@ impl<'a> Vm<'a> {
         Ok(Value::Str(
             std::str::from_utf8(b)
                 .map_err(|_| "string is not UTF-8")?
-                .to_string(),
+                .into(),
         ))
     }
     fn bytes(&mut self, n: u64) -> R<Value> {
         let n = self.len(n)?;
-        Ok(Value::Bytes(self.take(n)?.to_vec()))
+        Ok(Value::Bytes(self.take(n)?.into()))
+    }
+    /// Counts one more value against [`MAX_VALUES`].
+    fn count(&mut self) -> R<()> {
+        self.made += 1;
+        if self.made > MAX_VALUES {
+            return Err(format!(
+                "the pickle makes more than {MAX_VALUES} values (the limit MAX_VALUES); a \
+                 state dict makes about fifteen per tensor"
+            ));
+        }
+        Ok(())
+    }
+    fn push(&mut self, v: Value) -> R<()> {
+        self.count()?;
+        self.stack.push(v);
+        Ok(())
     }
     fn pop(&mut self) -> R<Value> {
         if self.marks.last().is_some_and(|&m| m >= self.stack.len()) {
@@ -404,18 +592,21 @@ impl<'a> Vm<'a> {
     }
     fn memo_put(&mut self, i: u64) -> R<()> {
         let v = self.stack.last().ok_or("stack underflow")?.clone();
+        self.count()?;
         self.memo.insert(i, v);
         Ok(())
     }
     fn push_global(&mut self, module: &str, name: &str) -> R<()> {
         let g = resolve_global(module, name)?;
-        self.stack.push(Value::Global(Rc::new(g)));
-        Ok(())
+        self.push(Value::Global(Rc::new(g)))
     }
     fn append(list: &Value, items: Vec<Value>) -> R<()> {
         match list {
             Value::List(l) => {
-                l.borrow_mut().extend(items);
+                for v in &items {
+                    l.adopt(v)?;
+                }
+                l.items.borrow_mut().extend(items);
                 Ok(())
             }
             v => Err(format!("APPEND to a {}", v.type_name())),
@@ -426,14 +617,23 @@ impl<'a> Vm<'a> {
             return Err("SETITEMS with an odd number of values".into());
         }
         match dict {
-            Value::Dict(d) => {
-                let mut d = d.borrow_mut();
+            Value::Dict(shared) => {
+                for v in &items {
+                    shared.adopt(v)?;
+                }
+                let mut d = shared.items.borrow_mut();
                 let mut it = items.into_iter();
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    if let Some(slot) = d.iter_mut().find(|(old, _)| *old == k) {
-                        slot.1 = v;
-                    } else {
-                        d.push((k, v));
+                    let key = Key::of(&k);
+                    match key.as_ref().and_then(|key| d.index.get(key)) {
+                        Some(&i) => d.entries[i].1 = v,
+                        None => {
+                            if let Some(key) = key {
+                                let i = d.entries.len();
+                                d.index.insert(key, i);
+                            }
+                            d.entries.push((k, v));
+                        }
                     }
                 }
                 Ok(())
@@ -456,7 +656,7 @@ impl<'a> Vm<'a> {
             }
         };
         let argv: Vec<Value> = match &args {
-            Value::Tuple(t) => t.as_ref().clone(),
+            Value::Tuple(t) => t.items.clone(),
             v => {
                 return Err(format!(
                     "call arguments are a {}, not a tuple",
@@ -473,7 +673,7 @@ impl<'a> Vm<'a> {
                 }
             }
             Callable::OrderedDict => {
-                let d = Value::Dict(Rc::new(RefCell::new(Vec::new())));
+                let d = Value::Dict(Shared::new());
                 if let Some(Value::List(pairs)) = argv.first() {
                     for p in pairs.borrow().iter() {
                         match p {
@@ -494,11 +694,16 @@ impl<'a> Vm<'a> {
                 "the storage type {}.{} cannot be called",
                 g.module, g.name
             )),
-            Callable::Inert => Ok(Value::Object(Rc::new(Object {
-                global: g.as_ref().clone(),
-                args,
-                state: None,
-            }))),
+            Callable::Inert => {
+                let height = nested_height(args.height())?;
+                args.mark_inside();
+                Ok(Value::Object(Rc::new(Object {
+                    global: g.as_ref().clone(),
+                    args,
+                    state: None,
+                    height,
+                })))
+            }
         }
     }
 
@@ -523,7 +728,14 @@ impl<'a> Vm<'a> {
                     let v = self.pop()?;
                     return Ok(v);
                 }
-                b'(' => self.marks.push(self.stack.len()),
+                b'(' => {
+                    if self.marks.len() >= MAX_NESTING {
+                        return Err(format!(
+                            "more than {MAX_NESTING} marks are open (the limit MAX_NESTING)"
+                        ));
+                    }
+                    self.marks.push(self.stack.len())
+                }
                 b'0' => {
                     self.pop()?;
                 }
@@ -532,22 +744,22 @@ impl<'a> Vm<'a> {
                 }
                 b'2' => {
                     let v = self.top()?.clone();
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
-                b'N' => self.stack.push(Value::None),
-                0x88 => self.stack.push(Value::Bool(true)),
-                0x89 => self.stack.push(Value::Bool(false)),
+                b'N' => self.push(Value::None)?,
+                0x88 => self.push(Value::Bool(true))?,
+                0x89 => self.push(Value::Bool(false))?,
                 b'J' => {
                     let v = self.u32()? as i32;
-                    self.stack.push(Value::Int(v as i64))
+                    self.push(Value::Int(v as i64))?
                 }
                 b'K' => {
                     let v = self.u8()?;
-                    self.stack.push(Value::Int(v as i64))
+                    self.push(Value::Int(v as i64))?
                 }
                 b'M' => {
                     let v = self.u16()?;
-                    self.stack.push(Value::Int(v as i64))
+                    self.push(Value::Int(v as i64))?
                 }
                 0x8a | 0x8b => {
                     // LONG1 / LONG4: little-endian two's complement
@@ -567,7 +779,7 @@ impl<'a> Vm<'a> {
                         [0u8; 8]
                     };
                     buf[..n].copy_from_slice(b);
-                    self.stack.push(Value::Int(i64::from_le_bytes(buf)));
+                    self.push(Value::Int(i64::from_le_bytes(buf)))?;
                 }
                 b'I' => {
                     // INT (protocol 0), also spells booleans as 00/01
@@ -577,7 +789,7 @@ impl<'a> Vm<'a> {
                         "01" => Value::Bool(true),
                         s => Value::Int(s.parse().map_err(|_| format!("bad INT '{s}'"))?),
                     };
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
                 b'L' => {
                     let s = self.line()?;
@@ -585,32 +797,32 @@ impl<'a> Vm<'a> {
                         .trim_end_matches('L')
                         .parse()
                         .map_err(|_| format!("bad LONG '{s}'"))?;
-                    self.stack.push(Value::Int(v));
+                    self.push(Value::Int(v))?;
                 }
                 b'G' => {
                     let b = self.take(8)?;
                     let v = f64::from_be_bytes(b.try_into().expect("8"));
-                    self.stack.push(Value::Float(v));
+                    self.push(Value::Float(v))?;
                 }
                 b'F' => {
                     let s = self.line()?;
                     let v = s.parse().map_err(|_| format!("bad FLOAT '{s}'"))?;
-                    self.stack.push(Value::Float(v));
+                    self.push(Value::Float(v))?;
                 }
                 b'X' => {
                     let n = self.u32()? as u64;
                     let v = self.string(n)?;
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
                 0x8c => {
                     let n = self.u8()? as u64;
                     let v = self.string(n)?;
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
                 0x8d => {
                     let n = self.u64()?;
                     let v = self.string(n)?;
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
                 b'T' | b'U' => {
                     // BINSTRING / SHORT_BINSTRING (Python 2 str): keep as text if it is UTF-8
@@ -619,14 +831,13 @@ impl<'a> Vm<'a> {
                     } else {
                         self.u8()? as u64
                     };
-                    let v = match self.bytes(n)? {
-                        Value::Bytes(b) => match String::from_utf8(b) {
-                            Ok(s) => Value::Str(s),
-                            Err(e) => Value::Bytes(e.into_bytes()),
-                        },
-                        v => v,
+                    let n = self.len(n)?;
+                    let b = self.take(n)?;
+                    let v = match std::str::from_utf8(b) {
+                        Ok(s) => Value::Str(s.into()),
+                        Err(_) => Value::Bytes(b.into()),
                     };
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
                 b'B' | b'C' | 0x8e | 0x96 => {
                     let n = match op {
@@ -635,12 +846,12 @@ impl<'a> Vm<'a> {
                         _ => self.u64()?,
                     };
                     let v = self.bytes(n)?;
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
-                b')' => self.stack.push(Value::Tuple(Rc::new(Vec::new()))),
+                b')' => self.push(Value::tuple(Vec::new())?)?,
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(Rc::new(items)));
+                    self.push(Value::tuple(items)?)?;
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -649,14 +860,14 @@ impl<'a> Vm<'a> {
                         items.push(self.pop()?);
                     }
                     items.reverse();
-                    self.stack.push(Value::Tuple(Rc::new(items)));
+                    self.push(Value::tuple(items)?)?;
                 }
-                b']' => self
-                    .stack
-                    .push(Value::List(Rc::new(RefCell::new(Vec::new())))),
+                b']' => self.push(Value::List(Shared::new()))?,
                 b'l' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::List(Rc::new(RefCell::new(items))));
+                    let list = Value::List(Shared::new());
+                    Self::append(&list, items)?;
+                    self.push(list)?;
                 }
                 b'a' => {
                     let v = self.pop()?;
@@ -668,9 +879,7 @@ impl<'a> Vm<'a> {
                     let list = self.top()?.clone();
                     Self::append(&list, items)?;
                 }
-                0x8f => self
-                    .stack
-                    .push(Value::List(Rc::new(RefCell::new(Vec::new())))),
+                0x8f => self.push(Value::List(Shared::new()))?,
                 0x90 => {
                     // ADDITEMS (sets are kept as lists)
                     let items = self.pop_mark()?;
@@ -679,16 +888,16 @@ impl<'a> Vm<'a> {
                 }
                 0x91 => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::List(Rc::new(RefCell::new(items))));
+                    let set = Value::List(Shared::new());
+                    Self::append(&set, items)?;
+                    self.push(set)?;
                 }
-                b'}' => self
-                    .stack
-                    .push(Value::Dict(Rc::new(RefCell::new(Vec::new())))),
+                b'}' => self.push(Value::Dict(Shared::new()))?,
                 b'd' => {
                     let items = self.pop_mark()?;
-                    let d = Value::Dict(Rc::new(RefCell::new(Vec::new())));
+                    let d = Value::Dict(Shared::new());
                     Self::set_items(&d, items)?;
-                    self.stack.push(d);
+                    self.push(d)?;
                 }
                 b's' => {
                     let v = self.pop()?;
@@ -721,18 +930,18 @@ impl<'a> Vm<'a> {
                 b'h' => {
                     let i = self.u8()? as u64;
                     let v = self.memo_get(i)?;
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
                 b'j' => {
                     let i = self.u32()? as u64;
                     let v = self.memo_get(i)?;
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
                 b'g' => {
                     let s = self.line()?;
                     let i = s.parse().map_err(|_| format!("bad GET '{s}'"))?;
                     let v = self.memo_get(i)?;
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
                 b'c' => {
                     let module = self.line()?;
@@ -756,7 +965,7 @@ impl<'a> Vm<'a> {
                     let args = self.pop()?;
                     let f = self.pop()?;
                     let v = self.call(f, args)?;
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
                 0x92 => {
                     // NEWOBJ_EX (cls, args, kwargs)
@@ -764,7 +973,7 @@ impl<'a> Vm<'a> {
                     let args = self.pop()?;
                     let f = self.pop()?;
                     let v = self.call(f, args)?;
-                    self.stack.push(v);
+                    self.push(v)?;
                 }
                 b'b' => {
                     // BUILD: set state. Tensors and dicts ignore it; inert objects keep it.
@@ -773,6 +982,8 @@ impl<'a> Vm<'a> {
                     match top {
                         Value::Object(o) => {
                             let mut o = o.as_ref().clone();
+                            o.height = o.height.max(nested_height(state.height())?);
+                            state.mark_inside();
                             o.state = Some(state);
                             *top = Value::Object(Rc::new(o));
                         }
@@ -783,7 +994,7 @@ impl<'a> Vm<'a> {
                 b'Q' => {
                     let pid = self.pop()?;
                     let s = persistent_storage(&pid)?;
-                    self.stack.push(Value::Storage(Rc::new(s)));
+                    self.push(Value::Storage(Rc::new(s)))?;
                 }
                 b'P' => return Err("text persistent ids (PERSID) are not used by torch".into()),
                 b'i' | b'o' => {
@@ -803,8 +1014,8 @@ impl<'a> Vm<'a> {
 
 fn as_usize(v: &Value, what: &str) -> R<usize> {
     match v {
-        Value::Int(i) if *i >= 0 => Ok(*i as usize),
-        v => Err(format!("{what} is a {} ({v:?}), not a size", v.type_name())),
+        Value::Int(i) => usize::try_from(*i).map_err(|_| format!("{what} {i} is negative")),
+        v => Err(format!("{what} is a {}, not a size", v.type_name())),
     }
 }
 
@@ -866,6 +1077,23 @@ fn rebuild_tensor(args: &[Value]) -> R<TensorRef> {
         shape: as_usizes(&args[2], "tensor size")?,
         stride: as_usizes(&args[3], "tensor stride")?,
     };
+    if t.shape.len().max(t.stride.len()) > MAX_RANK {
+        return Err(format!(
+            "a tensor of rank {} (the limit MAX_RANK is {MAX_RANK})",
+            t.shape.len().max(t.stride.len())
+        ));
+    }
+    if !t.shape.contains(&0)
+        && t.shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .is_none()
+    {
+        return Err(format!(
+            "tensor size {:?} has more elements than fit in memory",
+            t.shape
+        ));
+    }
     if t.shape.len() != t.stride.len() {
         return Err(format!(
             "tensor size {:?} and stride {:?} differ in rank",
@@ -889,7 +1117,8 @@ pub fn parse(data: &[u8]) -> Result<Value, PickleError> {
         pos: 0,
         stack: Vec::new(),
         marks: Vec::new(),
-        memo: std::collections::HashMap::new(),
+        memo: HashMap::new(),
+        made: 0,
         op_start: 0,
     };
     vm.run().map_err(|msg| PickleError {
@@ -906,7 +1135,7 @@ pub fn state_dict_tensors(root: &Value) -> Result<Vec<(String, TensorRef)>, Stri
         _ => root.clone(),
     };
     let entries = match &sd {
-        Value::Dict(d) => d.borrow().clone(),
+        Value::Dict(d) => d.borrow().entries.clone(),
         v => {
             return Err(format!(
                 "the checkpoint holds a {}, not a state dict",
@@ -917,7 +1146,7 @@ pub fn state_dict_tensors(root: &Value) -> Result<Vec<(String, TensorRef)>, Stri
     Ok(entries
         .into_iter()
         .filter_map(|(k, v)| match (k, v) {
-            (Value::Str(k), Value::Tensor(t)) => Some((k, t.as_ref().clone())),
+            (Value::Str(k), Value::Tensor(t)) => Some((k.to_string(), t.as_ref().clone())),
             _ => None,
         })
         .collect())
@@ -949,25 +1178,25 @@ mod tests {
         p.extend([b'C', 2, b'x', b'y', 0x8c, 1, b'z', 0x86, b'u', b'.']);
         let v = parse(&p).unwrap();
         match v.get("a").unwrap() {
-            Value::List(l) => assert_eq!(
-                *l.borrow(),
-                vec![
+            Value::List(l) => assert!(matches!(
+                l.borrow()[..],
+                [
                     Value::Int(1),
                     Value::Int(-2),
                     Value::Float(3.5),
                     Value::None,
                     Value::Bool(true)
                 ]
-            ),
+            )),
             v => panic!("{v:?}"),
         }
-        assert_eq!(
-            v.get("b").unwrap(),
-            Value::Tuple(Rc::new(vec![
-                Value::Bytes(b"xy".to_vec()),
-                Value::Str("z".into())
-            ]))
-        );
+        match v.get("b").unwrap() {
+            Value::Tuple(t) => match &t[..] {
+                [Value::Bytes(b), Value::Str(s)] => assert_eq!((&b[..], &s[..]), (&b"xy"[..], "z")),
+                t => panic!("{t:?}"),
+            },
+            v => panic!("{v:?}"),
+        }
     }
 
     #[test]
@@ -978,7 +1207,7 @@ mod tests {
         p.extend([b'K', 7, b's', b'0', b'h', 0, 0x85, b'.']);
         let v = parse(&p).unwrap();
         match v {
-            Value::Tuple(t) => assert_eq!(t[0].get("k"), Some(Value::Int(7))),
+            Value::Tuple(t) => assert!(matches!(t[0].get("k"), Some(Value::Int(7)))),
             v => panic!("{v:?}"),
         }
     }
@@ -995,7 +1224,10 @@ mod tests {
             let mut p = vec![0x80, 2, 0x8a, bytes.len() as u8];
             p.extend(&bytes);
             p.push(b'.');
-            assert_eq!(parse(&p).unwrap(), Value::Int(want), "{bytes:?}");
+            match parse(&p).unwrap() {
+                Value::Int(got) => assert_eq!(got, want, "{bytes:?}"),
+                v => panic!("{v:?}"),
+            }
         }
     }
 
@@ -1053,6 +1285,141 @@ mod tests {
         assert!(parse(&[b'h', 3, b'.']).unwrap_err().msg.contains("memo"));
     }
 
+    /// `n` empty lists, each appended into the one below: lists nested `n` deep.
+    fn nested_lists(n: usize) -> Vec<u8> {
+        let mut p = vec![0x80, 2];
+        p.extend(std::iter::repeat_n(b']', n));
+        p.extend(std::iter::repeat_n(b'a', n - 1));
+        p.push(b'.');
+        p
+    }
+
+    #[test]
+    fn nesting_is_bounded_and_named() {
+        // At the limit it reads; one past it, and 200,000 deep (which used to overflow the
+        // stack when the value was dropped), it is refused with the limit's name.
+        let ok = parse(&nested_lists(MAX_NESTING)).unwrap();
+        assert_eq!(ok.height(), MAX_NESTING);
+        for n in [MAX_NESTING + 1, 200_000] {
+            let e = parse(&nested_lists(n)).unwrap_err();
+            assert!(e.msg.contains("MAX_NESTING"), "{e}");
+        }
+        // The same through tuples ('(' ... 't') and through marks alone.
+        let mut p = vec![b'N'];
+        p.extend(std::iter::repeat_n(0x85, 100_000));
+        p.push(b'.');
+        assert!(parse(&p).unwrap_err().msg.contains("MAX_NESTING"));
+        let mut p = std::iter::repeat_n(b'(', 100_000).collect::<Vec<_>>();
+        p.push(b'.');
+        assert!(parse(&p).unwrap_err().msg.contains("MAX_NESTING"));
+    }
+
+    #[test]
+    fn memo_cannot_nest_past_the_limit_or_build_cycles() {
+        // Memoise 300 empty lists, then put list i+1 into list i, top-down: each list is
+        // already inside its parent when it grows, which would hide the growing depth.
+        let n = 300u32;
+        let mut p = vec![0x80, 2];
+        for i in 0..n {
+            p.extend([b']', b'r']);
+            p.extend(i.to_le_bytes());
+            p.push(b'0');
+        }
+        for i in 0..n - 1 {
+            p.push(b'j');
+            p.extend(i.to_le_bytes());
+            p.push(b'j');
+            p.extend((i + 1).to_le_bytes());
+            p.extend([b'a', b'0']);
+        }
+        p.extend([b'j', 0, 0, 0, 0, b'.']);
+        let e = parse(&p).unwrap_err();
+        assert!(e.msg.contains("made deeper afterwards"), "{e}");
+
+        // l = []; l.append(l)
+        let e = parse(&[b']', b'q', 0, b'h', 0, b'a', b'.']).unwrap_err();
+        assert!(e.msg.contains("inside itself"), "{e}");
+        // a = []; b = [a]; a.append(b)
+        let p = [
+            b']', b'q', 0, b']', b'q', 1, b'h', 0, b'a', b'0', b'h', 0, b'h', 1, b'a', b'.',
+        ];
+        let e = parse(&p).unwrap_err();
+        assert!(e.msg.contains("made deeper afterwards"), "{e}");
+
+        // Sharing without cycles (one list in two places) is still fine.
+        let p = [b']', b'q', 0, b'0', b'h', 0, b'h', 0, 0x86, b'.'];
+        assert!(matches!(parse(&p).unwrap(), Value::Tuple(_)));
+    }
+
+    #[test]
+    fn copies_are_cheap_and_values_are_counted() {
+        // A 1 MB string duplicated 200,000 times would be 200 GB if copies copied.
+        let mut p = vec![0x80, 4, 0x8d];
+        p.extend((1u64 << 20).to_le_bytes());
+        p.extend(std::iter::repeat_n(b'x', 1 << 20));
+        p.extend(std::iter::repeat_n(b'2', 200_000));
+        p.push(b'.');
+        assert!(matches!(parse(&p).unwrap(), Value::Str(s) if s.len() == 1 << 20));
+        // Every push counts, even ones popped straight away.
+        let mut p = std::iter::repeat_n([b'N', b'0'], MAX_VALUES + 1)
+            .flatten()
+            .collect::<Vec<_>>();
+        p.extend([b'N', b'.']);
+        assert!(parse(&p).unwrap_err().msg.contains("MAX_VALUES"));
+    }
+
+    #[test]
+    fn dicts_fill_in_linear_time_and_keep_python_key_semantics() {
+        // 200,000 distinct keys in one SETITEMS: quadratic key search would take minutes.
+        let n = 200_000u32;
+        let mut p = vec![0x80, 2, b'}', b'('];
+        for i in 0..n {
+            p.push(b'J');
+            p.extend(i.to_le_bytes());
+            p.extend([b'K', 1]);
+        }
+        // A repeated key replaces the value, as in Python; True is the key 1.
+        p.extend([b'K', 5, b'K', 2, 0x88, b'K', 3, b'u', b'.']);
+        match parse(&p).unwrap() {
+            Value::Dict(d) => {
+                let d = d.borrow();
+                assert_eq!(d.entries().len(), n as usize);
+                assert!(matches!(d.entries()[5].1, Value::Int(2)));
+                assert!(matches!(d.entries()[1].1, Value::Int(3)));
+            }
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn views_whose_element_count_overflows_are_refused() {
+        let s = Value::Storage(Rc::new(StorageRef {
+            key: "0".into(),
+            dtype: StorageDType::F32,
+            numel: 4,
+        }));
+        let big = Value::Int(1 << 40);
+        let e = rebuild_tensor(&[
+            s.clone(),
+            Value::Int(0),
+            Value::tuple(vec![big.clone(), big.clone()]).unwrap(),
+            Value::tuple(vec![Value::Int(0), Value::Int(0)]).unwrap(),
+        ])
+        .unwrap_err();
+        assert!(e.contains("more elements than fit"), "{e}");
+        let e = rebuild_tensor(&[
+            s.clone(),
+            Value::Int(-1),
+            Value::tuple(vec![]).unwrap(),
+            Value::tuple(vec![]).unwrap(),
+        ])
+        .unwrap_err();
+        assert!(e.contains("negative"), "{e}");
+        let ones = Value::tuple(vec![Value::Int(1); MAX_RANK + 1]).unwrap();
+        let e = rebuild_tensor(&[s, Value::Int(0), ones.clone(), ones]).unwrap_err();
+        assert!(e.contains("MAX_RANK"), "{e}");
+    }
+
     #[test]
     fn views_must_fit_their_storage() {
         let s = StorageRef {
@@ -1063,8 +1430,8 @@ mod tests {
         let ok = rebuild_tensor(&[
             Value::Storage(Rc::new(s.clone())),
             Value::Int(1),
-            Value::Tuple(Rc::new(vec![Value::Int(2), Value::Int(2)])),
-            Value::Tuple(Rc::new(vec![Value::Int(3), Value::Int(1)])),
+            Value::tuple(vec![Value::Int(2), Value::Int(2)]).unwrap(),
+            Value::tuple(vec![Value::Int(3), Value::Int(1)]).unwrap(),
         ])
         .unwrap();
         assert_eq!(ok.extent(), Some(6));
@@ -1072,8 +1439,8 @@ mod tests {
         let bad = rebuild_tensor(&[
             Value::Storage(Rc::new(s)),
             Value::Int(2),
-            Value::Tuple(Rc::new(vec![Value::Int(2), Value::Int(2)])),
-            Value::Tuple(Rc::new(vec![Value::Int(3), Value::Int(1)])),
+            Value::tuple(vec![Value::Int(2), Value::Int(2)]).unwrap(),
+            Value::tuple(vec![Value::Int(3), Value::Int(1)]).unwrap(),
         ])
         .unwrap_err();
         assert!(bad.contains("runs past its storage"), "{bad}");

@@ -12,10 +12,26 @@ use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, TensorInfo};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// The bytes of a safetensors file: mapped from disk, or already in memory.
+enum Bytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
 /// A memory-mapped safetensors file.
 pub struct SafetensorsFile {
     path: String,
-    mmap: memmap2::Mmap,
+    mmap: Bytes,
     /// Offset of the data section (8 + header length).
     data_start: usize,
     tensors: BTreeMap<String, TensorInfo>,
@@ -69,6 +85,25 @@ impl SafetensorsFile {
             path: path.clone(),
             source,
         })?;
+        Self::validate(path, Bytes::Mapped(mmap))
+    }
+
+    /// Reads a safetensors file held in memory; `name` stands for its path in messages. This
+    /// is [`SafetensorsFile::open`] without the file (the fuzz target uses it).
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<SafetensorsFile> {
+        if bytes.len() < 8 {
+            return Err(format_err(
+                name,
+                format!(
+                    "{} bytes is too short for a safetensors file (truncated or empty?)",
+                    bytes.len()
+                ),
+            ));
+        }
+        Self::validate(name.to_string(), Bytes::Owned(bytes))
+    }
+
+    fn validate(path: String, mmap: Bytes) -> Result<SafetensorsFile> {
         let (header_len, meta) =
             SafeTensors::read_metadata(&mmap).map_err(|e| describe(&path, &mmap, e))?;
         let metadata = meta.metadata().clone().unwrap_or_default();
@@ -266,6 +301,41 @@ mod tests {
         assert!(e.contains("'ids'") && e.contains("I64"), "{e}");
         let e = f.read_f32("nope").unwrap_err().to_string();
         assert!(e.contains("missing tensor 'nope'"), "{e}");
+    }
+
+    #[test]
+    fn hostile_headers_are_refused_before_anything_is_allocated() {
+        let huge = r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,0]}}"#;
+        let overlap = r#"{"a":{"dtype":"F32","shape":[6],"data_offsets":[0,24]},"b":{"dtype":"F32","shape":[6],"data_offsets":[0,24]}}"#;
+        let dtype = r#"{"w":{"dtype":"F9","shape":[6],"data_offsets":[0,24]}}"#;
+        let neg = r#"{"w":{"dtype":"F32","shape":[-6],"data_offsets":[0,24]}}"#;
+        // Nested where serde has to skip it (an unknown field) or refuse it at the top.
+        let deep = format!(
+            r#"{{"w":{{"dtype":"F32","shape":[6],"data_offsets":[0,24],"x":{}{}}}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let deep_top = "[".repeat(100_000) + &"]".repeat(100_000);
+        let mut max_len = build("{}", &[]);
+        max_len[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (build(huge, &[]), "overflow"),
+            (build(overlap, &[0; 24]), "overlap"),
+            (build(dtype, &[0; 24]), "not valid JSON"),
+            (build(neg, &[0; 24]), "not valid JSON"),
+            (build(&deep, &[0; 24]), "not valid JSON"),
+            (build(&deep_top, &[]), "not valid JSON"),
+            (max_len, "implausibly large"),
+        ];
+        for (bytes, want) in cases {
+            let e = SafetensorsFile::from_bytes("hostile.safetensors", bytes)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("hostile.safetensors") && e.contains(want),
+                "{want}: {e}"
+            );
+        }
     }
 
     #[test]

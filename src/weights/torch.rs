@@ -12,12 +12,21 @@ use std::io::Read;
 use std::sync::Mutex;
 
 /// Largest `data.pkl` accepted (a state dict's pickle is a few MB even for big models).
-const MAX_PICKLE_BYTES: u64 = 1 << 30;
+pub const MAX_PICKLE_BYTES: u64 = 256 << 20;
+
+/// Largest ratio of an entry's stated size to its compressed size. Deflate cannot do better
+/// than about 1032:1, so an entry that claims more is a decompression bomb (torch stores its
+/// entries uncompressed, at 1:1).
+pub const MAX_DEFLATE_RATIO: u64 = 1032;
+
+/// What a checkpoint is read from: a file, or bytes already in memory.
+trait Archive: Read + std::io::Seek + Send {}
+impl<T: Read + std::io::Seek + Send> Archive for T {}
 
 /// An opened PyTorch zip checkpoint.
 pub struct TorchCheckpoint {
     path: String,
-    zip: Mutex<zip::ZipArchive<std::io::BufReader<std::fs::File>>>,
+    zip: Mutex<zip::ZipArchive<Box<dyn Archive>>>,
     prefix: String,
     order: Vec<String>,
     tensors: HashMap<String, TensorRef>,
@@ -56,7 +65,23 @@ impl TorchCheckpoint {
             .and_then(|mut f| f.read_exact(&mut head))
             .is_ok()
             && head[0] == 0x80;
-        let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| {
+        let reader: Box<dyn Archive> = Box::new(std::io::BufReader::new(file));
+        Self::read(path, reader, legacy)
+    }
+
+    /// Reads a checkpoint held in memory; `name` stands for its path in messages. This is
+    /// [`TorchCheckpoint::open`] without the file (the fuzz target uses it).
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<TorchCheckpoint> {
+        let legacy = bytes.first() == Some(&0x80);
+        Self::read(
+            name.to_string(),
+            Box::new(std::io::Cursor::new(bytes)),
+            legacy,
+        )
+    }
+
+    fn read(path: String, reader: Box<dyn Archive>, legacy: bool) -> Result<TorchCheckpoint> {
+        let mut zip = zip::ZipArchive::new(reader).map_err(|e| {
             if legacy {
                 format_err(
                     &path,
@@ -86,9 +111,10 @@ impl TorchCheckpoint {
                 )
             })?;
         let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
-        if let Ok(mut f) = zip.by_name(&format!("{prefix}byteorder")) {
+        if let Ok(f) = zip.by_name(&format!("{prefix}byteorder")) {
             let mut s = String::new();
-            f.read_to_string(&mut s)
+            f.take(64)
+                .read_to_string(&mut s)
                 .map_err(|e| format_err(&path, format!("reading byteorder: {e}")))?;
             if s.trim() != "little" {
                 return Err(format_err(
@@ -101,23 +127,20 @@ impl TorchCheckpoint {
             }
         }
         let pkl = {
-            let mut f = zip
+            let f = zip
                 .by_name(&pkl_name)
                 .map_err(|e| format_err(&path, format!("{pkl_name}: {e}")))?;
-            if f.size() > MAX_PICKLE_BYTES {
+            let size = checked_size(&path, &f)?;
+            if size > MAX_PICKLE_BYTES {
                 return Err(format_err(
                     &path,
-                    format!("{pkl_name} is implausibly large"),
+                    format!(
+                        "{pkl_name} claims {size} bytes, beyond the limit MAX_PICKLE_BYTES \
+                         ({MAX_PICKLE_BYTES}); a state dict's pickle is a few MB"
+                    ),
                 ));
             }
-            let mut buf = Vec::with_capacity(f.size() as usize);
-            f.read_to_end(&mut buf).map_err(|e| {
-                format_err(
-                    &path,
-                    format!("{pkl_name}: truncated or corrupt entry ({e})"),
-                )
-            })?;
-            buf
+            read_entry(&path, f, size, size)?
         };
         let root =
             pickle::parse(&pkl).map_err(|e| format_err(&path, format!("{pkl_name}: {e}")))?;
@@ -130,15 +153,13 @@ impl TorchCheckpoint {
             let size = match sizes.get(&entry) {
                 Some(&s) => s,
                 None => {
-                    let s = zip
-                        .by_name(&entry)
-                        .map_err(|_| {
-                            format_err(
-                                &path,
-                                format!("tensor '{k}': storage entry {entry} is missing"),
-                            )
-                        })?
-                        .size();
+                    let f = zip.by_name(&entry).map_err(|_| {
+                        format_err(
+                            &path,
+                            format!("tensor '{k}': storage entry {entry} is missing"),
+                        )
+                    })?;
+                    let s = checked_size(&path, &f)?;
                     sizes.insert(entry.clone(), s);
                     s
                 }
@@ -171,28 +192,72 @@ impl TorchCheckpoint {
     fn storage_bytes(&self, key: &str, t: &TensorRef) -> Result<Vec<u8>> {
         let entry = format!("{}data/{}", self.prefix, t.storage.key);
         let mut zip = self.zip.lock().unwrap_or_else(|e| e.into_inner());
-        let mut f = zip
+        let f = zip
             .by_name(&entry)
             .map_err(|e| format_err(&self.path, format!("tensor '{key}': {entry}: {e}")))?;
-        // Read the whole entry so that the archive's CRC is checked, then keep what the view
-        // can touch.
-        let want = t.extent().unwrap_or(0) * t.storage.dtype.size();
-        let mut buf = Vec::with_capacity(f.size() as usize);
-        f.read_to_end(&mut buf).map_err(|e| {
-            format_err(
-                &self.path,
-                format!("tensor '{key}': {entry}: truncated or corrupt data ({e})"),
-            )
-        })?;
-        if buf.len() < want {
-            return Err(format_err(
-                &self.path,
-                format!("tensor '{key}': {entry} is truncated"),
-            ));
-        }
-        buf.truncate(want);
-        Ok(buf)
+        let size = checked_size(&self.path, &f)?;
+        // open() checked that the storage fits its entry, so this cannot overflow; a view
+        // past its storage was refused by the pickle reader.
+        let want = t
+            .extent()
+            .and_then(|e| e.checked_mul(t.storage.dtype.size()))
+            .and_then(|w| u64::try_from(w).ok())
+            .filter(|&w| w <= size)
+            .ok_or_else(|| {
+                format_err(
+                    &self.path,
+                    format!("tensor '{key}': its view runs past {entry} ({size} bytes)"),
+                )
+            })?;
+        read_entry(&self.path, f, size, want)
+            .map_err(|e| format_err(&self.path, format!("tensor '{key}': {e}")))
     }
+}
+
+/// The size `f` claims, refused if it claims more than deflate can expand its compressed
+/// bytes to (a decompression bomb).
+fn checked_size(path: &str, f: &zip::read::ZipFile<'_, Box<dyn Archive>>) -> Result<u64> {
+    let (size, packed) = (f.size(), f.compressed_size());
+    if f.compression() != zip::CompressionMethod::Stored
+        && size > packed.saturating_mul(MAX_DEFLATE_RATIO).max(1 << 16)
+    {
+        return Err(format_err(
+            path,
+            format!(
+                "{} claims {size} bytes from {packed} compressed bytes, more than the limit \
+                 MAX_DEFLATE_RATIO ({MAX_DEFLATE_RATIO}:1) allows: a decompression bomb",
+                f.name()
+            ),
+        ));
+    }
+    Ok(size)
+}
+
+/// Reads the first `keep` bytes of entry `f`, which claims `size` bytes, and checks the rest
+/// (its length and the archive's CRC) without keeping it, so that memory follows what is
+/// used and never what an entry claims.
+fn read_entry(
+    path: &str,
+    mut f: zip::read::ZipFile<'_, Box<dyn Archive>>,
+    size: u64,
+    keep: u64,
+) -> Result<Vec<u8>> {
+    let name = f.name().to_string();
+    let corrupt =
+        |e: std::io::Error| format_err(path, format!("{name}: truncated or corrupt entry ({e})"));
+    // Grows with the data actually read, never to a size the entry merely claims.
+    let mut buf = Vec::new();
+    (&mut f).take(keep).read_to_end(&mut buf).map_err(corrupt)?;
+    let rest = std::io::copy(&mut (&mut f).take(size - keep + 1), &mut std::io::sink())
+        .map_err(corrupt)?;
+    let got = buf.len() as u64 + rest;
+    if got != size {
+        return Err(format_err(
+            path,
+            format!("{name} holds {got} bytes but its header says {size}: truncated or corrupt"),
+        ));
+    }
+    Ok(buf)
 }
 
 /// Converts `bytes` of `dtype` to f32 values.
@@ -239,13 +304,16 @@ pub fn materialise(storage: &[f32], t: &TensorRef) -> Vec<f32> {
     for _ in 0..n {
         out.push(storage[off]);
         // Odometer increment over the view's index, innermost dim fastest.
+        // Wrapping: a stride the view never steps along (a dim of size 1 may have any
+        // stride, even usize::MAX) is added and taken back again; every offset read above
+        // is exact and inside the storage (the reader checked the view's extent).
         for d in (0..rank).rev() {
             idx[d] += 1;
-            off += t.stride[d];
+            off = off.wrapping_add(t.stride[d]);
             if idx[d] < t.shape[d] {
                 break;
             }
-            off -= t.stride[d] * t.shape[d];
+            off = off.wrapping_sub(t.stride[d].wrapping_mul(t.shape[d]));
             idx[d] = 0;
         }
     }
@@ -335,6 +403,15 @@ mod tests {
             shape: vec![3, 2],
             stride: vec![1, 3],
         };
+        assert_eq!(materialise(&s, &t), vec![2.0, 5.0, 3.0, 6.0, 4.0, 7.0]);
+        // A dim of size 1 may carry any stride (PyTorch leaves them arbitrary); the walk
+        // must neither overflow nor read past the storage.
+        let t = TensorRef {
+            shape: vec![3, 1, 2],
+            stride: vec![1, usize::MAX, 3],
+            ..t
+        };
+        assert_eq!(t.extent(), Some(8));
         assert_eq!(materialise(&s, &t), vec![2.0, 5.0, 3.0, 6.0, 4.0, 7.0]);
     }
 

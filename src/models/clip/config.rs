@@ -156,6 +156,15 @@ fn square(v: &Value, what: &str) -> std::result::Result<usize, String> {
     }
 }
 
+/// Most transformer layers per tower.
+pub const MAX_LAYERS: usize = 256;
+/// Widest hidden, MLP, projection or channel size.
+pub const MAX_WIDTH: usize = 1 << 16;
+/// Largest vocabulary.
+pub const MAX_VOCAB: usize = 1 << 22;
+/// Most text or image positions (and the largest image side).
+pub const MAX_POSITIONS: usize = 1 << 16;
+
 impl ClipConfig {
     /// Reads `config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<ClipConfig> {
@@ -272,6 +281,84 @@ impl ClipConfig {
                 return Err(format!("{name} must be at least 1"));
             }
         }
+        // Plausibility bounds, so that a hostile config cannot make the tensor list endless
+        // or a size product overflow (ViT-L/14 at 336 px is 24 layers, 1024 wide, 577
+        // positions).
+        let bounded = [
+            (
+                "text_config.num_hidden_layers",
+                t.num_hidden_layers,
+                MAX_LAYERS,
+                "MAX_LAYERS",
+            ),
+            (
+                "vision_config.num_hidden_layers",
+                v.num_hidden_layers,
+                MAX_LAYERS,
+                "MAX_LAYERS",
+            ),
+            (
+                "text_config.vocab_size",
+                t.vocab_size,
+                MAX_VOCAB,
+                "MAX_VOCAB",
+            ),
+            (
+                "text_config.max_position_embeddings",
+                t.max_position_embeddings,
+                MAX_POSITIONS,
+                "MAX_POSITIONS",
+            ),
+            (
+                "vision_config.image_size",
+                v.image_size,
+                MAX_POSITIONS,
+                "MAX_POSITIONS",
+            ),
+            (
+                "text_config.hidden_size",
+                t.hidden_size,
+                MAX_WIDTH,
+                "MAX_WIDTH",
+            ),
+            (
+                "text_config.intermediate_size",
+                t.intermediate_size,
+                MAX_WIDTH,
+                "MAX_WIDTH",
+            ),
+            (
+                "vision_config.hidden_size",
+                v.hidden_size,
+                MAX_WIDTH,
+                "MAX_WIDTH",
+            ),
+            (
+                "vision_config.intermediate_size",
+                v.intermediate_size,
+                MAX_WIDTH,
+                "MAX_WIDTH",
+            ),
+            (
+                "vision_config.num_channels",
+                v.num_channels,
+                MAX_WIDTH,
+                "MAX_WIDTH",
+            ),
+            (
+                "projection_dim",
+                self.projection_dim,
+                MAX_WIDTH,
+                "MAX_WIDTH",
+            ),
+        ];
+        for (name, x, limit, limit_name) in bounded {
+            if x > limit {
+                return Err(format!(
+                    "{name} is {x}, beyond the limit {limit_name} ({limit})"
+                ));
+            }
+        }
         if t.hidden_size % t.num_attention_heads != 0 {
             return Err(format!(
                 "text_config.hidden_size {} is not a multiple of num_attention_heads {}",
@@ -288,6 +375,15 @@ impl ClipConfig {
             return Err(format!(
                 "vision_config.image_size {} is not a multiple of patch_size {}",
                 v.image_size, v.patch_size
+            ));
+        }
+        if v.num_positions() > MAX_POSITIONS {
+            return Err(format!(
+                "vision_config.image_size {} / patch_size {} makes {} image positions, beyond \
+                 the limit MAX_POSITIONS ({MAX_POSITIONS})",
+                v.image_size,
+                v.patch_size,
+                v.num_positions()
             ));
         }
         for (name, eps) in [
@@ -533,6 +629,19 @@ mod tests {
             (
                 r#"{"projection_dim":0}"#,
                 "projection_dim must be at least 1",
+            ),
+            (
+                r#"{"text_config":{"num_hidden_layers":1000000000000}}"#,
+                "MAX_LAYERS",
+            ),
+            (r#"{"projection_dim":4611686018427387904}"#, "MAX_WIDTH"),
+            (
+                r#"{"text_config":{"vocab_size":100000000000}}"#,
+                "MAX_VOCAB",
+            ),
+            (
+                r#"{"vision_config":{"image_size":65536,"patch_size":1}}"#,
+                "image positions",
             ),
         ] {
             let e = ClipConfig::from_json(json).unwrap_err();

@@ -90,9 +90,78 @@ struct Params {
     temperature_scheduler_config: Option<serde_yaml::Value>,
 }
 
+/// Largest config file read (a taming config is about 2 KB).
+pub const MAX_YAML_BYTES: u64 = 1 << 20;
+
+/// Deepest `[`/`{` nesting accepted in a config. serde_yaml refuses values nested past 128,
+/// but only after its parser has spent time quadratic in the depth (50,000 levels take
+/// seconds), so flow nesting is measured first; taming configs use at most one level.
+pub const MAX_YAML_FLOW_NESTING: usize = 64;
+
+/// The deepest flow-collection nesting of `text`, not counting brackets inside quoted
+/// scalars or comments (a bracket in a plain scalar counts, which can only over-estimate).
+fn flow_nesting(text: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let mut chars = text.chars().peekable();
+    // The previous character, to tell a quote that opens a scalar from an apostrophe.
+    let mut prev = '\n';
+    while let Some(c) = chars.next() {
+        match c {
+            '[' | '{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            '#' if prev.is_whitespace() => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        break;
+                    }
+                }
+            }
+            '"' | '\'' if prev.is_whitespace() || "[{,:-?".contains(prev) => {
+                while let Some(q) = chars.next() {
+                    if q == '\\' && c == '"' {
+                        chars.next();
+                    } else if q == c {
+                        // '' inside a single-quoted scalar is an escaped quote.
+                        if c == '\'' && chars.peek() == Some(&'\'') {
+                            chars.next();
+                            continue;
+                        }
+                        break;
+                    }
+                }
+            }
+            _ => {}
+        }
+        prev = c;
+    }
+    max
+}
+
+/// Most resolution levels (`ch_mult` entries); the downsampling factor is `2^(levels-1)`.
+pub const MAX_LEVELS: usize = 8;
+/// Most residual blocks per level.
+pub const MAX_RES_BLOCKS: usize = 64;
+/// Widest channel count, latent width or resolution a config may name.
+pub const MAX_WIDTH: usize = 1 << 16;
+/// Most codebook entries (`n_embed`).
+pub const MAX_CODEBOOK: usize = 1 << 22;
+
 impl VqGanConfig {
     /// Parses a taming `.yaml` config; `path` names the file in errors.
     pub fn from_yaml(text: &str, path: &str) -> Result<VqGanConfig> {
+        let nesting = flow_nesting(text);
+        if nesting > MAX_YAML_FLOW_NESTING {
+            return Err(Error::Format {
+                path: path.to_string(),
+                msg: format!(
+                    "[ ] / {{ }} collections nest {nesting} deep, beyond the limit \
+                     MAX_YAML_FLOW_NESTING ({MAX_YAML_FLOW_NESTING}); not a taming config"
+                ),
+            });
+        }
         let root: Root = serde_yaml::from_str(text).map_err(|e| Error::Format {
             path: path.to_string(),
             msg: format!(
@@ -135,15 +204,68 @@ impl VqGanConfig {
     /// Reads and parses a config file.
     pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<VqGanConfig> {
         let p = path.as_ref();
-        let text = std::fs::read_to_string(p).map_err(|source| Error::Io {
+        let io = |source| Error::Io {
             path: p.display().to_string(),
             source,
-        })?;
+        };
+        let size = std::fs::metadata(p).map_err(io)?.len();
+        if size > MAX_YAML_BYTES {
+            return Err(Error::Format {
+                path: p.display().to_string(),
+                msg: format!(
+                    "{size} bytes is beyond the limit MAX_YAML_BYTES ({MAX_YAML_BYTES}) for a \
+                     taming config (about 2 KB); is this the checkpoint instead?"
+                ),
+            });
+        }
+        let text = std::fs::read_to_string(p).map_err(io)?;
         Self::from_yaml(&text, &p.display().to_string())
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
         let d = &self.dd;
+        // Plausibility bounds first, so that nothing below (channel products, the tensor
+        // list, the downsampling shift) can overflow or loop for ages on a hostile file.
+        if d.ch_mult.len() > MAX_LEVELS {
+            return Err(format!(
+                "ddconfig.ch_mult has {} levels, beyond the limit MAX_LEVELS ({MAX_LEVELS}); \
+                 taming models have 4 or 5",
+                d.ch_mult.len()
+            ));
+        }
+        if d.num_res_blocks > MAX_RES_BLOCKS {
+            return Err(format!(
+                "ddconfig.num_res_blocks {} is beyond the limit MAX_RES_BLOCKS \
+                 ({MAX_RES_BLOCKS})",
+                d.num_res_blocks
+            ));
+        }
+        let widths = [
+            (
+                "ddconfig.ch x ch_mult",
+                d.ch_mult.iter().map(|m| m.saturating_mul(d.ch)).max(),
+            ),
+            ("ddconfig.ch", Some(d.ch)),
+            ("ddconfig.z_channels", Some(d.z_channels)),
+            ("ddconfig.in_channels", Some(d.in_channels)),
+            ("ddconfig.out_ch", Some(d.out_ch)),
+            ("ddconfig.resolution", Some(d.resolution)),
+            ("embed_dim", Some(self.embed_dim)),
+        ];
+        for (name, w) in widths {
+            if let Some(w) = w.filter(|&w| w > MAX_WIDTH) {
+                return Err(format!(
+                    "{name} is {w}, beyond the limit MAX_WIDTH ({MAX_WIDTH})"
+                ));
+            }
+        }
+        if self.n_embed > MAX_CODEBOOK {
+            return Err(format!(
+                "n_embed {} is beyond the limit MAX_CODEBOOK ({MAX_CODEBOOK}); taming \
+                 codebooks have 1024 to 16384 entries",
+                self.n_embed
+            ));
+        }
         if d.double_z {
             return Err(
                 "ddconfig.double_z is true (a KL autoencoder); VQGAN configs set it to false"
@@ -367,6 +489,15 @@ impl VqGanConfig {
 mod tests {
     use super::*;
 
+    #[test]
+    fn flow_nesting_skips_quotes_and_comments() {
+        assert_eq!(flow_nesting("a: [1, [2, {b: 3}]]\n"), 3);
+        assert_eq!(flow_nesting("a: '[[[' # [[[[\nb: \"{{\\\"[\"\n"), 0);
+        assert_eq!(flow_nesting("a: 'it''s [' \nb: don't [x]\n"), 1);
+        let real = include_str!("../../../tests/fixtures/vqgan/tiny_gumbel_f8.yaml");
+        assert!(flow_nesting(real) <= 1);
+    }
+
     const F16: &str = "model:
   base_learning_rate: 4.5e-06
   target: taming.models.vqgan.VQModel
@@ -458,6 +589,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a VQGAN"), "{e}");
+        // Sizes that would overflow, or make the tensor list endless, are refused by name.
+        for (from, to, limit) in [
+            (
+                "num_res_blocks: 2",
+                "num_res_blocks: 1000000000000",
+                "MAX_RES_BLOCKS",
+            ),
+            ("n_embed: 16384", "n_embed: 100000000000", "MAX_CODEBOOK"),
+            ("z_channels: 256", "z_channels: 1000000", "MAX_WIDTH"),
+            ("ch: 128", "ch: 4611686018427387904", "MAX_WIDTH"),
+            (
+                "      - 4\n",
+                "      - 4\n      - 4\n      - 4\n      - 4\n      - 4\n",
+                "MAX_LEVELS",
+            ),
+        ] {
+            let text = F16.replacen(from, to, 1);
+            assert_ne!(text, F16, "{from}");
+            let e = VqGanConfig::from_yaml(&text, "y").unwrap_err().to_string();
+            assert!(e.contains(limit), "{from}: {e}");
+        }
         let e = VqGanConfig::from_file("/nonexistent/model.yaml")
             .unwrap_err()
             .to_string();
