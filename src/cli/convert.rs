@@ -34,11 +34,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     VqGanConfig::from_file(&config)?;
     let ck = TorchCheckpoint::open(&a.input)?;
     let yaml_out = a.output.with_extension("yaml");
-    let n = std::cell::Cell::new(0);
-    write_atomic(&a.output, |tmp| {
-        n.set(vqgan::write_safetensors(&ck, tmp)?);
-        Ok(())
-    })?;
+    let n = vqgan::write_safetensors(&ck, &a.output)?;
     let same = std::fs::canonicalize(&config).ok() == std::fs::canonicalize(&yaml_out).ok();
     if !same {
         write_atomic(&yaml_out, |tmp| {
@@ -50,7 +46,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     eprintln!(
         "wrote {} ({} tensors) and {}",
         a.output.display(),
-        n.get(),
+        n,
         yaml_out.display()
     );
     Ok(())

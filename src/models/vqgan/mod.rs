@@ -213,7 +213,8 @@ pub fn output_to_rgb8(x: &[f32], width: usize, height: usize) -> Vec<u8> {
 }
 
 /// Writes the model tensors of `src` (every key except the training-only `loss.*`) to a
-/// `.safetensors` file at `out`, as f32 with the same keys. Returns the number of tensors.
+/// `.safetensors` file at `out`, as f32 with the same keys, written atomically (a unique
+/// temporary file renamed into place). Returns the number of tensors.
 pub fn write_safetensors(src: &dyn TensorSource, out: &Path) -> Result<usize> {
     let keys: Vec<String> = src
         .keys()
@@ -249,9 +250,7 @@ pub fn write_safetensors(src: &dyn TensorSource, out: &Path) -> Result<usize> {
         path: out.display().to_string(),
         msg: format!("writing safetensors: {e}"),
     })?;
-    std::fs::write(out, bytes).map_err(|source| Error::Io {
-        path: out.display().to_string(),
-        source,
-    })?;
+    // A unique temporary file, synced and renamed: a failure never leaves a partial file.
+    crate::atomic::write(out, &bytes)?;
     Ok(n)
 }
