@@ -6,6 +6,7 @@
 //! both read.
 
 mod batches;
+pub mod checkpoint;
 mod eval;
 mod folder;
 mod negatives;
@@ -119,6 +120,19 @@ pub fn shapes_config(vocab_size: usize) -> ClipConfig {
         projection_dim: 64,
         logit_scale_init_value: 2.6592,
     }
+}
+
+/// The architecture of a new run: the config.json at `file` or else [`shapes_config`], with
+/// `vocab_size` and `eos_token_id` set to the shapes tokenizer's.
+pub fn run_config(file: Option<&Path>) -> Result<ClipConfig> {
+    let vocab = shapes_tokenizer(77)?.vocab_size();
+    let mut c = match file {
+        None => shapes_config(vocab),
+        Some(p) => ClipConfig::from_file(p)?,
+    };
+    c.text.vocab_size = vocab;
+    c.text.eos_token_id = vocab as i64 - 1;
+    Ok(c)
 }
 
 /// How each weight of a fresh model starts: LayerNorm gains 1 and shifts 0, biases 0,
