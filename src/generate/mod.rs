@@ -10,6 +10,7 @@
 //! The loop talks to the models through two small traits, [`Perceptor`] (CLIP) and
 //! [`Generator`] (VQGAN), so that any CLIP combines with any VQGAN.
 pub mod cutouts;
+pub mod fit;
 mod losses;
 pub mod models;
 mod options;
@@ -20,7 +21,7 @@ mod start;
 mod views;
 
 pub use options::{pixel_bytes, Init, Options, MAX_CUTN, MAX_INIT_SCENES, MAX_POOL_BYTES};
-pub use presets::{Preset, SHAPES_PRESET_LR, SHAPES_PRESET_SCENES, SHAPES_PRESET_STEPS};
+pub use presets::{Explicit, Preset, SHAPES_PRESET_LR, SHAPES_PRESET_SCENES, SHAPES_PRESET_STEPS};
 pub use prompt::Prompt;
 
 use crate::autodiff::{Tape, Var};

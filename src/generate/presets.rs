@@ -116,3 +116,119 @@ pub(super) fn scene_pool(
             .collect(),
     ))
 }
+
+impl Preset {
+    /// The preset a run gets when it names none: [`Preset::Shapes`] for the shipped models
+    /// (`shipped` true when neither CLIP nor VQGAN is given), else [`Preset::Reference`].
+    pub fn default_for(shipped: bool) -> Preset {
+        if shipped {
+            Preset::Shapes
+        } else {
+            Preset::Reference
+        }
+    }
+
+    /// The name it is chosen by (`--preset`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Reference => "reference",
+            Preset::Shapes => "shapes",
+            Preset::ShapesCodes => "shapes-codes",
+        }
+    }
+}
+
+impl Init {
+    /// Where the start comes from, in words ("random codes", "the init image", ...).
+    pub fn describe(&self) -> String {
+        match self {
+            Init::Scenes(n) => format!("the best of {n} shapes-world scenes"),
+            Init::Image(_) => "the init image".into(),
+            Init::Pixels => "random pixels".into(),
+            Init::Gradient => "a random gradient".into(),
+            _ => "random codes".into(),
+        }
+    }
+}
+
+/// Which of a preset's values a caller set explicitly (explicit values are kept as given and
+/// checked by [`super::Generation::new`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Explicit {
+    /// The latent grids were given.
+    pub latent_grids: bool,
+    /// The number of random starts was given.
+    pub candidates: bool,
+    /// The steps of each random start were given.
+    pub candidate_steps: bool,
+}
+
+impl Options {
+    /// Adapts a preset's latent grids and random starts to this generation: grids larger
+    /// than the latent's short side `short` are dropped, and the starts fall back to one
+    /// when they do not fit in the steps or the start is an image or a scene pool. Values
+    /// in `explicit` are left alone.
+    pub fn adapt_preset(&mut self, short: usize, explicit: Explicit) {
+        if !explicit.latent_grids {
+            self.latent_grids.retain(|&g| g <= short);
+        }
+        if !explicit.candidates && !explicit.candidate_steps && !self.candidates_fit() {
+            self.candidates = 1;
+        }
+        if matches!(self.init, Init::Image(_) | Init::Scenes(_)) && !explicit.candidates {
+            self.candidates = 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_preset_adapts_to_a_small_latent_but_explicit_values_stay() {
+        let shapes_codes = || Options::new(Vec::new(), 64, 64).with_preset(Preset::ShapesCodes);
+        // A 4x4 latent: the grids above 4 go; 3 starts of 2 steps still fit in 28 steps.
+        let mut o = shapes_codes();
+        o.adapt_preset(4, Explicit::default());
+        assert_eq!(o.latent_grids, vec![2, 4]);
+        assert_eq!(o.candidates, 3);
+        // Too few steps for the starts: one start, unless the caller asked for them.
+        let mut o = shapes_codes();
+        o.steps = 4;
+        o.adapt_preset(16, Explicit::default());
+        assert_eq!(o.candidates, 1);
+        let mut o = shapes_codes();
+        o.steps = 4;
+        let given = Explicit {
+            candidates: true,
+            ..Explicit::default()
+        };
+        o.adapt_preset(2, given);
+        assert_eq!(o.candidates, 3);
+        assert_eq!(o.latent_grids, vec![2]);
+        // A scene pool is one start; explicit grids are kept as given.
+        let mut o = Options::new(Vec::new(), 64, 64).with_preset(Preset::Shapes);
+        o.candidates = 3;
+        o.latent_grids = vec![32];
+        let grids = Explicit {
+            latent_grids: true,
+            ..Explicit::default()
+        };
+        o.adapt_preset(4, grids);
+        assert_eq!((o.candidates, o.latent_grids.clone()), (1, vec![32]));
+    }
+
+    #[test]
+    fn presets_have_their_names_and_defaults() {
+        for p in [Preset::Reference, Preset::Shapes, Preset::ShapesCodes] {
+            assert_eq!(p.name().parse::<Preset>().unwrap(), p);
+        }
+        assert_eq!(Preset::default_for(true), Preset::Shapes);
+        assert_eq!(Preset::default_for(false), Preset::Reference);
+        assert_eq!(
+            Init::Scenes(7).describe(),
+            "the best of 7 shapes-world scenes"
+        );
+    }
+}
