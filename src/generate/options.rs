@@ -19,7 +19,7 @@ pub enum Init {
     Gradient,
     /// The image of a pool (each `[1, 3, H, W]` in [0, 1], at the output size) that CLIP
     /// finds closest to the prompts (the weighted loss of the whole image, as
-    /// [`Generation::clean_loss`]), encoded: CLIP re-ranking of samples from a prior, as
+    /// [`super::Generation::clean_loss`]), encoded: CLIP re-ranking of samples from a prior, as
     /// DALL·E re-ranks its samples, before the optimisation refines the chosen one.
     Pool(Vec<Vec<f32>>),
     /// [`Init::Pool`] of this many scenes of the shapes world, the world the shipped models
@@ -109,7 +109,7 @@ pub fn pixel_bytes(count: usize, width: usize, height: usize) -> Option<u64> {
 
 impl Options {
     /// Checks every value that does not need the models: numbers finite and in range, sizes
-    /// whose products fit, counts within their caps. [`Generation::new`] calls it first, so
+    /// whose products fit, counts within their caps. [`super::Generation::new`] calls it first, so
     /// a library caller that fills `Options` by hand gets the same refusals as the CLI.
     pub fn validate(&self) -> Result<()> {
         let finite = |name: &str, v: f32, positive: bool| -> Result<()> {

@@ -4,6 +4,9 @@
 //! symmetric contrastive loss with a learned temperature, augmented batches, one optimiser
 //! step, and the Hugging Face folder that transformers' `CLIPModel` and [`ClipModel::load`]
 //! both read.
+//!
+//! [`ClipModel`]: crate::models::clip::ClipModel
+//! [`ClipModel::load`]: crate::models::clip::ClipModel::load
 
 mod batches;
 pub mod checkpoint;

@@ -181,6 +181,8 @@ fn in_batch_accuracy(logits: &[f32], n: usize, m: usize) -> f32 {
 /// of token id sequences (padded with the end-of-text id to the longest; pooled at
 /// [`TextConfig::pool_index`] of each unpadded sequence): [`ClipModel::text_features_on`],
 /// the forward behind [`ClipModel::text_features_ids`], with its input checks.
+///
+/// [`TextConfig::pool_index`]: crate::models::clip::TextConfig::pool_index
 pub fn text_features(tape: &Tape, model: &ClipModel, ids: &[Vec<u32>]) -> Result<Var> {
     let vocab = model.config.text.vocab_size;
     let pad = model.config.text.eos_token_id.clamp(0, vocab as i64 - 1) as u32;
