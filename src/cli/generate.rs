@@ -7,11 +7,12 @@ use clap::Args;
 use std::io::Write;
 use std::path::PathBuf;
 use vqclip::generate::cutouts::CutMethod;
+pub(super) use vqclip::generate::fit::{check_fits, largest_tensor};
 use vqclip::generate::output::{write_png, GifFrames};
-use vqclip::generate::{Generation, Init, Options, Preset, Prompt, MAX_CUTN, MAX_INIT_SCENES};
-use vqclip::gpu::human_bytes;
-use vqclip::models::clip::{load_image, VisionConfig};
-use vqclip::models::vqgan::config::VqGanConfig;
+use vqclip::generate::{
+    Explicit, Generation, Init, Options, Preset, Prompt, MAX_CUTN, MAX_INIT_SCENES,
+};
+use vqclip::models::clip::load_image;
 use vqclip::models::vqgan::{config_beside, VqGan};
 use vqclip::optim::Kind;
 
@@ -205,133 +206,6 @@ fn load_resized(path: &PathBuf, w: usize, h: usize) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// Bytes of the largest single tensor the decoder (and its backward) holds at `w`×`h`
-/// (saturating: a size whose products overflow needs `u64::MAX`).
-pub(super) fn largest_tensor(cfg: &VqGanConfig, w: usize, h: usize) -> u64 {
-    let d = &cfg.dd;
-    let mut most = 0u64;
-    for (i, &m) in d.ch_mult.iter().enumerate() {
-        let hw = ((h >> i) as u64).saturating_mul((w >> i) as u64);
-        most = most.max(4u64.saturating_mul((d.ch * m) as u64).saturating_mul(hw));
-        // attention probabilities [HW, HW], kept for the backward pass
-        if d.attn_resolutions.contains(&(d.resolution >> i)) {
-            most = most.max(4u64.saturating_mul(hw).saturating_mul(hw));
-        }
-    }
-    most
-}
-
-/// A lower bound of the GPU bytes one optimisation step adds at `w`×`h` with `cutn`
-/// cutouts: the decoder's activations the backward pass needs (per residual block its input
-/// and the outputs of its two convolutions and a normalisation, at every level; with
-/// `recompute` only the largest level's), the cutouts, and per cutout the CLIP image tower's
-/// residual stream and attention input at every layer. Gradients, scratch and the engine's
-/// other buffers come on top (the shipped models measure 3-9 times this on a step), so a
-/// size refused by it cannot fit, while one it passes may still meet the pool's budget.
-pub(super) fn step_bytes_at_least(
-    cfg: &VqGanConfig,
-    vision: &VisionConfig,
-    (w, h): (usize, usize),
-    cutn: usize,
-    recompute: bool,
-) -> u64 {
-    let d = &cfg.dd;
-    let blocks = (d.num_res_blocks + 1) as u64;
-    let levels = d.ch_mult.iter().enumerate().map(|(i, &m)| {
-        let hw = ((h >> i) as u64).saturating_mul((w >> i) as u64);
-        (4 * blocks)
-            .saturating_mul((d.ch * m) as u64)
-            .saturating_mul(hw)
-    });
-    let decoder = if recompute {
-        levels.max().unwrap_or(0)
-    } else {
-        levels.fold(0u64, u64::saturating_add)
-    };
-    let s = vision.image_size as u64;
-    let tokens = (s / vision.patch_size.max(1) as u64).pow(2) + 1;
-    let per_cut = (3 * s * s)
-        .saturating_add(tokens * vision.hidden_size as u64 * 2 * vision.num_hidden_layers as u64);
-    4u64.saturating_mul(decoder.saturating_add(per_cut.saturating_mul(cutn as u64)))
-}
-
-/// Refuses a size before any work when it cannot fit the device: a decoder tensor larger
-/// than one buffer binding may be, or (with a memory budget) the loaded models plus
-/// [`step_bytes_at_least`] past the budget. The message gives the largest size of the same
-/// shape, a multiple of the VQGAN factor, that passes both checks: no larger size can fit,
-/// though with a budget a size near it may still be refused by the pool during the run.
-pub(super) fn check_fits(
-    gpu: &vqclip::Gpu,
-    cfg: &VqGanConfig,
-    vision: &VisionConfig,
-    (w, h): (usize, usize),
-    cutn: usize,
-    recompute: bool,
-) -> Result<()> {
-    let f = cfg.downsampling_factor().max(1);
-    let limit = gpu
-        .limits()
-        .max_storage_buffer_binding_size
-        .min(gpu.limits().max_buffer_size);
-    let (budget, base) = (gpu.memory_budget(), gpu.memory().live);
-    let total = |w: usize, h: usize| {
-        base.saturating_add(step_bytes_at_least(cfg, vision, (w, h), cutn, recompute))
-    };
-    let fits = |w: usize, h: usize| {
-        largest_tensor(cfg, w, h) <= limit && budget.is_none_or(|b| total(w, h) <= b)
-    };
-    if fits(w, h) {
-        return Ok(());
-    }
-    // The largest multiple-of-f size of this aspect that fits (both costs grow with size).
-    let long = w.max(h);
-    let scaled = |side: usize| (side * w / long / f * f, side * h / long / f * f);
-    let (mut lo, mut hi) = (0usize, long / f);
-    while lo < hi {
-        let mid = lo + (hi - lo).div_ceil(2);
-        let (sw, sh) = scaled(mid * f);
-        if sw > 0 && sh > 0 && fits(sw, sh) {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    let largest = scaled(lo * f);
-    let none = lo == 0 || largest.0 == 0 || largest.1 == 0;
-    let need = largest_tensor(cfg, w, h);
-    if need > limit {
-        let largest = match none {
-            true => "no size of this shape fits".to_string(),
-            false => format!(
-                "the largest size of this shape that fits is about {}x{}",
-                largest.0, largest.1
-            ),
-        };
-        bail!(
-            "{w}x{h} needs a {need}-byte tensor but this device allows {limit} bytes per buffer \
-             binding; {largest}"
-        );
-    }
-    // The memory need is a lower bound: sizes above the one found cannot fit, and the pool
-    // refuses, during the run, a size below it that still does not.
-    let largest = match none {
-        true => "no size of this shape fits in it".to_string(),
-        false => format!(
-            "the largest size of this shape that might fit is {}x{} (no larger one can)",
-            largest.0, largest.1
-        ),
-    };
-    let budget = budget.unwrap_or(u64::MAX);
-    bail!(
-        "{w}x{h} with {cutn} cutouts would need at least {} of GPU memory ({} of loaded models \
-         and {} of activations per step), more than the --max-memory budget of {}; {largest}",
-        human_bytes(total(w, h)),
-        human_bytes(base),
-        human_bytes(total(w, h) - base),
-        human_bytes(budget)
-    )
-}
-
 pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
     let mut prompts = Vec::new();
     if let Some(p) = &a.prompts {
@@ -352,8 +226,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
     };
     let preset: Preset = match &a.preset {
         Some(p) => p.parse()?,
-        None if a.clip.clip.is_none() && a.vqgan.is_none() => Preset::Shapes,
-        None => Preset::Reference,
+        None => Preset::default_for(a.clip.clip.is_none() && a.vqgan.is_none()),
     };
     let defaults = Options::new(Vec::new(), 1, 1).with_preset(preset);
     let steps = a.steps.unwrap_or(defaults.steps);
@@ -434,20 +307,9 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
     opts.init_weight = a.init_weight;
     opts.tv_weight = a.tv_weight;
     opts.recompute = a.recompute;
-    opts.latent_grids = if a.latent_grids.is_empty() {
-        latent_grids.into_iter().filter(|&g| g <= short).collect()
-    } else {
-        latent_grids
-    };
+    opts.latent_grids = latent_grids;
     opts.candidates = candidates;
     opts.candidate_steps = candidate_steps;
-    if a.candidates.is_none() && a.candidate_steps.is_none() && !opts.candidates_fit() {
-        opts.candidates = 1;
-    }
-    let grids = match opts.latent_grids.as_slice() {
-        [] => "the full latent".to_string(),
-        g => format!("latent grids {g:?}"),
-    };
     opts.noise_prompts = noise_prompts;
     opts.init = match (&a.init_image, a.init.as_deref()) {
         (Some(p), _) => Init::Image(
@@ -456,24 +318,23 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
         (None, None) => defaults.init.clone(),
         (None, Some(i)) => parse_init(i)?,
     };
-    if matches!(opts.init, Init::Image(_) | Init::Scenes(_)) && a.candidates.is_none() {
-        opts.candidates = 1;
-    }
-    let start = match &opts.init {
-        Init::Scenes(n) => format!("the best of {n} shapes-world scenes"),
-        Init::Image(_) => "the init image".into(),
-        Init::Pixels => "random pixels".into(),
-        Init::Gradient => "a random gradient".into(),
-        _ => "random codes".into(),
+    opts.adapt_preset(
+        short,
+        Explicit {
+            latent_grids: !a.latent_grids.is_empty(),
+            candidates: a.candidates.is_some(),
+            candidate_steps: a.candidate_steps.is_some(),
+        },
+    );
+    let grids = match opts.latent_grids.as_slice() {
+        [] => "the full latent".to_string(),
+        g => format!("latent grids {g:?}"),
     };
     eprintln!(
-        "{} preset: {steps} steps, lr {lr}, {cutn} {} views, {grids}, from {start}, {} start(s)",
-        match preset {
-            Preset::Reference => "reference",
-            Preset::Shapes => "shapes",
-            Preset::ShapesCodes => "shapes-codes",
-        },
+        "{} preset: {steps} steps, lr {lr}, {cutn} {} views, {grids}, from {}, {} start(s)",
+        preset.name(),
         format!("{cut_method:?}").to_lowercase(),
+        opts.init.describe(),
         opts.candidates,
     );
     for ip in &a.image_prompts {

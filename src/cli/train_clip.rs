@@ -6,14 +6,12 @@ use clap::Args;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use vqclip::models::clip::{ClipConfig, ClipModel};
+use vqclip::models::clip::ClipModel;
+use vqclip::train::clip::checkpoint::{self, RunSettings};
 use vqclip::train::clip::{
-    batch, evaluate, schedule, shapes_config, shapes_tokenizer, Augment, ClipTrainer,
+    batch, batch_negatives, evaluate, longest_caption_tokens, run_config, schedule,
+    shapes_tokenizer, Augment, ClipTrainer,
 };
-use vqclip::train::{load_state, save_state};
-
-/// Name of the resumable training state inside `--out`.
-const STATE: &str = "train_state.safetensors";
 
 /// Options of `vqclip train clip`.
 #[derive(Args, Debug)]
@@ -99,38 +97,6 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
-/// Settings that a resumed run takes from its checkpoint.
-struct Settings {
-    config: ClipConfig,
-    batch: usize,
-    lr: f32,
-    seed: u64,
-    data_seed: u64,
-    steps: usize,
-    augment: bool,
-    mask: f32,
-    shape_negatives: bool,
-    swap_negatives: bool,
-    elapsed: f64,
-}
-
-fn meta<T: std::str::FromStr>(m: &std::collections::HashMap<String, String>, k: &str) -> Result<T> {
-    m.get(k)
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("the checkpoint has no valid '{k}' (not a `train clip` state?)"))
-}
-
-fn architecture(args: &TrainArgs) -> Result<ClipConfig> {
-    let vocab = shapes_tokenizer(77)?.vocab_size();
-    let mut c = match &args.config {
-        None => shapes_config(vocab),
-        Some(p) => ClipConfig::from_file(p)?,
-    };
-    c.text.vocab_size = vocab;
-    c.text.eos_token_id = vocab as i64 - 1;
-    Ok(c)
-}
-
 /// Runs `vqclip train clip`.
 pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
     if args.batch < 2 {
@@ -154,7 +120,7 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
     if args.init_from.is_some() && (args.resume || args.config.is_some()) {
         bail!("--init-from starts a new run from a CLIP folder: it cannot be combined with --resume or --config");
     }
-    let state_path = args.out.join(STATE);
+    let state_path = checkpoint::state_path(&args.out);
     if !args.resume && state_path.exists() {
         bail!(
             "{} already holds a training state; pass --resume to continue it or choose \
@@ -167,33 +133,15 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
         if !state_path.is_file() {
             bail!("--resume: no checkpoint at {}", state_path.display());
         }
-        let file = vqclip::weights::SafetensorsFile::open(&state_path)?;
-        let m = file.metadata();
-        if m.get("kind").map(String::as_str) != Some("clip") {
-            bail!("{} is not a `train clip` checkpoint", state_path.display());
-        }
-        let config = ClipConfig::from_json(&meta::<String>(&m, "config")?)
-            .map_err(|e| anyhow::anyhow!("checkpoint config: {e}"))?;
-        let s = Settings {
-            batch: meta(&m, "batch")?,
-            lr: meta(&m, "lr")?,
-            seed: meta(&m, "seed")?,
-            data_seed: meta(&m, "data_seed")?,
+        let saved = RunSettings::read(&state_path)?;
+        let total = saved.steps;
+        let s = RunSettings {
             steps: args.steps,
-            augment: meta(&m, "augment")?,
-            mask: args
-                .mask_prob
-                .unwrap_or_else(|| meta(&m, "mask").unwrap_or(0.0)),
-            shape_negatives: args
-                .shape_negatives
-                .unwrap_or_else(|| meta(&m, "shape_negatives").unwrap_or(false)),
-            swap_negatives: args
-                .swap_negatives
-                .unwrap_or_else(|| meta(&m, "swap_negatives").unwrap_or(false)),
-            elapsed: meta(&m, "elapsed_s")?,
-            config,
+            mask: args.mask_prob.unwrap_or(saved.mask),
+            shape_negatives: args.shape_negatives.unwrap_or(saved.shape_negatives),
+            swap_negatives: args.swap_negatives.unwrap_or(saved.swap_negatives),
+            ..saved
         };
-        let total: usize = meta(&m, "steps")?;
         if total != args.steps {
             eprintln!(
                 "note: the checkpoint was for {total} steps; continuing to {} (the learning \
@@ -201,15 +149,13 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
                 args.steps
             );
         }
-        let mut tr = ClipTrainer::new(s.config.clone(), s.seed, s.lr, &gpu)?;
-        let st = load_state(&state_path, &tr.params, &mut tr.adam)?;
-        tr.model.logit_scale = tr.logit_scale.to_vec()?[0];
-        eprintln!("resuming at step {} of {}", st.step, s.steps);
-        (tr, s, st.step)
+        let (tr, step) = checkpoint::resume(&state_path, &s, &gpu)?;
+        eprintln!("resuming at step {step} of {}", s.steps);
+        (tr, s, step)
     } else {
         let (config, tr) = match &args.init_from {
             None => {
-                let config = architecture(&args)?;
+                let config = run_config(args.config.as_deref())?;
                 let tr = ClipTrainer::new(config.clone(), args.seed, args.lr, &gpu)?;
                 (config, tr)
             }
@@ -229,7 +175,7 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
                 (config, ClipTrainer::from_model(model, args.lr)?)
             }
         };
-        let s = Settings {
+        let s = RunSettings {
             config,
             batch: args.batch,
             lr: args.lr,
@@ -254,7 +200,7 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
             Augment::none()
         }
     };
-    let longest = vqclip::train::clip::longest_caption_tokens()?;
+    let longest = longest_caption_tokens()?;
     if longest > s.config.text.max_position_embeddings {
         eprintln!(
             "warning: the longest caption has {longest} tokens but the context is {}; longer \
@@ -290,31 +236,6 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
     let t0 = Instant::now();
     let base_elapsed = s.elapsed;
     let (mut ema_loss, mut ema_acc) = (None::<f32>, None::<f32>);
-    let save = |tr: &ClipTrainer, s: &Settings, step: usize, elapsed: f64| -> Result<()> {
-        let config = vqclip::train::clip::hf_config(&s.config).to_string();
-        save_state(
-            &state_path,
-            &tr.params,
-            &tr.adam,
-            step,
-            &[
-                ("kind", "clip".into()),
-                ("config", config),
-                ("batch", s.batch.to_string()),
-                ("lr", s.lr.to_string()),
-                ("seed", s.seed.to_string()),
-                ("data_seed", s.data_seed.to_string()),
-                ("steps", s.steps.to_string()),
-                ("augment", s.augment.to_string()),
-                ("mask", s.mask.to_string()),
-                ("shape_negatives", s.shape_negatives.to_string()),
-                ("swap_negatives", s.swap_negatives.to_string()),
-                ("elapsed_s", format!("{elapsed:.1}")),
-            ],
-        )?;
-        tr.write_folder(&args.out)?;
-        Ok(())
-    };
     let mut budget = args
         .time_limit
         .map(|t| vqclip::train::TimeBudget::new(t, start));
@@ -323,8 +244,7 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
     while step < s.steps && step < stop {
         let (px, caps) = batch(&gpu, s.data_seed, s.seed, step, s.batch, size, &aug)?;
         let lr = sched.at(step);
-        let negatives =
-            vqclip::train::clip::batch_negatives(&caps, s.shape_negatives, s.swap_negatives);
+        let negatives = batch_negatives(&caps, s.shape_negatives, s.swap_negatives);
         let st = tr.step(&px, &caps, &negatives, lr)?;
         let ema = |e: Option<f32>, v: f32| Some(e.map_or(v, |e| 0.95 * e + 0.05 * v));
         ema_loss = ema(ema_loss, st.loss);
@@ -362,12 +282,12 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
             bar.set_length(total as u64);
         }
         if (args.save_every > 0 && done % args.save_every == 0) || done == s.steps || done == stop {
-            save(&tr, &s, done, elapsed)?;
+            checkpoint::save(&args.out, &tr, &s, done, elapsed)?;
         }
     }
     s.elapsed = base_elapsed + t0.elapsed().as_secs_f64();
     if start >= s.steps {
-        save(&tr, &s, start, s.elapsed)?;
+        checkpoint::save(&args.out, &tr, &s, start, s.elapsed)?;
     }
     bar.finish();
     if step < s.steps {

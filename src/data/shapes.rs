@@ -411,6 +411,21 @@ impl ShapesDataset {
     }
 }
 
+/// Every word the caption grammar of [`Scene::caption`] uses, sorted.
+pub fn grammar_words() -> Vec<String> {
+    let mut words: std::collections::BTreeSet<String> =
+        ["a", "on", "background", "large", "small", "and", "plain"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    words.extend(Colour::ALL.iter().map(|c| c.word().to_string()));
+    words.extend(ShapeKind::ALL.iter().map(|k| k.word().to_string()));
+    for p in Position::ALL {
+        words.extend(p.words().split(' ').map(str::to_string));
+    }
+    words.into_iter().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,6 +2,9 @@
 //! optimisation, the gradients through quantisation, cutouts and losses, and determinism are
 //! tested independently of the real models.
 
+use super::cutouts::CutMethod;
+use super::losses::rank_pool;
+use super::views::colour_jitter_and_erase;
 use super::*;
 use crate::ops::matmul::MatmulOpts;
 use crate::ops::testutil::{gpu, rand_vec};

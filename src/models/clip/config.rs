@@ -571,6 +571,51 @@ impl VisionConfig {
     }
 }
 
+/// `config.json` of a `CLIPModel` with this architecture.
+pub fn hf_config(c: &ClipConfig) -> serde_json::Value {
+    let (t, v) = (&c.text, &c.vision);
+    serde_json::json!({
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": c.projection_dim,
+        "logit_scale_init_value": c.logit_scale_init_value,
+        "initializer_factor": 1.0,
+        "torch_dtype": "float32",
+        "text_config": {
+            "model_type": "clip_text_model",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "max_position_embeddings": t.max_position_embeddings,
+            "hidden_act": t.hidden_act.hf_name(),
+            "layer_norm_eps": t.layer_norm_eps,
+            "projection_dim": c.projection_dim,
+            "bos_token_id": t.vocab_size - 2,
+            "eos_token_id": t.eos_token_id,
+            "pad_token_id": t.eos_token_id,
+            "attention_dropout": 0.0,
+            "dropout": 0.0,
+        },
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size,
+            "num_hidden_layers": v.num_hidden_layers,
+            "num_attention_heads": v.num_attention_heads,
+            "num_channels": v.num_channels,
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "hidden_act": v.hidden_act.hf_name(),
+            "layer_norm_eps": v.layer_norm_eps,
+            "projection_dim": c.projection_dim,
+            "attention_dropout": 0.0,
+            "dropout": 0.0,
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

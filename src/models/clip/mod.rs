@@ -9,6 +9,7 @@ pub mod preprocess;
 pub mod text;
 pub mod tokenizer;
 pub mod vision;
+pub mod vocab;
 
 pub use config::{ClipConfig, TextConfig, VisionConfig};
 pub use preprocess::{load_image, PreprocessConfig};

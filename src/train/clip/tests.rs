@@ -1,5 +1,11 @@
+use super::batches::render_pairs;
 use super::*;
+use crate::autodiff::Tape;
+use crate::models::clip::ClipModel;
 use crate::ops::testutil::{assert_close, gpu};
+use crate::Tensor;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 /// A tiny architecture for tests: 16 px images in 8 px patches, width 16, one layer each.
 fn tiny(vocab: usize) -> ClipConfig {
