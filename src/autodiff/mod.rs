@@ -1,11 +1,18 @@
-//! Reverse-mode autodiff over GPU tensors.
+//! Reverse-mode autodiff over GPU tensors: the tape wires ops together, the ops own the maths.
 //!
-//! Each op on a [`Tape`] computes its output with the ordinary kernels and pushes a node whose
-//! backward closure owns exactly what it needs (saved inputs or outputs). [`Tape::backward`]
-//! walks the nodes in reverse creation order (a valid topological order, since an op's inputs
-//! exist before it), calls each closure once with the gradient of its output, and adds the
-//! results into its inputs' gradients. A closure is consumed when it runs, so saved
-//! activations are released as soon as the backward pass is past them.
+//! Each op's forward and backward rule live side by side in `src/ops/<op>.rs`
+//! (`ops::matmul::matmul` / `ops::matmul::matmul_backward`, and so on; elementwise rules in
+//! `ops::elementwise`, losses in `ops::loss`). A [`Tape`] method only wires: it computes the
+//! forward with the ordinary kernels, saves what the backward function needs (inputs or
+//! outputs) and pushes a node whose closure calls that function. A few ops have no rule of
+//! their own because they are recorded as compositions of others (attention as matmul →
+//! softmax → matmul, spherical distance, mean) or because their gradient is the identity or a
+//! reshape (`straight_through`, `reshape`).
+//!
+//! [`Tape::backward`] walks the nodes in reverse creation order (a valid topological order,
+//! since an op's inputs exist before it), calls each closure once with the gradient of its
+//! output, and adds the results into its inputs' gradients. A closure is consumed when it
+//! runs, so saved activations are released as soon as the backward pass is past them.
 
 use crate::ops::elementwise::{self, BinaryOp, UnaryOp};
 use crate::ops::matmul::{matmul, matmul_backward, MatmulOpts};

@@ -111,7 +111,7 @@ pub fn slice(x: &Tensor, axis: usize, start: usize, len: usize) -> Result<Tensor
     Ok(y)
 }
 
-/// Backward of [`slice`]'s `y = x[.., start..start+len, ..]`: `g` in the slice's place along
+/// Backward of [`slice()`]'s `y = x[.., start..start+len, ..]`: `g` in the slice's place along
 /// `axis` and zeros elsewhere. `g` is `x_shape` with `len` along `axis`; returns `x_shape`.
 pub fn slice_backward(
     g: &Tensor,
@@ -184,7 +184,7 @@ pub fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor> {
     Ok(y)
 }
 
-/// Backward of [`concat`]'s `y = [x_0, x_1, ..]` along `axis`: `dx_i` is the slice of `g`
+/// Backward of [`concat()`]'s `y = [x_0, x_1, ..]` along `axis`: `dx_i` is the slice of `g`
 /// where `x_i` was copied. `sizes[i]` is `x_i`'s size along `axis` (they sum to `g`'s);
 /// `need[i]` says whether to compute `dx_i`.
 pub fn concat_backward(
@@ -202,7 +202,7 @@ pub fn concat_backward(
     Ok(out)
 }
 
-/// CPU reference of [`slice`] on row-major data.
+/// CPU reference of [`slice()`] on row-major data.
 pub fn reference_slice<T: Copy>(
     x: &[T],
     shape: &[usize],
@@ -220,7 +220,7 @@ pub fn reference_slice<T: Copy>(
     out
 }
 
-/// CPU reference of [`concat`]: `(data, shape)` pairs joined along `axis`.
+/// CPU reference of [`concat()`]: `(data, shape)` pairs joined along `axis`.
 pub fn reference_concat<T: Copy>(xs: &[(&[T], &[usize])], axis: usize) -> Vec<T> {
     let shape = xs[0].1;
     let outer: usize = shape[..axis].iter().product();

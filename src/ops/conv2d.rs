@@ -686,7 +686,7 @@ fn weight_grad_in_groups(
     dw.reshape(w_shape)
 }
 
-/// Shape and options of a [`reference`] convolution.
+/// Shape and options of a [`reference()`] convolution.
 #[derive(Clone, Copy, Debug)]
 pub struct RefShape {
     /// Batch.
