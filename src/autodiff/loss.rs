@@ -1,10 +1,10 @@
 //! Tape ops for contrastive training: `exp`, multiplication by a learned scalar, and
-//! softmax cross-entropy against integer targets.
+//! softmax cross-entropy against integer targets. Wiring only: the backward rules live in
+//! [`crate::ops::elementwise`] and [`crate::ops::loss`].
 
-use super::{row_sum, Tape, Var};
-use crate::ops::elementwise::{self, BinaryOp, UnaryOp};
-use crate::ops::reduce::{reduce, sum_all, ReduceOp};
-use crate::{Error, Result, Tensor};
+use super::{Tape, Var};
+use crate::ops::elementwise::{self, UnaryOp};
+use crate::{Error, Result};
 
 impl Tape {
     /// `eˣ` elementwise.
@@ -14,8 +14,7 @@ impl Tape {
         Ok(self.push(
             y,
             &[x],
-            // y = eˣ  =>  dx = g·y
-            Box::new(move |g, _need| Ok(vec![Some(elementwise::mul(g, &yv)?)])),
+            Box::new(move |g, _need| Ok(vec![Some(elementwise::exp_backward(&yv, g)?)])),
         ))
     }
 
@@ -34,68 +33,23 @@ impl Tape {
             y,
             &[x, s],
             Box::new(move |g, need| {
-                let gx = need[0]
-                    .then(|| elementwise::mul(g, &sv.reshape(&[1])?))
-                    .transpose()?;
-                let gs = need[1]
-                    .then(|| sum_all(&elementwise::mul(g, &xv)?)?.reshape(sv.shape()))
-                    .transpose()?;
-                Ok(vec![gx, gs])
+                let (dx, ds) = elementwise::mul_scalar_backward(&xv, &sv, g, [need[0], need[1]])?;
+                Ok(vec![dx, ds])
             }),
         ))
     }
 
     /// Mean softmax cross-entropy of `logits` `[N, C]` against class `targets[i] < C` of
-    /// each row, as a `[1]` tensor: `mean_i(logsumexp(logits_i) − logits_i[targets_i])`
-    /// (PyTorch's `F.cross_entropy`). The log-sum-exp subtracts each row's maximum, so any
-    /// finite logits work. Backward: `(softmax(logits) − onehot(targets)) / N`.
+    /// each row, as a `[1]` tensor ([`crate::ops::loss::cross_entropy`]; backward:
+    /// [`crate::ops::loss::cross_entropy_backward`]).
     pub fn cross_entropy(&self, logits: &Var, targets: &[u32]) -> Result<Var> {
-        let (n, c) = match logits.shape() {
-            &[n, c] => (n, c),
-            s => {
-                return Err(Error::shape(format!(
-                    "cross_entropy takes logits [N, C], got {s:?}"
-                )))
-            }
-        };
-        if targets.len() != n || n == 0 {
-            return Err(Error::shape(format!(
-                "cross_entropy: {} targets for {n} rows of logits",
-                targets.len()
-            )));
-        }
-        if let Some(&t) = targets.iter().find(|&&t| t as usize >= c) {
-            return Err(Error::invalid(format!(
-                "cross_entropy: target {t} is not one of the {c} classes"
-            )));
-        }
-        let gpu = logits.value.gpu();
-        let mut oh = vec![0.0f32; n * c];
-        for (i, &t) in targets.iter().enumerate() {
-            oh[i * c + t as usize] = 1.0;
-        }
-        let onehot = Tensor::from_slice(gpu, &oh, &[n, c])?;
-        let x = &logits.value;
-        let m = reduce(x, 1, ReduceOp::Max, true)?; // [N, 1]
-        let xc = elementwise::binary(x, &m, BinaryOp::Sub)?;
-        let lse = elementwise::unary(
-            &row_sum(&elementwise::unary(&xc, UnaryOp::Exp)?)?,
-            UnaryOp::Log,
-        )?; // [N, 1]
-        let picked = row_sum(&elementwise::mul(&xc, &onehot)?)?; // [N, 1]
-        let per_row = elementwise::binary(&lse, &picked, BinaryOp::Sub)?;
-        let loss = elementwise::scale(&sum_all(&per_row)?, 1.0 / n as f32)?;
-        let xv = x.clone();
+        use crate::ops::loss::{cross_entropy, cross_entropy_backward};
+        let (loss, onehot) = cross_entropy(&logits.value, targets)?;
+        let xv = logits.value.clone();
         Ok(self.push(
             loss,
             &[logits],
-            Box::new(move |g, _need| {
-                let p = crate::ops::softmax::softmax_scaled(&xv, 1.0)?;
-                let d = elementwise::binary(&p, &onehot, BinaryOp::Sub)?;
-                // g is [1]: the upstream gradient of the mean.
-                let gs = elementwise::scale(g, 1.0 / n as f32)?;
-                Ok(vec![Some(elementwise::mul(&d, &gs.reshape(&[1])?)?)])
-            }),
+            Box::new(move |g, _need| Ok(vec![Some(cross_entropy_backward(&xv, &onehot, g)?)])),
         ))
     }
 }
@@ -105,6 +59,7 @@ mod tests {
     use super::super::tests::{check, fd};
     use super::*;
     use crate::ops::testutil::{gpu, rand_vec};
+    use crate::Tensor;
 
     #[test]
     fn exp_and_mul_scalar_gradients() {

@@ -1,14 +1,21 @@
-//! Reverse-mode autodiff over GPU tensors.
+//! Reverse-mode autodiff over GPU tensors: the tape wires ops together, the ops own the maths.
 //!
-//! Each op on a [`Tape`] computes its output with the ordinary kernels and pushes a node whose
-//! backward closure owns exactly what it needs (saved inputs or outputs). [`Tape::backward`]
-//! walks the nodes in reverse creation order (a valid topological order, since an op's inputs
-//! exist before it), calls each closure once with the gradient of its output, and adds the
-//! results into its inputs' gradients. A closure is consumed when it runs, so saved
-//! activations are released as soon as the backward pass is past them.
+//! Each op's forward and backward rule live side by side in `src/ops/<op>.rs`
+//! (`ops::matmul::matmul` / `ops::matmul::matmul_backward`, and so on; elementwise rules in
+//! `ops::elementwise`, losses in `ops::loss`). A [`Tape`] method only wires: it computes the
+//! forward with the ordinary kernels, saves what the backward function needs (inputs or
+//! outputs) and pushes a node whose closure calls that function. A few ops have no rule of
+//! their own because they are recorded as compositions of others (attention as matmul →
+//! softmax → matmul, spherical distance, mean) or because their gradient is the identity or a
+//! reshape (`straight_through`, `reshape`).
+//!
+//! [`Tape::backward`] walks the nodes in reverse creation order (a valid topological order,
+//! since an op's inputs exist before it), calls each closure once with the gradient of its
+//! output, and adds the results into its inputs' gradients. A closure is consumed when it
+//! runs, so saved activations are released as soon as the backward pass is past them.
 
 use crate::ops::elementwise::{self, BinaryOp, UnaryOp};
-use crate::ops::matmul::{matmul, MatmulOpts};
+use crate::ops::matmul::{matmul, matmul_backward, MatmulOpts};
 use crate::ops::Act;
 use crate::{Error, Result, Tensor};
 use std::cell::RefCell;
@@ -75,103 +82,6 @@ pub struct Tape {
     /// Parameter leaves by buffer identity, so a weight used twice is one leaf.
     params: RefCell<HashMap<usize, Var>>,
     training: bool,
-}
-
-/// Sums a gradient of shape `[.., rows.., N]` down to a broadcast operand's shape, where the
-/// operand's dims are trailing dims of the gradient with the leading ones summed away
-/// (a reduction over the flattened leading dims).
-fn sum_leading(g: &Tensor, shape: &[usize]) -> Result<Tensor> {
-    if g.shape() == shape {
-        return Ok(g.clone());
-    }
-    let n: usize = shape.iter().product();
-    let r = g.numel() / n.max(1);
-    if n == 0 || r * n != g.numel() || g.shape()[g.rank() - shape.len()..] != *shape {
-        return Err(Error::shape(format!(
-            "autodiff: cannot reduce a gradient {:?} to {:?} (only leading broadcast dims)",
-            g.shape(),
-            shape
-        )));
-    }
-    crate::ops::reduce::sum(&g.reshape(&[r, n])?, 0)?.reshape(shape)
-}
-
-/// Row sums of `x` viewed as `[rows, L]` (L = last dim), as `[rows, 1]`.
-fn row_sum(x: &Tensor) -> Result<Tensor> {
-    let l = x.dim(-1);
-    let rows = x.numel() / l.max(1);
-    crate::ops::reduce::reduce(
-        &x.reshape(&[rows, l])?,
-        1,
-        crate::ops::reduce::ReduceOp::Sum,
-        true,
-    )
-}
-
-/// Backward of `y = GroupNorm(x)·γ + β` (no activation), composed from elementwise ops and
-/// row sums. Per group of `L = C/G·S` values: `x̂ = (x − μ)·r`, and with `t = g·γ`:
-/// `dx = r·(t − mean(t) − x̂·mean(t·x̂))`, `dγ = Σ_{n,s} g·x̂`, `dβ = Σ_{n,s} g`.
-/// Returns `(dx, dγ, dβ)`; `dγ` and `dβ` only when `params` is true (latent optimisation
-/// needs `dx` alone, and the parameter sums are a fifth of the work).
-pub fn group_norm_backward(
-    x: &Tensor,
-    groups: usize,
-    gamma: &Tensor,
-    g: &Tensor,
-    eps: f32,
-    params: bool,
-) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
-    let (n, c) = (x.dim(0), x.dim(1));
-    let s = x.numel() / (n * c).max(1);
-    let l = c / groups * s;
-    let rows = n * groups;
-    let inv_l = 1.0 / l as f32;
-    let xg = x.reshape(&[rows, l])?;
-    let mean = elementwise::scale(&row_sum(&xg)?, inv_l)?;
-    let xc = elementwise::binary(&xg, &mean, BinaryOp::Sub)?;
-    let var = elementwise::scale(&row_sum(&elementwise::unary(&xc, UnaryOp::Square)?)?, inv_l)?;
-    let r = elementwise::unary(
-        &elementwise::unary(
-            &var,
-            UnaryOp::Affine {
-                scale: 1.0,
-                shift: eps,
-            },
-        )?,
-        UnaryOp::Rsqrt,
-    )?;
-    let xhat = elementwise::mul(&xc, &r)?; // [rows, L]
-    let t =
-        elementwise::mul(&g.reshape(&[n, c, s])?, &gamma.reshape(&[c, 1])?)?.reshape(&[rows, l])?;
-    let a = elementwise::scale(&row_sum(&t)?, inv_l)?;
-    let b = elementwise::scale(&row_sum(&elementwise::mul(&t, &xhat)?)?, inv_l)?;
-    let inner = elementwise::binary(
-        &elementwise::binary(&t, &a, BinaryOp::Sub)?,
-        &elementwise::mul(&xhat, &b)?,
-        BinaryOp::Sub,
-    )?;
-    let dx = elementwise::mul(&inner, &r)?.reshape(x.shape())?;
-    if !params {
-        return Ok((dx, None, None));
-    }
-    // Per-channel sums over the batch and spatial positions.
-    let per_channel = |m: &Tensor| -> Result<Tensor> {
-        let rs = row_sum(&m.reshape(&[n * c, s])?)?; // [N·C, 1]
-        sum_leading(&rs.reshape(&[n, c])?, &[c])
-    };
-    let gx = elementwise::mul(&g.reshape(&[rows, l])?, &xhat)?;
-    Ok((dx, Some(per_channel(&gx)?), Some(per_channel(g)?)))
-}
-
-/// Backward of `y = softmax(scale · x)` over the last axis:
-/// `dx = scale · y ⊙ (g − Σ_j g_j y_j)`, the row sums taken as `(g ⊙ y) @ ones[L, 1]`.
-pub fn softmax_backward(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
-    let l = y.dim(-1);
-    let rows = y.numel() / l.max(1);
-    let dot = row_sum(&elementwise::mul(g, y)?)?;
-    let centred = elementwise::binary(&g.reshape(&[rows, l])?, &dot, BinaryOp::Sub)?;
-    let dx = elementwise::mul(&centred, &y.reshape(&[rows, l])?)?;
-    elementwise::scale(&dx, scale)?.reshape(y.shape())
 }
 
 impl Tape {
@@ -259,10 +169,8 @@ impl Tape {
             y,
             &[a, b],
             Box::new(move |g, need| {
-                Ok(vec![
-                    need[0].then(|| sum_leading(g, &sa)).transpose()?,
-                    need[1].then(|| sum_leading(g, &sb)).transpose()?,
-                ])
+                let (da, db) = elementwise::add_backward(g, &sa, &sb, [need[0], need[1]])?;
+                Ok(vec![da, db])
             }),
         ))
     }
@@ -275,10 +183,8 @@ impl Tape {
             y,
             &[a, b],
             Box::new(move |g, need| {
-                let gb = need[1]
-                    .then(|| elementwise::scale(&sum_leading(g, &sb)?, -1.0))
-                    .transpose()?;
-                Ok(vec![need[0].then(|| sum_leading(g, &sa)).transpose()?, gb])
+                let (da, db) = elementwise::sub_backward(g, &sa, &sb, [need[0], need[1]])?;
+                Ok(vec![da, db])
             }),
         ))
     }
@@ -291,14 +197,8 @@ impl Tape {
             y,
             &[a, b],
             Box::new(move |g, need| {
-                // y = a * b  =>  da = g * b, db = g * a (summed over broadcast dims)
-                let ga = need[0]
-                    .then(|| sum_leading(&elementwise::mul(g, &bv)?, av.shape()))
-                    .transpose()?;
-                let gb = need[1]
-                    .then(|| sum_leading(&elementwise::mul(g, &av)?, bv.shape()))
-                    .transpose()?;
-                Ok(vec![ga, gb])
+                let (da, db) = elementwise::mul_backward(&av, &bv, g, [need[0], need[1]])?;
+                Ok(vec![da, db])
             }),
         ))
     }
@@ -309,7 +209,7 @@ impl Tape {
         Ok(self.push(
             y,
             &[x],
-            Box::new(move |g, _need| Ok(vec![Some(elementwise::scale(g, scale)?)])),
+            Box::new(move |g, _need| Ok(vec![Some(elementwise::affine_backward(g, scale)?)])),
         ))
     }
 
@@ -320,7 +220,6 @@ impl Tape {
         Ok(self.push(
             y,
             &[x],
-            // y = act(x)  =>  dx = g * act'(x)
             Box::new(move |g, _need| Ok(vec![Some(elementwise::act_backward(&xv, g, act)?)])),
         ))
     }
@@ -332,13 +231,7 @@ impl Tape {
         Ok(self.push(
             y,
             &[x],
-            // y = x²  =>  dx = 2 x g
-            Box::new(move |g, _need| {
-                Ok(vec![Some(elementwise::scale(
-                    &elementwise::mul(g, &xv)?,
-                    2.0,
-                )?)])
-            }),
+            Box::new(move |g, _need| Ok(vec![Some(elementwise::square_backward(&xv, g)?)])),
         ))
     }
 
@@ -350,9 +243,7 @@ impl Tape {
             y,
             &[x],
             Box::new(move |g, _need| {
-                // y = Σx  =>  dx = g broadcast to x's shape
-                let ones = Tensor::full(g.gpu(), &shape, 1.0)?;
-                Ok(vec![Some(elementwise::mul(&ones, g)?)])
+                Ok(vec![Some(crate::ops::reduce::sum_all_backward(g, &shape)?)])
             }),
         ))
     }
@@ -388,7 +279,7 @@ impl Tape {
         };
         let y = matmul(&a.value, &b.value, &plain)?;
         let (av, bv) = (a.value.clone(), b.value.clone());
-        let (ta, tb, alpha) = (o.trans_a, o.trans_b, o.alpha.unwrap_or(1.0));
+        let (trans_a, trans_b, alpha) = (o.trans_a, o.trans_b, o.alpha.unwrap_or(1.0));
         let has_bias = bias.is_some();
         let mut parents = vec![a, b];
         if let Some(bias) = bias {
@@ -398,47 +289,17 @@ impl Tape {
             y,
             &parents,
             Box::new(move |g, need| {
-                // C = alpha · op(A) @ op(B) + bias. With G = dC:
-                //   A [M,K]:   dA = alpha · G @ op(B)ᵀ        A stored [K,M]: dA = alpha · op(B) @ Gᵀ
-                //   B [K,N]:   dB = alpha · op(A)ᵀ @ G        B stored [N,K]: dB = alpha · Gᵀ @ op(A)
-                let s = Some(alpha);
-                let da = if !need[0] {
-                    None
-                } else if ta {
-                    Some(matmul(&bv, g, &MatmulOpts { trans_a: tb, trans_b: true, alpha: s, ..Default::default() })?)
-                } else {
-                    Some(matmul(g, &bv, &MatmulOpts { trans_b: !tb, alpha: s, ..Default::default() })?)
+                let o = MatmulOpts {
+                    trans_a,
+                    trans_b,
+                    alpha: Some(alpha),
+                    ..Default::default()
                 };
-                let db = if !need[1] {
-                    None
-                } else {
-                    let b_broadcast = bv.rank() == 2 && av.rank() > 2;
-                    let (a2, g2) = if b_broadcast {
-                        // A weight shared over the batch: fold the batch into the rows (A must
-                        // be stored row-major [.., M, K] for that) so one product sums over it.
-                        if ta {
-                            return Err(Error::invalid(
-                                "Tape::matmul: a shared weight with a transposed batched A is not supported",
-                            ));
-                        }
-                        let rows = av.numel() / av.dim(-1);
-                        (av.reshape(&[rows, av.dim(-1)])?, g.reshape(&[rows, g.dim(-1)])?)
-                    } else {
-                        (av.clone(), g.clone())
-                    };
-                    let db = if tb {
-                        matmul(&g2, &a2, &MatmulOpts { trans_a: true, trans_b: ta, alpha: s, ..Default::default() })?
-                    } else {
-                        matmul(&a2, &g2, &MatmulOpts { trans_a: !ta, alpha: s, ..Default::default() })?
-                    };
-                    Some(db.reshape(bv.shape())?)
-                };
-                // A rank-2 A shared over B's batch gets its batch gradients summed.
-                let da = da.map(|d| sum_leading(&d, av.shape())).transpose()?;
-                let mut out = vec![da, db];
-                if has_bias && need[2] {
-                    let n = g.dim(-1);
-                    out.push(Some(sum_leading(g, &[n])?));
+                let need = [need[0], need[1], has_bias && need[2]];
+                let r = matmul_backward(&av, &bv, g, &o, need)?;
+                let mut out = vec![r.da, r.db];
+                if has_bias {
+                    out.push(r.dbias);
                 }
                 Ok(out)
             }),
@@ -506,16 +367,13 @@ impl Tape {
 
     /// `x.permute(perm)`.
     pub fn permute(&self, x: &Var, perm: &[usize]) -> Result<Var> {
-        let y = crate::ops::permute::permute(&x.value, perm)?;
-        // The inverse permutation: output dim perm[i] came from input dim i.
-        let mut inv = vec![0; perm.len()];
-        for (i, &p) in perm.iter().enumerate() {
-            inv[p] = i;
-        }
+        use crate::ops::permute::{permute, permute_backward};
+        let y = permute(&x.value, perm)?;
+        let perm = perm.to_vec();
         Ok(self.push(
             y,
             &[x],
-            Box::new(move |g, _need| Ok(vec![Some(crate::ops::permute::permute(g, &inv)?)])),
+            Box::new(move |g, _need| Ok(vec![Some(permute_backward(g, &perm)?)])),
         ))
     }
 
@@ -545,34 +403,23 @@ impl Tape {
         Ok(self.push(
             y,
             &[x],
-            Box::new(move |g, _need| Ok(vec![Some(softmax_backward(&yv, g, scale)?)])),
+            Box::new(move |g, _need| {
+                Ok(vec![Some(crate::ops::softmax::softmax_backward(
+                    &yv, g, scale,
+                )?)])
+            }),
         ))
     }
 
     /// Each row (last axis) divided by its L2 norm.
     pub fn l2_normalize(&self, x: &Var) -> Result<Var> {
-        let l = x.value.dim(-1);
-        let rows = x.value.numel() / l.max(1);
-        let x2 = x.value.reshape(&[rows, l])?;
-        let norm = elementwise::unary(
-            &row_sum(&elementwise::unary(&x2, UnaryOp::Square)?)?,
-            UnaryOp::Sqrt,
-        )?;
-        let y = elementwise::binary(&x2, &norm, BinaryOp::Div)?.reshape(x.shape())?;
+        use crate::ops::l2_normalize::{l2_normalize, l2_normalize_backward};
+        let (y, norm) = l2_normalize(&x.value)?;
         let yv = y.clone();
         Ok(self.push(
             y,
             &[x],
-            Box::new(move |g, _need| {
-                // y = x / ‖x‖  =>  dx = (g − y (g·y)) / ‖x‖
-                let g2 = g.reshape(&[rows, l])?;
-                let y2 = yv.reshape(&[rows, l])?;
-                let dot = row_sum(&elementwise::mul(&g2, &y2)?)?;
-                let t = elementwise::binary(&g2, &elementwise::mul(&y2, &dot)?, BinaryOp::Sub)?;
-                Ok(vec![Some(
-                    elementwise::binary(&t, &norm, BinaryOp::Div)?.reshape(yv.shape())?,
-                )])
-            }),
+            Box::new(move |g, _need| Ok(vec![Some(l2_normalize_backward(&yv, &norm, g)?)])),
         ))
     }
 
@@ -764,7 +611,14 @@ impl Tape {
             y,
             &[x, gamma, beta],
             Box::new(move |g, need| {
-                let r = group_norm_backward(&xv, groups, &gv, g, eps, need[1] || need[2])?;
+                let r = crate::ops::group_norm::group_norm_backward(
+                    &xv,
+                    groups,
+                    &gv,
+                    g,
+                    eps,
+                    need[1] || need[2],
+                )?;
                 Ok(vec![
                     need[0].then_some(r.0),
                     r.1.filter(|_| need[1]),
@@ -781,31 +635,13 @@ impl Tape {
 
     /// `len` entries of `x` along `axis` from `start`.
     pub fn slice(&self, x: &Var, axis: usize, start: usize, len: usize) -> Result<Var> {
-        use crate::ops::concat::{concat, slice};
+        use crate::ops::concat::{slice, slice_backward};
         let y = slice(&x.value, axis, start, len)?;
         let shape = x.shape().to_vec();
         Ok(self.push(
             y,
             &[x],
-            Box::new(move |g, _need| {
-                // The gradient is g in the slice's place and zero elsewhere.
-                let zeros = |n: usize| -> Result<Tensor> {
-                    let mut s = shape.clone();
-                    s[axis] = n;
-                    Tensor::zeros(g.gpu(), &s)
-                };
-                let after = shape[axis] - start - len;
-                let mut all = Vec::with_capacity(3);
-                if start > 0 {
-                    all.push(zeros(start)?);
-                }
-                all.push(g.clone());
-                if after > 0 {
-                    all.push(zeros(after)?);
-                }
-                let refs: Vec<&Tensor> = all.iter().collect();
-                Ok(vec![Some(concat(&refs, axis)?)])
-            }),
+            Box::new(move |g, _need| Ok(vec![Some(slice_backward(g, &shape, axis, start, len)?)])),
         ))
     }
 
@@ -879,22 +715,14 @@ impl Tape {
 
     /// `xs` joined along `axis`.
     pub fn concat(&self, xs: &[&Var], axis: usize) -> Result<Var> {
-        use crate::ops::concat::{concat, slice};
+        use crate::ops::concat::{concat, concat_backward};
         let vals: Vec<&Tensor> = xs.iter().map(|v| &v.value).collect();
         let y = concat(&vals, axis)?;
         let sizes: Vec<usize> = xs.iter().map(|v| v.shape()[axis]).collect();
         Ok(self.push(
             y,
             xs,
-            Box::new(move |g, need| {
-                let mut start = 0;
-                let mut out = Vec::with_capacity(sizes.len());
-                for (i, &n) in sizes.iter().enumerate() {
-                    out.push(need[i].then(|| slice(g, axis, start, n)).transpose()?);
-                    start += n;
-                }
-                Ok(out)
-            }),
+            Box::new(move |g, need| concat_backward(g, &sizes, axis, need)),
         ))
     }
 

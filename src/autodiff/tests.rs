@@ -2,6 +2,7 @@
 //! evaluation of the same function.
 
 use super::*;
+use crate::ops::group_norm::group_norm_backward;
 use crate::ops::testutil::{gpu, rand_vec};
 
 /// Central differences of `f` at `x` (f64, h = 1e-5): truncation error O(h²·f''') ≈ 1e-10.

@@ -111,6 +111,33 @@ pub fn slice(x: &Tensor, axis: usize, start: usize, len: usize) -> Result<Tensor
     Ok(y)
 }
 
+/// Backward of [`slice()`]'s `y = x[.., start..start+len, ..]`: `g` in the slice's place along
+/// `axis` and zeros elsewhere. `g` is `x_shape` with `len` along `axis`; returns `x_shape`.
+pub fn slice_backward(
+    g: &Tensor,
+    x_shape: &[usize],
+    axis: usize,
+    start: usize,
+    len: usize,
+) -> Result<Tensor> {
+    let zeros = |n: usize| -> Result<Tensor> {
+        let mut s = x_shape.to_vec();
+        s[axis] = n;
+        Tensor::zeros(g.gpu(), &s)
+    };
+    let after = x_shape[axis] - start - len;
+    let mut all = Vec::with_capacity(3);
+    if start > 0 {
+        all.push(zeros(start)?);
+    }
+    all.push(g.clone());
+    if after > 0 {
+        all.push(zeros(after)?);
+    }
+    let refs: Vec<&Tensor> = all.iter().collect();
+    concat(&refs, axis)
+}
+
 /// Concatenates `xs` along `axis`; all must share dtype, rank and every other dim.
 pub fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor> {
     let first = xs
@@ -157,7 +184,25 @@ pub fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor> {
     Ok(y)
 }
 
-/// CPU reference of [`slice`] on row-major data.
+/// Backward of [`concat()`]'s `y = [x_0, x_1, ..]` along `axis`: `dx_i` is the slice of `g`
+/// where `x_i` was copied. `sizes[i]` is `x_i`'s size along `axis` (they sum to `g`'s);
+/// `need[i]` says whether to compute `dx_i`.
+pub fn concat_backward(
+    g: &Tensor,
+    sizes: &[usize],
+    axis: usize,
+    need: &[bool],
+) -> Result<Vec<Option<Tensor>>> {
+    let mut start = 0;
+    let mut out = Vec::with_capacity(sizes.len());
+    for (i, &n) in sizes.iter().enumerate() {
+        out.push(need[i].then(|| slice(g, axis, start, n)).transpose()?);
+        start += n;
+    }
+    Ok(out)
+}
+
+/// CPU reference of [`slice()`] on row-major data.
 pub fn reference_slice<T: Copy>(
     x: &[T],
     shape: &[usize],
@@ -175,7 +220,7 @@ pub fn reference_slice<T: Copy>(
     out
 }
 
-/// CPU reference of [`concat`]: `(data, shape)` pairs joined along `axis`.
+/// CPU reference of [`concat()`]: `(data, shape)` pairs joined along `axis`.
 pub fn reference_concat<T: Copy>(xs: &[(&[T], &[usize])], axis: usize) -> Vec<T> {
     let shape = xs[0].1;
     let outer: usize = shape[..axis].iter().product();

@@ -385,6 +385,86 @@ pub fn scale(x: &Tensor, s: f32) -> Result<Tensor> {
     )
 }
 
+/// Backward of [`add`]'s `y = a + b`: `da = g`, `db = g`, each summed over the leading dims
+/// it was broadcast along ([`super::reduce::sum_leading`]). `g` has `y`'s shape; `a_shape`
+/// and `b_shape` are the operands'. `need` says which of `(da, db)` to compute.
+pub fn add_backward(
+    g: &Tensor,
+    a_shape: &[usize],
+    b_shape: &[usize],
+    need: [bool; 2],
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    use super::reduce::sum_leading;
+    Ok((
+        need[0].then(|| sum_leading(g, a_shape)).transpose()?,
+        need[1].then(|| sum_leading(g, b_shape)).transpose()?,
+    ))
+}
+
+/// Backward of `y = a − b` ([`binary`] with [`BinaryOp::Sub`]): `da = g`, `db = −g`, summed
+/// over broadcast dims as in [`add_backward`].
+pub fn sub_backward(
+    g: &Tensor,
+    a_shape: &[usize],
+    b_shape: &[usize],
+    need: [bool; 2],
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    use super::reduce::sum_leading;
+    let db = need[1]
+        .then(|| scale(&sum_leading(g, b_shape)?, -1.0))
+        .transpose()?;
+    Ok((need[0].then(|| sum_leading(g, a_shape)).transpose()?, db))
+}
+
+/// Backward of [`mul`]'s `y = a ⊙ b`: `da = g ⊙ b`, `db = g ⊙ a`, summed over broadcast
+/// dims as in [`add_backward`]. `a`, `b` are the forward's operands, `g` has `y`'s shape.
+pub fn mul_backward(
+    a: &Tensor,
+    b: &Tensor,
+    g: &Tensor,
+    need: [bool; 2],
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    use super::reduce::sum_leading;
+    let da = need[0]
+        .then(|| sum_leading(&mul(g, b)?, a.shape()))
+        .transpose()?;
+    let db = need[1]
+        .then(|| sum_leading(&mul(g, a)?, b.shape()))
+        .transpose()?;
+    Ok((da, db))
+}
+
+/// Backward of `y = x·scale + shift` ([`UnaryOp::Affine`]): `dx = scale · g` (any shape).
+pub fn affine_backward(g: &Tensor, s: f32) -> Result<Tensor> {
+    scale(g, s)
+}
+
+/// Backward of `y = x²` ([`UnaryOp::Square`]): `dx = 2 · x ⊙ g`; `x` and `g` share a shape.
+pub fn square_backward(x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    scale(&mul(g, x)?, 2.0)
+}
+
+/// Backward of `y = eˣ` ([`UnaryOp::Exp`]): `dx = g ⊙ y`, from the forward's output `y`.
+pub fn exp_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    mul(g, y)
+}
+
+/// Backward of `y = x · s` for a one-element `s` (`[1]` or `[]`, a learned temperature),
+/// forward `mul(x, s.reshape([1]))`: `dx = g · s`, `ds = Σ g ⊙ x` in `s`'s shape. `x` and
+/// `g` share a shape. `need` says which of `(dx, ds)` to compute.
+pub fn mul_scalar_backward(
+    x: &Tensor,
+    s: &Tensor,
+    g: &Tensor,
+    need: [bool; 2],
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let dx = need[0].then(|| mul(g, &s.reshape(&[1])?)).transpose()?;
+    let ds = need[1]
+        .then(|| super::reduce::sum_all(&mul(g, x)?)?.reshape(s.shape()))
+        .transpose()?;
+    Ok((dx, ds))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

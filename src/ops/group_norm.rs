@@ -173,6 +173,65 @@ pub fn group_norm(
     Ok(y)
 }
 
+/// Backward of [`group_norm`]'s `y = (x − μ)·r·γ + β` with `Act::None` (an activation is
+/// its own tape node), composed from elementwise ops and row sums. Per group of
+/// `L = C/G·S` values: `x̂ = (x − μ)·r`, and with `t = g·γ`:
+/// `dx = r·(t − mean(t) − x̂·mean(t·x̂))`, `dγ = Σ_{n,s} g·x̂`, `dβ = Σ_{n,s} g`.
+/// `x` and `g` are `[N, C, ..]`, `gamma` is `[C]`. Returns `(dx, dγ, dβ)`; `dγ` and `dβ`
+/// only when `params` is true (latent optimisation needs `dx` alone, and the parameter sums
+/// are a fifth of the work).
+pub fn group_norm_backward(
+    x: &Tensor,
+    groups: usize,
+    gamma: &Tensor,
+    g: &Tensor,
+    eps: f32,
+    params: bool,
+) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+    use super::elementwise::{self, BinaryOp, UnaryOp};
+    use super::reduce::{row_sum, sum_leading};
+    let (n, c) = (x.dim(0), x.dim(1));
+    let s = x.numel() / (n * c).max(1);
+    let l = c / groups * s;
+    let rows = n * groups;
+    let inv_l = 1.0 / l as f32;
+    let xg = x.reshape(&[rows, l])?;
+    let mean = elementwise::scale(&row_sum(&xg)?, inv_l)?;
+    let xc = elementwise::binary(&xg, &mean, BinaryOp::Sub)?;
+    let var = elementwise::scale(&row_sum(&elementwise::unary(&xc, UnaryOp::Square)?)?, inv_l)?;
+    let r = elementwise::unary(
+        &elementwise::unary(
+            &var,
+            UnaryOp::Affine {
+                scale: 1.0,
+                shift: eps,
+            },
+        )?,
+        UnaryOp::Rsqrt,
+    )?;
+    let xhat = elementwise::mul(&xc, &r)?; // [rows, L]
+    let t =
+        elementwise::mul(&g.reshape(&[n, c, s])?, &gamma.reshape(&[c, 1])?)?.reshape(&[rows, l])?;
+    let a = elementwise::scale(&row_sum(&t)?, inv_l)?;
+    let b = elementwise::scale(&row_sum(&elementwise::mul(&t, &xhat)?)?, inv_l)?;
+    let inner = elementwise::binary(
+        &elementwise::binary(&t, &a, BinaryOp::Sub)?,
+        &elementwise::mul(&xhat, &b)?,
+        BinaryOp::Sub,
+    )?;
+    let dx = elementwise::mul(&inner, &r)?.reshape(x.shape())?;
+    if !params {
+        return Ok((dx, None, None));
+    }
+    // Per-channel sums over the batch and spatial positions.
+    let per_channel = |m: &Tensor| -> Result<Tensor> {
+        let rs = row_sum(&m.reshape(&[n * c, s])?)?; // [N·C, 1]
+        sum_leading(&rs.reshape(&[n, c])?, &[c])
+    };
+    let gx = elementwise::mul(&g.reshape(&[rows, l])?, &xhat)?;
+    Ok((dx, Some(per_channel(&gx)?), Some(per_channel(g)?)))
+}
+
 /// CPU reference in f64 on `[n, c, s]` row-major data.
 /// Inputs are f32 (the kernel tests) or f64 (the autodiff tests' finite differences).
 #[allow(clippy::too_many_arguments)]

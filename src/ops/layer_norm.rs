@@ -116,6 +116,97 @@ pub fn layer_norm_strategy(
     Ok(y)
 }
 
+pub(crate) static BACKWARD: Shader<Params> = crate::shader!(
+    "layer_norm_backward",
+    "grid",
+    overrides = [ov::HAS_GAMMA, ov::WG]
+);
+
+/// Gradients of [`layer_norm`] with respect to its input and affine parameters.
+pub struct LayerNormGrads {
+    /// `dL/dx`, the input's shape.
+    pub dx: Tensor,
+    /// `dL/dγ`, `[C]`.
+    pub dgamma: Tensor,
+    /// `dL/dβ`, `[C]`.
+    pub dbeta: Tensor,
+}
+
+/// Backward of [`layer_norm`]'s `y = (x − μ)·r·γ + β` per row of `C` values
+/// (`r = 1/√(var + eps)`, `x̂ = (x − μ)·r`): with `t = g·γ`,
+/// `dx = r·(t − mean(t) − x̂·mean(t·x̂))` per row (the `layer_norm_backward.wgsl` kernel),
+/// `dγ = Σ_rows g·x̂` and `dβ = Σ_rows g` (column sums as products with a ones row).
+/// `x` (the forward input) and `g` (its output's gradient) are `[.., C]`, `gamma` is `[C]`.
+pub fn layer_norm_backward(
+    x: &Tensor,
+    gamma: Option<&Tensor>,
+    g: &Tensor,
+    eps: f32,
+) -> Result<LayerNormGrads> {
+    x.expect_f32("layer_norm_backward input")?;
+    if x.shape() != g.shape() || x.rank() == 0 {
+        return Err(Error::shape(format!(
+            "layer_norm_backward: input {:?} and gradient {:?} differ",
+            x.shape(),
+            g.shape()
+        )));
+    }
+    let c = x.dim(-1);
+    if let Some(t) = gamma {
+        if t.numel() != c {
+            return Err(Error::shape(format!(
+                "layer_norm_backward gamma {:?} vs C = {c}",
+                t.shape()
+            )));
+        }
+    }
+    let gpu = x.gpu();
+    if gpu.is_cpu() && 4 * c + 8 > CPU_LOOP_LIMIT {
+        return Err(Error::invalid(format!(
+            "layer_norm_backward rows of {c} values are too long for a CPU adapter"
+        )));
+    }
+    let rows = x.numel() / c.max(1);
+    let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
+    let gxhat = Tensor::empty(gpu, x.shape(), DType::F32)?;
+    if rows > 0 && c > 0 {
+        let p = Params {
+            rows: rows as u32,
+            c: c as u32,
+            eps,
+            _pad: 0,
+        };
+        let k = Kernel::new(&BACKWARD, "ln_backward_rows")
+            .with(ov::HAS_GAMMA, gamma.is_some())
+            .with(ov::WG, ROWS_WG);
+        gpu.dispatch(
+            &k,
+            &p,
+            &[
+                x.binding(),
+                gamma.map_or(gpu.unused_binding(), Tensor::binding),
+                g.binding(),
+                dx.binding(),
+                gxhat.binding(),
+            ],
+            grid_1d((rows as u32).div_ceil(ROWS_WG)),
+        );
+    }
+    // Column sums as ones[1, rows] @ M[rows, C].
+    let ones = Tensor::full(gpu, &[1, rows.max(1)], if rows == 0 { 0.0 } else { 1.0 })?;
+    let colsum = |m: &Tensor| -> Result<Tensor> {
+        if rows == 0 {
+            return Tensor::zeros(gpu, &[c]);
+        }
+        super::matmul(&ones, &m.reshape(&[rows, c])?, &Default::default())?.reshape(&[c])
+    };
+    Ok(LayerNormGrads {
+        dgamma: colsum(&gxhat)?,
+        dbeta: colsum(g)?,
+        dx,
+    })
+}
+
 /// CPU reference in f64: `x` is `[rows, c]` row-major.
 /// Inputs are f32 (the kernel tests) or f64 (the autodiff tests' finite differences).
 pub fn reference<T: Copy + Into<f64>>(
@@ -314,93 +405,6 @@ mod tests {
         let z = Tensor::zeros(&g, &[0, 8]).unwrap();
         assert_eq!(layer_norm(&z, None, None, 1e-5).unwrap().shape(), &[0, 8]);
     }
-}
-
-pub(crate) static BACKWARD: Shader<Params> = crate::shader!(
-    "layer_norm_backward",
-    "grid",
-    overrides = [ov::HAS_GAMMA, ov::WG]
-);
-
-/// Gradients of [`layer_norm`] with respect to its input and affine parameters.
-pub struct LayerNormGrads {
-    /// `dL/dx`, the input's shape.
-    pub dx: Tensor,
-    /// `dL/dγ`, `[C]`.
-    pub dgamma: Tensor,
-    /// `dL/dβ`, `[C]`.
-    pub dbeta: Tensor,
-}
-
-/// Backward of [`layer_norm`]: `x` is the forward input, `g` the gradient of its output.
-pub fn layer_norm_backward(
-    x: &Tensor,
-    gamma: Option<&Tensor>,
-    g: &Tensor,
-    eps: f32,
-) -> Result<LayerNormGrads> {
-    x.expect_f32("layer_norm_backward input")?;
-    if x.shape() != g.shape() || x.rank() == 0 {
-        return Err(Error::shape(format!(
-            "layer_norm_backward: input {:?} and gradient {:?} differ",
-            x.shape(),
-            g.shape()
-        )));
-    }
-    let c = x.dim(-1);
-    if let Some(t) = gamma {
-        if t.numel() != c {
-            return Err(Error::shape(format!(
-                "layer_norm_backward gamma {:?} vs C = {c}",
-                t.shape()
-            )));
-        }
-    }
-    let gpu = x.gpu();
-    if gpu.is_cpu() && 4 * c + 8 > CPU_LOOP_LIMIT {
-        return Err(Error::invalid(format!(
-            "layer_norm_backward rows of {c} values are too long for a CPU adapter"
-        )));
-    }
-    let rows = x.numel() / c.max(1);
-    let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
-    let gxhat = Tensor::empty(gpu, x.shape(), DType::F32)?;
-    if rows > 0 && c > 0 {
-        let p = Params {
-            rows: rows as u32,
-            c: c as u32,
-            eps,
-            _pad: 0,
-        };
-        let k = Kernel::new(&BACKWARD, "ln_backward_rows")
-            .with(ov::HAS_GAMMA, gamma.is_some())
-            .with(ov::WG, ROWS_WG);
-        gpu.dispatch(
-            &k,
-            &p,
-            &[
-                x.binding(),
-                gamma.map_or(gpu.unused_binding(), Tensor::binding),
-                g.binding(),
-                dx.binding(),
-                gxhat.binding(),
-            ],
-            grid_1d((rows as u32).div_ceil(ROWS_WG)),
-        );
-    }
-    // Column sums as ones[1, rows] @ M[rows, C].
-    let ones = Tensor::full(gpu, &[1, rows.max(1)], if rows == 0 { 0.0 } else { 1.0 })?;
-    let colsum = |m: &Tensor| -> Result<Tensor> {
-        if rows == 0 {
-            return Tensor::zeros(gpu, &[c]);
-        }
-        super::matmul(&ones, &m.reshape(&[rows, c])?, &Default::default())?.reshape(&[c])
-    };
-    Ok(LayerNormGrads {
-        dgamma: colsum(&gxhat)?,
-        dbeta: colsum(g)?,
-        dx,
-    })
 }
 
 #[cfg(test)]

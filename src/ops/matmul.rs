@@ -349,6 +349,104 @@ pub fn matmul_variant(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Variant) -> Res
     Ok(c)
 }
 
+/// Gradients of [`matmul`] that [`matmul_backward`] was asked for.
+pub struct MatmulGrads {
+    /// `dA`, `A`'s shape.
+    pub da: Option<Tensor>,
+    /// `dB`, `B`'s shape.
+    pub db: Option<Tensor>,
+    /// `dbias` `[N]`.
+    pub dbias: Option<Tensor>,
+}
+
+/// Backward of [`matmul`]'s `C = alpha · op(A) @ op(B) + bias` (no activation or residual:
+/// the tape records those as their own nodes). With `G = dC`:
+///
+/// - `A [M,K]`: `dA = alpha · G @ op(B)ᵀ`; `A` stored `[K,M]`: `dA = alpha · op(B) @ Gᵀ`;
+/// - `B [K,N]`: `dB = alpha · op(A)ᵀ @ G`; `B` stored `[N,K]`: `dB = alpha · Gᵀ @ op(A)`;
+/// - `dbias = Σ_rows G`.
+///
+/// `a`, `b` are the forward's operands (a rank-2 side may be shared over the other's batch:
+/// its gradient is summed over that batch), `g` is `[.., M, N]`; `o` gives `trans_a`,
+/// `trans_b` and `alpha` (its bias, residual and activation are not read). `need` says
+/// which of `(dA, dB, dbias)` to compute.
+pub fn matmul_backward(
+    a: &Tensor,
+    b: &Tensor,
+    g: &Tensor,
+    o: &MatmulOpts,
+    need: [bool; 3],
+) -> Result<MatmulGrads> {
+    use super::reduce::sum_leading;
+    let (ta, tb) = (o.trans_a, o.trans_b);
+    let s = Some(o.alpha.unwrap_or(1.0));
+    let da = if !need[0] {
+        None
+    } else if ta {
+        let opts = MatmulOpts {
+            trans_a: tb,
+            trans_b: true,
+            alpha: s,
+            ..Default::default()
+        };
+        Some(matmul(b, g, &opts)?)
+    } else {
+        let opts = MatmulOpts {
+            trans_b: !tb,
+            alpha: s,
+            ..Default::default()
+        };
+        Some(matmul(g, b, &opts)?)
+    };
+    let db = if !need[1] {
+        None
+    } else {
+        let b_broadcast = b.rank() == 2 && a.rank() > 2;
+        let (a2, g2) = if b_broadcast {
+            // A weight shared over the batch: fold the batch into the rows (A must be stored
+            // row-major [.., M, K] for that) so one product sums over it.
+            if ta {
+                return Err(Error::invalid(
+                    "matmul backward: a shared weight with a transposed batched A is not supported",
+                ));
+            }
+            let rows = a.numel() / a.dim(-1);
+            (
+                a.reshape(&[rows, a.dim(-1)])?,
+                g.reshape(&[rows, g.dim(-1)])?,
+            )
+        } else {
+            (a.clone(), g.clone())
+        };
+        let db = if tb {
+            let opts = MatmulOpts {
+                trans_a: true,
+                trans_b: ta,
+                alpha: s,
+                ..Default::default()
+            };
+            matmul(&g2, &a2, &opts)?
+        } else {
+            let opts = MatmulOpts {
+                trans_a: !ta,
+                alpha: s,
+                ..Default::default()
+            };
+            matmul(&a2, &g2, &opts)?
+        };
+        Some(db.reshape(b.shape())?)
+    };
+    // A rank-2 A shared over B's batch gets its batch gradients summed.
+    let da = da.map(|d| sum_leading(&d, a.shape())).transpose()?;
+    let dbias = if need[2] {
+        let n = g.dim(-1);
+        Some(sum_leading(g, &[n])?)
+    } else {
+        None
+    };
+    Ok(MatmulGrads { da, db, dbias })
+}
+
 /// CPU reference in f64 with the same contract as [`matmul`] on flat row-major data; also
 /// returns, per output, `Σ|a·b|` (scaled by |alpha|), the bound used for f32 tolerances.
 /// Inputs are f32 (the kernel tests) or f64 (the autodiff tests' finite differences).

@@ -1,5 +1,7 @@
 //! GPU ops. One file per op family: its params struct (mirrored by a WGSL struct in
-//! `shaders/<op>.wgsl`), shape guards, dispatch, CPU reference and tests.
+//! `shaders/<op>.wgsl`), shape guards, dispatch, backward rule (`<op>_backward`, right under
+//! the forward it differentiates; [`crate::autodiff::Tape`] only wires them), CPU reference
+//! and tests.
 
 pub mod attention;
 pub mod concat;
@@ -9,7 +11,9 @@ pub mod conv2d;
 pub mod elementwise;
 pub mod gather;
 pub mod group_norm;
+pub mod l2_normalize;
 pub mod layer_norm;
+pub mod loss;
 pub mod matmul;
 pub mod permute;
 pub mod reduce;

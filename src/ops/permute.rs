@@ -118,6 +118,16 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     Ok(y)
 }
 
+/// Backward of [`permute`]'s `y = x.permute(perm)`: `dx = g.permute(perm⁻¹)`, since output
+/// dim `i` came from input dim `perm[i]`. `g` has `y`'s shape; returns `x`'s.
+pub fn permute_backward(g: &Tensor, perm: &[usize]) -> Result<Tensor> {
+    let mut inv = vec![0; perm.len()];
+    for (i, &p) in perm.iter().enumerate() {
+        inv[p] = i;
+    }
+    permute(g, &inv)
+}
+
 /// Swaps dims `a` and `b`.
 pub fn transpose(x: &Tensor, a: usize, b: usize) -> Result<Tensor> {
     if a >= x.rank() || b >= x.rank() {

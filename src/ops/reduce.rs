@@ -130,6 +130,39 @@ pub fn sum_all(x: &Tensor) -> Result<Tensor> {
     reduce_3d(x, [1, x.numel(), 1], ReduceOp::Sum, &[1])
 }
 
+/// Backward of [`sum_all`]'s `y = Σ x`: `dx = g` broadcast to `x_shape` (as `ones ⊙ g`).
+/// `g` is `[1]`.
+pub fn sum_all_backward(g: &Tensor, x_shape: &[usize]) -> Result<Tensor> {
+    let ones = Tensor::full(g.gpu(), x_shape, 1.0)?;
+    super::elementwise::mul(&ones, g)
+}
+
+/// Row sums of `x` viewed as `[rows, L]` (L = last dim), as `[rows, 1]`.
+pub fn row_sum(x: &Tensor) -> Result<Tensor> {
+    let l = x.dim(-1);
+    let rows = x.numel() / l.max(1);
+    reduce(&x.reshape(&[rows, l])?, 1, ReduceOp::Sum, true)
+}
+
+/// Sums a gradient of shape `[.., rows.., N]` down to a broadcast operand's `shape`, where
+/// the operand's dims are trailing dims of the gradient with the leading ones summed away
+/// (a reduction over the flattened leading dims): the backward of a leading-dims broadcast.
+pub fn sum_leading(g: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    if g.shape() == shape {
+        return Ok(g.clone());
+    }
+    let n: usize = shape.iter().product();
+    let r = g.numel() / n.max(1);
+    if n == 0 || r * n != g.numel() || g.shape()[g.rank() - shape.len()..] != *shape {
+        return Err(Error::shape(format!(
+            "autodiff: cannot reduce a gradient {:?} to {:?} (only leading broadcast dims)",
+            g.shape(),
+            shape
+        )));
+    }
+    sum(&g.reshape(&[r, n])?, 0)?.reshape(shape)
+}
+
 fn reduce_3d(
     x: &Tensor,
     [outer, a, inner]: [usize; 3],

@@ -81,6 +81,19 @@ pub fn softmax_strategy(x: &Tensor, scale: f32, s: Strategy) -> Result<Tensor> {
     Ok(y)
 }
 
+/// Backward of [`softmax_scaled`]'s `y = softmax(scale · x)` over the last axis:
+/// `dx = scale · y ⊙ (g − Σ_j g_j y_j)`, the row sums by [`super::reduce::row_sum`].
+/// `y` (the forward's output) and `g` are `[.., L]`; returns `[.., L]`.
+pub fn softmax_backward(y: &Tensor, g: &Tensor, scale: f32) -> Result<Tensor> {
+    use super::elementwise::{self, BinaryOp};
+    let l = y.dim(-1);
+    let rows = y.numel() / l.max(1);
+    let dot = super::reduce::row_sum(&elementwise::mul(g, y)?)?;
+    let centred = elementwise::binary(&g.reshape(&[rows, l])?, &dot, BinaryOp::Sub)?;
+    let dx = elementwise::mul(&centred, &y.reshape(&[rows, l])?)?;
+    elementwise::scale(&dx, scale)?.reshape(y.shape())
+}
+
 /// CPU reference in f64 of `softmax(scale · x)` over rows of `len` values.
 /// Inputs are f32 (the kernel tests) or f64 (the autodiff tests' finite differences).
 pub fn reference<T: Copy + Into<f64>>(x: &[T], len: usize, scale: f32) -> Vec<f64> {

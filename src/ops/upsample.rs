@@ -53,6 +53,15 @@ pub fn upsample_nearest2(x: &Tensor) -> Result<Tensor> {
     Ok(y)
 }
 
+/// Backward of [`upsample_nearest2`]'s `y[n, c, i, j] = x[n, c, i/2, j/2]`: each input pixel
+/// gets the sum of the 2×2 block it was copied to. `g` is `[N, C, 2H, 2W]` → `[N, C, H, W]`.
+pub fn upsample_nearest2_backward(g: &Tensor) -> Result<Tensor> {
+    let (n, c, h2, w2) = (g.dim(0), g.dim(1), g.dim(2), g.dim(3));
+    let (h, w) = (h2 / 2, w2 / 2);
+    let t = super::permute::permute(&g.reshape(&[n, c, h, 2, w, 2])?, &[0, 1, 2, 4, 3, 5])?;
+    super::reduce::sum(&t.reshape(&[n * c * h * w, 4])?, 1)?.reshape(&[n, c, h, w])
+}
+
 /// CPU reference of [`upsample_nearest2`] on `[N, C, H, W]` data.
 pub fn reference(x: &[f32], nc: usize, h: usize, w: usize) -> Vec<f32> {
     let mut y = Vec::with_capacity(nc * 4 * h * w);
