@@ -66,10 +66,7 @@ impl Tape {
         opts: &Conv2dOpts,
         residual: &Var,
     ) -> Result<Var> {
-        let grad = x.needs_grad
-            || weight.needs_grad
-            || residual.needs_grad
-            || bias.is_some_and(|b| b.needs_grad);
+        let grad = super::any_needs_grad(&[x, weight, residual], bias);
         if !grad && opts.bias.is_none() && opts.residual.is_none() {
             let fused = Conv2dOpts {
                 bias: bias.map(|b| &b.value),

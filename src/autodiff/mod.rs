@@ -75,6 +75,12 @@ impl Grads {
     }
 }
 
+/// Whether any of `vars` (and the optional one, e.g. a bias) needs a gradient: when none
+/// does, an op records nothing and may take the fused inference kernel.
+fn any_needs_grad(vars: &[&Var], optional: Option<&Var>) -> bool {
+    vars.iter().any(|v| v.needs_grad) || optional.is_some_and(|v| v.needs_grad)
+}
+
 /// Records ops for one forward pass. Build a new tape for each step.
 #[derive(Default)]
 pub struct Tape {
@@ -119,7 +125,7 @@ impl Tape {
     }
 
     fn push(&self, value: Tensor, parents: &[&Var], backward: Backward) -> Var {
-        let needs_grad = parents.iter().any(|p| p.needs_grad);
+        let needs_grad = any_needs_grad(parents, None);
         let mut nodes = self.nodes.borrow_mut();
         let id = nodes.len();
         nodes.push(Node {
@@ -264,7 +270,7 @@ impl Tape {
                 "Tape::matmul takes its bias as a Var and no residual (use Tape::add)",
             ));
         }
-        if !(a.needs_grad || b.needs_grad || bias.is_some_and(|b| b.needs_grad)) {
+        if !any_needs_grad(&[a, b], bias) {
             // Inference: the fused epilogue, nothing to record.
             let fused = MatmulOpts {
                 bias: bias.map(|b| &b.value),
@@ -336,10 +342,7 @@ impl Tape {
         act: Act,
         residual: &Var,
     ) -> Result<Var> {
-        let grad = x.needs_grad
-            || weight.needs_grad
-            || residual.needs_grad
-            || bias.is_some_and(|b| b.needs_grad);
+        let grad = any_needs_grad(&[x, weight, residual], bias);
         if !grad {
             let fused = MatmulOpts {
                 trans_b: true,
@@ -497,7 +500,7 @@ impl Tape {
     /// softmax → matmul so that its backward is theirs; the probabilities `[B, H, Tq, Tk]` are
     /// kept for the backward pass.
     pub fn attention(&self, q: &Var, k: &Var, v: &Var, causal: bool, scale: f32) -> Result<Var> {
-        if !(q.needs_grad || k.needs_grad || v.needs_grad) {
+        if !any_needs_grad(&[q, k, v], None) {
             // Inference: the fused online-softmax kernel, no probabilities kept.
             let o = crate::ops::attention::attention(&q.value, &k.value, &v.value, causal, scale)?;
             return Ok(self.leaf(o, false));
@@ -543,7 +546,7 @@ impl Tape {
         causal: bool,
         scale: f32,
     ) -> Result<Var> {
-        if !(q.needs_grad || k.needs_grad || v.needs_grad) {
+        if !any_needs_grad(&[q, k, v], None) {
             let o = crate::ops::attention::attention_bthd(
                 &q.value, &k.value, &v.value, heads, causal, scale,
             )?;
@@ -587,7 +590,7 @@ impl Tape {
         act: Act,
     ) -> Result<Var> {
         use crate::ops::group_norm::group_norm;
-        if !(x.needs_grad || gamma.needs_grad || beta.needs_grad) {
+        if !any_needs_grad(&[x, gamma, beta], None) {
             let y = group_norm(
                 &x.value,
                 groups,
