@@ -289,15 +289,7 @@ fn act_backward_matches_analytic_derivative() {
     let gv = rand_vec(513, 31);
     let x = Tensor::from_slice(&g, &xv, &[513]).unwrap();
     let gt = Tensor::from_slice(&g, &gv, &[513]).unwrap();
-    for act in [
-        Act::None,
-        Act::Gelu,
-        Act::QuickGelu,
-        Act::Silu,
-        Act::Sigmoid,
-        Act::Relu,
-        Act::GeluTanh,
-    ] {
+    for act in Act::ALL {
         let got = elementwise::act_backward(&x, &gt, act)
             .unwrap()
             .to_vec()

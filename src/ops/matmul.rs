@@ -18,34 +18,28 @@ mod ov {
     pub(super) const EPILOGUE: Override<bool> = Override::new("EPILOGUE");
 }
 
-pub(crate) static SHADER: Shader<Params> = crate::shader!(
-    "matmul",
-    "act",
-    "matmul_epilogue",
-    overrides = [
-        ov::TRANS_A,
-        ov::TRANS_B,
-        ov::HAS_BIAS,
-        ov::HAS_RES,
-        ov::ACT,
-        ov::ACCUMULATE,
-        ov::EPILOGUE
-    ]
-);
-pub(crate) static SUBGROUP_SHADER: Shader<Params> = crate::shader!(
-    "matmul_subgroup",
-    "act",
-    "matmul_epilogue",
-    overrides = [
-        ov::TRANS_A,
-        ov::TRANS_B,
-        ov::HAS_BIAS,
-        ov::HAS_RES,
-        ov::ACT,
-        ov::ACCUMULATE,
-        ov::EPILOGUE
-    ]
-);
+/// The two matmul kernels share the activation and epilogue prologue and every override.
+macro_rules! matmul_shader {
+    ($name:literal) => {
+        crate::shader!(
+            $name,
+            "act",
+            "matmul_epilogue",
+            overrides = [
+                ov::TRANS_A,
+                ov::TRANS_B,
+                ov::HAS_BIAS,
+                ov::HAS_RES,
+                ov::ACT,
+                ov::ACCUMULATE,
+                ov::EPILOGUE
+            ]
+        )
+    };
+}
+
+pub(crate) static SHADER: Shader<Params> = matmul_shader!("matmul");
+pub(crate) static SUBGROUP_SHADER: Shader<Params> = matmul_shader!("matmul_subgroup");
 
 crate::shader_params! {
     /// Mirrors `struct Params` in `shaders/matmul.wgsl`.
