@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use vqclip::generate::cutouts::CutMethod;
 pub(super) use vqclip::generate::fit::{check_fits, largest_tensor};
 use vqclip::generate::output::{write_png, GifFrames};
+use vqclip::generate::trace::{prepare_dir, TraceOptions, DEFAULT_TRACE_EVERY};
 use vqclip::generate::{
     Explicit, Generation, Init, Options, Preset, Prompt, MAX_CUTN, MAX_INIT_SCENES,
 };
@@ -69,8 +70,9 @@ pub struct GenerateArgs {
     /// Cutouts per step, 1 to 4096 [default: from --preset].
     #[arg(long, value_parser = cutn_value)]
     cutn: Option<usize>,
-    /// Cutout size exponent (original method), greater than 0: larger favours small cutouts.
-    #[arg(long, default_value_t = 1.0, value_parser = values::positive_f32)]
+    /// Cutout size exponent (original method), 0 or more: larger favours small cutouts; 0
+    /// makes every cutout the largest square (the whole image when it is square).
+    #[arg(long, default_value_t = 1.0, value_parser = values::non_negative_f32)]
     cut_pow: f32,
     /// Cutout method: original (random crops, resampled), pooled (the whole image with flips, random affine and perspective warps, colour jitter and erasing) or jitter (the whole image zoomed by 0.9-1.2, shifted by up to 10%, blurred) [default: from --preset].
     #[arg(long)]
@@ -123,6 +125,16 @@ pub struct GenerateArgs {
     /// when the run succeeds; a failed run leaves none).
     #[arg(long, value_name = "FILE")]
     json_log: Option<PathBuf>,
+    /// Write the loop's tensors into DIR (made if missing): DIR/step{n:05}.safetensors for
+    /// step 0 and every --trace-every steps, with z, grad_z (dL/dz before the optimiser),
+    /// image ([3,H,W] in [0,1]), cutouts ([cutn,3,S,S], before CLIP's normalisation), loss
+    /// and prompt_losses; DIR/trace.json lists the options and the steps written.
+    #[arg(long, value_name = "DIR")]
+    trace: Option<PathBuf>,
+    /// With --trace: trace step 0 and every N-th step, N at least 1.
+    #[arg(long, value_name = "N", requires = "trace", default_value_t = DEFAULT_TRACE_EVERY,
+          value_parser = values::at_least_one)]
+    trace_every: usize,
     /// Output PNG.
     #[arg(short, long, value_name = "OUT.png")]
     output: PathBuf,
@@ -260,6 +272,14 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
     if prompts.is_empty() && a.image_prompts.is_empty() && noise_prompts.is_empty() {
         bail!("no prompt: give PROMPTS, --prompt, --image-prompt or --noise-prompt");
     }
+    let trace = a.trace.as_ref().map(|dir| TraceOptions {
+        dir: dir.clone(),
+        every: a.trace_every,
+    });
+    if let Some(t) = &trace {
+        // Before the models load: a bad folder is refused before any work.
+        prepare_dir(&t.dir)?;
+    }
     let vq_path = &vqclip::weights::shipped::vqgan_file_or(a.vqgan.as_deref())?;
     let config_path = match (&a.config, config_beside(vq_path)) {
         (Some(c), _) => c.clone(),
@@ -311,6 +331,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
     opts.candidates = candidates;
     opts.candidate_steps = candidate_steps;
     opts.noise_prompts = noise_prompts;
+    opts.trace = trace;
     opts.init = match (&a.init_image, a.init.as_deref()) {
         (Some(p), _) => Init::Image(
             load_resized(p, w, h).with_context(|| format!("--init-image {}", p.display()))?,

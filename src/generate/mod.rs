@@ -18,11 +18,13 @@ pub mod output;
 mod presets;
 pub mod prompt;
 mod start;
+pub mod trace;
 mod views;
 
 pub use options::{pixel_bytes, Init, Options, MAX_CUTN, MAX_INIT_SCENES, MAX_POOL_BYTES};
 pub use presets::{Explicit, Preset, SHAPES_PRESET_LR, SHAPES_PRESET_SCENES, SHAPES_PRESET_STEPS};
 pub use prompt::Prompt;
+pub use trace::{TraceOptions, DEFAULT_TRACE_EVERY};
 
 use crate::autodiff::{Tape, Var};
 use crate::ops::elementwise::{self, BinaryOp};
@@ -33,7 +35,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use start::{codebook_range, random_codes, resize_latent, resize_matrices, resolve_grids};
-use views::{make_views, whole_view};
+use trace::Tracer;
+use views::{augmented_views, make_views, whole_view};
 
 /// The CLIP side of generation.
 pub trait Perceptor {
@@ -118,6 +121,8 @@ pub struct Generation<'a> {
     candidate_losses: Vec<f32>,
     best_start: Option<(f32, Tensor)>,
     pool_losses: Vec<f32>,
+    /// Writes the traced steps (`Options::trace`).
+    tracer: Option<Tracer>,
 }
 
 impl<'a> Generation<'a> {
@@ -139,6 +144,11 @@ impl<'a> Generation<'a> {
         let grids = resolve_grids(&opts.latent_grids, h, w)?;
         // Checked before the start is made: a pool is ranked by CLIP, which takes a while.
         check_candidates(&opts)?;
+        // Before the start: a pool start ranks many images, and a bad folder should fail first.
+        let tracer = match &opts.trace {
+            Some(t) => Some(Tracer::create(t, &opts)?),
+            None => None,
+        };
         let (z, pool_losses) = start::start_latent(
             gpu, clip, vqgan, &opts, &targets, &codebook, grids[0], &mut rng,
         )?;
@@ -175,6 +185,7 @@ impl<'a> Generation<'a> {
             candidate_losses: Vec::new(),
             best_start: None,
             pool_losses,
+            tracer,
         })
     }
 
@@ -315,7 +326,13 @@ impl<'a> Generation<'a> {
         let z = tape.leaf(self.opt.params()[0].clone(), true);
         let zf = self.full_latent(&tape, &z)?;
         let img = self.synth(&tape, &zf)?;
-        let views = make_views(&self.gpu, self.clip, &tape, &img, &self.opts, &mut self.rng)?;
+        let traced = self.tracer.as_ref().is_some_and(|t| t.due(self.step));
+        let (views, cutouts) = {
+            let v = augmented_views(&self.gpu, self.clip, &tape, &img, &self.opts, &mut self.rng)?;
+            // Kept past the backward pass only on traced steps.
+            let cutouts = traced.then(|| v.value().clone());
+            (clip_normalise(&self.gpu, self.clip, &tape, &v)?, cutouts)
+        };
         let emb = if self.opts.recompute {
             self.clip.encode_image_recomputed(&tape, &views)?
         } else {
@@ -351,6 +368,11 @@ impl<'a> Generation<'a> {
         let gz = grads
             .take(&z)
             .ok_or_else(|| Error::invalid("the loss does not depend on the latent"))?;
+        // Read before the optimiser updates z in place.
+        let trace_data = match (&self.tracer, &cutouts) {
+            (Some(t), Some(c)) => Some(t.read(z.value(), &gz, img.value(), c)?),
+            _ => None,
+        };
         self.opt.step(&[Some(&gz)])?;
         // z ← clamp(z, codebook min, codebook max) per channel
         let param = &self.opt.params()[0];
@@ -365,6 +387,9 @@ impl<'a> Generation<'a> {
                 .map(|t| t.value().to_vec().map(|v| v[0]))
                 .collect::<Result<_>>()?,
         };
+        if let (Some(t), Some(data)) = (self.tracer.as_mut(), trace_data) {
+            t.write(&log, data)?;
+        }
         self.step += 1;
         let (k, ks) = (self.opts.candidates, self.opts.candidate_steps);
         if k > 1 && self.step <= k * ks && self.step.is_multiple_of(ks) {

@@ -2,6 +2,7 @@
 //! checks and caps on both that need no model.
 
 use super::cutouts::CutMethod;
+use super::trace::TraceOptions;
 use super::{prompt, Prompt};
 use crate::optim::Kind;
 use crate::{Error, Result};
@@ -66,7 +67,8 @@ pub struct Options {
     pub optimizer: Kind,
     /// Cutouts per step.
     pub cutn: usize,
-    /// Cutout size exponent (original method).
+    /// Cutout size exponent (original method), 0 or more: larger favours small cutouts, 0
+    /// makes every cutout the largest square (the whole image when it is square).
     pub cut_pow: f32,
     /// How cutouts are made.
     pub cut_method: CutMethod,
@@ -95,6 +97,9 @@ pub struct Options {
     pub candidates: usize,
     /// Steps each start gets before the choice.
     pub candidate_steps: usize,
+    /// Write the loop's tensors every few steps into a folder (`None`: off); see
+    /// [`super::trace`].
+    pub trace: Option<TraceOptions>,
 }
 
 /// Bytes of `count` images of `3 × width × height` f32 pixels, or `None` when the product
@@ -127,12 +132,15 @@ impl Options {
             )))
         };
         finite("lr", self.lr, true)?;
-        finite("cut_pow", self.cut_pow, true)?;
+        finite("cut_pow", self.cut_pow, false)?;
         finite("noise", self.noise, false)?;
         finite("init_weight", self.init_weight, false)?;
         finite("tv_weight", self.tv_weight, false)?;
         for p in &self.prompts {
             p.check()?;
+        }
+        if let Some(t) = &self.trace {
+            t.check()?;
         }
         for (px, w, h, p) in &self.image_prompts {
             p.check()?;
@@ -222,6 +230,7 @@ impl Options {
             latent_grids: Vec::new(),
             candidates: 1,
             candidate_steps: 4,
+            trace: None,
         }
     }
 }

@@ -91,6 +91,20 @@ pub(super) fn make_views(
     opts: &Options,
     rng: &mut ChaCha8Rng,
 ) -> Result<Var> {
+    let views = augmented_views(gpu, clip, tape, img, opts, rng)?;
+    clip_normalise(gpu, clip, tape, &views)
+}
+
+/// [`make_views`] before CLIP's normalisation: the cutouts `[cutn, 3, S, S]` with their
+/// augmentations and noise, in pixel units (what `generate --trace` records).
+pub(super) fn augmented_views(
+    gpu: &Gpu,
+    clip: &dyn Perceptor,
+    tape: &Tape,
+    img: &Var,
+    opts: &Options,
+    rng: &mut ChaCha8Rng,
+) -> Result<Var> {
     let (h, w) = (img.shape()[2], img.shape()[3]);
     let s = clip.image_size();
     let cuts = sample_cuts(rng, opts.cut_method, opts.cutn, opts.cut_pow, w, h, s);
@@ -117,7 +131,7 @@ pub(super) fn make_views(
         let noise = tape.leaf(Tensor::from_slice(gpu, &noise, &[n, 3, s, s])?, false);
         views = tape.add(&views, &noise)?;
     }
-    clip_normalise(gpu, clip, tape, &views)
+    Ok(views)
 }
 
 /// The resampling matrices of one view: the whole `w`×`h` image at CLIP's size `s`.
