@@ -244,6 +244,12 @@ mod validate_tests {
     fn options_refuse_non_finite_values_and_oversized_counts() {
         let ok = Options::new(vec![Prompt::parse("a cat").unwrap()], 64, 64);
         ok.validate().unwrap();
+        // cut_pow 0: every cutout the largest square (the trace parity runs use it)
+        let whole = Options {
+            cut_pow: 0.0,
+            ..ok.clone()
+        };
+        whole.validate().unwrap();
         type Edit = Box<dyn Fn(&mut Options)>;
         let cases: Vec<(Edit, &str)> = vec![
             (Box::new(|o| o.lr = f32::NAN), "lr"),
@@ -252,6 +258,15 @@ mod validate_tests {
             (Box::new(|o| o.tv_weight = f32::NAN), "tv_weight"),
             (Box::new(|o| o.init_weight = f32::INFINITY), "init_weight"),
             (Box::new(|o| o.cut_pow = -1.0), "cut_pow"),
+            (
+                Box::new(|o| {
+                    o.trace = Some(TraceOptions {
+                        dir: "t".into(),
+                        every: 0,
+                    })
+                }),
+                "--trace-every",
+            ),
             (Box::new(|o| o.prompts[0].weight = f32::NAN), "weight"),
             (Box::new(|o| o.prompts[0].stop = f32::NAN), "stop"),
             (
