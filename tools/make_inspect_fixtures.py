@@ -21,6 +21,13 @@ writes to tensors.safetensors (batch dimension dropped):
   image.{k}.hidden_states.{l}  [P+1, hidden]       l = 0 is after pre_layrnorm
   image.{k}.embeds             [projection]
 
+plus, for the pictures' maps (what `summary.json` holds as `rollout` / `relevance`):
+
+  rollout.{k}                  [G*G]   the class token's attention rollout (Abnar & Zuidema)
+  relevance.{k}.{j}            [G*G]   image k's relevance for text j (Chefer et al. 2021):
+                                       gradients of the image-text cosine with respect to
+                                       each layer's attention probabilities, by autograd
+
 The metadata holds the texts, the image file names and the token ids (JSON strings).
 """
 
@@ -88,7 +95,16 @@ def golden(name):
             e = model.get_image_features(pixel_values=pv)
             e = getattr(e, "pooler_output", e)
             out[f"image.{k}.embeds"] = (e / e.norm(dim=-1, keepdim=True))[0]
-    out = {k: v.contiguous().float() for k, v in out.items()}
+        for k in range(len(IMAGES)):
+            out[f"rollout.{k}"] = rollout(
+                [out[f"image.{k}.attentions.{l}"] for l in range(L)]
+            )
+    for k, image in enumerate(IMAGES):
+        im = Image.open(os.path.join(CLIP, "images", image))
+        pv = proc(images=[im], return_tensors="pt")["pixel_values"].float()
+        for j in range(len(TEXTS)):
+            out[f"relevance.{k}.{j}"] = relevance(model, pv, out[f"text.{j}.embeds"])
+    out = {k: v.detach().contiguous().float() for k, v in out.items()}
     meta = {
         "generator": "tools/make_inspect_fixtures.py",
         "texts": json.dumps(TEXTS),
@@ -100,6 +116,34 @@ def golden(name):
     path = os.path.join(OUT, f"{name}.safetensors")
     save_file(out, path, metadata=meta)
     print(f"{path}: {len(out)} tensors, {os.path.getsize(path)} bytes")
+
+
+def rollout(attns):
+    """Class-token row of prod_l (mean_h A_l + I) / 2 (rows renormalised), without column 0."""
+    t = attns[0].shape[-1]
+    r = torch.eye(t)
+    for a in attns:
+        a = a.mean(0) + torch.eye(t)
+        a = a / a.sum(-1, keepdim=True)
+        r = a @ r
+    return r[0, 1:]
+
+
+def relevance(model, pv, text_embeds):
+    """Chefer et al. 2021: R = I; per layer R += mean_h (dcos/dA * A)^+ @ R; class row."""
+    with torch.enable_grad():
+        o = model.vision_model(pixel_values=pv, output_attentions=True)
+        for a in o.attentions:
+            a.retain_grad()
+        e = model.visual_projection(o.pooler_output)
+        cos = ((e / e.norm(dim=-1, keepdim=True))[0] * text_embeds).sum()
+        cos.backward()
+    t = o.attentions[0].shape[-1]
+    r = torch.eye(t)
+    for a in o.attentions:
+        cam = (a.grad[0] * a[0]).clamp(min=0).mean(0)
+        r = r + cam @ r
+    return r[0, 1:].detach()
 
 
 if __name__ == "__main__":
