@@ -349,3 +349,65 @@ fn bad_input_fails_clearly_and_leaves_no_folder() {
     );
     assert!(std::fs::read(&corrupt).unwrap().ends_with(b"png"));
 }
+
+/// How long `inspect` takes on a model of ViT-B/32's shape (random weights, the OpenAI
+/// tokenizer of the tiny fixture, whose vocabulary is ViT-B/32's) for one text and one
+/// 224px image: the whole library path of the command (recorded forwards, relevance
+/// backward, summary, pictures, folder). A measurement, not a check: run it by hand with
+/// `cargo test --release --test inspect vit_b32 -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn vit_b32_random_weights_timing() {
+    use std::time::Instant;
+    use vqclip::inspect::{folder, inspect, summary};
+    use vqclip::models::clip::{random_weights, ClipConfig, ClipModel, ClipTokenizer};
+    let gpu = vqclip::Gpu::shared().expect("a wgpu adapter");
+    let cfg = ClipConfig::vit_base_patch32();
+    let src = random_weights(&cfg, 7).unwrap();
+    let mut model = ClipModel::from_source(cfg, &src, &gpu).unwrap();
+    model.tokenizer = Some(ClipTokenizer::from_dir(clip_fixture("tiny_quickgelu"), 77).unwrap());
+    let img = vqclip::models::clip::load_image(
+        root().join("tests/fixtures/clip/images/photo_320x240.png"),
+    )
+    .unwrap();
+    let texts = vec!["a photo of a cat sitting on a red sofa".to_string()];
+    let tmp = tempfile::tempdir().unwrap();
+    let mut runs = Vec::new();
+    for r in 0..4 {
+        let out = tmp.path().join(format!("run{r}"));
+        let t0 = Instant::now();
+        let mut last = Instant::now();
+        let mut steps = Vec::new();
+        let ins = inspect(
+            &model,
+            &texts,
+            std::slice::from_ref(&img),
+            None,
+            &mut |what| {
+                steps.push(format!("{what} {:.3} s", last.elapsed().as_secs_f64()));
+                last = Instant::now();
+            },
+        )
+        .unwrap();
+        eprintln!("  {}", steps.join(", "));
+        let t1 = Instant::now();
+        let s = summary::summarize(&model, &ins, &["photo".to_string()]).unwrap();
+        let pics = folder::pictures(&ins, 8, 12).unwrap();
+        folder::write(&out, &ins, &s, &pics, "timing").unwrap();
+        let t2 = Instant::now();
+        let (a, b) = ((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64());
+        eprintln!(
+            "run {r}: inspect {a:.3} s, summary+pictures+write {b:.3} s, total {:.3} s",
+            a + b
+        );
+        if r > 0 {
+            runs.push(a + b);
+        }
+    }
+    runs.sort_by(f64::total_cmp);
+    eprintln!(
+        "ViT-B/32 random weights, 1 text + 1 image: min {:.3} s, median {:.3} s (3 runs after a warm-up)",
+        runs[0],
+        runs[1]
+    );
+}
