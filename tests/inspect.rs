@@ -169,6 +169,34 @@ fn recorded_forward_gives_the_embeddings_of_the_fused_one() {
     }
 }
 
+/// Recording keeps every activation; asking it to recompute them too is refused, not
+/// silently ignored.
+#[test]
+fn a_recorded_forward_refuses_to_recompute() {
+    use vqclip::autodiff::Tape;
+    use vqclip::inspect::Recorder;
+    use vqclip::models::clip::ClipModel;
+    let gpu = vqclip::Gpu::shared().expect("a wgpu adapter");
+    let model = ClipModel::load(clip_fixture("tiny_quickgelu"), &gpu).unwrap();
+    let s = model.config.vision.image_size;
+    let tape = Tape::new();
+    let x = tape.leaf(vqclip::Tensor::zeros(&gpu, &[1, 3, s, s]).unwrap(), false);
+    let mut rec = Recorder::new();
+    let e = model
+        .vision_model
+        .forward_recorded(&tape, &x, true, Some(&mut rec))
+        .unwrap_err();
+    assert!(e.to_string().contains("recompute"), "{e}");
+    // Without recompute: L + 1 hidden states, L attention maps.
+    let l = model.config.vision.num_hidden_layers;
+    let mut rec = Recorder::new();
+    model
+        .vision_model
+        .forward_recorded(&tape, &x, false, Some(&mut rec))
+        .unwrap();
+    assert_eq!((rec.hidden_states.len(), rec.attentions.len()), (l + 1, l));
+}
+
 fn png_size(path: &Path) -> (u32, u32) {
     let img = image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     (img.width(), img.height())
@@ -392,7 +420,7 @@ fn vit_b32_random_weights_timing() {
         eprintln!("  {}", steps.join(", "));
         let t1 = Instant::now();
         let s = summary::summarize(&model, &ins, &["photo".to_string()]).unwrap();
-        let pics = folder::pictures(&ins, 8, 12).unwrap();
+        let pics = folder::pictures(&ins).unwrap();
         folder::write(&out, &ins, &s, &pics, "timing").unwrap();
         let t2 = Instant::now();
         let (a, b) = ((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64());

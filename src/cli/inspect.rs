@@ -67,12 +67,7 @@ pub fn run(dev: &DeviceArgs, a: InspectArgs) -> Result<()> {
     let ins = ins?;
     let sources: Vec<String> = a.images.iter().map(|p| p.display().to_string()).collect();
     let summary = summary::summarize(&model, &ins, &sources)?;
-    let c = &model.config;
-    let pictures = folder::pictures(
-        &ins,
-        c.text.num_attention_heads,
-        c.vision.num_attention_heads,
-    )?;
+    let pictures = folder::pictures(&ins)?;
     let title = format!("vqclip inspect: {}", a.clip.dir()?.display());
     folder::write(&a.out, &ins, &summary, &pictures, &title)
         .with_context(|| format!("writing {}", a.out.display()))?;

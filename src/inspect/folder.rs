@@ -56,7 +56,7 @@ pub fn check_destination(out: &Path) -> Result<()> {
 
 /// The pictures of `ins`: per image its rollout, per text its relevance, its heads' grid
 /// and its VQGAN view; per text its last layer's token-to-token attention.
-pub fn pictures(ins: &Inspection, heads_text: usize, heads_vision: usize) -> Result<Vec<Picture>> {
+pub fn pictures(ins: &Inspection) -> Result<Vec<Picture>> {
     let g = ins.grid;
     let mut out = Vec::new();
     let mut add = |name: String, caption: String, img: image::RgbImage| -> Result<()> {
@@ -78,7 +78,7 @@ pub fn pictures(ins: &Inspection, heads_text: usize, heads_vision: usize) -> Res
                 format!("image{k}_relevance_text{j}.png"),
                 format!(
                     "image {k}: gradient-weighted relevance for text {j} ({:?})",
-                    ins.texts[j].text
+                    ins.texts.get(j).map_or("", |t| t.text.as_str())
                 ),
                 picture::overlay(&im.view, r, g)?,
             )?;
@@ -94,7 +94,7 @@ pub fn pictures(ins: &Inspection, heads_text: usize, heads_vision: usize) -> Res
                 "image {k}: class-token attention over the patches, one row per layer (first \
                  at the top), one column per head"
             ),
-            picture::head_grid(&probs, heads_vision, g)?,
+            picture::head_grid(&probs, im.attentions.first().map_or(1, |a| a.dim(0)), g)?,
         )?;
         if let Some(vq) = &im.vq {
             let big = picture::enlarge(&vq.input);
@@ -127,7 +127,7 @@ pub fn pictures(ins: &Inspection, heads_text: usize, heads_vision: usize) -> Res
                      columns: keys), one square per head",
                     t.text
                 ),
-                picture::token_attention(&last.to_vec()?, heads_text, n)?,
+                picture::token_attention(&last.to_vec()?, last.dim(0), n)?,
             )?;
         }
     }
