@@ -138,7 +138,7 @@ fn layers_table(h: &mut String, stats: &[LayerStats], entropy: &[Vec<f32>], lens
     let _ = write!(
         h,
         "<table><tr><th>l</th><th>mean</th><th>std</th><th>max |x|</th><th>top channels</th>\
-         <th>entropy per head (layer l+1's attention)</th>"
+         <th>entropy per head of attentions.l (which reads this state)</th>"
     );
     for o in &others {
         let _ = write!(h, "<th>lens cos {}</th>", escape(o));
