@@ -18,6 +18,7 @@ pub mod data;
 pub mod error;
 pub mod generate;
 pub mod gpu;
+pub mod inspect;
 pub mod models;
 pub mod nn;
 pub mod ops;

@@ -8,6 +8,7 @@ mod convert;
 mod embed;
 mod generate;
 mod info;
+mod inspect;
 mod reconstruct;
 mod search;
 mod train;
@@ -80,6 +81,9 @@ pub enum Command {
     Search(search::SearchArgs),
     /// VQGAN+CLIP text-to-image: optimise a VQGAN latent so CLIP sees the prompts.
     Generate(Box<generate::GenerateArgs>),
+    /// Look inside CLIP: every layer's attention and hidden states, rollout and relevance
+    /// maps, statistics and a logit lens, as tensors, pictures and an HTML report.
+    Inspect(Box<inspect::InspectArgs>),
     /// Encode, quantise and decode an image with a VQGAN (taming .ckpt or .safetensors).
     Reconstruct(reconstruct::ReconstructArgs),
     /// Convert a taming VQGAN .ckpt to .safetensors (+ its .yaml config beside it).
@@ -100,6 +104,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Classify(a) => classify::run(&cli.device, a),
         Command::Search(a) => search::run(&cli.device, a),
         Command::Generate(a) => generate::run(&cli.device, *a),
+        Command::Inspect(a) => inspect::run(&cli.device, *a),
         Command::Reconstruct(a) => reconstruct::run(&cli.device, a),
         Command::Convert(a) => convert::run(a),
         Command::Train(c) => train::run_train(&cli.device, c),

@@ -9,6 +9,7 @@
 //! records the unfused ops.
 
 use crate::autodiff::{Tape, Var};
+use crate::inspect::Recorder;
 use crate::nn::{attend, LayerNorm, Linear};
 use crate::ops::Act;
 use crate::weights::Loader;
@@ -57,13 +58,24 @@ impl ClipAttention {
         })
     }
 
-    /// `residual + out_proj(attention(x))`. `x`, `residual`: `[B, T, C]`.
-    fn forward(&self, tape: &Tape, x: &Var, causal: bool, residual: &Var) -> Result<Var> {
+    /// `residual + out_proj(attention(x))`. `x`, `residual`: `[B, T, C]`. A recorder
+    /// takes the unfused attention that keeps the probabilities.
+    fn forward(
+        &self,
+        tape: &Tape,
+        x: &Var,
+        causal: bool,
+        residual: &Var,
+        rec: Option<&mut Recorder>,
+    ) -> Result<Var> {
         let q = self.q_proj.forward(tape, x, Act::None)?;
         let k = self.k_proj.forward(tape, x, Act::None)?;
         let v = self.v_proj.forward(tape, x, Act::None)?;
         // [B, T, H·D] in and out: no permutes around the fused kernel.
-        let o = attend(tape, &q, &k, &v, self.heads, causal)?;
+        let o = match rec {
+            Some(r) => r.attend(tape, &q, &k, &v, self.heads, causal)?,
+            None => attend(tape, &q, &k, &v, self.heads, causal)?,
+        };
         self.out_proj
             .forward_residual(tape, &o, Act::None, residual)
     }
@@ -119,10 +131,16 @@ impl ClipEncoderLayer {
     }
 
     /// `x`: `[B, T, C]`.
-    fn forward(&self, tape: &Tape, x: &Var, causal: bool) -> Result<Var> {
-        let h = self
-            .self_attn
-            .forward(tape, &self.layer_norm1.forward(tape, x)?, causal, x)?;
+    fn forward(
+        &self,
+        tape: &Tape,
+        x: &Var,
+        causal: bool,
+        rec: Option<&mut Recorder>,
+    ) -> Result<Var> {
+        let h =
+            self.self_attn
+                .forward(tape, &self.layer_norm1.forward(tape, x)?, causal, x, rec)?;
         self.mlp
             .forward(tape, &self.layer_norm2.forward(tape, &h)?, &h)
     }
@@ -148,14 +166,39 @@ impl ClipEncoder {
     /// `recompute` each layer is a [`Tape::checkpoint`]: its activations are not kept for
     /// the backward pass but computed again there (frozen weights only).
     pub fn forward(&self, tape: &Tape, x: &Var, causal: bool, recompute: bool) -> Result<Var> {
+        self.forward_recorded(tape, x, causal, recompute, None)
+    }
+
+    /// [`ClipEncoder::forward`], handing each layer's hidden state (`x` first, as
+    /// transformers' `encoder_states`) and attention probabilities to `rec` when given.
+    /// Recording keeps every activation, so it cannot be combined with `recompute`.
+    pub fn forward_recorded(
+        &self,
+        tape: &Tape,
+        x: &Var,
+        causal: bool,
+        recompute: bool,
+        mut rec: Option<&mut Recorder>,
+    ) -> Result<Var> {
+        if recompute && rec.is_some() {
+            return Err(crate::Error::invalid(
+                "a recorded forward keeps every layer's activations; it cannot recompute them",
+            ));
+        }
         let mut h = x.clone();
+        if let Some(r) = rec.as_deref_mut() {
+            r.hidden(&h);
+        }
         for layer in &self.layers {
             h = if recompute {
                 let layer = layer.clone();
-                tape.checkpoint(&[&h], move |t, xs| layer.forward(t, &xs[0], causal))?
+                tape.checkpoint(&[&h], move |t, xs| layer.forward(t, &xs[0], causal, None))?
             } else {
-                layer.forward(tape, &h, causal)?
+                layer.forward(tape, &h, causal, rec.as_deref_mut())?
             };
+            if let Some(r) = rec.as_deref_mut() {
+                r.hidden(&h);
+            }
         }
         Ok(h)
     }

@@ -5,6 +5,7 @@
 use super::config::TextConfig;
 use super::encoder::{ClipEncoder, EncoderDims};
 use crate::autodiff::{Tape, Var};
+use crate::inspect::Recorder;
 use crate::nn::{Embedding, LayerNorm};
 use crate::weights::Loader;
 use crate::{Error, Gpu, Result, Tensor};
@@ -78,6 +79,19 @@ impl ClipTextTransformer {
     /// equals the unpadded run. Fails with a clear error on no tokens, a text longer than
     /// the context, or an id outside the vocabulary.
     pub fn forward(&self, tape: &Tape, gpu: &Gpu, ids: &[Vec<u32>], pad_id: u32) -> Result<Var> {
+        self.forward_recorded(tape, gpu, ids, pad_id, None)
+    }
+
+    /// [`ClipTextTransformer::forward`], handing the encoder's hidden states and attention
+    /// probabilities to `rec` when given (see [`ClipEncoder::forward_recorded`]).
+    pub fn forward_recorded(
+        &self,
+        tape: &Tape,
+        gpu: &Gpu,
+        ids: &[Vec<u32>],
+        pad_id: u32,
+        rec: Option<&mut Recorder>,
+    ) -> Result<Var> {
         let (vocab, context) = (self.config.vocab_size, self.config.max_position_embeddings);
         let t = ids.iter().map(Vec::len).max().unwrap_or(0);
         if ids.is_empty() || t == 0 {
@@ -109,7 +123,7 @@ impl ClipTextTransformer {
             })
             .collect();
         let x = self.embeddings.forward(tape, gpu, &padded, n, t)?;
-        let h = self.encoder.forward(tape, &x, true, false)?;
+        let h = self.encoder.forward_recorded(tape, &x, true, false, rec)?;
         // Pool first, then normalise: LayerNorm is per row, so this equals transformers'
         // final_layer_norm over every position followed by the pick.
         // The pooled position is chosen on each unpadded sequence, so that the padding value

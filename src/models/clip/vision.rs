@@ -5,6 +5,7 @@
 use super::config::VisionConfig;
 use super::encoder::{ClipEncoder, EncoderDims};
 use crate::autodiff::{Tape, Var};
+use crate::inspect::Recorder;
 use crate::nn::LayerNorm;
 use crate::ops::Act;
 use crate::weights::Loader;
@@ -110,9 +111,24 @@ impl ClipVisionTransformer {
     /// Pooled output `[N, D]` (`post_layernorm` of the class token) of `pixels`
     /// `[N, C, S, S]`; with `recompute` the encoder layers are [`Tape::checkpoint`]s.
     pub fn forward(&self, tape: &Tape, pixels: &Var, recompute: bool) -> Result<Var> {
+        self.forward_recorded(tape, pixels, recompute, None)
+    }
+
+    /// [`ClipVisionTransformer::forward`], handing the encoder's hidden states (the first
+    /// after `pre_layrnorm`) and attention probabilities to `rec` when given (see
+    /// [`ClipEncoder::forward_recorded`]).
+    pub fn forward_recorded(
+        &self,
+        tape: &Tape,
+        pixels: &Var,
+        recompute: bool,
+        rec: Option<&mut Recorder>,
+    ) -> Result<Var> {
         let x = self.embeddings.forward(tape, pixels)?;
         let x = self.pre_layrnorm.forward(tape, &x)?;
-        let h = self.encoder.forward(tape, &x, false, recompute)?;
+        let h = self
+            .encoder
+            .forward_recorded(tape, &x, false, recompute, rec)?;
         let (n, d) = (h.shape()[0], h.shape()[2]);
         let cls = tape.reshape(&tape.slice(&h, 1, 0, 1)?, &[n, d])?;
         self.post_layernorm.forward(tape, &cls)
