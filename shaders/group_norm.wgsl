@@ -140,3 +140,93 @@ fn gn_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         y[u / 4u][u % 4u] = affine_act((scalar_at(u) - mean) * rstd, c);
     }
 }
+
+// ---- Fused backward of y = act(x̂·γ + β), x̂ = (x − mean)·rstd, for dx alone (the
+// latent-optimisation case: γ and β frozen), with the statistics from gn_sum/gn_stats:
+//   gy = dy·act'(x̂·γ + β),  t = gy·γ,  a = mean_group(t),  b = mean_group(t·x̂)
+//   dx = rstd·(t − a − x̂·b)
+// gnb_sum    per (group, part): partial sums of t and t·x̂ (P per group, interleaved as in
+//            gn_sum), at `work[bwd + 2·id]`, bwd = stats + 2·N·G
+// gnb_stats  per group: (a, b) at `work[bwd + 2·N·G·P + 2·grp]`
+// gnb_apply  per value: dx
+// One value per step (no vec4 path): these passes read x and dy once each.
+@group(0) @binding(5) var<storage, read> dy: array<vec4<f32>>;       // [N, C, S], padded
+@group(0) @binding(6) var<storage, read_write> dx: array<vec4<f32>>; // [N, C, S], padded
+
+fn dy_at(e: u32) -> f32 {
+    return dy[e / 4u][e % 4u];
+}
+
+fn gamma_at(c: u32) -> f32 {
+    if HAS_GAMMA {
+        return gamma[c];
+    }
+    return 1.0;
+}
+
+// (t, x̂) of value e (flat index) in group grp.
+fn bwd_terms(e: u32, grp: u32) -> vec2<f32> {
+    let c = (grp % p.g) * p.cpg + (e % p.m) / p.s;
+    let xh = (scalar_at(e) - work[p.stats + 2u * grp]) * work[p.stats + 2u * grp + 1u];
+    let gm = gamma_at(c);
+    var pre = xh * gm;
+    if HAS_BETA {
+        pre += beta[c];
+    }
+    let gy = dy_at(e) * act_grad(ACT, pre);
+    return vec2<f32>(gy * gm, xh);
+}
+
+@compute @workgroup_size(WG)
+fn gnb_sum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) li: u32) {
+    let id = grid_index(wid, nwg, WG, li);
+    if id >= p.groups_total * p.parts {
+        return;
+    }
+    let grp = id / p.parts;
+    let base = grp * p.m;
+    var st = 0.0;
+    var stx = 0.0;
+    for (var u = id % p.parts; u < p.m; u += p.parts) {
+        let tx = bwd_terms(base + u, grp);
+        st += tx.x;
+        stx = fma(tx.x, tx.y, stx);
+    }
+    let bwd = p.stats + 2u * p.groups_total;
+    work[bwd + 2u * id] = st;
+    work[bwd + 2u * id + 1u] = stx;
+}
+
+@compute @workgroup_size(WG)
+fn gnb_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) li: u32) {
+    let grp = grid_index(wid, nwg, WG, li);
+    if grp >= p.groups_total {
+        return;
+    }
+    let bwd = p.stats + 2u * p.groups_total;
+    var st = 0.0;
+    var stx = 0.0;
+    for (var i = 0u; i < p.parts; i++) {
+        st += work[bwd + 2u * (grp * p.parts + i)];
+        stx += work[bwd + 2u * (grp * p.parts + i) + 1u];
+    }
+    let ab = bwd + 2u * p.groups_total * p.parts;
+    work[ab + 2u * grp] = st / f32(p.m);
+    work[ab + 2u * grp + 1u] = stx / f32(p.m);
+}
+
+@compute @workgroup_size(WG)
+fn gnb_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) li: u32) {
+    let e = grid_index(wid, nwg, WG, li);
+    if e >= p.groups_total * p.m {
+        return;
+    }
+    let grp = e / p.m;
+    let tx = bwd_terms(e, grp);
+    let ab = p.stats + 2u * p.groups_total + 2u * p.groups_total * p.parts + 2u * grp;
+    let rstd = work[p.stats + 2u * grp + 1u];
+    dx[e / 4u][e % 4u] = rstd * (tx.x - work[ab] - tx.y * work[ab + 1u]);
+}

@@ -5,6 +5,9 @@
 //                    dist = (||z||^2 + ||e||^2) - 2 z.e, lowest index on ties  one invocation each
 //   nearest_reduce   per position: the best chunk result in index order (strict <, so ties keep
 //                    the lowest index). Deterministic: no atomics.
+//   scores_partial   the same per-chunk minima over precomputed scores [M, K] (a matmul's
+//                    ||e||^2 - 2 z.e: the distance less ||z||^2, constant per row); one
+//                    invocation per (position, chunk of CHUNK codes); then nearest_reduce
 //   gather           z_q[n, d, s] = E[codes[n, s], d]
 //   argmax_channels  per position: the channel with the largest value, lowest index on ties
 // Position m = (n, s), s = y * W + x, reads z[(n * D + d) * HW + s].
@@ -118,6 +121,34 @@ fn nearest_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
         }
     }
     nr_codes[m] = best_k;
+}
+
+// ---- scores_partial
+@group(0) @binding(1) var<storage, read> sp_scores: array<f32>;       // [M, K]
+@group(0) @binding(2) var<storage, read_write> sp_dist: array<f32>;   // [M, chunks]
+@group(0) @binding(3) var<storage, read_write> sp_idx: array<u32>;    // [M, chunks]
+
+@compute @workgroup_size(64, 1, 1)
+fn scores_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) li: u32) {
+    let t = grid_index(wid, nwg, WG, li);
+    if t >= p.m * p.chunks {
+        return;
+    }
+    let m = t / p.chunks;
+    let k0 = (t % p.chunks) * CHUNK;
+    let k1 = min(k0 + CHUNK, p.k);
+    var best = bitcast<f32>(0x7f800000u);   // +inf
+    var best_k = k0;
+    for (var k = k0; k < k1; k++) {
+        let v = sp_scores[m * p.k + k];
+        if v < best {
+            best = v;
+            best_k = k;
+        }
+    }
+    sp_dist[t] = best;
+    sp_idx[t] = best_k;
 }
 
 // ---- gather

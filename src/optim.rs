@@ -183,6 +183,8 @@ impl Adam {
                 ],
                 grid_1d((n as u32).div_ceil(256)),
             );
+            // Copies made from the old values (e.g. packed convolution weights) are stale.
+            p.gpu().invalidate_derived(p);
         }
         Ok(())
     }

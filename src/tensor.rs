@@ -116,6 +116,7 @@ impl Tensor {
             )));
         }
         self.gpu.copy(src.raw(), 0, self.raw(), 0, self.bytes());
+        self.gpu.invalidate_derived(self);
         Ok(())
     }
 
@@ -164,6 +165,26 @@ impl Tensor {
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
     }
+    /// The shared buffer (the derived-tensor cache keeps weak references to it).
+    pub(crate) fn buffer_arc(&self) -> &Arc<PooledBuffer> {
+        &self.buf
+    }
+
+    /// A tensor over an existing buffer (the derived-tensor cache's entries).
+    pub(crate) fn from_parts(
+        gpu: &Gpu,
+        buf: Arc<PooledBuffer>,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Tensor {
+        Tensor {
+            gpu: gpu.clone(),
+            buf,
+            shape: shape.to_vec(),
+            dtype,
+        }
+    }
+
     /// An identity for the underlying buffer: equal for clones and reshapes of one tensor.
     pub fn buffer_id(&self) -> usize {
         Arc::as_ptr(&self.buf) as usize

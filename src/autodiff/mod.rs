@@ -601,6 +601,35 @@ impl Tape {
             )?;
             return Ok(self.leaf(y, false));
         }
+        if !any_needs_grad(&[gamma, beta], None) {
+            // Frozen γ, β (latent optimisation): the activation stays fused and the backward
+            // is one fused pass family for dx, recomputing the statistics from x.
+            let y = group_norm(
+                &x.value,
+                groups,
+                Some(&gamma.value),
+                Some(&beta.value),
+                eps,
+                act,
+            )?;
+            let (xv, gv, bv) = (x.value.clone(), gamma.value.clone(), beta.value.clone());
+            return Ok(self.push(
+                y,
+                &[x, gamma, beta],
+                Box::new(move |g, _need| {
+                    let dx = crate::ops::group_norm::group_norm_act_backward(
+                        &xv,
+                        groups,
+                        Some(&gv),
+                        Some(&bv),
+                        eps,
+                        act,
+                        g,
+                    )?;
+                    Ok(vec![Some(dx), None, None])
+                }),
+            ));
+        }
         let y = group_norm(
             &x.value,
             groups,

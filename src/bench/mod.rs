@@ -207,3 +207,5 @@ pub fn generate_steps(
         resident_bytes: mem.live + mem.idle,
     })
 }
+
+pub mod vqgan;

@@ -51,7 +51,7 @@ pub struct GenerateBenchArgs {
 
 /// Random VQGAN weights of `cfg`'s shapes: group-norm gains 1, biases 0, other tensors
 /// PyTorch's default uniform init.
-fn random_vqgan(cfg: &VqGanConfig, seed: u64) -> Result<vqclip::weights::MemorySource> {
+pub(super) fn random_vqgan(cfg: &VqGanConfig, seed: u64) -> Result<vqclip::weights::MemorySource> {
     Ok(init_weights(&cfg.tensor_shapes(), seed, |key, shape| {
         if key.contains("norm") && key.ends_with("weight") {
             Init::Const(1.0)

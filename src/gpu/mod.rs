@@ -6,6 +6,7 @@
 
 mod adapter;
 mod contract;
+mod derived;
 mod pool;
 pub mod profile;
 
@@ -171,6 +172,7 @@ pub(crate) struct GpuInner {
     slot: u64,
     submits: std::sync::atomic::AtomicU64,
     tuning: Mutex<HashMap<String, String>>,
+    derived: Mutex<derived::Derived>,
     dummy: wgpu::Buffer,
     /// The first GPU error no error scope caught (from wgpu's uncaptured-error handler or
     /// the device-lost callback), returned by the next [`Gpu::sync`], readback or
@@ -291,6 +293,7 @@ impl Gpu {
             slot,
             submits: std::sync::atomic::AtomicU64::new(0),
             tuning: Mutex::new(HashMap::new()),
+            derived: Mutex::new(derived::Derived::default()),
             dummy,
             fault,
         })))

@@ -65,66 +65,26 @@ pub fn summation_depth(m: usize, s: usize) -> usize {
     units.div_ceil(parts) + 4 + parts
 }
 
-/// `act(GroupNorm(x))`. `x`: `[N, C, ..]` (e.g. `[N, C, H, W]` or `[N, C, L]`);
-/// `gamma`, `beta`: `[C]`; `groups` must divide C. Returns `x`'s shape.
-pub fn group_norm(
-    x: &Tensor,
-    groups: usize,
-    gamma: Option<&Tensor>,
-    beta: Option<&Tensor>,
-    eps: f32,
-    act: Act,
-) -> Result<Tensor> {
-    x.expect_f32("group_norm input")?;
-    if x.rank() < 2 {
-        return Err(Error::shape(format!(
-            "group_norm needs [N, C, ..], got {:?}",
-            x.shape()
-        )));
-    }
+/// The two-pass group statistics of `x` (`[N, C, ..]`, checked by the caller): a work
+/// buffer holding the partial sums and then `(mean, rstd)` per group at `p.stats`, followed
+/// by `extra` more values; the params of the passes and whether they run on vec4 units.
+fn statistics(x: &Tensor, groups: usize, eps: f32, extra: usize) -> Result<(Tensor, Params, bool)> {
+    let gpu = x.gpu();
     let (n, c) = (x.dim(0), x.dim(1));
     let s: usize = x.shape()[2..].iter().product();
-    if groups == 0 || c % groups != 0 {
-        return Err(Error::shape(format!(
-            "group_norm: {groups} groups do not divide the {c} channels of {:?}",
-            x.shape()
-        )));
-    }
-    for (name, t) in [("gamma", gamma), ("beta", beta)] {
-        if let Some(t) = t {
-            t.expect_f32(name)?;
-            if t.numel() != c {
-                return Err(Error::shape(format!(
-                    "group_norm {name} has shape {:?} but the input {:?} has C = {c}",
-                    t.shape(),
-                    x.shape()
-                )));
-            }
-        }
-    }
-    if eps.is_nan() || eps < 0.0 {
-        return Err(Error::invalid(format!(
-            "group_norm eps must be >= 0, got {eps}"
-        )));
-    }
-    let gpu = x.gpu();
-    let y = Tensor::empty(gpu, x.shape(), DType::F32)?;
-    if y.numel() == 0 {
-        return Ok(y);
-    }
     let cpg = c / groups;
     let m = cpg * s;
     let vec = s.is_multiple_of(4);
     let (_, parts) = plan(m, s);
     let ng = n * groups;
     let total_units = if vec { x.numel() / 4 } else { x.numel() };
-    if ng * parts + 2 * ng > u32::MAX as usize || x.numel() > u32::MAX as usize - 4 {
+    if ng * parts + 2 * ng + extra > u32::MAX as usize || x.numel() > u32::MAX as usize - 4 {
         return Err(Error::shape(format!(
             "group_norm input {:?} is too large",
             x.shape()
         )));
     }
-    let work = Tensor::empty(gpu, &[ng * parts + 2 * ng], DType::F32)?;
+    let work = Tensor::empty(gpu, &[ng * parts + 2 * ng + extra], DType::F32)?;
     let p = Params {
         groups_total: ng as u32,
         g: groups as u32,
@@ -154,6 +114,63 @@ pub fn group_norm(
         );
         gpu.dispatch(&k("gn_stats", sq), &p, &[work.binding()], stat_groups);
     }
+    Ok((work, p, vec))
+}
+
+/// `act(GroupNorm(x))`. `x`: `[N, C, ..]` (e.g. `[N, C, H, W]` or `[N, C, L]`);
+/// `gamma`, `beta`: `[C]`; `groups` must divide C. Returns `x`'s shape.
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f32,
+    act: Act,
+) -> Result<Tensor> {
+    x.expect_f32("group_norm input")?;
+    if x.rank() < 2 {
+        return Err(Error::shape(format!(
+            "group_norm needs [N, C, ..], got {:?}",
+            x.shape()
+        )));
+    }
+    let c = x.dim(1);
+    if groups == 0 || !c.is_multiple_of(groups) {
+        return Err(Error::shape(format!(
+            "group_norm: {groups} groups do not divide the {c} channels of {:?}",
+            x.shape()
+        )));
+    }
+    for (name, t) in [("gamma", gamma), ("beta", beta)] {
+        if let Some(t) = t {
+            t.expect_f32(name)?;
+            if t.numel() != c {
+                return Err(Error::shape(format!(
+                    "group_norm {name} has shape {:?} but the input {:?} has C = {c}",
+                    t.shape(),
+                    x.shape()
+                )));
+            }
+        }
+    }
+    if eps.is_nan() || eps < 0.0 {
+        return Err(Error::invalid(format!(
+            "group_norm eps must be >= 0, got {eps}"
+        )));
+    }
+    let gpu = x.gpu();
+    let y = Tensor::empty(gpu, x.shape(), DType::F32)?;
+    if y.numel() == 0 {
+        return Ok(y);
+    }
+    let (work, p, vec) = statistics(x, groups, eps, 0)?;
+    let total_units = p.units as usize;
+    let k = |entry, sq: bool| {
+        Kernel::new(&SHADER, entry)
+            .with(ov::VEC, vec)
+            .with(ov::SQ, sq)
+            .with(ov::WG, WG)
+    };
     let apply = k("gn_apply", false)
         .with(ov::HAS_GAMMA, gamma.is_some())
         .with(ov::HAS_BETA, beta.is_some())
@@ -171,6 +188,98 @@ pub fn group_norm(
         grid_1d((total_units as u32).div_ceil(WG)),
     );
     Ok(y)
+}
+
+/// Input gradient of [`group_norm`] with its activation, `y = act(x̂·γ + β)`, `x̂ = (x − μ)·r`,
+/// in five passes over the groups and none through broadcast temporaries
+/// (`shaders/group_norm.wgsl`, `gnb_*`): the statistics again, then with
+/// `t = g·act'(x̂·γ + β)·γ` per group `a = mean(t)`, `b = mean(t·x̂)` and
+/// `dx = r·(t − a − x̂·b)` (the derivative of the normalisation, as in
+/// [`group_norm_backward`], after the activation's chain rule). For frozen `γ` and `β`
+/// (VQGAN+CLIP's latent optimisation): no parameter gradients. `x` and `g` are `[N, C, ..]`;
+/// `gamma`, `beta` `[C]`.
+pub fn group_norm_act_backward(
+    x: &Tensor,
+    groups: usize,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f32,
+    act: Act,
+    g: &Tensor,
+) -> Result<Tensor> {
+    if g.shape() != x.shape() {
+        return Err(Error::shape(format!(
+            "group_norm backward: gradient {:?} does not match the input {:?}",
+            g.shape(),
+            x.shape()
+        )));
+    }
+    g.expect_f32("group_norm gradient")?;
+    // The forward's checks: shape, groups, gamma/beta sizes, eps.
+    let (n, c) = (x.dim(0), x.dim(1));
+    if x.rank() < 2 || groups == 0 || !c.is_multiple_of(groups) {
+        return Err(Error::shape(format!(
+            "group_norm backward: {groups} groups for input {:?}",
+            x.shape()
+        )));
+    }
+    for t in [gamma, beta].into_iter().flatten() {
+        if t.numel() != c {
+            return Err(Error::shape(format!(
+                "group_norm backward: parameter {:?} for C = {c}",
+                t.shape()
+            )));
+        }
+    }
+    let gpu = x.gpu();
+    let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
+    if dx.numel() == 0 {
+        return Ok(dx);
+    }
+    let ng = n * groups;
+    let (_, parts) = plan(x.numel() / ng, x.numel() / (n * c));
+    let (work, p, _) = statistics(x, groups, eps, 2 * ng * parts + 2 * ng)?;
+    let k = |entry| {
+        Kernel::new(&SHADER, entry)
+            .with(ov::WG, WG)
+            .with(ov::HAS_GAMMA, gamma.is_some())
+            .with(ov::HAS_BETA, beta.is_some())
+            .with(ov::ACT, act as u32)
+    };
+    let (gb, bb) = (
+        gamma.map_or(gpu.unused_binding(), Tensor::binding),
+        beta.map_or(gpu.unused_binding(), Tensor::binding),
+    );
+    gpu.dispatch(
+        &k("gnb_sum"),
+        &p,
+        &[work.binding(), x.binding_vec4(), gb, bb, g.binding_vec4()],
+        grid_1d(((ng * parts) as u32).div_ceil(WG)),
+    );
+    gpu.dispatch(
+        &k("gnb_stats"),
+        &p,
+        &[work.binding()],
+        grid_1d((ng as u32).div_ceil(WG)),
+    );
+    let (gb, bb) = (
+        gamma.map_or(gpu.unused_binding(), Tensor::binding),
+        beta.map_or(gpu.unused_binding(), Tensor::binding),
+    );
+    gpu.dispatch(
+        &k("gnb_apply"),
+        &p,
+        &[
+            work.binding(),
+            x.binding_vec4(),
+            gb,
+            bb,
+            g.binding_vec4(),
+            dx.binding_vec4(),
+        ],
+        grid_1d((x.numel() as u32).div_ceil(WG)),
+    );
+    Ok(dx)
 }
 
 /// Backward of [`group_norm`]'s `y = (x − μ)·r·γ + β` with `Act::None` (an activation is
@@ -371,6 +480,76 @@ mod tests {
         // 70,313 workgroups of 64.
         check(&[70_000, 2, 2], 2, true, Act::None, 0.0, 700);
         check(&[1, 2, 2_250_001], 2, true, Act::None, 0.0, 710);
+    }
+
+    /// dx of `Σ w ⊙ act(GroupNorm(x)·γ + β)` from [`group_norm_act_backward`] against
+    /// central differences of the f64 reference.
+    fn check_act_backward(shape: &[usize], groups: usize, affine: bool, act: Act, seed: u64) {
+        let g = gpu();
+        let (n, c) = (shape[0], shape[1]);
+        let s: usize = shape[2..].iter().product();
+        let numel = n * c * s;
+        let xv: Vec<f32> = rand_vec(numel, seed)
+            .iter()
+            .map(|v| v * 2.0 + 0.3)
+            .collect();
+        let gv: Vec<f32> = rand_vec(c, seed + 1).iter().map(|v| v + 1.0).collect();
+        let bv = rand_vec(c, seed + 2);
+        let wv = rand_vec(numel, seed + 3);
+        let x = Tensor::from_slice(&g, &xv, shape).unwrap();
+        let gt = Tensor::from_slice(&g, &gv, &[c]).unwrap();
+        let bt = Tensor::from_slice(&g, &bv, &[c]).unwrap();
+        let dy = Tensor::from_slice(&g, &wv, shape).unwrap();
+        let (ga, ba) = (affine.then_some(&gt), affine.then_some(&bt));
+        let got = group_norm_act_backward(&x, groups, ga, ba, 1e-6, act, &dy)
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        let g64: Vec<f64> = gv.iter().map(|&v| v as f64).collect();
+        let b64: Vec<f64> = bv.iter().map(|&v| v as f64).collect();
+        let f = |xs: &[f64]| -> f64 {
+            let (gs, bs) = (affine.then_some(&g64[..]), affine.then_some(&b64[..]));
+            reference(xs, n, c, s, groups, gs, bs, 1e-6, act)
+                .iter()
+                .zip(&wv)
+                .map(|(y, &w)| y * w as f64)
+                .sum()
+        };
+        let mut xs: Vec<f64> = xv.iter().map(|&v| v as f64).collect();
+        let h = 1e-5;
+        for i in 0..numel {
+            let x0 = xs[i];
+            xs[i] = x0 + h;
+            let up = f(&xs);
+            xs[i] = x0 - h;
+            let down = f(&xs);
+            xs[i] = x0;
+            let want = (up - down) / (2.0 * h);
+            let err = (got[i] as f64 - want).abs();
+            assert!(
+                err <= 1e-4 + 1e-3 * want.abs(),
+                "{shape:?} groups {groups} affine {affine} {act:?}: dx[{i}] {} vs {want}",
+                got[i]
+            );
+        }
+    }
+
+    #[test]
+    fn fused_backward_matches_finite_differences() {
+        let mut seed = 800;
+        for &(shape, groups) in &[
+            (&[2usize, 4, 3, 2][..], 2),
+            (&[1, 6, 5][..], 3),
+            (&[1, 8, 4, 4][..], 4),
+            (&[2, 3, 1, 1][..], 1),
+        ] {
+            for (affine, act) in [(true, Act::Silu), (true, Act::None), (false, Act::Gelu)] {
+                seed += 10;
+                check_act_backward(shape, groups, affine, act, seed);
+            }
+        }
+        // A group of 8,192 values: two interleaved partial sums (1,024 vec4 units each).
+        check_act_backward(&[1, 2, 64, 64], 1, true, Act::Silu, 900);
     }
 
     #[test]

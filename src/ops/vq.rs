@@ -2,6 +2,12 @@
 //! codebook entry by `||z||² + ||e||² − 2 z·e` (ties to the lowest index), the gather of the
 //! chosen entries back into NCHW, and the channel argmax used by Gumbel quantisers.
 //!
+//! The search is a distance matmul when its scores fit [`SCORES_BUDGET`]: the tuned matmul
+//! computes `||e||² − 2 z·e` for every (position, code) pair (the distance less `||z||²`,
+//! which is the same for a position's codes), then an argmin pass picks each row's code. A
+//! direct kernel (one invocation per position and chunk of codes, dot products in a loop)
+//! takes the rest; on lavapipe it ran at 0.3 GFLOP/s against the matmul's 10 or more.
+//!
 //! Deterministic: each position's search is split into chunks of codes whose minima are then
 //! reduced in index order; no atomics.
 
@@ -20,6 +26,11 @@ pub(crate) static SHADER: Shader<Params> = crate::shader!("vq", "grid", override
 const WG: u32 = 64;
 /// Most codes searched by one invocation of `nearest_partial`.
 const MAX_CHUNK: usize = 256;
+/// Codes per invocation of `scores_partial` (one load and compare each).
+const SCORES_CHUNK: usize = 256;
+/// Most bytes of distance-matmul scores held at once (images are searched in groups
+/// under it; an image whose scores alone exceed it takes the direct kernel).
+pub const SCORES_BUDGET: u64 = 64 << 20;
 
 /// Codes per invocation so that its loops (`d` steps for `||z||²`, `d + 1` per code) stay
 /// under llvmpipe's per-invocation iteration cap.
@@ -86,6 +97,112 @@ pub fn nearest_codes(z: &Tensor, codebook: &Tensor) -> Result<Tensor> {
     if d == 0 {
         return Err(Error::shape("vq input has zero channels"));
     }
+    let per_image = (h * w * k * 4) as u64;
+    let budget = SCORES_BUDGET.min(gpu.limits().max_storage_buffer_binding_size);
+    if per_image <= budget {
+        let group = ((budget / per_image) as usize).clamp(1, n);
+        return nearest_by_scores(z, codebook, group);
+    }
+    nearest_direct(z, codebook, codes)
+}
+
+/// ||e||² per code `[K]`, made once per codebook.
+fn code_norms(codebook: &Tensor) -> Result<Tensor> {
+    let gpu = codebook.gpu();
+    gpu.derived("vq_code_norms", &[codebook], || {
+        let (k, d) = (codebook.dim(0), codebook.dim(1));
+        let p = Params {
+            m: 0,
+            hw: 0,
+            d: d as u32,
+            k: k as u32,
+            chunks: 0,
+            total: 0,
+            _pad: [0; 2],
+        };
+        let ee = Tensor::empty(gpu, &[k], DType::F32)?;
+        gpu.dispatch(
+            &Kernel::new(&SHADER, "code_norms"),
+            &p,
+            &[codebook.binding(), ee.binding()],
+            grid_1d((k as u32).div_ceil(WG)),
+        );
+        Ok(ee)
+    })
+}
+
+/// [`nearest_codes`] as a distance matmul, `group` images at a time: scores
+/// `[m, HW, K] = −2 zᵀE + ||e||²` (z read in its NCHW layout as a transposed operand), then
+/// per row the lowest score, lowest index on ties.
+fn nearest_by_scores(z: &Tensor, codebook: &Tensor, group: usize) -> Result<Tensor> {
+    use super::matmul::{matmul, MatmulOpts};
+    let (n, d, h, w) = (z.dim(0), z.dim(1), z.dim(2), z.dim(3));
+    let (hw, k) = (h * w, codebook.dim(0));
+    let gpu = z.gpu();
+    let ee = code_norms(codebook)?;
+    let chunks = k.div_ceil(SCORES_CHUNK);
+    let mut parts = Vec::with_capacity(n.div_ceil(group));
+    for n0 in (0..n).step_by(group) {
+        let g = group.min(n - n0);
+        let zs = if g == n {
+            z.clone()
+        } else {
+            super::concat::slice(z, 0, n0, g)?
+        };
+        let scores = matmul(
+            &zs.reshape(&[g, d, hw])?,
+            codebook,
+            &MatmulOpts {
+                trans_a: true,
+                trans_b: true,
+                alpha: Some(-2.0),
+                bias: Some(&ee),
+                ..Default::default()
+            },
+        )?;
+        let m = g * hw;
+        if m * chunks > u32::MAX as usize {
+            return Err(Error::shape("vq: positions x codebook chunks exceed 2^32"));
+        }
+        let p = Params {
+            m: m as u32,
+            hw: hw as u32,
+            d: d as u32,
+            k: k as u32,
+            chunks: chunks as u32,
+            total: 0,
+            _pad: [0; 2],
+        };
+        let dist = Tensor::empty(gpu, &[m, chunks], DType::F32)?;
+        let idx = Tensor::empty(gpu, &[m, chunks], DType::U32)?;
+        gpu.dispatch(
+            &Kernel::new(&SHADER, "scores_partial").with(ov::CHUNK, SCORES_CHUNK as u32),
+            &p,
+            &[scores.binding(), dist.binding(), idx.binding()],
+            grid_1d(((m * chunks) as u32).div_ceil(WG)),
+        );
+        let codes = Tensor::empty(gpu, &[g, h, w], DType::U32)?;
+        gpu.dispatch(
+            &Kernel::new(&SHADER, "nearest_reduce"),
+            &p,
+            &[dist.binding(), idx.binding(), codes.binding()],
+            grid_1d((m as u32).div_ceil(WG)),
+        );
+        parts.push(codes);
+    }
+    if parts.len() == 1 {
+        return Ok(parts.remove(0));
+    }
+    let refs: Vec<&Tensor> = parts.iter().collect();
+    super::concat::concat(&refs, 0)
+}
+
+/// [`nearest_codes`] with the direct kernel: one invocation per position and chunk of codes.
+fn nearest_direct(z: &Tensor, codebook: &Tensor, codes: Tensor) -> Result<Tensor> {
+    let (n, d, h, w) = (z.dim(0), z.dim(1), z.dim(2), z.dim(3));
+    let k = codebook.dim(0);
+    let m = n * h * w;
+    let gpu = z.gpu();
     let chunk = chunk_for(d)?;
     let chunks = k.div_ceil(chunk);
     if m.checked_mul(chunks).is_none_or(|t| t > u32::MAX as usize) {
@@ -100,13 +217,7 @@ pub fn nearest_codes(z: &Tensor, codebook: &Tensor) -> Result<Tensor> {
         total: 0,
         _pad: [0; 2],
     };
-    let ee = Tensor::empty(gpu, &[k], DType::F32)?;
-    gpu.dispatch(
-        &Kernel::new(&SHADER, "code_norms"),
-        &p,
-        &[codebook.binding(), ee.binding()],
-        grid_1d((k as u32).div_ceil(WG)),
-    );
+    let ee = code_norms(codebook)?;
     let dist = Tensor::empty(gpu, &[m, chunks], DType::F32)?;
     let idx = Tensor::empty(gpu, &[m, chunks], DType::U32)?;
     gpu.dispatch(
@@ -322,6 +433,31 @@ mod tests {
         ] {
             seed += 10;
             check_nearest(n, d, h, w, k, seed);
+        }
+    }
+
+    #[test]
+    fn distance_matmul_and_direct_search_agree_in_groups_of_images() {
+        // 3 images in groups of 1 and 2 through the matmul path, against the direct kernel;
+        // 600 codes of 256 channels (the f16 width), so that chunks split the codebook.
+        let g = gpu();
+        let (n, d, h, w, k) = (3, 256, 2, 3, 600);
+        let zv = rand_vec(n * d * h * w, 7);
+        let ev = rand_vec(k * d, 8);
+        let z = Tensor::from_slice(&g, &zv, &[n, d, h, w]).unwrap();
+        let e = Tensor::from_slice(&g, &ev, &[k, d]).unwrap();
+        let empty = Tensor::empty(&g, &[n, h, w], DType::U32).unwrap();
+        let direct = nearest_direct(&z, &e, empty).unwrap().to_vec_u32().unwrap();
+        let dist = reference_distances(&zv, n, d, h * w, &ev);
+        for group in [1, 2, 3] {
+            let got = nearest_by_scores(&z, &e, group).unwrap();
+            assert_eq!(got.shape(), &[n, h, w]);
+            let got = got.to_vec_u32().unwrap();
+            for (m, row) in dist.iter().enumerate() {
+                let best = reference_argmin(row);
+                assert_eq!(got[m], best, "group {group} position {m}");
+                assert_eq!(direct[m], best, "direct, position {m}");
+            }
         }
     }
 
