@@ -1,6 +1,8 @@
 //! Measurements behind `vqclip bench`: each checks the GPU result against the CPU reference
 //! before it reports a speed.
 
+pub mod peak;
+
 use crate::ops::matmul::{self, MatmulOpts, Variant};
 use crate::{Error, Gpu, Result, Tensor};
 use rand::{Rng, SeedableRng};

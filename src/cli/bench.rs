@@ -20,6 +20,23 @@ pub enum BenchCmd {
     /// One VQGAN+CLIP optimisation step (random-weight ViT-B/32 and f16-16384 by default):
     /// ms per step and peak GPU memory.
     Generate(super::bench_generate::GenerateBenchArgs),
+    /// The adapter's own limits, from microkernels: f32 (and f16 with SHADER_F16) FMA
+    /// throughput in GFLOP/s and copy bandwidth in GB/s.
+    Peak(PeakArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PeakArgs {
+    /// Bytes of each copy buffer in MiB (default: 64 on CPU adapters, 512 on GPUs; capped
+    /// at the device's binding limit).
+    #[arg(long, value_parser = values::at_least_one)]
+    copy_mib: Option<usize>,
+    /// Timed runs per figure, after the runs that size it.
+    #[arg(long, default_value_t = 5, value_parser = values::at_least_one)]
+    runs: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -41,6 +58,36 @@ pub struct MatmulArgs {
 pub fn run(dev: &DeviceArgs, cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Generate(a) => super::bench_generate::run(dev, a),
+        BenchCmd::Peak(a) => {
+            let gpu = dev.open()?;
+            let bytes = match a.copy_mib {
+                Some(m) => (m as u64).saturating_mul(1 << 20),
+                None => vqclip::bench::peak::default_copy_bytes(&gpu),
+            };
+            let r = vqclip::bench::peak::peak(&gpu, bytes, a.runs)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("peak of {} ({})", r.adapter, r.backend);
+                let line = |what: &str, f: &vqclip::bench::peak::Figure, unit: &str| {
+                    println!(
+                        "  {what:<10} {:>10.2} {unit} best, {:>10.2} median ({} runs of {:.1} ms)",
+                        f.best, f.median, f.runs, f.ms
+                    )
+                };
+                line("f32 FMA", &r.f32_fma, "GFLOP/s");
+                match &r.f16_fma {
+                    Some(f) => line("f16 FMA", f, "GFLOP/s"),
+                    None => println!("  f16 FMA    (no SHADER_F16 on this adapter)"),
+                }
+                line("copy", &r.copy, "GB/s   ");
+                println!(
+                    "  (copy: read + write of {} per run)",
+                    vqclip::gpu::human_bytes(r.copy_bytes)
+                );
+            }
+            Ok(())
+        }
         BenchCmd::Matmul(a) => {
             let variants: Vec<Variant> = match &a.variant {
                 None => Variant::ALL.to_vec(),
