@@ -1,6 +1,7 @@
 //! Measurements behind `vqclip bench`: each checks the GPU result against the CPU reference
 //! before it reports a speed.
 
+pub mod all;
 pub mod peak;
 
 use crate::ops::matmul::{self, MatmulOpts, Variant};

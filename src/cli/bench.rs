@@ -23,6 +23,35 @@ pub enum BenchCmd {
     /// The adapter's own limits, from microkernels: f32 (and f16 with SHADER_F16) FMA
     /// throughput in GFLOP/s and copy bandwidth in GB/s.
     Peak(PeakArgs),
+    /// Every kernel family and model stage, with ms, GFLOP/s or GB/s and % of the measured
+    /// peak; writes report.json, report.md and roofline.svg with --report DIR.
+    All(AllArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AllArgs {
+    /// Folder for report.json, report.md and roofline.svg.
+    #[arg(long, value_name = "DIR")]
+    report: std::path::PathBuf,
+    /// The short list (every family and stage at sizes a CPU adapter runs in minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Seconds to spend timing each item (at least 3 runs each).
+    #[arg(long, default_value_t = 1.0, value_parser = values::seconds)]
+    seconds: f64,
+    /// Only items whose name contains this (repeatable).
+    #[arg(long, value_name = "TEXT")]
+    only: Vec<String>,
+    /// Retime the matmul variants per shape class even where a choice is cached.
+    #[arg(long)]
+    tune: bool,
+    /// Measure nothing: add the figures of tools/peer_bench_all.py's output FILE as a
+    /// column to DIR/report.json and rewrite the report.
+    #[arg(long, value_name = "FILE")]
+    merge_peer: Option<std::path::PathBuf>,
+    /// Print the report as JSON too.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -58,6 +87,7 @@ pub struct MatmulArgs {
 pub fn run(dev: &DeviceArgs, cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Generate(a) => super::bench_generate::run(dev, a),
+        BenchCmd::All(a) => run_all(dev, a),
         BenchCmd::Peak(a) => {
             let gpu = dev.open()?;
             let bytes = match a.copy_mib {
@@ -121,4 +151,46 @@ pub fn run(dev: &DeviceArgs, cmd: BenchCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn run_all(dev: &DeviceArgs, a: AllArgs) -> Result<()> {
+    use anyhow::Context;
+    use vqclip::bench::all;
+    let report = match &a.merge_peer {
+        Some(peer_path) => {
+            let path = a.report.join("report.json");
+            let mut r: all::Report = serde_json::from_slice(
+                &std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
+            )
+            .with_context(|| format!("{} is not a bench all report", path.display()))?;
+            let peer: all::PeerFile = serde_json::from_slice(
+                &std::fs::read(peer_path)
+                    .with_context(|| format!("cannot read {}", peer_path.display()))?,
+            )
+            .with_context(|| {
+                format!("{} is not a peer_bench_all.py output", peer_path.display())
+            })?;
+            let n = all::merge_peer(&mut r, &peer)?;
+            eprintln!("merged {n} of {} peer items", peer.items.len());
+            r
+        }
+        None => {
+            let gpu = dev.open()?;
+            let o = all::AllOptions {
+                quick: a.quick,
+                seconds: a.seconds,
+                only: a.only.clone(),
+                tune: a.tune,
+            };
+            all::run(&gpu, &o, &|what| eprintln!("{what}…"))?
+        }
+    };
+    all::write_report(&report, &a.report)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", all::markdown(&report));
+        println!("\nwritten to {}", a.report.display());
+    }
+    Ok(())
 }
