@@ -194,10 +194,12 @@ impl ShapeClass {
 /// The variant used on this device for products of `class`: `VQCLIP_MATMUL`, else the
 /// winner measured on this adapter for the class (`vqclip bench all`, key
 /// [`ShapeClass::tuning_key`]), else the overall winner of `vqclip bench matmul` (key
-/// `"matmul"`), else a default: on CPU adapters the 16-row subgroup kernel where supported
-/// and the vec4 kernel otherwise (both fall back to register tiles for shapes they cannot
-/// read as vec4); on GPUs 128-wide workgroup tiles for large products and 64-wide ones for
-/// skinny products, which would leave most of a 128 tile idle.
+/// `"matmul"`), else a default: on CPU adapters with 8-wide subgroups the 16-row subgroup
+/// kernel for large products and the 8-row one for skinny products (fewer idle rows at
+/// M = 50; both measured so on lavapipe), the vec4 kernel without subgroups (all fall back
+/// to register tiles for shapes they cannot read as vec4); on GPUs 128-wide workgroup tiles
+/// for large products and 64-wide ones for skinny products, which would leave most of a 128
+/// tile idle.
 pub fn variant_for(gpu: &Gpu, class: ShapeClass) -> Variant {
     if let Some(v) = std::env::var("VQCLIP_MATMUL")
         .ok()
@@ -210,7 +212,8 @@ pub fn variant_for(gpu: &Gpu, class: ShapeClass) -> Variant {
         return v;
     }
     match (gpu.is_cpu(), class) {
-        (true, _) if subgroup_supported(gpu) => Variant::Subgroup16,
+        (true, ShapeClass::Large) if subgroup_supported(gpu) => Variant::Subgroup16,
+        (true, ShapeClass::Skinny) if subgroup_supported(gpu) => Variant::Subgroup,
         (true, _) => Variant::Vec4,
         (false, ShapeClass::Large) => Variant::Tile128,
         (false, ShapeClass::Skinny) => Variant::Shared,
