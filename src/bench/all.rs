@@ -1027,7 +1027,11 @@ mod tests {
         );
         let svg = roofline_svg(&r);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-        assert_eq!(svg.matches("<circle").count(), 2);
+        // One point per item with both a FLOP and a byte count: the matmul, not layer norm
+        // (memory-bound, no FLOP count).
+        assert_eq!(svg.matches("<circle").count(), 1);
+        assert_eq!(r.items[0].family, "matmul");
+        assert!(svg.contains(&escape(&r.items[0].name)));
         let dir = tempfile::tempdir().unwrap();
         write_report(&r, dir.path()).unwrap();
         let back: Report =

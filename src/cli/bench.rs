@@ -73,7 +73,8 @@ pub struct MatmulArgs {
     /// Matrix size N, 1 to 65536.
     #[arg(long, default_value_t = 1024, value_parser = matmul_size)]
     size: usize,
-    /// Only this variant (register4x4, shared64, vec4x4 or subgroup8); default: all.
+    /// Only this variant (register4x4, shared64, vec4x4, subgroup8, subgroup16 or tile128);
+    /// default: all.
     #[arg(long)]
     variant: Option<String>,
     /// Seconds to spend timing each variant (greater than 0, at most a week).
