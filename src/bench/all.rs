@@ -409,7 +409,8 @@ pub struct AllOptions {
     pub seconds: f64,
     /// Only items whose name contains one of these (all when empty).
     pub only: Vec<String>,
-    /// Retune the matmul shape classes (else the cached choices stand, where present).
+    /// Time the matmul variants per shape class first and keep the winners (else the cached
+    /// choices, or the defaults, stand).
     pub tune: bool,
 }
 
@@ -640,8 +641,7 @@ fn roof(peak: &PeakFigures, flop: f64, bytes: f64) -> f64 {
     peak.f32_gflops.min(flop / bytes * peak.copy_gbs)
 }
 
-/// Runs the benchmark: peak figures, matmul tuning (when asked or not yet cached), then
-/// every planned item. `progress` hears each item's name before it runs.
+/// Runs the benchmark: peak figures, matmul tuning (when asked), then every planned item. `progress` hears each item's name before it runs.
 pub fn run(gpu: &Gpu, o: &AllOptions, progress: &dyn Fn(&str)) -> Result<Report> {
     if !(o.seconds > 0.0 && o.seconds.is_finite()) {
         return Err(Error::invalid(format!(
@@ -669,10 +669,7 @@ pub fn run(gpu: &Gpu, o: &AllOptions, progress: &dyn Fn(&str)) -> Result<Report>
         peak::default_copy_bytes(gpu)
     };
     let peak = PeakFigures::from(&peak::peak(gpu, copy_bytes, 5)?);
-    let cached = ShapeClass::ALL
-        .iter()
-        .all(|c| gpu.tuning(c.tuning_key()).is_some());
-    let tuning = if o.tune || !cached {
+    let tuning = if o.tune {
         progress("matmul variants per shape class");
         tune_matmul(gpu, o.seconds.min(1.0))?
     } else {

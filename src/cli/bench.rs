@@ -42,7 +42,8 @@ pub struct AllArgs {
     /// Only items whose name contains this (repeatable).
     #[arg(long, value_name = "TEXT")]
     only: Vec<String>,
-    /// Retime the matmul variants per shape class even where a choice is cached.
+    /// First time the matmul variants per shape class and remember each class's winner for
+    /// this adapter (else the remembered choices, or the defaults, are used).
     #[arg(long)]
     tune: bool,
     /// Measure nothing: add the figures of tools/peer_bench_all.py's output FILE as a
