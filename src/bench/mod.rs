@@ -3,6 +3,7 @@
 
 pub mod all;
 pub mod peak;
+mod report;
 
 use crate::ops::matmul::{self, MatmulOpts, Variant};
 use crate::{Error, Gpu, Result, Tensor};
