@@ -16,7 +16,7 @@ pub struct PeerFile {
 /// One item of a [`PeerFile`].
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct PeerItem {
-    /// [`Spec::name`] of the item it ran.
+    /// [`Spec::name`](super::all::Spec::name) of the item it ran.
     pub name: String,
     /// Fastest run, ms.
     pub ms_min: f64,
