@@ -14,7 +14,12 @@
 //                 vec4-aligned rows along each operand's contiguous axis: K % 4 == 0, and
 //                 M % 4 == 0 if TRANS_A, N % 4 == 0 unless TRANS_B (the host checks).
 //   matmul_shared 64x64 tile per workgroup staged through workgroup memory, BK = 16:
-//                 best on GPUs.
+//                 for GPUs.
+//   matmul_tile128 128x128 tile per workgroup of 256, 8x8 outputs per invocation, BK = 8,
+//                 operands staged through workgroup memory read back as vec4 (two vec4 of
+//                 A and two of B feed 64 FMAs), double-buffered: the next K slice is loaded
+//                 from memory into registers while the current one is multiplied, so one
+//                 barrier per slice suffices. For large products on GPUs.
 
 @group(0) @binding(1) var<storage, read> a: array<f32>;          // [batch, M, K], [batch, K, M] if TRANS_A
 @group(0) @binding(2) var<storage, read> b: array<f32>;          // [batch, K, N], [batch, N, K] if TRANS_B
@@ -197,5 +202,152 @@ fn matmul_shared(
     }
     if wid.z + p.batch0 < p.batch {
         store_tile(bi, row_base + lid.y * 4u, col_base + lid.x * 4u, acc);
+    }
+}
+
+const T128: u32 = 128u;
+const BK8: u32 = 8u;
+// [2 buffers][BK8][T128 / 4] as vec4 over the tile's rows (A) or columns (B).
+var<workgroup> sa: array<vec4<f32>, 512>;
+var<workgroup> sb: array<vec4<f32>, 512>;
+
+// The 4 elements this invocation stages of each operand for the K slice at k0: element e =
+// li + 256 * l of the [BK8][T128] slice, walked along the operand's contiguous axis.
+fn stage_a(ba: u32, row_base: u32, k0: u32, li: u32) -> vec4<f32> {
+    var v: vec4<f32>;
+    for (var l = 0u; l < 4u; l++) {
+        let e = li + l * 256u;
+        var i: u32;
+        var kk: u32;
+        if TRANS_A {
+            kk = e / T128;
+            i = e % T128;
+        } else {
+            i = e / BK8;
+            kk = e % BK8;
+        }
+        let gi = row_base + i;
+        let gk = k0 + kk;
+        var x = 0.0;
+        if gi < p.m && gk < p.k1 {
+            x = a_at(ba, gi, gk);
+        }
+        v[l] = x;
+    }
+    return v;
+}
+
+fn stage_b(bb: u32, col_base: u32, k0: u32, li: u32) -> vec4<f32> {
+    var v: vec4<f32>;
+    for (var l = 0u; l < 4u; l++) {
+        let e = li + l * 256u;
+        var j: u32;
+        var kk: u32;
+        if TRANS_B {
+            j = e / BK8;
+            kk = e % BK8;
+        } else {
+            kk = e / T128;
+            j = e % T128;
+        }
+        let gj = col_base + j;
+        let gk = k0 + kk;
+        var x = 0.0;
+        if gj < p.n && gk < p.k1 {
+            x = b_at(bb, gk, gj);
+        }
+        v[l] = x;
+    }
+    return v;
+}
+
+// Writes staged values into buffer `buf` at the places stage_a / stage_b read them from.
+fn put_a(buf: u32, li: u32, v: vec4<f32>) {
+    for (var l = 0u; l < 4u; l++) {
+        let e = li + l * 256u;
+        var i: u32;
+        var kk: u32;
+        if TRANS_A {
+            kk = e / T128;
+            i = e % T128;
+        } else {
+            i = e / BK8;
+            kk = e % BK8;
+        }
+        sa[buf * 256u + kk * 32u + i / 4u][i % 4u] = v[l];
+    }
+}
+
+fn put_b(buf: u32, li: u32, v: vec4<f32>) {
+    for (var l = 0u; l < 4u; l++) {
+        let e = li + l * 256u;
+        var j: u32;
+        var kk: u32;
+        if TRANS_B {
+            j = e / BK8;
+            kk = e % BK8;
+        } else {
+            kk = e / T128;
+            j = e % T128;
+        }
+        sb[buf * 256u + kk * 32u + j / 4u][j % 4u] = v[l];
+    }
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn matmul_tile128(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let bi = min(wid.z + p.batch0, p.batch - 1u);
+    let row_base = p.row0 + wid.y * T128;
+    let col_base = wid.x * T128;
+    let ba = bi * p.stride_a;
+    let bb = bi * p.stride_b;
+    // This invocation's 8 rows are lid.y * 4 + {0..3} and 64 + lid.y * 4 + {0..3} (two
+    // vec4 of the staged A, 16 vec4 apart), its columns likewise from lid.x.
+    var acc: array<vec4<f32>, 16>;   // [row r][column half h] at 2 * r + h
+    put_a(0u, li, stage_a(ba, row_base, p.k0, li));
+    put_b(0u, li, stage_b(bb, col_base, p.k0, li));
+    workgroupBarrier();
+    var cur = 0u;
+    for (var k0 = p.k0; k0 < p.k1; k0 += BK8) {
+        // Fetch the next slice while this one is multiplied.
+        let more = k0 + BK8 < p.k1;
+        var na = vec4<f32>(0.0);
+        var nb = vec4<f32>(0.0);
+        if more {
+            na = stage_a(ba, row_base, k0 + BK8, li);
+            nb = stage_b(bb, col_base, k0 + BK8, li);
+        }
+        for (var kk = 0u; kk < BK8; kk++) {
+            let o = cur * 256u + kk * 32u;
+            let a0 = sa[o + lid.y];
+            let a1 = sa[o + 16u + lid.y];
+            let b0 = sb[o + lid.x];
+            let b1 = sb[o + 16u + lid.x];
+            for (var r = 0u; r < 4u; r++) {
+                acc[2u * r] = fma(vec4<f32>(a0[r]), b0, acc[2u * r]);
+                acc[2u * r + 1u] = fma(vec4<f32>(a0[r]), b1, acc[2u * r + 1u]);
+                acc[8u + 2u * r] = fma(vec4<f32>(a1[r]), b0, acc[8u + 2u * r]);
+                acc[9u + 2u * r] = fma(vec4<f32>(a1[r]), b1, acc[9u + 2u * r]);
+            }
+        }
+        if more {
+            // The other buffer was last read before the previous barrier: safe to fill.
+            put_a(1u - cur, li, na);
+            put_b(1u - cur, li, nb);
+        }
+        workgroupBarrier();
+        cur = 1u - cur;
+    }
+    if wid.z + p.batch0 < p.batch {
+        let r0 = row_base + lid.y * 4u;
+        let c0 = col_base + lid.x * 4u;
+        store_tile(bi, r0, c0, array<vec4<f32>, 4>(acc[0], acc[2], acc[4], acc[6]));
+        store_tile(bi, r0, c0 + 64u, array<vec4<f32>, 4>(acc[1], acc[3], acc[5], acc[7]));
+        store_tile(bi, r0 + 64u, c0, array<vec4<f32>, 4>(acc[8], acc[10], acc[12], acc[14]));
+        store_tile(bi, r0 + 64u, c0 + 64u, array<vec4<f32>, 4>(acc[9], acc[11], acc[13], acc[15]));
     }
 }

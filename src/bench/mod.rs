@@ -1,6 +1,11 @@
 //! Measurements behind `vqclip bench`: each checks the GPU result against the CPU reference
 //! before it reports a speed.
 
+pub mod all;
+pub mod peak;
+mod report;
+pub mod vqgan;
+
 use crate::ops::matmul::{self, MatmulOpts, Variant};
 use crate::{Error, Gpu, Result, Tensor};
 use rand::{Rng, SeedableRng};
@@ -208,4 +213,20 @@ pub fn generate_steps(
     })
 }
 
-pub mod vqgan;
+/// Random VQGAN weights of `cfg`'s shapes, as the benches use them: group-norm gains 1,
+/// biases 0, other tensors PyTorch's default uniform init.
+pub fn random_vqgan(
+    cfg: &crate::models::vqgan::VqGanConfig,
+    seed: u64,
+) -> Result<crate::weights::MemorySource> {
+    use crate::train::{default_init, init_weights, Init};
+    init_weights(&cfg.tensor_shapes(), seed, |key, shape| {
+        if key.contains("norm") && key.ends_with("weight") {
+            Init::Const(1.0)
+        } else if key.ends_with("bias") {
+            Init::Const(0.0)
+        } else {
+            default_init(shape)
+        }
+    })
+}

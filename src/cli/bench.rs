@@ -23,6 +23,12 @@ pub enum BenchCmd {
     /// The VQGAN's stages (encode, quantise, decode, decode + backward) on random f16-16384
     /// weights or a given model: min/median ms and GFLOP/s per stage.
     Vqgan(VqganArgs),
+    /// The adapter's own limits, from microkernels: f32 (and f16 with SHADER_F16) FMA
+    /// throughput in GFLOP/s and copy bandwidth in GB/s.
+    Peak(PeakArgs),
+    /// Every kernel family and model stage, with ms, GFLOP/s or GB/s and % of the measured
+    /// peak; writes report.json, report.md and roofline.svg with --report DIR.
+    All(AllArgs),
 }
 
 #[derive(Args, Debug)]
@@ -44,6 +50,33 @@ pub struct VqganArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct AllArgs {
+    /// Folder for report.json, report.md and roofline.svg.
+    #[arg(long, value_name = "DIR")]
+    report: std::path::PathBuf,
+    /// The short list (every family and stage at sizes a CPU adapter runs in minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Seconds to spend timing each item (at least 3 runs each).
+    #[arg(long, default_value_t = 1.0, value_parser = values::seconds)]
+    seconds: f64,
+    /// Only items whose name contains this (repeatable).
+    #[arg(long, value_name = "TEXT")]
+    only: Vec<String>,
+    /// First time the matmul variants per shape class and remember each class's winner for
+    /// this adapter (else the remembered choices, or the defaults, are used).
+    #[arg(long)]
+    tune: bool,
+    /// Measure nothing: add the figures of tools/peer_bench_all.py's output FILE as a
+    /// column to DIR/report.json and rewrite the report.
+    #[arg(long, value_name = "FILE")]
+    merge_peer: Option<std::path::PathBuf>,
+    /// Print the report as JSON too.
     #[arg(long)]
     json: bool,
 }
@@ -83,7 +116,7 @@ fn run_vqgan(dev: &DeviceArgs, a: VqganArgs) -> Result<()> {
             if !a.json {
                 eprintln!("building a random-weight VQGAN f16-16384…");
             }
-            let src = super::bench_generate::random_vqgan(&cfg, a.seed)?;
+            let src = vqclip::bench::random_vqgan(&cfg, a.seed)?;
             (
                 VqGan::from_source(&src, cfg, &gpu)?,
                 "random f16-16384".to_string(),
@@ -119,11 +152,26 @@ fn run_vqgan(dev: &DeviceArgs, a: VqganArgs) -> Result<()> {
 }
 
 #[derive(Args, Debug)]
+pub struct PeakArgs {
+    /// Bytes of each copy buffer in MiB (default: 64 on CPU adapters, 512 on GPUs; capped
+    /// at the device's binding limit).
+    #[arg(long, value_parser = values::at_least_one)]
+    copy_mib: Option<usize>,
+    /// Timed runs per figure, after the runs that size it.
+    #[arg(long, default_value_t = 5, value_parser = values::at_least_one)]
+    runs: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct MatmulArgs {
     /// Matrix size N, 1 to 65536.
     #[arg(long, default_value_t = 1024, value_parser = matmul_size)]
     size: usize,
-    /// Only this variant (register4x4, shared64, vec4x4 or subgroup8); default: all.
+    /// Only this variant (register4x4, shared64, vec4x4, subgroup8, subgroup16 or tile128);
+    /// default: all.
     #[arg(long)]
     variant: Option<String>,
     /// Seconds to spend timing each variant (greater than 0, at most a week).
@@ -138,6 +186,37 @@ pub fn run(dev: &DeviceArgs, cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Generate(a) => super::bench_generate::run(dev, a),
         BenchCmd::Vqgan(a) => run_vqgan(dev, a),
+        BenchCmd::All(a) => run_all(dev, a),
+        BenchCmd::Peak(a) => {
+            let gpu = dev.open()?;
+            let bytes = match a.copy_mib {
+                Some(m) => (m as u64).saturating_mul(1 << 20),
+                None => vqclip::bench::peak::default_copy_bytes(&gpu),
+            };
+            let r = vqclip::bench::peak::peak(&gpu, bytes, a.runs)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("peak of {} ({})", r.adapter, r.backend);
+                let line = |what: &str, f: &vqclip::bench::peak::Figure, unit: &str| {
+                    println!(
+                        "  {what:<10} {:>10.2} {unit} best, {:>10.2} median ({} runs of {:.1} ms)",
+                        f.best, f.median, f.runs, f.ms
+                    )
+                };
+                line("f32 FMA", &r.f32_fma, "GFLOP/s");
+                match &r.f16_fma {
+                    Some(f) => line("f16 FMA", f, "GFLOP/s"),
+                    None => println!("  f16 FMA    (no SHADER_F16 on this adapter)"),
+                }
+                line("copy", &r.copy, "GB/s   ");
+                println!(
+                    "  (copy: read + write of {} per run)",
+                    vqclip::gpu::human_bytes(r.copy_bytes)
+                );
+            }
+            Ok(())
+        }
         BenchCmd::Matmul(a) => {
             let variants: Vec<Variant> = match &a.variant {
                 None => Variant::ALL.to_vec(),
@@ -171,4 +250,46 @@ pub fn run(dev: &DeviceArgs, cmd: BenchCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn run_all(dev: &DeviceArgs, a: AllArgs) -> Result<()> {
+    use anyhow::Context;
+    use vqclip::bench::all;
+    let report = match &a.merge_peer {
+        Some(peer_path) => {
+            let path = a.report.join("report.json");
+            let mut r: all::Report = serde_json::from_slice(
+                &std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
+            )
+            .with_context(|| format!("{} is not a bench all report", path.display()))?;
+            let peer: all::PeerFile = serde_json::from_slice(
+                &std::fs::read(peer_path)
+                    .with_context(|| format!("cannot read {}", peer_path.display()))?,
+            )
+            .with_context(|| {
+                format!("{} is not a peer_bench_all.py output", peer_path.display())
+            })?;
+            let n = all::merge_peer(&mut r, &peer)?;
+            eprintln!("merged {n} of {} peer items", peer.items.len());
+            r
+        }
+        None => {
+            let gpu = dev.open()?;
+            let o = all::AllOptions {
+                quick: a.quick,
+                seconds: a.seconds,
+                only: a.only.clone(),
+                tune: a.tune,
+            };
+            all::run(&gpu, &o, &|what| eprintln!("{what}…"))?
+        }
+    };
+    all::write_report(&report, &a.report)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", all::markdown(&report));
+        println!("\nwritten to {}", a.report.display());
+    }
+    Ok(())
 }

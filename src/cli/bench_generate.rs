@@ -10,7 +10,6 @@ use std::time::Instant;
 use vqclip::generate::{Options, Prompt};
 use vqclip::models::clip::{self, ClipConfig, ClipModel};
 use vqclip::models::vqgan::{config_beside, VqGan, VqGanConfig};
-use vqclip::train::{default_init, init_weights, Init};
 
 #[derive(Args, Debug)]
 pub struct GenerateBenchArgs {
@@ -47,20 +46,6 @@ pub struct GenerateBenchArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
-}
-
-/// Random VQGAN weights of `cfg`'s shapes: group-norm gains 1, biases 0, other tensors
-/// PyTorch's default uniform init.
-pub(super) fn random_vqgan(cfg: &VqGanConfig, seed: u64) -> Result<vqclip::weights::MemorySource> {
-    Ok(init_weights(&cfg.tensor_shapes(), seed, |key, shape| {
-        if key.contains("norm") && key.ends_with("weight") {
-            Init::Const(1.0)
-        } else if key.ends_with("bias") {
-            Init::Const(0.0)
-        } else {
-            default_init(shape)
-        }
-    })?)
 }
 
 /// What `--json` prints: the models, the setup time and the library's measurements.
@@ -152,7 +137,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateBenchArgs) -> Result<()> {
         ),
         _ => {
             progress("building a random-weight VQGAN f16-16384");
-            let src = random_vqgan(&vq_config, a.seed.wrapping_add(1))?;
+            let src = vqclip::bench::random_vqgan(&vq_config, a.seed.wrapping_add(1))?;
             (
                 VqGan::from_source(&src, vq_config, &gpu)?,
                 "random f16-16384".to_string(),

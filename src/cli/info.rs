@@ -17,6 +17,11 @@ pub fn run(dev: &DeviceArgs, a: InfoArgs) -> Result<()> {
     let gpu = vqclip::Gpu::new(&opts);
     // The pool's budget (--max-memory, or the adapter's default); null: none.
     let budget = gpu.as_ref().ok().and_then(|g| g.memory_budget());
+    // Tensor-core style units, as wgpu reports them (vqclip's kernels do not use them yet).
+    let coop = gpu
+        .as_ref()
+        .ok()
+        .and_then(|_| vqclip::gpu::cooperative_matrix(&opts).ok());
     let (chosen, limits, features, err) = match &gpu {
         Ok(g) => {
             let l = g.limits();
@@ -49,6 +54,7 @@ pub fn run(dev: &DeviceArgs, a: InfoArgs) -> Result<()> {
             "limits": limits,
             "features": features,
             "memory_budget_bytes": budget,
+            "cooperative_matrix": coop,
             "error": err,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -80,6 +86,23 @@ pub fn run(dev: &DeviceArgs, a: InfoArgs) -> Result<()> {
                     features.join(", ")
                 }
             );
+            if let Some(c) = &coop {
+                let configs: Vec<String> = c
+                    .configurations
+                    .iter()
+                    .map(|x| format!("{}x{}x{} {}->{}", x.m, x.n, x.k, x.ab_type, x.cr_type))
+                    .collect();
+                println!(
+                    "cooperative matrix (EXPERIMENTAL_COOPERATIVE_MATRIX): {}; configurations: {}; \
+                     used by vqclip: no",
+                    if c.feature { "offered" } else { "not offered" },
+                    if configs.is_empty() {
+                        "none reported".to_string()
+                    } else {
+                        configs.join(", ")
+                    }
+                );
+            }
             println!(
                 "memory budget: {} (--max-memory)",
                 budget.map_or("none".to_string(), vqclip::gpu::human_bytes)

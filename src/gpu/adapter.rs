@@ -174,6 +174,61 @@ impl From<&wgpu::AdapterInfo> for AdapterSummary {
     }
 }
 
+/// One matrix-multiply-accumulate shape the adapter's cooperative-matrix (tensor core,
+/// simdgroup matrix) units run: `C[M×N] += A[M×K] · B[K×N]`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CooperativeMatrixConfig {
+    /// Rows of A and C.
+    pub m: u32,
+    /// Columns of B and C.
+    pub n: u32,
+    /// Columns of A, rows of B.
+    pub k: u32,
+    /// Element type of A and B ("F32", "F16", "I32", "U32").
+    pub ab_type: String,
+    /// Element type of C and the result.
+    pub cr_type: String,
+    /// Whether integer accumulation saturates.
+    pub saturating: bool,
+}
+
+/// What the adapter says about wgpu's `EXPERIMENTAL_COOPERATIVE_MATRIX` feature.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CooperativeMatrixSupport {
+    /// The adapter offers the feature (wgpu 30 needs 8×8 f32 configurations for it on Vulkan).
+    pub feature: bool,
+    /// Every configuration the driver reports (may be non-empty without the feature: Vulkan
+    /// drivers often list only f16 inputs at 16×16, which wgpu does not use yet).
+    pub configurations: Vec<CooperativeMatrixConfig>,
+    /// Whether vqclip's kernels use it: not yet (no matmul variant is written for it).
+    pub used: bool,
+}
+
+/// Cooperative-matrix support of the adapter `opts` picks (the one [`crate::Gpu::new`]
+/// opens).
+pub fn cooperative_matrix(opts: &DeviceOptions) -> Result<CooperativeMatrixSupport> {
+    let adapter = choose(opts)?;
+    let configurations = adapter
+        .cooperative_matrix_properties()
+        .iter()
+        .map(|c| CooperativeMatrixConfig {
+            m: c.m_size,
+            n: c.n_size,
+            k: c.k_size,
+            ab_type: format!("{:?}", c.ab_type),
+            cr_type: format!("{:?}", c.cr_type),
+            saturating: c.saturating_accumulation,
+        })
+        .collect();
+    Ok(CooperativeMatrixSupport {
+        feature: adapter
+            .features()
+            .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+        configurations,
+        used: false,
+    })
+}
+
 fn instance() -> wgpu::Instance {
     wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
 }
@@ -282,6 +337,17 @@ mod tests {
         let link = base.path().join(format!("vqclip-runtime-{}", uid + 2));
         std::os::unix::fs::symlink(other.path(), &link).unwrap();
         assert_eq!(private_dir(base.path(), uid + 2), None);
+    }
+
+    #[test]
+    fn cooperative_matrix_support_is_reported_for_the_chosen_adapter() {
+        let opts = DeviceOptions::from_env().unwrap();
+        let c = cooperative_matrix(&opts).unwrap();
+        // Not used by any kernel yet, whatever the adapter offers.
+        assert!(!c.used);
+        for cfg in &c.configurations {
+            assert!(cfg.m > 0 && cfg.n > 0 && cfg.k > 0, "{cfg:?}");
+        }
     }
 
     #[test]

@@ -11,8 +11,8 @@ mod pool;
 pub mod profile;
 
 pub use adapter::{
-    default_memory_budget, list_adapters, prepare_driver_environment, AdapterSummary, Backend,
-    DeviceOptions,
+    cooperative_matrix, default_memory_budget, list_adapters, prepare_driver_environment,
+    AdapterSummary, Backend, CooperativeMatrixConfig, CooperativeMatrixSupport, DeviceOptions,
 };
 pub use contract::{
     Contract, Field, Override, OverrideDecl, OverrideValue, ParamsLayout, Scalar, ShaderParams,

@@ -29,6 +29,8 @@ fn all() -> Vec<Contract> {
         vq::SHADER.contract(),
         warp::SHADER.contract(),
         crate::optim::SHADER.contract(),
+        crate::bench::peak::SHADER.contract(),
+        crate::bench::peak::F16_SHADER.contract(),
     ]
 }
 

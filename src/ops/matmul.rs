@@ -16,11 +16,13 @@ mod ov {
     pub(super) const ACT: Override<u32> = Override::new("ACT");
     pub(super) const ACCUMULATE: Override<bool> = Override::new("ACCUMULATE");
     pub(super) const EPILOGUE: Override<bool> = Override::new("EPILOGUE");
+    pub(super) const SG_ROWS: Override<u32> = Override::new("SG_ROWS");
 }
 
-/// The two matmul kernels share the activation and epilogue prologue and every override.
+/// The two matmul shaders share the activation and epilogue prologue and every override;
+/// extra overrides of one shader follow its name.
 macro_rules! matmul_shader {
-    ($name:literal) => {
+    ($name:literal $(, $extra:expr)*) => {
         crate::shader!(
             $name,
             "act",
@@ -33,13 +35,14 @@ macro_rules! matmul_shader {
                 ov::ACT,
                 ov::ACCUMULATE,
                 ov::EPILOGUE
+                $(, $extra)*
             ]
         )
     };
 }
 
 pub(crate) static SHADER: Shader<Params> = matmul_shader!("matmul");
-pub(crate) static SUBGROUP_SHADER: Shader<Params> = matmul_shader!("matmul_subgroup");
+pub(crate) static SUBGROUP_SHADER: Shader<Params> = matmul_shader!("matmul_subgroup", ov::SG_ROWS);
 
 crate::shader_params! {
     /// Mirrors `struct Params` in `shaders/matmul.wgsl`.
@@ -65,6 +68,9 @@ crate::shader_params! {
 /// every split of a vec4 kernel starts on a vec4 boundary.
 pub const K_SPLIT: usize = 16_384;
 const _: () = assert!(K_SPLIT.is_multiple_of(4));
+/// K per dispatch of [`Variant::Tile128`]: each slice of 8 k runs about 70 loop iterations
+/// (staging loops included) where the compiler keeps the loops, so 4,096 stays under the cap.
+const K_SPLIT_TILE128: usize = 4_096;
 
 /// Options of [`matmul`]. `Default` is a plain `A @ B`.
 #[derive(Clone, Copy, Default)]
@@ -110,15 +116,23 @@ pub enum Variant {
     /// SUBGROUP feature with subgroups of exactly 8 and the shapes of [`Variant::Vec4`];
     /// otherwise runs [`Variant::Vec4`] (or [`Variant::Register`]).
     Subgroup,
+    /// [`Variant::Subgroup`] with 16 rows per subgroup: the same B loads feed twice the
+    /// FMAs (16 accumulators per lane, which fit AVX-512's 32 vector registers).
+    Subgroup16,
+    /// 128×128 workgroup tile, 8×8 outputs per invocation, workgroup memory read as vec4
+    /// and double-buffered (GPUs; large products).
+    Tile128,
 }
 
 impl Variant {
     /// All variants, for tuning and benches.
-    pub const ALL: [Variant; 4] = [
+    pub const ALL: [Variant; 6] = [
         Variant::Register,
         Variant::Shared,
         Variant::Vec4,
         Variant::Subgroup,
+        Variant::Subgroup16,
+        Variant::Tile128,
     ];
     /// Short name used in `VQCLIP_MATMUL`, the tuning cache and bench output.
     pub fn name(self) -> &'static str {
@@ -127,6 +141,8 @@ impl Variant {
             Variant::Shared => "shared64",
             Variant::Vec4 => "vec4x4",
             Variant::Subgroup => "subgroup8",
+            Variant::Subgroup16 => "subgroup16",
+            Variant::Tile128 => "tile128",
         }
     }
     fn parse(s: &str) -> Option<Variant> {
@@ -143,28 +159,64 @@ pub fn subgroup_supported(gpu: &Gpu) -> bool {
         && info.subgroup_max_size == 8
 }
 
-/// The variant used on this device: `VQCLIP_MATMUL`, else the winner that `vqclip bench
-/// matmul` measured on this adapter ([`Gpu::tuning`], key `"matmul"`), else on CPU adapters the subgroup kernel where
-/// supported and the vec4 kernel otherwise (both fall back to register tiles for shapes they
-/// cannot read as vec4), and workgroup tiles elsewhere.
-pub fn variant_for(gpu: &Gpu) -> Variant {
+/// Shape classes tuned separately: a product with few rows or columns (one image's 50
+/// tokens through a linear layer, say) wants other tiles than a large square one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShapeClass {
+    /// M or N at most [`ShapeClass::SKINNY_MAX`].
+    Skinny,
+    /// Everything else.
+    Large,
+}
+
+impl ShapeClass {
+    /// Largest M or N of a [`ShapeClass::Skinny`] product.
+    pub const SKINNY_MAX: usize = 128;
+    /// Both classes.
+    pub const ALL: [ShapeClass; 2] = [ShapeClass::Skinny, ShapeClass::Large];
+    /// The class of an `[M, K] @ [K, N]` product.
+    pub fn of(m: usize, n: usize) -> ShapeClass {
+        if m.min(n) <= Self::SKINNY_MAX {
+            ShapeClass::Skinny
+        } else {
+            ShapeClass::Large
+        }
+    }
+    /// The class's tuning key ([`Gpu::tuning`]): `matmul.skinny`, `matmul.large`.
+    pub fn tuning_key(self) -> &'static str {
+        match self {
+            ShapeClass::Skinny => "matmul.skinny",
+            ShapeClass::Large => "matmul.large",
+        }
+    }
+}
+
+/// The variant used on this device for products of `class`: `VQCLIP_MATMUL`, else the
+/// winner measured on this adapter for the class (`vqclip bench all`, key
+/// [`ShapeClass::tuning_key`]), else the overall winner of `vqclip bench matmul` (key
+/// `"matmul"`), else a default: on CPU adapters with 8-wide subgroups the 16-row subgroup
+/// kernel for large products and the 8-row one for skinny products (fewer idle rows at
+/// M = 50; both measured so on lavapipe), the vec4 kernel without subgroups (all fall back
+/// to register tiles for shapes they cannot read as vec4); on GPUs 128-wide workgroup tiles
+/// for large products and 64-wide ones for skinny products, which would leave most of a 128
+/// tile idle.
+pub fn variant_for(gpu: &Gpu, class: ShapeClass) -> Variant {
     if let Some(v) = std::env::var("VQCLIP_MATMUL")
         .ok()
         .and_then(|s| Variant::parse(&s))
     {
         return v;
     }
-    if let Some(v) = gpu.tuning("matmul").and_then(|s| Variant::parse(&s)) {
+    let tuned = |key: &str| gpu.tuning(key).and_then(|s| Variant::parse(&s));
+    if let Some(v) = tuned(class.tuning_key()).or_else(|| tuned("matmul")) {
         return v;
     }
-    if gpu.is_cpu() {
-        if subgroup_supported(gpu) {
-            Variant::Subgroup
-        } else {
-            Variant::Vec4
-        }
-    } else {
-        Variant::Shared
+    match (gpu.is_cpu(), class) {
+        (true, ShapeClass::Large) if subgroup_supported(gpu) => Variant::Subgroup16,
+        (true, ShapeClass::Skinny) if subgroup_supported(gpu) => Variant::Subgroup,
+        (true, _) => Variant::Vec4,
+        (false, ShapeClass::Large) => Variant::Tile128,
+        (false, ShapeClass::Skinny) => Variant::Shared,
     }
 }
 
@@ -181,11 +233,16 @@ fn vec4_applies(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> b
 /// `trans_b`). Leading (batch) dims must be equal, or one side has none and is broadcast.
 /// Returns `[.., M, N]`.
 pub fn matmul(a: &Tensor, b: &Tensor, o: &MatmulOpts) -> Result<Tensor> {
-    matmul_variant(a, b, o, variant_for(a.gpu()))
+    matmul_impl(a, b, o, None)
 }
 
 /// [`matmul`] with an explicit kernel variant (benches and tests).
 pub fn matmul_variant(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Variant) -> Result<Tensor> {
+    matmul_impl(a, b, o, Some(v))
+}
+
+/// [`matmul`] on variant `v`, or (`None`) on [`variant_for`] the product's shape class.
+fn matmul_impl(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Option<Variant>) -> Result<Tensor> {
     a.expect_f32("matmul A")?;
     b.expect_f32("matmul B")?;
     if a.rank() < 2 || b.rank() < 2 {
@@ -261,8 +318,11 @@ pub fn matmul_variant(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Variant) -> Res
     let stride_a = if ab.is_empty() { 0 } else { m * ka } as u32;
     let stride_b = if bb.is_empty() { 0 } else { ka * n } as u32;
     let vec4 = vec4_applies(m, n, ka, o.trans_a, o.trans_b);
+    let v = v.unwrap_or_else(|| variant_for(gpu, ShapeClass::of(m, n)));
     let v = match v {
-        Variant::Subgroup if !(vec4 && subgroup_supported(gpu)) => Variant::Vec4,
+        Variant::Subgroup | Variant::Subgroup16 if !(vec4 && subgroup_supported(gpu)) => {
+            Variant::Vec4
+        }
         v => v,
     };
     let v = if v == Variant::Vec4 && !vec4 {
@@ -274,7 +334,11 @@ pub fn matmul_variant(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Variant) -> Res
         Variant::Register => Kernel::new(&SHADER, "matmul_reg"),
         Variant::Shared => Kernel::new(&SHADER, "matmul_shared"),
         Variant::Vec4 => Kernel::new(&SHADER, "matmul_vec4"),
-        Variant::Subgroup => Kernel::new(&SUBGROUP_SHADER, "matmul_subgroup"),
+        Variant::Subgroup => Kernel::new(&SUBGROUP_SHADER, "matmul_subgroup").with(ov::SG_ROWS, 8),
+        Variant::Subgroup16 => {
+            Kernel::new(&SUBGROUP_SHADER, "matmul_subgroup").with(ov::SG_ROWS, 16)
+        }
+        Variant::Tile128 => Kernel::new(&SHADER, "matmul_tile128"),
     }
     .with(ov::TRANS_A, o.trans_a)
     .with(ov::TRANS_B, o.trans_b)
@@ -286,6 +350,13 @@ pub fn matmul_variant(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Variant) -> Res
         Variant::Register | Variant::Vec4 => (32usize, 32usize),
         Variant::Shared => (64, 64),
         Variant::Subgroup => (64, 32),
+        Variant::Subgroup16 => (128, 32),
+        Variant::Tile128 => (128, 128),
+    };
+    let k_split = if v == Variant::Tile128 {
+        K_SPLIT_TILE128
+    } else {
+        K_SPLIT
     };
     // Loop iterations per invocation per split: K (register), K/4 (vec4, subgroup), and
     // K/16 steps of up to 1 + 4 + 16 iterations (shared).
@@ -304,8 +375,8 @@ pub fn matmul_variant(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Variant) -> Res
         vec![(0, 0)]
     } else {
         (0..ka)
-            .step_by(K_SPLIT)
-            .map(|k0| (k0, (k0 + K_SPLIT).min(ka)))
+            .step_by(k_split)
+            .map(|k0| (k0, (k0 + k_split).min(ka)))
             .collect()
     };
     for (si, &(k0, k1)) in splits.iter().enumerate() {
@@ -707,7 +778,7 @@ mod tests {
             (1, 132, 68, 36, true, false),
         ];
         let mut seed = 2000;
-        for v in [Variant::Vec4, Variant::Subgroup] {
+        for v in [Variant::Vec4, Variant::Subgroup, Variant::Subgroup16] {
             for (batch, m, n, k, ta, tb) in cases {
                 assert!(vec4_applies(m, n, k, ta, tb), "{m}x{n}x{k} {ta} {tb}");
                 seed += 10;
@@ -752,7 +823,7 @@ mod tests {
     fn vec4_kernels_split_long_k() {
         // K = 65,540 is summed in 4 accumulating splits of at most K_SPLIT (the vec4 kernels
         // step K by 4, so the splits must stay multiples of 4); fused epilogue on the last.
-        for v in [Variant::Vec4, Variant::Subgroup] {
+        for v in [Variant::Vec4, Variant::Subgroup, Variant::Subgroup16] {
             Problem::new(1, 9, 6, 65_540)
                 .trans(false, true)
                 .broadcast_b()
@@ -771,6 +842,19 @@ mod tests {
         for v in Variant::ALL {
             Problem::new(70_000, 2, 3, 4).bias().check(v, 77);
         }
+    }
+
+    #[test]
+    fn shape_classes_split_at_skinny_max() {
+        let t = ShapeClass::SKINNY_MAX;
+        assert_eq!(ShapeClass::of(50, 2304), ShapeClass::Skinny);
+        assert_eq!(ShapeClass::of(4096, t), ShapeClass::Skinny);
+        assert_eq!(ShapeClass::of(t + 1, t + 1), ShapeClass::Large);
+        assert_eq!(ShapeClass::of(1024, 1024), ShapeClass::Large);
+        assert_ne!(
+            ShapeClass::Skinny.tuning_key(),
+            ShapeClass::Large.tuning_key()
+        );
     }
 
     #[test]
