@@ -511,3 +511,60 @@ fn contrastive_loss_with_negative_captions_matches_its_formula() {
     // Fewer texts than images is refused.
     assert!(contrastive_loss(&tape, &leaf(&img, n), &leaf(&txt[..2 * p], 2), &ls).is_err());
 }
+
+#[test]
+fn the_adversarial_attack_raises_the_loss_within_its_ball() {
+    let g = gpu();
+    let tr = ClipTrainer::new(tiny(vocab_size()), 8, 1e-3, &g).unwrap();
+    let (px, caps) = batch(&g, 0, 1, 0, 4, 16, &Augment::default()).unwrap();
+    let negatives = batch_negatives(&caps, true, true);
+    let loss = |p: &Tensor| {
+        let tape = Tape::new();
+        let (l, _) = tr.loss(&tape, p, &caps, &negatives).unwrap();
+        l.value().to_vec().unwrap()[0]
+    };
+    // pixels in [0, 1], per image
+    let raw = |p: &Tensor| -> Vec<Vec<f32>> {
+        let v = p.to_vec().unwrap();
+        v.chunks(3 * 16 * 16)
+            .map(|img| {
+                img.iter()
+                    .enumerate()
+                    .map(|(i, &x)| x * STD[i / 256] + MEAN[i / 256])
+                    .collect()
+            })
+            .collect()
+    };
+    let before = loss(&px);
+    let clean = raw(&px);
+    assert!(
+        tr.attack(&px, &caps, &negatives, &Adversarial::OFF)
+            .unwrap()
+            .to_vec()
+            .unwrap()
+            == px.to_vec().unwrap()
+    );
+    for (norm, eps) in [(AdvNorm::L2, 0.5f32), (AdvNorm::Linf, 0.03)] {
+        let adv = Adversarial {
+            eps,
+            steps: 3,
+            norm,
+        };
+        let moved = tr.attack(&px, &caps, &negatives, &adv).unwrap();
+        let after = loss(&moved);
+        assert!(after > before + 1e-3, "{norm}: loss {before} -> {after}");
+        for (c, m) in clean.iter().zip(raw(&moved)) {
+            let d: Vec<f32> = c.iter().zip(&m).map(|(a, b)| b - a).collect();
+            let size = match norm {
+                AdvNorm::L2 => d.iter().map(|v| v * v).sum::<f32>().sqrt(),
+                AdvNorm::Linf => d.iter().fold(0f32, |a, v| a.max(v.abs())),
+            };
+            assert!(size <= eps * 1.001, "{norm}: moved by {size} > {eps}");
+            assert!(size > eps * 0.1, "{norm}: moved by only {size}");
+            assert!(
+                m.iter().all(|&v| (-1e-5..=1.0 + 1e-5).contains(&v)),
+                "{norm}: left [0, 1]"
+            );
+        }
+    }
+}
