@@ -184,7 +184,7 @@ fn written_folder_loads_with_the_same_embeddings() {
 /// Augmented pixels stay finite, and the caption names positions only when the crop is
 /// large enough (`position_crop`) for them to still hold.
 #[test]
-fn augmentation_keeps_pixels_finite_and_positions_honest() {
+fn augmentation_keeps_pixels_finite_and_drops_position_words_from_tight_crops() {
     let ds = ShapesDataset::new(0, Split::Train);
     let aug = Augment::default();
     let none = Augment::none();
@@ -230,6 +230,71 @@ fn augmentation_keeps_pixels_finite_and_positions_honest() {
     }
     // The default crops drop positions sometimes, not never or always.
     assert!((1..50).contains(&dropped), "{dropped} of 50 dropped");
+}
+
+/// Where the pixels of `colour` are in normalised CHW pixels `px` of side `size`: their mean
+/// (x, y) as fractions of the side, `None` if there are none.
+fn colour_centre(px: &[f32], size: usize, colour: Colour) -> Option<(f32, f32)> {
+    let plane = size * size;
+    let (mut sx, mut sy, mut n) = (0f32, 0f32, 0f32);
+    for p in 0..plane {
+        let rgb: [f32; 3] = std::array::from_fn(|c| (px[c * plane + p] * STD[c] + MEAN[c]) * 255.0);
+        if Colour::nearest(rgb) == colour {
+            sx += (p % size) as f32 + 0.5;
+            sy += (p / size) as f32 + 0.5;
+            n += 1.0;
+        }
+    }
+    (n > 0.0).then(|| (sx / n / size as f32, sy / n / size as f32))
+}
+
+/// True if a shape whose centre is at (x, y) (fractions of the side) is where `position`'s
+/// words say: in the named quadrant, or within the middle 30% for the centre.
+fn is_at(position: Position, (x, y): (f32, f32)) -> bool {
+    let (cx, cy) = position.centre();
+    if position == Position::Centre {
+        (x - 0.5).abs() < 0.15 && (y - 0.5).abs() < 0.15
+    } else {
+        (x < 0.5) == (cx < 0.5) && (y < 0.5) == (cy < 0.5)
+    }
+}
+
+/// The position words a default-augmented caption keeps are true of its pixels: the shape is
+/// in the named quadrant (or the middle) of the cropped image. Crops of any size that kept
+/// their position words would not be: with `position_crop` 0 some shapes leave their place.
+#[test]
+fn augmented_captions_keep_position_words_only_where_the_pixels_honour_them() {
+    let ds = ShapesDataset::new(0, Split::Train);
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let keep_all = Augment {
+        position_crop: 0.0,
+        ..Augment::default()
+    };
+    let (mut checked, mut misplaced_if_kept) = (0, 0);
+    for i in 0..400 {
+        let (scene, _) = ds.sample(i);
+        // one shape whose colour is its own: its pixels locate it
+        let [sh] = scene.shapes.as_slice() else {
+            continue;
+        };
+        let (px, cap) = augmented_pair(&scene, 3, 32, &Augment::default(), &mut rng);
+        if cap.contains(sh.position.words()) {
+            let at = colour_centre(&px, 32, sh.colour).expect("the shape is visible");
+            assert!(is_at(sh.position, at), "{cap}: the shape is at {at:?}");
+            checked += 1;
+        }
+        let (px, _) = augmented_pair(&scene, 3, 32, &keep_all, &mut rng);
+        let at = colour_centre(&px, 32, sh.colour).expect("the shape is visible");
+        misplaced_if_kept += usize::from(!is_at(sh.position, at));
+    }
+    assert!(
+        checked >= 50,
+        "only {checked} captions with positions checked"
+    );
+    assert!(
+        misplaced_if_kept > 0,
+        "tight crops never moved a shape: the check above would not catch dishonest captions"
+    );
 }
 
 #[test]
