@@ -9,6 +9,8 @@
 //! Run: `cargo run --release --example shipped_pass_rate -- [--preset NAME] [--steps N]
 //! [--seeds N] [--sheet PNG]` (`--seeds` defaults to `VQCLIP_SEEDS` or 8; `--sheet` writes a
 //! contact sheet of every image, one row per prompt, seeds left to right, upscaled ×2).
+//! `--judge DIR` judges the images an earlier run wrote to `VQCLIP_SWEEP_DIR=DIR` instead of
+//! generating them (seconds: to rejudge after a change of the judge).
 
 #[path = "../tests/support/shipped_judge.rs"]
 mod judge;
@@ -24,6 +26,7 @@ fn main() -> Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(8);
     let (mut preset, mut steps, mut sheet) = (None, None, None::<std::path::PathBuf>);
+    let mut saved = None::<std::path::PathBuf>;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));
@@ -32,8 +35,10 @@ fn main() -> Result<()> {
             "--steps" => steps = Some(value()?.parse::<usize>().context("--steps")?),
             "--seeds" => seeds = value()?.parse().context("--seeds")?,
             "--sheet" => sheet = Some(value()?.into()),
+            "--judge" => saved = Some(value()?.into()),
             o => bail!(
-                "unknown argument {o}: expected --preset NAME, --steps N, --seeds N or --sheet PNG"
+                "unknown argument {o}: expected --preset NAME, --steps N, --seeds N, --sheet PNG \
+                 or --judge DIR"
             ),
         }
     }
@@ -47,7 +52,17 @@ fn main() -> Result<()> {
         let mut passed = 0;
         for seed in 1..=seeds {
             let t = std::time::Instant::now();
-            let (rgb, size) = generate(&gpu, &clip, &vq, case.0, seed, preset, steps);
+            let (rgb, size) = match &saved {
+                None => generate(&gpu, &clip, &vq, case.0, seed, preset, steps),
+                Some(dir) => {
+                    let name = format!("{}_seed{seed}.png", case.0.replace(' ', "_"));
+                    let img = image::open(dir.join(&name))
+                        .with_context(|| format!("cannot read {name} in {}", dir.display()))?
+                        .to_rgb8();
+                    let size = img.width() as usize;
+                    (img.into_raw(), size)
+                }
+            };
             let secs = t.elapsed().as_secs_f32();
             colours += usize::from(colours_pass(&rgb, size, case));
             images.push((rgb.clone(), size));

@@ -1,6 +1,6 @@
 //! Named sets of defaults ([`Preset`]) and the shapes world's part in generation: the
-//! [`Init::Scenes`] start pool rendered from [`crate::data::shapes`], which the shapes preset
-//! names. The loop itself only knows a pool of start images ([`Init::Pool`]).
+//! [`Init::Scenes`] start pool rendered from [`crate::data::shapes`], which the shapes-scenes
+//! preset names. The loop itself only knows a pool of start images ([`Init::Pool`]).
 
 use super::cutouts::CutMethod;
 use super::{Init, Options};
