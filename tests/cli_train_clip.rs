@@ -90,6 +90,14 @@ fn train_resume_and_eval_clip() {
         &["train", "clip", "--out", s(&c), "--stop-after", "0"],
         "--stop-after must be at least 1",
     );
+    fails(
+        &["train", "clip", "--out", s(&c), "--adv-norm", "l3"],
+        "expected l2 or linf",
+    );
+    fails(
+        &["train", "clip", "--out", s(&c), "--adv-eps=-1"],
+        "--adv-eps",
+    );
     let nope = dir.path().join("nope");
     for (from, extra, want) in [
         (
@@ -146,4 +154,40 @@ fn train_resume_and_eval_clip() {
     let out = ok(&["eval", "clip", "--clip", s(&f1), "--n", "4", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["n"], 4);
+}
+
+/// Adversarial training (`--adv-eps`) changes the run, and a run stopped and resumed takes
+/// the attack from its checkpoint and ends where an unbroken one does.
+#[test]
+fn adversarial_training_changes_the_run_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tiny.json");
+    std::fs::write(&cfg, TINY).unwrap();
+    let common = ["--config", s(&cfg), "--batch", "4", "--seed", "3"];
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["train", "clip", "--out", s(out), "--steps", "3"];
+        args.extend_from_slice(&common);
+        args.extend_from_slice(extra);
+        ok(&args)
+    };
+    let adv = ["--adv-eps", "0.5", "--adv-steps", "2", "--adv-norm", "linf"];
+    let (a, b, plain) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("p"),
+    );
+    let out = run(&a, &adv);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("adversarial training: 2 PGD steps"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut stopped = adv.to_vec();
+    stopped.extend(["--stop-after", "1"]);
+    run(&b, &stopped);
+    run(&b, &["--resume"]);
+    run(&plain, &[]);
+    let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert_eq!(weights(&a), weights(&b));
+    assert_ne!(weights(&a), weights(&plain));
 }

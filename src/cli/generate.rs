@@ -48,11 +48,11 @@ pub struct GenerateArgs {
     size: Option<String>,
     /// Defaults for steps, lr, cutn, cut-method, latent-grids, candidates, candidate-steps
     /// and init: reference (the notebook's: 100 steps, lr 0.1, 32 original cutouts, random
-    /// codes), shapes (for the small shipped models: start from the best of 512
-    /// shapes-world scenes as CLIP ranks them, then 10 steps at lr 0.01 with 6 jitter
-    /// views) or shapes-codes (the earlier one, from random codes: 28 steps, lr 0.3, latent
-    /// grids 2,4,8,16, 3 starts of 2 steps; draws blobs). Options given explicitly win
-    /// [default: shapes with the shipped CLIP and VQGAN, else reference].
+    /// codes), shapes (for the small shipped models, from random codes: 28 steps, lr 0.3, 6
+    /// jitter views, latent grids 2,4,8,16, 3 starts of 2 steps; `shapes-codes` is its
+    /// earlier name) or shapes-scenes (retrieval, not drawing: start from the best of 512
+    /// shapes-world scenes as CLIP ranks them, then 10 steps at lr 0.01). Options given
+    /// explicitly win [default: shapes with the shipped CLIP and VQGAN, else reference].
     #[arg(long)]
     preset: Option<String>,
     /// Optimisation steps (0 writes the initial image) [default: from --preset].

@@ -10,7 +10,7 @@ use vqclip::models::clip::ClipModel;
 use vqclip::train::clip::checkpoint::{self, RunSettings};
 use vqclip::train::clip::{
     batch, batch_negatives, evaluate, longest_caption_tokens, run_config, schedule,
-    shapes_tokenizer, Augment, ClipTrainer,
+    shapes_tokenizer, AdvNorm, Adversarial, Augment, ClipTrainer,
 };
 
 /// Options of `vqclip train clip`.
@@ -73,6 +73,20 @@ pub struct TrainArgs {
     /// the limit in any case.
     #[arg(long, value_name = "SECONDS", value_parser = values::seconds)]
     pub time_limit: Option<f64>,
+    /// Adversarial training: before each step, move the batch's images by PGD within a
+    /// ball of this radius (pixels in [0, 1]; see --adv-norm) to raise the loss, and train on
+    /// the moved images (TeCoA-style; a robust CLIP's gradients draw what it names). 0: off;
+    /// with --resume it replaces the checkpoint's value [default: 0].
+    #[arg(long, value_name = "EPS", value_parser = values::non_negative_f32)]
+    pub adv_eps: Option<f32>,
+    /// Gradient steps of the adversarial attack (each costs about one forward and backward
+    /// of the batch); with --resume it replaces the checkpoint's value [default: 3].
+    #[arg(long, value_name = "N")]
+    pub adv_steps: Option<usize>,
+    /// Norm of the adversarial ball: l2 (of the whole image's change) or linf (of each
+    /// pixel channel's); with --resume it replaces the checkpoint's value [default: l2].
+    #[arg(long, value_name = "l2|linf")]
+    pub adv_norm: Option<AdvNorm>,
     /// Stop after this step (checkpointed), keeping the schedule of --steps: a later
     /// --resume continues exactly as an unbroken run would, so a run can change settings
     /// (--mask-prob, --shape-negatives) at a given step.
@@ -140,6 +154,11 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
             mask: args.mask_prob.unwrap_or(saved.mask),
             shape_negatives: args.shape_negatives.unwrap_or(saved.shape_negatives),
             swap_negatives: args.swap_negatives.unwrap_or(saved.swap_negatives),
+            adv: Adversarial {
+                eps: args.adv_eps.unwrap_or(saved.adv.eps),
+                steps: args.adv_steps.unwrap_or(saved.adv.steps),
+                norm: args.adv_norm.unwrap_or(saved.adv.norm),
+            },
             ..saved
         };
         if total != args.steps {
@@ -186,6 +205,11 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
             mask: args.mask_prob.unwrap_or(0.0),
             shape_negatives: args.shape_negatives.unwrap_or(false),
             swap_negatives: args.swap_negatives.unwrap_or(false),
+            adv: Adversarial {
+                eps: args.adv_eps.unwrap_or(0.0),
+                steps: args.adv_steps.unwrap_or(3),
+                norm: args.adv_norm.unwrap_or(AdvNorm::L2),
+            },
             elapsed: 0.0,
         };
         (tr, s, 0)
@@ -223,6 +247,12 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
         s.batch,
         s.lr
     );
+    if s.adv.is_on() {
+        eprintln!(
+            "adversarial training: {} PGD steps within an {} ball of radius {} (pixels in [0, 1])",
+            s.adv.steps, s.adv.norm, s.adv.eps
+        );
+    }
     let mut log = vqclip::train::open_log_resumed(&args.out.join("train_log.jsonl"), start)
         .context("cannot open train_log.jsonl")?;
     let bar = indicatif::ProgressBar::new(s.steps as u64);
@@ -245,6 +275,7 @@ pub fn train(device: &DeviceArgs, args: TrainArgs) -> Result<()> {
         let (px, caps) = batch(&gpu, s.data_seed, s.seed, step, s.batch, size, &aug)?;
         let lr = sched.at(step);
         let negatives = batch_negatives(&caps, s.shape_negatives, s.swap_negatives);
+        let px = tr.attack(&px, &caps, &negatives, &s.adv)?;
         let st = tr.step(&px, &caps, &negatives, lr)?;
         let ema = |e: Option<f32>, v: f32| Some(e.map_or(v, |e| 0.95 * e + 0.05 * v));
         ema_loss = ema(ema_loss, st.loss);

@@ -22,7 +22,10 @@ pub mod trace;
 mod views;
 
 pub use options::{pixel_bytes, Init, Options, MAX_CUTN, MAX_INIT_SCENES, MAX_POOL_BYTES};
-pub use presets::{Explicit, Preset, SHAPES_PRESET_LR, SHAPES_PRESET_SCENES, SHAPES_PRESET_STEPS};
+pub use presets::{
+    Explicit, Preset, SHAPES_PRESET_STEPS, SHAPES_SCENES_LR, SHAPES_SCENES_POOL,
+    SHAPES_SCENES_STEPS,
+};
 pub use prompt::Prompt;
 pub use trace::{TraceOptions, DEFAULT_TRACE_EVERY};
 

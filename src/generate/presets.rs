@@ -1,6 +1,6 @@
 //! Named sets of defaults ([`Preset`]) and the shapes world's part in generation: the
-//! [`Init::Scenes`] start pool rendered from [`crate::data::shapes`], which the shapes preset
-//! names. The loop itself only knows a pool of start images ([`Init::Pool`]).
+//! [`Init::Scenes`] start pool rendered from [`crate::data::shapes`], which the shapes-scenes
+//! preset names. The loop itself only knows a pool of start images ([`Init::Pool`]).
 
 use super::cutouts::CutMethod;
 use super::{Init, Options};
@@ -9,47 +9,51 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 /// A named set of defaults for the optimisation (steps, learning rate, cutouts, latent
-/// schedule, random starts).
+/// schedule, random starts, start).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preset {
     /// The reference notebook's settings, for full-size CLIP and VQGAN models: 100 steps,
     /// lr 0.1, 32 original cutouts, the full latent from the first step, one start.
     Reference,
-    /// Settings for the small shipped models of the shapes world: start from the best of
-    /// [`SHAPES_PRESET_SCENES`] shapes-world scenes as CLIP ranks them ([`Init::Scenes`]),
-    /// then [`SHAPES_PRESET_STEPS`] steps at lr [`SHAPES_PRESET_LR`] with 6 jitter views on
-    /// the full latent. Measured in
-    /// `docs/generation_recipe.md`.
+    /// Settings for the small shipped models of the shapes world, from random codes:
+    /// [`SHAPES_PRESET_STEPS`] steps at lr 0.3 with 6 jitter views, latent grids 2, 4, 8,
+    /// 16, and 3 random starts of 2 steps each. The default with the shipped models
+    /// (`docs/generation_recipe.md` has its measured pass rate).
     Shapes,
-    /// The earlier shapes preset, from random codes alone: 28 steps, lr 0.3, 6 jitter
-    /// views, latent grids 2, 4, 8, 16, and 3 random starts of 2 steps each. The small CLIP
-    /// accepts blobs in the prompt's colours, so this draws blobs rather than shapes.
-    ShapesCodes,
+    /// Retrieval rather than drawing, for the shipped models: start from the best of
+    /// [`SHAPES_SCENES_POOL`] shapes-world scenes as CLIP ranks them ([`Init::Scenes`]),
+    /// then [`SHAPES_SCENES_STEPS`] steps at lr [`SHAPES_SCENES_LR`] with 6 jitter views,
+    /// which leave the chosen scene almost as it was. Only when asked for.
+    ShapesScenes,
 }
 
-/// Scenes the [`Preset::Shapes`] start is chosen from.
-pub const SHAPES_PRESET_SCENES: usize = 512;
 /// Steps of [`Preset::Shapes`].
-pub const SHAPES_PRESET_STEPS: usize = 10;
-/// Learning rate of [`Preset::Shapes`].
-pub const SHAPES_PRESET_LR: f32 = 0.01;
+pub const SHAPES_PRESET_STEPS: usize = 28;
+/// Scenes the [`Preset::ShapesScenes`] start is chosen from.
+pub const SHAPES_SCENES_POOL: usize = 512;
+/// Steps of [`Preset::ShapesScenes`].
+pub const SHAPES_SCENES_STEPS: usize = 10;
+/// Learning rate of [`Preset::ShapesScenes`].
+pub const SHAPES_SCENES_LR: f32 = 0.01;
 
 impl std::str::FromStr for Preset {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "reference" => Ok(Preset::Reference),
-            "shapes" => Ok(Preset::Shapes),
-            "shapes-codes" => Ok(Preset::ShapesCodes),
+            // shapes-codes: the name of the random-codes preset until it became `shapes`
+            "shapes" | "shapes-codes" => Ok(Preset::Shapes),
+            "shapes-scenes" => Ok(Preset::ShapesScenes),
             o => Err(Error::invalid(format!(
-                "unknown preset '{o}': expected reference, shapes or shapes-codes"
+                "unknown preset '{o}': expected reference, shapes or shapes-scenes"
             ))),
         }
     }
 }
 
 impl Options {
-    /// initialisation.
+    /// These options with `preset`'s steps, learning rate, cutouts, latent grids, random
+    /// starts and start.
     pub fn with_preset(mut self, preset: Preset) -> Self {
         let base = Options::new(Vec::new(), 1, 1);
         let (steps, lr, cutn, method, grids, cands, cand_steps, init) = match preset {
@@ -65,16 +69,6 @@ impl Options {
             ),
             Preset::Shapes => (
                 SHAPES_PRESET_STEPS,
-                SHAPES_PRESET_LR,
-                6,
-                CutMethod::Jitter,
-                vec![],
-                1,
-                base.candidate_steps,
-                Init::Scenes(SHAPES_PRESET_SCENES),
-            ),
-            Preset::ShapesCodes => (
-                28,
                 0.3,
                 6,
                 CutMethod::Jitter,
@@ -82,6 +76,16 @@ impl Options {
                 3,
                 2,
                 Init::RandomCodes,
+            ),
+            Preset::ShapesScenes => (
+                SHAPES_SCENES_STEPS,
+                SHAPES_SCENES_LR,
+                6,
+                CutMethod::Jitter,
+                vec![],
+                1,
+                base.candidate_steps,
+                Init::Scenes(SHAPES_SCENES_POOL),
             ),
         };
         self.init = init;
@@ -118,8 +122,9 @@ pub(super) fn scene_pool(
 }
 
 impl Preset {
-    /// The preset a run gets when it names none: [`Preset::Shapes`] for the shipped models
-    /// (`shipped` true when neither CLIP nor VQGAN is given), else [`Preset::Reference`].
+    /// The preset a run gets when it names none: [`Preset::Shapes`] (random codes) for the
+    /// shipped models (`shipped` true when neither CLIP nor VQGAN is given), else
+    /// [`Preset::Reference`].
     pub fn default_for(shipped: bool) -> Preset {
         if shipped {
             Preset::Shapes
@@ -133,7 +138,7 @@ impl Preset {
         match self {
             Preset::Reference => "reference",
             Preset::Shapes => "shapes",
-            Preset::ShapesCodes => "shapes-codes",
+            Preset::ShapesScenes => "shapes-scenes",
         }
     }
 }
@@ -187,7 +192,7 @@ mod tests {
 
     #[test]
     fn a_preset_adapts_to_a_small_latent_but_explicit_values_stay() {
-        let shapes_codes = || Options::new(Vec::new(), 64, 64).with_preset(Preset::ShapesCodes);
+        let shapes_codes = || Options::new(Vec::new(), 64, 64).with_preset(Preset::Shapes);
         // A 4x4 latent: the grids above 4 go; 3 starts of 2 steps still fit in 28 steps.
         let mut o = shapes_codes();
         o.adapt_preset(4, Explicit::default());
@@ -208,7 +213,7 @@ mod tests {
         assert_eq!(o.candidates, 3);
         assert_eq!(o.latent_grids, vec![2]);
         // A scene pool is one start; explicit grids are kept as given.
-        let mut o = Options::new(Vec::new(), 64, 64).with_preset(Preset::Shapes);
+        let mut o = Options::new(Vec::new(), 64, 64).with_preset(Preset::ShapesScenes);
         o.candidates = 3;
         o.latent_grids = vec![32];
         let grids = Explicit {
@@ -221,9 +226,11 @@ mod tests {
 
     #[test]
     fn presets_have_their_names_and_defaults() {
-        for p in [Preset::Reference, Preset::Shapes, Preset::ShapesCodes] {
+        for p in [Preset::Reference, Preset::Shapes, Preset::ShapesScenes] {
             assert_eq!(p.name().parse::<Preset>().unwrap(), p);
         }
+        // the earlier name of the random-codes preset still works
+        assert_eq!("shapes-codes".parse::<Preset>().unwrap(), Preset::Shapes);
         assert_eq!(Preset::default_for(true), Preset::Shapes);
         assert_eq!(Preset::default_for(false), Preset::Reference);
         assert_eq!(

@@ -552,12 +552,12 @@ fn presets_set_the_documented_options() {
     let r = base.clone().with_preset("reference".parse().unwrap());
     assert_eq!((r.steps, r.lr, r.cutn), (100, 0.1, 32));
     assert_eq!(r.init, Init::RandomCodes);
-    let s = base.clone().with_preset("shapes".parse().unwrap());
+    let s = base.clone().with_preset("shapes-scenes".parse().unwrap());
     assert_eq!(s.init, Init::Scenes(512));
     assert_eq!((s.steps, s.lr, s.cutn, s.candidates), (10, 0.01, 6, 1));
     assert_eq!(s.cut_method, CutMethod::Jitter);
     assert!(s.latent_grids.is_empty());
-    let c = base.with_preset("shapes-codes".parse().unwrap());
+    let c = base.with_preset("shapes".parse().unwrap());
     assert_eq!(c.init, Init::RandomCodes);
     assert_eq!(
         (c.steps, c.lr, c.candidates, c.candidate_steps),

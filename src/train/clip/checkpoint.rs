@@ -2,7 +2,7 @@
 //! moments, step) with the run's settings in its metadata, written beside the Hugging Face
 //! folder, and read back to resume the same run.
 
-use super::ClipTrainer;
+use super::{AdvNorm, Adversarial, ClipTrainer};
 use crate::models::clip::config::hf_config;
 use crate::models::clip::ClipConfig;
 use crate::train::{load_state, save_state};
@@ -59,6 +59,8 @@ pub struct RunSettings {
     pub shape_negatives: bool,
     /// Whether colour-role negative captions are added.
     pub swap_negatives: bool,
+    /// The adversarial attack each batch gets before the step ([`Adversarial::OFF`]: none).
+    pub adv: Adversarial,
     /// Seconds of training before this session.
     pub elapsed: f64,
 }
@@ -87,12 +89,15 @@ impl RunSettings {
             ("mask", self.mask.to_string()),
             ("shape_negatives", self.shape_negatives.to_string()),
             ("swap_negatives", self.swap_negatives.to_string()),
+            ("adv_eps", self.adv.eps.to_string()),
+            ("adv_steps", self.adv.steps.to_string()),
+            ("adv_norm", self.adv.norm.to_string()),
             ("elapsed_s", format!("{elapsed:.1}")),
         ]
     }
 
     /// The settings recorded in the checkpoint at `path`. Settings that older checkpoints
-    /// lack (`mask`, `shape_negatives`, `swap_negatives`) read as off.
+    /// lack (`mask`, `shape_negatives`, `swap_negatives`, the adversarial attack) read as off.
     pub fn read(path: &Path) -> std::result::Result<RunSettings, CheckpointError> {
         let file = crate::weights::SafetensorsFile::open(path)?;
         let m = file.metadata();
@@ -110,6 +115,11 @@ impl RunSettings {
             mask: setting(&m, "mask").unwrap_or(0.0),
             shape_negatives: setting(&m, "shape_negatives").unwrap_or(false),
             swap_negatives: setting(&m, "swap_negatives").unwrap_or(false),
+            adv: Adversarial {
+                eps: setting(&m, "adv_eps").unwrap_or(0.0),
+                steps: setting(&m, "adv_steps").unwrap_or(0),
+                norm: setting::<AdvNorm>(&m, "adv_norm").unwrap_or(AdvNorm::L2),
+            },
             elapsed: setting(&m, "elapsed_s")?,
             steps: setting(&m, "steps")?,
             config,
@@ -162,6 +172,11 @@ mod tests {
             mask: 0.25,
             shape_negatives: true,
             swap_negatives: false,
+            adv: Adversarial {
+                eps: 0.5,
+                steps: 2,
+                norm: AdvNorm::Linf,
+            },
             elapsed: 12.0,
         }
     }
@@ -200,5 +215,12 @@ mod tests {
         // Settings added later read as off in older checkpoints.
         write(&p, &without("swap_negatives"));
         assert!(!RunSettings::read(&p).unwrap().swap_negatives);
+        let old: Vec<(&str, String)> = meta
+            .iter()
+            .filter(|(k, _)| !k.starts_with("adv_"))
+            .cloned()
+            .collect();
+        write(&p, &old);
+        assert_eq!(RunSettings::read(&p).unwrap().adv, Adversarial::OFF);
     }
 }

@@ -8,6 +8,7 @@
 //! [`ClipModel`]: crate::models::clip::ClipModel
 //! [`ClipModel::load`]: crate::models::clip::ClipModel::load
 
+mod adversarial;
 mod batches;
 pub mod checkpoint;
 mod eval;
@@ -15,6 +16,7 @@ mod folder;
 mod negatives;
 mod trainer;
 
+pub use self::adversarial::{AdvNorm, Adversarial};
 pub use self::batches::{augmented_pair, batch, normalise, Augment};
 pub use self::eval::{evaluate, EvalResult};
 pub use self::negatives::{batch_negatives, batch_shape_negatives, shape_negatives, swap_negative};

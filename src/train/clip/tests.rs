@@ -184,7 +184,7 @@ fn written_folder_loads_with_the_same_embeddings() {
 /// Augmented pixels stay finite, and the caption names positions only when the crop is
 /// large enough (`position_crop`) for them to still hold.
 #[test]
-fn augmentation_keeps_pixels_finite_and_positions_honest() {
+fn augmentation_keeps_pixels_finite_and_drops_position_words_from_tight_crops() {
     let ds = ShapesDataset::new(0, Split::Train);
     let aug = Augment::default();
     let none = Augment::none();
@@ -230,6 +230,71 @@ fn augmentation_keeps_pixels_finite_and_positions_honest() {
     }
     // The default crops drop positions sometimes, not never or always.
     assert!((1..50).contains(&dropped), "{dropped} of 50 dropped");
+}
+
+/// Where the pixels of `colour` are in normalised CHW pixels `px` of side `size`: their mean
+/// (x, y) as fractions of the side, `None` if there are none.
+fn colour_centre(px: &[f32], size: usize, colour: Colour) -> Option<(f32, f32)> {
+    let plane = size * size;
+    let (mut sx, mut sy, mut n) = (0f32, 0f32, 0f32);
+    for p in 0..plane {
+        let rgb: [f32; 3] = std::array::from_fn(|c| (px[c * plane + p] * STD[c] + MEAN[c]) * 255.0);
+        if Colour::nearest(rgb) == colour {
+            sx += (p % size) as f32 + 0.5;
+            sy += (p / size) as f32 + 0.5;
+            n += 1.0;
+        }
+    }
+    (n > 0.0).then(|| (sx / n / size as f32, sy / n / size as f32))
+}
+
+/// True if a shape whose centre is at (x, y) (fractions of the side) is where `position`'s
+/// words say: in the named quadrant, or within the middle 30% for the centre.
+fn is_at(position: Position, (x, y): (f32, f32)) -> bool {
+    let (cx, cy) = position.centre();
+    if position == Position::Centre {
+        (x - 0.5).abs() < 0.15 && (y - 0.5).abs() < 0.15
+    } else {
+        (x < 0.5) == (cx < 0.5) && (y < 0.5) == (cy < 0.5)
+    }
+}
+
+/// The position words a default-augmented caption keeps are true of its pixels: the shape is
+/// in the named quadrant (or the middle) of the cropped image. Crops of any size that kept
+/// their position words would not be: with `position_crop` 0 some shapes leave their place.
+#[test]
+fn augmented_captions_keep_position_words_only_where_the_pixels_honour_them() {
+    let ds = ShapesDataset::new(0, Split::Train);
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let keep_all = Augment {
+        position_crop: 0.0,
+        ..Augment::default()
+    };
+    let (mut checked, mut misplaced_if_kept) = (0, 0);
+    for i in 0..400 {
+        let (scene, _) = ds.sample(i);
+        // one shape whose colour is its own: its pixels locate it
+        let [sh] = scene.shapes.as_slice() else {
+            continue;
+        };
+        let (px, cap) = augmented_pair(&scene, 3, 32, &Augment::default(), &mut rng);
+        if cap.contains(sh.position.words()) {
+            let at = colour_centre(&px, 32, sh.colour).expect("the shape is visible");
+            assert!(is_at(sh.position, at), "{cap}: the shape is at {at:?}");
+            checked += 1;
+        }
+        let (px, _) = augmented_pair(&scene, 3, 32, &keep_all, &mut rng);
+        let at = colour_centre(&px, 32, sh.colour).expect("the shape is visible");
+        misplaced_if_kept += usize::from(!is_at(sh.position, at));
+    }
+    assert!(
+        checked >= 50,
+        "only {checked} captions with positions checked"
+    );
+    assert!(
+        misplaced_if_kept > 0,
+        "tight crops never moved a shape: the check above would not catch dishonest captions"
+    );
 }
 
 #[test]
@@ -510,4 +575,61 @@ fn contrastive_loss_with_negative_captions_matches_its_formula() {
     assert!((got - want).abs() < 1e-4, "loss {got} vs {want}");
     // Fewer texts than images is refused.
     assert!(contrastive_loss(&tape, &leaf(&img, n), &leaf(&txt[..2 * p], 2), &ls).is_err());
+}
+
+#[test]
+fn the_adversarial_attack_raises_the_loss_within_its_ball() {
+    let g = gpu();
+    let tr = ClipTrainer::new(tiny(vocab_size()), 8, 1e-3, &g).unwrap();
+    let (px, caps) = batch(&g, 0, 1, 0, 4, 16, &Augment::default()).unwrap();
+    let negatives = batch_negatives(&caps, true, true);
+    let loss = |p: &Tensor| {
+        let tape = Tape::new();
+        let (l, _) = tr.loss(&tape, p, &caps, &negatives).unwrap();
+        l.value().to_vec().unwrap()[0]
+    };
+    // pixels in [0, 1], per image
+    let raw = |p: &Tensor| -> Vec<Vec<f32>> {
+        let v = p.to_vec().unwrap();
+        v.chunks(3 * 16 * 16)
+            .map(|img| {
+                img.iter()
+                    .enumerate()
+                    .map(|(i, &x)| x * STD[i / 256] + MEAN[i / 256])
+                    .collect()
+            })
+            .collect()
+    };
+    let before = loss(&px);
+    let clean = raw(&px);
+    assert!(
+        tr.attack(&px, &caps, &negatives, &Adversarial::OFF)
+            .unwrap()
+            .to_vec()
+            .unwrap()
+            == px.to_vec().unwrap()
+    );
+    for (norm, eps) in [(AdvNorm::L2, 0.5f32), (AdvNorm::Linf, 0.03)] {
+        let adv = Adversarial {
+            eps,
+            steps: 3,
+            norm,
+        };
+        let moved = tr.attack(&px, &caps, &negatives, &adv).unwrap();
+        let after = loss(&moved);
+        assert!(after > before + 1e-3, "{norm}: loss {before} -> {after}");
+        for (c, m) in clean.iter().zip(raw(&moved)) {
+            let d: Vec<f32> = c.iter().zip(&m).map(|(a, b)| b - a).collect();
+            let size = match norm {
+                AdvNorm::L2 => d.iter().map(|v| v * v).sum::<f32>().sqrt(),
+                AdvNorm::Linf => d.iter().fold(0f32, |a, v| a.max(v.abs())),
+            };
+            assert!(size <= eps * 1.001, "{norm}: moved by {size} > {eps}");
+            assert!(size > eps * 0.1, "{norm}: moved by only {size}");
+            assert!(
+                m.iter().all(|&v| (-1e-5..=1.0 + 1e-5).contains(&v)),
+                "{norm}: left [0, 1]"
+            );
+        }
+    }
 }

@@ -101,11 +101,21 @@ impl ClipTrainer {
         captions: &[String],
         negatives: &[String],
     ) -> Result<(Var, Var)> {
+        self.loss_on(tape, &tape.leaf(pixels.clone(), false), captions, negatives)
+    }
+
+    /// [`ClipTrainer::loss`] of pixels already on the tape (a leaf that needs a gradient
+    /// gives d loss / d pixels, as the adversarial attack needs).
+    pub fn loss_on(
+        &self,
+        tape: &Tape,
+        pixels: &Var,
+        captions: &[String],
+        negatives: &[String],
+    ) -> Result<(Var, Var)> {
         let texts: Vec<String> = captions.iter().chain(negatives).cloned().collect();
         let ids = self.model.tokenize(&texts)?;
-        let img = self
-            .model
-            .image_features_on(tape, &tape.leaf(pixels.clone(), false), false)?;
+        let img = self.model.image_features_on(tape, pixels, false)?;
         let txt = text_features(tape, &self.model, &ids)?;
         contrastive_loss(tape, &img, &txt, &tape.param(&self.logit_scale))
     }
