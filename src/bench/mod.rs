@@ -20,7 +20,8 @@ pub struct VariantTiming {
     pub ms: f64,
     /// GFLOP/s at the median (2·N³ FLOPs).
     pub gflops: f64,
-    /// Largest |gpu − cpu| / (K·Σ|a·b| / K) over the checked entries.
+    /// Largest |gpu − cpu| over the checked entries, in units of f32 eps · Σ|a·b| (recursive
+    /// summation of K products stays below K).
     pub max_err: f64,
 }
 
