@@ -415,13 +415,8 @@ pub struct AllOptions {
     pub tune: bool,
 }
 
-fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
-}
-
 fn rand_tensor(gpu: &Gpu, shape: &[usize], seed: u64) -> Result<Tensor> {
-    Tensor::from_slice(gpu, &random(shape.iter().product(), seed), shape)
+    Tensor::from_slice(gpu, &super::random(shape.iter().product(), seed), shape)
 }
 
 /// Times `f` (which records GPU work) once untimed, then until `seconds` have passed (3 to

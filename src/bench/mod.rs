@@ -44,9 +44,15 @@ pub struct MatmulBench {
     pub checked_entries: usize,
 }
 
+/// `n` uniform numbers in [-1, 1) from `seed` (the benches' inputs).
 fn random(n: usize, seed: u64) -> Vec<f32> {
+    random_in(n, seed, -1.0, 1.0)
+}
+
+/// `n` uniform numbers in [`lo`, `hi`) from `seed`.
+fn random_in(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
     let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
+    (0..n).map(|_| r.random_range(lo..hi)).collect()
 }
 
 /// Times `variants` of an N×N×N matmul; records the winner with [`Gpu::save_tuning`].

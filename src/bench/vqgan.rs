@@ -7,7 +7,6 @@ use crate::autodiff::Tape;
 use crate::models::vqgan::{QuantizerKind, VqGan, VqGanConfig};
 use crate::ops::vq;
 use crate::{Error, Gpu, Result, Tensor};
-use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
 /// One stage's timings over the repeats.
@@ -42,11 +41,6 @@ pub struct VqganBench {
     pub repeats: usize,
     /// The stages in pipeline order.
     pub stages: Vec<StageTiming>,
-}
-
-fn random(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
-    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|_| r.random_range(lo..hi)).collect()
 }
 
 /// Multiply-adds of a convolution producing `cout x hw` from `cin` channels with a `k x k`
@@ -226,7 +220,7 @@ pub fn vqgan_stages(
     let c = cfg.dd.in_channels;
     let img = Tensor::from_slice(
         gpu,
-        &random(c * width * height, 11, -1.0, 1.0),
+        &super::random_in(c * width * height, 11, -1.0, 1.0),
         &[1, c, height, width],
     )?;
     let z = model.encode(&img)?;
@@ -237,7 +231,7 @@ pub fn vqgan_stages(
     }
     let y = model.decode(&zq)?;
     check_finite(&y, "the decoder output")?;
-    let mask = Tensor::from_slice(gpu, &random(y.numel(), 12, -1.0, 1.0), y.shape())?;
+    let mask = Tensor::from_slice(gpu, &super::random_in(y.numel(), 12, -1.0, 1.0), y.shape())?;
     let decode_backward = || -> Result<Tensor> {
         let tape = Tape::new();
         let zv = tape.leaf(zq.clone(), true);
