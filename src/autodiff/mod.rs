@@ -590,20 +590,10 @@ impl Tape {
         act: Act,
     ) -> Result<Var> {
         use crate::ops::group_norm::group_norm;
-        if !any_needs_grad(&[x, gamma, beta], None) {
-            let y = group_norm(
-                &x.value,
-                groups,
-                Some(&gamma.value),
-                Some(&beta.value),
-                eps,
-                act,
-            )?;
-            return Ok(self.leaf(y, false));
-        }
         if !any_needs_grad(&[gamma, beta], None) {
-            // Frozen γ, β (latent optimisation): the activation stays fused and the backward
-            // is one fused pass family for dx, recomputing the statistics from x.
+            // Frozen γ, β: the activation stays fused. With no gradient at all that is the
+            // inference kernel; otherwise (latent optimisation) the backward is one fused
+            // pass family for dx, recomputing the statistics from x.
             let y = group_norm(
                 &x.value,
                 groups,
@@ -612,6 +602,9 @@ impl Tape {
                 eps,
                 act,
             )?;
+            if !any_needs_grad(&[x], None) {
+                return Ok(self.leaf(y, false));
+            }
             let (xv, gv, bv) = (x.value.clone(), gamma.value.clone(), beta.value.clone());
             return Ok(self.push(
                 y,
