@@ -122,20 +122,30 @@ pub enum Variant {
     /// [`IM2COL_BUDGET`] bytes. Falls back to the direct kernels when one image's columns do
     /// not fit.
     Im2col,
+    /// Implicit GEMM ([`super::conv2d_igemm`]): the subgroup matmul's tile reading the
+    /// columns from the input, no column buffer (CPU adapters with 8-wide subgroups). Runs
+    /// [`Variant::Im2col`] where it does not apply.
+    Implicit,
 }
 
 /// Most bytes of im2col columns held at once (images are processed in groups under it).
 pub const IM2COL_BUDGET: u64 = 96 << 20;
 
 impl Variant {
-    /// The variant for a shape: [`Variant::Im2col`] (2-4x the direct kernels on lavapipe,
-    /// where the tuned matmul is the fastest kernel), unless `VQCLIP_CONV=direct` (the
-    /// direct kernels: [`Variant::Conv3x3`] where it applies, else [`Variant::Generic`]) or
-    /// `VQCLIP_CONV=generic` asks otherwise.
-    pub fn for_shape(kh: usize, kw: usize, stride: usize) -> Variant {
+    /// The variant for a shape on `gpu`: `VQCLIP_CONV` if set (`implicit`, `im2col`,
+    /// `direct`: [`Variant::Conv3x3`] where it applies, else [`Variant::Generic`], or
+    /// `generic`), else [`Variant::Implicit`] on CPU adapters with 8-wide subgroups (it
+    /// skips the column buffer: the 128² f16-16384 decode + backward ran in 4.69 s against
+    /// 7.13 s with [`Variant::Im2col`] on lavapipe, see docs/perf.md), else
+    /// [`Variant::Im2col`] (2-4x
+    /// the direct kernels on lavapipe, and on GPUs the tuned matmul's workgroup tiles).
+    pub fn for_shape(gpu: &crate::Gpu, kh: usize, kw: usize, stride: usize) -> Variant {
         match std::env::var("VQCLIP_CONV").as_deref() {
             Ok("generic") => Variant::Generic,
             Ok("direct") => Self::direct(kh, kw, stride),
+            Ok("im2col") => Variant::Im2col,
+            Ok("implicit") => Variant::Implicit,
+            _ if gpu.is_cpu() && super::matmul::subgroup_supported(gpu) => Variant::Implicit,
             _ => Variant::Im2col,
         }
     }
@@ -157,7 +167,7 @@ impl Variant {
 /// `upsample`, else `H`.
 pub fn conv2d(x: &Tensor, w: &Tensor, o: &Conv2dOpts) -> Result<Tensor> {
     let v = if w.rank() == 4 {
-        Variant::for_shape(w.dim(2), w.dim(3), o.stride)
+        Variant::for_shape(x.gpu(), w.dim(2), w.dim(3), o.stride)
     } else {
         Variant::Generic
     };
@@ -219,7 +229,12 @@ pub fn conv2d_variant(x: &Tensor, w: &Tensor, o: &Conv2dOpts, v: Variant) -> Res
             )));
         }
     }
-    if v == Variant::Im2col && cin > 0 && n * ho * wo > 0 {
+    if v == Variant::Implicit && cin > 0 && n * ho * wo > 0 {
+        if let Some(y) = super::conv2d_igemm::try_conv2d(x, w, o, [ho, wo, hv, wv])? {
+            return Ok(y);
+        }
+    }
+    if matches!(v, Variant::Im2col | Variant::Implicit) && cin > 0 && n * ho * wo > 0 {
         let kp = (cin * kh * kw + o.bias.is_some() as usize).next_multiple_of(4);
         let per_image = (kp * ho * wo * 4) as u64;
         let limit = x
@@ -809,6 +824,7 @@ mod tests {
     fn check(s: RefShape, bias: bool, res: bool, seed: u64) {
         check_variant(s, bias, res, seed, Variant::Generic);
         check_variant(s, bias, res, seed, Variant::Im2col);
+        check_variant(s, bias, res, seed, Variant::Implicit);
         if s.kh == 3 && s.kw == 3 && s.stride <= 2 {
             check_variant(s, bias, res, seed, Variant::Conv3x3);
         }

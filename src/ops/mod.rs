@@ -8,6 +8,7 @@ pub mod concat;
 #[cfg(test)]
 mod contract_tests;
 pub mod conv2d;
+pub mod conv2d_igemm;
 pub mod elementwise;
 pub mod gather;
 pub mod group_norm;

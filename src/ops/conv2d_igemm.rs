@@ -1,0 +1,275 @@
+//! Implicit-GEMM convolution for CPU adapters with 8-wide subgroups
+//! (`shaders/conv2d_igemm.wgsl`): the subgroup matmul's register tile reading the im2col
+//! columns straight from the input, so no column buffer is written, read or chunked. The
+//! weight is repacked once per weight buffer as `[Cout, KH, KW, Cin4]` (kept in the
+//! device's derived-tensor cache, dropped when the weight changes).
+//!
+//! [`super::conv2d::conv2d`] calls [`try_conv2d`] for [`super::conv2d::Variant::Implicit`]
+//! and falls back to the im2col path when the device or the shape does not fit.
+
+use super::conv2d::Conv2dOpts;
+use super::matmul::subgroup_supported;
+use super::CPU_LOOP_LIMIT;
+use crate::gpu::{Gpu, Kernel, Shader};
+use crate::tensor::{DType, Tensor};
+use crate::Result;
+
+/// The `override` constants the kernel sets.
+mod ov {
+    use crate::gpu::Override;
+    pub(super) const KH: Override<u32> = Override::new("KH");
+    pub(super) const KW: Override<u32> = Override::new("KW");
+    pub(super) const STRIDE: Override<u32> = Override::new("STRIDE");
+    pub(super) const UPSAMPLE: Override<bool> = Override::new("UPSAMPLE");
+    pub(super) const HAS_BIAS: Override<bool> = Override::new("HAS_BIAS");
+    pub(super) const HAS_RES: Override<bool> = Override::new("HAS_RES");
+    pub(super) const CIN_TAIL: Override<bool> = Override::new("CIN_TAIL");
+    pub(super) const SG_ROWS: Override<u32> = Override::new("SG_ROWS");
+}
+
+pub(crate) static SHADER: Shader<Params> = crate::shader!(
+    "conv2d_igemm",
+    overrides = [
+        ov::KH,
+        ov::KW,
+        ov::STRIDE,
+        ov::UPSAMPLE,
+        ov::HAS_BIAS,
+        ov::HAS_RES,
+        ov::CIN_TAIL,
+        ov::SG_ROWS
+    ]
+);
+
+crate::shader_params! {
+    /// Mirrors `struct Params` in `shaders/conv2d_igemm.wgsl`.
+    pub(crate) struct Params {
+        cin: u32,
+        h: u32,
+        w: u32,
+        cout: u32,
+        ho: u32,
+        wo: u32,
+        hv: u32,
+        wv: u32,
+        pad_top: u32,
+        pad_left: u32,
+        cq: u32,
+        batch: u32,
+        batch0: u32,
+        _pad: [u32; 3],
+    }
+}
+
+/// Output pixels one workgroup covers (8 lanes x 4 pixels).
+const COLS_PER_WG: usize = 32;
+/// Most workgroups per grid dimension.
+const MAX_GROUPS: usize = 65_535;
+
+/// Whether the kernel can run this convolution on `gpu`: 8-wide subgroups, an output
+/// whose pixels fit one grid row, and taps x channel steps under llvmpipe's loop cap.
+pub fn applies(gpu: &Gpu, cin: usize, kernel: [usize; 2], out_pixels: usize) -> bool {
+    let taps = kernel[0] * kernel[1];
+    let steps = cin.div_ceil(4);
+    subgroup_supported(gpu)
+        && cin > 0
+        && out_pixels > 0
+        && out_pixels.div_ceil(COLS_PER_WG) <= MAX_GROUPS
+        && taps * (steps + 1) + 64 <= CPU_LOOP_LIMIT
+}
+
+/// `conv2d(x, w, o)` by the implicit-GEMM kernel, or `None` when [`applies`] says no.
+/// `dims` = `[Ho, Wo, H', W']` (H', W': the input after the optional upsample); the shapes
+/// were checked by the caller.
+pub(crate) fn try_conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    o: &Conv2dOpts,
+    dims: [usize; 4],
+) -> Result<Option<Tensor>> {
+    let [ho, wo, hv, wv] = dims;
+    let (n, cin, h, wd) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
+    let (cout, kh, kw) = (w.dim(0), w.dim(2), w.dim(3));
+    let gpu = x.gpu();
+    let limit = u32::MAX as usize;
+    if !applies(gpu, cin, [kh, kw], ho * wo)
+        || [x.numel(), n * cout * ho * wo, cout * kh * kw * (cin + 3)]
+            .iter()
+            .any(|&v| v > limit)
+        || o.pad[0].max(o.pad[2]) > i32::MAX as usize / 2
+    {
+        return Ok(None);
+    }
+    let cin4 = cin.next_multiple_of(4);
+    let packed = gpu.derived("conv2d_igemm_packed", &[w], || {
+        let t = super::permute::permute(w, &[0, 2, 3, 1])?;
+        if cin4 == cin {
+            return Ok(t);
+        }
+        let zeros = Tensor::zeros(gpu, &[cout, kh, kw, cin4 - cin])?;
+        super::concat::concat(&[&t, &zeros], 3)
+    })?;
+    let y = Tensor::empty(gpu, &[n, cout, ho, wo], DType::F32)?;
+    // 8-row subgroups when 16 would leave more than half of each tile idle.
+    let sg_rows = if cout <= 64 { 8 } else { 16 };
+    let kernel = Kernel::new(&SHADER, "conv2d_igemm")
+        .with(ov::KH, kh as u32)
+        .with(ov::KW, kw as u32)
+        .with(ov::STRIDE, o.stride as u32)
+        .with(ov::UPSAMPLE, o.upsample)
+        .with(ov::HAS_BIAS, o.bias.is_some())
+        .with(ov::HAS_RES, o.residual.is_some())
+        .with(ov::CIN_TAIL, cin4 != cin)
+        .with(ov::SG_ROWS, sg_rows as u32);
+    let bias_b = o.bias.map_or(gpu.unused_binding(), Tensor::binding);
+    let res_b = o.residual.map_or(gpu.unused_binding(), Tensor::binding);
+    let wg_x = (ho * wo).div_ceil(COLS_PER_WG) as u32;
+    let wg_y = cout.div_ceil(8 * sg_rows);
+    if wg_y > MAX_GROUPS {
+        return Ok(None);
+    }
+    for batch0 in (0..n).step_by(MAX_GROUPS) {
+        let p = Params {
+            cin: cin as u32,
+            h: h as u32,
+            w: wd as u32,
+            cout: cout as u32,
+            ho: ho as u32,
+            wo: wo as u32,
+            hv: hv as u32,
+            wv: wv as u32,
+            pad_top: o.pad[0] as u32,
+            pad_left: o.pad[2] as u32,
+            cq: (cin4 / 4) as u32,
+            batch: n as u32,
+            batch0: batch0 as u32,
+            _pad: [0; 3],
+        };
+        gpu.dispatch(
+            &kernel,
+            &p,
+            &[x.binding(), packed.binding(), bias_b, res_b, y.binding()],
+            [wg_x, wg_y as u32, (n - batch0).min(MAX_GROUPS) as u32],
+        );
+    }
+    Ok(Some(y))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::conv2d::{out_size, reference, RefShape};
+    use super::*;
+    use crate::ops::testutil::{gpu, rand_vec};
+
+    /// Runs [`try_conv2d`] itself (not through the fallback) against the f64 reference.
+    fn check(s: RefShape, bias: bool, res: bool, seed: u64) {
+        let g = gpu();
+        assert!(
+            subgroup_supported(&g),
+            "the test adapter has 8-wide subgroups"
+        );
+        let xv = rand_vec(s.n * s.cin * s.h * s.w, seed);
+        let wv = rand_vec(s.cout * s.cin * s.kh * s.kw, seed + 1);
+        let bv = rand_vec(s.cout, seed + 2);
+        let (_, _, shape) = reference(&xv, &wv, None, None, &s);
+        let rv = rand_vec(shape.iter().product(), seed + 3);
+        let x = Tensor::from_slice(&g, &xv, &[s.n, s.cin, s.h, s.w]).unwrap();
+        let w = Tensor::from_slice(&g, &wv, &[s.cout, s.cin, s.kh, s.kw]).unwrap();
+        let b = Tensor::from_slice(&g, &bv, &[s.cout]).unwrap();
+        let r = Tensor::from_slice(&g, &rv, &shape).unwrap();
+        let o = Conv2dOpts {
+            stride: s.stride,
+            pad: s.pad,
+            upsample: s.upsample,
+            bias: bias.then_some(&b),
+            residual: res.then_some(&r),
+        };
+        let up = if s.upsample { 2 } else { 1 };
+        let (hv, wv_) = (s.h * up, s.w * up);
+        let ho = out_size(hv, s.kh, s.stride, s.pad[0], s.pad[1]).unwrap();
+        let wo = out_size(wv_, s.kw, s.stride, s.pad[2], s.pad[3]).unwrap();
+        let y = try_conv2d(&x, &w, &o, [ho, wo, hv, wv_])
+            .unwrap()
+            .expect("the implicit kernel applies");
+        assert_eq!(y.shape(), shape);
+        let got = y.to_vec().unwrap();
+        let (want, mag, _) = reference(&xv, &wv, bias.then_some(&bv), res.then_some(&rv), &s);
+        let k = (s.cin * s.kh * s.kw) as f64;
+        for i in 0..got.len() {
+            let tol = 1.2 * (k + 3.0) * f32::EPSILON as f64 * mag[i] + 1e-6 * (1.0 + want[i].abs());
+            let err = (got[i] as f64 - want[i]).abs();
+            assert!(
+                err <= tol,
+                "{s:?}: y[{i}] = {} want {} (err {err:e})",
+                got[i],
+                want[i]
+            );
+        }
+    }
+
+    fn shape(n: usize, cin: usize, hw: (usize, usize), cout: usize, k: usize) -> RefShape {
+        RefShape {
+            n,
+            cin,
+            h: hw.0,
+            w: hw.1,
+            cout,
+            kh: k,
+            kw: k,
+            stride: 1,
+            pad: [k / 2; 4],
+            upsample: false,
+        }
+    }
+
+    #[test]
+    fn matches_the_reference_over_tiles_tails_and_options() {
+        // 16-row tiles over two workgroup rows (Cout 130), 8-row tiles (Cout <= 64), Cin not
+        // a multiple of 4, ragged pixel blocks, several images.
+        check(shape(2, 8, (9, 7), 130, 3), true, true, 1);
+        check(shape(1, 5, (6, 11), 3, 3), true, false, 2);
+        check(shape(3, 3, (5, 5), 64, 1), false, true, 3);
+        check(shape(1, 12, (1, 1), 9, 3), true, false, 4);
+        // taming's downsample: stride 2, pad right and bottom.
+        let mut s = shape(2, 6, (9, 12), 20, 3);
+        s.stride = 2;
+        s.pad = [0, 1, 0, 1];
+        check(s, true, false, 5);
+        // fused x2 upsample, and an odd kernel with asymmetric padding.
+        let mut s = shape(1, 7, (5, 3), 17, 3);
+        s.upsample = true;
+        check(s, true, true, 6);
+        let mut s = shape(2, 4, (13, 11), 6, 1);
+        (s.kh, s.kw, s.stride, s.pad) = (2, 5, 1, [0, 1, 2, 2]);
+        check(s, false, false, 7);
+    }
+
+    #[test]
+    fn channels_past_cin_read_as_zero_even_beside_infinities() {
+        // Cin = 5 packs to 8 with zero weights in channels 5..7. Channel 4 is +inf under a
+        // positive weight, so every output is +inf; a padded channel that read channel 4's
+        // plane instead of zero would add inf · 0 = NaN.
+        let g = gpu();
+        let mut xv = rand_vec(5 * 4 * 4, 11);
+        xv[4 * 16..].fill(f32::INFINITY);
+        let mut wv = rand_vec(2 * 5, 12);
+        wv[4] = 0.5;
+        wv[9] = 0.5;
+        let x = Tensor::from_slice(&g, &xv, &[1, 5, 4, 4]).unwrap();
+        let w = Tensor::from_slice(&g, &wv, &[2, 5, 1, 1]).unwrap();
+        let y = try_conv2d(&x, &w, &Conv2dOpts::default(), [4, 4, 4, 4])
+            .unwrap()
+            .expect("applies");
+        for v in y.to_vec().unwrap() {
+            assert_eq!(v, f32::INFINITY);
+        }
+    }
+
+    #[test]
+    fn shapes_past_the_loop_cap_are_declined() {
+        let g = gpu();
+        assert!(applies(&g, 512, [3, 3], 64));
+        assert!(!applies(&g, 40_000, [3, 3], 64));
+        assert!(!applies(&g, 4, [3, 3], 0));
+    }
+}
