@@ -15,6 +15,8 @@
 // tap the 4 pixels' source offsets and their padding masks are worked out once and reused
 // for every channel.
 //
+// With ROW_REUSE (see below) a kernel row's three taps share their input loads.
+//
 // Requires subgroups of exactly 8 invocations (the host checks). Loops: KH·KW taps of Cin4/4
 // steps, kept under llvmpipe's loop cap by the host.
 
@@ -54,6 +56,10 @@ override HAS_RES: bool = false;
 // infinite input times a zero weight would not be).
 override CIN_TAIL: bool = false;
 override SG_ROWS: u32 = 16u;
+// 3-wide kernels at stride 1 with Wo % 4 == 0 (the host checks): a lane's 4 pixels sit in
+// one row, so the three kx taps of a kernel row read 6 neighbouring inputs per channel
+// instead of 12; the three taps' weight vectors are loaded together.
+override ROW_REUSE: bool = false;
 
 fn fma_row(a: vec4<f32>, bk: mat4x4<f32>, acc: vec4<f32>) -> vec4<f32> {
     return fma(vec4<f32>(a.x), bk[0], fma(vec4<f32>(a.y), bk[1],
@@ -64,6 +70,11 @@ fn fma_row(a: vec4<f32>, bk: mat4x4<f32>, acc: vec4<f32>) -> vec4<f32> {
 fn pixels(base: u32, off: vec4<u32>, ok: vec4<bool>) -> vec4<f32> {
     let v = vec4<f32>(x[base + off.x], x[base + off.y], x[base + off.z], x[base + off.w]);
     return select(vec4<f32>(0.0), v, ok);
+}
+
+// The same for 2 pixels.
+fn pair(base: u32, off: vec2<u32>, ok: vec2<bool>) -> vec2<f32> {
+    return select(vec2<f32>(0.0), vec2<f32>(x[base + off.x], x[base + off.y]), ok);
 }
 
 fn store_row(bi: u32, co: u32, col: u32, live: vec4<bool>, v: vec4<f32>) {
@@ -87,6 +98,69 @@ fn store_row(bi: u32, co: u32, col: u32, live: vec4<bool>, v: vec4<f32>) {
     }
 }
 
+// Rows of C over kk from the lanes' weight loads: lane r's vec4 is row r's 4 k.
+fn rows_lo(mine: vec4<f32>) -> mat4x4<f32> {
+    return mat4x4<f32>(subgroupBroadcast(mine, 0u), subgroupBroadcast(mine, 1u),
+                       subgroupBroadcast(mine, 2u), subgroupBroadcast(mine, 3u));
+}
+fn rows_hi(mine: vec4<f32>) -> mat4x4<f32> {
+    return mat4x4<f32>(subgroupBroadcast(mine, 4u), subgroupBroadcast(mine, 5u),
+                       subgroupBroadcast(mine, 6u), subgroupBroadcast(mine, 7u));
+}
+
+// One step of 4 k: acc[r] += (row r's 4 weights) · bk for the subgroup's 8 or 16 rows.
+fn step(mine: vec4<f32>, mine2: vec4<f32>, bk: mat4x4<f32>,
+        acc: ptr<function, array<vec4<f32>, 16>>) {
+    let lo = rows_lo(mine);
+    let hi = rows_hi(mine);
+    (*acc)[0] = fma_row(lo[0], bk, (*acc)[0]);
+    (*acc)[1] = fma_row(lo[1], bk, (*acc)[1]);
+    (*acc)[2] = fma_row(lo[2], bk, (*acc)[2]);
+    (*acc)[3] = fma_row(lo[3], bk, (*acc)[3]);
+    (*acc)[4] = fma_row(hi[0], bk, (*acc)[4]);
+    (*acc)[5] = fma_row(hi[1], bk, (*acc)[5]);
+    (*acc)[6] = fma_row(hi[2], bk, (*acc)[6]);
+    (*acc)[7] = fma_row(hi[3], bk, (*acc)[7]);
+    if SG_ROWS == 16u {
+        let lo2 = rows_lo(mine2);
+        let hi2 = rows_hi(mine2);
+        (*acc)[8] = fma_row(lo2[0], bk, (*acc)[8]);
+        (*acc)[9] = fma_row(lo2[1], bk, (*acc)[9]);
+        (*acc)[10] = fma_row(lo2[2], bk, (*acc)[10]);
+        (*acc)[11] = fma_row(lo2[3], bk, (*acc)[11]);
+        (*acc)[12] = fma_row(hi2[0], bk, (*acc)[12]);
+        (*acc)[13] = fma_row(hi2[1], bk, (*acc)[13]);
+        (*acc)[14] = fma_row(hi2[2], bk, (*acc)[14]);
+        (*acc)[15] = fma_row(hi2[3], bk, (*acc)[15]);
+    }
+}
+
+// The weight vectors of k step `at` for this lane's rows (the second only with 16 rows).
+fn weights(a_row: u32, a_row2: u32, at: u32) -> array<vec4<f32>, 2> {
+    var m = array<vec4<f32>, 2>(w4[a_row + at], vec4<f32>(0.0));
+    if SG_ROWS == 16u {
+        m[1] = w4[a_row2 + at];
+    }
+    return m;
+}
+
+// Channel planes 1..3 after `base` and their masks; with CIN_TAIL, planes past Cin are
+// masked and read at `base` (inside x).
+struct Planes {
+    b: vec3<u32>,
+    live: vec3<bool>,
+}
+
+fn planes(base: u32, hw: u32, c0: u32) -> Planes {
+    var b = vec3<u32>(base + hw, base + 2u * hw, base + 3u * hw);
+    var live = vec3<bool>(true);
+    if CIN_TAIL {
+        live = vec3<u32>(c0 + 1u, c0 + 2u, c0 + 3u) < vec3<u32>(p.cin);
+        b = select(vec3<u32>(base), b, live);
+    }
+    return Planes(b, live);
+}
+
 @compute @workgroup_size(64)
 fn conv2d_igemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_id) sid: u32,
                 @builtin(subgroup_invocation_id) lane: u32) {
@@ -95,7 +169,6 @@ fn conv2d_igemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_id) sid
     let bi = min(wid.z + p.batch0, p.batch - 1u);
     let row = (wid.y * 8u + sid) * SG_ROWS;
     let col = (wid.x * 8u + lane) * 4u;
-    let tall = SG_ROWS == 16u;
     let npix = p.ho * p.wo;
     let hw = p.h * p.w;
     let kq = KH * KW * p.cq;
@@ -110,109 +183,96 @@ fn conv2d_igemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_id) sid
     let y0 = vec4<i32>(oy * STRIDE) - i32(p.pad_top);
     let x0 = vec4<i32>(ox * STRIDE) - i32(p.pad_left);
     let xb = bi * p.cin * hw;
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
-    var acc4 = vec4<f32>(0.0);
-    var acc5 = vec4<f32>(0.0);
-    var acc6 = vec4<f32>(0.0);
-    var acc7 = vec4<f32>(0.0);
-    var acc8 = vec4<f32>(0.0);
-    var acc9 = vec4<f32>(0.0);
-    var acc10 = vec4<f32>(0.0);
-    var acc11 = vec4<f32>(0.0);
-    var acc12 = vec4<f32>(0.0);
-    var acc13 = vec4<f32>(0.0);
-    var acc14 = vec4<f32>(0.0);
-    var acc15 = vec4<f32>(0.0);
-    for (var t = 0u; t < KH * KW; t++) {
-        let ky = t / KW;
-        let kx = t - ky * KW;
-        let iy = y0 + i32(ky);
-        let ix = x0 + i32(kx);
-        let ok = live & (iy >= vec4<i32>(0)) & (iy < vec4<i32>(i32(p.hv)))
-            & (ix >= vec4<i32>(0)) & (ix < vec4<i32>(i32(p.wv)));
-        var sy = iy;
-        var sx = ix;
-        if UPSAMPLE {
-            sy = iy >> vec4<u32>(1u);
-            sx = ix >> vec4<u32>(1u);
+    var acc: array<vec4<f32>, 16>;
+    if ROW_REUSE {
+        // The 4 pixels share oy; inputs x0.x + 0..5 of each kernel row feed its 3 taps.
+        let xa = x0.x + vec4<i32>(0, 1, 2, 3);
+        let xe = x0.x + vec2<i32>(4, 5);
+        for (var ky = 0u; ky < KH; ky++) {
+            let iy = y0.x + i32(ky);
+            let row_ok = live.x && iy >= 0 && iy < i32(p.hv);
+            let oka = vec4<bool>(row_ok) & (xa >= vec4<i32>(0)) & (xa < vec4<i32>(i32(p.wv)));
+            let oke = vec2<bool>(row_ok) & (xe >= vec2<i32>(0)) & (xe < vec2<i32>(i32(p.wv)));
+            var sy = iy;
+            var sxa = xa;
+            var sxe = xe;
+            if UPSAMPLE {
+                sy = iy >> 1u;
+                sxa = xa >> vec4<u32>(1u);
+                sxe = xe >> vec2<u32>(1u);
+            }
+            let offa = select(vec4<u32>(0u), vec4<u32>(u32(sy) * p.w) + vec4<u32>(sxa), oka);
+            let offe = select(vec2<u32>(0u), vec2<u32>(u32(sy) * p.w) + vec2<u32>(sxe), oke);
+            let ab = ky * 3u * p.cq;
+            for (var q = 0u; q < p.cq; q++) {
+                let base = xb + 4u * q * hw;
+                let pl = planes(base, hw, 4u * q);
+                // Rows over kk (channels) of the 6 inputs: a = positions 0..3, e = 4..5.
+                let a0 = pixels(base, offa, oka);
+                let a1 = pixels(pl.b.x, offa, oka & vec4<bool>(pl.live.x));
+                let a2 = pixels(pl.b.y, offa, oka & vec4<bool>(pl.live.y));
+                let a3 = pixels(pl.b.z, offa, oka & vec4<bool>(pl.live.z));
+                let e0 = pair(base, offe, oke);
+                let e1 = pair(pl.b.x, offe, oke & vec2<bool>(pl.live.x));
+                let e2 = pair(pl.b.y, offe, oke & vec2<bool>(pl.live.y));
+                let e3 = pair(pl.b.z, offe, oke & vec2<bool>(pl.live.z));
+                let m0 = weights(a_row, a_row2, ab + q);
+                let m1 = weights(a_row, a_row2, ab + p.cq + q);
+                let m2 = weights(a_row, a_row2, ab + 2u * p.cq + q);
+                step(m0[0], m0[1], mat4x4<f32>(a0, a1, a2, a3), &acc);
+                step(m1[0], m1[1], mat4x4<f32>(vec4<f32>(a0.yzw, e0.x), vec4<f32>(a1.yzw, e1.x),
+                                               vec4<f32>(a2.yzw, e2.x), vec4<f32>(a3.yzw, e3.x)), &acc);
+                step(m2[0], m2[1], mat4x4<f32>(vec4<f32>(a0.zw, e0), vec4<f32>(a1.zw, e1),
+                                               vec4<f32>(a2.zw, e2), vec4<f32>(a3.zw, e3)), &acc);
+            }
         }
-        let off = select(vec4<u32>(0u), vec4<u32>(sy) * p.w + vec4<u32>(sx), ok);
-        let ab = t * p.cq;
-        for (var q = 0u; q < p.cq; q++) {
-            let mine = w4[a_row + ab + q];
-            var mine2 = vec4<f32>(0.0);
-            if tall {
-                mine2 = w4[a_row2 + ab + q];
+    } else {
+        for (var t = 0u; t < KH * KW; t++) {
+            let ky = t / KW;
+            let kx = t - ky * KW;
+            let iy = y0 + i32(ky);
+            let ix = x0 + i32(kx);
+            let ok = live & (iy >= vec4<i32>(0)) & (iy < vec4<i32>(i32(p.hv)))
+                & (ix >= vec4<i32>(0)) & (ix < vec4<i32>(i32(p.wv)));
+            var sy = iy;
+            var sx = ix;
+            if UPSAMPLE {
+                sy = iy >> vec4<u32>(1u);
+                sx = ix >> vec4<u32>(1u);
             }
-            let c0 = 4u * q;
-            let base = xb + c0 * hw;
-            var ok1 = ok;
-            var ok2 = ok;
-            var ok3 = ok;
-            var b1 = base + hw;
-            var b2 = base + 2u * hw;
-            var b3 = base + 3u * hw;
-            if CIN_TAIL {
-                // Channel planes past Cin are never read: masked, at a clamped address
-                // inside x.
-                ok1 = ok & vec4<bool>(c0 + 1u < p.cin);
-                ok2 = ok & vec4<bool>(c0 + 2u < p.cin);
-                ok3 = ok & vec4<bool>(c0 + 3u < p.cin);
-                b1 = select(base, b1, c0 + 1u < p.cin);
-                b2 = select(base, b2, c0 + 2u < p.cin);
-                b3 = select(base, b3, c0 + 3u < p.cin);
-            }
-            let bk = mat4x4<f32>(pixels(base, off, ok), pixels(b1, off, ok1),
-                                 pixels(b2, off, ok2), pixels(b3, off, ok3));
-            let lo = mat4x4<f32>(subgroupBroadcast(mine, 0u), subgroupBroadcast(mine, 1u),
-                                 subgroupBroadcast(mine, 2u), subgroupBroadcast(mine, 3u));
-            let hi = mat4x4<f32>(subgroupBroadcast(mine, 4u), subgroupBroadcast(mine, 5u),
-                                 subgroupBroadcast(mine, 6u), subgroupBroadcast(mine, 7u));
-            acc0 = fma_row(lo[0], bk, acc0);
-            acc1 = fma_row(lo[1], bk, acc1);
-            acc2 = fma_row(lo[2], bk, acc2);
-            acc3 = fma_row(lo[3], bk, acc3);
-            acc4 = fma_row(hi[0], bk, acc4);
-            acc5 = fma_row(hi[1], bk, acc5);
-            acc6 = fma_row(hi[2], bk, acc6);
-            acc7 = fma_row(hi[3], bk, acc7);
-            if tall {
-                let lo2 = mat4x4<f32>(subgroupBroadcast(mine2, 0u), subgroupBroadcast(mine2, 1u),
-                                      subgroupBroadcast(mine2, 2u), subgroupBroadcast(mine2, 3u));
-                let hi2 = mat4x4<f32>(subgroupBroadcast(mine2, 4u), subgroupBroadcast(mine2, 5u),
-                                      subgroupBroadcast(mine2, 6u), subgroupBroadcast(mine2, 7u));
-                acc8 = fma_row(lo2[0], bk, acc8);
-                acc9 = fma_row(lo2[1], bk, acc9);
-                acc10 = fma_row(lo2[2], bk, acc10);
-                acc11 = fma_row(lo2[3], bk, acc11);
-                acc12 = fma_row(hi2[0], bk, acc12);
-                acc13 = fma_row(hi2[1], bk, acc13);
-                acc14 = fma_row(hi2[2], bk, acc14);
-                acc15 = fma_row(hi2[3], bk, acc15);
+            let off = select(vec4<u32>(0u), vec4<u32>(sy) * p.w + vec4<u32>(sx), ok);
+            let ab = t * p.cq;
+            for (var q = 0u; q < p.cq; q++) {
+                let base = xb + 4u * q * hw;
+                let pl = planes(base, hw, 4u * q);
+                let bk = mat4x4<f32>(pixels(base, off, ok),
+                                     pixels(pl.b.x, off, ok & vec4<bool>(pl.live.x)),
+                                     pixels(pl.b.y, off, ok & vec4<bool>(pl.live.y)),
+                                     pixels(pl.b.z, off, ok & vec4<bool>(pl.live.z)));
+                let m = weights(a_row, a_row2, ab + q);
+                step(m[0], m[1], bk, &acc);
             }
         }
     }
     if wid.z + p.batch0 < p.batch && col < npix {
-        store_row(bi, row, col, live, acc0);
-        store_row(bi, row + 1u, col, live, acc1);
-        store_row(bi, row + 2u, col, live, acc2);
-        store_row(bi, row + 3u, col, live, acc3);
-        store_row(bi, row + 4u, col, live, acc4);
-        store_row(bi, row + 5u, col, live, acc5);
-        store_row(bi, row + 6u, col, live, acc6);
-        store_row(bi, row + 7u, col, live, acc7);
-        if tall {
-            store_row(bi, row + 8u, col, live, acc8);
-            store_row(bi, row + 9u, col, live, acc9);
-            store_row(bi, row + 10u, col, live, acc10);
-            store_row(bi, row + 11u, col, live, acc11);
-            store_row(bi, row + 12u, col, live, acc12);
-            store_row(bi, row + 13u, col, live, acc13);
-            store_row(bi, row + 14u, col, live, acc14);
-            store_row(bi, row + 15u, col, live, acc15);
+        // Constant indices only: a dynamic one would keep acc in memory.
+        store_row(bi, row, col, live, acc[0]);
+        store_row(bi, row + 1u, col, live, acc[1]);
+        store_row(bi, row + 2u, col, live, acc[2]);
+        store_row(bi, row + 3u, col, live, acc[3]);
+        store_row(bi, row + 4u, col, live, acc[4]);
+        store_row(bi, row + 5u, col, live, acc[5]);
+        store_row(bi, row + 6u, col, live, acc[6]);
+        store_row(bi, row + 7u, col, live, acc[7]);
+        if SG_ROWS == 16u {
+            store_row(bi, row + 8u, col, live, acc[8]);
+            store_row(bi, row + 9u, col, live, acc[9]);
+            store_row(bi, row + 10u, col, live, acc[10]);
+            store_row(bi, row + 11u, col, live, acc[11]);
+            store_row(bi, row + 12u, col, live, acc[12]);
+            store_row(bi, row + 13u, col, live, acc[13]);
+            store_row(bi, row + 14u, col, live, acc[14]);
+            store_row(bi, row + 15u, col, live, acc[15]);
         }
     }
 }

@@ -25,6 +25,7 @@ mod ov {
     pub(super) const HAS_RES: Override<bool> = Override::new("HAS_RES");
     pub(super) const CIN_TAIL: Override<bool> = Override::new("CIN_TAIL");
     pub(super) const SG_ROWS: Override<u32> = Override::new("SG_ROWS");
+    pub(super) const ROW_REUSE: Override<bool> = Override::new("ROW_REUSE");
 }
 
 pub(crate) static SHADER: Shader<Params> = crate::shader!(
@@ -37,7 +38,8 @@ pub(crate) static SHADER: Shader<Params> = crate::shader!(
         ov::HAS_BIAS,
         ov::HAS_RES,
         ov::CIN_TAIL,
-        ov::SG_ROWS
+        ov::SG_ROWS,
+        ov::ROW_REUSE
     ]
 );
 
@@ -76,6 +78,12 @@ pub fn applies(gpu: &Gpu, cin: usize, kernel: [usize; 2], out_pixels: usize) -> 
         && out_pixels > 0
         && out_pixels.div_ceil(COLS_PER_WG) <= MAX_GROUPS
         && taps * (steps + 1) + 64 <= CPU_LOOP_LIMIT
+}
+
+/// Whether a kernel row's taps share their input loads (`ROW_REUSE` in the shader): 3-wide
+/// kernels at stride 1 whose output rows split into whole blocks of 4 pixels.
+fn row_reuse(kw: usize, stride: usize, wo: usize) -> bool {
+    kw == 3 && stride == 1 && wo.is_multiple_of(4)
 }
 
 /// `conv2d(x, w, o)` by the implicit-GEMM kernel, or `None` when [`applies`] says no.
@@ -120,7 +128,8 @@ pub(crate) fn try_conv2d(
         .with(ov::HAS_BIAS, o.bias.is_some())
         .with(ov::HAS_RES, o.residual.is_some())
         .with(ov::CIN_TAIL, cin4 != cin)
-        .with(ov::SG_ROWS, sg_rows as u32);
+        .with(ov::SG_ROWS, sg_rows as u32)
+        .with(ov::ROW_REUSE, row_reuse(kw, o.stride, wo));
     let bias_b = o.bias.map_or(gpu.unused_binding(), Tensor::binding);
     let res_b = o.residual.map_or(gpu.unused_binding(), Tensor::binding);
     let wg_x = (ho * wo).div_ceil(COLS_PER_WG) as u32;
@@ -242,6 +251,30 @@ mod tests {
         let mut s = shape(2, 4, (13, 11), 6, 1);
         (s.kh, s.kw, s.stride, s.pad) = (2, 5, 1, [0, 1, 2, 2]);
         check(s, false, false, 7);
+    }
+
+    #[test]
+    fn kernel_rows_sharing_their_loads_match_the_reference() {
+        // ROW_REUSE: 3-wide, stride 1, Wo % 4 == 0: edges on both sides of a 4-pixel
+        // block, Cin tails, 16- and 8-row tiles, upsampling, asymmetric padding.
+        let cases = [
+            (shape(2, 6, (5, 8), 130, 3), true, true),
+            (shape(1, 5, (4, 4), 20, 3), true, false),
+            (shape(1, 8, (7, 12), 64, 3), false, true),
+        ];
+        for (i, (s, bias, res)) in cases.into_iter().enumerate() {
+            assert!(row_reuse(s.kw, s.stride, s.w));
+            check(s, bias, res, 40 + i as u64);
+        }
+        let mut s = shape(1, 7, (3, 4), 17, 3);
+        s.upsample = true;
+        check(s, true, true, 50);
+        let mut s = shape(2, 4, (6, 8), 9, 3);
+        s.pad = [0, 2, 2, 0];
+        assert!(row_reuse(s.kw, s.stride, 8 + 2 - 3 + 1));
+        check(s, true, false, 51);
+        // (3, 1) kernels keep the per-tap path.
+        assert!(!row_reuse(1, 1, 8) && !row_reuse(3, 2, 8) && !row_reuse(3, 1, 6));
     }
 
     #[test]

@@ -303,6 +303,22 @@ fn matmul_impl(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Option<Variant>) -> Re
             )));
         }
     }
+    // A batch of A's against one shared B (tokens of several images through a linear
+    // layer): A's rows are contiguous over the batch, so it is one [batch·M, K] product. One
+    // tall product fills whole tiles where `batch` short ones (M = 50 tokens) would each
+    // leave part of a tile idle.
+    if bb.is_empty() && batch > 1 && !o.trans_a && batch * m <= u32::MAX as usize {
+        let a2 = a.reshape(&[batch * m, ka])?;
+        let res2 = match o.residual {
+            Some(r) => Some(r.reshape(&[batch * m, n])?),
+            None => None,
+        };
+        let o2 = MatmulOpts {
+            residual: res2.as_ref(),
+            ..*o
+        };
+        return matmul_impl(&a2, b, &o2, v)?.reshape(&out_shape);
+    }
     let gpu = a.gpu();
     let c = Tensor::empty(gpu, &out_shape, DType::F32)?;
     if c.numel() == 0 {
