@@ -8,7 +8,7 @@
 // As a matmul, C = W' @ cols per image: M = Cout rows, N = Ho·Wo columns, K = KH·KW·Cin4 in
 // (ky, kx, ci) order, where W' is the weight repacked once as [Cout, KH, KW, Cin4] (Cin4 =
 // Cin rounded up to 4, zero-filled) so that each step of 4 k is one vec4 of a weight row.
-// A subgroup of 8 lanes computes SG_ROWS (8 or 16) rows x 32 columns: each lane owns 4
+// A subgroup of 8 lanes computes SG_ROWS (8, 16 or 32) rows x 32 columns: each lane owns 4
 // output pixels and loads, per 4 channels, the 16 input values under them at the current
 // tap (16 scalar loads, as many load instructions on lavapipe as the 4 vec4 loads of B in
 // the matmul), the weight rows go lane to lane by subgroupBroadcast as in the matmul. Per
@@ -56,6 +56,9 @@ override HAS_RES: bool = false;
 // infinite input times a zero weight would not be).
 override CIN_TAIL: bool = false;
 override SG_ROWS: u32 = 16u;
+// Subgroups stacked along Cout in a workgroup (1, 2, 4 or 8); the others sit side by side
+// along the pixels, so that few output channels do not leave whole subgroups idle.
+override SG_STACK: u32 = 8u;
 // 3-wide kernels at stride 1 with Wo % 4 == 0 (the host checks): a lane's 4 pixels sit in
 // one row, so the three kx taps of a kernel row read 6 neighbouring inputs per channel
 // instead of 12; the three taps' weight vectors are loaded together.
@@ -108,40 +111,33 @@ fn rows_hi(mine: vec4<f32>) -> mat4x4<f32> {
                        subgroupBroadcast(mine, 6u), subgroupBroadcast(mine, 7u));
 }
 
-// One step of 4 k: acc[r] += (row r's 4 weights) · bk for the subgroup's 8 or 16 rows.
-fn step(mine: vec4<f32>, mine2: vec4<f32>, bk: mat4x4<f32>,
-        acc: ptr<function, array<vec4<f32>, 16>>) {
+// acc[8g + r] += (row 8g + r's 4 k) · bk for the 8 rows of group g, from the lanes' loads.
+fn group_fma(mine: vec4<f32>, bk: mat4x4<f32>, g: u32, acc: ptr<function, array<vec4<f32>, 32>>) {
     let lo = rows_lo(mine);
     let hi = rows_hi(mine);
-    (*acc)[0] = fma_row(lo[0], bk, (*acc)[0]);
-    (*acc)[1] = fma_row(lo[1], bk, (*acc)[1]);
-    (*acc)[2] = fma_row(lo[2], bk, (*acc)[2]);
-    (*acc)[3] = fma_row(lo[3], bk, (*acc)[3]);
-    (*acc)[4] = fma_row(hi[0], bk, (*acc)[4]);
-    (*acc)[5] = fma_row(hi[1], bk, (*acc)[5]);
-    (*acc)[6] = fma_row(hi[2], bk, (*acc)[6]);
-    (*acc)[7] = fma_row(hi[3], bk, (*acc)[7]);
-    if SG_ROWS == 16u {
-        let lo2 = rows_lo(mine2);
-        let hi2 = rows_hi(mine2);
-        (*acc)[8] = fma_row(lo2[0], bk, (*acc)[8]);
-        (*acc)[9] = fma_row(lo2[1], bk, (*acc)[9]);
-        (*acc)[10] = fma_row(lo2[2], bk, (*acc)[10]);
-        (*acc)[11] = fma_row(lo2[3], bk, (*acc)[11]);
-        (*acc)[12] = fma_row(hi2[0], bk, (*acc)[12]);
-        (*acc)[13] = fma_row(hi2[1], bk, (*acc)[13]);
-        (*acc)[14] = fma_row(hi2[2], bk, (*acc)[14]);
-        (*acc)[15] = fma_row(hi2[3], bk, (*acc)[15]);
-    }
+    let o = 8u * g;
+    (*acc)[o] = fma_row(lo[0], bk, (*acc)[o]);
+    (*acc)[o + 1u] = fma_row(lo[1], bk, (*acc)[o + 1u]);
+    (*acc)[o + 2u] = fma_row(lo[2], bk, (*acc)[o + 2u]);
+    (*acc)[o + 3u] = fma_row(lo[3], bk, (*acc)[o + 3u]);
+    (*acc)[o + 4u] = fma_row(hi[0], bk, (*acc)[o + 4u]);
+    (*acc)[o + 5u] = fma_row(hi[1], bk, (*acc)[o + 5u]);
+    (*acc)[o + 6u] = fma_row(hi[2], bk, (*acc)[o + 6u]);
+    (*acc)[o + 7u] = fma_row(hi[3], bk, (*acc)[o + 7u]);
 }
 
-// The weight vectors of k step `at` for this lane's rows (the second only with 16 rows).
-fn weights(a_row: u32, a_row2: u32, at: u32) -> array<vec4<f32>, 2> {
-    var m = array<vec4<f32>, 2>(w4[a_row + at], vec4<f32>(0.0));
-    if SG_ROWS == 16u {
-        m[1] = w4[a_row2 + at];
+// One step of 4 k at packed weight vec4 `at`: each group of 8 rows loads its weights (lane
+// r: row 8g + r, starting at a_rows[g]) and multiplies them into bk. Group numbers are
+// constants: a dynamic index would keep acc in memory.
+fn step(a_rows: vec4<u32>, at: u32, bk: mat4x4<f32>, acc: ptr<function, array<vec4<f32>, 32>>) {
+    group_fma(w4[a_rows.x + at], bk, 0u, acc);
+    if SG_ROWS >= 16u {
+        group_fma(w4[a_rows.y + at], bk, 1u, acc);
     }
-    return m;
+    if SG_ROWS == 32u {
+        group_fma(w4[a_rows.z + at], bk, 2u, acc);
+        group_fma(w4[a_rows.w + at], bk, 3u, acc);
+    }
 }
 
 // Channel planes 1..3 after `base` and their masks; with CIN_TAIL, planes past Cin are
@@ -161,19 +157,32 @@ fn planes(base: u32, hw: u32, c0: u32) -> Planes {
     return Planes(b, live);
 }
 
+fn store_group(bi: u32, row: u32, col: u32, live: vec4<bool>, g: u32,
+               acc: ptr<function, array<vec4<f32>, 32>>) {
+    let o = 8u * g;
+    store_row(bi, row + o, col, live, (*acc)[o]);
+    store_row(bi, row + o + 1u, col, live, (*acc)[o + 1u]);
+    store_row(bi, row + o + 2u, col, live, (*acc)[o + 2u]);
+    store_row(bi, row + o + 3u, col, live, (*acc)[o + 3u]);
+    store_row(bi, row + o + 4u, col, live, (*acc)[o + 4u]);
+    store_row(bi, row + o + 5u, col, live, (*acc)[o + 5u]);
+    store_row(bi, row + o + 6u, col, live, (*acc)[o + 6u]);
+    store_row(bi, row + o + 7u, col, live, (*acc)[o + 7u]);
+}
+
 @compute @workgroup_size(64)
 fn conv2d_igemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_id) sid: u32,
                 @builtin(subgroup_invocation_id) lane: u32) {
     // No early exit: every lane takes part in the broadcasts. Out-of-range lanes read
     // clamped addresses and store nothing.
     let bi = min(wid.z + p.batch0, p.batch - 1u);
-    let row = (wid.y * 8u + sid) * SG_ROWS;
-    let col = (wid.x * 8u + lane) * 4u;
+    let row = (wid.y * SG_STACK + sid % SG_STACK) * SG_ROWS;
+    let col = ((wid.x * (8u / SG_STACK) + sid / SG_STACK) * 8u + lane) * 4u;
     let npix = p.ho * p.wo;
     let hw = p.h * p.w;
     let kq = KH * KW * p.cq;
-    let a_row = min(row + lane, p.cout - 1u) * kq;
-    let a_row2 = min(row + 8u + lane, p.cout - 1u) * kq;
+    let a_rows = min(vec4<u32>(row + lane) + vec4<u32>(0u, 8u, 16u, 24u),
+                     vec4<u32>(p.cout - 1u)) * kq;
     // This lane's 4 output pixels and the virtual-input corner of each one's window.
     let pix = vec4<u32>(col, col + 1u, col + 2u, col + 3u);
     let live = pix < vec4<u32>(npix);
@@ -183,7 +192,7 @@ fn conv2d_igemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_id) sid
     let y0 = vec4<i32>(oy * STRIDE) - i32(p.pad_top);
     let x0 = vec4<i32>(ox * STRIDE) - i32(p.pad_left);
     let xb = bi * p.cin * hw;
-    var acc: array<vec4<f32>, 16>;
+    var acc: array<vec4<f32>, 32>;
     if ROW_REUSE {
         // The 4 pixels share oy; inputs x0.x + 0..5 of each kernel row feed its 3 taps.
         let xa = x0.x + vec4<i32>(0, 1, 2, 3);
@@ -216,13 +225,10 @@ fn conv2d_igemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_id) sid
                 let e1 = pair(pl.b.x, offe, oke & vec2<bool>(pl.live.x));
                 let e2 = pair(pl.b.y, offe, oke & vec2<bool>(pl.live.y));
                 let e3 = pair(pl.b.z, offe, oke & vec2<bool>(pl.live.z));
-                let m0 = weights(a_row, a_row2, ab + q);
-                let m1 = weights(a_row, a_row2, ab + p.cq + q);
-                let m2 = weights(a_row, a_row2, ab + 2u * p.cq + q);
-                step(m0[0], m0[1], mat4x4<f32>(a0, a1, a2, a3), &acc);
-                step(m1[0], m1[1], mat4x4<f32>(vec4<f32>(a0.yzw, e0.x), vec4<f32>(a1.yzw, e1.x),
+                step(a_rows, ab + q, mat4x4<f32>(a0, a1, a2, a3), &acc);
+                step(a_rows, ab + p.cq + q, mat4x4<f32>(vec4<f32>(a0.yzw, e0.x), vec4<f32>(a1.yzw, e1.x),
                                                vec4<f32>(a2.yzw, e2.x), vec4<f32>(a3.yzw, e3.x)), &acc);
-                step(m2[0], m2[1], mat4x4<f32>(vec4<f32>(a0.zw, e0), vec4<f32>(a1.zw, e1),
+                step(a_rows, ab + 2u * p.cq + q, mat4x4<f32>(vec4<f32>(a0.zw, e0), vec4<f32>(a1.zw, e1),
                                                vec4<f32>(a2.zw, e2), vec4<f32>(a3.zw, e3)), &acc);
             }
         }
@@ -249,30 +255,18 @@ fn conv2d_igemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_id) sid
                                      pixels(pl.b.x, off, ok & vec4<bool>(pl.live.x)),
                                      pixels(pl.b.y, off, ok & vec4<bool>(pl.live.y)),
                                      pixels(pl.b.z, off, ok & vec4<bool>(pl.live.z)));
-                let m = weights(a_row, a_row2, ab + q);
-                step(m[0], m[1], bk, &acc);
+                step(a_rows, ab + q, bk, &acc);
             }
         }
     }
     if wid.z + p.batch0 < p.batch && col < npix {
-        // Constant indices only: a dynamic one would keep acc in memory.
-        store_row(bi, row, col, live, acc[0]);
-        store_row(bi, row + 1u, col, live, acc[1]);
-        store_row(bi, row + 2u, col, live, acc[2]);
-        store_row(bi, row + 3u, col, live, acc[3]);
-        store_row(bi, row + 4u, col, live, acc[4]);
-        store_row(bi, row + 5u, col, live, acc[5]);
-        store_row(bi, row + 6u, col, live, acc[6]);
-        store_row(bi, row + 7u, col, live, acc[7]);
-        if SG_ROWS == 16u {
-            store_row(bi, row + 8u, col, live, acc[8]);
-            store_row(bi, row + 9u, col, live, acc[9]);
-            store_row(bi, row + 10u, col, live, acc[10]);
-            store_row(bi, row + 11u, col, live, acc[11]);
-            store_row(bi, row + 12u, col, live, acc[12]);
-            store_row(bi, row + 13u, col, live, acc[13]);
-            store_row(bi, row + 14u, col, live, acc[14]);
-            store_row(bi, row + 15u, col, live, acc[15]);
+        store_group(bi, row, col, live, 0u, &acc);
+        if SG_ROWS >= 16u {
+            store_group(bi, row, col, live, 1u, &acc);
+        }
+        if SG_ROWS == 32u {
+            store_group(bi, row, col, live, 2u, &acc);
+            store_group(bi, row, col, live, 3u, &acc);
         }
     }
 }

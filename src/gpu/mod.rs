@@ -206,6 +206,10 @@ fn record(slot: &Mutex<Option<String>>, msg: String) {
     lock(slot).get_or_insert(msg);
 }
 
+/// Revision of the tunable kernels (matmul variants and their tiles). Raised when a
+/// change can alter which variant wins, so that remembered choices are measured again.
+pub const KERNELS_REVISION: u32 = 2;
+
 /// A handle to the chosen GPU device. Cheap to clone; all clones share one device, pool,
 /// pipeline cache and command recorder.
 #[derive(Clone)]
@@ -447,15 +451,19 @@ impl Gpu {
         // whole (the last one wins) instead of racing on one fixed `.tmp` name.
         crate::atomic::write(&path, &text)
     }
+    /// The key tuning choices are kept under: the adapter, its driver, and the version
+    /// of vqclip and of its kernels, so that a choice measured on other kernels is not
+    /// reused.
     fn tuning_scope(&self) -> String {
         let i = &self.0.info;
         format!(
-            "{} | {:?} | {} {} | vqclip {}",
+            "{} | {:?} | {} {} | vqclip {} kernels {}",
             i.name,
             i.backend,
             i.driver,
             i.driver_info,
-            crate::VERSION
+            crate::VERSION,
+            KERNELS_REVISION
         )
     }
 

@@ -26,6 +26,7 @@ mod ov {
     pub(super) const CIN_TAIL: Override<bool> = Override::new("CIN_TAIL");
     pub(super) const SG_ROWS: Override<u32> = Override::new("SG_ROWS");
     pub(super) const ROW_REUSE: Override<bool> = Override::new("ROW_REUSE");
+    pub(super) const SG_STACK: Override<u32> = Override::new("SG_STACK");
 }
 
 pub(crate) static SHADER: Shader<Params> = crate::shader!(
@@ -39,7 +40,8 @@ pub(crate) static SHADER: Shader<Params> = crate::shader!(
         ov::HAS_RES,
         ov::CIN_TAIL,
         ov::SG_ROWS,
-        ov::ROW_REUSE
+        ov::ROW_REUSE,
+        ov::SG_STACK
     ]
 );
 
@@ -63,8 +65,8 @@ crate::shader_params! {
     }
 }
 
-/// Output pixels one workgroup covers (8 lanes x 4 pixels).
-const COLS_PER_WG: usize = 32;
+/// Output pixels one subgroup covers (8 lanes x 4 pixels).
+const COLS_PER_SG: usize = 32;
 /// Most workgroups per grid dimension.
 const MAX_GROUPS: usize = 65_535;
 
@@ -76,7 +78,7 @@ pub fn applies(gpu: &Gpu, cin: usize, kernel: [usize; 2], out_pixels: usize) -> 
     subgroup_supported(gpu)
         && cin > 0
         && out_pixels > 0
-        && out_pixels.div_ceil(COLS_PER_WG) <= MAX_GROUPS
+        && out_pixels.div_ceil(COLS_PER_SG) <= MAX_GROUPS
         && taps * (steps + 1) + 64 <= CPU_LOOP_LIMIT
 }
 
@@ -118,8 +120,14 @@ pub(crate) fn try_conv2d(
         super::concat::concat(&[&t, &zeros], 3)
     })?;
     let y = Tensor::empty(gpu, &[n, cout, ho, wo], DType::F32)?;
-    // 8-row subgroups when 16 would leave more than half of each tile idle.
-    let sg_rows = if cout <= 64 { 8 } else { 16 };
+    // 32 rows per subgroup (fewest loads per FMA) unless Cout would leave most of them
+    // idle; subgroups stacked along Cout only as far as Cout reaches.
+    let sg_rows = match cout {
+        0..=8 => 8,
+        9..=23 => 16,
+        _ => 32,
+    };
+    let stack = cout.div_ceil(sg_rows).next_power_of_two().min(8);
     let kernel = Kernel::new(&SHADER, "conv2d_igemm")
         .with(ov::KH, kh as u32)
         .with(ov::KW, kw as u32)
@@ -129,12 +137,13 @@ pub(crate) fn try_conv2d(
         .with(ov::HAS_RES, o.residual.is_some())
         .with(ov::CIN_TAIL, cin4 != cin)
         .with(ov::SG_ROWS, sg_rows as u32)
+        .with(ov::SG_STACK, stack as u32)
         .with(ov::ROW_REUSE, row_reuse(kw, o.stride, wo));
     let bias_b = o.bias.map_or(gpu.unused_binding(), Tensor::binding);
     let res_b = o.residual.map_or(gpu.unused_binding(), Tensor::binding);
-    let wg_x = (ho * wo).div_ceil(COLS_PER_WG) as u32;
-    let wg_y = cout.div_ceil(8 * sg_rows);
-    if wg_y > MAX_GROUPS {
+    let wg_x = (ho * wo).div_ceil(COLS_PER_SG * (8 / stack));
+    let wg_y = cout.div_ceil(stack * sg_rows);
+    if wg_y > MAX_GROUPS || wg_x > MAX_GROUPS {
         return Ok(None);
     }
     for batch0 in (0..n).step_by(MAX_GROUPS) {
@@ -158,7 +167,11 @@ pub(crate) fn try_conv2d(
             &kernel,
             &p,
             &[x.binding(), packed.binding(), bias_b, res_b, y.binding()],
-            [wg_x, wg_y as u32, (n - batch0).min(MAX_GROUPS) as u32],
+            [
+                wg_x as u32,
+                wg_y as u32,
+                (n - batch0).min(MAX_GROUPS) as u32,
+            ],
         );
     }
     Ok(Some(y))
@@ -233,8 +246,8 @@ mod tests {
 
     #[test]
     fn matches_the_reference_over_tiles_tails_and_options() {
-        // 16-row tiles over two workgroup rows (Cout 130), 8-row tiles (Cout <= 64), Cin not
-        // a multiple of 4, ragged pixel blocks, several images.
+        // 32-row subgroups over partly idle tiles (Cout 130, 64), 16- and 8-row ones (Cout
+        // 9, 20, 3), Cin not a multiple of 4, ragged pixel blocks, several images.
         check(shape(2, 8, (9, 7), 130, 3), true, true, 1);
         check(shape(1, 5, (6, 11), 3, 3), true, false, 2);
         check(shape(3, 3, (5, 5), 64, 1), false, true, 3);
@@ -256,11 +269,13 @@ mod tests {
     #[test]
     fn kernel_rows_sharing_their_loads_match_the_reference() {
         // ROW_REUSE: 3-wide, stride 1, Wo % 4 == 0: edges on both sides of a 4-pixel
-        // block, Cin tails, 16- and 8-row tiles, upsampling, asymmetric padding.
+        // block, Cin tails, 32- and 16-row subgroups stacked 8, 4, 2 and 1 high,
+        // upsampling, asymmetric padding.
         let cases = [
             (shape(2, 6, (5, 8), 130, 3), true, true),
             (shape(1, 5, (4, 4), 20, 3), true, false),
             (shape(1, 8, (7, 12), 64, 3), false, true),
+            (shape(1, 4, (5, 8), 100, 3), true, false),
         ];
         for (i, (s, bias, res)) in cases.into_iter().enumerate() {
             assert!(row_reuse(s.kw, s.stride, s.w));

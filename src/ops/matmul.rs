@@ -17,6 +17,7 @@ mod ov {
     pub(super) const ACCUMULATE: Override<bool> = Override::new("ACCUMULATE");
     pub(super) const EPILOGUE: Override<bool> = Override::new("EPILOGUE");
     pub(super) const SG_ROWS: Override<u32> = Override::new("SG_ROWS");
+    pub(super) const SG_STACK: Override<u32> = Override::new("SG_STACK");
 }
 
 /// The two matmul shaders share the activation and epilogue prologue and every override;
@@ -42,7 +43,8 @@ macro_rules! matmul_shader {
 }
 
 pub(crate) static SHADER: Shader<Params> = matmul_shader!("matmul");
-pub(crate) static SUBGROUP_SHADER: Shader<Params> = matmul_shader!("matmul_subgroup", ov::SG_ROWS);
+pub(crate) static SUBGROUP_SHADER: Shader<Params> =
+    matmul_shader!("matmul_subgroup", ov::SG_ROWS, ov::SG_STACK);
 
 crate::shader_params! {
     /// Mirrors `struct Params` in `shaders/matmul.wgsl`.
@@ -117,8 +119,12 @@ pub enum Variant {
     /// otherwise runs [`Variant::Vec4`] (or [`Variant::Register`]).
     Subgroup,
     /// [`Variant::Subgroup`] with 16 rows per subgroup: the same B loads feed twice the
-    /// FMAs (16 accumulators per lane, which fit AVX-512's 32 vector registers).
+    /// FMAs.
     Subgroup16,
+    /// [`Variant::Subgroup`] with 32 rows per subgroup: 8 loads per 512 FMAs per lane
+    /// against 6 per 256 at 16 rows. Its 32 vec4 accumulators spill on any CPU, but
+    /// lavapipe's loads cost more than the spills (1024²: 44 GFLOP/s against 32).
+    Subgroup32,
     /// 128×128 workgroup tile, 8×8 outputs per invocation, workgroup memory read as vec4
     /// and double-buffered (GPUs; large products).
     Tile128,
@@ -126,12 +132,13 @@ pub enum Variant {
 
 impl Variant {
     /// All variants, for tuning and benches.
-    pub const ALL: [Variant; 6] = [
+    pub const ALL: [Variant; 7] = [
         Variant::Register,
         Variant::Shared,
         Variant::Vec4,
         Variant::Subgroup,
         Variant::Subgroup16,
+        Variant::Subgroup32,
         Variant::Tile128,
     ];
     /// Short name used in `VQCLIP_MATMUL`, the tuning cache and bench output.
@@ -142,6 +149,7 @@ impl Variant {
             Variant::Vec4 => "vec4x4",
             Variant::Subgroup => "subgroup8",
             Variant::Subgroup16 => "subgroup16",
+            Variant::Subgroup32 => "subgroup32",
             Variant::Tile128 => "tile128",
         }
     }
@@ -195,8 +203,9 @@ impl ShapeClass {
 /// winner measured on this adapter for the class (`vqclip bench all`, key
 /// [`ShapeClass::tuning_key`]), else the overall winner of `vqclip bench matmul` (key
 /// `"matmul"`), else a default: on CPU adapters with 8-wide subgroups the 16-row subgroup
-/// kernel for large products and the 8-row one for skinny products (fewer idle rows at
-/// M = 50; both measured so on lavapipe), the vec4 kernel without subgroups (all fall back
+/// kernel for both classes (a skinny product stacks fewer subgroups along M, so M = 50
+/// still runs on a 64-row tile: the ViT-B/32 image encode took 313-320 ms against
+/// 418 ms with the 8-row kernel on lavapipe), the vec4 kernel without subgroups (all fall back
 /// to register tiles for shapes they cannot read as vec4); on GPUs 128-wide workgroup tiles
 /// for large products and 64-wide ones for skinny products, which would leave most of a 128
 /// tile idle.
@@ -212,8 +221,7 @@ pub fn variant_for(gpu: &Gpu, class: ShapeClass) -> Variant {
         return v;
     }
     match (gpu.is_cpu(), class) {
-        (true, ShapeClass::Large) if subgroup_supported(gpu) => Variant::Subgroup16,
-        (true, ShapeClass::Skinny) if subgroup_supported(gpu) => Variant::Subgroup,
+        (true, _) if subgroup_supported(gpu) => Variant::Subgroup32,
         (true, _) => Variant::Vec4,
         (false, ShapeClass::Large) => Variant::Tile128,
         (false, ShapeClass::Skinny) => Variant::Shared,
@@ -336,7 +344,9 @@ fn matmul_impl(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Option<Variant>) -> Re
     let vec4 = vec4_applies(m, n, ka, o.trans_a, o.trans_b);
     let v = v.unwrap_or_else(|| variant_for(gpu, ShapeClass::of(m, n)));
     let v = match v {
-        Variant::Subgroup | Variant::Subgroup16 if !(vec4 && subgroup_supported(gpu)) => {
+        Variant::Subgroup | Variant::Subgroup16 | Variant::Subgroup32
+            if !(vec4 && subgroup_supported(gpu)) =>
+        {
             Variant::Vec4
         }
         v => v,
@@ -346,13 +356,23 @@ fn matmul_impl(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Option<Variant>) -> Re
     } else {
         v
     };
+    // Rows per subgroup of the subgroup kernels.
+    let sg_rows = match v {
+        Variant::Subgroup => 8,
+        Variant::Subgroup16 => 16,
+        Variant::Subgroup32 => 32,
+        _ => 0,
+    };
+    // Subgroups stacked along M: as many as M needs, up to all 8.
+    let stack = m.div_ceil(sg_rows.max(1)).next_power_of_two().min(8);
     let kernel = match v {
         Variant::Register => Kernel::new(&SHADER, "matmul_reg"),
         Variant::Shared => Kernel::new(&SHADER, "matmul_shared"),
         Variant::Vec4 => Kernel::new(&SHADER, "matmul_vec4"),
-        Variant::Subgroup => Kernel::new(&SUBGROUP_SHADER, "matmul_subgroup").with(ov::SG_ROWS, 8),
-        Variant::Subgroup16 => {
-            Kernel::new(&SUBGROUP_SHADER, "matmul_subgroup").with(ov::SG_ROWS, 16)
+        Variant::Subgroup | Variant::Subgroup16 | Variant::Subgroup32 => {
+            Kernel::new(&SUBGROUP_SHADER, "matmul_subgroup")
+                .with(ov::SG_ROWS, sg_rows as u32)
+                .with(ov::SG_STACK, stack as u32)
         }
         Variant::Tile128 => Kernel::new(&SHADER, "matmul_tile128"),
     }
@@ -365,8 +385,9 @@ fn matmul_impl(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Option<Variant>) -> Re
     let (rows_per_wg, cols_per_wg) = match v {
         Variant::Register | Variant::Vec4 => (32usize, 32usize),
         Variant::Shared => (64, 64),
-        Variant::Subgroup => (64, 32),
-        Variant::Subgroup16 => (128, 32),
+        Variant::Subgroup | Variant::Subgroup16 | Variant::Subgroup32 => {
+            (stack * sg_rows, 256 / stack)
+        }
         Variant::Tile128 => (128, 128),
     };
     let k_split = if v == Variant::Tile128 {
@@ -794,7 +815,12 @@ mod tests {
             (1, 132, 68, 36, true, false),
         ];
         let mut seed = 2000;
-        for v in [Variant::Vec4, Variant::Subgroup, Variant::Subgroup16] {
+        for v in [
+            Variant::Vec4,
+            Variant::Subgroup,
+            Variant::Subgroup16,
+            Variant::Subgroup32,
+        ] {
             for (batch, m, n, k, ta, tb) in cases {
                 assert!(vec4_applies(m, n, k, ta, tb), "{m}x{n}x{k} {ta} {tb}");
                 seed += 10;
@@ -839,7 +865,12 @@ mod tests {
     fn vec4_kernels_split_long_k() {
         // K = 65,540 is summed in 4 accumulating splits of at most K_SPLIT (the vec4 kernels
         // step K by 4, so the splits must stay multiples of 4); fused epilogue on the last.
-        for v in [Variant::Vec4, Variant::Subgroup, Variant::Subgroup16] {
+        for v in [
+            Variant::Vec4,
+            Variant::Subgroup,
+            Variant::Subgroup16,
+            Variant::Subgroup32,
+        ] {
             Problem::new(1, 9, 6, 65_540)
                 .trans(false, true)
                 .broadcast_b()
