@@ -14,6 +14,7 @@ fn all() -> Vec<Contract> {
         concat::SHADER.contract(),
         conv2d::SHADER.contract(),
         conv2d::IM2COL.contract(),
+        conv2d_igemm::SHADER.contract(),
         elementwise::SHADER.contract(),
         gather::SHADER.contract(),
         gather::SCATTER.contract(),

@@ -570,7 +570,7 @@ pub fn conv2d_backward(
 
 /// `w'[c, o, ky, kx] = w[o, c, KH−1−ky, KW−1−kx]`: flipped in space (a product with a
 /// reversal permutation, exact in floating point), channels swapped. `w` is `[O, C, KH, KW]`.
-fn flip_transpose(w: &Tensor) -> Result<Tensor> {
+pub(crate) fn flip_transpose(w: &Tensor) -> Result<Tensor> {
     let (o, c, kh, kw) = (w.dim(0), w.dim(1), w.dim(2), w.dim(3));
     let k = kh * kw;
     let mut rev = vec![0.0f32; k * k];
@@ -631,18 +631,25 @@ fn conv2d_input_grad(
             "conv2d backward: output gradient larger than the input",
         ));
     };
-    // Made once per weight: rebuilding it per call cost 14% of a decode + backward.
-    let flipped = w
-        .gpu()
-        .derived("conv2d_flipped", &[w], || flip_transpose(w))?;
-    let dx = conv2d(
-        &gd,
-        &flipped,
-        &Conv2dOpts {
-            pad: [top, bottom, left, right],
-            ..Default::default()
-        },
-    )?;
+    let o = Conv2dOpts {
+        pad: [top, bottom, left, right],
+        ..Default::default()
+    };
+    let implicit = Variant::for_shape(w.gpu(), kh, kw, 1) == Variant::Implicit;
+    let dx = match implicit {
+        true => super::conv2d_igemm::try_conv2d_flipped(&gd, w, &o, [h, wd, ld, lw])?,
+        false => None,
+    };
+    let dx = match dx {
+        Some(dx) => dx,
+        None => {
+            // Made once per weight: rebuilding it per call cost 14% of a decode + backward.
+            let flipped = w
+                .gpu()
+                .derived("conv2d_flipped", &[w], || flip_transpose(w))?;
+            conv2d(&gd, &flipped, &o)?
+        }
+    };
     if upsample {
         super::upsample::upsample_nearest2_backward(&dx)
     } else {
@@ -880,10 +887,9 @@ mod tests {
         let b = Tensor::from_slice(&g, &bv, &[4]).unwrap();
         let gy = Tensor::from_slice(&g, &rand_vec(80, 4), &[1, 4, 5, 4]).unwrap();
         let o = Conv2dOpts::padded(1, Some(&b));
-        let before = conv2d_variant(&x, &w, &o, Variant::Im2col)
-            .unwrap()
-            .to_vec()
-            .unwrap();
+        let run = |v| conv2d_variant(&x, &w, &o, v).unwrap().to_vec().unwrap();
+        let before = run(Variant::Im2col);
+        let before_implicit = run(Variant::Implicit);
         let dx_before = conv2d_backward(&x, &w, &gy, &o, [true, false, false])
             .unwrap()
             .dx
@@ -893,15 +899,17 @@ mod tests {
         let wv = rand_vec(108, 5);
         w.assign(&Tensor::from_slice(&g, &wv, &[4, 3, 3, 3]).unwrap())
             .unwrap();
-        let after = conv2d_variant(&x, &w, &o, Variant::Im2col)
-            .unwrap()
-            .to_vec()
-            .unwrap();
         let (want, _, _) = reference(&xv, &wv, Some(&bv), None, &s);
-        for (i, (a, b)) in after.iter().zip(&want).enumerate() {
-            assert!((*a as f64 - b).abs() < 1e-4, "y[{i}]: {a} vs {b}");
+        for (v, before) in [
+            (Variant::Im2col, before),
+            (Variant::Implicit, before_implicit),
+        ] {
+            let after = run(v);
+            for (i, (a, b)) in after.iter().zip(&want).enumerate() {
+                assert!((*a as f64 - b).abs() < 1e-4, "{v:?} y[{i}]: {a} vs {b}");
+            }
+            assert_ne!(before, after);
         }
-        assert_ne!(before, after);
         // dx of a linear map in w: dx(w) for the new w equals a fresh copy's.
         let fresh = Tensor::from_slice(&g, &wv, &[4, 3, 3, 3]).unwrap();
         let dx_fresh = conv2d_backward(&x, &fresh, &gy, &o, [true, false, false])

@@ -97,9 +97,53 @@ pub(crate) fn try_conv2d(
     o: &Conv2dOpts,
     dims: [usize; 4],
 ) -> Result<Option<Tensor>> {
+    let shape = [w.dim(0), w.dim(1), w.dim(2), w.dim(3)];
+    run(x, shape, o, dims, || {
+        x.gpu().derived("conv2d_igemm_packed", &[w], || pack(w))
+    })
+}
+
+/// The input gradient's convolution: [`try_conv2d`] with `w'[c, o, ky, kx] = w[o, c, KH−1−ky,
+/// KW−1−kx]` (`w` `[O, C, KH, KW]`), whose packed form is derived from `w` directly and kept
+/// alone: the flipped weight itself is not kept.
+pub(crate) fn try_conv2d_flipped(
+    g: &Tensor,
+    w: &Tensor,
+    o: &Conv2dOpts,
+    dims: [usize; 4],
+) -> Result<Option<Tensor>> {
+    let shape = [w.dim(1), w.dim(0), w.dim(2), w.dim(3)];
+    run(g, shape, o, dims, || {
+        g.gpu().derived("conv2d_igemm_packed_flipped", &[w], || {
+            pack(&super::conv2d::flip_transpose(w)?)
+        })
+    })
+}
+
+/// `w` `[Cout, Cin, KH, KW]` as `[Cout, KH, KW, Cin4]`, zero-filled past Cin.
+fn pack(w: &Tensor) -> Result<Tensor> {
+    let (cout, cin, kh, kw) = (w.dim(0), w.dim(1), w.dim(2), w.dim(3));
+    let cin4 = cin.next_multiple_of(4);
+    let t = super::permute::permute(w, &[0, 2, 3, 1])?;
+    if cin4 == cin {
+        return Ok(t);
+    }
+    let zeros = Tensor::zeros(w.gpu(), &[cout, kh, kw, cin4 - cin])?;
+    super::concat::concat(&[&t, &zeros], 3)
+}
+
+/// The dispatch, for a weight of `shape` `[Cout, Cin, KH, KW]` whose packed form `packed`
+/// gives (asked for only once the kernel is known to apply).
+fn run(
+    x: &Tensor,
+    shape: [usize; 4],
+    o: &Conv2dOpts,
+    dims: [usize; 4],
+    packed: impl FnOnce() -> Result<Tensor>,
+) -> Result<Option<Tensor>> {
     let [ho, wo, hv, wv] = dims;
     let (n, cin, h, wd) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
-    let (cout, kh, kw) = (w.dim(0), w.dim(2), w.dim(3));
+    let [cout, _, kh, kw] = shape;
     let gpu = x.gpu();
     let limit = u32::MAX as usize;
     if !applies(gpu, cin, [kh, kw], ho * wo)
@@ -111,14 +155,7 @@ pub(crate) fn try_conv2d(
         return Ok(None);
     }
     let cin4 = cin.next_multiple_of(4);
-    let packed = gpu.derived("conv2d_igemm_packed", &[w], || {
-        let t = super::permute::permute(w, &[0, 2, 3, 1])?;
-        if cin4 == cin {
-            return Ok(t);
-        }
-        let zeros = Tensor::zeros(gpu, &[cout, kh, kw, cin4 - cin])?;
-        super::concat::concat(&[&t, &zeros], 3)
-    })?;
+    let packed = packed()?;
     let y = Tensor::empty(gpu, &[n, cout, ho, wo], DType::F32)?;
     // 32 rows per subgroup (fewest loads per FMA) unless Cout would leave most of them
     // idle; subgroups stacked along Cout only as far as Cout reaches.
