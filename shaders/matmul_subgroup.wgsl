@@ -10,24 +10,26 @@
 // shuffle), and each lane loads its own 4 x 4 block of B with four vec4 loads: 5 loads for
 // 128 FMAs per lane, against 8 for 64 in matmul_vec4.
 //
-// With SG_ROWS = 16 a subgroup computes 16 x 32: each lane loads two rows of A (or both
-// halves of two 4 x 4 tiles), so the same 4 loads of B feed twice the FMAs: 6 loads for
-// 256 FMAs per lane, at the price of 16 vec4 accumulators (which spill on AVX2 but not on
-// AVX-512's 32 registers).
+// With SG_ROWS = 16 or 32 a subgroup computes 16 or 32 x 32: each lane loads 2 or 4 rows of
+// A (or both halves of 4 x 4 tiles), so the same 4 loads of B feed 2 or 4 times the FMAs:
+// 6 loads per 256 FMAs per lane at 16 rows, 8 per 512 at 32. The accumulators (16 or 32
+// vec4, 4 SIMD registers each) spill on any CPU, but spills are plain vector moves while
+// every storage load is a per-lane loop, so 32 rows win (1024²: 42-44 GFLOP/s against 31-33
+// at 16 rows on lavapipe). WIDE (below) goes on to 32 x 64. The row groups are written once
+// (group_step) and unrolled by constant group numbers: a loop over them indexed the
+// accumulators dynamically, which kept them in memory and ran slower than 16 rows.
 //
 // Requires subgroups of exactly 8 invocations (the host checks the adapter's subgroup size
 // range), K % 4 == 0, M % 4 == 0 if TRANS_A, N % 4 == 0 unless TRANS_B. A workgroup of 64
-// invocations covers SG_STACK * SG_ROWS rows x (8 / SG_STACK) * 32 columns; tile
-// coordinates come from subgroup_id
-// and subgroup_invocation_id, so any packing of invocations into subgroups gives right
-// results.
+// invocations covers SG_STACK * SG_ROWS rows x (8 / SG_STACK) * 32 columns (64 with WIDE);
+// tile coordinates come from subgroup_id and subgroup_invocation_id, so any packing of
+// invocations into subgroups gives right results.
 
-// Rows of C per subgroup: 8 or 16 (32, as a loop over groups of 8, measured slower: the
-// accumulators no longer fit in registers).
+// Rows of C per subgroup: 8, 16 or 32.
 override SG_ROWS: u32 = 8u;
 // Subgroups stacked along M in a workgroup (1, 2, 4 or 8); the other 8 / SG_STACK sit side
 // by side along N. A product with few rows (50 tokens) stacks fewer, so that no subgroup
-// computes rows past M while 16-row tiles still cover them.
+// computes rows past M while 16- and 32-row tiles still cover them.
 override SG_STACK: u32 = 8u;
 
 @group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;   // [batch, M, K] ([.., K, M] if TRANS_A), as vec4
@@ -48,8 +50,9 @@ fn load_a(ba: u32, row: u32, g: u32, lane: u32, kq: u32) -> vec4<f32> {
     return a4[ba + min(row + 8u * g + lane, p.m - 1u) * (p.k / 4u) + kq];
 }
 
-// acc[8g + r] += (row 8g + r's 4 k) · bk for the 8 rows of group g, from the lanes' loads.
-fn group_step(mine: vec4<f32>, bk: mat4x4<f32>, g: u32, acc: ptr<function, array<vec4<f32>, 32>>) {
+// Rows 0..3 and 4..7 of a group over kk, from the lanes' loads of A (transposed back when
+// each lane loaded a 4 x 4 tile, TRANS_A).
+fn group_rows(mine: vec4<f32>) -> array<mat4x4<f32>, 2> {
     var lo = mat4x4<f32>(subgroupBroadcast(mine, 0u), subgroupBroadcast(mine, 1u),
                          subgroupBroadcast(mine, 2u), subgroupBroadcast(mine, 3u));
     var hi = mat4x4<f32>(subgroupBroadcast(mine, 4u), subgroupBroadcast(mine, 5u),
@@ -58,21 +61,55 @@ fn group_step(mine: vec4<f32>, bk: mat4x4<f32>, g: u32, acc: ptr<function, array
         lo = transpose(lo);
         hi = transpose(hi);
     }
-    let o = 8u * g;
-    (*acc)[o] = fma_row(lo[0], bk, (*acc)[o]);
-    (*acc)[o + 1u] = fma_row(lo[1], bk, (*acc)[o + 1u]);
-    (*acc)[o + 2u] = fma_row(lo[2], bk, (*acc)[o + 2u]);
-    (*acc)[o + 3u] = fma_row(lo[3], bk, (*acc)[o + 3u]);
-    (*acc)[o + 4u] = fma_row(hi[0], bk, (*acc)[o + 4u]);
-    (*acc)[o + 5u] = fma_row(hi[1], bk, (*acc)[o + 5u]);
-    (*acc)[o + 6u] = fma_row(hi[2], bk, (*acc)[o + 6u]);
-    (*acc)[o + 7u] = fma_row(hi[3], bk, (*acc)[o + 7u]);
+    return array<mat4x4<f32>, 2>(lo, hi);
 }
 
-fn store_group(bi: u32, row: u32, col: u32, g: u32, acc: ptr<function, array<vec4<f32>, 32>>) {
-    let o = 8u * g;
-    store_tile(bi, row + o, col, array<vec4<f32>, 4>((*acc)[o], (*acc)[o + 1u], (*acc)[o + 2u], (*acc)[o + 3u]));
-    store_tile(bi, row + o + 4u, col, array<vec4<f32>, 4>((*acc)[o + 4u], (*acc)[o + 5u], (*acc)[o + 6u], (*acc)[o + 7u]));
+// acc[a + r] += (row r of the group's 4 k) · bk for the group's 8 rows.
+fn rows_fma(r: array<mat4x4<f32>, 2>, bk: mat4x4<f32>, a: u32, acc: ptr<function, array<vec4<f32>, 64>>) {
+    (*acc)[a] = fma_row(r[0][0], bk, (*acc)[a]);
+    (*acc)[a + 1u] = fma_row(r[0][1], bk, (*acc)[a + 1u]);
+    (*acc)[a + 2u] = fma_row(r[0][2], bk, (*acc)[a + 2u]);
+    (*acc)[a + 3u] = fma_row(r[0][3], bk, (*acc)[a + 3u]);
+    (*acc)[a + 4u] = fma_row(r[1][0], bk, (*acc)[a + 4u]);
+    (*acc)[a + 5u] = fma_row(r[1][1], bk, (*acc)[a + 5u]);
+    (*acc)[a + 6u] = fma_row(r[1][2], bk, (*acc)[a + 6u]);
+    (*acc)[a + 7u] = fma_row(r[1][3], bk, (*acc)[a + 7u]);
+}
+
+// Row group g (rows 8g ..) times this lane's columns: acc[8g + r].
+fn group_step(mine: vec4<f32>, bk: mat4x4<f32>, g: u32, acc: ptr<function, array<vec4<f32>, 64>>) {
+    rows_fma(group_rows(mine), bk, 8u * g, acc);
+}
+
+// The same for WIDE's two column blocks: bk into acc[8g + r], bk2 into acc[32 + 8g + r].
+fn group_step2(mine: vec4<f32>, bk: mat4x4<f32>, bk2: mat4x4<f32>, g: u32, acc: ptr<function, array<vec4<f32>, 64>>) {
+    let r = group_rows(mine);
+    rows_fma(r, bk, 8u * g, acc);
+    rows_fma(r, bk2, 32u + 8u * g, acc);
+}
+
+// 32 rows x 64 columns per subgroup (SG_ROWS must be 32): each lane owns two blocks of 4
+// columns, 32 apart, so that every broadcast row of A feeds 8 columns: per 4 k and lane, 4
+// loads of A and 8 of B for 1024 FMAs. Needs enough columns for many workgroups (large
+// products).
+override WIDE: bool = false;
+
+fn load_b(bb: u32, col: u32, kq: u32) -> mat4x4<f32> {
+    let k4 = p.k / 4u;
+    let n4 = p.n / 4u;
+    if TRANS_B {
+        let cl = min(vec4<u32>(col, col + 1u, col + 2u, col + 3u), vec4<u32>(p.n - 1u));
+        return transpose(mat4x4<f32>(b4[bb + cl.x * k4 + kq], b4[bb + cl.y * k4 + kq],
+                                     b4[bb + cl.z * k4 + kq], b4[bb + cl.w * k4 + kq]));
+    }
+    let o = bb + 4u * kq * n4 + min(col, p.n - 4u) / 4u;
+    return mat4x4<f32>(b4[o], b4[o + n4], b4[o + 2u * n4], b4[o + 3u * n4]);
+}
+
+// Stores acc[a .. a + 8] as rows row .. row + 8 of columns col .. col + 3.
+fn store_rows(bi: u32, row: u32, col: u32, a: u32, acc: ptr<function, array<vec4<f32>, 64>>) {
+    store_tile(bi, row, col, array<vec4<f32>, 4>((*acc)[a], (*acc)[a + 1u], (*acc)[a + 2u], (*acc)[a + 3u]));
+    store_tile(bi, row + 4u, col, array<vec4<f32>, 4>((*acc)[a + 4u], (*acc)[a + 5u], (*acc)[a + 6u], (*acc)[a + 7u]));
 }
 
 @compute @workgroup_size(64)
@@ -85,20 +122,36 @@ fn matmul_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_id) 
     let col = ((wid.x * (8u / SG_STACK) + sid / SG_STACK) * 8u + lane) * 4u;
     let ba = bi * p.stride_a / 4u;
     let bb = bi * p.stride_b / 4u;
-    let k4 = p.k / 4u;
-    let n4 = p.n / 4u;
-    let cl = min(vec4<u32>(col, col + 1u, col + 2u, col + 3u), vec4<u32>(p.n - 1u));
-    let cv = min(col, p.n - 4u) / 4u;
-    var acc: array<vec4<f32>, 32>;
-    for (var kq = p.k0 / 4u; kq < p.k1 / 4u; kq++) {
-        var bk: mat4x4<f32>;   // rows over kk of this lane's 4 columns
-        if TRANS_B {
-            bk = transpose(mat4x4<f32>(b4[bb + cl.x * k4 + kq], b4[bb + cl.y * k4 + kq],
-                                       b4[bb + cl.z * k4 + kq], b4[bb + cl.w * k4 + kq]));
-        } else {
-            let o = bb + 4u * kq * n4 + cv;
-            bk = mat4x4<f32>(b4[o], b4[o + n4], b4[o + 2u * n4], b4[o + 3u * n4]);
+    var acc: array<vec4<f32>, 64>;
+    if WIDE {
+        let colw = ((wid.x * (8u / SG_STACK) + sid / SG_STACK) * 16u + lane) * 4u;
+        let col2 = colw + 32u;
+        for (var kq = p.k0 / 4u; kq < p.k1 / 4u; kq++) {
+            let bk = load_b(bb, colw, kq);
+            let bk2 = load_b(bb, col2, kq);
+            group_step2(load_a(ba, row, 0u, lane, kq), bk, bk2, 0u, &acc);
+            group_step2(load_a(ba, row, 1u, lane, kq), bk, bk2, 1u, &acc);
+            group_step2(load_a(ba, row, 2u, lane, kq), bk, bk2, 2u, &acc);
+            group_step2(load_a(ba, row, 3u, lane, kq), bk, bk2, 3u, &acc);
         }
+        if wid.z + p.batch0 < p.batch && row < p.m {
+            if colw < p.n {
+                store_rows(bi, row + 0u, colw, 0u, &acc);
+                store_rows(bi, row + 8u, colw, 8u, &acc);
+                store_rows(bi, row + 16u, colw, 16u, &acc);
+                store_rows(bi, row + 24u, colw, 24u, &acc);
+            }
+            if col2 < p.n {
+                store_rows(bi, row + 0u, col2, 32u, &acc);
+                store_rows(bi, row + 8u, col2, 40u, &acc);
+                store_rows(bi, row + 16u, col2, 48u, &acc);
+                store_rows(bi, row + 24u, col2, 56u, &acc);
+            }
+        }
+        return;
+    }
+    for (var kq = p.k0 / 4u; kq < p.k1 / 4u; kq++) {
+        let bk = load_b(bb, col, kq);   // rows over kk of this lane's 4 columns
         // Constant group numbers only: a dynamic index would keep acc in memory.
         group_step(load_a(ba, row, 0u, lane, kq), bk, 0u, &acc);
         if SG_ROWS >= 16u {
@@ -110,13 +163,13 @@ fn matmul_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_id) 
         }
     }
     if wid.z + p.batch0 < p.batch && row < p.m && col < p.n {
-        store_group(bi, row, col, 0u, &acc);
+        store_rows(bi, row + 0u, col, 0u, &acc);
         if SG_ROWS >= 16u {
-            store_group(bi, row, col, 1u, &acc);
+            store_rows(bi, row + 8u, col, 8u, &acc);
         }
         if SG_ROWS == 32u {
-            store_group(bi, row, col, 2u, &acc);
-            store_group(bi, row, col, 3u, &acc);
+            store_rows(bi, row + 16u, col, 16u, &acc);
+            store_rows(bi, row + 24u, col, 24u, &acc);
         }
     }
 }

@@ -170,7 +170,7 @@ pub struct MatmulArgs {
     /// Matrix size N, 1 to 65536.
     #[arg(long, default_value_t = 1024, value_parser = matmul_size)]
     size: usize,
-    /// Only this variant (register4x4, shared64, vec4x4, subgroup8, subgroup16, subgroup32 or tile128);
+    /// Only this variant (register4x4, shared64, vec4x4, subgroup8, subgroup16, subgroup32, subgroup32w or tile128);
     /// default: all.
     #[arg(long)]
     variant: Option<String>,

@@ -18,6 +18,7 @@ mod ov {
     pub(super) const EPILOGUE: Override<bool> = Override::new("EPILOGUE");
     pub(super) const SG_ROWS: Override<u32> = Override::new("SG_ROWS");
     pub(super) const SG_STACK: Override<u32> = Override::new("SG_STACK");
+    pub(super) const WIDE: Override<bool> = Override::new("WIDE");
 }
 
 /// The two matmul shaders share the activation and epilogue prologue and every override;
@@ -44,7 +45,7 @@ macro_rules! matmul_shader {
 
 pub(crate) static SHADER: Shader<Params> = matmul_shader!("matmul");
 pub(crate) static SUBGROUP_SHADER: Shader<Params> =
-    matmul_shader!("matmul_subgroup", ov::SG_ROWS, ov::SG_STACK);
+    matmul_shader!("matmul_subgroup", ov::SG_ROWS, ov::SG_STACK, ov::WIDE);
 
 crate::shader_params! {
     /// Mirrors `struct Params` in `shaders/matmul.wgsl`.
@@ -125,6 +126,10 @@ pub enum Variant {
     /// against 6 per 256 at 16 rows. Its 32 vec4 accumulators spill on any CPU, but
     /// lavapipe's loads cost more than the spills (1024²: 44 GFLOP/s against 32).
     Subgroup32,
+    /// [`Variant::Subgroup32`] over 64 columns per subgroup (each lane two blocks of 4): every
+    /// broadcast row of A feeds 8 columns, 12 loads per 1024 FMAs per lane (1024²: 53
+    /// GFLOP/s on lavapipe). Half as many workgroups along N: for large products.
+    Subgroup32Wide,
     /// 128×128 workgroup tile, 8×8 outputs per invocation, workgroup memory read as vec4
     /// and double-buffered (GPUs; large products).
     Tile128,
@@ -132,13 +137,14 @@ pub enum Variant {
 
 impl Variant {
     /// All variants, for tuning and benches.
-    pub const ALL: [Variant; 7] = [
+    pub const ALL: [Variant; 8] = [
         Variant::Register,
         Variant::Shared,
         Variant::Vec4,
         Variant::Subgroup,
         Variant::Subgroup16,
         Variant::Subgroup32,
+        Variant::Subgroup32Wide,
         Variant::Tile128,
     ];
     /// Short name used in `VQCLIP_MATMUL`, the tuning cache and bench output.
@@ -150,6 +156,7 @@ impl Variant {
             Variant::Subgroup => "subgroup8",
             Variant::Subgroup16 => "subgroup16",
             Variant::Subgroup32 => "subgroup32",
+            Variant::Subgroup32Wide => "subgroup32w",
             Variant::Tile128 => "tile128",
         }
     }
@@ -201,12 +208,13 @@ impl ShapeClass {
 
 /// The variant used on this device for products of `class`: `VQCLIP_MATMUL`, else the
 /// winner measured on this adapter for the class (`vqclip bench all`, key
-/// [`ShapeClass::tuning_key`]), else the overall winner of `vqclip bench matmul` (key
-/// `"matmul"`), else a default: on CPU adapters with 8-wide subgroups the 16-row subgroup
-/// kernel for both classes (a skinny product stacks fewer subgroups along M, so M = 50
-/// still runs on a 64-row tile: the ViT-B/32 image encode took 313-320 ms against
-/// 418 ms with the 8-row kernel on lavapipe), the vec4 kernel without subgroups (all fall back
-/// to register tiles for shapes they cannot read as vec4); on GPUs 128-wide workgroup tiles
+/// [`ShapeClass::tuning_key`]), else for large products the winner of `vqclip bench
+/// matmul` (key `"matmul"`, measured on square products), else a default: on CPU adapters with 8-wide subgroups the 32-row subgroup
+/// kernel, over 64 columns per subgroup for large products and 32 for skinny ones (which
+/// need the workgroups along N); a skinny product stacks fewer subgroups along M, so M = 50
+/// still runs on a 64-row tile (the ViT-B/32 image encode took 266-285 ms against 418 ms
+/// with the 8-row kernel on lavapipe); the vec4 kernel without subgroups (all fall back to
+/// register tiles for shapes they cannot read as vec4); on GPUs 128-wide workgroup tiles
 /// for large products and 64-wide ones for skinny products, which would leave most of a 128
 /// tile idle.
 pub fn variant_for(gpu: &Gpu, class: ShapeClass) -> Variant {
@@ -217,11 +225,18 @@ pub fn variant_for(gpu: &Gpu, class: ShapeClass) -> Variant {
         return v;
     }
     let tuned = |key: &str| gpu.tuning(key).and_then(|s| Variant::parse(&s));
-    if let Some(v) = tuned(class.tuning_key()).or_else(|| tuned("matmul")) {
+    // `bench matmul`'s winner comes from square products: it stands in for large ones only.
+    let square = || {
+        (class == ShapeClass::Large)
+            .then(|| tuned("matmul"))
+            .flatten()
+    };
+    if let Some(v) = tuned(class.tuning_key()).or_else(square) {
         return v;
     }
     match (gpu.is_cpu(), class) {
-        (true, _) if subgroup_supported(gpu) => Variant::Subgroup32,
+        (true, ShapeClass::Large) if subgroup_supported(gpu) => Variant::Subgroup32Wide,
+        (true, ShapeClass::Skinny) if subgroup_supported(gpu) => Variant::Subgroup32,
         (true, _) => Variant::Vec4,
         (false, ShapeClass::Large) => Variant::Tile128,
         (false, ShapeClass::Skinny) => Variant::Shared,
@@ -344,7 +359,7 @@ fn matmul_impl(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Option<Variant>) -> Re
     let vec4 = vec4_applies(m, n, ka, o.trans_a, o.trans_b);
     let v = v.unwrap_or_else(|| variant_for(gpu, ShapeClass::of(m, n)));
     let v = match v {
-        Variant::Subgroup | Variant::Subgroup16 | Variant::Subgroup32
+        Variant::Subgroup | Variant::Subgroup16 | Variant::Subgroup32 | Variant::Subgroup32Wide
             if !(vec4 && subgroup_supported(gpu)) =>
         {
             Variant::Vec4
@@ -360,19 +375,21 @@ fn matmul_impl(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Option<Variant>) -> Re
     let sg_rows = match v {
         Variant::Subgroup => 8,
         Variant::Subgroup16 => 16,
-        Variant::Subgroup32 => 32,
+        Variant::Subgroup32 | Variant::Subgroup32Wide => 32,
         _ => 0,
     };
+    let wide = v == Variant::Subgroup32Wide;
     // Subgroups stacked along M: as many as M needs, up to all 8.
     let stack = m.div_ceil(sg_rows.max(1)).next_power_of_two().min(8);
     let kernel = match v {
         Variant::Register => Kernel::new(&SHADER, "matmul_reg"),
         Variant::Shared => Kernel::new(&SHADER, "matmul_shared"),
         Variant::Vec4 => Kernel::new(&SHADER, "matmul_vec4"),
-        Variant::Subgroup | Variant::Subgroup16 | Variant::Subgroup32 => {
+        Variant::Subgroup | Variant::Subgroup16 | Variant::Subgroup32 | Variant::Subgroup32Wide => {
             Kernel::new(&SUBGROUP_SHADER, "matmul_subgroup")
                 .with(ov::SG_ROWS, sg_rows as u32)
                 .with(ov::SG_STACK, stack as u32)
+                .with(ov::WIDE, wide)
         }
         Variant::Tile128 => Kernel::new(&SHADER, "matmul_tile128"),
     }
@@ -385,8 +402,8 @@ fn matmul_impl(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Option<Variant>) -> Re
     let (rows_per_wg, cols_per_wg) = match v {
         Variant::Register | Variant::Vec4 => (32usize, 32usize),
         Variant::Shared => (64, 64),
-        Variant::Subgroup | Variant::Subgroup16 | Variant::Subgroup32 => {
-            (stack * sg_rows, 256 / stack)
+        Variant::Subgroup | Variant::Subgroup16 | Variant::Subgroup32 | Variant::Subgroup32Wide => {
+            (stack * sg_rows, if wide { 512 } else { 256 } / stack)
         }
         Variant::Tile128 => (128, 128),
     };
@@ -820,6 +837,7 @@ mod tests {
             Variant::Subgroup,
             Variant::Subgroup16,
             Variant::Subgroup32,
+            Variant::Subgroup32Wide,
         ] {
             for (batch, m, n, k, ta, tb) in cases {
                 assert!(vec4_applies(m, n, k, ta, tb), "{m}x{n}x{k} {ta} {tb}");
@@ -870,6 +888,7 @@ mod tests {
             Variant::Subgroup,
             Variant::Subgroup16,
             Variant::Subgroup32,
+            Variant::Subgroup32Wide,
         ] {
             Problem::new(1, 9, 6, 65_540)
                 .trans(false, true)
