@@ -325,6 +325,14 @@ mod tests {
         s.pad = [0, 2, 2, 0];
         assert!(row_reuse(s.kw, s.stride, 8 + 2 - 3 + 1));
         check(s, true, false, 51);
+        // Longer rows of whole 4-pixel blocks with edges, Cin tails and a second image, and
+        // upsampling into 32-row subgroups.
+        let mut s = shape(2, 5, (3, 16), 33, 3);
+        s.pad = [1, 0, 0, 2];
+        check(s, true, true, 52);
+        let mut s = shape(1, 6, (4, 4), 40, 3);
+        s.upsample = true;
+        check(s, true, false, 53);
         // (3, 1) kernels keep the per-tap path.
         assert!(!row_reuse(1, 1, 8) && !row_reuse(3, 2, 8) && !row_reuse(3, 1, 6));
     }
