@@ -5,6 +5,13 @@ mod cli;
 use clap::Parser;
 
 fn main() {
+    // A reader that stops early (`vqclip ... | head`) ends the process quietly, as it does
+    // other Unix tools, instead of a panic in println! on the broken pipe.
+    #[cfg(unix)]
+    // SAFETY: called first, before any other thread exists; SIG_DFL is a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // First, while this is the only thread: it may set an environment variable.
     vqclip::gpu::prepare_driver_environment();
     let args = cli::Cli::parse();

@@ -150,3 +150,20 @@ fn bench_generate_refuses_a_size_past_the_budget() {
         "refused only after starting: {err}"
     );
 }
+
+/// A reader that closes the pipe before vqclip writes (`vqclip info | head -0`) ends the run
+/// without a panic message.
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vqclip"))
+        .args(["info", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run vqclip");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait for vqclip");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}
