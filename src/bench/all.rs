@@ -582,24 +582,35 @@ fn time_item(gpu: &Gpu, spec: &Spec, models: &mut Models, seconds: f64) -> Resul
     }
 }
 
-/// Times every matmul variant on one shape per [`ShapeClass`] and saves each class's
-/// winner ([`Gpu::save_tuning`]), so that the items (and later runs) use it.
+/// Times every matmul variant per [`ShapeClass`] and saves each class's winner
+/// ([`Gpu::save_tuning`]), so that the items (and later runs) use it. Skinny products are
+/// timed on one ViT-B/32 layer's linears at 50 tokens (q, k, v and out 768 → 768, then
+/// 768 → 3072 → 768), summed: one shape alone picked a kernel that lost on the others
+/// (lavapipe: subgroup32w won 50x3072x768 and made the image encode slower). Large ones on
+/// 1024².
 fn tune_matmul(gpu: &Gpu, seconds: f64) -> Result<Vec<Tuned>> {
     let mut out = Vec::new();
     for class in ShapeClass::ALL {
-        let (m, n, k) = match class {
-            ShapeClass::Skinny => (50, 3072, 768),
-            ShapeClass::Large => (1024, 1024, 1024),
+        // (times in the sum, m, n, k)
+        let shapes: &[(usize, usize, usize, usize)] = match class {
+            ShapeClass::Skinny => &[(4, 50, 768, 768), (1, 50, 3072, 768), (1, 50, 768, 3072)],
+            ShapeClass::Large => &[(1, 1024, 1024, 1024)],
         };
-        let a = rand_tensor(gpu, &[m, k], 1)?;
-        let b = rand_tensor(gpu, &[n, k], 2)?;
+        let operands = shapes
+            .iter()
+            .map(|&(_, m, n, k)| Ok((rand_tensor(gpu, &[m, k], 1)?, rand_tensor(gpu, &[n, k], 2)?)))
+            .collect::<Result<Vec<_>>>()?;
         let o = MatmulOpts::linear(None);
         let mut ms = Vec::new();
         for v in Variant::ALL {
-            let t = time_runs(gpu, seconds, &mut || {
-                matmul::matmul_variant(&a, &b, &o, v).map(drop)
-            })?;
-            ms.push((v.name().to_string(), t[t.len() / 2] * 1e3));
+            let mut total = 0.0;
+            for (&(times, ..), (a, b)) in shapes.iter().zip(&operands) {
+                let t = time_runs(gpu, seconds / shapes.len() as f64, &mut || {
+                    matmul::matmul_variant(a, b, &o, v).map(drop)
+                })?;
+                total += times as f64 * t[t.len() / 2] * 1e3;
+            }
+            ms.push((v.name().to_string(), total));
         }
         let best = ms
             .iter()
@@ -607,9 +618,17 @@ fn tune_matmul(gpu: &Gpu, seconds: f64) -> Result<Vec<Tuned>> {
             .map(|x| x.0.clone())
             .ok_or_else(|| Error::invalid("no matmul variant to tune"))?;
         gpu.save_tuning(class.tuning_key(), &best)?;
+        let shape = shapes
+            .iter()
+            .map(|&(times, m, n, k)| match times {
+                1 => format!("{m}x{n}x{k}"),
+                t => format!("{t} x {m}x{n}x{k}"),
+            })
+            .collect::<Vec<_>>()
+            .join(" + ");
         out.push(Tuned {
             key: class.tuning_key().to_string(),
-            shape: format!("{m}x{n}x{k} Bt"),
+            shape: format!("{shape} Bt"),
             variant: best,
             ms,
         });
