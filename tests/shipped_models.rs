@@ -215,8 +215,9 @@ fn the_default_optimisation_changes_the_codes_and_lowers_the_whole_image_loss() 
 
 /// The pass rate the README gives for the default (`vqclip generate PROMPT --seed S`, seeds
 /// 1-4 of the five prompts): the strict judge and the colours alone (border and interior),
-/// and the `--steps 0` image (the random start), which must not pass. 13 minutes (795 s) on
-/// the shared 2-core lavapipe machine, so run on request:
+/// and the `--steps 0` image (the random start), which must not pass. 5 minutes (292 s, with
+/// the implicit-GEMM convolution; 795 s before it, the same figures) on the 2-core lavapipe
+/// machine, so run on request:
 /// `cargo test --release --test shipped_models -- --ignored`.
 #[test]
 #[ignore]
