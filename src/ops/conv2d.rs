@@ -9,16 +9,16 @@ use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
-/// The `override` constants the kernels below set.
-mod ov {
+/// The `override` constants the kernels below (and `conv2d_igemm`) set.
+pub(super) mod ov {
     use crate::gpu::Override;
-    pub(super) const KH: Override<u32> = Override::new("KH");
-    pub(super) const KW: Override<u32> = Override::new("KW");
-    pub(super) const STRIDE: Override<u32> = Override::new("STRIDE");
-    pub(super) const UPSAMPLE: Override<bool> = Override::new("UPSAMPLE");
-    pub(super) const HAS_BIAS: Override<bool> = Override::new("HAS_BIAS");
-    pub(super) const HAS_RES: Override<bool> = Override::new("HAS_RES");
-    pub(super) const ONES_ROW: Override<bool> = Override::new("ONES_ROW");
+    pub(in crate::ops) const KH: Override<u32> = Override::new("KH");
+    pub(in crate::ops) const KW: Override<u32> = Override::new("KW");
+    pub(in crate::ops) const STRIDE: Override<u32> = Override::new("STRIDE");
+    pub(in crate::ops) const UPSAMPLE: Override<bool> = Override::new("UPSAMPLE");
+    pub(in crate::ops) const HAS_BIAS: Override<bool> = Override::new("HAS_BIAS");
+    pub(in crate::ops) const HAS_RES: Override<bool> = Override::new("HAS_RES");
+    pub(in crate::ops) const ONES_ROW: Override<bool> = Override::new("ONES_ROW");
 }
 
 pub(crate) static SHADER: Shader<Params> = crate::shader!(
@@ -804,7 +804,7 @@ pub fn reference(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ops::testutil::{gpu, rand_vec};
 
@@ -838,6 +838,21 @@ mod tests {
     }
 
     fn check_variant(s: RefShape, bias: bool, res: bool, seed: u64, v: Variant) {
+        check_with(s, bias, res, seed, &format!("{v:?}"), &|x, w, o| {
+            conv2d_variant(x, w, o, v).unwrap()
+        });
+    }
+
+    /// Runs `conv` on random inputs of shape `s` (with a bias and a residual if asked) and
+    /// checks it against the f64 [`reference`] within f32 accumulation error.
+    pub(crate) fn check_with(
+        s: RefShape,
+        bias: bool,
+        res: bool,
+        seed: u64,
+        what: &str,
+        conv: &dyn Fn(&Tensor, &Tensor, &Conv2dOpts) -> Tensor,
+    ) {
         let g = gpu();
         let xv = rand_vec(s.n * s.cin * s.h * s.w, seed);
         let wv = rand_vec(s.cout * s.cin * s.kh * s.kw, seed + 1);
@@ -855,7 +870,7 @@ mod tests {
             bias: bias.then_some(&b),
             residual: res.then_some(&r),
         };
-        let y = conv2d_variant(&x, &w, &o, v).unwrap();
+        let y = conv(&x, &w, &o);
         assert_eq!(y.shape(), shape, "{s:?}");
         let got = y.to_vec().unwrap();
         let (want, mag, _) = reference(&xv, &wv, bias.then_some(&bv), res.then_some(&rv), &s);
@@ -867,7 +882,7 @@ mod tests {
             let err = (got[i] as f64 - want[i]).abs();
             assert!(
                 err <= tol,
-                "{v:?} {s:?} bias{bias} res{res}: element {i} got {} want {} (err {err:e} > {tol:e})",
+                "{what} {s:?} bias{bias} res{res}: element {i} got {} want {} (err {err:e} > {tol:e})",
                 got[i],
                 want[i]
             );
@@ -955,7 +970,14 @@ mod tests {
         }
     }
 
-    fn shape(n: usize, cin: usize, hw: (usize, usize), cout: usize, k: usize) -> RefShape {
+    /// A same-padded `k`x`k` stride-1 convolution of `n` images `cin`x`hw` to `cout` channels.
+    pub(crate) fn shape(
+        n: usize,
+        cin: usize,
+        hw: (usize, usize),
+        cout: usize,
+        k: usize,
+    ) -> RefShape {
         RefShape {
             n,
             cin,

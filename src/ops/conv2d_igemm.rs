@@ -14,15 +14,11 @@ use crate::gpu::{Gpu, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::Result;
 
-/// The `override` constants the kernel sets.
+/// The `override` constants the kernel sets: the direct kernels' (same names, same
+/// meaning) and its own.
 mod ov {
+    pub(super) use super::super::conv2d::ov::{HAS_BIAS, HAS_RES, KH, KW, STRIDE, UPSAMPLE};
     use crate::gpu::Override;
-    pub(super) const KH: Override<u32> = Override::new("KH");
-    pub(super) const KW: Override<u32> = Override::new("KW");
-    pub(super) const STRIDE: Override<u32> = Override::new("STRIDE");
-    pub(super) const UPSAMPLE: Override<bool> = Override::new("UPSAMPLE");
-    pub(super) const HAS_BIAS: Override<bool> = Override::new("HAS_BIAS");
-    pub(super) const HAS_RES: Override<bool> = Override::new("HAS_RES");
     pub(super) const CIN_TAIL: Override<bool> = Override::new("CIN_TAIL");
     pub(super) const SG_ROWS: Override<u32> = Override::new("SG_ROWS");
     pub(super) const ROW_REUSE: Override<bool> = Override::new("ROW_REUSE");
@@ -216,69 +212,26 @@ fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::super::conv2d::{out_size, reference, RefShape};
+    use super::super::conv2d::tests::{check_with, shape};
+    use super::super::conv2d::{out_size, RefShape};
     use super::*;
     use crate::ops::testutil::{gpu, rand_vec};
 
     /// Runs [`try_conv2d`] itself (not through the fallback) against the f64 reference.
     fn check(s: RefShape, bias: bool, res: bool, seed: u64) {
-        let g = gpu();
         assert!(
-            subgroup_supported(&g),
+            subgroup_supported(&gpu()),
             "the test adapter has 8-wide subgroups"
         );
-        let xv = rand_vec(s.n * s.cin * s.h * s.w, seed);
-        let wv = rand_vec(s.cout * s.cin * s.kh * s.kw, seed + 1);
-        let bv = rand_vec(s.cout, seed + 2);
-        let (_, _, shape) = reference(&xv, &wv, None, None, &s);
-        let rv = rand_vec(shape.iter().product(), seed + 3);
-        let x = Tensor::from_slice(&g, &xv, &[s.n, s.cin, s.h, s.w]).unwrap();
-        let w = Tensor::from_slice(&g, &wv, &[s.cout, s.cin, s.kh, s.kw]).unwrap();
-        let b = Tensor::from_slice(&g, &bv, &[s.cout]).unwrap();
-        let r = Tensor::from_slice(&g, &rv, &shape).unwrap();
-        let o = Conv2dOpts {
-            stride: s.stride,
-            pad: s.pad,
-            upsample: s.upsample,
-            bias: bias.then_some(&b),
-            residual: res.then_some(&r),
-        };
         let up = if s.upsample { 2 } else { 1 };
-        let (hv, wv_) = (s.h * up, s.w * up);
+        let (hv, wv) = (s.h * up, s.w * up);
         let ho = out_size(hv, s.kh, s.stride, s.pad[0], s.pad[1]).unwrap();
-        let wo = out_size(wv_, s.kw, s.stride, s.pad[2], s.pad[3]).unwrap();
-        let y = try_conv2d(&x, &w, &o, [ho, wo, hv, wv_])
-            .unwrap()
-            .expect("the implicit kernel applies");
-        assert_eq!(y.shape(), shape);
-        let got = y.to_vec().unwrap();
-        let (want, mag, _) = reference(&xv, &wv, bias.then_some(&bv), res.then_some(&rv), &s);
-        let k = (s.cin * s.kh * s.kw) as f64;
-        for i in 0..got.len() {
-            let tol = 1.2 * (k + 3.0) * f32::EPSILON as f64 * mag[i] + 1e-6 * (1.0 + want[i].abs());
-            let err = (got[i] as f64 - want[i]).abs();
-            assert!(
-                err <= tol,
-                "{s:?}: y[{i}] = {} want {} (err {err:e})",
-                got[i],
-                want[i]
-            );
-        }
-    }
-
-    fn shape(n: usize, cin: usize, hw: (usize, usize), cout: usize, k: usize) -> RefShape {
-        RefShape {
-            n,
-            cin,
-            h: hw.0,
-            w: hw.1,
-            cout,
-            kh: k,
-            kw: k,
-            stride: 1,
-            pad: [k / 2; 4],
-            upsample: false,
-        }
+        let wo = out_size(wv, s.kw, s.stride, s.pad[2], s.pad[3]).unwrap();
+        check_with(s, bias, res, seed, "implicit", &|x, w, o| {
+            try_conv2d(x, w, o, [ho, wo, hv, wv])
+                .unwrap()
+                .expect("the implicit kernel applies")
+        });
     }
 
     #[test]

@@ -814,6 +814,15 @@ mod tests {
         }
     }
 
+    /// The variants that read their operands as vec4s.
+    const VEC4_VARIANTS: [Variant; 5] = [
+        Variant::Vec4,
+        Variant::Subgroup,
+        Variant::Subgroup16,
+        Variant::Subgroup32,
+        Variant::Subgroup32Wide,
+    ];
+
     #[test]
     fn vec4_and_subgroup_variants_on_eligible_shapes() {
         // Shapes where matmul_vec4 and matmul_subgroup themselves run (the latter where the
@@ -832,13 +841,7 @@ mod tests {
             (1, 132, 68, 36, true, false),
         ];
         let mut seed = 2000;
-        for v in [
-            Variant::Vec4,
-            Variant::Subgroup,
-            Variant::Subgroup16,
-            Variant::Subgroup32,
-            Variant::Subgroup32Wide,
-        ] {
+        for v in VEC4_VARIANTS {
             for (batch, m, n, k, ta, tb) in cases {
                 assert!(vec4_applies(m, n, k, ta, tb), "{m}x{n}x{k} {ta} {tb}");
                 seed += 10;
@@ -883,13 +886,7 @@ mod tests {
     fn vec4_kernels_split_long_k() {
         // K = 65,540 is summed in 4 accumulating splits of at most K_SPLIT (the vec4 kernels
         // step K by 4, so the splits must stay multiples of 4); fused epilogue on the last.
-        for v in [
-            Variant::Vec4,
-            Variant::Subgroup,
-            Variant::Subgroup16,
-            Variant::Subgroup32,
-            Variant::Subgroup32Wide,
-        ] {
+        for v in VEC4_VARIANTS {
             Problem::new(1, 9, 6, 65_540)
                 .trans(false, true)
                 .broadcast_b()
