@@ -211,23 +211,24 @@ const BK8: u32 = 8u;
 var<workgroup> sa: array<vec4<f32>, 512>;
 var<workgroup> sb: array<vec4<f32>, 512>;
 
+// Where element e of a [BK8][T128] slice sits, walked along the operand's contiguous axis:
+// (index along the tile's 128 rows or columns, kk). `k_major`: the operand is stored with k
+// as the slow axis (A transposed, B not), so the walk goes along the 128 first.
+fn slice_pos(e: u32, k_major: bool) -> vec2<u32> {
+    if k_major {
+        return vec2<u32>(e % T128, e / T128);
+    }
+    return vec2<u32>(e / BK8, e % BK8);
+}
+
 // The 4 elements this invocation stages of each operand for the K slice at k0: element e =
-// li + 256 * l of the [BK8][T128] slice, walked along the operand's contiguous axis.
+// li + 256 * l of the slice.
 fn stage_a(ba: u32, row_base: u32, k0: u32, li: u32) -> vec4<f32> {
     var v: vec4<f32>;
     for (var l = 0u; l < 4u; l++) {
-        let e = li + l * 256u;
-        var i: u32;
-        var kk: u32;
-        if TRANS_A {
-            kk = e / T128;
-            i = e % T128;
-        } else {
-            i = e / BK8;
-            kk = e % BK8;
-        }
-        let gi = row_base + i;
-        let gk = k0 + kk;
+        let at = slice_pos(li + l * 256u, TRANS_A);
+        let gi = row_base + at.x;
+        let gk = k0 + at.y;
         var x = 0.0;
         if gi < p.m && gk < p.k1 {
             x = a_at(ba, gi, gk);
@@ -240,18 +241,9 @@ fn stage_a(ba: u32, row_base: u32, k0: u32, li: u32) -> vec4<f32> {
 fn stage_b(bb: u32, col_base: u32, k0: u32, li: u32) -> vec4<f32> {
     var v: vec4<f32>;
     for (var l = 0u; l < 4u; l++) {
-        let e = li + l * 256u;
-        var j: u32;
-        var kk: u32;
-        if TRANS_B {
-            j = e / BK8;
-            kk = e % BK8;
-        } else {
-            kk = e / T128;
-            j = e % T128;
-        }
-        let gj = col_base + j;
-        let gk = k0 + kk;
+        let at = slice_pos(li + l * 256u, !TRANS_B);
+        let gj = col_base + at.x;
+        let gk = k0 + at.y;
         var x = 0.0;
         if gj < p.n && gk < p.k1 {
             x = b_at(bb, gk, gj);
@@ -264,33 +256,15 @@ fn stage_b(bb: u32, col_base: u32, k0: u32, li: u32) -> vec4<f32> {
 // Writes staged values into buffer `buf` at the places stage_a / stage_b read them from.
 fn put_a(buf: u32, li: u32, v: vec4<f32>) {
     for (var l = 0u; l < 4u; l++) {
-        let e = li + l * 256u;
-        var i: u32;
-        var kk: u32;
-        if TRANS_A {
-            kk = e / T128;
-            i = e % T128;
-        } else {
-            i = e / BK8;
-            kk = e % BK8;
-        }
-        sa[buf * 256u + kk * 32u + i / 4u][i % 4u] = v[l];
+        let at = slice_pos(li + l * 256u, TRANS_A);
+        sa[buf * 256u + at.y * 32u + at.x / 4u][at.x % 4u] = v[l];
     }
 }
 
 fn put_b(buf: u32, li: u32, v: vec4<f32>) {
     for (var l = 0u; l < 4u; l++) {
-        let e = li + l * 256u;
-        var j: u32;
-        var kk: u32;
-        if TRANS_B {
-            j = e / BK8;
-            kk = e % BK8;
-        } else {
-            kk = e / T128;
-            j = e % T128;
-        }
-        sb[buf * 256u + kk * 32u + j / 4u][j % 4u] = v[l];
+        let at = slice_pos(li + l * 256u, !TRANS_B);
+        sb[buf * 256u + at.y * 32u + at.x / 4u][at.x % 4u] = v[l];
     }
 }
 
