@@ -64,11 +64,6 @@ override SG_STACK: u32 = 8u;
 // instead of 12; the three taps' weight vectors are loaded together.
 override ROW_REUSE: bool = false;
 
-fn fma_row(a: vec4<f32>, bk: mat4x4<f32>, acc: vec4<f32>) -> vec4<f32> {
-    return fma(vec4<f32>(a.x), bk[0], fma(vec4<f32>(a.y), bk[1],
-           fma(vec4<f32>(a.z), bk[2], fma(vec4<f32>(a.w), bk[3], acc))));
-}
-
 // The 4 pixels' values of one channel plane starting at `base`: zero where `ok` is false.
 fn pixels(base: u32, off: vec4<u32>, ok: vec4<bool>) -> vec4<f32> {
     let v = vec4<f32>(x[base + off.x], x[base + off.y], x[base + off.z], x[base + off.w]);
@@ -101,35 +96,15 @@ fn store_row(bi: u32, co: u32, col: u32, live: vec4<bool>, v: vec4<f32>) {
     }
 }
 
-// Rows of C over kk from the lanes' weight loads: lane r's vec4 is row r's 4 k.
-fn rows_lo(mine: vec4<f32>) -> mat4x4<f32> {
-    return mat4x4<f32>(subgroupBroadcast(mine, 0u), subgroupBroadcast(mine, 1u),
-                       subgroupBroadcast(mine, 2u), subgroupBroadcast(mine, 3u));
-}
-fn rows_hi(mine: vec4<f32>) -> mat4x4<f32> {
-    return mat4x4<f32>(subgroupBroadcast(mine, 4u), subgroupBroadcast(mine, 5u),
-                       subgroupBroadcast(mine, 6u), subgroupBroadcast(mine, 7u));
-}
-
 // acc[8g + r] += (row 8g + r's 4 k) · bk for the 8 rows of group g, from the lanes' loads.
-fn group_fma(mine: vec4<f32>, bk: mat4x4<f32>, g: u32, acc: ptr<function, array<vec4<f32>, 32>>) {
-    let lo = rows_lo(mine);
-    let hi = rows_hi(mine);
-    let o = 8u * g;
-    (*acc)[o] = fma_row(lo[0], bk, (*acc)[o]);
-    (*acc)[o + 1u] = fma_row(lo[1], bk, (*acc)[o + 1u]);
-    (*acc)[o + 2u] = fma_row(lo[2], bk, (*acc)[o + 2u]);
-    (*acc)[o + 3u] = fma_row(lo[3], bk, (*acc)[o + 3u]);
-    (*acc)[o + 4u] = fma_row(hi[0], bk, (*acc)[o + 4u]);
-    (*acc)[o + 5u] = fma_row(hi[1], bk, (*acc)[o + 5u]);
-    (*acc)[o + 6u] = fma_row(hi[2], bk, (*acc)[o + 6u]);
-    (*acc)[o + 7u] = fma_row(hi[3], bk, (*acc)[o + 7u]);
+fn group_fma(mine: vec4<f32>, bk: mat4x4<f32>, g: u32, acc: ptr<function, array<vec4<f32>, 64>>) {
+    rows_fma(rows_lo(mine), rows_hi(mine), bk, 8u * g, acc);
 }
 
 // One step of 4 k at packed weight vec4 `at`: each group of 8 rows loads its weights (lane
 // r: row 8g + r, starting at a_rows[g]) and multiplies them into bk. Group numbers are
 // constants: a dynamic index would keep acc in memory.
-fn step(a_rows: vec4<u32>, at: u32, bk: mat4x4<f32>, acc: ptr<function, array<vec4<f32>, 32>>) {
+fn step(a_rows: vec4<u32>, at: u32, bk: mat4x4<f32>, acc: ptr<function, array<vec4<f32>, 64>>) {
     group_fma(w4[a_rows.x + at], bk, 0u, acc);
     if SG_ROWS >= 16u {
         group_fma(w4[a_rows.y + at], bk, 1u, acc);
@@ -158,7 +133,7 @@ fn planes(base: u32, hw: u32, c0: u32) -> Planes {
 }
 
 fn store_group(bi: u32, row: u32, col: u32, live: vec4<bool>, g: u32,
-               acc: ptr<function, array<vec4<f32>, 32>>) {
+               acc: ptr<function, array<vec4<f32>, 64>>) {
     let o = 8u * g;
     store_row(bi, row + o, col, live, (*acc)[o]);
     store_row(bi, row + o + 1u, col, live, (*acc)[o + 1u]);
@@ -192,7 +167,7 @@ fn conv2d_igemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_id) sid
     let y0 = vec4<i32>(oy * STRIDE) - i32(p.pad_top);
     let x0 = vec4<i32>(ox * STRIDE) - i32(p.pad_left);
     let xb = bi * p.cin * hw;
-    var acc: array<vec4<f32>, 32>;
+    var acc: array<vec4<f32>, 64>;
     if ROW_REUSE {
         // The 4 pixels share oy; inputs x0.x + 0..5 of each kernel row feed its 3 taps.
         let xa = x0.x + vec4<i32>(0, 1, 2, 3);

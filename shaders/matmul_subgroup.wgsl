@@ -35,11 +35,6 @@ override SG_STACK: u32 = 8u;
 @group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;   // [batch, M, K] ([.., K, M] if TRANS_A), as vec4
 @group(0) @binding(2) var<storage, read> b4: array<vec4<f32>>;   // [batch, K, N] ([.., N, K] if TRANS_B), as vec4
 
-fn fma_row(a: vec4<f32>, bk: mat4x4<f32>, acc: vec4<f32>) -> vec4<f32> {
-    return fma(vec4<f32>(a.x), bk[0], fma(vec4<f32>(a.y), bk[1],
-           fma(vec4<f32>(a.z), bk[2], fma(vec4<f32>(a.w), bk[3], acc))));
-}
-
 // What this lane loads of A for row group g (rows row + 8g ..): row `row + 8g + lane`, or
 // (TRANS_A) rows row + 8g + 4h .. + 3 at step kk = lane % 4 of each K quad, h = lane / 4.
 fn load_a(ba: u32, row: u32, g: u32, lane: u32, kq: u32) -> vec4<f32> {
@@ -53,39 +48,23 @@ fn load_a(ba: u32, row: u32, g: u32, lane: u32, kq: u32) -> vec4<f32> {
 // Rows 0..3 and 4..7 of a group over kk, from the lanes' loads of A (transposed back when
 // each lane loaded a 4 x 4 tile, TRANS_A).
 fn group_rows(mine: vec4<f32>) -> array<mat4x4<f32>, 2> {
-    var lo = mat4x4<f32>(subgroupBroadcast(mine, 0u), subgroupBroadcast(mine, 1u),
-                         subgroupBroadcast(mine, 2u), subgroupBroadcast(mine, 3u));
-    var hi = mat4x4<f32>(subgroupBroadcast(mine, 4u), subgroupBroadcast(mine, 5u),
-                         subgroupBroadcast(mine, 6u), subgroupBroadcast(mine, 7u));
     if TRANS_A {
-        lo = transpose(lo);
-        hi = transpose(hi);
+        return array<mat4x4<f32>, 2>(transpose(rows_lo(mine)), transpose(rows_hi(mine)));
     }
-    return array<mat4x4<f32>, 2>(lo, hi);
-}
-
-// acc[a + r] += (row r of the group's 4 k) · bk for the group's 8 rows.
-fn rows_fma(r: array<mat4x4<f32>, 2>, bk: mat4x4<f32>, a: u32, acc: ptr<function, array<vec4<f32>, 64>>) {
-    (*acc)[a] = fma_row(r[0][0], bk, (*acc)[a]);
-    (*acc)[a + 1u] = fma_row(r[0][1], bk, (*acc)[a + 1u]);
-    (*acc)[a + 2u] = fma_row(r[0][2], bk, (*acc)[a + 2u]);
-    (*acc)[a + 3u] = fma_row(r[0][3], bk, (*acc)[a + 3u]);
-    (*acc)[a + 4u] = fma_row(r[1][0], bk, (*acc)[a + 4u]);
-    (*acc)[a + 5u] = fma_row(r[1][1], bk, (*acc)[a + 5u]);
-    (*acc)[a + 6u] = fma_row(r[1][2], bk, (*acc)[a + 6u]);
-    (*acc)[a + 7u] = fma_row(r[1][3], bk, (*acc)[a + 7u]);
+    return array<mat4x4<f32>, 2>(rows_lo(mine), rows_hi(mine));
 }
 
 // Row group g (rows 8g ..) times this lane's columns: acc[8g + r].
 fn group_step(mine: vec4<f32>, bk: mat4x4<f32>, g: u32, acc: ptr<function, array<vec4<f32>, 64>>) {
-    rows_fma(group_rows(mine), bk, 8u * g, acc);
+    let r = group_rows(mine);
+    rows_fma(r[0], r[1], bk, 8u * g, acc);
 }
 
 // The same for WIDE's two column blocks: bk into acc[8g + r], bk2 into acc[32 + 8g + r].
 fn group_step2(mine: vec4<f32>, bk: mat4x4<f32>, bk2: mat4x4<f32>, g: u32, acc: ptr<function, array<vec4<f32>, 64>>) {
     let r = group_rows(mine);
-    rows_fma(r, bk, 8u * g, acc);
-    rows_fma(r, bk2, 32u + 8u * g, acc);
+    rows_fma(r[0], r[1], bk, 8u * g, acc);
+    rows_fma(r[0], r[1], bk2, 32u + 8u * g, acc);
 }
 
 // 32 rows x 64 columns per subgroup (SG_ROWS must be 32): each lane owns two blocks of 4

@@ -27,6 +27,7 @@ mod ov {
 
 pub(crate) static SHADER: Shader<Params> = crate::shader!(
     "conv2d_igemm",
+    "subgroup_tile",
     overrides = [
         ov::KH,
         ov::KW,

@@ -22,13 +22,14 @@ mod ov {
 }
 
 /// The two matmul shaders share the activation and epilogue prologue and every override;
-/// extra overrides of one shader follow its name.
+/// extra libraries of one shader follow its name after `+`, its extra overrides after `,`.
 macro_rules! matmul_shader {
-    ($name:literal $(, $extra:expr)*) => {
+    ($name:literal $(+ $lib:literal)* $(, $extra:expr)*) => {
         crate::shader!(
             $name,
             "act",
             "matmul_epilogue",
+            $($lib,)*
             overrides = [
                 ov::TRANS_A,
                 ov::TRANS_B,
@@ -44,8 +45,12 @@ macro_rules! matmul_shader {
 }
 
 pub(crate) static SHADER: Shader<Params> = matmul_shader!("matmul");
-pub(crate) static SUBGROUP_SHADER: Shader<Params> =
-    matmul_shader!("matmul_subgroup", ov::SG_ROWS, ov::SG_STACK, ov::WIDE);
+pub(crate) static SUBGROUP_SHADER: Shader<Params> = matmul_shader!(
+    "matmul_subgroup" + "subgroup_tile",
+    ov::SG_ROWS,
+    ov::SG_STACK,
+    ov::WIDE
+);
 
 crate::shader_params! {
     /// Mirrors `struct Params` in `shaders/matmul.wgsl`.
