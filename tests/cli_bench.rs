@@ -59,8 +59,8 @@ fn a_peer_file_is_merged_into_an_existing_report() {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("r");
     let tuning = dir.path().join("tuning.json");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vqclip"))
-        .args([
+    ok_with_tuning(
+        &[
             "bench",
             "all",
             "--quick",
@@ -70,14 +70,8 @@ fn a_peer_file_is_merged_into_an_existing_report() {
             "layer_norm",
             "--report",
             s(&report),
-        ])
-        .env("VQCLIP_TUNING_FILE", &tuning)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &tuning,
     );
     for f in ["report.json", "report.md", "roofline.svg"] {
         assert!(report.join(f).exists(), "{f}");
@@ -107,6 +101,22 @@ fn a_peer_file_is_merged_into_an_existing_report() {
     assert!(md.contains("test peer"), "{md}");
 }
 
+/// Runs `vqclip args` with its tuning file at `tuning` (so that other tests keep their kernel
+/// choices) and asserts that it succeeded.
+fn ok_with_tuning(args: &[&str], tuning: &std::path::Path) -> std::process::Output {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vqclip"))
+        .args(args)
+        .env("VQCLIP_TUNING_FILE", tuning)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn positive(v: &serde_json::Value, what: &str) -> f64 {
     let x = v
         .as_f64()
@@ -122,8 +132,8 @@ fn matmul_checks_every_variant_against_the_cpu_and_reports_its_speed() {
     let tuning =
         std::env::temp_dir().join(format!("vqclip-bench-tuning-{}.json", std::process::id()));
     let _ = std::fs::remove_file(&tuning);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vqclip"))
-        .args([
+    let out = ok_with_tuning(
+        &[
             "bench",
             "matmul",
             "--size",
@@ -131,14 +141,8 @@ fn matmul_checks_every_variant_against_the_cpu_and_reports_its_speed() {
             "--seconds",
             "0.05",
             "--json",
-        ])
-        .env("VQCLIP_TUNING_FILE", &tuning)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &tuning,
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["size"], 64);

@@ -347,11 +347,11 @@ pub struct Item {
 pub struct Tuned {
     /// [`ShapeClass::tuning_key`].
     pub key: String,
-    /// The shape it was timed on.
+    /// The shapes it was timed on (`4 x 50x768x768 + ...`: times each counts in the sum).
     pub shape: String,
     /// Winner.
     pub variant: String,
-    /// Median ms of every variant tried, by name.
+    /// Median ms of every variant tried, by name, summed over the shapes.
     pub ms: Vec<(String, f64)>,
 }
 
