@@ -33,7 +33,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peer_generate_step import AttnBlock, Decoder, ResnetBlock, norm, parse_size, swish  # noqa: E402
+from peer_generate_step import (  # noqa: E402
+    AttnBlock,
+    ResnetBlock,
+    VqganDecoderSide,
+    norm,
+    parse_size,
+    swish,
+)
 
 
 class Downsample(nn.Module):
@@ -89,15 +96,13 @@ class Encoder(nn.Module):
         return self.conv_out(swish(self.norm_out(h)))
 
 
-class VqGan(nn.Module):
+class VqGan(VqganDecoderSide):
+    """The whole f16 VQGAN: the generation step's decoder side plus the encoder."""
+
     def __init__(self, n_embed=16384, embed_dim=256, z_channels=256):
-        super().__init__()
+        super().__init__(n_embed, embed_dim, z_channels)
         self.encoder = Encoder(z_channels=z_channels)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
-        self.embedding = nn.Embedding(n_embed, embed_dim)
-        self.embedding.weight.data.uniform_(-1.0 / n_embed, 1.0 / n_embed)
-        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
-        self.decoder = Decoder(z_channels=z_channels)
 
     def encode(self, x):
         return self.quant_conv(self.encoder(x))
@@ -109,9 +114,6 @@ class VqGan(nn.Module):
         idx = d.argmin(1)
         b, c, h, w = z.shape
         return e[idx].view(b, h, w, c).permute(0, 3, 1, 2).contiguous()
-
-    def decode(self, zq):
-        return self.decoder(self.post_quant_conv(zq))
 
 
 # --- FLOPs, as src/bench/vqgan.rs counts them -------------------------------------------------
