@@ -123,13 +123,16 @@ impl ClipTrainer {
             .collect();
         let mut delta = vec![0f32; raw.len()];
         let alpha = 2.5 * adv.eps / adv.steps as f32;
-        for _ in 0..adv.steps {
-            let moved: Vec<f32> = raw
-                .iter()
-                .zip(&delta)
+        // The perturbed raw pixels, normalised as the model reads them.
+        let normalised = |delta: &[f32]| -> Vec<f32> {
+            raw.iter()
+                .zip(delta)
                 .enumerate()
                 .map(|(i, (&r, &d))| (r + d - MEAN[channel(i)]) / STD[channel(i)])
-                .collect();
+                .collect()
+        };
+        for _ in 0..adv.steps {
+            let moved = normalised(&delta);
             let tape = Tape::new();
             let x = tape.leaf(Tensor::from_slice(self.model.gpu(), &moved, &shape)?, true);
             let (loss, _) = self.loss_on(&tape, &x, captions, negatives)?;
@@ -169,12 +172,6 @@ impl ClipTrainer {
                 }
             }
         }
-        let moved: Vec<f32> = raw
-            .iter()
-            .zip(&delta)
-            .enumerate()
-            .map(|(i, (&r, &d))| (r + d - MEAN[channel(i)]) / STD[channel(i)])
-            .collect();
-        Tensor::from_slice(self.model.gpu(), &moved, &shape)
+        Tensor::from_slice(self.model.gpu(), &normalised(&delta), &shape)
     }
 }
