@@ -80,27 +80,32 @@ pub fn largest_region(lab: &[Colour], size: usize, c: Colour) -> Vec<bool> {
         .collect()
 }
 
+/// The `(x, y)` cells of a region of a `size`-wide mask.
+fn cells(mask: &[bool], size: usize) -> Vec<(usize, usize)> {
+    (0..mask.len())
+        .filter(|&p| mask[p])
+        .map(|p| (p % size, p / size))
+        .collect()
+}
+
+/// The bounding box `[x0, x1, y0, y1]` (inclusive) of cells; `None` for none.
+fn bounding_box(pts: &[(usize, usize)]) -> Option<[usize; 4]> {
+    Some([
+        pts.iter().map(|p| p.0).min()?,
+        pts.iter().map(|p| p.0).max()?,
+        pts.iter().map(|p| p.1).min()?,
+        pts.iter().map(|p| p.1).max()?,
+    ])
+}
+
 /// The shape a region looks like: a triangle and a diamond fill half of their bounding box,
 /// a circle π/4 and a square all of it; a square also fills the corners of its box (the four
 /// corner cells of a 5×5 split, where a circle covers under a third); a triangle (apex up)
 /// is widest at its base, a diamond in its middle. Returns the kind, the fill, the corner
 /// fill and where the widest rows are (0 top, 1 bottom); `None` for an empty region.
 pub fn judge_shape(mask: &[bool], size: usize) -> Option<(ShapeKind, f32, f32, f32)> {
-    let pts: Vec<(usize, usize)> = (0..mask.len())
-        .filter(|&p| mask[p])
-        .map(|p| (p % size, p / size))
-        .collect();
-    if pts.is_empty() {
-        return None;
-    }
-    let (x0, x1) = (
-        pts.iter().map(|p| p.0).min()?,
-        pts.iter().map(|p| p.0).max()?,
-    );
-    let (y0, y1) = (
-        pts.iter().map(|p| p.1).min()?,
-        pts.iter().map(|p| p.1).max()?,
-    );
+    let pts = cells(mask, size);
+    let [x0, x1, y0, y1] = bounding_box(&pts)?;
     let (w, h) = (x1 - x0 + 1, y1 - y0 + 1);
     let fill = pts.len() as f32 / (w * h) as f32;
     let mut widths = vec![0usize; h];
@@ -190,18 +195,7 @@ fn ideal(kind: ShapeKind) -> (fn(f32, f32) -> bool, [f32; 4]) {
 /// elongated blob fits no kind well, because every kind is about as tall as it is wide.
 /// `None` for an empty region.
 pub fn shape_fits(mask: &[bool], size: usize) -> Option<[f32; 4]> {
-    let pts: Vec<(usize, usize)> = (0..mask.len())
-        .filter(|&p| mask[p])
-        .map(|p| (p % size, p / size))
-        .collect();
-    let (x0, x1) = (
-        pts.iter().map(|p| p.0).min()?,
-        pts.iter().map(|p| p.0).max()?,
-    );
-    let (y0, y1) = (
-        pts.iter().map(|p| p.1).min()?,
-        pts.iter().map(|p| p.1).max()?,
-    );
+    let [x0, x1, y0, y1] = bounding_box(&cells(mask, size))?;
     let (w, h) = ((x1 - x0 + 1) as f32, (y1 - y0 + 1) as f32);
     let (cx, cy) = ((x0 + x1 + 1) as f32 / 2.0, (y0 + y1 + 1) as f32 / 2.0);
     let mut fits = [0f32; 4];
