@@ -1,16 +1,20 @@
 // GroupNorm, as torch.nn.GroupNorm, with an optional fused activation:
 //   y = act((x - mean_g) / sqrt(var_g + eps) * gamma[c] + beta[c])
 // over x [N, C, S] (S = H*W, or L), groups of C/G consecutive channels, so each group is
-// one contiguous run of M = C/G * S values. Biased variance, two-pass statistics, no
-// atomics and no barriers (deterministic, and cheap on CPU Vulkan):
-//   gn_sum   (SQ = false) partial sums of x, P per group: partial p adds units p, p+P, ..
-//            (SQ = true)  the same for (x - mean)^2
-//   gn_stats (SQ = false) mean = sum of partials / M;  (SQ = true) rstd
-//   gn_apply one invocation per unit: normalise, affine, activation
+// one contiguous run of M = C/G * S values. Biased variance. No atomics and no barriers
+// (deterministic, and cheap on CPU Vulkan). Forward, three dispatches, x read twice:
+//   gn_partial  one read of x: P partials per group, partial p over units p, p+P, ..,
+//               each a Welford (mean, M2) pair (M2 = Σ (x - mean)²), so no second pass
+//               over x is needed for a stable variance
+//   gn_stats    per group: the partials merged (Chan et al.) into (mean, rstd)
+//   gn_apply    one invocation per unit: normalise, affine, activation
+// The (mean, rstd) pairs stay in `stats` for the backward, which does not recompute them.
 // A unit is a vec4 when VEC (S % 4 == 0: groups and channels start on 16-byte boundaries),
 // else one value. Interleaved partials make neighbouring invocations read neighbouring
 // units (coalesced on GPUs); each partial covers at most 1,024 units (llvmpipe stops loops
 // after 65,535 iterations; see ops::CPU_LOOP_LIMIT).
+//
+// Bindings: every entry uses a prefix of them (the host binds in order).
 
 struct Params {
     groups_total: u32,  // N * G
@@ -19,14 +23,18 @@ struct Params {
     s: u32,             // spatial size S
     m: u32,             // values per group, C/G * S
     parts: u32,         // P, partials per group
-    stats: u32,         // offset of the (mean, rstd) pairs in `work`
+    stats: u32,         // offset of the per-group pairs in binding 1: 2 * N*G*P
     eps: f32,
     units: u32,         // units in all of x
-    _pad0: u32, _pad1: u32, _pad2: u32,
+    n: u32,             // N (gnb_params)
+    c: u32,             // C (gnb_params)
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-// [N*G*P] partial sums, then [N*G, 2] (mean, rstd) from `stats` on.
+// [N*G*P, 2] partial pairs, then [N*G, 2] per-group pairs from `stats` on: (mean, rstd)
+// in the forward's buffer; in the backward's own buffer (binding 1 of its gn_stats, binding
+// 6 elsewhere) the (Σt, Σt·x̂) partials and then (a, b).
 @group(0) @binding(1) var<storage, read_write> work: array<f32>;
 @group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;       // [N, C, S], padded to vec4
 @group(0) @binding(3) var<storage, read> gamma: array<f32>;         // [C] (if HAS_GAMMA)
@@ -34,7 +42,8 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> y: array<vec4<f32>>; // [N, C, S], padded
 
 override VEC: bool = true;
-override SQ: bool = false;
+// gn_stats: merge the backward's (Σt, Σt·x̂) partials into means instead.
+override BWD: bool = false;
 override HAS_GAMMA: bool = false;
 override HAS_BETA: bool = false;
 override ACT: u32 = 0u;
@@ -44,45 +53,54 @@ fn scalar_at(e: u32) -> f32 {
     return x[e / 4u][e % 4u];
 }
 
+// Units per group and the number partial `part` of a group covers.
+fn group_units() -> u32 {
+    if VEC {
+        return p.m / 4u;
+    }
+    return p.m;
+}
+
+fn part_count(part: u32) -> u32 {
+    return (group_units() - part + p.parts - 1u) / p.parts;
+}
+
 @compute @workgroup_size(WG)
-fn gn_sum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-          @builtin(local_invocation_index) li: u32) {
+fn gn_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) li: u32) {
     let id = grid_index(wid, nwg, WG, li);
     if id >= p.groups_total * p.parts {
         return;
     }
     let grp = id / p.parts;
     let part = id % p.parts;
-    var mean = 0.0;
-    if SQ {
-        mean = work[p.stats + 2u * grp];
+    let units = group_units();
+    let base = grp * units;
+    // Welford per lane (every lane of a vec4 unit sees the same count), then the lanes
+    // merged: equal counts k make the merge M2 = Σ M2_l + k·Σ (mean_l − mean)².
+    var mean = vec4<f32>(0.0);
+    var m2 = vec4<f32>(0.0);
+    var k = 0.0;
+    for (var u = part; u < units; u += p.parts) {
+        var v: vec4<f32>;
+        if VEC {
+            v = x[base + u];
+        } else {
+            v = vec4<f32>(scalar_at(base + u));
+        }
+        k += 1.0;
+        let d = v - mean;
+        mean = fma(d, vec4<f32>(1.0 / k), mean);
+        m2 = fma(d, v - mean, m2);
     }
     if VEC {
-        let base = grp * (p.m / 4u);
-        var acc = vec4<f32>(0.0);
-        for (var u = part; u < p.m / 4u; u += p.parts) {
-            let v = x[base + u];
-            if SQ {
-                let d = v - mean;
-                acc = fma(d, d, acc);
-            } else {
-                acc += v;
-            }
-        }
-        work[id] = (acc.x + acc.y) + (acc.z + acc.w);
+        let mp = ((mean.x + mean.y) + (mean.z + mean.w)) * 0.25;
+        let dm = mean - mp;
+        work[2u * id] = mp;
+        work[2u * id + 1u] = ((m2.x + m2.y) + (m2.z + m2.w)) + k * dot(dm, dm);
     } else {
-        let base = grp * p.m;
-        var acc = 0.0;
-        for (var u = part; u < p.m; u += p.parts) {
-            let v = scalar_at(base + u);
-            if SQ {
-                let d = v - mean;
-                acc = fma(d, d, acc);
-            } else {
-                acc += v;
-            }
-        }
-        work[id] = acc;
+        work[2u * id] = mean.x;
+        work[2u * id + 1u] = m2.x;
     }
 }
 
@@ -93,16 +111,34 @@ fn gn_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     if grp >= p.groups_total {
         return;
     }
-    var s = 0.0;
+    let out = p.stats + 2u * grp;
+    if BWD {
+        var st = 0.0;
+        var stx = 0.0;
+        for (var i = 0u; i < p.parts; i++) {
+            st += work[2u * (grp * p.parts + i)];
+            stx += work[2u * (grp * p.parts + i) + 1u];
+        }
+        work[out] = st / f32(p.m);
+        work[out + 1u] = stx / f32(p.m);
+        return;
+    }
+    // Chan et al.'s pairwise merge, one partial at a time.
+    var count = 0.0;
+    var mean = 0.0;
+    var m2 = 0.0;
+    let lanes = select(1.0, 4.0, VEC);
     for (var i = 0u; i < p.parts; i++) {
-        s += work[grp * p.parts + i];
+        let nb = lanes * f32(part_count(i));
+        let mb = work[2u * (grp * p.parts + i)];
+        let total = count + nb;
+        let d = mb - mean;
+        mean = fma(d, nb / total, mean);
+        m2 += work[2u * (grp * p.parts + i) + 1u] + d * d * (count * nb / total);
+        count = total;
     }
-    let mean = s / f32(p.m);
-    if SQ {
-        work[p.stats + 2u * grp + 1u] = inverseSqrt(mean + p.eps);
-    } else {
-        work[p.stats + 2u * grp] = mean;
-    }
+    work[out] = mean;
+    work[out + 1u] = inverseSqrt(m2 / f32(p.m) + p.eps);
 }
 
 fn affine_act(v: f32, c: u32) -> f32 {
@@ -141,21 +177,20 @@ fn gn_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     }
 }
 
-// ---- Fused backward of y = act(x̂·γ + β), x̂ = (x − mean)·rstd, for dx alone (the
-// latent-optimisation case: γ and β frozen), with the statistics from gn_sum/gn_stats:
+// ---- Fused backward of y = act(x̂·γ + β), x̂ = (x − mean)·rstd, with the forward's
+// (mean, rstd) in binding 1:
 //   gy = dy·act'(x̂·γ + β),  t = gy·γ,  a = mean_group(t),  b = mean_group(t·x̂)
 //   dx = rstd·(t − a − x̂·b)
-// gnb_sum    per (group, part): partial sums of t and t·x̂ (P per group, interleaved as in
-//            gn_sum), at `work[bwd + 2·id]`, bwd = stats + 2·N·G
-// gnb_stats  per group: (a, b) at `work[bwd + 2·N·G·P + 2·grp]`
-// gnb_apply  per value: dx
-// One value per step (no vec4 path): these passes read x and dy once each.
-@group(0) @binding(5) var<storage, read> dy: array<vec4<f32>>;       // [N, C, S], padded
-@group(0) @binding(6) var<storage, read_write> dx: array<vec4<f32>>; // [N, C, S], padded
-
-fn dy_at(e: u32) -> f32 {
-    return dy[e / 4u][e % 4u];
-}
+//   dγ[c] = Σ_{n,s} gy·x̂,  dβ[c] = Σ_{n,s} gy   (gnb_params, training only)
+// gnb_sum    per (group, part): partial sums of t and t·x̂ into `bwork` (interleaved as in
+//            gn_partial); then gn_stats with BWD over `bwork` gives (a, b) per group
+// gnb_apply  per unit: dx
+// gnb_params per channel: dγ, dβ
+// x and dy are read as vec4 units when VEC, as in the forward.
+@group(0) @binding(5) var<storage, read> dy: array<vec4<f32>>;        // [N, C, S], padded
+@group(0) @binding(6) var<storage, read_write> bwork: array<f32>;     // as `work`
+@group(0) @binding(6) var<storage, read_write> pg: array<f32>;        // [2, C]: dγ then dβ
+@group(0) @binding(7) var<storage, read_write> dx: array<vec4<f32>>;  // [N, C, S], padded
 
 fn gamma_at(c: u32) -> f32 {
     if HAS_GAMMA {
@@ -164,17 +199,41 @@ fn gamma_at(c: u32) -> f32 {
     return 1.0;
 }
 
-// (t, x̂) of value e (flat index) in group grp.
-fn bwd_terms(e: u32, grp: u32) -> vec2<f32> {
+fn act_grad4(v: vec4<f32>) -> vec4<f32> {
+    if ACT == 0u {
+        return vec4<f32>(1.0);
+    }
+    return vec4<f32>(act_grad(ACT, v.x), act_grad(ACT, v.y), act_grad(ACT, v.z),
+                     act_grad(ACT, v.w));
+}
+
+// The unit at `u` (a flat unit index) of group grp: (gy, x̂) for its 1 or 4 values (only
+// .x meaningful when !VEC), and its channel.
+struct Terms {
+    gy: vec4<f32>,
+    xh: vec4<f32>,
+    c: u32,
+}
+
+fn terms(u: u32, grp: u32) -> Terms {
+    var e = u;
+    var xv: vec4<f32>;
+    var dv: vec4<f32>;
+    if VEC {
+        e = 4u * u;
+        xv = x[u];
+        dv = dy[u];
+    } else {
+        xv = vec4<f32>(scalar_at(u));
+        dv = vec4<f32>(dy[u / 4u][u % 4u]);
+    }
     let c = (grp % p.g) * p.cpg + (e % p.m) / p.s;
-    let xh = (scalar_at(e) - work[p.stats + 2u * grp]) * work[p.stats + 2u * grp + 1u];
-    let gm = gamma_at(c);
-    var pre = xh * gm;
+    let xh = (xv - work[p.stats + 2u * grp]) * work[p.stats + 2u * grp + 1u];
+    var pre = xh * gamma_at(c);
     if HAS_BETA {
         pre += beta[c];
     }
-    let gy = dy_at(e) * act_grad(ACT, pre);
-    return vec2<f32>(gy * gm, xh);
+    return Terms(dv * act_grad4(pre), xh, c);
 }
 
 @compute @workgroup_size(WG)
@@ -185,48 +244,77 @@ fn gnb_sum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
         return;
     }
     let grp = id / p.parts;
-    let base = grp * p.m;
-    var st = 0.0;
-    var stx = 0.0;
-    for (var u = id % p.parts; u < p.m; u += p.parts) {
-        let tx = bwd_terms(base + u, grp);
-        st += tx.x;
-        stx = fma(tx.x, tx.y, stx);
+    let units = group_units();
+    var st = vec4<f32>(0.0);
+    var stx = vec4<f32>(0.0);
+    for (var u = id % p.parts; u < units; u += p.parts) {
+        let tm = terms(grp * units + u, grp);
+        let t = tm.gy * gamma_at(tm.c);
+        st += t;
+        stx = fma(t, tm.xh, stx);
     }
-    let bwd = p.stats + 2u * p.groups_total;
-    work[bwd + 2u * id] = st;
-    work[bwd + 2u * id + 1u] = stx;
-}
-
-@compute @workgroup_size(WG)
-fn gnb_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-             @builtin(local_invocation_index) li: u32) {
-    let grp = grid_index(wid, nwg, WG, li);
-    if grp >= p.groups_total {
-        return;
+    if VEC {
+        bwork[2u * id] = (st.x + st.y) + (st.z + st.w);
+        bwork[2u * id + 1u] = (stx.x + stx.y) + (stx.z + stx.w);
+    } else {
+        bwork[2u * id] = st.x;
+        bwork[2u * id + 1u] = stx.x;
     }
-    let bwd = p.stats + 2u * p.groups_total;
-    var st = 0.0;
-    var stx = 0.0;
-    for (var i = 0u; i < p.parts; i++) {
-        st += work[bwd + 2u * (grp * p.parts + i)];
-        stx += work[bwd + 2u * (grp * p.parts + i) + 1u];
-    }
-    let ab = bwd + 2u * p.groups_total * p.parts;
-    work[ab + 2u * grp] = st / f32(p.m);
-    work[ab + 2u * grp + 1u] = stx / f32(p.m);
 }
 
 @compute @workgroup_size(WG)
 fn gnb_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_index) li: u32) {
-    let e = grid_index(wid, nwg, WG, li);
-    if e >= p.groups_total * p.m {
+    let u = grid_index(wid, nwg, WG, li);
+    if u >= p.units {
         return;
     }
-    let grp = e / p.m;
-    let tx = bwd_terms(e, grp);
-    let ab = p.stats + 2u * p.groups_total + 2u * p.groups_total * p.parts + 2u * grp;
+    var grp = u / p.m;
+    if VEC {
+        grp = 4u * u / p.m;
+    }
+    let tm = terms(u, grp);
+    let ab = p.stats + 2u * grp;
     let rstd = work[p.stats + 2u * grp + 1u];
-    dx[e / 4u][e % 4u] = rstd * (tx.x - work[ab] - tx.y * work[ab + 1u]);
+    let d = rstd * (tm.gy * gamma_at(tm.c) - bwork[ab] - tm.xh * bwork[ab + 1u]);
+    if VEC {
+        dx[u] = d;
+    } else {
+        dx[u / 4u][u % 4u] = d.x;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn gnb_params(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) li: u32) {
+    let c = grid_index(wid, nwg, WG, li);
+    if c >= p.c {
+        return;
+    }
+    // Units of channel c in one image; chunks of at most 1,024 keep each loop under
+    // llvmpipe's cap whatever N·S is.
+    var per = p.s;
+    if VEC {
+        per = p.s / 4u;
+    }
+    var sg = vec4<f32>(0.0);
+    var sgx = vec4<f32>(0.0);
+    for (var n = 0u; n < p.n; n++) {
+        let grp = n * p.g + c / p.cpg;
+        let first = (n * p.c + c) * per;
+        for (var c0 = 0u; c0 < per; c0 += 1024u) {
+            for (var u = c0; u < min(per, c0 + 1024u); u++) {
+                let tm = terms(first + u, grp);
+                sg += tm.gy;
+                sgx = fma(tm.gy, tm.xh, sgx);
+            }
+        }
+    }
+    if VEC {
+        pg[c] = (sgx.x + sgx.y) + (sgx.z + sgx.w);
+        pg[p.c + c] = (sg.x + sg.y) + (sg.z + sg.w);
+    } else {
+        pg[c] = sgx.x;
+        pg[p.c + c] = sg.x;
+    }
 }

@@ -589,12 +589,24 @@ impl Tape {
         eps: f32,
         act: Act,
     ) -> Result<Var> {
-        use crate::ops::group_norm::group_norm;
+        use crate::ops::group_norm::{group_norm_act_backward_with, group_norm_saving};
+        // The backward reads the forward's statistics (`stats`) instead of computing them
+        // again; only an empty input has none, and its gradients are empty or zero.
+        let backward = move |x: &Tensor,
+                             stats: &Option<crate::ops::group_norm::GroupStats>,
+                             gamma: &Tensor,
+                             beta: Option<&Tensor>,
+                             act: Act,
+                             g: &Tensor,
+                             params: bool| match stats {
+            Some(st) => group_norm_act_backward_with(x, st, Some(gamma), beta, act, g, params),
+            None => crate::ops::group_norm::group_norm_backward(x, groups, gamma, g, eps, params),
+        };
         if !any_needs_grad(&[gamma, beta], None) {
             // Frozen γ, β: the activation stays fused. With no gradient at all that is the
             // inference kernel; otherwise (latent optimisation) the backward is one fused
-            // pass family for dx, recomputing the statistics from x.
-            let y = group_norm(
+            // pass family for dx.
+            let (y, stats) = group_norm_saving(
                 &x.value,
                 groups,
                 Some(&gamma.value),
@@ -610,20 +622,12 @@ impl Tape {
                 y,
                 &[x, gamma, beta],
                 Box::new(move |g, _need| {
-                    let dx = crate::ops::group_norm::group_norm_act_backward(
-                        &xv,
-                        groups,
-                        Some(&gv),
-                        Some(&bv),
-                        eps,
-                        act,
-                        g,
-                    )?;
+                    let (dx, ..) = backward(&xv, &stats, &gv, Some(&bv), act, g, false)?;
                     Ok(vec![Some(dx), None, None])
                 }),
             ));
         }
-        let y = group_norm(
+        let (y, stats) = group_norm_saving(
             &x.value,
             groups,
             Some(&gamma.value),
@@ -636,14 +640,7 @@ impl Tape {
             y,
             &[x, gamma, beta],
             Box::new(move |g, need| {
-                let r = crate::ops::group_norm::group_norm_backward(
-                    &xv,
-                    groups,
-                    &gv,
-                    g,
-                    eps,
-                    need[1] || need[2],
-                )?;
+                let r = backward(&xv, &stats, &gv, None, Act::None, g, need[1] || need[2])?;
                 Ok(vec![
                     need[0].then_some(r.0),
                     r.1.filter(|_| need[1]),

@@ -11,7 +11,7 @@ use crate::{Error, Result};
 mod ov {
     use crate::gpu::Override;
     pub(super) const VEC: Override<bool> = Override::new("VEC");
-    pub(super) const SQ: Override<bool> = Override::new("SQ");
+    pub(super) const BWD: Override<bool> = Override::new("BWD");
     pub(super) const WG: Override<u32> = Override::new("WG");
     pub(super) const HAS_GAMMA: Override<bool> = Override::new("HAS_GAMMA");
     pub(super) const HAS_BETA: Override<bool> = Override::new("HAS_BETA");
@@ -24,7 +24,7 @@ pub(crate) static SHADER: Shader<Params> = crate::shader!(
     "act",
     overrides = [
         ov::VEC,
-        ov::SQ,
+        ov::BWD,
         ov::WG,
         ov::HAS_GAMMA,
         ov::HAS_BETA,
@@ -47,7 +47,9 @@ crate::shader_params! {
         stats: u32,
         eps: f32,
         units: u32,
-        _pad: [u32; 3],
+        n: u32,
+        c: u32,
+        _pad: u32,
     }
 }
 
@@ -58,17 +60,55 @@ fn plan(m: usize, s: usize) -> (usize, usize) {
 }
 
 /// Terms in the longest chain of f32 additions behind one group's statistics: the longest
-/// partial (units, 4 lanes each when vectorised, then the 4 lanes) plus the sum of the
+/// partial (units, 4 lanes each when vectorised, then the 4 lanes) plus the merge of the
 /// partials. Tests derive their tolerance from it.
 pub fn summation_depth(m: usize, s: usize) -> usize {
     let (units, parts) = plan(m, s);
     units.div_ceil(parts) + 4 + parts
 }
 
-/// The two-pass group statistics of `x` (`[N, C, ..]`, checked by the caller): a work
-/// buffer holding the partial sums and then `(mean, rstd)` per group at `p.stats`, followed
-/// by `extra` more values; the params of the passes and whether they run on vec4 units.
-fn statistics(x: &Tensor, groups: usize, eps: f32, extra: usize) -> Result<(Tensor, Params, bool)> {
+/// A group norm's per-group `(mean, rstd)` from the forward pass, kept by the tape so that
+/// the backward pass does not compute them again.
+#[derive(Clone)]
+pub struct GroupStats {
+    /// The partial pairs, then `(mean, rstd)` per group from `p.stats` on.
+    work: Tensor,
+    p: Params,
+    vec: bool,
+    shape: Vec<usize>,
+}
+
+/// The checks shared by the forward and backward entry points: `x` `[N, C, ..]`, `groups`
+/// dividing C, `gamma`/`beta` `[C]`, `eps >= 0`.
+fn check_args(
+    what: &str,
+    x: &Tensor,
+    groups: usize,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f32,
+) -> Result<()> {
+    x.expect_f32(&format!("{what} input"))?;
+    if x.rank() < 2 {
+        return Err(Error::shape(format!(
+            "{what} needs [N, C, ..], got {:?}",
+            x.shape()
+        )));
+    }
+    let c = x.dim(1);
+    if groups == 0 || !c.is_multiple_of(groups) {
+        return Err(Error::shape(format!(
+            "{what}: {groups} groups do not divide the {c} channels of {:?}",
+            x.shape()
+        )));
+    }
+    super::check_affine(what, x.shape(), c, gamma, beta, eps)
+}
+
+/// The group statistics of `x` (`[N, C, ..]` with at least one value, checked by the
+/// caller) in one read of `x`: Welford partials (`gn_partial`) merged per group
+/// (`gn_stats`).
+fn statistics(x: &Tensor, groups: usize, eps: f32) -> Result<GroupStats> {
     let gpu = x.gpu();
     let (n, c) = (x.dim(0), x.dim(1));
     let s: usize = x.shape()[2..].iter().product();
@@ -78,13 +118,13 @@ fn statistics(x: &Tensor, groups: usize, eps: f32, extra: usize) -> Result<(Tens
     let (_, parts) = plan(m, s);
     let ng = n * groups;
     let total_units = if vec { x.numel() / 4 } else { x.numel() };
-    if ng * parts + 2 * ng + extra > u32::MAX as usize || x.numel() > u32::MAX as usize - 4 {
+    if 2 * ng * (parts + 1) > u32::MAX as usize || x.numel() > u32::MAX as usize - 4 {
         return Err(Error::shape(format!(
             "group_norm input {:?} is too large",
             x.shape()
         )));
     }
-    let work = Tensor::empty(gpu, &[ng * parts + 2 * ng + extra], DType::F32)?;
+    let work = Tensor::empty(gpu, &[2 * ng * (parts + 1)], DType::F32)?;
     let p = Params {
         groups_total: ng as u32,
         g: groups as u32,
@@ -92,29 +132,36 @@ fn statistics(x: &Tensor, groups: usize, eps: f32, extra: usize) -> Result<(Tens
         s: s as u32,
         m: m as u32,
         parts: parts as u32,
-        stats: (ng * parts) as u32,
+        stats: (2 * ng * parts) as u32,
         eps,
         units: total_units as u32,
-        _pad: [0; 3],
+        n: n as u32,
+        c: c as u32,
+        _pad: 0,
     };
-    let k = |entry, sq: bool| {
+    let k = |entry| {
         Kernel::new(&SHADER, entry)
             .with(ov::VEC, vec)
-            .with(ov::SQ, sq)
             .with(ov::WG, WG)
     };
-    let sum_groups = grid_1d(((ng * parts) as u32).div_ceil(WG));
-    let stat_groups = grid_1d((ng as u32).div_ceil(WG));
-    for sq in [false, true] {
-        gpu.dispatch(
-            &k("gn_sum", sq),
-            &p,
-            &[work.binding(), x.binding_vec4()],
-            sum_groups,
-        );
-        gpu.dispatch(&k("gn_stats", sq), &p, &[work.binding()], stat_groups);
-    }
-    Ok((work, p, vec))
+    gpu.dispatch(
+        &k("gn_partial"),
+        &p,
+        &[work.binding(), x.binding_vec4()],
+        grid_1d(((ng * parts) as u32).div_ceil(WG)),
+    );
+    gpu.dispatch(
+        &k("gn_stats"),
+        &p,
+        &[work.binding()],
+        grid_1d((ng as u32).div_ceil(WG)),
+    );
+    Ok(GroupStats {
+        work,
+        p,
+        vec,
+        shape: x.shape().to_vec(),
+    })
 }
 
 /// `act(GroupNorm(x))`. `x`: `[N, C, ..]` (e.g. `[N, C, H, W]` or `[N, C, L]`);
@@ -127,77 +174,50 @@ pub fn group_norm(
     eps: f32,
     act: Act,
 ) -> Result<Tensor> {
-    x.expect_f32("group_norm input")?;
-    if x.rank() < 2 {
-        return Err(Error::shape(format!(
-            "group_norm needs [N, C, ..], got {:?}",
-            x.shape()
-        )));
-    }
-    let c = x.dim(1);
-    if groups == 0 || !c.is_multiple_of(groups) {
-        return Err(Error::shape(format!(
-            "group_norm: {groups} groups do not divide the {c} channels of {:?}",
-            x.shape()
-        )));
-    }
-    for (name, t) in [("gamma", gamma), ("beta", beta)] {
-        if let Some(t) = t {
-            t.expect_f32(name)?;
-            if t.numel() != c {
-                return Err(Error::shape(format!(
-                    "group_norm {name} has shape {:?} but the input {:?} has C = {c}",
-                    t.shape(),
-                    x.shape()
-                )));
-            }
-        }
-    }
-    if eps.is_nan() || eps < 0.0 {
-        return Err(Error::invalid(format!(
-            "group_norm eps must be >= 0, got {eps}"
-        )));
-    }
+    Ok(group_norm_saving(x, groups, gamma, beta, eps, act)?.0)
+}
+
+/// [`group_norm`], also returning the statistics for [`group_norm_act_backward_with`]
+/// (`None` for an empty input). Three dispatches: partials, statistics, apply.
+pub fn group_norm_saving(
+    x: &Tensor,
+    groups: usize,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f32,
+    act: Act,
+) -> Result<(Tensor, Option<GroupStats>)> {
+    check_args("group_norm", x, groups, gamma, beta, eps)?;
     let gpu = x.gpu();
     let y = Tensor::empty(gpu, x.shape(), DType::F32)?;
     if y.numel() == 0 {
-        return Ok(y);
+        return Ok((y, None));
     }
-    let (work, p, vec) = statistics(x, groups, eps, 0)?;
-    let total_units = p.units as usize;
-    let k = |entry, sq: bool| {
-        Kernel::new(&SHADER, entry)
-            .with(ov::VEC, vec)
-            .with(ov::SQ, sq)
-            .with(ov::WG, WG)
-    };
-    let apply = k("gn_apply", false)
+    let st = statistics(x, groups, eps)?;
+    let apply = Kernel::new(&SHADER, "gn_apply")
+        .with(ov::VEC, st.vec)
+        .with(ov::WG, WG)
         .with(ov::HAS_GAMMA, gamma.is_some())
         .with(ov::HAS_BETA, beta.is_some())
         .with(ov::ACT, act as u32);
     gpu.dispatch(
         &apply,
-        &p,
+        &st.p,
         &[
-            work.binding(),
+            st.work.binding(),
             x.binding_vec4(),
             gamma.map_or(gpu.unused_binding(), Tensor::binding),
             beta.map_or(gpu.unused_binding(), Tensor::binding),
             y.binding_vec4(),
         ],
-        grid_1d((total_units as u32).div_ceil(WG)),
+        grid_1d(st.p.units.div_ceil(WG)),
     );
-    Ok(y)
+    Ok((y, Some(st)))
 }
 
 /// Input gradient of [`group_norm`] with its activation, `y = act(x̂·γ + β)`, `x̂ = (x − μ)·r`,
-/// in five passes over the groups and none through broadcast temporaries
-/// (`shaders/group_norm.wgsl`, `gnb_*`): the statistics again, then with
-/// `t = g·act'(x̂·γ + β)·γ` per group `a = mean(t)`, `b = mean(t·x̂)` and
-/// `dx = r·(t − a − x̂·b)` (the derivative of the normalisation, as in
-/// [`group_norm_backward`], after the activation's chain rule). For frozen `γ` and `β`
-/// (VQGAN+CLIP's latent optimisation): no parameter gradients. `x` and `g` are `[N, C, ..]`;
-/// `gamma`, `beta` `[C]`.
+/// computing the statistics again: [`group_norm_act_backward_with`] after them. For frozen
+/// `γ` and `β`; `x` and `g` are `[N, C, ..]`, `gamma`, `beta` `[C]`.
 pub fn group_norm_act_backward(
     x: &Tensor,
     groups: usize,
@@ -207,6 +227,17 @@ pub fn group_norm_act_backward(
     act: Act,
     g: &Tensor,
 ) -> Result<Tensor> {
+    check_args("group_norm backward", x, groups, gamma, beta, eps)?;
+    if x.numel() == 0 {
+        check_grad(x, g)?;
+        return Tensor::empty(x.gpu(), x.shape(), DType::F32);
+    }
+    let st = statistics(x, groups, eps)?;
+    Ok(group_norm_act_backward_with(x, &st, gamma, beta, act, g, false)?.0)
+}
+
+fn check_grad(x: &Tensor, g: &Tensor) -> Result<()> {
+    g.expect_f32("group_norm gradient")?;
     if g.shape() != x.shape() {
         return Err(Error::shape(format!(
             "group_norm backward: gradient {:?} does not match the input {:?}",
@@ -214,15 +245,33 @@ pub fn group_norm_act_backward(
             x.shape()
         )));
     }
-    g.expect_f32("group_norm gradient")?;
-    // The forward's checks: shape, groups, gamma/beta sizes, eps.
-    let (n, c) = (x.dim(0), x.dim(1));
-    if x.rank() < 2 || groups == 0 || !c.is_multiple_of(groups) {
+    Ok(())
+}
+
+/// The backward of `y = act(x̂·γ + β)`, `x̂ = (x − μ)·r`, from the forward's statistics
+/// `st`, in fused passes and no broadcast temporaries (`shaders/group_norm.wgsl`, `gnb_*`):
+/// with `gy = g·act'(x̂·γ + β)` and `t = gy·γ`, per group `a = mean(t)`, `b = mean(t·x̂)`,
+/// and `dx = r·(t − a − x̂·b)` (`gnb_sum`, `gn_stats` merging its partials, `gnb_apply`).
+/// With `params`, also `dγ = Σ_{n,s} gy·x̂` and `dβ = Σ_{n,s} gy` per channel
+/// (`gnb_params`). `x` and `g` are the forward's input shape; `gamma`, `beta` `[C]`.
+pub fn group_norm_act_backward_with(
+    x: &Tensor,
+    st: &GroupStats,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    act: Act,
+    g: &Tensor,
+    params: bool,
+) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+    check_grad(x, g)?;
+    if x.shape() != st.shape.as_slice() {
         return Err(Error::shape(format!(
-            "group_norm backward: {groups} groups for input {:?}",
-            x.shape()
+            "group_norm backward: input {:?} is not the one the statistics are of ({:?})",
+            x.shape(),
+            st.shape
         )));
     }
+    let c = st.p.c as usize;
     for t in [gamma, beta].into_iter().flatten() {
         if t.numel() != c {
             return Err(Error::shape(format!(
@@ -232,63 +281,70 @@ pub fn group_norm_act_backward(
         }
     }
     let gpu = x.gpu();
+    let p = &st.p;
+    let (ng, parts) = (p.groups_total as usize, p.parts as usize);
     let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
-    if dx.numel() == 0 {
-        return Ok(dx);
-    }
-    let ng = n * groups;
-    let (_, parts) = plan(x.numel() / ng, x.numel() / (n * c));
-    let (work, p, _) = statistics(x, groups, eps, 2 * ng * parts + 2 * ng)?;
+    let bwork = Tensor::empty(gpu, &[2 * ng * (parts + 1)], DType::F32)?;
     let k = |entry| {
         Kernel::new(&SHADER, entry)
+            .with(ov::VEC, st.vec)
             .with(ov::WG, WG)
             .with(ov::HAS_GAMMA, gamma.is_some())
             .with(ov::HAS_BETA, beta.is_some())
             .with(ov::ACT, act as u32)
     };
-    let (gb, bb) = (
-        gamma.map_or(gpu.unused_binding(), Tensor::binding),
-        beta.map_or(gpu.unused_binding(), Tensor::binding),
-    );
+    let inputs = || {
+        [
+            st.work.binding(),
+            x.binding_vec4(),
+            gamma.map_or(gpu.unused_binding(), Tensor::binding),
+            beta.map_or(gpu.unused_binding(), Tensor::binding),
+            g.binding_vec4(),
+        ]
+    };
+    let [w, xb, gb, bb, dyb] = inputs();
     gpu.dispatch(
         &k("gnb_sum"),
-        &p,
-        &[work.binding(), x.binding_vec4(), gb, bb, g.binding_vec4()],
+        p,
+        &[w, xb, gb, bb, dyb, bwork.binding()],
         grid_1d(((ng * parts) as u32).div_ceil(WG)),
     );
     gpu.dispatch(
-        &k("gnb_stats"),
-        &p,
-        &[work.binding()],
+        &Kernel::new(&SHADER, "gn_stats")
+            .with(ov::BWD, true)
+            .with(ov::VEC, st.vec)
+            .with(ov::WG, WG),
+        p,
+        &[bwork.binding()],
         grid_1d((ng as u32).div_ceil(WG)),
     );
-    let (gb, bb) = (
-        gamma.map_or(gpu.unused_binding(), Tensor::binding),
-        beta.map_or(gpu.unused_binding(), Tensor::binding),
-    );
+    let [w, xb, gb, bb, dyb] = inputs();
     gpu.dispatch(
         &k("gnb_apply"),
-        &p,
-        &[
-            work.binding(),
-            x.binding_vec4(),
-            gb,
-            bb,
-            g.binding_vec4(),
-            dx.binding_vec4(),
-        ],
-        grid_1d((x.numel() as u32).div_ceil(WG)),
+        p,
+        &[w, xb, gb, bb, dyb, bwork.binding(), dx.binding_vec4()],
+        grid_1d(p.units.div_ceil(WG)),
     );
-    Ok(dx)
+    if !params {
+        return Ok((dx, None, None));
+    }
+    let pg = Tensor::empty(gpu, &[2 * c], DType::F32)?;
+    let [w, xb, gb, bb, dyb] = inputs();
+    gpu.dispatch(
+        &k("gnb_params"),
+        p,
+        &[w, xb, gb, bb, dyb, pg.binding()],
+        grid_1d((c as u32).div_ceil(WG)),
+    );
+    use super::concat::slice;
+    Ok((dx, Some(slice(&pg, 0, 0, c)?), Some(slice(&pg, 0, c, c)?)))
 }
 
 /// Backward of [`group_norm`]'s `y = (x − μ)·r·γ + β` with `Act::None` (an activation is
-/// its own tape node), composed from elementwise ops and row sums. Per group of
-/// `L = C/G·S` values: `x̂ = (x − μ)·r`, and with `t = g·γ`:
-/// `dx = r·(t − mean(t) − x̂·mean(t·x̂))`, `dγ = Σ_{n,s} g·x̂`, `dβ = Σ_{n,s} g`.
+/// its own tape node), statistics computed again: `dx = r·(t − mean(t) − x̂·mean(t·x̂))`
+/// with `t = g·γ` per group of `L = C/G·S` values, `dγ = Σ_{n,s} g·x̂`, `dβ = Σ_{n,s} g`.
 /// `x` and `g` are `[N, C, ..]`, `gamma` is `[C]`. Returns `(dx, dγ, dβ)`; `dγ` and `dβ`
-/// only when `params` is true (latent optimisation needs `dx` alone, and the parameter sums
-/// are a fifth of the work).
+/// only when `params` is true (latent optimisation needs `dx` alone).
 pub fn group_norm_backward(
     x: &Tensor,
     groups: usize,
@@ -297,48 +353,23 @@ pub fn group_norm_backward(
     eps: f32,
     params: bool,
 ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
-    use super::elementwise::{self, BinaryOp, UnaryOp};
-    use super::reduce::{row_sum, sum_leading};
-    let (n, c) = (x.dim(0), x.dim(1));
-    let s = x.numel() / (n * c).max(1);
-    let l = c / groups * s;
-    let rows = n * groups;
-    let inv_l = 1.0 / l as f32;
-    let xg = x.reshape(&[rows, l])?;
-    let mean = elementwise::scale(&row_sum(&xg)?, inv_l)?;
-    let xc = elementwise::binary(&xg, &mean, BinaryOp::Sub)?;
-    let var = elementwise::scale(&row_sum(&elementwise::unary(&xc, UnaryOp::Square)?)?, inv_l)?;
-    let r = elementwise::unary(
-        &elementwise::unary(
-            &var,
-            UnaryOp::Affine {
-                scale: 1.0,
-                shift: eps,
-            },
-        )?,
-        UnaryOp::Rsqrt,
-    )?;
-    let xhat = elementwise::mul(&xc, &r)?; // [rows, L]
-    let t =
-        elementwise::mul(&g.reshape(&[n, c, s])?, &gamma.reshape(&[c, 1])?)?.reshape(&[rows, l])?;
-    let a = elementwise::scale(&row_sum(&t)?, inv_l)?;
-    let b = elementwise::scale(&row_sum(&elementwise::mul(&t, &xhat)?)?, inv_l)?;
-    let inner = elementwise::binary(
-        &elementwise::binary(&t, &a, BinaryOp::Sub)?,
-        &elementwise::mul(&xhat, &b)?,
-        BinaryOp::Sub,
-    )?;
-    let dx = elementwise::mul(&inner, &r)?.reshape(x.shape())?;
-    if !params {
-        return Ok((dx, None, None));
+    check_args("group_norm backward", x, groups, Some(gamma), None, eps)?;
+    check_grad(x, g)?;
+    if x.numel() == 0 {
+        let gpu = x.gpu();
+        let c = x.dim(1);
+        let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
+        if !params {
+            return Ok((dx, None, None));
+        }
+        return Ok((
+            dx,
+            Some(Tensor::zeros(gpu, &[c])?),
+            Some(Tensor::zeros(gpu, &[c])?),
+        ));
     }
-    // Per-channel sums over the batch and spatial positions.
-    let per_channel = |m: &Tensor| -> Result<Tensor> {
-        let rs = row_sum(&m.reshape(&[n * c, s])?)?; // [N·C, 1]
-        sum_leading(&rs.reshape(&[n, c])?, &[c])
-    };
-    let gx = elementwise::mul(&g.reshape(&[rows, l])?, &xhat)?;
-    Ok((dx, Some(per_channel(&gx)?), Some(per_channel(g)?)))
+    let st = statistics(x, groups, eps)?;
+    group_norm_act_backward_with(x, &st, Some(gamma), None, Act::None, g, params)
 }
 
 /// CPU reference in f64 on `[n, c, s]` row-major data.
@@ -484,7 +515,23 @@ mod tests {
 
     /// dx of `Σ w ⊙ act(GroupNorm(x)·γ + β)` from [`group_norm_act_backward`] against
     /// central differences of the f64 reference.
-    fn check_act_backward(shape: &[usize], groups: usize, affine: bool, act: Act, seed: u64) {
+    /// A backward test's operands: `x` (values around 0.3), `γ` (around 1), `β` and the
+    /// output gradient, on the host and on the device.
+    struct Operands {
+        n: usize,
+        c: usize,
+        s: usize,
+        xv: Vec<f32>,
+        gv: Vec<f32>,
+        bv: Vec<f32>,
+        wv: Vec<f32>,
+        x: Tensor,
+        gt: Tensor,
+        bt: Tensor,
+        dy: Tensor,
+    }
+
+    fn operands(shape: &[usize], seed: u64) -> Operands {
         let g = gpu();
         let (n, c) = (shape[0], shape[1]);
         let s: usize = shape[2..].iter().product();
@@ -496,10 +543,36 @@ mod tests {
         let gv: Vec<f32> = rand_vec(c, seed + 1).iter().map(|v| v + 1.0).collect();
         let bv = rand_vec(c, seed + 2);
         let wv = rand_vec(numel, seed + 3);
-        let x = Tensor::from_slice(&g, &xv, shape).unwrap();
-        let gt = Tensor::from_slice(&g, &gv, &[c]).unwrap();
-        let bt = Tensor::from_slice(&g, &bv, &[c]).unwrap();
-        let dy = Tensor::from_slice(&g, &wv, shape).unwrap();
+        Operands {
+            n,
+            c,
+            s,
+            x: Tensor::from_slice(&g, &xv, shape).unwrap(),
+            gt: Tensor::from_slice(&g, &gv, &[c]).unwrap(),
+            bt: Tensor::from_slice(&g, &bv, &[c]).unwrap(),
+            dy: Tensor::from_slice(&g, &wv, shape).unwrap(),
+            xv,
+            gv,
+            bv,
+            wv,
+        }
+    }
+
+    fn check_act_backward(shape: &[usize], groups: usize, affine: bool, act: Act, seed: u64) {
+        let Operands {
+            n,
+            c,
+            s,
+            xv,
+            gv,
+            bv,
+            wv,
+            x,
+            gt,
+            bt,
+            dy,
+        } = operands(shape, seed);
+        let numel = n * c * s;
         let (ga, ba) = (affine.then_some(&gt), affine.then_some(&bt));
         let got = group_norm_act_backward(&x, groups, ga, ba, 1e-6, act, &dy)
             .unwrap()
@@ -550,6 +623,105 @@ mod tests {
         }
         // A group of 8,192 values: two interleaved partial sums (1,024 vec4 units each).
         check_act_backward(&[1, 2, 64, 64], 1, true, Act::Silu, 900);
+    }
+
+    #[test]
+    fn welford_statistics_survive_a_large_offset() {
+        // Mean 1,000, σ ≈ 0.6: Σx² − (Σx)²/M in f32 would lose the variance entirely
+        // (cancellation of ~1e6·M against ~0.3·M); the Welford partials keep it.
+        check(&[1, 8, 32, 32], 2, true, Act::None, 1000.0, 530);
+        check(&[2, 4, 1031], 2, false, Act::None, 1000.0, 540);
+    }
+
+    /// `(dx, dγ, dβ)` of `Σ dy ⊙ (GroupNorm(x)·γ + β)` from the statistics the forward saved,
+    /// against the f64 formulas (`dγ[c] = Σ dy·x̂`, `dβ[c] = Σ dy`, dx as in the fused
+    /// backward), on channels long enough for several loop chunks in `gnb_params`.
+    fn check_param_grads(shape: &[usize], groups: usize, seed: u64) {
+        let Operands {
+            n,
+            c,
+            s,
+            xv,
+            gv,
+            wv: dyv,
+            x,
+            gt,
+            bt,
+            dy,
+            ..
+        } = operands(shape, seed);
+        let numel = n * c * s;
+        let (_, st) = group_norm_saving(&x, groups, Some(&gt), Some(&bt), 1e-6, Act::None).unwrap();
+        let st = st.unwrap();
+        let (dx, dgam, dbet) =
+            group_norm_act_backward_with(&x, &st, Some(&gt), Some(&bt), Act::None, &dy, true)
+                .unwrap();
+        let (dx, dgam, dbet) = (
+            dx.to_vec().unwrap(),
+            dgam.unwrap().to_vec().unwrap(),
+            dbet.unwrap().to_vec().unwrap(),
+        );
+        let m = c / groups * s;
+        let xhat = reference(&xv, n, c, s, groups, None, None, 1e-6, Act::None);
+        let e = f32::EPSILON as f64;
+        let mut wg = vec![0.0f64; c];
+        let mut wb = vec![0.0f64; c];
+        let mut mag = vec![0.0f64; c];
+        for i in 0..numel {
+            let ch = (i / s) % c;
+            wg[ch] += dyv[i] as f64 * xhat[i];
+            wb[ch] += dyv[i] as f64;
+            mag[ch] += (dyv[i] as f64).abs() * (1.0 + xhat[i].abs());
+        }
+        for ch in 0..c {
+            // Chains of at most N·S additions, plus x̂'s own error (~depth·ε relative).
+            let tol = (n * s + summation_depth(m, s)) as f64 * e * 4.0 * mag[ch] + 1e-6;
+            assert!(
+                (dgam[ch] as f64 - wg[ch]).abs() <= tol,
+                "{shape:?} dγ[{ch}] {} vs {}",
+                dgam[ch],
+                wg[ch]
+            );
+            assert!(
+                (dbet[ch] as f64 - wb[ch]).abs() <= tol,
+                "{shape:?} dβ[{ch}] {} vs {}",
+                dbet[ch],
+                wb[ch]
+            );
+        }
+        for (grp, chunk) in xhat.chunks(m).enumerate() {
+            let (mut a, mut b, mut mag) = (0.0f64, 0.0f64, 0.0f64);
+            let t = |i: usize| dyv[i] as f64 * gv[(i / s) % c] as f64;
+            for (j, xh) in chunk.iter().enumerate() {
+                let i = grp * m + j;
+                a += t(i);
+                b += t(i) * xh;
+                mag += t(i).abs() * (1.0 + xh.abs());
+            }
+            let (a, b) = (a / m as f64, b / m as f64);
+            let xs = &xv[grp * m..(grp + 1) * m];
+            let mu = xs.iter().map(|&v| v as f64).sum::<f64>() / m as f64;
+            let var = xs.iter().map(|&v| (v as f64 - mu).powi(2)).sum::<f64>() / m as f64;
+            let r = 1.0 / (var + 1e-6).sqrt();
+            let tol_ab = summation_depth(m, s) as f64 * e * 4.0 * mag / m as f64;
+            for (j, xh) in chunk.iter().enumerate() {
+                let i = grp * m + j;
+                let want = r * (t(i) - a - xh * b);
+                let tol = r * (tol_ab * (1.0 + xh.abs()) + 8.0 * e * t(i).abs()) + 1e-6;
+                assert!(
+                    (dx[i] as f64 - want).abs() <= tol,
+                    "{shape:?} dx[{i}] {} vs {want}",
+                    dx[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn parameter_gradients_from_saved_statistics() {
+        check_param_grads(&[2, 4, 3, 2], 2, 1000);
+        check_param_grads(&[2, 4, 72, 72], 2, 1010);
+        check_param_grads(&[1, 3, 2063], 3, 1020);
     }
 
     #[test]

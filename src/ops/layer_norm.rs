@@ -58,23 +58,7 @@ pub fn layer_norm_strategy(
         return Err(Error::shape("layer_norm needs a tensor of rank >= 1"));
     }
     let c = x.dim(-1);
-    for (name, t) in [("gamma", gamma), ("beta", beta)] {
-        if let Some(t) = t {
-            t.expect_f32(name)?;
-            if t.numel() != c {
-                return Err(Error::shape(format!(
-                    "layer_norm {name} has shape {:?} but the input {:?} has C = {c}",
-                    t.shape(),
-                    x.shape()
-                )));
-            }
-        }
-    }
-    if eps.is_nan() || eps < 0.0 {
-        return Err(Error::invalid(format!(
-            "layer_norm eps must be >= 0, got {eps}"
-        )));
-    }
+    super::check_affine("layer_norm", x.shape(), c, gamma, beta, eps)?;
     let gpu = x.gpu();
     // ln_rows runs three loops of C/4 + 3 iterations.
     if s == Strategy::Invocation && gpu.is_cpu() && 3 * (c / 4 + 3) > CPU_LOOP_LIMIT {

@@ -194,6 +194,37 @@ impl Act {
     }
 }
 
+/// The checks a normalisation's affine parameters and epsilon share: `gamma` and `beta`
+/// f32 with `c` values each (the input `x_shape`'s normalised channels), `eps >= 0`;
+/// `what` names the op in the error.
+pub(crate) fn check_affine(
+    what: &str,
+    x_shape: &[usize],
+    c: usize,
+    gamma: Option<&crate::Tensor>,
+    beta: Option<&crate::Tensor>,
+    eps: f32,
+) -> crate::Result<()> {
+    use crate::Error;
+    for (name, t) in [("gamma", gamma), ("beta", beta)] {
+        if let Some(t) = t {
+            t.expect_f32(name)?;
+            if t.numel() != c {
+                return Err(Error::shape(format!(
+                    "{what} {name} has shape {:?} but the input {x_shape:?} has C = {c}",
+                    t.shape()
+                )));
+            }
+        }
+    }
+    if eps.is_nan() || eps < 0.0 {
+        return Err(Error::invalid(format!(
+            "{what} eps must be >= 0, got {eps}"
+        )));
+    }
+    Ok(())
+}
+
 /// erf to ~1e-15 (Numerical Recipes erfc via Chebyshev), for CPU references.
 pub fn erf(x: f64) -> f64 {
     let z = x.abs();
