@@ -205,11 +205,7 @@ fn matmul_shared(
     }
 }
 
-const T128: u32 = 128u;
-const BK8: u32 = 8u;
-// [2 buffers][BK8][T128 / 4] as vec4 over the tile's rows (A) or columns (B).
-var<workgroup> sa: array<vec4<f32>, 512>;
-var<workgroup> sb: array<vec4<f32>, 512>;
+// matmul_tile128: the tile of shaders/lib/tile128.wgsl (T128, BK8, sa, sb, tile_fma).
 
 // Where element e of a [BK8][T128] slice sits, walked along the operand's contiguous axis:
 // (index along the tile's 128 rows or columns, kk). `k_major`: the operand is stored with k
@@ -257,14 +253,14 @@ fn stage_b(bb: u32, col_base: u32, k0: u32, li: u32) -> vec4<f32> {
 fn put_a(buf: u32, li: u32, v: vec4<f32>) {
     for (var l = 0u; l < 4u; l++) {
         let at = slice_pos(li + l * 256u, TRANS_A);
-        sa[buf * 256u + at.y * 32u + at.x / 4u][at.x % 4u] = v[l];
+        tile_put_a(buf, at.x, at.y, v[l]);
     }
 }
 
 fn put_b(buf: u32, li: u32, v: vec4<f32>) {
     for (var l = 0u; l < 4u; l++) {
         let at = slice_pos(li + l * 256u, !TRANS_B);
-        sb[buf * 256u + at.y * 32u + at.x / 4u][at.x % 4u] = v[l];
+        tile_put_b(buf, at.x, at.y, v[l]);
     }
 }
 
@@ -279,9 +275,8 @@ fn matmul_tile128(
     let col_base = wid.x * T128;
     let ba = bi * p.stride_a;
     let bb = bi * p.stride_b;
-    // This invocation's 8 rows are lid.y * 4 + {0..3} and 64 + lid.y * 4 + {0..3} (two
-    // vec4 of the staged A, 16 vec4 apart), its columns likewise from lid.x.
-    var acc: array<vec4<f32>, 16>;   // [row r][column half h] at 2 * r + h
+    // This invocation's 8 rows and 8 columns: see tile_fma.
+    var acc: array<vec4<f32>, 16>;
     put_a(0u, li, stage_a(ba, row_base, p.k0, li));
     put_b(0u, li, stage_b(bb, col_base, p.k0, li));
     workgroupBarrier();
@@ -295,19 +290,7 @@ fn matmul_tile128(
             na = stage_a(ba, row_base, k0 + BK8, li);
             nb = stage_b(bb, col_base, k0 + BK8, li);
         }
-        for (var kk = 0u; kk < BK8; kk++) {
-            let o = cur * 256u + kk * 32u;
-            let a0 = sa[o + lid.y];
-            let a1 = sa[o + 16u + lid.y];
-            let b0 = sb[o + lid.x];
-            let b1 = sb[o + 16u + lid.x];
-            for (var r = 0u; r < 4u; r++) {
-                acc[2u * r] = fma(vec4<f32>(a0[r]), b0, acc[2u * r]);
-                acc[2u * r + 1u] = fma(vec4<f32>(a0[r]), b1, acc[2u * r + 1u]);
-                acc[8u + 2u * r] = fma(vec4<f32>(a1[r]), b0, acc[8u + 2u * r]);
-                acc[9u + 2u * r] = fma(vec4<f32>(a1[r]), b1, acc[9u + 2u * r]);
-            }
-        }
+        tile_fma(cur, lid.xy, &acc);
         if more {
             // The other buffer was last read before the previous barrier: safe to fill.
             put_a(1u - cur, li, na);

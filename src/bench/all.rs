@@ -342,10 +342,10 @@ pub struct Item {
     pub ratio_to_peer: Option<f64>,
 }
 
-/// A matmul shape class and the variant that won it here.
+/// A tuned choice (a matmul shape class, or convolutions) and the variant that won it here.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Tuned {
-    /// [`ShapeClass::tuning_key`].
+    /// [`ShapeClass::tuning_key`], or [`ops::conv2d::TUNING_KEY`].
     pub key: String,
     /// The shapes it was timed on (`4 x 50x768x768 + ...`: times each counts in the sum).
     pub shape: String,
@@ -372,7 +372,7 @@ pub struct Report {
     pub quick: bool,
     /// The adapter's measured limits.
     pub peak: PeakFigures,
-    /// Matmul variant chosen per shape class on this run.
+    /// Matmul variant chosen per shape class, and the convolution variant, on this run.
     pub tuning: Vec<Tuned>,
     /// Every item, in plan order.
     pub items: Vec<Item>,
@@ -410,8 +410,8 @@ pub struct AllOptions {
     pub seconds: f64,
     /// Only items whose name contains one of these (all when empty).
     pub only: Vec<String>,
-    /// Time the matmul variants per shape class first and keep the winners (else the cached
-    /// choices, or the defaults, stand).
+    /// Time the matmul variants per shape class and the convolution variants first and keep
+    /// the winners (else the cached choices, or the defaults, stand).
     pub tune: bool,
 }
 
@@ -636,13 +636,49 @@ fn tune_matmul(gpu: &Gpu, seconds: f64) -> Result<Vec<Tuned>> {
     Ok(out)
 }
 
+/// Times the convolution variants that avoid the direct kernels on a VQGAN decoder 3×3 conv
+/// (1×128×64×64 → 128, pad 1, bias: the decoder's most common shape) and saves the winner
+/// under [`ops::conv2d::TUNING_KEY`]: `im2col` and `implicit-tiled` always, `implicit` where
+/// its subgroup kernel applies (elsewhere it would time the im2col fallback again).
+fn tune_conv(gpu: &Gpu, seconds: f64) -> Result<Tuned> {
+    use ops::conv2d::{self, Conv2dOpts, Variant as ConvVariant};
+    let (c, s) = (128, 64);
+    let x = rand_tensor(gpu, &[1, c, s, s], 1)?;
+    let w = rand_tensor(gpu, &[c, c, 3, 3], 2)?;
+    let b = rand_tensor(gpu, &[c], 3)?;
+    let o = Conv2dOpts::padded(1, Some(&b));
+    let mut variants = vec![ConvVariant::Im2col, ConvVariant::ImplicitTiled];
+    if ops::conv2d_igemm::applies(gpu, c, [3, 3], s * s) {
+        variants.push(ConvVariant::Implicit);
+    }
+    let mut ms = Vec::new();
+    for v in variants {
+        let t = time_runs(gpu, seconds, &mut || {
+            conv2d::conv2d_variant(&x, &w, &o, v).map(drop)
+        })?;
+        ms.push((v.name().to_string(), t[t.len() / 2] * 1e3));
+    }
+    let best = ms
+        .iter()
+        .min_by(|x, y| x.1.total_cmp(&y.1))
+        .map(|x| x.0.clone())
+        .ok_or_else(|| Error::invalid("no convolution variant to tune"))?;
+    gpu.save_tuning(conv2d::TUNING_KEY, &best)?;
+    Ok(Tuned {
+        key: conv2d::TUNING_KEY.to_string(),
+        shape: format!("1x{c}x{s}x{s} -> {c} 3x3 pad 1"),
+        variant: best,
+        ms,
+    })
+}
+
 /// The roofline at arithmetic intensity `flop / bytes`, GFLOP/s.
 fn roof(peak: &PeakFigures, flop: f64, bytes: f64) -> f64 {
     peak.f32_gflops.min(flop / bytes * peak.copy_gbs)
 }
 
-/// Runs the benchmark: peak figures, matmul tuning (when asked), then every planned item.
-/// `progress` hears each item's name before it runs.
+/// Runs the benchmark: peak figures, matmul and convolution tuning (when asked), then every
+/// planned item. `progress` hears each item's name before it runs.
 pub fn run(gpu: &Gpu, o: &AllOptions, progress: &dyn Fn(&str)) -> Result<Report> {
     if !(o.seconds > 0.0 && o.seconds.is_finite()) {
         return Err(Error::invalid(format!(
@@ -672,7 +708,10 @@ pub fn run(gpu: &Gpu, o: &AllOptions, progress: &dyn Fn(&str)) -> Result<Report>
     let peak = PeakFigures::from(&peak::peak(gpu, copy_bytes, 5)?);
     let tuning = if o.tune {
         progress("matmul variants per shape class");
-        tune_matmul(gpu, o.seconds.min(1.0))?
+        let mut t = tune_matmul(gpu, o.seconds.min(1.0))?;
+        progress("convolution variants");
+        t.push(tune_conv(gpu, o.seconds.min(1.0))?);
+        t
     } else {
         Vec::new()
     };

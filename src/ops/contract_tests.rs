@@ -15,6 +15,7 @@ fn all() -> Vec<Contract> {
         conv2d::SHADER.contract(),
         conv2d::IM2COL.contract(),
         conv2d_igemm::SHADER.contract(),
+        conv2d_igemm_tiled::SHADER.contract(),
         elementwise::SHADER.contract(),
         gather::SHADER.contract(),
         gather::SCATTER.contract(),

@@ -9,7 +9,7 @@ use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
-/// The `override` constants the kernels below (and `conv2d_igemm`) set.
+/// The `override` constants the kernels below (and `conv2d_igemm`, `conv2d_igemm_tiled`) set.
 pub(super) mod ov {
     use crate::gpu::Override;
     pub(in crate::ops) const KH: Override<u32> = Override::new("KH");
@@ -126,28 +126,73 @@ pub enum Variant {
     /// columns from the input, no column buffer (CPU adapters with 8-wide subgroups). Runs
     /// [`Variant::Im2col`] where it does not apply.
     Implicit,
+    /// Implicit GEMM on the GPU matmul's 128×128 workgroup tile
+    /// ([`super::conv2d_igemm_tiled`]): K slices staged in workgroup memory, the input's
+    /// columns gathered into them, no column buffer and no subgroup operations (GPUs). Runs
+    /// [`Variant::Im2col`] where it does not apply.
+    ImplicitTiled,
 }
 
 /// Most bytes of im2col columns held at once (images are processed in groups under it).
 pub const IM2COL_BUDGET: u64 = 96 << 20;
 
+/// The [`crate::Gpu::tuning`] key of the measured convolution variant (`vqclip bench all
+/// --tune`): a [`Variant::name`].
+pub const TUNING_KEY: &str = "conv";
+
 impl Variant {
-    /// The variant for a shape on `gpu`: `VQCLIP_CONV` if set (`implicit`, `im2col`,
-    /// `direct`: [`Variant::Conv3x3`] where it applies, else [`Variant::Generic`], or
-    /// `generic`), else [`Variant::Implicit`] on CPU adapters with 8-wide subgroups (it
-    /// skips the column buffer: the 128² f16-16384 decode + backward ran in 4.69 s against
-    /// 7.13 s with [`Variant::Im2col`] on lavapipe, see docs/perf.md), else
-    /// [`Variant::Im2col`] (2-4x
-    /// the direct kernels on lavapipe, and on GPUs the tuned matmul's workgroup tiles).
+    /// The variant for a shape on `gpu`: `VQCLIP_CONV` if set (`implicit-tiled`, `implicit`,
+    /// `im2col`, `direct`: [`Variant::Conv3x3`] where it applies, else [`Variant::Generic`],
+    /// or `generic`), else the winner measured on this adapter (key [`TUNING_KEY`]), else:
+    /// [`Variant::Implicit`] on CPU adapters with 8-wide subgroups (it skips the column
+    /// buffer: the 128² f16-16384 decode + backward ran in 4.69 s against 7.13 s with
+    /// [`Variant::Im2col`] on lavapipe, see docs/perf.md); [`Variant::ImplicitTiled`] on
+    /// other adapters that are not CPUs (GPUs: the column buffer's memory and its write and
+    /// read are gone; not yet measured against [`Variant::Im2col`] on a GPU, which `--tune`
+    /// does); [`Variant::Im2col`] on the remaining CPU adapters (2-4x the direct kernels on
+    /// lavapipe).
     pub fn for_shape(gpu: &crate::Gpu, kh: usize, kw: usize, stride: usize) -> Variant {
         match std::env::var("VQCLIP_CONV").as_deref() {
-            Ok("generic") => Variant::Generic,
-            Ok("direct") => Self::direct(kh, kw, stride),
-            Ok("im2col") => Variant::Im2col,
-            Ok("implicit") => Variant::Implicit,
-            _ if gpu.is_cpu() && super::matmul::subgroup_supported(gpu) => Variant::Implicit,
-            _ => Variant::Im2col,
+            Ok("direct") => return Self::direct(kh, kw, stride),
+            Ok(s) => {
+                if let Some(v) = Self::parse(s) {
+                    return v;
+                }
+            }
+            Err(_) => {}
         }
+        if let Some(v) = gpu.tuning(TUNING_KEY).and_then(|s| Self::parse(&s)) {
+            return v;
+        }
+        match gpu.is_cpu() {
+            true if super::matmul::subgroup_supported(gpu) => Variant::Implicit,
+            true => Variant::Im2col,
+            false => Variant::ImplicitTiled,
+        }
+    }
+
+    /// Short name, as in `VQCLIP_CONV` and the tuning cache.
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Generic => "generic",
+            Variant::Conv3x3 => "conv3x3",
+            Variant::Im2col => "im2col",
+            Variant::Implicit => "implicit",
+            Variant::ImplicitTiled => "implicit-tiled",
+        }
+    }
+
+    /// The variant named `s` ([`Variant::name`]).
+    pub fn parse(s: &str) -> Option<Variant> {
+        [
+            Variant::Generic,
+            Variant::Conv3x3,
+            Variant::Im2col,
+            Variant::Implicit,
+            Variant::ImplicitTiled,
+        ]
+        .into_iter()
+        .find(|v| v.name() == s)
     }
 
     /// The fastest direct kernel for the shape.
@@ -234,7 +279,17 @@ pub fn conv2d_variant(x: &Tensor, w: &Tensor, o: &Conv2dOpts, v: Variant) -> Res
             return Ok(y);
         }
     }
-    if matches!(v, Variant::Im2col | Variant::Implicit) && cin > 0 && n * ho * wo > 0 {
+    if v == Variant::ImplicitTiled && cin > 0 && n * ho * wo > 0 {
+        if let Some(y) = super::conv2d_igemm_tiled::try_conv2d(x, w, o, [ho, wo, hv, wv])? {
+            return Ok(y);
+        }
+    }
+    if matches!(
+        v,
+        Variant::Im2col | Variant::Implicit | Variant::ImplicitTiled
+    ) && cin > 0
+        && n * ho * wo > 0
+    {
         let kp = (cin * kh * kw + o.bias.is_some() as usize).next_multiple_of(4);
         let per_image = (kp * ho * wo * 4) as u64;
         let limit = x
@@ -551,7 +606,10 @@ pub fn conv2d_backward(
 ) -> Result<Conv2dGrads> {
     let (stride, p, up) = (o.stride, o.pad, o.upsample);
     let dx = need[0]
-        .then(|| conv2d_input_grad(x.shape(), w, g, stride, p, up))
+        .then(|| {
+            let v = Variant::for_shape(w.gpu(), w.dim(2), w.dim(3), 1);
+            conv2d_input_grad(x.shape(), w, g, o, v)
+        })
         .transpose()?;
     let dw = if need[1] {
         Some(conv2d_weight_grad(x, w.shape(), g, stride, p, up)?)
@@ -599,15 +657,17 @@ fn dilate(x: &Tensor, s: usize) -> Result<Tensor> {
 }
 
 /// The input gradient `[N, C, H, W]` of `y = conv(up?(x), w)` for output gradient `g`
-/// `[N, O, Ho, Wo]`; `x_shape` is `[N, C, H, W]`, `w` is `[O, C, KH, KW]`.
-fn conv2d_input_grad(
+/// `[N, O, Ho, Wo]`; `x_shape` is `[N, C, H, W]`, `w` is `[O, C, KH, KW]`, `o` the forward's
+/// stride, padding and upsample. `v` is the variant of the stride-1 convolution it runs: the
+/// implicit ones use a flipped packed weight derived once from `w`.
+pub(crate) fn conv2d_input_grad(
     x_shape: &[usize],
     w: &Tensor,
     g: &Tensor,
-    stride: usize,
-    p: [usize; 4],
-    upsample: bool,
+    o: &Conv2dOpts,
+    v: Variant,
 ) -> Result<Tensor> {
+    let (stride, p, upsample) = (o.stride, o.pad, o.upsample);
     let (kh, kw) = (w.dim(2), w.dim(3));
     let (h, wd) = if upsample {
         (2 * x_shape[2], 2 * x_shape[3])
@@ -635,10 +695,11 @@ fn conv2d_input_grad(
         pad: [top, bottom, left, right],
         ..Default::default()
     };
-    let implicit = Variant::for_shape(w.gpu(), kh, kw, 1) == Variant::Implicit;
-    let dx = match implicit {
-        true => super::conv2d_igemm::try_conv2d_flipped(&gd, w, &o, [h, wd, ld, lw])?,
-        false => None,
+    let dims = [h, wd, ld, lw];
+    let dx = match v {
+        Variant::Implicit => super::conv2d_igemm::try_conv2d_flipped(&gd, w, &o, dims)?,
+        Variant::ImplicitTiled => super::conv2d_igemm_tiled::try_conv2d_flipped(&gd, w, &o, dims)?,
+        _ => None,
     };
     let dx = match dx {
         Some(dx) => dx,
@@ -647,7 +708,7 @@ fn conv2d_input_grad(
             let flipped = w
                 .gpu()
                 .derived("conv2d_flipped", &[w], || flip_transpose(w))?;
-            conv2d(&gd, &flipped, &o)?
+            conv2d_variant(&gd, &flipped, &o, v)?
         }
     };
     if upsample {
@@ -832,6 +893,7 @@ pub(crate) mod tests {
         check_variant(s, bias, res, seed, Variant::Generic);
         check_variant(s, bias, res, seed, Variant::Im2col);
         check_variant(s, bias, res, seed, Variant::Implicit);
+        check_variant(s, bias, res, seed, Variant::ImplicitTiled);
         if s.kh == 3 && s.kw == 3 && s.stride <= 2 {
             check_variant(s, bias, res, seed, Variant::Conv3x3);
         }
@@ -905,12 +967,20 @@ pub(crate) mod tests {
         let run = |v| conv2d_variant(&x, &w, &o, v).unwrap().to_vec().unwrap();
         let before = run(Variant::Im2col);
         let before_implicit = run(Variant::Implicit);
+        let before_tiled = run(Variant::ImplicitTiled);
         let dx_before = conv2d_backward(&x, &w, &gy, &o, [true, false, false])
             .unwrap()
             .dx
             .unwrap()
             .to_vec()
             .unwrap();
+        let tiled_dx = |w: &Tensor| {
+            conv2d_input_grad(x.shape(), w, &gy, &o, Variant::ImplicitTiled)
+                .unwrap()
+                .to_vec()
+                .unwrap()
+        };
+        let dx_before_tiled = tiled_dx(&w);
         let wv = rand_vec(108, 5);
         w.assign(&Tensor::from_slice(&g, &wv, &[4, 3, 3, 3]).unwrap())
             .unwrap();
@@ -918,6 +988,7 @@ pub(crate) mod tests {
         for (v, before) in [
             (Variant::Im2col, before),
             (Variant::Implicit, before_implicit),
+            (Variant::ImplicitTiled, before_tiled),
         ] {
             let after = run(v);
             for (i, (a, b)) in after.iter().zip(&want).enumerate() {
@@ -941,6 +1012,10 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(dx_after, dx_fresh);
         assert_ne!(dx_before, dx_after);
+        // The tiled kernel's flipped packed weight likewise.
+        let dx_after_tiled = tiled_dx(&w);
+        assert_eq!(dx_after_tiled, tiled_dx(&fresh));
+        assert_ne!(dx_before_tiled, dx_after_tiled);
     }
 
     #[test]

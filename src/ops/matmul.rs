@@ -44,7 +44,7 @@ macro_rules! matmul_shader {
     };
 }
 
-pub(crate) static SHADER: Shader<Params> = matmul_shader!("matmul");
+pub(crate) static SHADER: Shader<Params> = matmul_shader!("matmul" + "tile128");
 pub(crate) static SUBGROUP_SHADER: Shader<Params> = matmul_shader!(
     "matmul_subgroup" + "subgroup_tile",
     ov::SG_ROWS,

@@ -9,6 +9,7 @@ pub mod concat;
 mod contract_tests;
 pub mod conv2d;
 pub mod conv2d_igemm;
+pub mod conv2d_igemm_tiled;
 pub mod elementwise;
 pub mod gather;
 pub mod group_norm;
