@@ -299,6 +299,27 @@ fn matmul_tile128(
         workgroupBarrier();
         cur = 1u - cur;
     }
+    if ARGMIN {
+        // One block per invocation: its 8 columns, c0 .. c0 + 3 and 64 further on; 16
+        // blocks per tile, interleaved (the reduction orders ties by column).
+        if wid.z + p.batch0 < p.batch {
+            let r0 = row_base + lid.y * 4u;
+            let c0 = col_base + lid.x * 4u;
+            let blocks = (p.n + T128 - 1u) / T128 * 16u;
+            let block = wid.x * 16u + lid.x;
+            for (var r = 0u; r < 4u; r++) {
+                let lo = argmin_fold(argmin_fold(argmin_none(), c0, acc[2u * r]), c0 + 64u, acc[2u * r + 1u]);
+                if r0 + r < p.m {
+                    argmin_put(bi, r0 + r, blocks, block, lo);
+                }
+                let hi = argmin_fold(argmin_fold(argmin_none(), c0, acc[8u + 2u * r]), c0 + 64u, acc[9u + 2u * r]);
+                if r0 + 64u + r < p.m {
+                    argmin_put(bi, r0 + 64u + r, blocks, block, hi);
+                }
+            }
+        }
+        return;
+    }
     if wid.z + p.batch0 < p.batch {
         let r0 = row_base + lid.y * 4u;
         let c0 = col_base + lid.x * 4u;

@@ -91,6 +91,36 @@ fn store_rows(bi: u32, row: u32, col: u32, a: u32, acc: ptr<function, array<vec4
     store_tile(bi, row + 4u, col, array<vec4<f32>, 4>((*acc)[a + 4u], (*acc)[a + 5u], (*acc)[a + 6u], (*acc)[a + 7u]));
 }
 
+// ARGMIN (see matmul_epilogue.wgsl): row i's minimum over the subgroup's columns (col's 4,
+// and col2's with WIDE) is one block, 32 columns (64 with WIDE) wide. Every lane takes part
+// in the subgroup minimum; lane 0 stores.
+fn argmin_row(bi: u32, i: u32, lane: u32, col: u32, v: vec4<f32>, col2: u32, v2: vec4<f32>) {
+    var r = argmin_fold(argmin_none(), col, v);
+    var width = 32u;
+    if WIDE {
+        r = argmin_fold(r, col2, v2);
+        width = 64u;
+    }
+    let mn = subgroupMin(r.v);
+    let best = ArgMin(mn, subgroupMin(select(0xffffffffu, r.col, r.v == mn)));
+    // Lane 0's col starts the block; a subgroup wholly past N has no block to write.
+    if lane == 0u && i < p.m && col < p.n {
+        argmin_put(bi, i, (p.n + width - 1u) / width, col / width, best);
+    }
+}
+
+// argmin_row for rows row .. row + 7 from acc[a ..] (and acc[32 + a ..] with WIDE).
+fn argmin_rows(bi: u32, row: u32, lane: u32, col: u32, col2: u32, a: u32, acc: ptr<function, array<vec4<f32>, 64>>) {
+    argmin_row(bi, row, lane, col, (*acc)[a], col2, (*acc)[32u + a]);
+    argmin_row(bi, row + 1u, lane, col, (*acc)[a + 1u], col2, (*acc)[33u + a]);
+    argmin_row(bi, row + 2u, lane, col, (*acc)[a + 2u], col2, (*acc)[34u + a]);
+    argmin_row(bi, row + 3u, lane, col, (*acc)[a + 3u], col2, (*acc)[35u + a]);
+    argmin_row(bi, row + 4u, lane, col, (*acc)[a + 4u], col2, (*acc)[36u + a]);
+    argmin_row(bi, row + 5u, lane, col, (*acc)[a + 5u], col2, (*acc)[37u + a]);
+    argmin_row(bi, row + 6u, lane, col, (*acc)[a + 6u], col2, (*acc)[38u + a]);
+    argmin_row(bi, row + 7u, lane, col, (*acc)[a + 7u], col2, (*acc)[39u + a]);
+}
+
 @compute @workgroup_size(64)
 fn matmul_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_id) sid: u32,
                    @builtin(subgroup_invocation_id) lane: u32) {
@@ -112,6 +142,16 @@ fn matmul_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_id) 
             group_step2(load_a(ba, row, 1u, lane, kq), bk, bk2, 1u, &acc);
             group_step2(load_a(ba, row, 2u, lane, kq), bk, bk2, 2u, &acc);
             group_step2(load_a(ba, row, 3u, lane, kq), bk, bk2, 3u, &acc);
+        }
+        if ARGMIN {
+            // Subgroup-uniform: the batch check and rows past M are decided per store.
+            if wid.z + p.batch0 < p.batch {
+                argmin_rows(bi, row + 0u, lane, colw, col2, 0u, &acc);
+                argmin_rows(bi, row + 8u, lane, colw, col2, 8u, &acc);
+                argmin_rows(bi, row + 16u, lane, colw, col2, 16u, &acc);
+                argmin_rows(bi, row + 24u, lane, colw, col2, 24u, &acc);
+            }
+            return;
         }
         if wid.z + p.batch0 < p.batch && row < p.m {
             if colw < p.n {
@@ -140,6 +180,19 @@ fn matmul_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_id) 
             group_step(load_a(ba, row, 2u, lane, kq), bk, 2u, &acc);
             group_step(load_a(ba, row, 3u, lane, kq), bk, 3u, &acc);
         }
+    }
+    if ARGMIN {
+        if wid.z + p.batch0 < p.batch {
+            argmin_rows(bi, row + 0u, lane, col, col, 0u, &acc);
+            if SG_ROWS >= 16u {
+                argmin_rows(bi, row + 8u, lane, col, col, 8u, &acc);
+            }
+            if SG_ROWS == 32u {
+                argmin_rows(bi, row + 16u, lane, col, col, 16u, &acc);
+                argmin_rows(bi, row + 24u, lane, col, col, 24u, &acc);
+            }
+        }
+        return;
     }
     if wid.z + p.batch0 < p.batch && row < p.m && col < p.n {
         store_rows(bi, row + 0u, col, 0u, &acc);

@@ -3,11 +3,14 @@
 //   code_norms       ee[k] = sum_d E[k, d]^2                                 one invocation per code
 //   nearest_partial  per (position, chunk of CHUNK codes; chunk = workgroup y): the code minimising
 //                    dist = (||z||^2 + ||e||^2) - 2 z.e, lowest index on ties  one invocation each
-//   nearest_reduce   per position: the best chunk result in index order (strict <, so ties keep
-//                    the lowest index). Deterministic: no atomics.
+//   nearest_reduce   per position: the best of its chunks' (distance, code) pairs, lowest code
+//                    on ties whatever order the chunks come in (the distance matmul's fused
+//                    ARGMIN epilogue writes interleaved column blocks). Deterministic: no
+//                    atomics.
 //   scores_partial   the same per-chunk minima over precomputed scores [M, K] (a matmul's
 //                    ||e||^2 - 2 z.e: the distance less ||z||^2, constant per row); one
 //                    invocation per (position, chunk of CHUNK codes); then nearest_reduce
+// The per-chunk minima are pairs [M, chunks, 2]: the distance, then the code's bits.
 //   gather           z_q[n, d, s] = E[codes[n, s], d]
 //   argmax_channels  per position: the channel with the largest value, lowest index on ties
 // Position m = (n, s), s = y * W + x, reads z[(n * D + d) * HW + s].
@@ -59,8 +62,7 @@ fn code_norms(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
 @group(0) @binding(1) var<storage, read> np_z: array<f32>;            // [N, D, H, W]
 @group(0) @binding(2) var<storage, read> np_e: array<f32>;            // [K, D]
 @group(0) @binding(3) var<storage, read> np_ee: array<f32>;           // [K]
-@group(0) @binding(4) var<storage, read_write> np_dist: array<f32>;   // [M, chunks]
-@group(0) @binding(5) var<storage, read_write> np_idx: array<u32>;    // [M, chunks]
+@group(0) @binding(4) var<storage, read_write> np_pairs: array<f32>;  // [M, chunks, 2]
 
 @compute @workgroup_size(64, 1, 1)
 fn nearest_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -95,14 +97,13 @@ fn nearest_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
             best_k = k;
         }
     }
-    np_dist[t] = best;
-    np_idx[t] = best_k;
+    np_pairs[2u * t] = best;
+    np_pairs[2u * t + 1u] = bitcast<f32>(best_k);
 }
 
 // ---- nearest_reduce
-@group(0) @binding(1) var<storage, read> nr_dist: array<f32>;         // [M, chunks]
-@group(0) @binding(2) var<storage, read> nr_idx: array<u32>;          // [M, chunks]
-@group(0) @binding(3) var<storage, read_write> nr_codes: array<u32>;  // [M]
+@group(0) @binding(1) var<storage, read> nr_pairs: array<f32>;        // [M, chunks, 2]
+@group(0) @binding(2) var<storage, read_write> nr_codes: array<u32>;  // [M]
 
 @compute @workgroup_size(64, 1, 1)
 fn nearest_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -111,22 +112,24 @@ fn nearest_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     if m >= p.m {
         return;
     }
-    var best = nr_dist[m * p.chunks];
-    var best_k = nr_idx[m * p.chunks];
-    for (var c = 1u; c < p.chunks; c++) {
-        let v = nr_dist[m * p.chunks + c];
-        if v < best {
+    // A chunk with no code (0xffffffff: only NaN distances, or none) never wins; a position
+    // whose chunks all say so gets code 0, as the direct search gives it.
+    var best = bitcast<f32>(0x7f800000u);   // +inf
+    var best_k = 0xffffffffu;
+    for (var c = 0u; c < p.chunks; c++) {
+        let v = nr_pairs[2u * (m * p.chunks + c)];
+        let k = bitcast<u32>(nr_pairs[2u * (m * p.chunks + c) + 1u]);
+        if v < best || (v == best && k < best_k) {
             best = v;
-            best_k = nr_idx[m * p.chunks + c];
+            best_k = k;
         }
     }
-    nr_codes[m] = best_k;
+    nr_codes[m] = select(best_k, 0u, best_k == 0xffffffffu);
 }
 
 // ---- scores_partial
 @group(0) @binding(1) var<storage, read> sp_scores: array<f32>;       // [M, K]
-@group(0) @binding(2) var<storage, read_write> sp_dist: array<f32>;   // [M, chunks]
-@group(0) @binding(3) var<storage, read_write> sp_idx: array<u32>;    // [M, chunks]
+@group(0) @binding(2) var<storage, read_write> sp_pairs: array<f32>;  // [M, chunks, 2]
 
 @compute @workgroup_size(64, 1, 1)
 fn scores_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -147,8 +150,8 @@ fn scores_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
             best_k = k;
         }
     }
-    sp_dist[t] = best;
-    sp_idx[t] = best_k;
+    sp_pairs[2u * t] = best;
+    sp_pairs[2u * t + 1u] = bitcast<f32>(best_k);
 }
 
 // ---- gather

@@ -63,3 +63,50 @@ fn store_tile(bi: u32, row: u32, col: u32, acc: array<vec4<f32>, 4>) {
         }
     }
 }
+
+// ARGMIN: instead of C, per row of C and block of columns the lowest value of
+// alpha * acc + bias (no activation, residual or split K: the host checks) and its column,
+// lowest column on ties, as the pair (value, column's bits) at
+// c[2 * ((b * M + i) * blocks + block)]. A block with no column under N (or only NaN) holds
+// (+inf, 0xffffffff). Each kernel decides which columns make a block; the pairs' reduction
+// (vq.wgsl's nearest_reduce) compares values, then columns, so blocks may interleave.
+override ARGMIN: bool = false;
+
+struct ArgMin {
+    v: f32,
+    col: u32,
+}
+
+fn argmin_none() -> ArgMin {
+    return ArgMin(bitcast<f32>(0x7f800000u), 0xffffffffu);
+}
+
+// `r` with columns col .. col + 3 (values `v` before the epilogue) folded in.
+fn argmin_fold(r: ArgMin, col: u32, v: vec4<f32>) -> ArgMin {
+    var out = r;
+    for (var j = 0u; j < 4u; j++) {
+        let cj = col + j;
+        if cj < p.n {
+            var x = p.alpha * v[j];
+            if HAS_BIAS {
+                x += bias[cj];
+            }
+            out = argmin_pick(out, ArgMin(x, cj));
+        }
+    }
+    return out;
+}
+
+// The better of two candidates: the lower value, then the lower column (NaN never wins).
+fn argmin_pick(a: ArgMin, b: ArgMin) -> ArgMin {
+    if b.v < a.v || (b.v == a.v && b.col < a.col) {
+        return b;
+    }
+    return a;
+}
+
+fn argmin_put(bi: u32, i: u32, blocks: u32, block: u32, r: ArgMin) {
+    let o = 2u * ((bi * p.m + i) * blocks + block);
+    c[o] = r.v;
+    c[o + 1u] = bitcast<f32>(r.col);
+}

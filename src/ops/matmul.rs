@@ -19,6 +19,7 @@ mod ov {
     pub(super) const SG_ROWS: Override<u32> = Override::new("SG_ROWS");
     pub(super) const SG_STACK: Override<u32> = Override::new("SG_STACK");
     pub(super) const WIDE: Override<bool> = Override::new("WIDE");
+    pub(super) const ARGMIN: Override<bool> = Override::new("ARGMIN");
 }
 
 /// The two matmul shaders share the activation and epilogue prologue and every override;
@@ -37,7 +38,8 @@ macro_rules! matmul_shader {
                 ov::HAS_RES,
                 ov::ACT,
                 ov::ACCUMULATE,
-                ov::EPILOGUE
+                ov::EPILOGUE,
+                ov::ARGMIN
                 $(, $extra)*
             ]
         )
@@ -261,16 +263,58 @@ fn vec4_applies(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> b
 /// `trans_b`). Leading (batch) dims must be equal, or one side has none and is broadcast.
 /// Returns `[.., M, N]`.
 pub fn matmul(a: &Tensor, b: &Tensor, o: &MatmulOpts) -> Result<Tensor> {
-    matmul_impl(a, b, o, None)
+    matrix(matmul_impl(a, b, o, None, Output::Matrix)?)
 }
 
 /// [`matmul`] with an explicit kernel variant (benches and tests).
 pub fn matmul_variant(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Variant) -> Result<Tensor> {
-    matmul_impl(a, b, o, Some(v))
+    matrix(matmul_impl(a, b, o, Some(v), Output::Matrix)?)
+}
+
+/// Per row of `C = alpha · op(A) @ op(B) + bias` (as [`matmul`]; no activation or
+/// residual), the lowest value and its column, without writing C: the product's kernel
+/// keeps, per row and block of columns, the minimum and its column (lowest on ties; the
+/// `ARGMIN` epilogue in `shaders/lib/matmul_epilogue.wgsl`). Returns those pairs as
+/// `[.., M, blocks, 2]` (the value, then the column's bits), for a reduction over the blocks
+/// that compares values, then columns (`vq.wgsl`'s `nearest_reduce`); `None` where the
+/// product's kernel has no such epilogue (only the subgroup and 128-tile kernels do) or K
+/// would be split. The nearest-code search's distance matmul (16,384 codes per position)
+/// so never writes its scores.
+pub fn matmul_row_argmin(a: &Tensor, b: &Tensor, o: &MatmulOpts) -> Result<Option<Tensor>> {
+    matmul_impl(a, b, o, None, Output::RowArgmin)
+}
+
+/// [`matmul_row_argmin`] with an explicit kernel variant (tests).
+pub fn matmul_row_argmin_variant(
+    a: &Tensor,
+    b: &Tensor,
+    o: &MatmulOpts,
+    v: Variant,
+) -> Result<Option<Tensor>> {
+    matmul_impl(a, b, o, Some(v), Output::RowArgmin)
+}
+
+/// What [`matmul_impl`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    /// C.
+    Matrix,
+    /// Per row and block of columns, C's minimum and its column ([`matmul_row_argmin`]).
+    RowArgmin,
+}
+
+fn matrix(c: Option<Tensor>) -> Result<Tensor> {
+    c.ok_or_else(|| Error::invalid("matmul wrote no product (an engine bug)"))
 }
 
 /// [`matmul`] on variant `v`, or (`None`) on [`variant_for`] the product's shape class.
-fn matmul_impl(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Option<Variant>) -> Result<Tensor> {
+fn matmul_impl(
+    a: &Tensor,
+    b: &Tensor,
+    o: &MatmulOpts,
+    v: Option<Variant>,
+    out: Output,
+) -> Result<Option<Tensor>> {
     a.expect_f32("matmul A")?;
     b.expect_f32("matmul B")?;
     if a.rank() < 2 || b.rank() < 2 {
@@ -331,6 +375,11 @@ fn matmul_impl(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Option<Variant>) -> Re
             )));
         }
     }
+    if out == Output::RowArgmin && (o.residual.is_some() || o.act != Act::None) {
+        return Err(Error::invalid(
+            "matmul row argmin takes no activation or residual",
+        ));
+    }
     // A batch of A's against one shared B (tokens of several images through a linear
     // layer): A's rows are contiguous over the batch, so it is one [batch·M, K] product. One
     // tall product fills whole tiles where `batch` short ones (M = 50 tokens) would each
@@ -345,15 +394,23 @@ fn matmul_impl(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Option<Variant>) -> Re
             residual: res2.as_ref(),
             ..*o
         };
-        return matmul_impl(&a2, b, &o2, v)?.reshape(&out_shape);
+        let Some(c) = matmul_impl(&a2, b, &o2, v, out)? else {
+            return Ok(None);
+        };
+        let mut shape = batch_dims.to_vec();
+        shape.push(m);
+        shape.extend_from_slice(&c.shape()[1..]);
+        return Ok(Some(c.reshape(&shape)?));
     }
     let gpu = a.gpu();
-    let c = Tensor::empty(gpu, &out_shape, DType::F32)?;
-    if c.numel() == 0 {
-        return Ok(c);
+    if batch * m * n == 0 {
+        return match out {
+            Output::Matrix => Ok(Some(Tensor::empty(gpu, &out_shape, DType::F32)?)),
+            Output::RowArgmin => Ok(None),
+        };
     }
     let limit = u32::MAX as usize;
-    if [m, n, ka, batch, a.numel(), b.numel(), c.numel()]
+    if [m, n, ka, batch, a.numel(), b.numel(), batch * m * n]
         .iter()
         .any(|&x| x > limit)
     {
@@ -402,7 +459,18 @@ fn matmul_impl(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Option<Variant>) -> Re
     .with(ov::TRANS_B, o.trans_b)
     .with(ov::HAS_BIAS, o.bias.is_some())
     .with(ov::HAS_RES, o.residual.is_some())
-    .with(ov::ACT, o.act as u32);
+    .with(ov::ACT, o.act as u32)
+    .with(ov::ARGMIN, out == Output::RowArgmin);
+    // Column blocks of the row argmin's pairs (see the kernels' ARGMIN epilogues).
+    let blocks = match (out, v) {
+        (Output::Matrix, _) => 0,
+        (Output::RowArgmin, Variant::Subgroup32Wide) => n.div_ceil(64),
+        (Output::RowArgmin, Variant::Subgroup | Variant::Subgroup16 | Variant::Subgroup32) => {
+            n.div_ceil(32)
+        }
+        (Output::RowArgmin, Variant::Tile128) => n.div_ceil(128) * 16,
+        (Output::RowArgmin, _) => return Ok(None),
+    };
     // Rows and columns covered by one workgroup.
     let (rows_per_wg, cols_per_wg) = match v {
         Variant::Register | Variant::Vec4 => (32usize, 32usize),
@@ -438,6 +506,18 @@ fn matmul_impl(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Option<Variant>) -> Re
             .map(|k0| (k0, (k0 + k_split).min(ka)))
             .collect()
     };
+    let c = match out {
+        Output::Matrix => Tensor::empty(gpu, &out_shape, DType::F32)?,
+        Output::RowArgmin if splits.len() > 1 => return Ok(None),
+        Output::RowArgmin => {
+            let mut shape = batch_dims.to_vec();
+            shape.extend([m, blocks, 2]);
+            if batch * m * blocks * 2 > limit {
+                return Ok(None);
+            }
+            Tensor::empty(gpu, &shape, DType::F32)?
+        }
+    };
     for (si, &(k0, k1)) in splits.iter().enumerate() {
         let kernel = kernel
             .clone()
@@ -470,7 +550,7 @@ fn matmul_impl(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Option<Variant>) -> Re
             }
         }
     }
-    Ok(c)
+    Ok(Some(c))
 }
 
 /// Gradients of [`matmul`] that [`matmul_backward`] was asked for.

@@ -131,16 +131,19 @@ fn code_norms(codebook: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// [`nearest_codes`] as a distance matmul, `group` images at a time: scores
-/// `[m, HW, K] = −2 zᵀE + ||e||²` (z read in its NCHW layout as a transposed operand), then
-/// per row the lowest score, lowest index on ties.
+/// [`nearest_codes`] as a distance matmul, `group` images at a time: per position the lowest
+/// of `−2 zᵀE + ||e||²` (z read in its NCHW layout as a transposed operand; the distance less
+/// `||z||²`), lowest index on ties. Where the product's kernel has the fused row-argmin
+/// epilogue ([`matmul_row_argmin`](super::matmul::matmul_row_argmin)), the scores are never
+/// written: the matmul leaves per-block minima and [`reduce`] picks each position's code;
+/// elsewhere the scores `[m, HW, K]` are written and `scores_partial` takes per-chunk minima
+/// first.
 fn nearest_by_scores(z: &Tensor, codebook: &Tensor, group: usize) -> Result<Tensor> {
-    use super::matmul::{matmul, MatmulOpts};
+    use super::matmul::{matmul, matmul_row_argmin, MatmulOpts};
     let (n, d, h, w) = (z.dim(0), z.dim(1), z.dim(2), z.dim(3));
     let (hw, k) = (h * w, codebook.dim(0));
     let gpu = z.gpu();
     let ee = code_norms(codebook)?;
-    let chunks = k.div_ceil(SCORES_CHUNK);
     let mut parts = Vec::with_capacity(n.div_ceil(group));
     for n0 in (0..n).step_by(group) {
         let g = group.min(n - n0);
@@ -149,45 +152,32 @@ fn nearest_by_scores(z: &Tensor, codebook: &Tensor, group: usize) -> Result<Tens
         } else {
             super::concat::slice(z, 0, n0, g)?
         };
-        let scores = matmul(
-            &zs.reshape(&[g, d, hw])?,
-            codebook,
-            &MatmulOpts {
-                trans_a: true,
-                trans_b: true,
-                alpha: Some(-2.0),
-                bias: Some(&ee),
-                ..Default::default()
-            },
-        )?;
-        let m = g * hw;
-        if m * chunks > u32::MAX as usize {
-            return Err(Error::shape("vq: positions x codebook chunks exceed 2^32"));
-        }
-        let p = Params {
-            m: m as u32,
-            hw: hw as u32,
-            d: d as u32,
-            k: k as u32,
-            chunks: chunks as u32,
-            total: 0,
-            _pad: [0; 2],
+        let zs = zs.reshape(&[g, d, hw])?;
+        let o = MatmulOpts {
+            trans_a: true,
+            trans_b: true,
+            alpha: Some(-2.0),
+            bias: Some(&ee),
+            ..Default::default()
         };
-        let dist = Tensor::empty(gpu, &[m, chunks], DType::F32)?;
-        let idx = Tensor::empty(gpu, &[m, chunks], DType::U32)?;
+        let m = g * hw;
+        let codes = Tensor::empty(gpu, &[g, h, w], DType::U32)?;
+        if let Some(pairs) = matmul_row_argmin(&zs, codebook, &o)? {
+            reduce(&pairs, m, pairs.dim(-2), &codes)?;
+            parts.push(codes);
+            continue;
+        }
+        let scores = matmul(&zs, codebook, &o)?;
+        let chunks = k.div_ceil(SCORES_CHUNK);
+        let p = params(m, hw, d, k, chunks)?;
+        let pairs = Tensor::empty(gpu, &[m, chunks, 2], DType::F32)?;
         gpu.dispatch(
             &Kernel::new(&SHADER, "scores_partial").with(ov::CHUNK, SCORES_CHUNK as u32),
             &p,
-            &[scores.binding(), dist.binding(), idx.binding()],
+            &[scores.binding(), pairs.binding()],
             grid_1d(((m * chunks) as u32).div_ceil(WG)),
         );
-        let codes = Tensor::empty(gpu, &[g, h, w], DType::U32)?;
-        gpu.dispatch(
-            &Kernel::new(&SHADER, "nearest_reduce"),
-            &p,
-            &[dist.binding(), idx.binding(), codes.binding()],
-            grid_1d((m as u32).div_ceil(WG)),
-        );
+        reduce(&pairs, m, chunks, &codes)?;
         parts.push(codes);
     }
     if parts.len() == 1 {
@@ -195,6 +185,38 @@ fn nearest_by_scores(z: &Tensor, codebook: &Tensor, group: usize) -> Result<Tens
     }
     let refs: Vec<&Tensor> = parts.iter().collect();
     super::concat::concat(&refs, 0)
+}
+
+/// The search's params for `m` positions of `hw` per image, vectors of `d`, `k` codes in
+/// `chunks` chunks (whose `[m, chunks, 2]` pairs must be indexable in u32).
+fn params(m: usize, hw: usize, d: usize, k: usize, chunks: usize) -> Result<Params> {
+    if m.checked_mul(2 * chunks)
+        .is_none_or(|t| t > u32::MAX as usize)
+    {
+        return Err(Error::shape("vq: positions x codebook chunks exceed 2^31"));
+    }
+    Ok(Params {
+        m: m as u32,
+        hw: hw as u32,
+        d: d as u32,
+        k: k as u32,
+        chunks: chunks as u32,
+        total: 0,
+        _pad: [0; 2],
+    })
+}
+
+/// Each of `m` positions' code from its `chunks` (distance, code) pairs `pairs`
+/// (`[m, chunks, 2]`): the lowest distance, the lowest code on ties (`nearest_reduce`).
+fn reduce(pairs: &Tensor, m: usize, chunks: usize, codes: &Tensor) -> Result<()> {
+    let p = params(m, 0, 0, 0, chunks)?;
+    pairs.gpu().dispatch(
+        &Kernel::new(&SHADER, "nearest_reduce"),
+        &p,
+        &[pairs.binding(), codes.binding()],
+        grid_1d((m as u32).div_ceil(WG)),
+    );
+    Ok(())
 }
 
 /// [`nearest_codes`] with the direct kernel: one invocation per position and chunk of codes.
@@ -205,21 +227,9 @@ fn nearest_direct(z: &Tensor, codebook: &Tensor, codes: Tensor) -> Result<Tensor
     let gpu = z.gpu();
     let chunk = chunk_for(d)?;
     let chunks = k.div_ceil(chunk);
-    if m.checked_mul(chunks).is_none_or(|t| t > u32::MAX as usize) {
-        return Err(Error::shape("vq: positions x codebook chunks exceed 2^32"));
-    }
-    let p = Params {
-        m: m as u32,
-        hw: (h * w) as u32,
-        d: d as u32,
-        k: k as u32,
-        chunks: chunks as u32,
-        total: 0,
-        _pad: [0; 2],
-    };
+    let p = params(m, h * w, d, k, chunks)?;
     let ee = code_norms(codebook)?;
-    let dist = Tensor::empty(gpu, &[m, chunks], DType::F32)?;
-    let idx = Tensor::empty(gpu, &[m, chunks], DType::U32)?;
+    let pairs = Tensor::empty(gpu, &[m, chunks, 2], DType::F32)?;
     gpu.dispatch(
         &Kernel::new(&SHADER, "nearest_partial").with(ov::CHUNK, chunk as u32),
         &p,
@@ -227,20 +237,14 @@ fn nearest_direct(z: &Tensor, codebook: &Tensor, codes: Tensor) -> Result<Tensor
             z.binding(),
             codebook.binding(),
             ee.binding(),
-            dist.binding(),
-            idx.binding(),
+            pairs.binding(),
         ],
         {
             let g = grid_1d((m as u32).div_ceil(WG));
             [g[0], chunks as u32, g[1]]
         },
     );
-    gpu.dispatch(
-        &Kernel::new(&SHADER, "nearest_reduce"),
-        &p,
-        &[dist.binding(), idx.binding(), codes.binding()],
-        grid_1d((m as u32).div_ceil(WG)),
-    );
+    reduce(&pairs, m, chunks, &codes)?;
     Ok(codes)
 }
 
@@ -488,6 +492,95 @@ mod tests {
         let e2 = Tensor::from_slice(&g, &ev2, &[k, d]).unwrap();
         let codes = nearest_codes(&z, &e2).unwrap().to_vec_u32().unwrap();
         assert_eq!(codes[0], 299);
+    }
+
+    /// Codes through one kernel's fused row-argmin epilogue and [`reduce`]: the scores are
+    /// never written.
+    fn fused_codes(z: &Tensor, e: &Tensor, v: super::super::matmul::Variant) -> Vec<u32> {
+        use super::super::matmul::{matmul_row_argmin_variant, MatmulOpts};
+        let (n, d, h, w) = (z.dim(0), z.dim(1), z.dim(2), z.dim(3));
+        let o = MatmulOpts {
+            trans_a: true,
+            trans_b: true,
+            alpha: Some(-2.0),
+            bias: Some(&code_norms(e).unwrap()),
+            ..Default::default()
+        };
+        let zs = z.reshape(&[n, d, h * w]).unwrap();
+        let pairs = matmul_row_argmin_variant(&zs, e, &o, v)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{v:?} has no row-argmin epilogue for {:?}", z.shape()));
+        let codes = Tensor::empty(z.gpu(), &[n, h, w], DType::U32).unwrap();
+        reduce(&pairs, n * h * w, pairs.dim(-2), &codes).unwrap();
+        codes.to_vec_u32().unwrap()
+    }
+
+    #[test]
+    fn fused_argmin_epilogue_matches_reference_on_each_kernel() {
+        use super::super::matmul::{subgroup_supported, Variant};
+        let g = gpu();
+        let mut kernels = vec![Variant::Tile128];
+        if subgroup_supported(&g) {
+            kernels.extend([
+                Variant::Subgroup,
+                Variant::Subgroup16,
+                Variant::Subgroup32,
+                Variant::Subgroup32Wide,
+            ]);
+        }
+        // Codes past whole blocks of 32, 64 and 128 columns, rows past whole tiles, several
+        // images (a batch of transposed A's against one B), and a 16,384-code book.
+        let shapes = [(2, 8, 4, 6, 200), (3, 4, 2, 10, 77), (1, 16, 2, 2, 16_384)];
+        for (si, &(n, d, h, w, k)) in shapes.iter().enumerate() {
+            let zv = rand_vec(n * d * h * w, 40 + si as u64);
+            let mut ev = rand_vec(k * d, 50 + si as u64);
+            // Position 0 is exactly code 61's vector, copied to codes in later blocks of
+            // every kernel (and in an earlier column of a later tile128 block): all tie
+            // at the lowest distance, bitwise, and code 61 must win.
+            let hw = h * w;
+            let v0: Vec<f32> = (0..d).map(|j| zv[j * hw]).collect();
+            for r in [61, 63, 130, k - 1].into_iter().filter(|&r| r < k) {
+                ev[r * d..(r + 1) * d].copy_from_slice(&v0);
+            }
+            let z = Tensor::from_slice(&g, &zv, &[n, d, h, w]).unwrap();
+            let e = Tensor::from_slice(&g, &ev, &[k, d]).unwrap();
+            let dist = reference_distances(&zv, n, d, hw, &ev);
+            let tol = 8.0 * d as f64 * f32::EPSILON as f64 * (2.0 * d as f64);
+            for &v in &kernels {
+                let codes = fused_codes(&z, &e, v);
+                assert_eq!(codes[0], 61, "{v:?} {:?}: the tie", (n, d, h, w, k));
+                for (m, row) in dist.iter().enumerate() {
+                    let (c, best) = (codes[m] as usize, reference_argmin(row) as usize);
+                    assert!(
+                        row[c] - row[best] <= tol,
+                        "{v:?} {:?}: position {m} chose {c} ({}) over {best} ({})",
+                        (n, d, h, w, k),
+                        row[c],
+                        row[best]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_f16_search_takes_the_fused_epilogue_on_subgroup_adapters() {
+        // 256 channels, 16,384 codes, 16x16 positions: the default product has the epilogue
+        // (no 64 MiB of scores) wherever the subgroup or 128-tile kernels are the default.
+        use super::super::matmul::{matmul_row_argmin, subgroup_supported, MatmulOpts};
+        let g = gpu();
+        if !subgroup_supported(&g) {
+            return;
+        }
+        let z = Tensor::zeros(&g, &[1, 256, 256]).unwrap();
+        let e = Tensor::zeros(&g, &[16_384, 256]).unwrap();
+        let o = MatmulOpts {
+            trans_a: true,
+            trans_b: true,
+            ..Default::default()
+        };
+        let pairs = matmul_row_argmin(&z, &e, &o).unwrap();
+        assert!(pairs.is_some_and(|p| p.shape()[..2] == [1, 256]));
     }
 
     #[test]
