@@ -78,7 +78,7 @@ pub fn markdown(r: &Report) -> String {
                 .map(|(n, ms)| format!("{n} {ms:.2} ms"))
                 .collect();
         s.push_str(&format!(
-            "- matmul tuning `{}` on {}: **{}** ({})\n",
+            "- tuning `{}` on {}: **{}** ({})\n",
             t.key,
             t.shape,
             t.variant,
