@@ -18,6 +18,10 @@
 //   running max m and sum l, and merged by attn_combine; this bounds the loop iterations
 //   of one invocation (llvmpipe stops loops after 65,535 iterations, see ops::CPU_LOOP_LIMIT)
 //   and adds parallelism when there are few queries.
+//   With LSE (the training forward, ops::attention_backward) the per-query log-sum-exp of
+//   the scaled scores, L = m + log(l), is written too: by attn into `ml` (bound to the
+//   [B*H*Tq] L tensor when there are no splits) or by attn_combine into `lse_out`. The
+//   backward recomputes the probabilities as exp(s - L) from it.
 
 struct Params {
     heads: u32,    // H
@@ -39,7 +43,8 @@ struct Params {
 // attn: out [.., Tq, D] by o strides, or the split partials [B*H*Tq, splits, D] when SPLIT.
 // attn_combine: the final output.
 @group(0) @binding(1) var<storage, read_write> o: array<f32>;
-// (m, l) per query and split: [B*H*Tq, splits, 2] (SPLIT only).
+// (m, l) per query and split: [B*H*Tq, splits, 2] (SPLIT only); without splits and with
+// LSE, the log-sum-exp per query [B*H*Tq].
 @group(0) @binding(2) var<storage, read_write> ml: array<f32>;
 // attn: q by q strides; attn_combine: the split partials.
 @group(0) @binding(3) var<storage, read> q: array<f32>;
@@ -55,6 +60,7 @@ override CAUSAL: bool = false;
 override SPLIT: bool = false;
 override D_MULT4: bool = true;   // D % 4 == 0: no masking of the last vec4
 override D4: u32 = 16u;          // ceil(D / 4): a constant loop bound, so loops over D unroll
+override LSE: bool = false;      // also write the log-sum-exp per query
 
 const DMAX4: u32 = 128u;         // 512 / 4
 const NEG_BIG: f32 = -3.4028234663852886e38;
@@ -169,6 +175,9 @@ fn attn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             }
         }
     } else {
+        if LSE {
+            ml[bh * p.tq + i] = m + log(l);
+        }
         let r = 1.0 / l;
         let ob = b * p.o_sb + h * p.o_sh + i * p.o_st;
         for (var c = 0u; c < d4; c++) {
@@ -183,6 +192,10 @@ fn attn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 }
 
 override WGC: u32 = 64u;
+
+// attn_combine with LSE: the log-sum-exp per query [B*H*Tq]. (Binding 4 is `k` in attn; a
+// binding number may be reused by globals that no single entry point both uses.)
+@group(0) @binding(4) var<storage, read_write> lse_out: array<f32>;
 
 // Merges the split partials: one invocation per output value.
 //   out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s,  M = max_s m_s
@@ -213,4 +226,8 @@ fn attn_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let b = bh / p.heads;
     let h = bh % p.heads;
     o[b * p.o_sb + h * p.o_sh + i * p.o_st + d] = num / den;
+    // L = M + log(sum_s e^(m_s - M) l_s): one lane per query writes it.
+    if LSE && d == 0u {
+        lse_out[row] = mx + log(den);
+    }
 }

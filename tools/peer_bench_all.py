@@ -10,7 +10,8 @@ Run it right after vqclip on the same machine, so that both see the same load:
 
 Each item is the same work in PyTorch (f32; on CUDA with TF32 off unless --tf32):
 matmul -> torch.matmul (B transposed where the item says Bt), attention ->
-F.scaled_dot_product_attention, conv3x3 -> F.conv2d(padding=1) with bias, layer_norm ->
+F.scaled_dot_product_attention (attention backward: the same on [B, T, H*D] inputs
+split into heads, then backward of sum(o * w) to q, k, v), conv3x3 -> F.conv2d(padding=1) with bias, layer_norm ->
 F.layer_norm, group_norm+swish -> F.silu(F.group_norm(32 groups)), add, gelu (erf), the
 CLIP towers -> transformers' CLIPModel(CLIPConfig()) (ViT-B/32 shapes, random weights)
 get_text_features / get_image_features under no_grad, vqgan decode -> the taming decoder of
@@ -120,6 +121,19 @@ def make(spec, models, dev):
         shape = (spec["batch"], spec["heads"], spec["tokens"], spec["head_dim"])
         q, k, v = r(*shape), r(*shape), r(*shape)
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=spec["causal"])
+    if kind == "attention_backward":
+        b, h, t, d = spec["batch"], spec["heads"], spec["tokens"], spec["head_dim"]
+        q, k, v = (r(b, t, h * d).requires_grad_() for _ in range(3))
+        w = r(b, t, h * d)
+
+        def step():
+            heads = lambda x: x.view(b, t, h, d).transpose(1, 2)  # noqa: E731
+            o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v),
+                                               is_causal=spec["causal"])
+            (o.transpose(1, 2).reshape(b, t, h * d) * w).sum().backward()
+            q.grad = k.grad = v.grad = None
+
+        return step
     if kind == "conv3x3":
         x = r(1, spec["cin"], spec["h"], spec["w"])
         w = r(spec["cout"], spec["cin"], 3, 3)
@@ -181,7 +195,7 @@ def main():
         spec = it["spec"]
         print(f"{it['name']}…", file=sys.stderr)
         fn = make(spec, models, dev)
-        if spec["kind"] == "generate_step":
+        if spec["kind"] in ("generate_step", "attention_backward"):
             ms_min, ms_med = timed(fn, dev, a.seconds)
         else:
             with torch.no_grad():

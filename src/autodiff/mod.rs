@@ -5,8 +5,8 @@
 //! `ops::elementwise`, losses in `ops::loss`). A [`Tape`] method only wires: it computes the
 //! forward with the ordinary kernels, saves what the backward function needs (inputs or
 //! outputs) and pushes a node whose closure calls that function. A few ops have no rule of
-//! their own because they are recorded as compositions of others (attention as matmul →
-//! softmax → matmul, spherical distance, mean) or because their gradient is the identity or a
+//! their own because they are recorded as compositions of others (attention on
+//! `[B, H, T, D]` as matmul → softmax → matmul, spherical distance, mean) or because their gradient is the identity or a
 //! reshape (`straight_through`, `reshape`).
 //!
 //! [`Tape::backward`] walks the nodes in reverse creation order (a valid topological order,
@@ -535,8 +535,10 @@ impl Tape {
     /// [`Tape::attention`] on the `[B, T, H·D]` layout of q/k/v projections (`k`, `v` may
     /// have another T): returns `[B, Tq, H·D]`, the heads side by side as the output
     /// projection reads them. With no gradient needed this is one fused kernel reading the
-    /// layout in place (no permutes); otherwise the heads are split out
-    /// (`[B, T, H, D]` → `[B, H, T, D]`) around [`Tape::attention`].
+    /// layout in place. With gradients it takes the path
+    /// [`crate::ops::attention_backward::path`] picks for the device: the fused forward
+    /// saving the log-sum-exp and the fused backward (in place, keeping only `o` and `L`),
+    /// or the heads split out (`[B, T, H, D]` → `[B, H, T, D]`) around [`Tape::attention`].
     pub fn attention_bthd(
         &self,
         q: &Var,
@@ -546,6 +548,26 @@ impl Tape {
         causal: bool,
         scale: f32,
     ) -> Result<Var> {
+        let path = crate::ops::attention_backward::path(q.value.gpu());
+        self.attention_bthd_path(q, k, v, heads, causal, scale, path)
+    }
+
+    /// [`Tape::attention_bthd`] with the gradient path given (the fused one only where
+    /// [`crate::ops::attention_backward::fused_fits`] the head dim; else composed).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attention_bthd_path(
+        &self,
+        q: &Var,
+        k: &Var,
+        v: &Var,
+        heads: usize,
+        causal: bool,
+        scale: f32,
+        path: crate::ops::attention_backward::Path,
+    ) -> Result<Var> {
+        use crate::ops::attention_backward::{
+            attention_bthd_backward, attention_bthd_lse, fused_fits, Path,
+        };
         if !any_needs_grad(&[q, k, v], None) {
             let o = crate::ops::attention::attention_bthd(
                 &q.value, &k.value, &v.value, heads, causal, scale,
@@ -562,6 +584,29 @@ impl Tape {
         }
         let (b, tq, hd) = (q.shape()[0], q.shape()[1], q.shape()[2]);
         let d = hd / heads;
+        if path == Path::Fused && fused_fits(q.value.gpu(), d) {
+            let (o, lse) = attention_bthd_lse(&q.value, &k.value, &v.value, heads, causal, scale)?;
+            let (qv, kv, vv, ov) = (q.value.clone(), k.value.clone(), v.value.clone(), o.clone());
+            return Ok(self.push(
+                o,
+                &[q, k, v],
+                Box::new(move |g, need| {
+                    let r = attention_bthd_backward(
+                        &qv,
+                        &kv,
+                        &vv,
+                        &ov,
+                        &lse,
+                        g,
+                        heads,
+                        causal,
+                        scale,
+                        [need[0], need[1], need[2]],
+                    )?;
+                    Ok(vec![r.dq, r.dk, r.dv])
+                }),
+            ));
+        }
         // One head: [B, T, D] is already [B, 1, T, D] in memory.
         let split = |x: &Var| -> Result<Var> {
             let t = x.shape()[1];

@@ -807,3 +807,64 @@ fn fused_residual_and_bthd_attention_match_the_recorded_ops() {
         );
     }
 }
+
+#[test]
+fn attention_bthd_fused_gradients_match_the_composed_path() {
+    // Tape::attention_bthd with gradients, fused (forward saving L, fused backward) against
+    // the composed recording (permutes, matmul, mask, softmax, matmul), through
+    // tape.backward of a weighted sum so that every output gradient differs. Both are f32
+    // with different summation orders: agreement to 2e-5 of each gradient's largest value.
+    use crate::ops::attention_backward::Path;
+    let g = gpu();
+    // (B, Tq, Tk, heads, D, causal): CLIP-like heads of 64, partial tiles, Tq ≠ Tk, one
+    // head of 512 as in the VQGAN's AttnBlock, D not a multiple of 4.
+    let cases = [
+        (2, 50, 50, 4, 64, false),
+        (2, 19, 19, 3, 64, true),
+        (1, 13, 29, 2, 16, false),
+        (1, 40, 40, 1, 512, false),
+        (3, 7, 11, 2, 5, false),
+    ];
+    for (ci, &(b, tq, tk, heads, d, causal)) in cases.iter().enumerate() {
+        let hd = heads * d;
+        let s = 1000 + 10 * ci as u64;
+        let (qv, kv, vv, wv) = (
+            rand_vec(b * tq * hd, s),
+            rand_vec(b * tk * hd, s + 1),
+            rand_vec(b * tk * hd, s + 2),
+            rand_vec(b * tq * hd, s + 3),
+        );
+        let run = |path: Path| -> Vec<Vec<f32>> {
+            let tape = Tape::new();
+            let leaf = |v: &[f32], t: usize| {
+                tape.leaf(Tensor::from_slice(&g, v, &[b, t, hd]).unwrap(), true)
+            };
+            let (q, k, v) = (leaf(&qv, tq), leaf(&kv, tk), leaf(&vv, tk));
+            let w = tape.leaf(Tensor::from_slice(&g, &wv, &[b, tq, hd]).unwrap(), false);
+            let scale = 1.0 / (d as f32).sqrt();
+            let o = tape
+                .attention_bthd_path(&q, &k, &v, heads, causal, scale, path)
+                .unwrap();
+            let loss = tape.sum(&tape.mul(&o, &w).unwrap()).unwrap();
+            let grads = tape.backward(&loss).unwrap();
+            let mut out = vec![o.value().to_vec().unwrap()];
+            for x in [&q, &k, &v] {
+                out.push(grads.get(x).unwrap().to_vec().unwrap());
+            }
+            out
+        };
+        let (fused, composed) = (run(Path::Fused), run(Path::Composed));
+        for (n, (f, c)) in ["o", "dq", "dk", "dv"]
+            .iter()
+            .zip(fused.iter().zip(&composed))
+        {
+            let m = c.iter().fold(0.0f32, |a, &x| a.max(x.abs()));
+            for (i, (a, r)) in f.iter().zip(c).enumerate() {
+                assert!(
+                    (a - r).abs() <= 2e-5 * (m + r.abs()),
+                    "case {ci} {n}[{i}]: fused {a} vs composed {r} (max {m})"
+                );
+            }
+        }
+    }
+}

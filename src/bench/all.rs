@@ -38,6 +38,16 @@ pub enum Spec {
         head_dim: usize,
         causal: bool,
     },
+    /// Attention with gradients on the tape, q/k/v `[batch, tokens, heads·head_dim]`: the
+    /// forward, then the backward of `Σ o·w` to q, k and v, by the path the device uses
+    /// ([`crate::ops::attention_backward::path`]).
+    AttentionBackward {
+        batch: usize,
+        heads: usize,
+        tokens: usize,
+        head_dim: usize,
+        causal: bool,
+    },
     /// 3×3 convolution, padding 1, `[1, cin, h, w]` to `[1, cout, h, w]`, with bias.
     Conv3x3 {
         cin: usize,
@@ -68,7 +78,7 @@ impl Spec {
     pub fn family(&self) -> &'static str {
         match self {
             Spec::Matmul { .. } => "matmul",
-            Spec::Attention { .. } => "attention",
+            Spec::Attention { .. } | Spec::AttentionBackward { .. } => "attention",
             Spec::Conv3x3 { .. } => "conv",
             Spec::LayerNorm { .. } | Spec::GroupNormSwish { .. } => "norm",
             Spec::Add { .. } | Spec::Gelu { .. } => "elementwise",
@@ -104,6 +114,16 @@ impl Spec {
                 "attention {batch}x{heads}x{tokens}x{head_dim}{}",
                 if causal { " causal" } else { "" }
             ),
+            Spec::AttentionBackward {
+                batch,
+                heads,
+                tokens,
+                head_dim,
+                causal,
+            } => format!(
+                "attention backward {batch}x{heads}x{tokens}x{head_dim}{}",
+                if causal { " causal" } else { "" }
+            ),
             Spec::Conv3x3 { cin, cout, h, w } => format!("conv3x3 {cin}->{cout} {h}x{w}"),
             Spec::LayerNorm { rows, cols } => format!("layer_norm {rows}x{cols}"),
             Spec::GroupNormSwish { c, h, w } => format!("group_norm+swish {c}x{h}x{w}"),
@@ -132,6 +152,18 @@ impl Spec {
             } => {
                 // QKᵀ and PV; a causal mask halves the useful work.
                 let full = 4.0 * f(batch * heads) * f(tokens) * f(tokens) * f(head_dim);
+                Some(if causal { full / 2.0 } else { full })
+            }
+            Spec::AttentionBackward {
+                batch,
+                heads,
+                tokens,
+                head_dim,
+                causal,
+            } => {
+                // The forward's two products and the backward's four (dV, dP, dK, dQ);
+                // the fused path's recomputed QKᵀ is not counted as useful work.
+                let full = 12.0 * f(batch * heads) * f(tokens) * f(tokens) * f(head_dim);
                 Some(if causal { full / 2.0 } else { full })
             }
             Spec::Conv3x3 { cin, cout, h, w } => Some(2.0 * 9.0 * f(cin * cout) * f(h * w)),
@@ -183,6 +215,14 @@ impl Spec {
                 head_dim,
                 ..
             } => Some(4.0 * f(batch * heads * tokens * head_dim)),
+            // Forward q, k, v, o; backward q, k, v, o, dO in and dq, dk, dv out.
+            Spec::AttentionBackward {
+                batch,
+                heads,
+                tokens,
+                head_dim,
+                ..
+            } => Some(12.0 * f(batch * heads * tokens * head_dim)),
             Spec::Conv3x3 { cin, cout, h, w } => {
                 Some(f(cin * h * w) + f(9 * cin * cout) + f(cout * h * w))
             }
@@ -238,6 +278,14 @@ pub fn plan(quick: bool) -> Vec<Spec> {
             head_dim: 64,
             causal: true,
         },
+        // One ViT layer's attention over 4 cutouts, with gradients (VQGAN+CLIP).
+        AttentionBackward {
+            batch: 4,
+            heads: 12,
+            tokens: 50,
+            head_dim: 64,
+            causal: false,
+        },
         Conv3x3 {
             cin: 512,
             cout: 512,
@@ -278,6 +326,21 @@ pub fn plan(quick: bool) -> Vec<Spec> {
                 heads: 12,
                 tokens: 50,
                 head_dim: 64,
+                causal: false,
+            },
+            AttentionBackward {
+                batch: 32,
+                heads: 12,
+                tokens: 50,
+                head_dim: 64,
+                causal: false,
+            },
+            // The VQGAN's AttnBlock at 128² (one head of 512 over 16×16 positions).
+            AttentionBackward {
+                batch: 1,
+                heads: 1,
+                tokens: 256,
+                head_dim: 512,
                 causal: false,
             },
             Conv3x3 {
@@ -342,10 +405,12 @@ pub struct Item {
     pub ratio_to_peer: Option<f64>,
 }
 
-/// A tuned choice (a matmul shape class, or convolutions) and the variant that won it here.
+/// A tuned choice (a matmul shape class, convolutions, or the attention-with-gradients
+/// path) and the variant that won it here.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Tuned {
-    /// [`ShapeClass::tuning_key`], or [`ops::conv2d::TUNING_KEY`].
+    /// [`ShapeClass::tuning_key`], [`ops::conv2d::TUNING_KEY`] or
+    /// [`ops::attention_backward::TUNING_KEY`].
     pub key: String,
     /// The shapes it was timed on (`4 x 50x768x768 + ...`: times each counts in the sum).
     pub shape: String,
@@ -410,8 +475,9 @@ pub struct AllOptions {
     pub seconds: f64,
     /// Only items whose name contains one of these (all when empty).
     pub only: Vec<String>,
-    /// Time the matmul variants per shape class and the convolution variants first and keep
-    /// the winners (else the cached choices, or the defaults, stand).
+    /// Time the matmul variants per shape class, the convolution variants and the
+    /// attention-with-gradients paths first and keep the winners (else the cached choices,
+    /// or the defaults, stand).
     pub tune: bool,
 }
 
@@ -500,6 +566,17 @@ fn time_item(gpu: &Gpu, spec: &Spec, models: &mut Models, seconds: f64) -> Resul
             time_runs(gpu, seconds, &mut || {
                 ops::attention(&q, &k, &v, causal, scale).map(drop)
             })
+        }
+        Spec::AttentionBackward {
+            batch,
+            heads,
+            tokens,
+            head_dim,
+            causal,
+        } => {
+            let path = ops::attention_backward::path(gpu);
+            let a = AttentionOperands::new(gpu, [batch, heads, tokens, head_dim])?;
+            time_runs(gpu, seconds, &mut || a.step(heads, causal, path))
         }
         Spec::Conv3x3 { cin, cout, h, w } => {
             let x = rand_tensor(gpu, &[1, cin, h, w], 1)?;
@@ -612,12 +689,6 @@ fn tune_matmul(gpu: &Gpu, seconds: f64) -> Result<Vec<Tuned>> {
             }
             ms.push((v.name().to_string(), total));
         }
-        let best = ms
-            .iter()
-            .min_by(|x, y| x.1.total_cmp(&y.1))
-            .map(|x| x.0.clone())
-            .ok_or_else(|| Error::invalid("no matmul variant to tune"))?;
-        gpu.save_tuning(class.tuning_key(), &best)?;
         let shape = shapes
             .iter()
             .map(|&(times, m, n, k)| match times {
@@ -626,12 +697,12 @@ fn tune_matmul(gpu: &Gpu, seconds: f64) -> Result<Vec<Tuned>> {
             })
             .collect::<Vec<_>>()
             .join(" + ");
-        out.push(Tuned {
-            key: class.tuning_key().to_string(),
-            shape: format!("{shape} Bt"),
-            variant: best,
+        out.push(save_winner(
+            gpu,
+            class.tuning_key(),
+            format!("{shape} Bt"),
             ms,
-        });
+        )?);
     }
     Ok(out)
 }
@@ -658,15 +729,83 @@ fn tune_conv(gpu: &Gpu, seconds: f64) -> Result<Tuned> {
         })?;
         ms.push((v.name().to_string(), t[t.len() / 2] * 1e3));
     }
+    save_winner(
+        gpu,
+        conv2d::TUNING_KEY,
+        format!("1x{c}x{s}x{s} -> {c} 3x3 pad 1"),
+        ms,
+    )
+}
+
+/// q, k, v and an output weight `w`, `[B, T, H·D]`, for timing attention with gradients.
+struct AttentionOperands {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w: Tensor,
+}
+
+impl AttentionOperands {
+    fn new(gpu: &Gpu, [b, h, t, d]: [usize; 4]) -> Result<Self> {
+        let shape = [b, t, h * d];
+        Ok(AttentionOperands {
+            q: rand_tensor(gpu, &shape, 1)?,
+            k: rand_tensor(gpu, &shape, 2)?,
+            v: rand_tensor(gpu, &shape, 3)?,
+            w: rand_tensor(gpu, &shape, 4)?,
+        })
+    }
+
+    /// One forward and backward (of `Σ o·w`, so that dO = w) of `attention_bthd` on a
+    /// fresh tape, by `path`.
+    fn step(&self, heads: usize, causal: bool, path: ops::attention_backward::Path) -> Result<()> {
+        let tape = crate::autodiff::Tape::new();
+        let (q, k, v) = (
+            tape.leaf(self.q.clone(), true),
+            tape.leaf(self.k.clone(), true),
+            tape.leaf(self.v.clone(), true),
+        );
+        let w = tape.leaf(self.w.clone(), false);
+        let d = self.q.dim(2) / heads;
+        let scale = (d as f32).powf(-0.5);
+        let o = tape.attention_bthd_path(&q, &k, &v, heads, causal, scale, path)?;
+        let loss = tape.sum(&tape.mul(&o, &w)?)?;
+        tape.backward(&loss).map(drop)
+    }
+}
+
+/// Times both attention-with-gradients paths on one CLIP ViT layer over 4 cutouts
+/// (4 × 12 heads × 50 tokens × 64) and saves the faster under
+/// [`ops::attention_backward::TUNING_KEY`], which `Tape::attention_bthd` then takes.
+fn tune_attention(gpu: &Gpu, seconds: f64) -> Result<Tuned> {
+    use ops::attention_backward::{Path, TUNING_KEY};
+    let (b, h, t, d) = (4, 12, 50, 64);
+    let a = AttentionOperands::new(gpu, [b, h, t, d])?;
+    let mut ms = Vec::new();
+    for path in Path::ALL {
+        let times = time_runs(gpu, seconds, &mut || a.step(h, false, path))?;
+        ms.push((path.name().to_string(), times[times.len() / 2] * 1e3));
+    }
+    save_winner(
+        gpu,
+        TUNING_KEY,
+        format!("{b}x{h}x{t}x{d} forward + backward"),
+        ms,
+    )
+}
+
+/// Saves the fastest of `ms` (name, median ms) under `key` ([`Gpu::save_tuning`]), timed on
+/// `shape`.
+fn save_winner(gpu: &Gpu, key: &str, shape: String, ms: Vec<(String, f64)>) -> Result<Tuned> {
     let best = ms
         .iter()
         .min_by(|x, y| x.1.total_cmp(&y.1))
         .map(|x| x.0.clone())
-        .ok_or_else(|| Error::invalid("no convolution variant to tune"))?;
-    gpu.save_tuning(conv2d::TUNING_KEY, &best)?;
+        .ok_or_else(|| Error::invalid(format!("nothing to tune for {key}")))?;
+    gpu.save_tuning(key, &best)?;
     Ok(Tuned {
-        key: conv2d::TUNING_KEY.to_string(),
-        shape: format!("1x{c}x{s}x{s} -> {c} 3x3 pad 1"),
+        key: key.to_string(),
+        shape,
         variant: best,
         ms,
     })
@@ -677,8 +816,8 @@ fn roof(peak: &PeakFigures, flop: f64, bytes: f64) -> f64 {
     peak.f32_gflops.min(flop / bytes * peak.copy_gbs)
 }
 
-/// Runs the benchmark: peak figures, matmul and convolution tuning (when asked), then every
-/// planned item. `progress` hears each item's name before it runs.
+/// Runs the benchmark: peak figures, matmul, convolution and attention tuning (when asked),
+/// then every planned item. `progress` hears each item's name before it runs.
 pub fn run(gpu: &Gpu, o: &AllOptions, progress: &dyn Fn(&str)) -> Result<Report> {
     if !(o.seconds > 0.0 && o.seconds.is_finite()) {
         return Err(Error::invalid(format!(
@@ -711,6 +850,8 @@ pub fn run(gpu: &Gpu, o: &AllOptions, progress: &dyn Fn(&str)) -> Result<Report>
         let mut t = tune_matmul(gpu, o.seconds.min(1.0))?;
         progress("convolution variants");
         t.push(tune_conv(gpu, o.seconds.min(1.0))?);
+        progress("attention with gradients: fused or composed");
+        t.push(tune_attention(gpu, o.seconds.min(1.0))?);
         t
     } else {
         Vec::new()

@@ -20,12 +20,21 @@ mod ov {
     pub(super) const D_MULT4: Override<bool> = Override::new("D_MULT4");
     pub(super) const D4: Override<u32> = Override::new("D4");
     pub(super) const WGC: Override<u32> = Override::new("WGC");
+    pub(super) const LSE: Override<bool> = Override::new("LSE");
 }
 
 pub(crate) static SHADER: Shader<Params> = crate::shader!(
     "attention",
     "grid",
-    overrides = [ov::WGQ, ov::CAUSAL, ov::SPLIT, ov::D_MULT4, ov::D4, ov::WGC]
+    overrides = [
+        ov::WGQ,
+        ov::CAUSAL,
+        ov::SPLIT,
+        ov::D_MULT4,
+        ov::D4,
+        ov::WGC,
+        ov::LSE
+    ]
 );
 /// Largest head dim the kernel holds in its private arrays.
 pub const MAX_HEAD_DIM: usize = 512;
@@ -55,7 +64,7 @@ crate::shader_params! {
 
 /// How q, k, v and the output are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Layout {
+pub(crate) enum Layout {
     /// `[B, H, T, D]`.
     Bhtd,
     /// `[B, T, H·D]`.
@@ -64,7 +73,7 @@ enum Layout {
 
 impl Layout {
     /// (batch, head, token) element strides of a tensor with `t` tokens.
-    fn strides(self, h: usize, t: usize, d: usize) -> [u32; 3] {
+    pub(crate) fn strides(self, h: usize, t: usize, d: usize) -> [u32; 3] {
         match self {
             Layout::Bhtd => [(h * t * d) as u32, (t * d) as u32, d as u32],
             Layout::Bthd => [(t * h * d) as u32, d as u32, (h * d) as u32],
@@ -104,7 +113,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f32) -
             v.shape()
         )));
     }
-    run(q, k, v, [b, h, tq, tk, d], Layout::Bhtd, causal, scale)
+    run(
+        q,
+        k,
+        v,
+        [b, h, tq, tk, d],
+        Layout::Bhtd,
+        causal,
+        scale,
+        None,
+    )
 }
 
 /// [`attention`] on the `[B, T, H·D]` layout of q/k/v projections: `q`: `[B, Tq, H·D]`,
@@ -118,6 +136,31 @@ pub fn attention_bthd(
     causal: bool,
     scale: f32,
 ) -> Result<Tensor> {
+    let dims = bthd_dims(q, k, v, heads)?;
+    run(q, k, v, dims, Layout::Bthd, causal, scale, None)
+}
+
+/// [`attention_bthd`] that also returns the log-sum-exp of each query's scaled scores,
+/// `L[b, h, i] = m + log Σⱼ exp(sᵢⱼ − m)` as `[B, H, Tq]`: what the fused backward
+/// ([`super::attention_backward`]) needs to recompute the probabilities `exp(s − L)`
+/// instead of keeping the `[Tq, Tk]` matrix.
+pub fn attention_bthd_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    causal: bool,
+    scale: f32,
+) -> Result<(Tensor, Tensor)> {
+    let dims = bthd_dims(q, k, v, heads)?;
+    let [b, h, tq, _, _] = dims;
+    let lse = Tensor::empty(q.gpu(), &[b, h, tq], DType::F32)?;
+    let o = run(q, k, v, dims, Layout::Bthd, causal, scale, Some(&lse))?;
+    Ok((o, lse))
+}
+
+/// `[B, H, Tq, Tk, D]` of `[B, T, H·D]` q, k, v, or why they do not fit together.
+pub(crate) fn bthd_dims(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<[usize; 5]> {
     for (n, t) in [("q", q), ("k", k), ("v", v)] {
         if t.rank() != 3 {
             return Err(Error::shape(format!(
@@ -143,17 +186,11 @@ pub fn attention_bthd(
             v.shape()
         )));
     }
-    run(
-        q,
-        k,
-        v,
-        [b, heads, tq, tk, hd / heads],
-        Layout::Bthd,
-        causal,
-        scale,
-    )
+    Ok([b, heads, tq, tk, hd / heads])
 }
 
+/// The forward dispatch(es); with `lse` (`[B·H·Tq]` values) also the log-sum-exp per query.
+#[allow(clippy::too_many_arguments)]
 fn run(
     q: &Tensor,
     k: &Tensor,
@@ -162,6 +199,7 @@ fn run(
     layout: Layout,
     causal: bool,
     scale: f32,
+    lse: Option<&Tensor>,
 ) -> Result<Tensor> {
     for (n, t) in [("q", q), ("k", k), ("v", v)] {
         t.expect_f32(&format!("attention {n}"))?;
@@ -220,7 +258,8 @@ fn run(
         .with(ov::CAUSAL, causal)
         .with(ov::SPLIT, split)
         .with(ov::D_MULT4, d % 4 == 0)
-        .with(ov::D4, d.div_ceil(4) as u32);
+        .with(ov::D4, d.div_ceil(4) as u32)
+        .with(ov::LSE, lse.is_some());
     let scratch = if split {
         let rows = bh * tq * splits;
         Some((
@@ -230,12 +269,13 @@ fn run(
     } else {
         None
     };
-    // Without splits `ml` is never written, but it needs a buffer of its own: the shared
-    // unused binding may be bound read-only below.
+    // Without splits `ml` takes the log-sum-exp, if asked for, or is never written; it
+    // needs a buffer of its own: the shared unused binding may be bound read-only below.
     let no_ml;
-    let (o_b, ml_b) = match &scratch {
-        Some((part, ml)) => (part.binding(), ml.binding()),
-        None => {
+    let (o_b, ml_b) = match (&scratch, lse) {
+        (Some((part, ml)), _) => (part.binding(), ml.binding()),
+        (None, Some(lse)) => (out.binding(), lse.binding()),
+        (None, None) => {
             no_ml = Tensor::empty(gpu, &[4], DType::F32)?;
             (out.binding(), no_ml.binding())
         }
@@ -262,11 +302,14 @@ fn run(
             return Err(Error::shape("attention output has more than 2^32 elements"));
         }
         p.bh0 = 0;
-        let k = Kernel::new(&SHADER, "attn_combine").with(ov::WGC, WGC);
+        let k = Kernel::new(&SHADER, "attn_combine")
+            .with(ov::WGC, WGC)
+            .with(ov::LSE, lse.is_some());
+        let lse_b = lse.map_or_else(|| gpu.unused_binding(), Tensor::binding);
         gpu.dispatch(
             &k,
             &p,
-            &[out.binding(), ml.binding(), part.binding()],
+            &[out.binding(), ml.binding(), part.binding(), lse_b],
             grid_1d((n as u32).div_ceil(WGC)),
         );
     }

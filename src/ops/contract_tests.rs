@@ -11,6 +11,7 @@ fn all() -> Vec<Contract> {
     use super::*;
     vec![
         attention::SHADER.contract(),
+        attention_backward::SHADER.contract(),
         concat::SHADER.contract(),
         conv2d::SHADER.contract(),
         conv2d::IM2COL.contract(),

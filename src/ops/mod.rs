@@ -4,6 +4,7 @@
 //! and tests.
 
 pub mod attention;
+pub mod attention_backward;
 pub mod concat;
 #[cfg(test)]
 mod contract_tests;
