@@ -150,6 +150,16 @@ def make(spec, models, dev):
     if kind == "add":
         a, b = r(spec["n"]), r(spec["n"])
         return lambda: a + b
+    if kind == "dispatches":
+        a = r(64)
+
+        def chain():
+            x = a
+            for _ in range(spec["count"]):
+                x = x + a
+            return x
+
+        return chain
     if kind == "gelu":
         a = r(spec["n"])
         return lambda: F.gelu(a)

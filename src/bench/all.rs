@@ -63,6 +63,10 @@ pub enum Spec {
     Add { n: usize },
     /// GELU (erf) of `n` elements.
     Gelu { n: usize },
+    /// `count` dependent adds of 64 elements, each on the previous result: what a chain of
+    /// tiny kernels costs in dispatch, submission and synchronisation (ms per run ÷ `count`
+    /// = time per dispatch; PyTorch's peer is its kernel-launch overhead).
+    Dispatches { count: usize },
     /// CLIP ViT-B/32 text tower (random weights), `batch` texts of 77 tokens.
     TextEncode { batch: usize },
     /// CLIP ViT-B/32 image tower (random weights), `batch` 224×224 images.
@@ -82,6 +86,7 @@ impl Spec {
             Spec::Conv3x3 { .. } => "conv",
             Spec::LayerNorm { .. } | Spec::GroupNormSwish { .. } => "norm",
             Spec::Add { .. } | Spec::Gelu { .. } => "elementwise",
+            Spec::Dispatches { .. } => "overhead",
             _ => "model",
         }
     }
@@ -129,6 +134,7 @@ impl Spec {
             Spec::GroupNormSwish { c, h, w } => format!("group_norm+swish {c}x{h}x{w}"),
             Spec::Add { n } => format!("add {n}"),
             Spec::Gelu { n } => format!("gelu {n}"),
+            Spec::Dispatches { count } => format!("dispatch overhead {count} tiny adds"),
             Spec::TextEncode { batch } => format!("text encode ViT-B/32 x{batch}"),
             Spec::ImageEncode { batch } => format!("image encode ViT-B/32 x{batch}"),
             Spec::VqganDecode { size } => format!("vqgan decode f16-16384 {size}x{size}"),
@@ -309,6 +315,7 @@ pub fn plan(quick: bool) -> Vec<Spec> {
         },
         Add { n: 1 << 22 },
         Gelu { n: 1 << 22 },
+        Dispatches { count: 1000 },
         TextEncode { batch: 1 },
         ImageEncode { batch: 1 },
         // 64² keeps the two VQGAN stages at seconds per run on lavapipe.
@@ -612,6 +619,16 @@ fn time_item(gpu: &Gpu, spec: &Spec, models: &mut Models, seconds: f64) -> Resul
             let b = rand_tensor(gpu, &[n], 2)?;
             time_runs(gpu, seconds, &mut || {
                 ops::elementwise::add(&a, &b).map(drop)
+            })
+        }
+        Spec::Dispatches { count } => {
+            let a = rand_tensor(gpu, &[64], 1)?;
+            time_runs(gpu, seconds, &mut || {
+                let mut x = a.clone();
+                for _ in 0..count {
+                    x = ops::elementwise::add(&x, &a)?;
+                }
+                Ok(())
             })
         }
         Spec::Gelu { n } => {

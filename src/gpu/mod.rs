@@ -149,6 +149,9 @@ const ARENA_BYTES: u64 = 1 << 16;
 
 struct Recorder {
     encoder: Option<wgpu::CommandEncoder>,
+    /// The open compute pass of `encoder`: consecutive dispatches share one pass (wgpu
+    /// orders their storage accesses inside it), ended before a copy or a submit.
+    pass: Option<wgpu::ComputePass<'static>>,
     dispatches: usize,
     arena: wgpu::Buffer,
     arena_cpu: Vec<u8>,
@@ -290,6 +293,7 @@ impl Gpu {
             pool: Mutex::new(Pool::with_budget(budget)),
             rec: Mutex::new(Recorder {
                 encoder: None,
+                pass: None,
                 dispatches: 0,
                 arena,
                 arena_cpu: Vec::with_capacity(ARENA_BYTES as usize),
@@ -622,15 +626,20 @@ impl Gpu {
             layout: &cached.layout,
             entries: &entries,
         });
-        let device = &self.0.device;
-        let enc = rec.encoder.get_or_insert_with(|| {
-            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
-        });
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: None,
-                timestamp_writes: None,
+        if rec.pass.is_none() {
+            let device = &self.0.device;
+            let enc = rec.encoder.get_or_insert_with(|| {
+                device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
             });
+            let pass = enc
+                .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: None,
+                    timestamp_writes: None,
+                })
+                .forget_lifetime();
+            rec.pass = Some(pass);
+        }
+        if let Some(pass) = rec.pass.as_mut() {
             pass.set_pipeline(&cached.pipeline);
             pass.set_bind_group(0, &bg, &[]);
             pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
@@ -651,6 +660,8 @@ impl Gpu {
             return;
         }
         let mut rec = lock(&self.0.rec);
+        // A copy is not a compute command: the open pass ends first.
+        rec.pass = None;
         let device = &self.0.device;
         let enc = rec.encoder.get_or_insert_with(|| {
             device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
@@ -659,6 +670,7 @@ impl Gpu {
     }
 
     fn submit_locked(&self, rec: &mut Recorder) -> Option<wgpu::SubmissionIndex> {
+        rec.pass = None;
         let enc = rec.encoder.take()?;
         if !rec.arena_cpu.is_empty() {
             // Queue writes land before this submission's commands and after earlier ones,
