@@ -382,13 +382,19 @@ impl<'a> Generation<'a> {
         let zc = elementwise::binary(param, &self.z_min, BinaryOp::Max)?;
         let zc = elementwise::binary(&zc, &self.z_max, BinaryOp::Min)?;
         param.assign(&zc)?;
+        // The step's one wait for the device: the total and each prompt's loss, read together.
+        let losses = {
+            let scalars = std::iter::once(&total)
+                .chain(&terms)
+                .map(|t| t.value().reshape(&[1]))
+                .collect::<Result<Vec<_>>>()?;
+            let refs: Vec<&Tensor> = scalars.iter().collect();
+            crate::ops::concat::concat(&refs, 0)?.to_vec()?
+        };
         let log = StepLog {
             step: self.step,
-            loss: total.value().to_vec()?[0],
-            prompt_losses: terms
-                .iter()
-                .map(|t| t.value().to_vec().map(|v| v[0]))
-                .collect::<Result<_>>()?,
+            loss: losses[0],
+            prompt_losses: losses[1..].to_vec(),
         };
         if let (Some(t), Some(data)) = (self.tracer.as_mut(), trace_data) {
             t.write(&log, data)?;
