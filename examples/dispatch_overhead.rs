@@ -1,5 +1,11 @@
-//! Host cost of recording dispatches: N tiny adds recorded back to back (each on the
-//! previous result), timed while recording and again until the device is idle.
+//! Host cost of recording dispatches: 20,000 tiny adds recorded back to back (each on the
+//! previous result), timed while recording (wall, and the recording thread's own CPU time)
+//! and again until the device is idle; three rounds. `bench all`'s "dispatch overhead" item
+//! times the same chain with a PyTorch peer; this splits out the host's share.
+//!
+//! Run: `cargo run --release --example dispatch_overhead` (device from `VQCLIP_BACKEND` /
+//! `VQCLIP_ADAPTER`).
+
 use anyhow::Result;
 use vqclip::{DeviceOptions, Gpu, Tensor};
 
