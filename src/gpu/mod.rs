@@ -162,6 +162,19 @@ struct Cached {
     layout: wgpu::BindGroupLayout,
 }
 
+/// Most bind groups [`GpuInner::bind_groups`] holds before it starts again.
+const BIND_GROUP_CACHE: usize = 16_384;
+
+/// What a dispatch's bind group is made of: the pipeline (its [`Cached`] entry, which lives
+/// as long as the device), the params' offset in the arena and the storage buffers with
+/// their bound sizes.
+#[derive(PartialEq, Eq, Hash)]
+struct BindKey {
+    pipeline: usize,
+    offset: u64,
+    buffers: Vec<(wgpu::Buffer, u64)>,
+}
+
 pub(crate) struct GpuInner {
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
@@ -176,6 +189,12 @@ pub(crate) struct GpuInner {
     submits: std::sync::atomic::AtomicU64,
     tuning: Mutex<HashMap<String, String>>,
     derived: Mutex<derived::Derived>,
+    /// Bind groups made by [`Gpu::dispatch`], kept for the next dispatch of the same
+    /// pipeline on the same buffers at the same params offset (a loop's steps repeat their
+    /// dispatches on the pool's recycled buffers). Cleared when the pool releases buffers,
+    /// so that it never keeps a released buffer alive, and when it grows past
+    /// [`BIND_GROUP_CACHE`].
+    bind_groups: Mutex<HashMap<BindKey, wgpu::BindGroup>>,
     dummy: wgpu::Buffer,
     /// The first GPU error no error scope caught (from wgpu's uncaptured-error handler or
     /// the device-lost callback), returned by the next [`Gpu::sync`], readback or
@@ -302,6 +321,7 @@ impl Gpu {
             submits: std::sync::atomic::AtomicU64::new(0),
             tuning: Mutex::new(HashMap::new()),
             derived: Mutex::new(derived::Derived::default()),
+            bind_groups: Mutex::new(HashMap::new()),
             dummy,
             fault,
         })))
@@ -354,9 +374,17 @@ impl Gpu {
     pub fn reset_peak(&self) {
         lock(&self.0.pool).reset_peak()
     }
-    /// Releases every idle pooled buffer.
+    /// Bind groups kept for reuse ([`GpuInner::bind_groups`]).
+    pub(crate) fn bind_groups_cached(&self) -> usize {
+        lock(&self.0.bind_groups).len()
+    }
+
+    /// Releases every idle pooled buffer (and the cached bind groups, which would keep them).
     pub fn trim(&self) {
-        lock(&self.0.pool).trim()
+        // The pool's lock first, then the cache's, as in the pool's own release.
+        let mut pool = lock(&self.0.pool);
+        pool.trim();
+        lock(&self.0.bind_groups).clear();
     }
     /// Most bytes the buffer pool may hold ([`DeviceOptions::max_memory`] or
     /// [`default_memory_budget`]); `None`: no budget.
@@ -602,30 +630,28 @@ impl Gpu {
         let offset = rec.arena_cpu.len() as u64;
         rec.arena_cpu.extend_from_slice(bytes);
         rec.arena_cpu.resize((offset + self.0.slot) as usize, 0);
-        let mut entries = Vec::with_capacity(bindings.len() + 1);
-        entries.push(wgpu::BindGroupEntry {
-            binding: 0,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: &rec.arena,
-                offset,
-                size: wgpu::BufferSize::new(padded),
-            }),
-        });
-        for (i, b) in bindings.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry {
-                binding: i as u32 + 1,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: b.buffer,
-                    offset: 0,
-                    size: wgpu::BufferSize::new(b.size.max(4).div_ceil(4) * 4),
-                }),
-            });
-        }
-        let bg = self.0.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &cached.layout,
-            entries: &entries,
-        });
+        let key = BindKey {
+            pipeline: cached as *const Cached as usize,
+            offset,
+            buffers: bindings
+                .iter()
+                .map(|b| (b.buffer.clone(), b.size.max(4).div_ceil(4) * 4))
+                .collect(),
+        };
+        let bg = {
+            let mut cache = lock(&self.0.bind_groups);
+            match cache.get(&key) {
+                Some(bg) => bg.clone(),
+                None => {
+                    let bg = self.bind_group(cached, &rec.arena, offset, padded, &key.buffers);
+                    if cache.len() >= BIND_GROUP_CACHE {
+                        cache.clear();
+                    }
+                    cache.insert(key, bg.clone());
+                    bg
+                }
+            }
+        };
         if rec.pass.is_none() {
             let device = &self.0.device;
             let enc = rec.encoder.get_or_insert_with(|| {
@@ -645,6 +671,42 @@ impl Gpu {
             pass.dispatch_workgroups(workgroups[0], workgroups[1], workgroups[2]);
         }
         rec.dispatches += 1;
+    }
+
+    /// A bind group of `cached`'s layout: the params at `offset` (`size` bytes) in `arena` at
+    /// binding 0, then `buffers` (buffer, bound size) at bindings 1...
+    fn bind_group(
+        &self,
+        cached: &Cached,
+        arena: &wgpu::Buffer,
+        offset: u64,
+        size: u64,
+        buffers: &[(wgpu::Buffer, u64)],
+    ) -> wgpu::BindGroup {
+        let mut entries = Vec::with_capacity(buffers.len() + 1);
+        entries.push(wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: arena,
+                offset,
+                size: wgpu::BufferSize::new(size),
+            }),
+        });
+        for (i, (buffer, size)) in buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer,
+                    offset: 0,
+                    size: wgpu::BufferSize::new(*size),
+                }),
+            });
+        }
+        self.0.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &cached.layout,
+            entries: &entries,
+        })
     }
 
     /// Records a buffer-to-buffer copy in stream order.
@@ -781,6 +843,27 @@ pub fn grid_1d(n: u32) -> [u32; 3] {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_repeated_dispatch_reuses_its_bind_group_until_trim() {
+        // A device of its own, so that no other test's dispatches are counted.
+        let g = Gpu::new(&DeviceOptions::from_env().unwrap()).unwrap();
+        let a = crate::Tensor::from_slice(&g, &[1.0f32; 64], &[64]).unwrap();
+        let step = || {
+            let y = crate::ops::elementwise::add(&a, &a).unwrap();
+            assert_eq!(y.to_vec().unwrap(), vec![2.0f32; 64]);
+        };
+        step();
+        let first = g.bind_groups_cached();
+        assert!(first > 0);
+        // The same op on recycled buffers at the same params offset: a hit, same result.
+        step();
+        step();
+        assert_eq!(g.bind_groups_cached(), first);
+        g.trim();
+        assert_eq!(g.bind_groups_cached(), 0);
+        step();
+    }
+
     use super::*;
 
     /// A device of its own: a recorded fault stays, and must not fail other tests.

@@ -111,6 +111,8 @@ pub(crate) fn alloc(gpu: &Gpu, bytes: u64) -> Result<PooledBuffer> {
         } else if let Some(budget) = p.budget {
             if p.stats.live + p.stats.idle + class > budget {
                 p.trim();
+                // Cached bind groups would keep the released buffers alive.
+                lock(&gpu.0.bind_groups).clear();
             }
             if p.stats.live + class > budget {
                 return Err(Error::Gpu(format!(
