@@ -375,6 +375,7 @@ impl Gpu {
         lock(&self.0.pool).reset_peak()
     }
     /// Bind groups kept for reuse ([`GpuInner::bind_groups`]).
+    #[cfg(test)]
     pub(crate) fn bind_groups_cached(&self) -> usize {
         lock(&self.0.bind_groups).len()
     }
