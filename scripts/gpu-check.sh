@@ -9,7 +9,7 @@
 #   scripts/gpu-check.sh [BINARY] [RESULTS]
 #     BINARY   default ./target/release/vqclip
 #     RESULTS  default gpu-check-results.txt (written whole at the end; no partial file)
-#   Environment: SIZES (default "512 1024 2048 4096"), SECONDS_PER_VARIANT (default 2),
+#   Environment: SIZES (default "512 1024 2048 4096"; "" skips them), SECONDS_PER_VARIANT (default 2),
 #   VQ_SIZES (default "256 512"), VQ_REPEATS (default 5), GEN_SIZES (default "256 512"),
 #   GEN_CUTN (default 32), GEN_STEPS (default 3), PY (default python3; PY="" skips the
 #   peers), TIMEOUT per command in seconds (default 300), and vqclip's own VQCLIP_BACKEND /
@@ -25,12 +25,12 @@ set -uo pipefail
 
 BIN="${1:-./target/release/vqclip}"
 OUT="${2:-gpu-check-results.txt}"
-SIZES="${SIZES:-512 1024 2048 4096}"
+SIZES="${SIZES-512 1024 2048 4096}"
 SECS="${SECONDS_PER_VARIANT:-2}"
-GEN_SIZES="${GEN_SIZES:-256 512}"
+GEN_SIZES="${GEN_SIZES-256 512}"
 GEN_CUTN="${GEN_CUTN:-32}"
 GEN_STEPS="${GEN_STEPS:-3}"
-VQ_SIZES="${VQ_SIZES:-256 512}"
+VQ_SIZES="${VQ_SIZES-256 512}"
 VQ_REPEATS="${VQ_REPEATS:-5}"
 PY="${PY-python3}"
 TIMEOUT="${TIMEOUT:-300}"
