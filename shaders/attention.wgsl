@@ -18,6 +18,9 @@
 //   running max m and sum l, and merged by attn_combine; this bounds the loop iterations
 //   of one invocation (llvmpipe stops loops after 65,535 iterations, see ops::CPU_LOOP_LIMIT)
 //   and adds parallelism when there are few queries.
+//   q, k and v may be one buffer: each has an element offset (q_off, k_off, v_off) on top of
+//   its strides, so the fused QKV projection's [B, T, 3*H*D] output is read in place (row
+//   stride 3*H*D, k and v starting H*D and 2*H*D values into each row).
 //   With LSE (the training forward, ops::attention_backward) the per-query log-sum-exp of
 //   the scaled scores, L = m + log(l), is written too: by attn into `ml` (bound to the
 //   [B*H*Tq] L tensor when there are no splits) or by attn_combine into `lse_out`. The
@@ -36,7 +39,8 @@ struct Params {
     k_sb: u32, k_sh: u32, k_st: u32,   // k and v strides
     o_sb: u32, o_sh: u32, o_st: u32,   // output strides
     bh: u32,       // B*H (attn_combine)
-    _pad0: u32, _pad1: u32,
+    q_off: u32, k_off: u32, v_off: u32,   // element offsets of q, k and v in their buffers
+    _pad0: u32, _pad1: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -46,10 +50,10 @@ struct Params {
 // (m, l) per query and split: [B*H*Tq, splits, 2] (SPLIT only); without splits and with
 // LSE, the log-sum-exp per query [B*H*Tq].
 @group(0) @binding(2) var<storage, read_write> ml: array<f32>;
-// attn: q by q strides; attn_combine: the split partials.
+// attn: q by q strides from q_off; attn_combine: the split partials.
 @group(0) @binding(3) var<storage, read> q: array<f32>;
-@group(0) @binding(4) var<storage, read> k: array<f32>;          // by k strides
-@group(0) @binding(5) var<storage, read> v: array<f32>;          // by k strides
+@group(0) @binding(4) var<storage, read> k: array<f32>;          // by k strides from k_off
+@group(0) @binding(5) var<storage, read> v: array<f32>;          // by k strides from v_off
 // The same k and v buffers viewed as vec4 (used when D_MULT4: one load per 4 values, which
 // matters on CPU Vulkan where every load instruction is a loop over the SIMD lanes).
 @group(0) @binding(6) var<storage, read> k4: array<vec4<f32>>;
@@ -65,7 +69,8 @@ override LSE: bool = false;      // also write the log-sum-exp per query
 const DMAX4: u32 = 128u;         // 512 / 4
 const NEG_BIG: f32 = -3.4028234663852886e38;
 
-// Four values of a row starting at `base`, from dim 4c; dims past D read as 0.
+// Four values of a row starting at `base` (k and v: relative to k_off and v_off), from dim
+// 4c; dims past D read as 0.
 fn ld4q(base: u32, c: u32) -> vec4<f32> {
     let d = 4u * c;
     if D_MULT4 {
@@ -76,7 +81,8 @@ fn ld4q(base: u32, c: u32) -> vec4<f32> {
                       q[base + min(d + 2u, last)], q[base + min(d + 3u, last)]);
     return select(vec4<f32>(0.0), r, vec4<u32>(d, d + 1u, d + 2u, d + 3u) < vec4<u32>(p.d));
 }
-fn ld4k(base: u32, c: u32) -> vec4<f32> {
+fn ld4k(rel: u32, c: u32) -> vec4<f32> {
+    let base = rel + p.k_off;
     let d = 4u * c;
     if D_MULT4 {
         return k4[base / 4u + c];
@@ -86,7 +92,8 @@ fn ld4k(base: u32, c: u32) -> vec4<f32> {
                       k[base + min(d + 2u, last)], k[base + min(d + 3u, last)]);
     return select(vec4<f32>(0.0), r, vec4<u32>(d, d + 1u, d + 2u, d + 3u) < vec4<u32>(p.d));
 }
-fn ld4v(base: u32, c: u32) -> vec4<f32> {
+fn ld4v(rel: u32, c: u32) -> vec4<f32> {
+    let base = rel + p.v_off;
     let d = 4u * c;
     if D_MULT4 {
         return v4[base / 4u + c];
@@ -110,7 +117,7 @@ fn attn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
     var qv: array<vec4<f32>, DMAX4>;
     var acc: array<vec4<f32>, DMAX4>;
-    let qbase = b * p.q_sb + h * p.q_sh + qi * p.q_st;
+    let qbase = p.q_off + b * p.q_sb + h * p.q_sh + qi * p.q_st;
     for (var c = 0u; c < d4; c++) {
         qv[c] = ld4q(qbase, c) * p.scale;
         acc[c] = vec4<f32>(0.0);

@@ -19,6 +19,11 @@
 // [splits, B*H*T, D] that attn_bwd_sum adds in split order: this bounds the loop
 // iterations of one invocation (llvmpipe stops loops after 65,535, ops::CPU_LOOP_LIMIT)
 // and keeps the result deterministic.
+//
+// q, k and v (and the gradients dQ, dK, dV, written with the same strides and offsets) may
+// share one buffer: the fused QKV projection's [B, T, 3*H*D] rows [q | k | v] are read in
+// place and its gradient [B, T, 3*H*D] is written in place, so the input gradient is one
+// product with the packed weight. O and dO have strides of their own (o_s, no offset).
 
 struct Params {
     heads: u32,    // H
@@ -31,21 +36,27 @@ struct Params {
     bh0: u32,      // first batch*head of this dispatch
     scale: f32,
     bh: u32,       // B*H
-    q_sb: u32, q_sh: u32, q_st: u32,   // q, O and dO strides: batch, head, token
-    k_sb: u32, k_sh: u32, k_st: u32,   // k and v strides (attn_bwd_sum: the output's)
+    q_sb: u32, q_sh: u32, q_st: u32,   // q and dQ strides: batch, head, token
+    k_sb: u32, k_sh: u32, k_st: u32,   // k, v, dK and dV strides (attn_bwd_sum: the output's)
+    o_sb: u32, o_sh: u32, o_st: u32,   // O and dO strides
+    q_off: u32,    // element offset of q and dQ in their buffers
+    k_off: u32,    // of k and dK (attn_bwd_sum: of the output)
+    v_off: u32,    // of v and dV
+    _pad0: u32, _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 // attn_bwd_kv and attn_bwd_q:
-@group(0) @binding(1) var<storage, read> q: array<f32>;      // by q strides
-@group(0) @binding(2) var<storage, read> k: array<f32>;      // by k strides
-@group(0) @binding(3) var<storage, read> v: array<f32>;      // by k strides
-@group(0) @binding(4) var<storage, read> dout: array<f32>;   // dO, by q strides
+@group(0) @binding(1) var<storage, read> q: array<f32>;      // by q strides from q_off
+@group(0) @binding(2) var<storage, read> k: array<f32>;      // by k strides from k_off
+@group(0) @binding(3) var<storage, read> v: array<f32>;      // by k strides from v_off
+@group(0) @binding(4) var<storage, read> dout: array<f32>;   // dO, by o strides
 @group(0) @binding(5) var<storage, read> lse: array<f32>;    // L: [B*H*Tq]
 @group(0) @binding(6) var<storage, read> delta: array<f32>;  // D: [B*H*Tq]
-// attn_bwd_kv: dK; attn_bwd_q: dQ. By k (q) strides, or partials [splits, B*H*T, D].
+// attn_bwd_kv: dK; attn_bwd_q: dQ. By k (q) strides from k_off (q_off), or partials
+// [splits, B*H*T, D].
 @group(0) @binding(7) var<storage, read_write> grad_a: array<f32>;
-// attn_bwd_kv: dV, like dK.
+// attn_bwd_kv: dV, like dK from v_off.
 @group(0) @binding(8) var<storage, read_write> grad_b: array<f32>;
 
 override WG: u32 = 8u;           // invocations (keys or queries) per workgroup
@@ -129,8 +140,8 @@ fn attn_bwd_kv(@builtin(workgroup_id) wid: vec3<u32>,
     var dv: array<vec4<f32>, DMAX4>;
     let kbase = b * p.k_sb + h * p.k_sh + jc * p.k_st;
     for (var c = 0u; c < d4; c++) {
-        kj[c] = ld_k(kbase, c) * p.scale;
-        vj[c] = ld_v(kbase, c);
+        kj[c] = ld_k(kbase + p.k_off, c) * p.scale;
+        vj[c] = ld_v(kbase + p.v_off, c);
         dk[c] = vec4<f32>(0.0);
         dv[c] = vec4<f32>(0.0);
     }
@@ -142,15 +153,16 @@ fn attn_bwd_kv(@builtin(workgroup_id) wid: vec3<u32>,
     if CAUSAL {
         i0 = max(i0, wid.x * WG);
     }
-    let qb = b * p.q_sb + h * p.q_sh;
+    let qb = p.q_off + b * p.q_sb + h * p.q_sh;
+    let ob0 = b * p.o_sb + h * p.o_sh;
     let rows = p.rows;
     for (var t0 = i0; t0 < i1; t0 += rows) {
         // Stage q and dO rows t0.. (past i1: the last row again, never read below).
         for (var e = li; e < rows * d4; e += WG) {
             let r = e / d4;
-            let base = qb + min(t0 + r, i1 - 1u) * p.q_st;
-            ta[e] = ld_q(base, e % d4);
-            tb[e] = ld_do(base, e % d4);
+            let t = min(t0 + r, i1 - 1u);
+            ta[e] = ld_q(qb + t * p.q_st, e % d4);
+            tb[e] = ld_do(ob0 + t * p.o_st, e % d4);
         }
         workgroupBarrier();
         let n = min(rows, i1 - t0);
@@ -179,15 +191,18 @@ fn attn_bwd_kv(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     let ob = out_base(b, h, bh, j, p.tk, split, p.k_sb, p.k_sh, p.k_st);
+    // Split partials are dense; the final gradients sit at dK's and dV's offsets.
+    let oa = select(ob + p.k_off, ob, SPLIT);
+    let ov = select(ob + p.v_off, ob, SPLIT);
     for (var c = 0u; c < d4; c++) {
         let d = 4u * c;
         // dK = scale * sum_i dS_ij q_i (kj was pre-scaled for the scores only).
         let a = dk[c] * p.scale;
         let w = dv[c];
-        if D_MULT4 || d < p.d { grad_a[ob + d] = a.x; grad_b[ob + d] = w.x; }
-        if D_MULT4 || d + 1u < p.d { grad_a[ob + d + 1u] = a.y; grad_b[ob + d + 1u] = w.y; }
-        if D_MULT4 || d + 2u < p.d { grad_a[ob + d + 2u] = a.z; grad_b[ob + d + 2u] = w.z; }
-        if D_MULT4 || d + 3u < p.d { grad_a[ob + d + 3u] = a.w; grad_b[ob + d + 3u] = w.w; }
+        if D_MULT4 || d < p.d { grad_a[oa + d] = a.x; grad_b[ov + d] = w.x; }
+        if D_MULT4 || d + 1u < p.d { grad_a[oa + d + 1u] = a.y; grad_b[ov + d + 1u] = w.y; }
+        if D_MULT4 || d + 2u < p.d { grad_a[oa + d + 2u] = a.z; grad_b[ov + d + 2u] = w.z; }
+        if D_MULT4 || d + 3u < p.d { grad_a[oa + d + 3u] = a.w; grad_b[ov + d + 3u] = w.w; }
     }
 }
 
@@ -205,10 +220,11 @@ fn attn_bwd_q(@builtin(workgroup_id) wid: vec3<u32>,
     var qi: array<vec4<f32>, DMAX4>;
     var doi: array<vec4<f32>, DMAX4>;
     var dq: array<vec4<f32>, DMAX4>;
-    let qbase = b * p.q_sb + h * p.q_sh + ic * p.q_st;
+    let qbase = p.q_off + b * p.q_sb + h * p.q_sh + ic * p.q_st;
+    let obase = b * p.o_sb + h * p.o_sh + ic * p.o_st;
     for (var c = 0u; c < d4; c++) {
         qi[c] = ld_q(qbase, c) * p.scale;
-        doi[c] = ld_do(qbase, c);
+        doi[c] = ld_do(obase, c);
         dq[c] = vec4<f32>(0.0);
     }
     let lse_i = lse[bh * p.tq + ic];
@@ -226,8 +242,8 @@ fn attn_bwd_q(@builtin(workgroup_id) wid: vec3<u32>,
         for (var e = li; e < rows * d4; e += WG) {
             let r = e / d4;
             let base = kb + min(t0 + r, j1 - 1u) * p.k_st;
-            ta[e] = ld_k(base, e % d4);
-            tb[e] = ld_v(base, e % d4);
+            ta[e] = ld_k(base + p.k_off, e % d4);
+            tb[e] = ld_v(base + p.v_off, e % d4);
         }
         workgroupBarrier();
         let n = min(rows, j1 - t0);
@@ -254,7 +270,10 @@ fn attn_bwd_q(@builtin(workgroup_id) wid: vec3<u32>,
     if i >= p.tq {
         return;
     }
-    let ob = out_base(b, h, bh, i, p.tq, split, p.q_sb, p.q_sh, p.q_st);
+    var ob = out_base(b, h, bh, i, p.tq, split, p.q_sb, p.q_sh, p.q_st);
+    if !SPLIT {
+        ob += p.q_off;   // split partials are dense
+    }
     for (var c = 0u; c < d4; c++) {
         let d = 4u * c;
         let a = dq[c] * p.scale;
@@ -268,8 +287,8 @@ fn attn_bwd_q(@builtin(workgroup_id) wid: vec3<u32>,
 override WGE: u32 = 64u;         // invocations per workgroup of the elementwise passes
 
 // attn_bwd_delta: D_i = dO_i . O_i, one invocation per query row.
-@group(0) @binding(1) var<storage, read> delta_do: array<f32>;          // dO, by q strides
-@group(0) @binding(2) var<storage, read> delta_o: array<f32>;           // O, by q strides
+@group(0) @binding(1) var<storage, read> delta_do: array<f32>;          // dO, by o strides
+@group(0) @binding(2) var<storage, read> delta_o: array<f32>;           // O, by o strides
 @group(0) @binding(3) var<storage, read_write> delta_out: array<f32>;   // D: [B*H*Tq]
 
 @compute @workgroup_size(WGE)
@@ -281,7 +300,7 @@ fn attn_bwd_delta(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     let bh = row / p.tq;
-    let base = (bh / p.heads) * p.q_sb + (bh % p.heads) * p.q_sh + (row % p.tq) * p.q_st;
+    let base = (bh / p.heads) * p.o_sb + (bh % p.heads) * p.o_sh + (row % p.tq) * p.o_st;
     var acc = 0.0;
     for (var d = 0u; d < p.d; d++) {
         acc = fma(delta_do[base + d], delta_o[base + d], acc);
@@ -290,7 +309,7 @@ fn attn_bwd_delta(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 // attn_bwd_sum: adds the split partials [splits, B*H*T, D] in split order into the strided
-// output (T = p.tk, strides k_s), one invocation per value.
+// output (T = p.tk, strides k_s, offset k_off), one invocation per value.
 @group(0) @binding(1) var<storage, read> sum_part: array<f32>;
 @group(0) @binding(2) var<storage, read_write> sum_out: array<f32>;
 
@@ -310,5 +329,6 @@ fn attn_bwd_sum(@builtin(workgroup_id) wid: vec3<u32>,
     let row = e / p.d;
     let bh = row / p.tk;
     let t = row % p.tk;
-    sum_out[(bh / p.heads) * p.k_sb + (bh % p.heads) * p.k_sh + t * p.k_st + e % p.d] = acc;
+    sum_out[p.k_off + (bh / p.heads) * p.k_sb + (bh % p.heads) * p.k_sh + t * p.k_st + e % p.d]
+        = acc;
 }

@@ -53,6 +53,11 @@ impl Var {
     pub fn id(&self) -> usize {
         self.id
     }
+    /// Whether a backward pass computes a gradient for this value (a leaf asked for one,
+    /// or an op with such an input).
+    pub fn needs_grad(&self) -> bool {
+        self.needs_grad
+    }
 }
 
 /// Gradients of a backward pass, by the [`Var`] they belong to.
@@ -334,6 +339,11 @@ impl Tape {
     /// `act(x @ weightᵀ + bias) + residual` ([`Tape::linear`] followed by a residual
     /// addition). When nothing needs a gradient this is one matmul whose epilogue adds the
     /// bias, applies the activation and adds the residual, as the inference kernels do.
+    /// With gradients and no activation (CLIP's `out_proj` and `fc2`) the residual stays in
+    /// the epilogue too: the sum's gradient is the output's for both terms and the
+    /// product's backward needs only its operands, so no separate add pass (two reads, one
+    /// write of the activations) is recorded. Only an activation, whose backward needs the
+    /// pre-activation, or a broadcast residual records the add as its own node.
     pub fn linear_residual(
         &self,
         x: &Var,
@@ -353,8 +363,42 @@ impl Tape {
             };
             return Ok(self.leaf(matmul(&x.value, &weight.value, &fused)?, false));
         }
-        let y = self.linear(x, weight, bias, act)?;
-        self.add(residual, &y)
+        let out_shape: Vec<usize> = match x.shape().split_last() {
+            Some((_, lead)) => lead.iter().copied().chain([weight.value.dim(0)]).collect(),
+            None => Vec::new(),
+        };
+        if act != Act::None || weight.shape().len() != 2 || residual.shape() != out_shape {
+            let y = self.linear(x, weight, bias, act)?;
+            return self.add(residual, &y);
+        }
+        let fused = MatmulOpts {
+            trans_b: true,
+            bias: bias.map(|b| &b.value),
+            residual: Some(&residual.value),
+            ..Default::default()
+        };
+        let y = matmul(&x.value, &weight.value, &fused)?;
+        let (xv, wv) = (x.value.clone(), weight.value.clone());
+        let has_bias = bias.is_some();
+        let mut parents = vec![x, weight, residual];
+        parents.extend(bias);
+        Ok(self.push(
+            y,
+            &parents,
+            Box::new(move |g, need| {
+                // y = x @ Wᵀ + b + residual: matmul's rule for x, W, b; g itself for residual.
+                let o = MatmulOpts {
+                    trans_b: true,
+                    ..Default::default()
+                };
+                let r = matmul_backward(&xv, &wv, g, &o, [need[0], need[1], has_bias && need[3]])?;
+                let mut out = vec![r.da, r.db, need[2].then(|| g.clone())];
+                if has_bias {
+                    out.push(r.dbias);
+                }
+                Ok(out)
+            }),
+        ))
     }
 
     /// The same value viewed with another shape.
@@ -624,6 +668,78 @@ impl Tape {
         }
     }
 
+    /// Self-attention over the fused QKV projection's output `qkv` `[B, T, 3·H·D]` (rows
+    /// `[q | k | v]`, heads side by side in each part): returns `[B, T, H·D]`, the same as
+    /// [`Tape::attention_bthd`] on the three thirds. q, k and v are never copied out for
+    /// the fused kernels: without gradients the forward reads them in place; with them, on
+    /// the fused path, the backward writes dQ, dK and dV in place into one `[B, T, 3·H·D]`
+    /// gradient, so that the projection's input gradient is one product. The composed path
+    /// splits the heads out of `qkv` with three strided gathers (the permutes it needs
+    /// anyway) and scatters their gradients back into one `[B, T, 3·H·D]` tensor.
+    pub fn attention_qkv(&self, qkv: &Var, heads: usize, causal: bool, scale: f32) -> Result<Var> {
+        let path = crate::ops::attention_backward::path(qkv.value.gpu());
+        self.attention_qkv_path(qkv, heads, causal, scale, path)
+    }
+
+    /// [`Tape::attention_qkv`] with the gradient path given.
+    pub(crate) fn attention_qkv_path(
+        &self,
+        qkv: &Var,
+        heads: usize,
+        causal: bool,
+        scale: f32,
+        path: crate::ops::attention_backward::Path,
+    ) -> Result<Var> {
+        use crate::ops::attention::{attention_qkv, qkv_dims};
+        use crate::ops::attention_backward::{
+            attention_qkv_backward, attention_qkv_lse, fused_fits, Path,
+        };
+        use crate::ops::permute::{gather_strided, scatter_strided};
+        if !qkv.needs_grad {
+            return Ok(self.leaf(attention_qkv(&qkv.value, heads, causal, scale)?, false));
+        }
+        let [b, h, t, _, d] = qkv_dims(&qkv.value, heads)?;
+        let c = h * d;
+        if path == Path::Fused && fused_fits(qkv.value.gpu(), d) {
+            let (o, lse) = attention_qkv_lse(&qkv.value, heads, causal, scale)?;
+            let (xv, ov) = (qkv.value.clone(), o.clone());
+            return Ok(self.push(
+                o,
+                &[qkv],
+                Box::new(move |g, _need| {
+                    let dqkv = attention_qkv_backward(&xv, &ov, &lse, g, heads, causal, scale)?;
+                    Ok(vec![Some(dqkv)])
+                }),
+            ));
+        }
+        // Composed: q, k, v [B, H, T, D] gathered out of the packed rows, the recorded
+        // matmul → softmax → matmul on an inner tape, and its dQ, dK, dV scattered back.
+        let (dims, strides) = ([b, h, t, d], [t * 3 * c, d, 3 * c, 1]);
+        let inner = Tape::new();
+        let parts = (0..3)
+            .map(|s| Ok(inner.leaf(gather_strided(&qkv.value, &dims, &strides, s * c)?, true)))
+            .collect::<Result<Vec<_>>>()?;
+        let o = inner.attention(&parts[0], &parts[1], &parts[2], causal, scale)?;
+        let o = inner.reshape(&inner.permute(&o, &[0, 2, 1, 3])?, &[b, t, c])?;
+        let shape = qkv.shape().to_vec();
+        Ok(self.push(
+            o.value.clone(),
+            &[qkv],
+            Box::new(move |g, _need| {
+                let mut grads = inner.backward_from(&o, g.clone())?;
+                let dqkv = Tensor::empty(g.gpu(), &shape, crate::tensor::DType::F32)?;
+                for (s, part) in parts.iter().enumerate() {
+                    let dp = match grads.take(part) {
+                        Some(dp) => dp,
+                        None => Tensor::zeros(g.gpu(), &dims)?,
+                    };
+                    scatter_strided(&dp, &dqkv, &strides, s * c)?;
+                }
+                Ok(vec![Some(dqkv)])
+            }),
+        ))
+    }
+
     /// `act(GroupNorm(x))` with affine `gamma`, `beta` `[C]`; `x`: `[N, C, ..]`.
     pub fn group_norm(
         &self,
@@ -801,8 +917,22 @@ impl Tape {
                 loss.shape()
             )));
         }
+        self.backward_from(loss, Tensor::full(loss.value.gpu(), loss.shape(), 1.0)?)
+    }
+
+    /// The backward pass from `y` with its gradient `g` given (`y`'s shape): what an op
+    /// recorded on an inner tape runs from its own backward rule.
+    pub(crate) fn backward_from(&self, y: &Var, g: Tensor) -> Result<Grads> {
+        if g.shape() != y.shape() {
+            return Err(Error::shape(format!(
+                "backward from {:?} seeded with a gradient {:?}",
+                y.shape(),
+                g.shape()
+            )));
+        }
+        let loss = y;
         let mut grads: HashMap<usize, Tensor> = HashMap::new();
-        grads.insert(loss.id, Tensor::full(loss.value.gpu(), loss.shape(), 1.0)?);
+        grads.insert(loss.id, g);
         let mut leaves = HashMap::new();
         let mut nodes = self.nodes.borrow_mut();
         for id in (0..=loss.id).rev() {

@@ -868,3 +868,130 @@ fn attention_bthd_fused_gradients_match_the_composed_path() {
         }
     }
 }
+
+#[test]
+fn attention_qkv_matches_attention_on_the_three_slices_on_both_paths() {
+    // Tape::attention_qkv over a packed [B, T, 3·H·D] leaf, fused and composed, against
+    // Tape::attention_bthd (composed) on q, k, v sliced out on the tape: the outputs and
+    // the gradient of qkv (through the slices' backward for the reference), with a
+    // weighted-sum loss so that every output gradient differs; and without gradients.
+    use crate::ops::attention_backward::Path;
+    let g = gpu();
+    let cases = [
+        (2, 50, 4, 64, false),
+        (2, 19, 3, 64, true),
+        (3, 7, 2, 5, true),
+        (1, 40, 1, 512, false),
+    ];
+    for (ci, &(b, t, heads, d, causal)) in cases.iter().enumerate() {
+        let c = heads * d;
+        let s = 2000 + 10 * ci as u64;
+        let (xv, wv) = (rand_vec(b * t * 3 * c, s), rand_vec(b * t * c, s + 1));
+        let scale = 1.0 / (d as f32).sqrt();
+        let run = |path: Option<Path>| -> Vec<Vec<f32>> {
+            let tape = Tape::new();
+            let qkv = tape.leaf(Tensor::from_slice(&g, &xv, &[b, t, 3 * c]).unwrap(), true);
+            let w = tape.leaf(Tensor::from_slice(&g, &wv, &[b, t, c]).unwrap(), false);
+            let o = match path {
+                Some(p) => tape.attention_qkv_path(&qkv, heads, causal, scale, p),
+                None => {
+                    let part = |i: usize| tape.slice(&qkv, 2, i * c, c).unwrap();
+                    tape.attention_bthd_path(
+                        &part(0),
+                        &part(1),
+                        &part(2),
+                        heads,
+                        causal,
+                        scale,
+                        Path::Composed,
+                    )
+                }
+            }
+            .unwrap();
+            let loss = tape.sum(&tape.mul(&o, &w).unwrap()).unwrap();
+            let grads = tape.backward(&loss).unwrap();
+            vec![
+                o.value().to_vec().unwrap(),
+                grads.get(&qkv).unwrap().to_vec().unwrap(),
+            ]
+        };
+        let want = run(None);
+        for path in Path::ALL {
+            let got = run(Some(path));
+            for (n, (f, r)) in ["o", "dqkv"].iter().zip(got.iter().zip(&want)) {
+                let m = r.iter().fold(0.0f32, |a, &x| a.max(x.abs()));
+                for (i, (a, r)) in f.iter().zip(r).enumerate() {
+                    assert!(
+                        (a - r).abs() <= 2e-5 * (m + r.abs()),
+                        "case {ci} {path:?} {n}[{i}]: {a} vs {r} (max {m})"
+                    );
+                }
+            }
+        }
+        // No gradient: the in-place inference kernel.
+        let tape = Tape::new();
+        let qkv = tape.leaf(Tensor::from_slice(&g, &xv, &[b, t, 3 * c]).unwrap(), false);
+        let o = tape.attention_qkv(&qkv, heads, causal, scale).unwrap();
+        assert_eq!(tape.len(), 2, "nothing recorded beyond the two leaves");
+        let o = o.value().to_vec().unwrap();
+        let m = want[0].iter().fold(0.0f32, |a, &x| a.max(x.abs()));
+        for (a, r) in o.iter().zip(&want[0]) {
+            assert!((a - r).abs() <= 2e-5 * (m + r.abs()), "case {ci} inference");
+        }
+    }
+}
+
+#[test]
+fn linear_residual_with_gradients_keeps_the_residual_in_the_epilogue() {
+    // With gradients and no activation linear_residual is one recorded matmul whose
+    // epilogue adds the residual; its values and the gradients of x, W, b and the
+    // residual must be those of the recorded linear + add.
+    let g = gpu();
+    let (b, t, cin, cout) = (2, 5, 12, 7);
+    let (xv, wv, bv, rv, sv) = (
+        rand_vec(b * t * cin, 300),
+        rand_vec(cout * cin, 301),
+        rand_vec(cout, 302),
+        rand_vec(b * t * cout, 303),
+        rand_vec(b * t * cout, 304),
+    );
+    let run = |fused: bool| -> Vec<Vec<f32>> {
+        let tape = Tape::new();
+        let t_ = |v: &[f32], s: &[usize]| tape.leaf(Tensor::from_slice(&g, v, s).unwrap(), true);
+        let (x, w, bias, r) = (
+            t_(&xv, &[b, t, cin]),
+            t_(&wv, &[cout, cin]),
+            t_(&bv, &[cout]),
+            t_(&rv, &[b, t, cout]),
+        );
+        let y = if fused {
+            let before = tape.len();
+            let y = tape
+                .linear_residual(&x, &w, Some(&bias), Act::None, &r)
+                .unwrap();
+            assert_eq!(tape.len(), before + 1, "one node: no separate add");
+            y
+        } else {
+            let l = tape.linear(&x, &w, Some(&bias), Act::None).unwrap();
+            tape.add(&r, &l).unwrap()
+        };
+        let s = tape.leaf(Tensor::from_slice(&g, &sv, &[b, t, cout]).unwrap(), false);
+        let grads = tape
+            .backward(&tape.sum(&tape.mul(&y, &s).unwrap()).unwrap())
+            .unwrap();
+        let mut out = vec![y.value().to_vec().unwrap()];
+        for v in [&x, &w, &bias, &r] {
+            out.push(grads.get(v).unwrap().to_vec().unwrap());
+        }
+        out
+    };
+    let (fused, recorded) = (run(true), run(false));
+    for (n, (f, r)) in ["y", "dx", "dw", "db", "dr"]
+        .iter()
+        .zip(fused.iter().zip(&recorded))
+    {
+        for (a, r) in f.iter().zip(r) {
+            assert!((a - r).abs() < 1e-5 * (1.0 + r.abs()), "{n}: {a} vs {r}");
+        }
+    }
+}

@@ -12,3 +12,11 @@ pub fn attend(tape: &Tape, q: &Var, k: &Var, v: &Var, heads: usize, causal: bool
     let head_dim = q.shape().last().copied().unwrap_or(0) / heads.max(1);
     tape.attention_bthd(q, k, v, heads, causal, (head_dim as f32).powf(-0.5))
 }
+
+/// [`attend`] over the fused QKV projection's output `qkv` `[B, T, 3·H·D]` (rows
+/// `[q | k | v]`): self-attention reading the three parts in place
+/// ([`Tape::attention_qkv`]); returns `[B, T, H·D]`.
+pub fn attend_qkv(tape: &Tape, qkv: &Var, heads: usize, causal: bool) -> Result<Var> {
+    let head_dim = qkv.shape().last().copied().unwrap_or(0) / 3 / heads.max(1);
+    tape.attention_qkv(qkv, heads, causal, (head_dim as f32).powf(-0.5))
+}

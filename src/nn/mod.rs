@@ -18,7 +18,7 @@ pub mod group_norm;
 pub mod layer_norm;
 pub mod linear;
 
-pub use attention::attend;
+pub use attention::{attend, attend_qkv};
 pub use conv2d::Conv2d;
 pub use embedding::Embedding;
 pub use group_norm::GroupNorm;

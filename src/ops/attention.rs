@@ -58,7 +58,55 @@ crate::shader_params! {
         k_s: [u32; 3],
         o_s: [u32; 3],
         bh: u32,
-        _pad: [u32; 2],
+        q_off: u32,
+        k_off: u32,
+        v_off: u32,
+        _pad: [u32; 3],
+    }
+}
+
+/// Where q, k, v and the output live in their buffers: (batch, head, token) element strides
+/// (k and v share theirs) and the element offsets of q, k and v. Separate `[B, T, H·D]` or
+/// `[B, H, T, D]` tensors have offsets 0; the fused QKV projection's `[B, T, 3·H·D]` output
+/// holds all three, row stride 3·H·D, k and v H·D and 2·H·D values into each row.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Addr {
+    pub q_s: [u32; 3],
+    pub k_s: [u32; 3],
+    pub o_s: [u32; 3],
+    pub offs: [u32; 3],
+}
+
+impl Addr {
+    /// Separate q, k, v and output tensors in `layout`.
+    pub(crate) fn separate(layout: Layout, h: usize, tq: usize, tk: usize, d: usize) -> Addr {
+        Addr {
+            q_s: layout.strides(h, tq, d),
+            k_s: layout.strides(h, tk, d),
+            o_s: layout.strides(h, tq, d),
+            offs: [0; 3],
+        }
+    }
+
+    /// q, k and v side by side in one `[B, T, 3·H·D]` buffer; output `[B, T, H·D]`.
+    pub(crate) fn packed_qkv(h: usize, t: usize, d: usize) -> Addr {
+        let c = h * d;
+        let s = [(t * 3 * c) as u32, d as u32, (3 * c) as u32];
+        Addr {
+            q_s: s,
+            k_s: s,
+            o_s: Layout::Bthd.strides(h, t, d),
+            offs: [0, c as u32, (2 * c) as u32],
+        }
+    }
+
+    /// Whether every row q, k and v start on a 16-byte boundary (their vec4 views apply).
+    fn vec4_aligned(&self) -> bool {
+        self.q_s
+            .iter()
+            .chain(&self.k_s)
+            .chain(&self.offs)
+            .all(|x| x % 4 == 0)
     }
 }
 
@@ -113,16 +161,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f32) -
             v.shape()
         )));
     }
-    run(
-        q,
-        k,
-        v,
-        [b, h, tq, tk, d],
-        Layout::Bhtd,
-        causal,
-        scale,
-        None,
-    )
+    let addr = Addr::separate(Layout::Bhtd, h, tq, tk, d);
+    run([q, k, v], [b, h, tq, tk, d], addr, causal, scale, None)
 }
 
 /// [`attention`] on the `[B, T, H·D]` layout of q/k/v projections: `q`: `[B, Tq, H·D]`,
@@ -137,7 +177,60 @@ pub fn attention_bthd(
     scale: f32,
 ) -> Result<Tensor> {
     let dims = bthd_dims(q, k, v, heads)?;
-    run(q, k, v, dims, Layout::Bthd, causal, scale, None)
+    let [_, h, tq, tk, d] = dims;
+    let addr = Addr::separate(Layout::Bthd, h, tq, tk, d);
+    run([q, k, v], dims, addr, causal, scale, None)
+}
+
+/// Self-attention reading q, k and v in place from the fused QKV projection's output
+/// `qkv`: `[B, T, 3·H·D]`, each row `[q | k | v]` with the heads side by side in each
+/// part. Returns `[B, T, H·D]`, the same as [`attention_bthd`] on the three thirds, with no
+/// copy of them made.
+pub fn attention_qkv(qkv: &Tensor, heads: usize, causal: bool, scale: f32) -> Result<Tensor> {
+    let dims = qkv_dims(qkv, heads)?;
+    let [_, h, t, _, d] = dims;
+    run(
+        [qkv; 3],
+        dims,
+        Addr::packed_qkv(h, t, d),
+        causal,
+        scale,
+        None,
+    )
+}
+
+/// [`attention_qkv`] that also returns the log-sum-exp `[B, H, T]`, as
+/// [`attention_bthd_lse`] does.
+pub fn attention_qkv_lse(
+    qkv: &Tensor,
+    heads: usize,
+    causal: bool,
+    scale: f32,
+) -> Result<(Tensor, Tensor)> {
+    let dims = qkv_dims(qkv, heads)?;
+    let [b, h, t, _, d] = dims;
+    let lse = Tensor::empty(qkv.gpu(), &[b, h, t], DType::F32)?;
+    let o = run(
+        [qkv; 3],
+        dims,
+        Addr::packed_qkv(h, t, d),
+        causal,
+        scale,
+        Some(&lse),
+    )?;
+    Ok((o, lse))
+}
+
+/// `[B, H, T, T, D]` of a packed `[B, T, 3·H·D]` qkv tensor, or why it is not one.
+pub(crate) fn qkv_dims(qkv: &Tensor, heads: usize) -> Result<[usize; 5]> {
+    if qkv.rank() != 3 || heads == 0 || !qkv.dim(2).is_multiple_of(3 * heads) {
+        return Err(Error::shape(format!(
+            "attention_qkv needs [B, T, 3*H*D] with {heads} heads, got {:?}",
+            qkv.shape()
+        )));
+    }
+    let (b, t, w) = (qkv.dim(0), qkv.dim(1), qkv.dim(2));
+    Ok([b, heads, t, t, w / 3 / heads])
 }
 
 /// [`attention_bthd`] that also returns the log-sum-exp of each query's scaled scores,
@@ -153,9 +246,10 @@ pub fn attention_bthd_lse(
     scale: f32,
 ) -> Result<(Tensor, Tensor)> {
     let dims = bthd_dims(q, k, v, heads)?;
-    let [b, h, tq, _, _] = dims;
+    let [b, h, tq, tk, d] = dims;
     let lse = Tensor::empty(q.gpu(), &[b, h, tq], DType::F32)?;
-    let o = run(q, k, v, dims, Layout::Bthd, causal, scale, Some(&lse))?;
+    let addr = Addr::separate(Layout::Bthd, h, tq, tk, d);
+    let o = run([q, k, v], dims, addr, causal, scale, Some(&lse))?;
     Ok((o, lse))
 }
 
@@ -189,14 +283,13 @@ pub(crate) fn bthd_dims(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Res
     Ok([b, heads, tq, tk, hd / heads])
 }
 
-/// The forward dispatch(es); with `lse` (`[B·H·Tq]` values) also the log-sum-exp per query.
-#[allow(clippy::too_many_arguments)]
+/// The forward dispatch(es) over q, k, v addressed by `addr`, writing a new `[B, Tq, H·D]`
+/// or `[B, H, Tq, D]` output (by `addr.o_s`); with `lse` (`[B·H·Tq]` values) also the
+/// log-sum-exp per query.
 fn run(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    [q, k, v]: [&Tensor; 3],
     [b, h, tq, tk, d]: [usize; 5],
-    layout: Layout,
+    addr: Addr,
     causal: bool,
     scale: f32,
     lse: Option<&Tensor>,
@@ -215,7 +308,13 @@ fn run(
         )));
     }
     let gpu = q.gpu();
-    let out = Tensor::empty(gpu, q.shape(), DType::F32)?;
+    // Separate tensors: the output is shaped like q; packed qkv: [B, T, H·D].
+    let out_shape = if addr.offs == [0; 3] {
+        q.shape().to_vec()
+    } else {
+        vec![b, tq, h * d]
+    };
+    let out = Tensor::empty(gpu, &out_shape, DType::F32)?;
     if out.numel() == 0 {
         return Ok(out);
     }
@@ -246,18 +345,22 @@ fn run(
         splits: splits as u32,
         bh0: 0,
         scale,
-        q_s: layout.strides(h, tq, d),
-        k_s: layout.strides(h, tk, d),
-        o_s: layout.strides(h, tq, d),
+        q_s: addr.q_s,
+        k_s: addr.k_s,
+        o_s: addr.o_s,
         bh: bh as u32,
-        _pad: [0; 2],
+        q_off: addr.offs[0],
+        k_off: addr.offs[1],
+        v_off: addr.offs[2],
+        _pad: [0; 3],
     };
+    let vec4 = d % 4 == 0 && addr.vec4_aligned();
     let split = splits > 1;
     let kernel = Kernel::new(&SHADER, "attn")
         .with(ov::WGQ, wgq as u32)
         .with(ov::CAUSAL, causal)
         .with(ov::SPLIT, split)
-        .with(ov::D_MULT4, d % 4 == 0)
+        .with(ov::D_MULT4, vec4)
         .with(ov::D4, d.div_ceil(4) as u32)
         .with(ov::LSE, lse.is_some());
     let scratch = if split {
@@ -280,8 +383,9 @@ fn run(
             (out.binding(), no_ml.binding())
         }
     };
-    // vec4 views of k and v (D % 4 == 0 keeps every row 16-byte aligned); otherwise unread.
-    let (k4, v4) = if d % 4 == 0 {
+    // vec4 views of k and v (D % 4 == 0 and 4-aligned strides and offsets keep every row
+    // 16-byte aligned); otherwise unread.
+    let (k4, v4) = if vec4 {
         (k.binding(), v.binding())
     } else {
         (gpu.unused_binding(), gpu.unused_binding())
@@ -570,6 +674,44 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("zero keys"), "{e}");
+    }
+
+    #[test]
+    fn packed_qkv_reads_the_three_parts_in_place() {
+        // attention_qkv on [B, T, 3·H·D] against attention_bthd on the three thirds copied
+        // out: the same kernel and summation order, so the same bits, on CLIP shapes, a
+        // causal text-like one, D not a multiple of 4 (offsets off the vec4 grid) and a
+        // key split (T past one split of D = 512).
+        use crate::ops::concat::slice;
+        let g = gpu();
+        let cases = [
+            (2, 50, 12, 64, false),
+            (2, 77, 8, 64, true),
+            (3, 7, 3, 5, true),
+            (1, 9, 2, 6, false),
+            (1, 800, 1, 512, true),
+        ];
+        for (ci, &(b, t, h, d, causal)) in cases.iter().enumerate() {
+            let c = h * d;
+            let qkv =
+                Tensor::from_slice(&g, &rand_vec(b * t * 3 * c, 40 + ci as u64), &[b, t, 3 * c])
+                    .unwrap();
+            let part = |s: usize| slice(&qkv, 2, s * c, c).unwrap();
+            let scale = 1.0 / (d as f32).sqrt();
+            let want = attention_bthd(&part(0), &part(1), &part(2), h, causal, scale).unwrap();
+            let got = attention_qkv(&qkv, h, causal, scale).unwrap();
+            assert_eq!(got.shape(), &[b, t, c]);
+            assert_eq!(got.to_vec().unwrap(), want.to_vec().unwrap(), "case {ci}");
+            let (o, lse) = attention_qkv_lse(&qkv, h, causal, scale).unwrap();
+            let (ow, lw) =
+                attention_bthd_lse(&part(0), &part(1), &part(2), h, causal, scale).unwrap();
+            assert_eq!(o.to_vec().unwrap(), ow.to_vec().unwrap(), "case {ci} (lse)");
+            assert_eq!(lse.to_vec().unwrap(), lw.to_vec().unwrap(), "case {ci} lse");
+        }
+        let e = attention_qkv(&Tensor::zeros(&g, &[1, 2, 10]).unwrap(), 2, false, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("3*H*D"), "{e}");
     }
 
     #[test]

@@ -12,13 +12,13 @@
 //! [`path`] says whether the tape takes this fused pair or the composed
 //! matmul → softmax → matmul recording (see its doc for how it is chosen).
 
-use super::attention::{bthd_dims, Layout, MAX_HEAD_DIM};
+use super::attention::{bthd_dims, qkv_dims, Addr, Layout, MAX_HEAD_DIM};
 use super::CPU_LOOP_LIMIT;
 use crate::gpu::{grid_1d, Gpu, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
-pub use super::attention::attention_bthd_lse;
+pub use super::attention::{attention_bthd_lse, attention_qkv_lse};
 
 /// The `override` constants the kernels below set.
 mod ov {
@@ -52,6 +52,11 @@ crate::shader_params! {
         bh: u32,
         q_s: [u32; 3],
         k_s: [u32; 3],
+        o_s: [u32; 3],
+        q_off: u32,
+        k_off: u32,
+        v_off: u32,
+        _pad: [u32; 2],
     }
 }
 
@@ -188,7 +193,8 @@ pub fn attention_bthd_backward(
     scale: f32,
     need: [bool; 3],
 ) -> Result<AttentionGrads> {
-    let [b, h, tq, tk, d] = bthd_dims(q, k, v, heads)?;
+    let dims = bthd_dims(q, k, v, heads)?;
+    let [b, h, tq, tk, d] = dims;
     for (n, t) in [
         ("q", q),
         ("k", k),
@@ -210,16 +216,9 @@ pub fn attention_bthd_backward(
         )));
     }
     let gpu = q.gpu();
-    if !fused_fits(gpu, d) {
-        return Err(Error::shape(format!(
-            "fused attention backward: head dim {d} (at most {MAX_HEAD_DIM}) or workgroup \
-             storage {} B (needs {WORKGROUP_BYTES}) does not fit; record the composed path",
-            gpu.limits().max_compute_workgroup_storage_size
-        )));
-    }
-    let bh = b * h;
+    check_fits(gpu, d)?;
     // Every output value is written below unless there is nothing to attend over.
-    let trivial = bh * tq == 0 || tk == 0;
+    let trivial = b * h * tq == 0 || tk == 0;
     let alloc = |want: bool, shape: &[usize]| -> Result<Option<Tensor>> {
         match (want, trivial) {
             (false, _) => Ok(None),
@@ -235,6 +234,83 @@ pub fn attention_bthd_backward(
     if trivial || !need.contains(&true) {
         return Ok(grads);
     }
+    let addr = Addr::separate(Layout::Bthd, h, tq, tk, d);
+    let outs = [grads.dq.as_ref(), grads.dk.as_ref(), grads.dv.as_ref()];
+    run_backward([q, k, v], o, lse, dout, dims, addr, causal, scale, outs)?;
+    Ok(grads)
+}
+
+/// Backward of [`attention_qkv_lse`]: from the packed `qkv` `[B, T, 3·H·D]`, the output
+/// `o` and its gradient `dout` `[B, T, H·D]` and `lse` `[B, H, T]`, the gradient of `qkv`,
+/// `[B, T, 3·H·D]` with dQ, dK and dV side by side in each row, written in place by the
+/// same kernels (so the input gradient of the fused projection is one product
+/// `dqkv @ W_qkv`).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_qkv_backward(
+    qkv: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    heads: usize,
+    causal: bool,
+    scale: f32,
+) -> Result<Tensor> {
+    let dims = qkv_dims(qkv, heads)?;
+    let [b, h, t, _, d] = dims;
+    for (n, x) in [("qkv", qkv), ("o", o), ("dout", dout), ("lse", lse)] {
+        x.expect_f32(&format!("attention backward {n}"))?;
+    }
+    if o.shape() != [b, t, h * d] || dout.shape() != o.shape() || lse.shape() != [b, h, t] {
+        return Err(Error::shape(format!(
+            "attention backward: o {:?} and dout {:?} must be [{b}, {t}, {}], lse {:?} must \
+             be [{b}, {h}, {t}]",
+            o.shape(),
+            dout.shape(),
+            h * d,
+            lse.shape()
+        )));
+    }
+    let gpu = qkv.gpu();
+    check_fits(gpu, d)?;
+    if b * h * t == 0 {
+        return Tensor::zeros(gpu, qkv.shape());
+    }
+    let dqkv = Tensor::empty(gpu, qkv.shape(), DType::F32)?;
+    let addr = Addr::packed_qkv(h, t, d);
+    let outs = [Some(&dqkv); 3];
+    run_backward([qkv; 3], o, lse, dout, dims, addr, causal, scale, outs)?;
+    Ok(dqkv)
+}
+
+/// Err unless [`fused_fits`].
+fn check_fits(gpu: &Gpu, d: usize) -> Result<()> {
+    if fused_fits(gpu, d) {
+        return Ok(());
+    }
+    Err(Error::shape(format!(
+        "fused attention backward: head dim {d} (at most {MAX_HEAD_DIM}) or workgroup \
+         storage {} B (needs {WORKGROUP_BYTES}) does not fit; record the composed path",
+        gpu.limits().max_compute_workgroup_storage_size
+    )))
+}
+
+/// The backward dispatches over q, k, v addressed by `addr` (dQ, dK, dV are written with
+/// q's, k's and v's strides and offsets into `outs`, which may be one tensor), O and dO
+/// by `addr.o_s`. At least one output; B·H·Tq and Tk non-zero.
+#[allow(clippy::too_many_arguments)]
+fn run_backward(
+    [q, k, v]: [&Tensor; 3],
+    o: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    [b, h, tq, tk, d]: [usize; 5],
+    addr: Addr,
+    causal: bool,
+    scale: f32,
+    [dq_out, dk_out, dv_out]: [Option<&Tensor>; 3],
+) -> Result<()> {
+    let gpu = q.gpu();
+    let bh = b * h;
     let wg = workgroup(gpu);
     let sp = span(d, wg);
     let mut p = Params {
@@ -248,8 +324,13 @@ pub fn attention_bthd_backward(
         bh0: 0,
         scale,
         bh: bh as u32,
-        q_s: Layout::Bthd.strides(h, tq, d),
-        k_s: Layout::Bthd.strides(h, tk, d),
+        q_s: addr.q_s,
+        k_s: addr.k_s,
+        o_s: addr.o_s,
+        q_off: addr.offs[0],
+        k_off: addr.offs[1],
+        v_off: addr.offs[2],
+        _pad: [0; 2],
     };
     if bh * tq > u32::MAX as usize - WGE as usize {
         return Err(Error::shape(
@@ -282,7 +363,7 @@ pub fn attention_bthd_backward(
                 blocks: usize,
                 walked: usize,
                 ntok: usize,
-                outs: &[&Tensor]|
+                outs: &[(&Tensor, [u32; 3], u32)]|
      -> Result<()> {
         let splits = walked.div_ceil(sp).max(1);
         if blocks > 65535 || splits > 65535 {
@@ -307,7 +388,7 @@ pub fn attention_bthd_backward(
         let targets: Vec<&Tensor> = if split {
             parts.iter().collect()
         } else {
-            outs.to_vec()
+            outs.iter().map(|o| o.0).collect()
         };
         let mut binds = vec![
             q.binding(),
@@ -325,14 +406,16 @@ pub fn attention_bthd_backward(
             gpu.dispatch(&kern, p, &binds, [blocks as u32, ny as u32, splits as u32]);
         }
         if split {
-            // The sum pass reads T from `tk` and the output strides from `k_s`.
+            // The sum pass reads T from `tk`, the output strides from `k_s` and its offset
+            // from `k_off`.
             let mut ps = *p;
             ps.tk = ntok as u32;
-            ps.k_s = Layout::Bthd.strides(h, ntok, d);
             ps.bh0 = 0;
             let k_sum = Kernel::new(&SHADER, "attn_bwd_sum").with(ov::WGE, WGE);
             let n = (bh * ntok * d) as u32;
-            for (part, out) in parts.iter().zip(outs) {
+            for (part, &(out, strides, off)) in parts.iter().zip(outs) {
+                ps.k_s = strides;
+                ps.k_off = off;
                 gpu.dispatch(
                     &k_sum,
                     &ps,
@@ -344,9 +427,10 @@ pub fn attention_bthd_backward(
         Ok(())
     };
 
-    // The key pass writes dK and dV both; a scratch takes the one not asked for.
+    // The key pass writes dK and dV both; a scratch (separate tensors only, offset 0)
+    // takes the one not asked for.
     let kv_scratch;
-    let kv = match (&grads.dk, &grads.dv) {
+    let kv = match (dk_out, dv_out) {
         (Some(dk), Some(dv)) => Some((dk, dv)),
         (Some(dk), None) => {
             kv_scratch = Tensor::empty(gpu, k.shape(), DType::F32)?;
@@ -358,15 +442,18 @@ pub fn attention_bthd_backward(
         }
         (None, None) => None,
     };
+    let [q_off, k_off, v_off] = addr.offs;
     if let Some((dk, dv)) = kv {
-        pass(&mut p, "attn_bwd_kv", tk.div_ceil(wg), tq, tk, &[dk, dv])?;
+        let outs = [(dk, addr.k_s, k_off), (dv, addr.k_s, v_off)];
+        pass(&mut p, "attn_bwd_kv", tk.div_ceil(wg), tq, tk, &outs)?;
     }
-    if let Some(dq) = &grads.dq {
+    if let Some(dq) = dq_out {
         // Causal queries never look past key Tq − 1.
         let keys = if causal { tk.min(tq) } else { tk };
-        pass(&mut p, "attn_bwd_q", tq.div_ceil(wg), keys, tq, &[dq])?;
+        let outs = [(dq, addr.q_s, q_off)];
+        pass(&mut p, "attn_bwd_q", tq.div_ceil(wg), keys, tq, &outs)?;
     }
-    Ok(grads)
+    Ok(())
 }
 
 /// CPU reference of the backward in f64 on `[B·H, T, D]` data (the layout

@@ -25,7 +25,8 @@ crate::shader_params! {
     pub(crate) struct Params {
         n: u32,
         rank: u32,
-        _pad: [u32; 2],
+        off: u32,
+        _pad: u32,
         out_dims: [u32; MAX_RANK],
         in_strides: [u32; MAX_RANK],
     }
@@ -100,7 +101,8 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     let mut p = Params {
         n: n as u32,
         rank: dims.len() as u32,
-        _pad: [0; 2],
+        off: 0,
+        _pad: 0,
         out_dims: [1; MAX_RANK],
         in_strides: [0; MAX_RANK],
     };
@@ -116,6 +118,100 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
         grid_1d((n as u32).div_ceil(WG)),
     );
     Ok(y)
+}
+
+/// Params of a strided gather or scatter over `dims` with element `strides` and `off`, and
+/// the last element index it touches.
+fn strided_params(
+    dims: &[usize],
+    strides: &[usize],
+    off: usize,
+    what: &str,
+) -> Result<(Params, usize)> {
+    let n: usize = dims.iter().product();
+    let last = off
+        + dims
+            .iter()
+            .zip(strides)
+            .map(|(d, s)| d.saturating_sub(1) * s)
+            .sum::<usize>();
+    if dims.len() != strides.len() || dims.len() > MAX_RANK || dims.is_empty() {
+        return Err(Error::shape(format!(
+            "{what}: {} dims and {} strides (1 to {MAX_RANK} of each)",
+            dims.len(),
+            strides.len()
+        )));
+    }
+    if n > u32::MAX as usize - WG as usize || last > u32::MAX as usize {
+        return Err(Error::shape(format!("{what} beyond 2^32 elements")));
+    }
+    let mut p = Params {
+        n: n as u32,
+        rank: dims.len() as u32,
+        off: off as u32,
+        _pad: 0,
+        out_dims: [1; MAX_RANK],
+        in_strides: [0; MAX_RANK],
+    };
+    for i in 0..dims.len() {
+        p.out_dims[i] = dims[i] as u32;
+        p.in_strides[i] = strides[i] as u32;
+    }
+    Ok((p, last))
+}
+
+/// A new contiguous tensor of shape `dims` whose element `(i_0, ..)` is
+/// `x[off + Σ i_d · strides[d]]` (`x` read as flat memory): a strided view copied out, such
+/// as the heads of one third of the fused QKV projection's `[B, T, 3·H·D]` output split to
+/// `[B, H, T, D]` in one pass.
+pub fn gather_strided(x: &Tensor, dims: &[usize], strides: &[usize], off: usize) -> Result<Tensor> {
+    let (p, last) = strided_params(dims, strides, off, "gather_strided")?;
+    if dims.contains(&0) {
+        return Tensor::empty(x.gpu(), dims, x.dtype());
+    }
+    if last >= x.numel() {
+        return Err(Error::shape(format!(
+            "gather_strided {dims:?} by {strides:?} from {off} reads past the {} elements of {:?}",
+            x.numel(),
+            x.shape()
+        )));
+    }
+    let y = Tensor::empty(x.gpu(), dims, x.dtype())?;
+    let k = Kernel::new(&SHADER, "permute").with(ov::WG, WG);
+    x.gpu().dispatch(
+        &k,
+        &p,
+        &[x.binding(), y.binding()],
+        grid_1d(p.n.div_ceil(WG)),
+    );
+    Ok(y)
+}
+
+/// The inverse of [`gather_strided`]: writes `src`'s elements, in order over `dims` (its
+/// shape), to `into[off + Σ i_d · strides[d]]`, leaving the rest of `into` as it was. Used
+/// to put dQ, dK and dV `[B, H, T, D]` back into one `[B, T, 3·H·D]` gradient.
+pub fn scatter_strided(src: &Tensor, into: &Tensor, strides: &[usize], off: usize) -> Result<()> {
+    let dims = src.shape();
+    let (p, last) = strided_params(dims, strides, off, "scatter_strided")?;
+    if src.numel() == 0 {
+        return Ok(());
+    }
+    if last >= into.numel() || src.dtype() != into.dtype() {
+        return Err(Error::shape(format!(
+            "scatter_strided {dims:?} by {strides:?} from {off} writes past the {} elements \
+             of {:?} (or the dtypes differ)",
+            into.numel(),
+            into.shape()
+        )));
+    }
+    let k = Kernel::new(&SHADER, "scatter").with(ov::WG, WG);
+    src.gpu().dispatch(
+        &k,
+        &p,
+        &[src.binding(), into.binding()],
+        grid_1d(p.n.div_ceil(WG)),
+    );
+    Ok(())
 }
 
 /// Backward of [`permute`]'s `y = x.permute(perm)`: `dx = g.permute(perm⁻¹)`, since output
@@ -167,6 +263,35 @@ pub fn reference<T: Copy>(x: &[T], shape: &[usize], perm: &[usize]) -> Vec<T> {
 mod tests {
     use super::*;
     use crate::ops::testutil::{gpu, rand_vec};
+
+    #[test]
+    fn strided_gather_and_scatter_split_and_rebuild_packed_qkv() {
+        // [B, T, 3·H·D] → q, k, v [B, H, T, D] by strided gathers (checked against the
+        // reshape + permute reference), then scattered back into a fresh tensor: the same
+        // bytes, every element written once.
+        let g = gpu();
+        let (b, t, h, d) = (2, 5, 3, 4);
+        let c = h * d;
+        let xv = rand_vec(b * t * 3 * c, 77);
+        let x = Tensor::from_slice(&g, &xv, &[b, t, 3 * c]).unwrap();
+        let (dims, strides) = ([b, h, t, d], [t * 3 * c, d, 3 * c, 1]);
+        let all = reference(&xv, &[b, t, 3, h, d], &[2, 0, 3, 1, 4]);
+        let back = Tensor::full(&g, &[b, t, 3 * c], f32::NAN).unwrap();
+        for s in 0..3 {
+            let part = gather_strided(&x, &dims, &strides, s * c).unwrap();
+            assert_eq!(part.shape(), &dims);
+            let n = b * h * t * d;
+            assert_eq!(part.to_vec().unwrap(), all[s * n..(s + 1) * n], "part {s}");
+            scatter_strided(&part, &back, &strides, s * c).unwrap();
+        }
+        assert_eq!(back.to_vec().unwrap(), xv);
+        let e = gather_strided(&x, &dims, &strides, 3 * c)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("reads past"), "{e}");
+        let e = scatter_strided(&x, &back, &[1], 0).unwrap_err().to_string();
+        assert!(e.contains("strides"), "{e}");
+    }
 
     #[test]
     fn matches_reference_over_shapes_and_orders() {

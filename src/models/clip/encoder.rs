@@ -4,16 +4,18 @@
 //!
 //! Pre-norm residual blocks: `x = x + out_proj(attn(layer_norm1(x)))`,
 //! `x = x + fc2(act(fc1(layer_norm2(x))))`, written once over the tape (`nn`). Without
-//! gradients biases, activations and residual additions run in the matmul epilogue, so a
-//! layer is 2 norms, 6 matmuls and one fused attention; on a gradient tape the same code
-//! records the unfused ops.
+//! gradients biases, activations and residual additions run in the matmul epilogue, and
+//! q/k/v are one product with the packed `[3C, C]` weight whose output the fused attention
+//! reads in place, so a layer is 2 norms, 4 matmuls and one attention. With frozen weights
+//! (VQGAN+CLIP) the packed projection stays and its input gradient is one product; on a
+//! training tape the same code records the three projections and the unfused ops.
 
 use crate::autodiff::{Tape, Var};
 use crate::inspect::Recorder;
-use crate::nn::{attend, LayerNorm, Linear};
+use crate::nn::{attend, attend_qkv, LayerNorm, Linear};
 use crate::ops::Act;
 use crate::weights::Loader;
-use crate::Result;
+use crate::{Result, Tensor};
 
 /// Sizes of one tower's encoder.
 #[derive(Debug, Clone, Copy)]
@@ -58,8 +60,41 @@ impl ClipAttention {
         })
     }
 
+    /// The packed projection `W_qkv = [W_q; W_k; W_v]` `[3C, C]` and `b_qkv` `[3C]`, made
+    /// once per weight set and kept in the device's derived-tensor cache, keyed on the six
+    /// tensors so that writing any of them in place drops it. `None` when a projection has
+    /// no bias.
+    pub fn packed_qkv(&self) -> Result<Option<(Tensor, Tensor)>> {
+        use crate::ops::concat::concat;
+        let (wq, wk, wv) = (
+            &self.q_proj.weight,
+            &self.k_proj.weight,
+            &self.v_proj.weight,
+        );
+        let (Some(bq), Some(bk), Some(bv)) = (
+            self.q_proj.bias.as_ref(),
+            self.k_proj.bias.as_ref(),
+            self.v_proj.bias.as_ref(),
+        ) else {
+            return Ok(None);
+        };
+        let gpu = wq.gpu();
+        let w = gpu.derived("clip_qkv_weight", &[wq, wk, wv, bq, bk, bv], || {
+            concat(&[wq, wk, wv], 0)
+        })?;
+        let b = gpu.derived("clip_qkv_bias", &[wq, wk, wv, bq, bk, bv], || {
+            concat(&[bq, bk, bv], 0)
+        })?;
+        Ok(Some((w, b)))
+    }
+
     /// `residual + out_proj(attention(x))`. `x`, `residual`: `[B, T, C]`. A recorder
     /// takes the unfused attention that keeps the probabilities.
+    ///
+    /// Where q/k/v weights need no gradient (inference, VQGAN+CLIP) the projections are one
+    /// `[B·T, C] @ [C, 3C]` product, whose `[B, T, 3C]` output attention reads in place: one
+    /// pass over x instead of three, larger tiles, and with a gradient for `x` one
+    /// `dQKV @ W_qkv` product instead of three plus two additions.
     fn forward(
         &self,
         tape: &Tape,
@@ -68,6 +103,19 @@ impl ClipAttention {
         residual: &Var,
         rec: Option<&mut Recorder>,
     ) -> Result<Var> {
+        let frozen = ![&self.q_proj, &self.k_proj, &self.v_proj]
+            .iter()
+            .any(|l| tape.param(&l.weight).needs_grad());
+        if rec.is_none() && frozen {
+            if let Some((w, b)) = self.packed_qkv()? {
+                let (w, b) = (tape.leaf(w, false), tape.leaf(b, false));
+                let qkv = tape.linear(x, &w, Some(&b), Act::None)?;
+                let o = attend_qkv(tape, &qkv, self.heads, causal)?;
+                return self
+                    .out_proj
+                    .forward_residual(tape, &o, Act::None, residual);
+            }
+        }
         let q = self.q_proj.forward(tape, x, Act::None)?;
         let k = self.k_proj.forward(tape, x, Act::None)?;
         let v = self.v_proj.forward(tape, x, Act::None)?;
@@ -201,5 +249,153 @@ impl ClipEncoder {
             }
         }
         Ok(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testutil::{gpu, rand_vec};
+    use crate::weights::MemorySource;
+
+    /// Random encoder weights (uniform ±√(3/fan-in), LayerNorm gains near 1) under
+    /// `layers.{i}` for `d`.
+    fn random_encoder(d: &EncoderDims, seed: u64) -> MemorySource {
+        let mut src = MemorySource::new("random encoder");
+        let (c, m) = (d.hidden, d.intermediate);
+        let mut s = seed;
+        let mut put = |key: String, shape: &[usize], fan_in: usize, base: f32| {
+            s += 1;
+            let a = (3.0 / fan_in as f32).sqrt();
+            let n = shape.iter().product();
+            let v = rand_vec(n, s).iter().map(|x| base + a * x).collect();
+            src.insert(key, shape, v).unwrap();
+        };
+        for i in 0..d.layers {
+            let p = format!("layers.{i}");
+            for ln in ["layer_norm1", "layer_norm2"] {
+                put(format!("{p}.{ln}.weight"), &[c], 300, 1.0);
+                put(format!("{p}.{ln}.bias"), &[c], 300, 0.0);
+            }
+            for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                put(format!("{p}.self_attn.{proj}.weight"), &[c, c], c, 0.0);
+                put(format!("{p}.self_attn.{proj}.bias"), &[c], c, 0.0);
+            }
+            put(format!("{p}.mlp.fc1.weight"), &[m, c], c, 0.0);
+            put(format!("{p}.mlp.fc1.bias"), &[m], c, 0.0);
+            put(format!("{p}.mlp.fc2.weight"), &[c, m], m, 0.0);
+            put(format!("{p}.mlp.fc2.bias"), &[c], m, 0.0);
+        }
+        src
+    }
+
+    /// cos(a, b) and max|a − b| / max|b|.
+    fn compare(a: &[f32], b: &[f32]) -> (f64, f64) {
+        let (mut ab, mut aa, mut bb, mut err, mut mb) = (0.0, 0.0, 0.0, 0.0f64, 0.0f64);
+        for (&x, &y) in a.iter().zip(b) {
+            let (x, y) = (x as f64, y as f64);
+            ab += x * y;
+            aa += x * x;
+            bb += y * y;
+            err = err.max((x - y).abs());
+            mb = mb.max(y.abs());
+        }
+        (ab / (aa.sqrt() * bb.sqrt()), err / mb.max(1e-30))
+    }
+
+    #[test]
+    fn packed_qkv_encoder_matches_the_three_projections() {
+        // The encoder on an inference tape (packed QKV, in-place attention) and on a tape
+        // where only x needs a gradient (packed QKV with its one-product backward) against
+        // a training tape (three projections, unfused ops): outputs and x-gradients, on a
+        // small random config (causal and not) and CLIP-B/32 shapes (vision: 768 wide,
+        // 12 heads, 50 tokens; text: 512 wide, 8 heads, 77 causal tokens), one layer each.
+        let g = gpu();
+        let small = |causal| {
+            let d = EncoderDims {
+                hidden: 24,
+                intermediate: 40,
+                heads: 3,
+                layers: 2,
+                act: Act::QuickGelu,
+                eps: 1e-5,
+            };
+            (d, 3, 7, causal)
+        };
+        let b32 = |c: usize, heads, t, causal| {
+            let d = EncoderDims {
+                hidden: c,
+                intermediate: 4 * c,
+                heads,
+                layers: 1,
+                act: Act::QuickGelu,
+                eps: 1e-5,
+            };
+            (d, 2, t, causal)
+        };
+        let cases = [
+            small(false),
+            small(true),
+            b32(768, 12, 50, false),
+            b32(512, 8, 77, true),
+        ];
+        for (ci, (d, b, t, causal)) in cases.into_iter().enumerate() {
+            let src = random_encoder(&d, 100 * ci as u64);
+            let enc = ClipEncoder::load(&Loader::new(&src, &g), &d).unwrap();
+            let c = d.hidden;
+            let (xv, wv) = (rand_vec(b * t * c, 7 + ci as u64), rand_vec(b * t * c, 9));
+            // (output, x-gradient) on `tape`, the gradient when x needs one.
+            let run = |tape: &Tape, grad: bool| -> (Vec<f32>, Option<Vec<f32>>) {
+                let x = tape.leaf(Tensor::from_slice(&g, &xv, &[b, t, c]).unwrap(), grad);
+                let y = enc.forward(tape, &x, causal, false).unwrap();
+                let out = y.value().to_vec().unwrap();
+                if !grad {
+                    return (out, None);
+                }
+                let w = tape.leaf(Tensor::from_slice(&g, &wv, &[b, t, c]).unwrap(), false);
+                let loss = tape.sum(&tape.mul(&y, &w).unwrap()).unwrap();
+                let dx = tape.backward(&loss).unwrap().get(&x).unwrap().to_vec();
+                (out, Some(dx.unwrap()))
+            };
+            let (want, want_dx) = run(&Tape::training(), true);
+            let want_dx = want_dx.unwrap();
+            let infer = Tape::new();
+            let (got, _) = run(&infer, false);
+            let (cos, err) = compare(&got, &want);
+            assert!(
+                cos >= 0.9999 && err < 1e-4,
+                "case {ci} inference: cos {cos} err {err}"
+            );
+            let (got, got_dx) = run(&Tape::new(), true);
+            let (cos, err) = compare(&got, &want);
+            assert!(
+                cos >= 0.9999 && err < 1e-4,
+                "case {ci} frozen: cos {cos} err {err}"
+            );
+            let (cos, err) = compare(&got_dx.unwrap(), &want_dx);
+            assert!(
+                cos >= 0.9999 && err < 1e-4,
+                "case {ci} dx: cos {cos} err {err}"
+            );
+        }
+        // The packed weight is made once per weight set and dropped when one is written.
+        let d = small(false).0;
+        let src = random_encoder(&d, 1);
+        let enc = ClipEncoder::load(&Loader::new(&src, &g), &d).unwrap();
+        let attn = &enc.layers[0].self_attn;
+        let (w1, _) = attn.packed_qkv().unwrap().unwrap();
+        let (w2, _) = attn.packed_qkv().unwrap().unwrap();
+        assert_eq!(w1.buffer_id(), w2.buffer_id(), "cached");
+        let wk = &attn.k_proj.weight;
+        let new_k = rand_vec(wk.numel(), 5);
+        wk.assign(&Tensor::from_slice(&g, &new_k, wk.shape()).unwrap())
+            .unwrap();
+        let (w3, _) = attn.packed_qkv().unwrap().unwrap();
+        let c = d.hidden;
+        assert_eq!(
+            w3.to_vec().unwrap()[c * c..2 * c * c],
+            new_k,
+            "rebuilt after the write"
+        );
     }
 }

@@ -243,3 +243,46 @@ fn attention_backward_only_what_is_needed() {
         .to_string();
     assert!(e.contains("lse"), "{e}");
 }
+
+#[test]
+fn packed_qkv_gradient_is_the_three_gradients_side_by_side() {
+    // attention_qkv_backward writes dQ, dK, dV in place into [B, T, 3·H·D]; each third
+    // must equal attention_bthd_backward on the parts copied out (same kernels and order:
+    // the same bits), with and without split partials (D = 512 over 200 queries walks two
+    // spans), causal or not, D not a multiple of 4.
+    use crate::ops::attention::{attention_qkv_lse, bthd_dims};
+    use crate::ops::concat::slice;
+    let g = gpu();
+    let cases = [
+        (2, 50, 12, 64, false),
+        (2, 19, 3, 64, true),
+        (3, 7, 2, 5, false),
+        (1, 200, 1, 512, true),
+    ];
+    for (ci, &(b, t, h, d, causal)) in cases.iter().enumerate() {
+        let c = h * d;
+        let seed = 500 + 10 * ci as u64;
+        let qkv = Tensor::from_slice(&g, &rand_vec(b * t * 3 * c, seed), &[b, t, 3 * c]).unwrap();
+        let dout = Tensor::from_slice(&g, &rand_vec(b * t * c, seed + 1), &[b, t, c]).unwrap();
+        let scale = 1.0 / (d as f32).sqrt();
+        let (o, lse) = attention_qkv_lse(&qkv, h, causal, scale).unwrap();
+        let got = attention_qkv_backward(&qkv, &o, &lse, &dout, h, causal, scale).unwrap();
+        assert_eq!(got.shape(), qkv.shape());
+        let part = |x: &Tensor, s: usize| slice(x, 2, s * c, c).unwrap();
+        let (q, k, v) = (part(&qkv, 0), part(&qkv, 1), part(&qkv, 2));
+        assert_eq!(bthd_dims(&q, &k, &v, h).unwrap(), [b, h, t, t, d]);
+        let want =
+            attention_bthd_backward(&q, &k, &v, &o, &lse, &dout, h, causal, scale, [true; 3])
+                .unwrap();
+        for (s, (n, w)) in [("dq", &want.dq), ("dk", &want.dk), ("dv", &want.dv)]
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(
+                part(&got, s).to_vec().unwrap(),
+                w.as_ref().unwrap().to_vec().unwrap(),
+                "case {ci} {n}"
+            );
+        }
+    }
+}
