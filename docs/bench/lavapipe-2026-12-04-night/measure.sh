@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Quiet-machine A/B: vqclip BEFORE and AFTER (binaries), each bench followed by its peer.
-# Usage: BEFORE=path/to/old/vqclip [AFTER=target/release/vqclip] [PY=python-with-torch] [OUT=dir] measure.sh
+# Usage (absolute paths): BEFORE=/path/to/old/vqclip [AFTER=/path/to/new/vqclip]
+#   [PY=python-with-torch] [OUT=dir] measure.sh
 set -u
 cd "$(dirname "$0")/../../.."
 export VQCLIP_TUNING_FILE=""
