@@ -1,8 +1,16 @@
 // GroupNorm, as torch.nn.GroupNorm, with an optional fused activation:
 //   y = act((x - mean_g) / sqrt(var_g + eps) * gamma[c] + beta[c])
 // over x [N, C, S] (S = H*W, or L), groups of C/G consecutive channels, so each group is
-// one contiguous run of M = C/G * S values. Biased variance. No atomics and no barriers
-// (deterministic, and cheap on CPU Vulkan). Forward, three dispatches, x read twice:
+// one contiguous run of M = C/G * S values. Biased variance. Deterministic, no atomics.
+//
+// One dispatch per direction (gn_fused, gnb_fused): a workgroup of 256 per group computes
+// the statistics (Welford per invocation, merged by Chan's formula in a tree through
+// workgroup memory: 9 barriers) and then applies them, reading the group again while it is
+// still in cache. VQGAN norms have 32 groups per image, enough workgroups for a CPU
+// adapter's cores and, each group being one contiguous run, for a GPU's memory system.
+//
+// Groups longer than one workgroup's loop cap take the multi-dispatch path, no barriers.
+// Forward, three dispatches, x read twice:
 //   gn_partial  one read of x: P partials per group, partial p over units p, p+P, ..,
 //               each a Welford (mean, M2) pair (M2 = Σ (x - mean)²), so no second pass
 //               over x is needed for a stable variance
@@ -73,15 +81,19 @@ fn gn_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
         return;
     }
     let grp = id / p.parts;
-    let part = id % p.parts;
-    let units = group_units();
-    let base = grp * units;
-    // Welford per lane (every lane of a vec4 unit sees the same count), then the lanes
-    // merged: equal counts k make the merge M2 = Σ M2_l + k·Σ (mean_l − mean)².
+    let w = welford(grp * group_units(), id % p.parts, p.parts);
+    work[2u * id] = w.y;
+    work[2u * id + 1u] = w.z;
+}
+
+// (count, mean, M2) of the group's units first, first + step, .. from `base` on: Welford per
+// lane (every lane of a vec4 unit sees the same count), then the lanes merged: equal counts
+// k make the merge M2 = Σ M2_l + k·Σ (mean_l − mean)².
+fn welford(base: u32, first: u32, step: u32) -> vec3<f32> {
     var mean = vec4<f32>(0.0);
     var m2 = vec4<f32>(0.0);
     var k = 0.0;
-    for (var u = part; u < units; u += p.parts) {
+    for (var u = first; u < group_units(); u += step) {
         var v: vec4<f32>;
         if VEC {
             v = x[base + u];
@@ -96,12 +108,9 @@ fn gn_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     if VEC {
         let mp = ((mean.x + mean.y) + (mean.z + mean.w)) * 0.25;
         let dm = mean - mp;
-        work[2u * id] = mp;
-        work[2u * id + 1u] = ((m2.x + m2.y) + (m2.z + m2.w)) + k * dot(dm, dm);
-    } else {
-        work[2u * id] = mean.x;
-        work[2u * id + 1u] = m2.x;
+        return vec3<f32>(4.0 * k, mp, ((m2.x + m2.y) + (m2.z + m2.w)) + k * dot(dm, dm));
     }
+    return vec3<f32>(k, mean.x, m2.x);
 }
 
 @compute @workgroup_size(WG)
@@ -159,20 +168,23 @@ fn gn_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     if u >= p.units {
         return;
     }
+    var grp = u / p.m;
+    if VEC {
+        grp = 4u * u / p.m;
+    }
+    normalise_unit(u, grp, work[p.stats + 2u * grp], work[p.stats + 2u * grp + 1u]);
+}
+
+// y at unit u (a flat unit index) of group grp, from the group's mean and rstd.
+fn normalise_unit(u: u32, grp: u32, mean: f32, rstd: f32) {
     if VEC {
         let e = 4u * u;                       // first value of this unit
-        let grp = e / p.m;
         let c = (grp % p.g) * p.cpg + (e % p.m) / p.s;
-        let mean = work[p.stats + 2u * grp];
-        let rstd = work[p.stats + 2u * grp + 1u];
         let v = (x[u] - mean) * rstd;
         y[u] = vec4<f32>(affine_act(v.x, c), affine_act(v.y, c), affine_act(v.z, c),
                          affine_act(v.w, c));
     } else {
-        let grp = u / p.m;
         let c = (grp % p.g) * p.cpg + (u % p.m) / p.s;
-        let mean = work[p.stats + 2u * grp];
-        let rstd = work[p.stats + 2u * grp + 1u];
         y[u / 4u][u % 4u] = affine_act((scalar_at(u) - mean) * rstd, c);
     }
 }
@@ -316,5 +328,109 @@ fn gnb_params(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     } else {
         pg[c] = sgx.x;
         pg[p.c + c] = sg.x;
+    }
+}
+
+// ---- One dispatch per direction: a workgroup of GN_WG per group (grid_group is the group).
+const GN_WG: u32 = 256u;
+var<workgroup> red_n: array<f32, 256>;
+var<workgroup> red_a: array<f32, 256>;
+var<workgroup> red_b: array<f32, 256>;
+// gnb_fused's dx (binding 6: it has no partials buffer).
+@group(0) @binding(6) var<storage, read_write> dx_one: array<vec4<f32>>;  // [N, C, S], padded
+
+// Merges slot j into slot i: (count, mean, M2) by Chan's formula, or (count, Σ, Σ) sums.
+fn red_merge(i: u32, j: u32, welford: bool) {
+    if !welford {
+        red_a[i] += red_a[j];
+        red_b[i] += red_b[j];
+        return;
+    }
+    let na = red_n[i];
+    let nb = red_n[j];
+    let total = na + nb;
+    if nb == 0.0 {
+        return;
+    }
+    let d = red_a[j] - red_a[i];
+    red_a[i] = fma(d, nb / total, red_a[i]);
+    red_b[i] += red_b[j] + d * d * (na * nb / total);
+    red_n[i] = total;
+}
+
+// The tree over the 256 slots; every invocation of the workgroup calls it.
+fn red_tree(li: u32, welford: bool) {
+    workgroupBarrier();
+    for (var s = GN_WG / 2u; s > 0u; s >>= 1u) {
+        if li < s {
+            red_merge(li, li + s, welford);
+        }
+        workgroupBarrier();
+    }
+}
+
+@compute @workgroup_size(256)
+fn gn_fused(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) li: u32) {
+    let grp = grid_group(wid, nwg);
+    // Uniform over the workgroup: no barrier is skipped by part of it.
+    if grp >= p.groups_total {
+        return;
+    }
+    let units = group_units();
+    let base = grp * units;
+    let w = welford(base, li, GN_WG);
+    red_n[li] = w.x;
+    red_a[li] = w.y;
+    red_b[li] = w.z;
+    red_tree(li, true);
+    let mu = red_a[0];
+    let rstd = inverseSqrt(red_b[0] / f32(p.m) + p.eps);
+    if li == 0u {
+        work[p.stats + 2u * grp] = mu;
+        work[p.stats + 2u * grp + 1u] = rstd;
+    }
+    for (var u = li; u < units; u += GN_WG) {
+        normalise_unit(base + u, grp, mu, rstd);
+    }
+}
+
+@compute @workgroup_size(256)
+fn gnb_fused(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_index) li: u32) {
+    let grp = grid_group(wid, nwg);
+    if grp >= p.groups_total {
+        return;
+    }
+    let units = group_units();
+    let base = grp * units;
+    var st = vec4<f32>(0.0);
+    var stx = vec4<f32>(0.0);
+    for (var u = li; u < units; u += GN_WG) {
+        let tm = terms(base + u, grp);
+        let t = tm.gy * gamma_at(tm.c);
+        st += t;
+        stx = fma(t, tm.xh, stx);
+    }
+    if VEC {
+        red_a[li] = (st.x + st.y) + (st.z + st.w);
+        red_b[li] = (stx.x + stx.y) + (stx.z + stx.w);
+    } else {
+        red_a[li] = st.x;
+        red_b[li] = stx.x;
+    }
+    red_tree(li, false);
+    let a = red_a[0] / f32(p.m);
+    let b = red_b[0] / f32(p.m);
+    let rstd = work[p.stats + 2u * grp + 1u];
+    for (var u = li; u < units; u += GN_WG) {
+        let tm = terms(base + u, grp);
+        let d = rstd * (tm.gy * gamma_at(tm.c) - a - tm.xh * b);
+        if VEC {
+            dx_one[base + u] = d;
+        } else {
+            let e = base + u;
+            dx_one[e / 4u][e % 4u] = d.x;
+        }
     }
 }

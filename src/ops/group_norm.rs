@@ -2,7 +2,7 @@
 //! `torch.nn.GroupNorm` (taming-transformers' `Normalize` is `GroupNorm(32, C, eps=1e-6)`,
 //! usually followed by swish: pass [`Act::Silu`]).
 
-use super::Act;
+use super::{Act, CPU_LOOP_LIMIT};
 use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
@@ -105,11 +105,32 @@ fn check_args(
     super::check_affine(what, x.shape(), c, gamma, beta, eps)
 }
 
-/// The group statistics of `x` (`[N, C, ..]` with at least one value, checked by the
-/// caller) in one read of `x`: Welford partials (`gn_partial`) merged per group
-/// (`gn_stats`).
-fn statistics(x: &Tensor, groups: usize, eps: f32) -> Result<GroupStats> {
-    let gpu = x.gpu();
+/// Invocations of the one-dispatch kernels' workgroups (`GN_WG` in the shader).
+const ONE_WG: usize = 256;
+
+/// Whether groups of `m` values (`S = s`) can run in one workgroup each (`gn_fused`,
+/// `gnb_fused`): each invocation's loops over `units / 256` stay under llvmpipe's cap.
+fn one_dispatch_fits(m: usize, s: usize) -> bool {
+    plan(m, s).0.div_ceil(ONE_WG) + 16 <= CPU_LOOP_LIMIT
+}
+
+/// Whether `gpu` takes the one-dispatch kernels where they fit: `VQCLIP_GROUP_NORM=one` or
+/// `passes` if set, else GPUs yes (one launch per direction instead of three; not yet
+/// measured on a GPU) and CPU adapters no (on lavapipe the one-dispatch kernel ran group
+/// norm with swish on 128×256×256 in 60-62 ms against 44-45 ms for the three passes, whose
+/// many barrier-free invocations suit it better than 32 workgroups with barriers).
+fn one_dispatch_on(gpu: &crate::Gpu) -> bool {
+    match std::env::var("VQCLIP_GROUP_NORM").as_deref() {
+        Ok("one") => true,
+        Ok("passes") => false,
+        _ => !gpu.is_cpu(),
+    }
+}
+
+/// The params and the (empty) statistics buffer of `x` (`[N, C, ..]` with at least one
+/// value, checked by the caller): with `one` the one-dispatch layout, `(mean, rstd)` pairs
+/// alone; else the Welford partials first.
+fn layout(x: &Tensor, groups: usize, eps: f32, one: bool) -> Result<GroupStats> {
     let (n, c) = (x.dim(0), x.dim(1));
     let s: usize = x.shape()[2..].iter().product();
     let cpg = c / groups;
@@ -124,7 +145,8 @@ fn statistics(x: &Tensor, groups: usize, eps: f32) -> Result<GroupStats> {
             x.shape()
         )));
     }
-    let work = Tensor::empty(gpu, &[2 * ng * (parts + 1)], DType::F32)?;
+    let pairs_before = if one { 0 } else { ng * parts };
+    let work = Tensor::empty(x.gpu(), &[2 * (pairs_before + ng)], DType::F32)?;
     let p = Params {
         groups_total: ng as u32,
         g: groups as u32,
@@ -132,36 +154,44 @@ fn statistics(x: &Tensor, groups: usize, eps: f32) -> Result<GroupStats> {
         s: s as u32,
         m: m as u32,
         parts: parts as u32,
-        stats: (2 * ng * parts) as u32,
+        stats: (2 * pairs_before) as u32,
         eps,
         units: total_units as u32,
         n: n as u32,
         c: c as u32,
         _pad: 0,
     };
-    let k = |entry| {
-        Kernel::new(&SHADER, entry)
-            .with(ov::VEC, vec)
-            .with(ov::WG, WG)
-    };
-    gpu.dispatch(
-        &k("gn_partial"),
-        &p,
-        &[work.binding(), x.binding_vec4()],
-        grid_1d(((ng * parts) as u32).div_ceil(WG)),
-    );
-    gpu.dispatch(
-        &k("gn_stats"),
-        &p,
-        &[work.binding()],
-        grid_1d((ng as u32).div_ceil(WG)),
-    );
     Ok(GroupStats {
         work,
         p,
         vec,
         shape: x.shape().to_vec(),
     })
+}
+
+/// The group statistics of `x` (as [`layout`]) by the multi-dispatch path, in one read of
+/// `x`: Welford partials (`gn_partial`) merged per group (`gn_stats`).
+fn statistics(x: &Tensor, groups: usize, eps: f32) -> Result<GroupStats> {
+    let st = layout(x, groups, eps, false)?;
+    let (gpu, p) = (x.gpu(), &st.p);
+    let k = |entry| {
+        Kernel::new(&SHADER, entry)
+            .with(ov::VEC, st.vec)
+            .with(ov::WG, WG)
+    };
+    gpu.dispatch(
+        &k("gn_partial"),
+        p,
+        &[st.work.binding(), x.binding_vec4()],
+        grid_1d((p.groups_total * p.parts).div_ceil(WG)),
+    );
+    gpu.dispatch(
+        &k("gn_stats"),
+        p,
+        &[st.work.binding()],
+        grid_1d(p.groups_total.div_ceil(WG)),
+    );
+    Ok(st)
 }
 
 /// `act(GroupNorm(x))`. `x`: `[N, C, ..]` (e.g. `[N, C, H, W]` or `[N, C, L]`);
@@ -178,7 +208,9 @@ pub fn group_norm(
 }
 
 /// [`group_norm`], also returning the statistics for [`group_norm_act_backward_with`]
-/// (`None` for an empty input). Three dispatches: partials, statistics, apply.
+/// (`None` for an empty input). One dispatch (`gn_fused`: a workgroup per group computes
+/// the statistics and applies them) where [`one_dispatch_on`] the device and a group fits
+/// one workgroup's loops, else three (partials, statistics, apply).
 pub fn group_norm_saving(
     x: &Tensor,
     groups: usize,
@@ -187,21 +219,46 @@ pub fn group_norm_saving(
     eps: f32,
     act: Act,
 ) -> Result<(Tensor, Option<GroupStats>)> {
+    group_norm_path(x, groups, gamma, beta, eps, act, one_dispatch_on(x.gpu()))
+}
+
+/// [`group_norm_saving`], on the one-dispatch kernel only if `one` allows it (tests take
+/// both paths).
+fn group_norm_path(
+    x: &Tensor,
+    groups: usize,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f32,
+    act: Act,
+    one: bool,
+) -> Result<(Tensor, Option<GroupStats>)> {
     check_args("group_norm", x, groups, gamma, beta, eps)?;
     let gpu = x.gpu();
     let y = Tensor::empty(gpu, x.shape(), DType::F32)?;
     if y.numel() == 0 {
         return Ok((y, None));
     }
-    let st = statistics(x, groups, eps)?;
-    let apply = Kernel::new(&SHADER, "gn_apply")
+    let s: usize = x.shape()[2..].iter().product();
+    let one = one && one_dispatch_fits(x.dim(1) / groups * s, s);
+    let st = if one {
+        layout(x, groups, eps, true)?
+    } else {
+        statistics(x, groups, eps)?
+    };
+    let (entry, grid) = if one {
+        ("gn_fused", grid_1d(st.p.groups_total))
+    } else {
+        ("gn_apply", grid_1d(st.p.units.div_ceil(WG)))
+    };
+    let kernel = Kernel::new(&SHADER, entry)
         .with(ov::VEC, st.vec)
         .with(ov::WG, WG)
         .with(ov::HAS_GAMMA, gamma.is_some())
         .with(ov::HAS_BETA, beta.is_some())
         .with(ov::ACT, act as u32);
     gpu.dispatch(
-        &apply,
+        &kernel,
         &st.p,
         &[
             st.work.binding(),
@@ -210,7 +267,7 @@ pub fn group_norm_saving(
             beta.map_or(gpu.unused_binding(), Tensor::binding),
             y.binding_vec4(),
         ],
-        grid_1d(st.p.units.div_ceil(WG)),
+        grid,
     );
     Ok((y, Some(st)))
 }
@@ -263,6 +320,23 @@ pub fn group_norm_act_backward_with(
     g: &Tensor,
     params: bool,
 ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+    backward_path(x, st, gamma, beta, act, g, params, one_dispatch_on(x.gpu()))
+}
+
+/// [`group_norm_act_backward_with`]; dx in one dispatch (`gnb_fused`) where a group fits one
+/// workgroup and `one` allows it (tests take both paths), else in three. Statistics in the
+/// one-dispatch layout (no partials before them) always take the one-dispatch kernel.
+#[allow(clippy::too_many_arguments)]
+fn backward_path(
+    x: &Tensor,
+    st: &GroupStats,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    act: Act,
+    g: &Tensor,
+    params: bool,
+    one: bool,
+) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
     check_grad(x, g)?;
     if x.shape() != st.shape.as_slice() {
         return Err(Error::shape(format!(
@@ -282,9 +356,7 @@ pub fn group_norm_act_backward_with(
     }
     let gpu = x.gpu();
     let p = &st.p;
-    let (ng, parts) = (p.groups_total as usize, p.parts as usize);
     let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
-    let bwork = Tensor::empty(gpu, &[2 * ng * (parts + 1)], DType::F32)?;
     let k = |entry| {
         Kernel::new(&SHADER, entry)
             .with(ov::VEC, st.vec)
@@ -302,6 +374,46 @@ pub fn group_norm_act_backward_with(
             g.binding_vec4(),
         ]
     };
+    let one = (one && one_dispatch_fits(p.m as usize, p.s as usize)) || p.stats == 0;
+    if one {
+        let [w, xb, gb, bb, dyb] = inputs();
+        gpu.dispatch(
+            &k("gnb_fused"),
+            p,
+            &[w, xb, gb, bb, dyb, dx.binding_vec4()],
+            grid_1d(p.groups_total),
+        );
+    } else {
+        multi_pass_dx(st, k, inputs, &dx)?;
+    }
+    if !params {
+        return Ok((dx, None, None));
+    }
+    let pg = Tensor::empty(gpu, &[2 * c], DType::F32)?;
+    let [w, xb, gb, bb, dyb] = inputs();
+    gpu.dispatch(
+        &k("gnb_params"),
+        p,
+        &[w, xb, gb, bb, dyb, pg.binding()],
+        grid_1d((c as u32).div_ceil(WG)),
+    );
+    use super::concat::slice;
+    Ok((dx, Some(slice(&pg, 0, 0, c)?), Some(slice(&pg, 0, c, c)?)))
+}
+
+/// dx by the three-dispatch path: `gnb_sum` partials, `gn_stats` merging them into `(a, b)`,
+/// `gnb_apply`. `kernel` makes the backward's kernels, `inputs` the bindings they share.
+fn multi_pass_dx<'a>(
+    st: &GroupStats,
+    kernel: impl Fn(&'static str) -> Kernel<Params>,
+    inputs: impl Fn() -> [crate::gpu::Binding<'a>; 5],
+    dx: &Tensor,
+) -> Result<()> {
+    let gpu = st.work.gpu();
+    let p = &st.p;
+    let (ng, parts) = (p.groups_total as usize, p.parts as usize);
+    let bwork = Tensor::empty(gpu, &[2 * ng * (parts + 1)], DType::F32)?;
+    let k = kernel;
     let [w, xb, gb, bb, dyb] = inputs();
     gpu.dispatch(
         &k("gnb_sum"),
@@ -325,19 +437,7 @@ pub fn group_norm_act_backward_with(
         &[w, xb, gb, bb, dyb, bwork.binding(), dx.binding_vec4()],
         grid_1d(p.units.div_ceil(WG)),
     );
-    if !params {
-        return Ok((dx, None, None));
-    }
-    let pg = Tensor::empty(gpu, &[2 * c], DType::F32)?;
-    let [w, xb, gb, bb, dyb] = inputs();
-    gpu.dispatch(
-        &k("gnb_params"),
-        p,
-        &[w, xb, gb, bb, dyb, pg.binding()],
-        grid_1d((c as u32).div_ceil(WG)),
-    );
-    use super::concat::slice;
-    Ok((dx, Some(slice(&pg, 0, 0, c)?), Some(slice(&pg, 0, c, c)?)))
+    Ok(())
 }
 
 /// Backward of [`group_norm`]'s `y = (x − μ)·r·γ + β` with `Act::None` (an activation is
@@ -412,8 +512,24 @@ mod tests {
     /// κ = max|x| / σ of the group; the affine step and the activation (1.13-Lipschitz at
     /// most, its own error ~2e-6 relative for erf-based GELU, ~1e-7 otherwise) follow. Bound:
     /// 1.2·(4·L·ε·κ·(|x̂·γ| + |γ|) + 2ε|β|) + 2e-6·(1 + |y|).
-    #[allow(clippy::too_many_arguments)]
     fn check(shape: &[usize], groups: usize, affine: bool, act: Act, offset: f32, seed: u64) {
+        for one in [true, false] {
+            check_path(shape, groups, affine, act, offset, seed, one);
+        }
+    }
+
+    /// [`check`] on the one-dispatch kernel (where the group fits it) or the three-dispatch
+    /// path.
+    #[allow(clippy::too_many_arguments)]
+    fn check_path(
+        shape: &[usize],
+        groups: usize,
+        affine: bool,
+        act: Act,
+        offset: f32,
+        seed: u64,
+        one: bool,
+    ) {
         let g = gpu();
         let (n, c) = (shape[0], shape[1]);
         let s: usize = shape[2..].iter().product();
@@ -427,13 +543,14 @@ mod tests {
         let x = Tensor::from_slice(&g, &xv, shape).unwrap();
         let gt = Tensor::from_slice(&g, &gv, &[c]).unwrap();
         let bt = Tensor::from_slice(&g, &bv, &[c]).unwrap();
-        let y = group_norm(
+        let (y, _) = group_norm_path(
             &x,
             groups,
             affine.then_some(&gt),
             affine.then_some(&bt),
             1e-6,
             act,
+            one,
         )
         .unwrap();
         assert_eq!(y.shape(), shape);
@@ -463,8 +580,8 @@ mod tests {
             let err = (got[i] as f64 - want[i]).abs();
             assert!(
                 err <= tol,
-                "{shape:?} groups {groups} affine {affine} {act:?}: element {i} got {} want {} \
-                 (err {err:e} > tol {tol:e})",
+                "{shape:?} groups {groups} affine {affine} {act:?} one {one}: element {i} got {} \
+                 want {} (err {err:e} > tol {tol:e})",
                 got[i],
                 want[i]
             );
@@ -574,10 +691,27 @@ mod tests {
         } = operands(shape, seed);
         let numel = n * c * s;
         let (ga, ba) = (affine.then_some(&gt), affine.then_some(&bt));
-        let got = group_norm_act_backward(&x, groups, ga, ba, 1e-6, act, &dy)
-            .unwrap()
-            .to_vec()
-            .unwrap();
+        // Statistics from either forward path, dx from either backward path (the one-
+        // dispatch layout always takes the one-dispatch backward).
+        let multi = statistics(&x, groups, 1e-6).unwrap();
+        let (_, one_st) = group_norm_path(&x, groups, ga, ba, 1e-6, act, true).unwrap();
+        let one_st = one_st.unwrap();
+        let runs: Vec<(&str, Vec<f32>)> = [
+            ("passes, passes", &multi, false),
+            ("passes, one", &multi, true),
+            ("one, one", &one_st, true),
+        ]
+        .into_iter()
+        .map(|(name, st, one)| {
+            let (dx, ..) = backward_path(&x, st, ga, ba, act, &dy, false, one).unwrap();
+            (name, dx.to_vec().unwrap())
+        })
+        .collect();
+        let public = group_norm_act_backward(&x, groups, ga, ba, 1e-6, act, &dy).unwrap();
+        // The public entry recomputes the statistics by the passes, then takes the device's
+        // backward path.
+        let public_run = if one_dispatch_on(x.gpu()) { 1 } else { 0 };
+        assert_eq!(public.to_vec().unwrap(), runs[public_run].1);
         let g64: Vec<f64> = gv.iter().map(|&v| v as f64).collect();
         let b64: Vec<f64> = bv.iter().map(|&v| v as f64).collect();
         let f = |xs: &[f64]| -> f64 {
@@ -598,12 +732,15 @@ mod tests {
             let down = f(&xs);
             xs[i] = x0;
             let want = (up - down) / (2.0 * h);
-            let err = (got[i] as f64 - want).abs();
-            assert!(
-                err <= 1e-4 + 1e-3 * want.abs(),
-                "{shape:?} groups {groups} affine {affine} {act:?}: dx[{i}] {} vs {want}",
-                got[i]
-            );
+            for (name, got) in &runs {
+                let err = (got[i] as f64 - want).abs();
+                assert!(
+                    err <= 1e-4 + 1e-3 * want.abs(),
+                    "{shape:?} groups {groups} affine {affine} {act:?} ({name}): dx[{i}] {} vs \
+                     {want}",
+                    got[i]
+                );
+            }
         }
     }
 
@@ -637,6 +774,12 @@ mod tests {
     /// against the f64 formulas (`dγ[c] = Σ dy·x̂`, `dβ[c] = Σ dy`, dx as in the fused
     /// backward), on channels long enough for several loop chunks in `gnb_params`.
     fn check_param_grads(shape: &[usize], groups: usize, seed: u64) {
+        for one in [true, false] {
+            check_param_grads_path(shape, groups, seed, one);
+        }
+    }
+
+    fn check_param_grads_path(shape: &[usize], groups: usize, seed: u64, one: bool) {
         let Operands {
             n,
             c,
@@ -651,11 +794,10 @@ mod tests {
             ..
         } = operands(shape, seed);
         let numel = n * c * s;
-        let (_, st) = group_norm_saving(&x, groups, Some(&gt), Some(&bt), 1e-6, Act::None).unwrap();
+        let (gs, bs) = (Some(&gt), Some(&bt));
+        let (_, st) = group_norm_path(&x, groups, gs, bs, 1e-6, Act::None, one).unwrap();
         let st = st.unwrap();
-        let (dx, dgam, dbet) =
-            group_norm_act_backward_with(&x, &st, Some(&gt), Some(&bt), Act::None, &dy, true)
-                .unwrap();
+        let (dx, dgam, dbet) = backward_path(&x, &st, gs, bs, Act::None, &dy, true, one).unwrap();
         let (dx, dgam, dbet) = (
             dx.to_vec().unwrap(),
             dgam.unwrap().to_vec().unwrap(),
