@@ -54,12 +54,60 @@ pub fn upsample_nearest2(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Backward of [`upsample_nearest2`]'s `y[n, c, i, j] = x[n, c, i/2, j/2]`: each input pixel
-/// gets the sum of the 2×2 block it was copied to. `g` is `[N, C, 2H, 2W]` → `[N, C, H, W]`.
+/// gets the sum of the 2×2 block it was copied to, in one pass over `g` (a permuted copy and
+/// a row sum before: 4 of a generation step's per-step permutes). `g` is `[N, C, 2H, 2W]` →
+/// `[N, C, H, W]`.
 pub fn upsample_nearest2_backward(g: &Tensor) -> Result<Tensor> {
-    let (n, c, h2, w2) = (g.dim(0), g.dim(1), g.dim(2), g.dim(3));
-    let (h, w) = (h2 / 2, w2 / 2);
-    let t = super::permute::permute(&g.reshape(&[n, c, h, 2, w, 2])?, &[0, 1, 2, 4, 3, 5])?;
-    super::reduce::sum(&t.reshape(&[n * c * h * w, 4])?, 1)?.reshape(&[n, c, h, w])
+    g.expect_f32("upsample gradient")?;
+    if g.rank() != 4 || g.dim(2) % 2 != 0 || g.dim(3) % 2 != 0 {
+        return Err(Error::shape(format!(
+            "upsample backward needs [N, C, 2H, 2W], got {:?}",
+            g.shape()
+        )));
+    }
+    let (n, c, h, w) = (g.dim(0), g.dim(1), g.dim(2) / 2, g.dim(3) / 2);
+    let dx = Tensor::empty(g.gpu(), &[n, c, h, w], DType::F32)?;
+    let total = dx.numel();
+    if total == 0 {
+        return Ok(dx);
+    }
+    if g.numel() > u32::MAX as usize {
+        return Err(Error::shape(
+            "upsample gradient has more than 2^32 elements",
+        ));
+    }
+    let p = Params {
+        total: total as u32,
+        h: h as u32,
+        w: w as u32,
+        _pad: 0,
+    };
+    g.gpu().dispatch(
+        &Kernel::new(&SHADER, "upsample_nearest2_backward"),
+        &p,
+        &[g.binding(), dx.binding()],
+        grid_1d((total as u32).div_ceil(256)),
+    );
+    Ok(dx)
+}
+
+/// CPU reference of [`upsample_nearest2_backward`] on `[N·C, 2H, 2W]` data, in f64.
+pub fn reference_backward(g: &[f32], nc: usize, h: usize, w: usize) -> Vec<f64> {
+    let at = |p: usize, i: usize, j: usize| g[(p * 2 * h + i) * 2 * w + j] as f64;
+    let mut dx = Vec::with_capacity(nc * h * w);
+    for p in 0..nc {
+        for i in 0..h {
+            for j in 0..w {
+                dx.push(
+                    at(p, 2 * i, 2 * j)
+                        + at(p, 2 * i, 2 * j + 1)
+                        + at(p, 2 * i + 1, 2 * j)
+                        + at(p, 2 * i + 1, 2 * j + 1),
+                );
+            }
+        }
+    }
+    dx
 }
 
 /// CPU reference of [`upsample_nearest2`] on `[N, C, H, W]` data.
@@ -115,6 +163,33 @@ mod tests {
         let x = Tensor::from_slice(&g, &xv, &[1, 1, h, w]).unwrap();
         let y = upsample_nearest2(&x).unwrap().to_vec().unwrap();
         assert_eq!(y, reference(&xv, 1, h, w));
+    }
+
+    #[test]
+    fn backward_sums_each_block() {
+        // Three additions of f32 values: within 3 ulp of the largest partial sum.
+        let g = gpu();
+        for (i, &(n, c, h, w)) in [(1, 1, 1, 1), (2, 3, 5, 7), (1, 4, 33, 17), (1, 2, 300, 300)]
+            .iter()
+            .enumerate()
+        {
+            let gv = rand_vec(n * c * 4 * h * w, 50 + i as u64);
+            let gt = Tensor::from_slice(&g, &gv, &[n, c, 2 * h, 2 * w]).unwrap();
+            let dx = upsample_nearest2_backward(&gt).unwrap();
+            assert_eq!(dx.shape(), &[n, c, h, w]);
+            let got = dx.to_vec().unwrap();
+            let want = reference_backward(&gv, n * c, h, w);
+            for (k, (&a, &b)) in got.iter().zip(&want).enumerate() {
+                let tol = 3.0 * f32::EPSILON as f64 * 4.0;
+                assert!(
+                    (a as f64 - b).abs() <= tol,
+                    "{n} {c} {h} {w}: {k}: {a} vs {b}"
+                );
+            }
+        }
+        let odd = Tensor::zeros(&g, &[1, 1, 3, 4]).unwrap();
+        let e = upsample_nearest2_backward(&odd).unwrap_err().to_string();
+        assert!(e.contains("[1, 1, 3, 4]"), "{e}");
     }
 
     #[test]
