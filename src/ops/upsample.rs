@@ -59,7 +59,7 @@ pub fn upsample_nearest2(x: &Tensor) -> Result<Tensor> {
 /// `[N, C, H, W]`.
 pub fn upsample_nearest2_backward(g: &Tensor) -> Result<Tensor> {
     g.expect_f32("upsample gradient")?;
-    if g.rank() != 4 || g.dim(2) % 2 != 0 || g.dim(3) % 2 != 0 {
+    if g.rank() != 4 || !g.dim(2).is_multiple_of(2) || !g.dim(3).is_multiple_of(2) {
         return Err(Error::shape(format!(
             "upsample backward needs [N, C, 2H, 2W], got {:?}",
             g.shape()
