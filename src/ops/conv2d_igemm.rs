@@ -96,7 +96,7 @@ pub(crate) fn try_conv2d(
 ) -> Result<Option<Tensor>> {
     let shape = [w.dim(0), w.dim(1), w.dim(2), w.dim(3)];
     run(x, shape, o, dims, || {
-        x.gpu().derived("conv2d_igemm_packed", &[w], || pack(w))
+        packed(w, false, 4, "conv2d_igemm_packed")
     })
 }
 
@@ -111,22 +111,37 @@ pub(crate) fn try_conv2d_flipped(
 ) -> Result<Option<Tensor>> {
     let shape = [w.dim(1), w.dim(0), w.dim(2), w.dim(3)];
     run(g, shape, o, dims, || {
-        g.gpu().derived("conv2d_igemm_packed_flipped", &[w], || {
-            pack(&super::conv2d::flip_transpose(w)?)
-        })
+        packed(w, true, 4, "conv2d_igemm_packed_flipped")
     })
 }
 
-/// `w` `[Cout, Cin, KH, KW]` as `[Cout, KH, KW, Cin4]`, zero-filled past Cin.
-fn pack(w: &Tensor) -> Result<Tensor> {
+/// `w` `[Cout, Cin, KH, KW]` as `[Cout, KH, KW, Cin']`, Cin' = Cin rounded up to `multiple`
+/// and zero-filled past Cin: the weight layout of both implicit-GEMM kernels (4 here, 8 for
+/// [`super::conv2d_igemm_tiled`]).
+pub(super) fn pack(w: &Tensor, multiple: usize) -> Result<Tensor> {
     let (cout, cin, kh, kw) = (w.dim(0), w.dim(1), w.dim(2), w.dim(3));
-    let cin4 = cin.next_multiple_of(4);
+    let padded = cin.next_multiple_of(multiple);
     let t = super::permute::permute(w, &[0, 2, 3, 1])?;
-    if cin4 == cin {
+    if padded == cin {
         return Ok(t);
     }
-    let zeros = Tensor::zeros(w.gpu(), &[cout, kh, kw, cin4 - cin])?;
+    let zeros = Tensor::zeros(w.gpu(), &[cout, kh, kw, padded - cin])?;
     super::concat::concat(&[&t, &zeros], 3)
+}
+
+/// [`pack`] of `w`, or (`flipped`) of the input gradient's weight `w'[c, o, ky, kx] = w[o, c,
+/// KH−1−ky, KW−1−kx]`, made once per weight and kept in the derived cache under `kind` (the
+/// flipped weight itself is not kept).
+pub(super) fn packed(
+    w: &Tensor,
+    flipped: bool,
+    multiple: usize,
+    kind: &'static str,
+) -> Result<Tensor> {
+    w.gpu().derived(kind, &[w], || match flipped {
+        true => pack(&super::conv2d::flip_transpose(w)?, multiple),
+        false => pack(w, multiple),
+    })
 }
 
 /// The dispatch, for a weight of `shape` `[Cout, Cin, KH, KW]` whose packed form `packed`

@@ -10,6 +10,7 @@
 //! does not fit.
 
 use super::conv2d::Conv2dOpts;
+use super::conv2d_igemm::packed;
 use crate::gpu::{Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::Result;
@@ -106,8 +107,7 @@ pub(crate) fn try_conv2d(
 ) -> Result<Option<Tensor>> {
     let shape = [w.dim(0), w.dim(1), w.dim(2), w.dim(3)];
     run(x, shape, o, dims, k_split(x), || {
-        x.gpu()
-            .derived("conv2d_igemm_tiled_packed", &[w], || pack(w))
+        packed(w, false, BK, "conv2d_igemm_tiled_packed")
     })
 }
 
@@ -122,10 +122,7 @@ pub(crate) fn try_conv2d_flipped(
 ) -> Result<Option<Tensor>> {
     let shape = [w.dim(1), w.dim(0), w.dim(2), w.dim(3)];
     run(g, shape, o, dims, k_split(g), || {
-        g.gpu()
-            .derived("conv2d_igemm_tiled_packed_flipped", &[w], || {
-                pack(&super::conv2d::flip_transpose(w)?)
-            })
+        packed(w, true, BK, "conv2d_igemm_tiled_packed_flipped")
     })
 }
 
@@ -136,18 +133,6 @@ fn k_split(x: &Tensor) -> usize {
     } else {
         usize::MAX
     }
-}
-
-/// `w` `[Cout, Cin, KH, KW]` as `[Cout, KH, KW, Cin8]`, zero-filled past Cin.
-fn pack(w: &Tensor) -> Result<Tensor> {
-    let (cout, cin, kh, kw) = (w.dim(0), w.dim(1), w.dim(2), w.dim(3));
-    let cin8 = cin.next_multiple_of(BK);
-    let t = super::permute::permute(w, &[0, 2, 3, 1])?;
-    if cin8 == cin {
-        return Ok(t);
-    }
-    let zeros = Tensor::zeros(w.gpu(), &[cout, kh, kw, cin8 - cin])?;
-    super::concat::concat(&[&t, &zeros], 3)
 }
 
 /// The dispatches, for a weight of `shape` `[Cout, Cin, KH, KW]` whose packed form `packed`
@@ -252,9 +237,11 @@ mod tests {
         let what = format!("implicit-tiled, K split {split}");
         check_with(s, bias, res, seed, &what, &|x, w, o| {
             let shape = [w.dim(0), w.dim(1), w.dim(2), w.dim(3)];
-            run(x, shape, o, dims(&s), split, || pack(w))
-                .unwrap()
-                .expect("the tiled kernel applies")
+            run(x, shape, o, dims(&s), split, || {
+                super::super::conv2d_igemm::pack(w, BK)
+            })
+            .unwrap()
+            .expect("the tiled kernel applies")
         });
     }
 
