@@ -72,36 +72,24 @@ const NEG_BIG: f32 = -3.4028234663852886e38;
 // Four values of a row starting at `base` (k and v: relative to k_off and v_off), from dim
 // 4c; dims past D read as 0.
 fn ld4q(base: u32, c: u32) -> vec4<f32> {
-    let d = 4u * c;
-    if D_MULT4 {
-        return vec4<f32>(q[base + d], q[base + d + 1u], q[base + d + 2u], q[base + d + 3u]);
-    }
-    let last = p.d - 1u;
-    let r = vec4<f32>(q[base + min(d, last)], q[base + min(d + 1u, last)],
-                      q[base + min(d + 2u, last)], q[base + min(d + 3u, last)]);
-    return select(vec4<f32>(0.0), r, vec4<u32>(d, d + 1u, d + 2u, d + 3u) < vec4<u32>(p.d));
+    let i = row4_at(base, c);
+    return row4_mask(c, vec4<f32>(q[i.x], q[i.y], q[i.z], q[i.w]));
 }
 fn ld4k(rel: u32, c: u32) -> vec4<f32> {
     let base = rel + p.k_off;
-    let d = 4u * c;
     if D_MULT4 {
         return k4[base / 4u + c];
     }
-    let last = p.d - 1u;
-    let r = vec4<f32>(k[base + min(d, last)], k[base + min(d + 1u, last)],
-                      k[base + min(d + 2u, last)], k[base + min(d + 3u, last)]);
-    return select(vec4<f32>(0.0), r, vec4<u32>(d, d + 1u, d + 2u, d + 3u) < vec4<u32>(p.d));
+    let i = row4_at(base, c);
+    return row4_mask(c, vec4<f32>(k[i.x], k[i.y], k[i.z], k[i.w]));
 }
 fn ld4v(rel: u32, c: u32) -> vec4<f32> {
     let base = rel + p.v_off;
-    let d = 4u * c;
     if D_MULT4 {
         return v4[base / 4u + c];
     }
-    let last = p.d - 1u;
-    let r = vec4<f32>(v[base + min(d, last)], v[base + min(d + 1u, last)],
-                      v[base + min(d + 2u, last)], v[base + min(d + 3u, last)]);
-    return select(vec4<f32>(0.0), r, vec4<u32>(d, d + 1u, d + 2u, d + 3u) < vec4<u32>(p.d));
+    let i = row4_at(base, c);
+    return row4_mask(c, vec4<f32>(v[i.x], v[i.y], v[i.z], v[i.w]));
 }
 
 @compute @workgroup_size(WGQ)

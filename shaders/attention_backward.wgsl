@@ -71,47 +71,23 @@ const TILE4: u32 = 512u;
 var<workgroup> ta: array<vec4<f32>, TILE4>;   // attn_bwd_kv: q rows; attn_bwd_q: k rows
 var<workgroup> tb: array<vec4<f32>, TILE4>;   // attn_bwd_kv: dO rows; attn_bwd_q: v rows
 
-// Four values of a row starting at `base`, from dim 4c; dims past D read as 0.
+// Four values of a row starting at `base`, from dim 4c; dims past D read as 0
+// (shaders/lib/head_row.wgsl).
 fn ld_q(base: u32, c: u32) -> vec4<f32> {
-    let d = 4u * c;
-    if D_MULT4 {
-        return vec4<f32>(q[base + d], q[base + d + 1u], q[base + d + 2u], q[base + d + 3u]);
-    }
-    let last = p.d - 1u;
-    let r = vec4<f32>(q[base + min(d, last)], q[base + min(d + 1u, last)],
-                      q[base + min(d + 2u, last)], q[base + min(d + 3u, last)]);
-    return select(vec4<f32>(0.0), r, vec4<u32>(d, d + 1u, d + 2u, d + 3u) < vec4<u32>(p.d));
+    let i = row4_at(base, c);
+    return row4_mask(c, vec4<f32>(q[i.x], q[i.y], q[i.z], q[i.w]));
 }
 fn ld_k(base: u32, c: u32) -> vec4<f32> {
-    let d = 4u * c;
-    if D_MULT4 {
-        return vec4<f32>(k[base + d], k[base + d + 1u], k[base + d + 2u], k[base + d + 3u]);
-    }
-    let last = p.d - 1u;
-    let r = vec4<f32>(k[base + min(d, last)], k[base + min(d + 1u, last)],
-                      k[base + min(d + 2u, last)], k[base + min(d + 3u, last)]);
-    return select(vec4<f32>(0.0), r, vec4<u32>(d, d + 1u, d + 2u, d + 3u) < vec4<u32>(p.d));
+    let i = row4_at(base, c);
+    return row4_mask(c, vec4<f32>(k[i.x], k[i.y], k[i.z], k[i.w]));
 }
 fn ld_v(base: u32, c: u32) -> vec4<f32> {
-    let d = 4u * c;
-    if D_MULT4 {
-        return vec4<f32>(v[base + d], v[base + d + 1u], v[base + d + 2u], v[base + d + 3u]);
-    }
-    let last = p.d - 1u;
-    let r = vec4<f32>(v[base + min(d, last)], v[base + min(d + 1u, last)],
-                      v[base + min(d + 2u, last)], v[base + min(d + 3u, last)]);
-    return select(vec4<f32>(0.0), r, vec4<u32>(d, d + 1u, d + 2u, d + 3u) < vec4<u32>(p.d));
+    let i = row4_at(base, c);
+    return row4_mask(c, vec4<f32>(v[i.x], v[i.y], v[i.z], v[i.w]));
 }
 fn ld_do(base: u32, c: u32) -> vec4<f32> {
-    let d = 4u * c;
-    if D_MULT4 {
-        return vec4<f32>(dout[base + d], dout[base + d + 1u], dout[base + d + 2u],
-                         dout[base + d + 3u]);
-    }
-    let last = p.d - 1u;
-    let r = vec4<f32>(dout[base + min(d, last)], dout[base + min(d + 1u, last)],
-                      dout[base + min(d + 2u, last)], dout[base + min(d + 3u, last)]);
-    return select(vec4<f32>(0.0), r, vec4<u32>(d, d + 1u, d + 2u, d + 3u) < vec4<u32>(p.d));
+    let i = row4_at(base, c);
+    return row4_mask(c, vec4<f32>(dout[i.x], dout[i.y], dout[i.z], dout[i.w]));
 }
 
 // Where row `t` of (b, h) goes: the strided tensor, or its split's partial row.

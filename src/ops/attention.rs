@@ -26,6 +26,7 @@ mod ov {
 pub(crate) static SHADER: Shader<Params> = crate::shader!(
     "attention",
     "grid",
+    "head_row",
     overrides = [
         ov::WGQ,
         ov::CAUSAL,

@@ -34,6 +34,7 @@ mod ov {
 pub(crate) static SHADER: Shader<Params> = crate::shader!(
     "attention_backward",
     "grid",
+    "head_row",
     overrides = [ov::WG, ov::CAUSAL, ov::SPLIT, ov::D_MULT4, ov::D4, ov::WGE]
 );
 
