@@ -30,27 +30,38 @@ pub fn upsample_nearest2(x: &Tensor) -> Result<Tensor> {
         )));
     }
     let (n, c, h, w) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
-    let y = Tensor::empty(x.gpu(), &[n, c, 2 * h, 2 * w], DType::F32)?;
-    let total = y.numel();
+    run("upsample_nearest2", x, [n, c, 2 * h, 2 * w], [h, w])
+}
+
+/// Runs `entry` on `src` with one invocation per element of a new `out_shape` tensor, which
+/// it returns; `hw` is the small side's height and width (the upsample's input, its
+/// gradient's output).
+fn run(entry: &'static str, src: &Tensor, out_shape: [usize; 4], hw: [usize; 2]) -> Result<Tensor> {
+    let out = Tensor::empty(src.gpu(), &out_shape, DType::F32)?;
+    let total = out.numel();
     if total == 0 {
-        return Ok(y);
+        return Ok(out);
     }
-    if total > u32::MAX as usize {
-        return Err(Error::shape("upsample output has more than 2^32 elements"));
+    // The large side has 4 × the small side's elements.
+    if 4 * total.min(src.numel()) > u32::MAX as usize {
+        return Err(Error::shape(format!(
+            "upsample {:?} -> {out_shape:?} has more than 2^32 elements",
+            src.shape()
+        )));
     }
     let p = Params {
         total: total as u32,
-        h: h as u32,
-        w: w as u32,
+        h: hw[0] as u32,
+        w: hw[1] as u32,
         _pad: 0,
     };
-    x.gpu().dispatch(
-        &Kernel::new(&SHADER, "upsample_nearest2"),
+    src.gpu().dispatch(
+        &Kernel::new(&SHADER, entry),
         &p,
-        &[x.binding(), y.binding()],
+        &[src.binding(), out.binding()],
         grid_1d((total as u32).div_ceil(256)),
     );
-    Ok(y)
+    Ok(out)
 }
 
 /// Backward of [`upsample_nearest2`]'s `y[n, c, i, j] = x[n, c, i/2, j/2]`: each input pixel
@@ -66,29 +77,7 @@ pub fn upsample_nearest2_backward(g: &Tensor) -> Result<Tensor> {
         )));
     }
     let (n, c, h, w) = (g.dim(0), g.dim(1), g.dim(2) / 2, g.dim(3) / 2);
-    let dx = Tensor::empty(g.gpu(), &[n, c, h, w], DType::F32)?;
-    let total = dx.numel();
-    if total == 0 {
-        return Ok(dx);
-    }
-    if g.numel() > u32::MAX as usize {
-        return Err(Error::shape(
-            "upsample gradient has more than 2^32 elements",
-        ));
-    }
-    let p = Params {
-        total: total as u32,
-        h: h as u32,
-        w: w as u32,
-        _pad: 0,
-    };
-    g.gpu().dispatch(
-        &Kernel::new(&SHADER, "upsample_nearest2_backward"),
-        &p,
-        &[g.binding(), dx.binding()],
-        grid_1d((total as u32).div_ceil(256)),
-    );
-    Ok(dx)
+    run("upsample_nearest2_backward", g, [n, c, h, w], [h, w])
 }
 
 /// CPU reference of [`upsample_nearest2_backward`] on `[N·C, 2H, 2W]` data, in f64.
