@@ -4,7 +4,8 @@
 
 use crate::autodiff::{Tape, Var};
 use crate::nn::{attend, Conv2d, GroupNorm};
-use crate::ops::Act;
+use crate::ops::attention_backward::{fused_fits, path, Path};
+use crate::ops::{Act, MatmulOpts};
 use crate::weights::Loader;
 use crate::Result;
 
@@ -95,22 +96,70 @@ impl AttnBlock {
         })
     }
 
-    /// `x`: `[N, C, H, W]` -> `[N, C, H, W]`.
+    /// `x`: `[N, C, H, W]` -> `[N, C, H, W]`. The attention runs in the layout its path
+    /// reads without copies ([`crate::ops::attention_backward::path`]): the composed path
+    /// (products, softmax, products) works on the channels-major map as taming does, the
+    /// fused kernels on positions-major tokens.
     pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
-        let (n, c, h, w) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+        let c = x.shape()[1];
+        let gpu = x.value().gpu();
         let hn = self.norm.forward(tape, x, Act::None)?;
-        // Positions-major [N, HW, C]: q/k/v are then plain linear layers and the attention
-        // runs on the [B, T, H·D] layout with one head of width C.
-        let t = tape.permute(&tape.reshape(&hn, &[n, c, h * w])?, &[0, 2, 1])?;
-        drop(hn);
+        let o = if path(gpu) == Path::Fused && fused_fits(gpu, c) {
+            self.attend_tokens(tape, &hn)?
+        } else {
+            self.attend_channels(tape, &hn)?
+        };
+        self.proj_out.forward(tape, &o, Some(x))
+    }
+
+    /// Attention over the channels-major `hn` `[N, C, H, W]`, no permuted copy made: q, k
+    /// and v are 1×1 convolutions of the map (`[N, C, T]` viewed flat), the scores
+    /// `qᵀk / √C` `[N, T, T]` and the output `v pᵀ` `[N, C, T]` are products that read
+    /// that layout through their transpose flags.
+    fn attend_channels(&self, tape: &Tape, hn: &Var) -> Result<Var> {
+        let (n, c, h, w) = (hn.shape()[0], hn.shape()[1], hn.shape()[2], hn.shape()[3]);
+        let flat = |conv: &Conv2d| -> Result<Var> {
+            let y = conv.forward(tape, hn, None)?;
+            tape.reshape(&y, &[n, c, h * w])
+        };
+        let (q, k) = (flat(&self.q)?, flat(&self.k)?);
+        let scores = tape.matmul(
+            &q,
+            &k,
+            None,
+            &MatmulOpts {
+                trans_a: true,
+                alpha: Some((c as f32).powf(-0.5)),
+                ..Default::default()
+            },
+        )?;
+        drop((q, k));
+        let p = tape.softmax(&scores, 1.0)?;
+        drop(scores);
+        let o = tape.matmul(
+            &flat(&self.v)?,
+            &p,
+            None,
+            &MatmulOpts {
+                trans_b: true,
+                ..Default::default()
+            },
+        )?;
+        tape.reshape(&o, &[n, c, h, w])
+    }
+
+    /// Attention over positions-major tokens `[N, H·W, C]` (one head of width C), the
+    /// layout the fused kernels read: the map is permuted in and the output back out.
+    fn attend_tokens(&self, tape: &Tape, hn: &Var) -> Result<Var> {
+        let (n, c, h, w) = (hn.shape()[0], hn.shape()[1], hn.shape()[2], hn.shape()[3]);
+        let t = tape.permute(&tape.reshape(hn, &[n, c, h * w])?, &[0, 2, 1])?;
         let q = self.q.forward_tokens(tape, &t)?;
         let k = self.k.forward_tokens(tape, &t)?;
         let v = self.v.forward_tokens(tape, &t)?;
         drop(t);
         let o = attend(tape, &q, &k, &v, 1, false)?;
         drop((q, k, v));
-        let o = tape.reshape(&tape.permute(&o, &[0, 2, 1])?, &[n, c, h, w])?;
-        self.proj_out.forward(tape, &o, Some(x))
+        tape.reshape(&tape.permute(&o, &[0, 2, 1])?, &[n, c, h, w])
     }
 }
 
