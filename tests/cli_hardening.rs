@@ -167,3 +167,32 @@ fn a_closed_stdout_is_not_a_panic() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// A kernel override set to a value it does not take stops the command with an error that
+/// names the variable and its values, before any work; an accepted value runs.
+#[test]
+fn a_misspelt_kernel_override_is_an_error() {
+    for (var, bad, want) in [
+        ("VQCLIP_CONV", "implict", "implicit-tiled"),
+        ("VQCLIP_MATMUL", "fastest", "tile128"),
+        ("VQCLIP_ATTENTION", "flash", "composed"),
+        ("VQCLIP_GROUP_NORM", "single", "passes"),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_vqclip"))
+            .arg("info")
+            .env(var, bad)
+            .output()
+            .expect("run vqclip");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{var}={bad} should fail");
+        assert!(err.contains(var) && err.contains(want), "{var}: {err}");
+        assert!(!err.contains("panicked"), "{var}: {err}");
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_vqclip"))
+        .arg("info")
+        .env("VQCLIP_CONV", "im2col")
+        .env("VQCLIP_GROUP_NORM", "")
+        .output()
+        .expect("run vqclip");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

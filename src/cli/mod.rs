@@ -97,6 +97,9 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    // A misspelt kernel override (VQCLIP_CONV=implict) stops here, before any work, rather
+    // than timing or running the default in its place.
+    vqclip::ops::env::check_all()?;
     match cli.cmd {
         Command::Info(a) => info::run(&cli.device, a),
         Command::Bench(b) => bench::run(&cli.device, b),

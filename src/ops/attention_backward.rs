@@ -116,10 +116,7 @@ pub const TUNING_KEY: &str = "attention";
 /// lavapipe keeps in memory. GPUs get the fused kernels (rows staged in workgroup memory,
 /// no permutes, no `[Tq, Tk]` probabilities kept); not measured on one yet.
 pub fn path(gpu: &Gpu) -> Path {
-    if let Some(p) = std::env::var("VQCLIP_ATTENTION")
-        .ok()
-        .and_then(|s| Path::parse(&s))
-    {
+    if let Some(p) = super::env::ATTENTION.get().and_then(|s| Path::parse(&s)) {
         return p;
     }
     if let Some(p) = gpu.tuning(TUNING_KEY).and_then(|s| Path::parse(&s)) {

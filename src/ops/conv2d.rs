@@ -152,14 +152,14 @@ impl Variant {
     /// does); [`Variant::Im2col`] on the remaining CPU adapters (2-4x the direct kernels on
     /// lavapipe).
     pub fn for_shape(gpu: &crate::Gpu, kh: usize, kw: usize, stride: usize) -> Variant {
-        match std::env::var("VQCLIP_CONV").as_deref() {
-            Ok("direct") => return Self::direct(kh, kw, stride),
-            Ok(s) => {
+        match super::env::CONV.get().as_deref() {
+            Some("direct") => return Self::direct(kh, kw, stride),
+            Some(s) => {
                 if let Some(v) = Self::parse(s) {
                     return v;
                 }
             }
-            Err(_) => {}
+            None => {}
         }
         if let Some(v) = gpu.tuning(TUNING_KEY).and_then(|s| Self::parse(&s)) {
             return v;
@@ -184,16 +184,17 @@ impl Variant {
 
     /// The variant named `s` ([`Variant::name`]).
     pub fn parse(s: &str) -> Option<Variant> {
-        [
-            Variant::Generic,
-            Variant::Conv3x3,
-            Variant::Im2col,
-            Variant::Implicit,
-            Variant::ImplicitTiled,
-        ]
-        .into_iter()
-        .find(|v| v.name() == s)
+        Variant::ALL.into_iter().find(|v| v.name() == s)
     }
+
+    /// Every variant.
+    pub const ALL: [Variant; 5] = [
+        Variant::Generic,
+        Variant::Conv3x3,
+        Variant::Im2col,
+        Variant::Implicit,
+        Variant::ImplicitTiled,
+    ];
 
     /// The fastest direct kernel for the shape.
     pub fn direct(kh: usize, kw: usize, stride: usize) -> Variant {

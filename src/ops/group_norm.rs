@@ -120,9 +120,9 @@ fn one_dispatch_fits(m: usize, s: usize) -> bool {
 /// norm with swish on 128×256×256 in 60-62 ms against 44-45 ms for the three passes, whose
 /// many barrier-free invocations suit it better than 32 workgroups with barriers).
 fn one_dispatch_on(gpu: &crate::Gpu) -> bool {
-    match std::env::var("VQCLIP_GROUP_NORM").as_deref() {
-        Ok("one") => true,
-        Ok("passes") => false,
+    match super::env::GROUP_NORM.get().as_deref() {
+        Some("one") => true,
+        Some("passes") => false,
         _ => !gpu.is_cpu(),
     }
 }

@@ -225,10 +225,7 @@ impl ShapeClass {
 /// for large products and 64-wide ones for skinny products, which would leave most of a 128
 /// tile idle.
 pub fn variant_for(gpu: &Gpu, class: ShapeClass) -> Variant {
-    if let Some(v) = std::env::var("VQCLIP_MATMUL")
-        .ok()
-        .and_then(|s| Variant::parse(&s))
-    {
+    if let Some(v) = super::env::MATMUL.get().and_then(|s| Variant::parse(&s)) {
         return v;
     }
     let tuned = |key: &str| gpu.tuning(key).and_then(|s| Variant::parse(&s));

@@ -12,6 +12,7 @@ pub mod conv2d;
 pub mod conv2d_igemm;
 pub mod conv2d_igemm_tiled;
 pub mod elementwise;
+pub mod env;
 pub mod gather;
 pub mod group_norm;
 pub mod l2_normalize;
