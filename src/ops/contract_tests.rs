@@ -25,6 +25,7 @@ fn all() -> Vec<Contract> {
         layer_norm::BACKWARD.contract(),
         matmul::SHADER.contract(),
         matmul::SUBGROUP_SHADER.contract(),
+        matmul_split::SHADER.contract(),
         permute::SHADER.contract(),
         reduce::SHADER.contract(),
         softmax::SHADER.contract(),

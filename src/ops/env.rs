@@ -1,5 +1,5 @@
 //! The environment variables that force a kernel path (`VQCLIP_MATMUL`, `VQCLIP_CONV`,
-//! `VQCLIP_ATTENTION`, `VQCLIP_GROUP_NORM`): the one place that reads them and knows the
+//! `VQCLIP_ATTENTION`, `VQCLIP_GROUP_NORM`, `VQCLIP_SPLIT_K`): the one place that reads them and knows the
 //! values each takes, so that a misspelt value is reported instead of silently running the
 //! default (a benchmark of `VQCLIP_CONV=implict` would otherwise time the wrong kernel).
 
@@ -62,8 +62,15 @@ pub const GROUP_NORM: Override = Override {
     values: || vec!["one", "passes"],
 };
 
+/// `VQCLIP_SPLIT_K`: `on` or `off` (see [`super::matmul_split::slices`]).
+pub const SPLIT_K: Override = Override {
+    var: "VQCLIP_SPLIT_K",
+    what: "whether products with few output tiles split K",
+    values: || vec!["on", "off"],
+};
+
 /// Every override variable.
-pub const ALL: [Override; 4] = [MATMUL, CONV, ATTENTION, GROUP_NORM];
+pub const ALL: [Override; 5] = [MATMUL, CONV, ATTENTION, GROUP_NORM, SPLIT_K];
 
 impl Override {
     /// The variable's value if it is set to an accepted one; `None` if it is unset or empty.

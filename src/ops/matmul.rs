@@ -1,6 +1,7 @@
 //! Batched matrix multiply with fused bias, activation, scale and residual:
 //! `C = act(alpha * op(A) @ op(B) + bias) + residual` (`shaders/matmul.wgsl`).
 
+use super::matmul_split::Split;
 use super::Act;
 use crate::gpu::{Gpu, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
@@ -260,12 +261,31 @@ fn vec4_applies(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> b
 /// `trans_b`). Leading (batch) dims must be equal, or one side has none and is broadcast.
 /// Returns `[.., M, N]`.
 pub fn matmul(a: &Tensor, b: &Tensor, o: &MatmulOpts) -> Result<Tensor> {
-    matrix(matmul_impl(a, b, o, None, Output::Matrix)?)
+    matrix(matmul_impl(a, b, o, None, Output::Matrix, Split::Auto)?)
 }
 
 /// [`matmul`] with an explicit kernel variant (benches and tests).
 pub fn matmul_variant(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Variant) -> Result<Tensor> {
-    matrix(matmul_impl(a, b, o, Some(v), Output::Matrix)?)
+    matrix(matmul_impl(a, b, o, Some(v), Output::Matrix, Split::Auto)?)
+}
+
+/// [`matmul_variant`] with K in `slices` parallel slices where it divides into them
+/// ([`super::matmul_split`]; tests).
+pub fn matmul_split_variant(
+    a: &Tensor,
+    b: &Tensor,
+    o: &MatmulOpts,
+    v: Variant,
+    slices: usize,
+) -> Result<Tensor> {
+    matrix(matmul_impl(
+        a,
+        b,
+        o,
+        Some(v),
+        Output::Matrix,
+        Split::Slices(slices),
+    )?)
 }
 
 /// Per row of `C = alpha · op(A) @ op(B) + bias` (as [`matmul`]; no activation or
@@ -278,7 +298,7 @@ pub fn matmul_variant(a: &Tensor, b: &Tensor, o: &MatmulOpts, v: Variant) -> Res
 /// would be split. The nearest-code search's distance matmul (16,384 codes per position)
 /// so never writes its scores.
 pub fn matmul_row_argmin(a: &Tensor, b: &Tensor, o: &MatmulOpts) -> Result<Option<Tensor>> {
-    matmul_impl(a, b, o, None, Output::RowArgmin)
+    matmul_impl(a, b, o, None, Output::RowArgmin, Split::Auto)
 }
 
 /// [`matmul_row_argmin`] with an explicit kernel variant (tests).
@@ -288,7 +308,7 @@ pub fn matmul_row_argmin_variant(
     o: &MatmulOpts,
     v: Variant,
 ) -> Result<Option<Tensor>> {
-    matmul_impl(a, b, o, Some(v), Output::RowArgmin)
+    matmul_impl(a, b, o, Some(v), Output::RowArgmin, Split::Auto)
 }
 
 /// What [`matmul_impl`] writes.
@@ -311,6 +331,7 @@ fn matmul_impl(
     o: &MatmulOpts,
     v: Option<Variant>,
     out: Output,
+    split: Split,
 ) -> Result<Option<Tensor>> {
     a.expect_f32("matmul A")?;
     b.expect_f32("matmul B")?;
@@ -391,7 +412,7 @@ fn matmul_impl(
             residual: res2.as_ref(),
             ..*o
         };
-        let Some(c) = matmul_impl(&a2, b, &o2, v, out)? else {
+        let Some(c) = matmul_impl(&a2, b, &o2, v, out, split)? else {
             return Ok(None);
         };
         let mut shape = batch_dims.to_vec();
@@ -503,6 +524,50 @@ fn matmul_impl(
             .map(|k0| (k0, (k0 + k_split).min(ka)))
             .collect()
     };
+    // Parallel split-K (a single product with few tiles): the slices of K are a batch of
+    // products whose batch strides step along K, written as partials [S, M, N] (alpha only)
+    // and summed with the epilogue by a second pass.
+    let slices = match split {
+        _ if out != Output::Matrix || batch != 1 || splits.len() != 1 => 1,
+        Split::Auto => super::matmul_split::slices(gpu, v, wg_x * row_tiles, ka),
+        Split::Slices(s) if super::matmul_split::fits(ka, s) => s,
+        Split::Slices(_) => 1,
+    };
+    if slices > 1 {
+        let kc = ka / slices;
+        let part = Tensor::empty(gpu, &[slices, m, n], DType::F32)?;
+        let kernel = kernel
+            .with(ov::HAS_BIAS, false)
+            .with(ov::HAS_RES, false)
+            .with(ov::ACT, Act::None as u32)
+            .with(ov::ACCUMULATE, false)
+            .with(ov::EPILOGUE, false);
+        for t0 in (0..row_tiles).step_by(MAX) {
+            let ny = (row_tiles - t0).min(MAX);
+            let p = Params {
+                m: m as u32,
+                n: n as u32,
+                k: ka as u32,
+                batch: slices as u32,
+                stride_a: (if o.trans_a { kc * m } else { kc }) as u32,
+                stride_b: (if o.trans_b { kc } else { kc * n }) as u32,
+                stride_c: (m * n) as u32,
+                row0: (t0 * rows_per_wg) as u32,
+                batch0: 0,
+                alpha: o.alpha.unwrap_or(1.0),
+                k0: 0,
+                k1: kc as u32,
+            };
+            let unused = gpu.unused_binding();
+            gpu.dispatch(
+                &kernel,
+                &p,
+                &[a.binding(), b.binding(), unused, unused, part.binding()],
+                [wg_x as u32, ny as u32, slices as u32],
+            );
+        }
+        return super::matmul_split::sum(&part, o.bias, o.act, o.residual, &out_shape).map(Some);
+    }
     let c = match out {
         Output::Matrix => Tensor::empty(gpu, &out_shape, DType::F32)?,
         Output::RowArgmin if splits.len() > 1 => return Ok(None),

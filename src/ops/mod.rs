@@ -19,6 +19,7 @@ pub mod l2_normalize;
 pub mod layer_norm;
 pub mod loss;
 pub mod matmul;
+pub mod matmul_split;
 pub mod permute;
 pub mod reduce;
 pub mod softmax;
