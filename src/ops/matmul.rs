@@ -533,67 +533,50 @@ fn matmul_impl(
         Split::Slices(s) if super::matmul_split::fits(ka, s) => s,
         Split::Slices(_) => 1,
     };
-    if slices > 1 {
+    // What the dispatch loop below runs: the batch and its strides, K's sequential splits,
+    // the output, the epilogue's operands. Split-K's slices are a batch stepping along K
+    // that writes the partials with no epilogue.
+    let (run_batch, stride_a, stride_b, splits, c, bias_b, res_b, kernel) = if slices > 1 {
         let kc = ka / slices;
         let part = Tensor::empty(gpu, &[slices, m, n], DType::F32)?;
         let kernel = kernel
             .with(ov::HAS_BIAS, false)
             .with(ov::HAS_RES, false)
-            .with(ov::ACT, Act::None as u32)
-            .with(ov::ACCUMULATE, false)
-            .with(ov::EPILOGUE, false);
-        for t0 in (0..row_tiles).step_by(MAX) {
-            let ny = (row_tiles - t0).min(MAX);
-            let p = Params {
-                m: m as u32,
-                n: n as u32,
-                k: ka as u32,
-                batch: slices as u32,
-                stride_a: (if o.trans_a { kc * m } else { kc }) as u32,
-                stride_b: (if o.trans_b { kc } else { kc * n }) as u32,
-                stride_c: (m * n) as u32,
-                row0: (t0 * rows_per_wg) as u32,
-                batch0: 0,
-                alpha: o.alpha.unwrap_or(1.0),
-                k0: 0,
-                k1: kc as u32,
-            };
-            let unused = gpu.unused_binding();
-            gpu.dispatch(
-                &kernel,
-                &p,
-                &[a.binding(), b.binding(), unused, unused, part.binding()],
-                [wg_x as u32, ny as u32, slices as u32],
-            );
-        }
-        return super::matmul_split::sum(&part, o.bias, o.act, o.residual, &out_shape).map(Some);
-    }
-    let c = match out {
-        Output::Matrix => Tensor::empty(gpu, &out_shape, DType::F32)?,
-        Output::RowArgmin if splits.len() > 1 => return Ok(None),
-        Output::RowArgmin => {
-            let mut shape = batch_dims.to_vec();
-            shape.extend([m, blocks, 2]);
-            if batch * m * blocks * 2 > limit {
-                return Ok(None);
+            .with(ov::ACT, Act::None as u32);
+        let unused = gpu.unused_binding();
+        let stride_a = if o.trans_a { kc * m } else { kc };
+        let stride_b = if o.trans_b { kc } else { kc * n };
+        let (sa, sb) = (stride_a as u32, stride_b as u32);
+        (slices, sa, sb, vec![(0, kc)], part, unused, unused, kernel)
+    } else {
+        let c = match out {
+            Output::Matrix => Tensor::empty(gpu, &out_shape, DType::F32)?,
+            Output::RowArgmin if splits.len() > 1 => return Ok(None),
+            Output::RowArgmin => {
+                let mut shape = batch_dims.to_vec();
+                shape.extend([m, blocks, 2]);
+                if batch * m * blocks * 2 > limit {
+                    return Ok(None);
+                }
+                Tensor::empty(gpu, &shape, DType::F32)?
             }
-            Tensor::empty(gpu, &shape, DType::F32)?
-        }
+        };
+        (batch, stride_a, stride_b, splits, c, bias_b, res_b, kernel)
     };
     for (si, &(k0, k1)) in splits.iter().enumerate() {
         let kernel = kernel
             .clone()
             .with(ov::ACCUMULATE, si > 0)
-            .with(ov::EPILOGUE, si + 1 == splits.len());
-        for batch0 in (0..batch).step_by(MAX) {
-            let nz = (batch - batch0).min(MAX);
+            .with(ov::EPILOGUE, si + 1 == splits.len() && slices == 1);
+        for batch0 in (0..run_batch).step_by(MAX) {
+            let nz = (run_batch - batch0).min(MAX);
             for t0 in (0..row_tiles).step_by(MAX) {
                 let ny = (row_tiles - t0).min(MAX);
                 let p = Params {
                     m: m as u32,
                     n: n as u32,
                     k: ka as u32,
-                    batch: batch as u32,
+                    batch: run_batch as u32,
                     stride_a,
                     stride_b,
                     stride_c: (m * n) as u32,
@@ -611,6 +594,9 @@ fn matmul_impl(
                 );
             }
         }
+    }
+    if slices > 1 {
+        return super::matmul_split::sum(&c, o.bias, o.act, o.residual, &out_shape).map(Some);
     }
     Ok(Some(c))
 }
@@ -770,6 +756,26 @@ pub fn reference<T: Copy + Into<f64>>(
     (out, mag)
 }
 
+/// Asserts that a product's values `got` are within f32 rounding of [`reference`]'s `want`
+/// (with its magnitudes `mag`) over `k` products: recursive f32 summation of K products is
+/// within K·eps·Σ|a·b| of the exact sum; activations are 1-Lipschitz-ish (≤ 1.13) and add
+/// their own ~1e-6 error.
+#[cfg(test)]
+pub(crate) fn assert_near_reference(got: &[f32], want: &[f64], mag: &[f64], k: usize, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for i in 0..got.len() {
+        let tol =
+            1.2 * (k as f64 + 2.0) * f32::EPSILON as f64 * mag[i] + 2e-6 * (1.0 + want[i].abs());
+        let err = (got[i] as f64 - want[i]).abs();
+        assert!(
+            err <= tol,
+            "{what}: element {i} got {} want {} (err {err:e} > tol {tol:e})",
+            got[i],
+            want[i]
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -892,19 +898,7 @@ mod tests {
                 act,
                 res.then_some(&resv),
             );
-            // Recursive f32 summation of K products is within K·eps·Σ|a·b| of the exact
-            // sum; activations are 1-Lipschitz-ish (≤ 1.13) and add their own ~1e-6 error.
-            for i in 0..got.len() {
-                let tol = 1.2 * (k as f64 + 2.0) * f32::EPSILON as f64 * mag[i]
-                    + 2e-6 * (1.0 + want[i].abs());
-                let err = (got[i] as f64 - want[i]).abs();
-                assert!(
-                    err <= tol,
-                    "{v:?} {self:?}: element {i} got {} want {} (err {err:e} > tol {tol:e})",
-                    got[i],
-                    want[i]
-                );
-            }
+            assert_near_reference(&got, &want, &mag, k, &format!("{v:?} {self:?}"));
         }
     }
 
