@@ -11,14 +11,15 @@ use crate::gpu::{grid_1d, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
-/// The `override` constants the kernels below set.
-mod ov {
+/// The `override` constants the kernels below set (the head-row ones shared with
+/// `attention_backward`).
+pub(super) mod ov {
     use crate::gpu::Override;
     pub(super) const WGQ: Override<u32> = Override::new("WGQ");
-    pub(super) const CAUSAL: Override<bool> = Override::new("CAUSAL");
-    pub(super) const SPLIT: Override<bool> = Override::new("SPLIT");
-    pub(super) const D_MULT4: Override<bool> = Override::new("D_MULT4");
-    pub(super) const D4: Override<u32> = Override::new("D4");
+    pub(in crate::ops) const CAUSAL: Override<bool> = Override::new("CAUSAL");
+    pub(in crate::ops) const SPLIT: Override<bool> = Override::new("SPLIT");
+    pub(in crate::ops) const D_MULT4: Override<bool> = Override::new("D_MULT4");
+    pub(in crate::ops) const D4: Override<u32> = Override::new("D4");
     pub(super) const WGC: Override<u32> = Override::new("WGC");
     pub(super) const LSE: Override<bool> = Override::new("LSE");
 }

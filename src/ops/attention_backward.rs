@@ -20,14 +20,12 @@ use crate::{Error, Result};
 
 pub use super::attention::{attention_bthd_lse, attention_qkv_lse};
 
-/// The `override` constants the kernels below set.
+/// The `override` constants the kernels below set: the forward's head-row ones (same names,
+/// same meaning) and their own.
 mod ov {
+    pub(super) use super::super::attention::ov::{CAUSAL, D4, D_MULT4, SPLIT};
     use crate::gpu::Override;
     pub(super) const WG: Override<u32> = Override::new("WG");
-    pub(super) const CAUSAL: Override<bool> = Override::new("CAUSAL");
-    pub(super) const SPLIT: Override<bool> = Override::new("SPLIT");
-    pub(super) const D_MULT4: Override<bool> = Override::new("D_MULT4");
-    pub(super) const D4: Override<u32> = Override::new("D4");
     pub(super) const WGE: Override<u32> = Override::new("WGE");
 }
 
