@@ -311,6 +311,17 @@ impl Tensor {
             size: self.bytes().div_ceil(16).max(1) * 16,
         }
     }
+    /// Errors unless the elements are 4 bytes (f32 or u32): for the copy kernels, which
+    /// move 32-bit words and would misplace f16 values.
+    pub(crate) fn expect_4_byte(&self, what: &str) -> Result<()> {
+        if self.dtype.size() != 4 {
+            return Err(Error::invalid(format!(
+                "{what}: takes f32 or u32 tensors, got {:?}",
+                self.dtype
+            )));
+        }
+        Ok(())
+    }
     /// Errors unless the tensor is f32.
     pub fn expect_f32(&self, what: &str) -> Result<()> {
         if self.dtype != DType::F32 {
@@ -320,5 +331,69 @@ impl Tensor {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_shader_f16_f16_tensors_and_models_are_clear_errors() {
+        // A device opened with SHADER_F16 left off, as on an adapter without it.
+        let opts = crate::DeviceOptions::from_env().unwrap();
+        let g = Gpu::new_without(&opts, wgpu::Features::SHADER_F16).unwrap();
+        let name = g.info().name.clone();
+        let e = Tensor::from_f32_as_f16(&g, &[1.0; 4], &[4])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("SHADER_F16") && e.contains(&name), "{e}");
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/clip/tiny_quickgelu"
+        );
+        let e = crate::models::clip::ClipModel::load_with(dir, &g, Precision::F16)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--precision f16") && e.contains(&name) && e.contains("--precision f32"),
+            "{e}"
+        );
+        // f32 still loads on it.
+        crate::models::clip::ClipModel::load_with(dir, &g, Precision::F32).unwrap();
+    }
+
+    #[test]
+    fn f16_tensors_are_padded_to_16_bytes_and_read_back_widened() {
+        let g = crate::ops::testutil::gpu();
+        if !g.features().contains(wgpu::Features::SHADER_F16) {
+            return;
+        }
+        let v = [1.0f32, -2.5, 65504.0, 1e-3, 0.1, 3.0, 7.0];
+        let t = Tensor::from_f32_as_f16(&g, &v, &[7]).unwrap();
+        assert_eq!(
+            (t.dtype(), t.bytes(), t.binding().size),
+            (DType::F16, 14, 16)
+        );
+        let want: Vec<f32> = v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect();
+        assert_eq!(t.to_vec().unwrap(), want);
+        // An f16 copy of odd length through slice and concat (whole 4-byte words).
+        let s = crate::ops::concat::slice(&t, 0, 2, 5).unwrap();
+        assert_eq!(s.to_vec().unwrap(), want[2..]);
+        let six = crate::ops::concat::slice(&t, 0, 0, 6).unwrap();
+        let c = crate::ops::concat::concat(&[&six, &six, &t], 0).unwrap();
+        assert_eq!(
+            c.to_vec().unwrap(),
+            [&want[..6], &want[..6], &want[..]].concat()
+        );
+        // A run starting between two words cannot be a word copy: an error, not a misread.
+        assert!(crate::ops::concat::slice(&t, 0, 1, 2).is_err());
+        assert!(crate::ops::concat::concat(&[&t, &t], 0).is_err());
+        assert!(crate::ops::permute::permute(&t.reshape(&[7, 1]).unwrap(), &[1, 0]).is_ok());
+        let m = Tensor::from_f32_as_f16(&g, &[0.0; 6], &[2, 3]).unwrap();
+        let e = crate::ops::permute::permute(&m, &[1, 0])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("F16"), "{e}");
     }
 }
