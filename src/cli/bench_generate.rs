@@ -40,6 +40,10 @@ pub struct GenerateBenchArgs {
     /// activations (less memory, more time), as `generate --recompute`.
     #[arg(long)]
     recompute: bool,
+    /// Storage of CLIP's linear-layer weights, as `generate --precision` (f16 needs
+    /// SHADER_F16; activations and accumulation stay f32).
+    #[arg(long, value_enum, value_name = "PRECISION", default_value_t = vqclip::Precision::F32)]
+    precision: vqclip::Precision,
     /// Seed of the random weights and of the generation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -115,7 +119,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateBenchArgs) -> Result<()> {
     let setup = Instant::now();
     let (clip, clip_name) = match &a.clip {
         Some(dir) => (
-            ClipModel::load(dir, &gpu)
+            ClipModel::load_with(dir, &gpu, a.precision)
                 .with_context(|| format!("cannot load the CLIP model in {}", dir.display()))?,
             dir.display().to_string(),
         ),
@@ -124,7 +128,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateBenchArgs) -> Result<()> {
             let cfg = ClipConfig::vit_base_patch32();
             let src = clip::random_weights(&cfg, a.seed)?;
             (
-                ClipModel::from_source(cfg, &src, &gpu)?,
+                ClipModel::from_source_with(cfg, &src, &gpu, a.precision)?,
                 "random ViT-B/32".to_string(),
             )
         }
