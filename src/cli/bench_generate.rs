@@ -61,6 +61,10 @@ struct Report {
     vqgan: String,
     /// Milliseconds to build or load both models and upload their weights.
     setup_ms: f64,
+    /// `--precision` of CLIP's linear-layer weights: "f32" or "f16".
+    clip_precision: String,
+    /// Bytes of GPU memory CLIP's weights occupy at that precision.
+    clip_weight_bytes: u64,
     #[serde(flatten)]
     bench: vqclip::bench::GenerateBench,
 }
@@ -175,12 +179,16 @@ pub fn run(dev: &DeviceArgs, a: GenerateBenchArgs) -> Result<()> {
         clip: clip_name,
         vqgan: vqgan_name,
         setup_ms,
+        clip_precision: format!("{:?}", a.precision).to_lowercase(),
+        clip_weight_bytes: clip.weight_bytes(),
         bench: vqclip::bench::generate_steps(&gpu, &clip, &vqgan, opts, a.steps)?,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
-        let (clip_name, vqgan_name, r) = (&r.clip, &r.vqgan, &r.bench);
+        let (clip_name, vqgan_name, clip_bytes, precision) =
+            (&r.clip, &r.vqgan, r.clip_weight_bytes, &r.clip_precision);
+        let r = &r.bench;
         println!(
             "generate step {}x{}, cutn {}{} on {} ({})",
             r.width,
@@ -191,6 +199,11 @@ pub fn run(dev: &DeviceArgs, a: GenerateBenchArgs) -> Result<()> {
             r.backend
         );
         println!("  clip: {clip_name}; vqgan: {vqgan_name} (set up in {setup_ms:.0} ms)");
+        println!(
+            "  clip weights: {:.1} MiB ({} linear layers)",
+            mib(clip_bytes),
+            precision
+        );
         println!("  warm-up step: {:.1} ms", r.warmup_ms);
         let each: Vec<String> = r.step_ms.iter().map(|t| format!("{t:.1}")).collect();
         println!(
