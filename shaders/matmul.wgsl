@@ -22,10 +22,10 @@
 //                 barrier per slice suffices. For large products on GPUs.
 
 @group(0) @binding(1) var<storage, read> a: array<f32>;          // [batch, M, K], [batch, K, M] if TRANS_A
-@group(0) @binding(2) var<storage, read> b: array<f32>;          // [batch, K, N], [batch, N, K] if TRANS_B
-// The same A and B buffers viewed as vec4 (matmul_vec4 only; no entry point uses both views).
+// The same A buffer viewed as vec4 (matmul_vec4 only; no entry point uses both views).
 @group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> b4: array<vec4<f32>>;
+// B (binding 2) and its reads b_load / b4_load come from shaders/lib/matmul_b_f32.wgsl, or
+// matmul_b_f16.wgsl for the f16-weight twin of this module.
 
 fn a_at(base: u32, i: u32, kk: u32) -> f32 {
     if TRANS_A {
@@ -36,9 +36,9 @@ fn a_at(base: u32, i: u32, kk: u32) -> f32 {
 
 fn b_at(base: u32, kk: u32, j: u32) -> f32 {
     if TRANS_B {
-        return b[base + j * p.k + kk];
+        return b_load(base + j * p.k + kk);
     }
-    return b[base + kk * p.n + j];
+    return b_load(base + kk * p.n + j);
 }
 
 @compute @workgroup_size(8, 8, 1)
@@ -106,11 +106,11 @@ fn matmul_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         // B block as four rows over kk of outputs j (transposed if TRANS_B).
         var bk: mat4x4<f32>;
         if TRANS_B {
-            bk = transpose(mat4x4<f32>(b4[bb + cl.x * k4 + kq], b4[bb + cl.y * k4 + kq],
-                                       b4[bb + cl.z * k4 + kq], b4[bb + cl.w * k4 + kq]));
+            bk = transpose(mat4x4<f32>(b4_load(bb + cl.x * k4 + kq), b4_load(bb + cl.y * k4 + kq),
+                                       b4_load(bb + cl.z * k4 + kq), b4_load(bb + cl.w * k4 + kq)));
         } else {
             let o = bb + 4u * kq * n4 + col / 4u;
-            bk = mat4x4<f32>(b4[o], b4[o + n4], b4[o + 2u * n4], b4[o + 3u * n4]);
+            bk = mat4x4<f32>(b4_load(o), b4_load(o + n4), b4_load(o + 2u * n4), b4_load(o + 3u * n4));
         }
         acc0 = fma(vec4<f32>(ab[0].x), bk[0], acc0);
         acc0 = fma(vec4<f32>(ab[0].y), bk[1], acc0);

@@ -33,7 +33,8 @@ override SG_ROWS: u32 = 8u;
 override SG_STACK: u32 = 8u;
 
 @group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;   // [batch, M, K] ([.., K, M] if TRANS_A), as vec4
-@group(0) @binding(2) var<storage, read> b4: array<vec4<f32>>;   // [batch, K, N] ([.., N, K] if TRANS_B), as vec4
+// B ([batch, K, N], [.., N, K] if TRANS_B) is read with b4_load from
+// shaders/lib/matmul_b_f32.wgsl, or matmul_b_f16.wgsl for the f16-weight twin.
 
 // What this lane loads of A for row group g (rows row + 8g ..): row `row + 8g + lane`, or
 // (TRANS_A) rows row + 8g + 4h .. + 3 at step kk = lane % 4 of each K quad, h = lane / 4.
@@ -78,11 +79,11 @@ fn load_b(bb: u32, col: u32, kq: u32) -> mat4x4<f32> {
     let n4 = p.n / 4u;
     if TRANS_B {
         let cl = min(vec4<u32>(col, col + 1u, col + 2u, col + 3u), vec4<u32>(p.n - 1u));
-        return transpose(mat4x4<f32>(b4[bb + cl.x * k4 + kq], b4[bb + cl.y * k4 + kq],
-                                     b4[bb + cl.z * k4 + kq], b4[bb + cl.w * k4 + kq]));
+        return transpose(mat4x4<f32>(b4_load(bb + cl.x * k4 + kq), b4_load(bb + cl.y * k4 + kq),
+                                     b4_load(bb + cl.z * k4 + kq), b4_load(bb + cl.w * k4 + kq)));
     }
     let o = bb + 4u * kq * n4 + min(col, p.n - 4u) / 4u;
-    return mat4x4<f32>(b4[o], b4[o + n4], b4[o + 2u * n4], b4[o + 3u * n4]);
+    return mat4x4<f32>(b4_load(o), b4_load(o + n4), b4_load(o + 2u * n4), b4_load(o + 3u * n4));
 }
 
 // Stores acc[a .. a + 8] as rows row .. row + 8 of columns col .. col + 3.

@@ -30,7 +30,7 @@ pub mod weights;
 
 pub use error::{Error, Result};
 pub use gpu::{DeviceOptions, Gpu};
-pub use tensor::{DType, Tensor};
+pub use tensor::{DType, Precision, Tensor};
 
 /// The crate version, as written into output metadata.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -14,6 +14,55 @@ pub enum DType {
     F32,
     /// 32-bit unsigned integer (token ids, codebook indices).
     U32,
+    /// IEEE 16-bit float: storage of weights read by the f16 matmul kernels (the B operand,
+    /// see [`crate::ops::matmul`]), which widen each value to f32 in registers. Needs the
+    /// adapter's `SHADER_F16` feature to be read by a kernel; most ops take f32 only and
+    /// return an error for it.
+    F16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> u64 {
+        match self {
+            DType::F32 | DType::U32 => 4,
+            DType::F16 => 2,
+        }
+    }
+
+    /// Bytes a tensor of `numel` elements occupies in its buffer and binding: the data,
+    /// rounded up to whole 16-byte units for f16, so that a kernel may view it as
+    /// `array<vec4<f16>>` (8-byte elements) and buffer copies stay multiples of 4 bytes.
+    /// 4-byte types are not padded.
+    fn stored_bytes(self, numel: u64) -> Option<u64> {
+        let bytes = numel.checked_mul(self.size())?;
+        Some(match self {
+            DType::F16 => bytes.div_ceil(16) * 16,
+            DType::F32 | DType::U32 => bytes,
+        })
+    }
+}
+
+/// Precision of a model's weights on the GPU (`--precision`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// Every weight in f32 (the reference).
+    #[default]
+    F32,
+    /// Linear-layer weights stored in f16 and widened to f32 by the matmul kernels;
+    /// activations, biases, norms, embeddings and accumulation stay f32. Needs an adapter
+    /// with `SHADER_F16`.
+    F16,
+}
+
+impl Precision {
+    /// The dtype linear-layer weights are stored in.
+    pub fn weight_dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::F16 => DType::F16,
+        }
+    }
 }
 
 /// A dense, row-major tensor in GPU memory.
@@ -38,9 +87,14 @@ pub fn numel(shape: &[usize]) -> usize {
 
 impl Tensor {
     /// An uninitialised tensor (contents are whatever the pooled buffer held).
+    /// An f16 tensor needs the device's `SHADER_F16` feature (else an error naming the
+    /// adapter).
     pub fn empty(gpu: &Gpu, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let bytes = (numel(shape) as u64)
-            .checked_mul(4)
+        if dtype == DType::F16 {
+            gpu.require_f16("an f16 tensor")?;
+        }
+        let bytes = dtype
+            .stored_bytes(numel(shape) as u64)
             .ok_or_else(|| Error::shape(format!("shape {shape:?} overflows")))?;
         let buf = gpu.alloc(bytes)?;
         Ok(Tensor {
@@ -78,6 +132,32 @@ impl Tensor {
         Ok(t)
     }
 
+    /// Uploads `data` as an f16 tensor of `shape` (the buffer's padding past the data is
+    /// zeros). Needs the device's `SHADER_F16` feature.
+    pub fn from_f16(gpu: &Gpu, data: &[half::f16], shape: &[usize]) -> Result<Tensor> {
+        if data.len() != numel(shape) {
+            return Err(Error::shape(format!(
+                "{} values do not fill shape {shape:?}",
+                data.len()
+            )));
+        }
+        let t = Tensor::empty(gpu, shape, DType::F16)?;
+        let mut bytes: Vec<u8> = data
+            .iter()
+            .flat_map(|h| h.to_bits().to_le_bytes())
+            .collect();
+        bytes.resize(t.stored_bytes() as usize, 0);
+        gpu.write(t.raw(), 0, &bytes);
+        Ok(t)
+    }
+
+    /// Rounds `data` to f16 (round to nearest even; values past ±65504 become ±inf) and
+    /// uploads it as an f16 tensor of `shape`.
+    pub fn from_f32_as_f16(gpu: &Gpu, data: &[f32], shape: &[usize]) -> Result<Tensor> {
+        let h: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+        Tensor::from_f16(gpu, &h, shape)
+    }
+
     /// An f32 tensor filled with `value`.
     pub fn full(gpu: &Gpu, shape: &[usize], value: f32) -> Result<Tensor> {
         Tensor::from_slice(gpu, &vec![value; numel(shape)], shape)
@@ -88,13 +168,25 @@ impl Tensor {
         Tensor::full(gpu, shape, 0.0)
     }
 
-    /// Downloads an f32 tensor (submits pending work and waits).
+    /// Downloads an f32 tensor (submits pending work and waits). An f16 tensor's values
+    /// are widened to f32 on the CPU (exactly), so checkpoint writers and tests read both
+    /// alike; a u32 tensor is an error (use [`Tensor::to_vec_u32`]).
     pub fn to_vec(&self) -> Result<Vec<f32>> {
-        if self.dtype != DType::F32 {
-            return Err(Error::invalid("to_vec on a non-f32 tensor; use to_vec_u32"));
+        match self.dtype {
+            DType::F32 => {
+                let bytes = self.gpu.read(self.raw(), 0, self.bytes())?;
+                Ok(bytemuck::pod_collect_to_vec(&bytes))
+            }
+            DType::F16 => {
+                let bytes = self.gpu.read(self.raw(), 0, self.bytes())?;
+                let bits: Vec<u16> = bytemuck::pod_collect_to_vec(&bytes);
+                Ok(bits
+                    .into_iter()
+                    .map(|b| half::f16::from_bits(b).to_f32())
+                    .collect())
+            }
+            DType::U32 => Err(Error::invalid("to_vec on a u32 tensor; use to_vec_u32")),
         }
-        let bytes = self.gpu.read(self.raw(), 0, self.bytes())?;
-        Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     /// Downloads a u32 tensor.
@@ -115,7 +207,8 @@ impl Tensor {
                 src.shape, src.dtype, self.shape, self.dtype
             )));
         }
-        self.gpu.copy(src.raw(), 0, self.raw(), 0, self.bytes());
+        self.gpu
+            .copy(src.raw(), 0, self.raw(), 0, self.stored_bytes());
         self.gpu.invalidate_derived(self);
         Ok(())
     }
@@ -157,9 +250,17 @@ impl Tensor {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
-    /// Bytes of data (not of the pooled buffer).
+    /// Bytes of data (not of the pooled buffer): 4 per element, 2 for f16.
     pub fn bytes(&self) -> u64 {
-        self.numel() as u64 * 4
+        self.numel() as u64 * self.dtype.size()
+    }
+    /// Bytes of data plus the padding an f16 tensor keeps to whole 16-byte units
+    /// ([`Tensor::binding`]'s size; equal to [`Tensor::bytes`] for 4-byte types).
+    pub(crate) fn stored_bytes(&self) -> u64 {
+        // Cannot overflow: `empty` computed the same product when it allocated the buffer.
+        self.dtype
+            .stored_bytes(self.numel() as u64)
+            .unwrap_or(u64::MAX)
     }
     /// The device this tensor lives on.
     pub fn gpu(&self) -> &Gpu {
@@ -192,11 +293,12 @@ impl Tensor {
     pub(crate) fn raw(&self) -> &wgpu::Buffer {
         self.buf.raw()
     }
-    /// This tensor as a kernel binding.
+    /// This tensor as a kernel binding (an f16 tensor's with its padding to 16 bytes, so
+    /// that it may be viewed as `array<vec4<f16>>`).
     pub fn binding(&self) -> Binding<'_> {
         Binding {
             buffer: self.raw(),
-            size: self.bytes(),
+            size: self.stored_bytes(),
         }
     }
     /// This tensor as a binding rounded up to whole 16-byte units, for kernels that view it
@@ -209,11 +311,89 @@ impl Tensor {
             size: self.bytes().div_ceil(16).max(1) * 16,
         }
     }
+    /// Errors unless the elements are 4 bytes (f32 or u32): for the copy kernels, which
+    /// move 32-bit words and would misplace f16 values.
+    pub(crate) fn expect_4_byte(&self, what: &str) -> Result<()> {
+        if self.dtype.size() != 4 {
+            return Err(Error::invalid(format!(
+                "{what}: takes f32 or u32 tensors, got {:?}",
+                self.dtype
+            )));
+        }
+        Ok(())
+    }
     /// Errors unless the tensor is f32.
     pub fn expect_f32(&self, what: &str) -> Result<()> {
         if self.dtype != DType::F32 {
-            return Err(Error::invalid(format!("{what}: expected an f32 tensor")));
+            return Err(Error::invalid(format!(
+                "{what}: expected an f32 tensor, got {:?}",
+                self.dtype
+            )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_shader_f16_f16_tensors_and_models_are_clear_errors() {
+        // A device opened with SHADER_F16 left off, as on an adapter without it.
+        let opts = crate::DeviceOptions::from_env().unwrap();
+        let g = Gpu::new_without(&opts, wgpu::Features::SHADER_F16).unwrap();
+        let name = g.info().name.clone();
+        let e = Tensor::from_f32_as_f16(&g, &[1.0; 4], &[4])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("SHADER_F16") && e.contains(&name), "{e}");
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/clip/tiny_quickgelu"
+        );
+        let e = crate::models::clip::ClipModel::load_with(dir, &g, Precision::F16)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--precision f16") && e.contains(&name) && e.contains("--precision f32"),
+            "{e}"
+        );
+        // f32 still loads on it.
+        crate::models::clip::ClipModel::load_with(dir, &g, Precision::F32).unwrap();
+    }
+
+    #[test]
+    fn f16_tensors_are_padded_to_16_bytes_and_read_back_widened() {
+        let g = crate::ops::testutil::gpu();
+        if !g.features().contains(wgpu::Features::SHADER_F16) {
+            return;
+        }
+        let v = [1.0f32, -2.5, 65504.0, 1e-3, 0.1, 3.0, 7.0];
+        let t = Tensor::from_f32_as_f16(&g, &v, &[7]).unwrap();
+        assert_eq!(
+            (t.dtype(), t.bytes(), t.binding().size),
+            (DType::F16, 14, 16)
+        );
+        let want: Vec<f32> = v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect();
+        assert_eq!(t.to_vec().unwrap(), want);
+        // An f16 copy of odd length through slice and concat (whole 4-byte words).
+        let s = crate::ops::concat::slice(&t, 0, 2, 5).unwrap();
+        assert_eq!(s.to_vec().unwrap(), want[2..]);
+        let six = crate::ops::concat::slice(&t, 0, 0, 6).unwrap();
+        let c = crate::ops::concat::concat(&[&six, &six, &t], 0).unwrap();
+        assert_eq!(
+            c.to_vec().unwrap(),
+            [&want[..6], &want[..6], &want[..]].concat()
+        );
+        // A run starting between two words cannot be a word copy: an error, not a misread.
+        assert!(crate::ops::concat::slice(&t, 0, 1, 2).is_err());
+        assert!(crate::ops::concat::concat(&[&t, &t], 0).is_err());
+        assert!(crate::ops::permute::permute(&t.reshape(&[7, 1]).unwrap(), &[1, 0]).is_ok());
+        let m = Tensor::from_f32_as_f16(&g, &[0.0; 6], &[2, 3]).unwrap();
+        let e = crate::ops::permute::permute(&m, &[1, 0])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("F16"), "{e}");
     }
 }

@@ -376,3 +376,67 @@ fn search_indexes_incrementally_and_skips_undecodable_images() {
         "--top",
     );
 }
+
+#[test]
+fn embed_with_f16_weights_stays_within_cosine_0_999_of_transformers() {
+    use vqclip::weights::TensorSource;
+    let gpu = vqclip::Gpu::shared().unwrap();
+    if !gpu.features().contains(wgpu::Features::SHADER_F16) {
+        eprintln!("skipped: {} has no SHADER_F16", gpu.info().name);
+        return;
+    }
+    // small_gelu is an f32 checkpoint: rounding its linear weights to f16 changes them.
+    let model = fixtures().join("small_gelu");
+    let (g, t) = golden("small_gelu");
+    let text = g["texts"][0].as_str().unwrap();
+    let img = model.join(g["images"][0].as_str().unwrap());
+    let run = |precision: &str| {
+        ok_json(&[
+            "embed",
+            "--clip",
+            model.to_str().unwrap(),
+            "--precision",
+            precision,
+            "--json",
+            "--text",
+            text,
+            "--image",
+            img.to_str().unwrap(),
+        ])
+    };
+    let (f16, f32) = (run("f16"), run("f32"));
+    let p = rows(&f16["text_embeds"])[0].len();
+    let cos = |a: &[f32], b: &[f32]| {
+        let d: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        d / (n(a) * n(b))
+    };
+    for (key, want) in [
+        ("text_embeds", t.read_f32("text_embeds").unwrap()),
+        ("image_embeds", t.read_f32("image_embeds").unwrap()),
+    ] {
+        let got = &rows(&f16[key])[0];
+        let c = cos(got, &want[..p]);
+        assert!(c >= 0.999, "{key}: f16 vs transformers cosine {c}");
+        assert_ne!(got, &rows(&f32[key])[0], "{key}: f16 gave the f32 numbers");
+    }
+    // The help says what f16 covers; an unknown precision is clap's error.
+    let help = ok(&["embed", "--help"]);
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("--precision") && help.contains("SHADER_F16"),
+        "{help}"
+    );
+    fails(
+        &[
+            "embed",
+            "--clip",
+            model.to_str().unwrap(),
+            "--precision",
+            "f8",
+            "--text",
+            "x",
+        ],
+        "invalid value 'f8' for '--precision <PRECISION>'",
+    );
+}

@@ -67,17 +67,43 @@ pub enum Spec {
     /// tiny kernels costs in dispatch, submission and synchronisation (ms per run ÷ `count`
     /// = time per dispatch; PyTorch's peer is its kernel-launch overhead).
     Dispatches { count: usize },
-    /// CLIP ViT-B/32 text tower (random weights), `batch` texts of 77 tokens.
-    TextEncode { batch: usize },
-    /// CLIP ViT-B/32 image tower (random weights), `batch` 224×224 images.
-    ImageEncode { batch: usize },
+    /// CLIP ViT-B/32 text tower (random weights), `batch` texts of 77 tokens; `f16`: its
+    /// linear-layer weights stored in f16 (`--precision f16`; the peer runs f32).
+    TextEncode {
+        batch: usize,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        f16: bool,
+    },
+    /// CLIP ViT-B/32 image tower (random weights), `batch` 224×224 images; `f16` as for
+    /// [`Spec::TextEncode`].
+    ImageEncode {
+        batch: usize,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        f16: bool,
+    },
     /// VQGAN f16-16384 decoder (random weights), one `size`×`size` image.
     VqganDecode { size: usize },
     /// One VQGAN+CLIP optimisation step (random ViT-B/32 and f16-16384) at `size`².
     GenerateStep { size: usize, cutn: usize },
 }
 
+/// What an f16-weight item's name ends with.
+fn f16_suffix(f16: bool) -> &'static str {
+    if f16 {
+        " f16"
+    } else {
+        ""
+    }
+}
+
 impl Spec {
+    /// True for items that run with f16 linear-layer weights.
+    pub fn is_f16(&self) -> bool {
+        matches!(
+            self,
+            Spec::TextEncode { f16: true, .. } | Spec::ImageEncode { f16: true, .. }
+        )
+    }
     /// The item's family: matmul, attention, conv, norm, elementwise or model.
     pub fn family(&self) -> &'static str {
         match self {
@@ -135,8 +161,12 @@ impl Spec {
             Spec::Add { n } => format!("add {n}"),
             Spec::Gelu { n } => format!("gelu {n}"),
             Spec::Dispatches { count } => format!("dispatch overhead {count} tiny adds"),
-            Spec::TextEncode { batch } => format!("text encode ViT-B/32 x{batch}"),
-            Spec::ImageEncode { batch } => format!("image encode ViT-B/32 x{batch}"),
+            Spec::TextEncode { batch, f16 } => {
+                format!("text encode ViT-B/32 x{batch}{}", f16_suffix(f16))
+            }
+            Spec::ImageEncode { batch, f16 } => {
+                format!("image encode ViT-B/32 x{batch}{}", f16_suffix(f16))
+            }
             Spec::VqganDecode { size } => format!("vqgan decode f16-16384 {size}x{size}"),
             Spec::GenerateStep { size, cutn } => {
                 format!("generate step {size}x{size} cutn {cutn}")
@@ -173,7 +203,7 @@ impl Spec {
                 Some(if causal { full / 2.0 } else { full })
             }
             Spec::Conv3x3 { cin, cout, h, w } => Some(2.0 * 9.0 * f(cin * cout) * f(h * w)),
-            Spec::TextEncode { batch } => {
+            Spec::TextEncode { batch, .. } => {
                 let c = ClipConfig::vit_base_patch32();
                 Some(
                     f(batch)
@@ -185,7 +215,7 @@ impl Spec {
                         ),
                 )
             }
-            Spec::ImageEncode { batch } => {
+            Spec::ImageEncode { batch, .. } => {
                 let c = ClipConfig::vit_base_patch32();
                 let v = &c.vision;
                 let patches = (v.image_size / v.patch_size).pow(2);
@@ -316,8 +346,22 @@ pub fn plan(quick: bool) -> Vec<Spec> {
         Add { n: 1 << 22 },
         Gelu { n: 1 << 22 },
         Dispatches { count: 1000 },
-        TextEncode { batch: 1 },
-        ImageEncode { batch: 1 },
+        TextEncode {
+            batch: 1,
+            f16: false,
+        },
+        TextEncode {
+            batch: 1,
+            f16: true,
+        },
+        ImageEncode {
+            batch: 1,
+            f16: false,
+        },
+        ImageEncode {
+            batch: 1,
+            f16: true,
+        },
         // 64² keeps the two VQGAN stages at seconds per run on lavapipe.
         VqganDecode { size: 64 },
         GenerateStep { size: 64, cutn: 2 },
@@ -366,7 +410,10 @@ pub fn plan(quick: bool) -> Vec<Spec> {
                 w: 256,
             },
             Add { n: 1 << 26 },
-            ImageEncode { batch: 32 },
+            ImageEncode {
+                batch: 32,
+                f16: false,
+            },
             VqganDecode { size: 256 },
             GenerateStep { size: 128, cutn: 4 },
             GenerateStep {
@@ -513,10 +560,27 @@ fn time_runs(gpu: &Gpu, seconds: f64, f: &mut dyn FnMut() -> Result<()>) -> Resu
 #[derive(Default)]
 struct Models {
     clip: Option<ClipModel>,
+    /// The same random weights with f16 linear layers (`--precision f16`).
+    clip_f16: Option<ClipModel>,
     vqgan: Option<VqGan>,
 }
 
 impl Models {
+    /// The f32 model, or with `f16` the f16-weight one.
+    fn clip_at(&mut self, gpu: &Gpu, f16: bool) -> Result<&ClipModel> {
+        if !f16 {
+            return self.clip(gpu);
+        }
+        if self.clip_f16.is_none() {
+            let cfg = ClipConfig::vit_base_patch32();
+            let src = clip::random_weights(&cfg, 0)?;
+            let p = crate::Precision::F16;
+            self.clip_f16 = Some(ClipModel::from_source_with(cfg, &src, gpu, p)?);
+        }
+        self.clip_f16
+            .as_ref()
+            .ok_or_else(|| Error::invalid("f16 CLIP model not built"))
+    }
     fn clip(&mut self, gpu: &Gpu) -> Result<&ClipModel> {
         if self.clip.is_none() {
             let cfg = ClipConfig::vit_base_patch32();
@@ -637,8 +701,8 @@ fn time_item(gpu: &Gpu, spec: &Spec, models: &mut Models, seconds: f64) -> Resul
                 ops::unary(&a, ops::UnaryOp::Act(Act::Gelu)).map(drop)
             })
         }
-        Spec::TextEncode { batch } => {
-            let clip = models.clip(gpu)?;
+        Spec::TextEncode { batch, f16 } => {
+            let clip = models.clip_at(gpu, f16)?;
             // Random ids of the full context length: the cost does not depend on them.
             let ctx = clip.config.text.max_position_embeddings;
             let vocab = clip.config.text.vocab_size as u32;
@@ -648,8 +712,8 @@ fn time_item(gpu: &Gpu, spec: &Spec, models: &mut Models, seconds: f64) -> Resul
                 .collect();
             time_runs(gpu, seconds, &mut || clip.text_features_ids(&ids).map(drop))
         }
-        Spec::ImageEncode { batch } => {
-            let clip = models.clip(gpu)?;
+        Spec::ImageEncode { batch, f16 } => {
+            let clip = models.clip_at(gpu, f16)?;
             let s = clip.config.vision.image_size;
             let px = rand_tensor(gpu, &[batch, 3, s, s], 5)?;
             time_runs(gpu, seconds, &mut || clip.image_features(&px).map(drop))
@@ -845,8 +909,11 @@ pub fn run(gpu: &Gpu, o: &AllOptions, progress: &dyn Fn(&str)) -> Result<Report>
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    let has_f16 = gpu.features().contains(wgpu::Features::SHADER_F16);
     let specs: Vec<Spec> = plan(o.quick)
         .into_iter()
+        // The f16-weight items need SHADER_F16; adapters without it skip them.
+        .filter(|s| has_f16 || !s.is_f16())
         .filter(|s| o.only.is_empty() || o.only.iter().any(|w| s.name().contains(w.as_str())))
         .collect();
     if specs.is_empty() {
@@ -957,7 +1024,12 @@ mod tests {
             trans_b: true,
         };
         assert_eq!(mm.flop(), Some(420.0));
-        let img = Spec::ImageEncode { batch: 1 }.flop().unwrap();
+        let img = Spec::ImageEncode {
+            batch: 1,
+            f16: false,
+        }
+        .flop()
+        .unwrap();
         assert!((8.0e9..9.5e9).contains(&img), "{img}");
     }
 

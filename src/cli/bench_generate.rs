@@ -40,6 +40,10 @@ pub struct GenerateBenchArgs {
     /// activations (less memory, more time), as `generate --recompute`.
     #[arg(long)]
     recompute: bool,
+    /// Storage of CLIP's linear-layer weights, as `generate --precision` (f16 needs
+    /// SHADER_F16; activations and accumulation stay f32).
+    #[arg(long, value_enum, value_name = "PRECISION", default_value_t = vqclip::Precision::F32)]
+    precision: vqclip::Precision,
     /// Seed of the random weights and of the generation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -57,6 +61,10 @@ struct Report {
     vqgan: String,
     /// Milliseconds to build or load both models and upload their weights.
     setup_ms: f64,
+    /// `--precision` of CLIP's linear-layer weights: "f32" or "f16".
+    clip_precision: String,
+    /// Bytes of GPU memory CLIP's weights occupy at that precision.
+    clip_weight_bytes: u64,
     #[serde(flatten)]
     bench: vqclip::bench::GenerateBench,
 }
@@ -115,7 +123,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateBenchArgs) -> Result<()> {
     let setup = Instant::now();
     let (clip, clip_name) = match &a.clip {
         Some(dir) => (
-            ClipModel::load(dir, &gpu)
+            ClipModel::load_with(dir, &gpu, a.precision)
                 .with_context(|| format!("cannot load the CLIP model in {}", dir.display()))?,
             dir.display().to_string(),
         ),
@@ -124,7 +132,7 @@ pub fn run(dev: &DeviceArgs, a: GenerateBenchArgs) -> Result<()> {
             let cfg = ClipConfig::vit_base_patch32();
             let src = clip::random_weights(&cfg, a.seed)?;
             (
-                ClipModel::from_source(cfg, &src, &gpu)?,
+                ClipModel::from_source_with(cfg, &src, &gpu, a.precision)?,
                 "random ViT-B/32".to_string(),
             )
         }
@@ -171,12 +179,16 @@ pub fn run(dev: &DeviceArgs, a: GenerateBenchArgs) -> Result<()> {
         clip: clip_name,
         vqgan: vqgan_name,
         setup_ms,
+        clip_precision: format!("{:?}", a.precision).to_lowercase(),
+        clip_weight_bytes: clip.weight_bytes(),
         bench: vqclip::bench::generate_steps(&gpu, &clip, &vqgan, opts, a.steps)?,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
-        let (clip_name, vqgan_name, r) = (&r.clip, &r.vqgan, &r.bench);
+        let (clip_name, vqgan_name, clip_bytes, precision) =
+            (&r.clip, &r.vqgan, r.clip_weight_bytes, &r.clip_precision);
+        let r = &r.bench;
         println!(
             "generate step {}x{}, cutn {}{} on {} ({})",
             r.width,
@@ -187,6 +199,11 @@ pub fn run(dev: &DeviceArgs, a: GenerateBenchArgs) -> Result<()> {
             r.backend
         );
         println!("  clip: {clip_name}; vqgan: {vqgan_name} (set up in {setup_ms:.0} ms)");
+        println!(
+            "  clip weights: {:.1} MiB ({} linear layers)",
+            mib(clip_bytes),
+            precision
+        );
         println!("  warm-up step: {:.1} ms", r.warmup_ms);
         let each: Vec<String> = r.step_ms.iter().map(|t| format!("{t:.1}")).collect();
         println!(

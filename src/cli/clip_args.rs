@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 use vqclip::models::clip::{load_image, ClipModel};
+use vqclip::Precision;
 
 /// `--clip DIR`.
 #[derive(Args, Debug, Clone)]
@@ -14,6 +15,14 @@ pub struct ClipArgs {
     /// the shipped weights/clip, trained by vqclip on its shapes world].
     #[arg(long, value_name = "DIR", env = "VQCLIP_CLIP")]
     pub clip: Option<PathBuf>,
+    /// Storage of CLIP's linear-layer weights (attention projections, MLPs, the two output
+    /// projections): f32, or f16 (half their memory and weight traffic; needs an adapter
+    /// with SHADER_F16, see `vqclip info`). f16 weights are widened to f32 as the matmul
+    /// kernels read them: activations, accumulation, biases, norms and embeddings stay
+    /// f32, so this saves memory, not arithmetic. On the test checkpoints embeddings stay
+    /// within a cosine of 0.999 of f32. Inference and generation only (no training).
+    #[arg(long, value_enum, value_name = "PRECISION", default_value_t = Precision::F32)]
+    pub precision: Precision,
 }
 
 impl ClipArgs {
@@ -22,11 +31,11 @@ impl ClipArgs {
         Ok(vqclip::weights::shipped::clip_dir_or(self.clip.as_deref())?)
     }
 
-    /// Opens the device and loads the model.
+    /// Opens the device and loads the model at `--precision`.
     pub fn load(&self, dev: &DeviceArgs) -> Result<ClipModel> {
         let dir = self.dir()?;
         let gpu = dev.open()?;
-        ClipModel::load(&dir, &gpu)
+        ClipModel::load_with(&dir, &gpu, self.precision)
             .with_context(|| format!("cannot load the CLIP model in {}", dir.display()))
     }
 }

@@ -65,7 +65,11 @@ pub fn run(dev: &DeviceArgs, a: SearchArgs) -> Result<()> {
     }
     let model = a.clip.load(dev)?;
     let clip_dir = &a.clip.dir()?;
-    let model_id = model_fingerprint(clip_dir)?;
+    // f16 weights give (slightly) other embeddings: their index entries are their own.
+    let model_id = match a.clip.precision {
+        vqclip::Precision::F32 => model_fingerprint(clip_dir)?,
+        vqclip::Precision::F16 => format!("{}-f16", model_fingerprint(clip_dir)?),
+    };
     let dim = model.config.projection_dim;
     let mut index = match &a.index {
         Some(p) => ImageIndex::open_at(&a.dir, p, &model_id, dim)?,

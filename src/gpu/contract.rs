@@ -160,8 +160,10 @@ pub struct OverrideDecl {
 /// Everything the contract test needs about one shader, without its params type parameter.
 #[derive(Debug, Clone, Copy)]
 pub struct Contract {
-    /// The shader's name (`shaders/<name>.wgsl`).
+    /// The shader's name ([`super::Shader::name`]).
     pub name: &'static str,
+    /// Its main file, `shaders/<file>.wgsl`.
+    pub file: &'static str,
     /// The assembled source, `shaders/lib/` prefixes included, exactly as compiled.
     pub source: &'static str,
     /// The Rust params struct uploaded to `@binding(0)`.

@@ -31,8 +31,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// params struct `P` uploaded to `@binding(0)` and the `override` constants the runtime may
 /// set. `ops::contract_tests` checks both against the parsed shader.
 pub struct Shader<P> {
-    /// Name used in errors and as the cache key; the file is `shaders/<name>.wgsl`.
+    /// Name used in errors and as the module cache key: the file's name, or another for a
+    /// second module assembled from the same file with other libraries (an f16 twin).
     pub name: &'static str,
+    /// The main file, `shaders/<file>.wgsl`.
+    pub file: &'static str,
     /// The WGSL text.
     pub source: &'static str,
     /// The override constants kernels of this shader may set.
@@ -52,6 +55,7 @@ impl<P: ShaderParams> Shader<P> {
     pub fn contract(&self) -> Contract {
         Contract {
             name: self.name,
+            file: self.file,
             source: self.source,
             params: P::LAYOUT,
             overrides: self.overrides,
@@ -63,19 +67,25 @@ impl<P: ShaderParams> Shader<P> {
 /// shared function files from `shaders/lib/` (WGSL has no `#include`), with the `override`
 /// constants ([`Override`] consts) that kernels of it may set:
 /// `shader!("matmul", "act", "matmul_epilogue", overrides = [TRANS_A, TRANS_B])`.
-/// The params type comes from the static's type, `Shader<Params>`.
+/// `shader!("matmul_f16" = "matmul", "matmul_b_f16", ..)` names a second module of the same
+/// file assembled with other libraries. The params type comes from the static's type,
+/// `Shader<Params>`.
 #[macro_export]
 macro_rules! shader {
-    ($name:literal $(, $lib:literal)* $(, overrides = [$($ov:expr),* $(,)?])? $(,)?) => {
+    ($name:literal = $file:literal $(, $lib:literal)* $(, overrides = [$($ov:expr),* $(,)?])? $(,)?) => {
         $crate::gpu::Shader {
             name: $name,
+            file: $file,
             source: concat!(
                 $(include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/lib/", $lib, ".wgsl")),)*
-                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name, ".wgsl"))
+                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $file, ".wgsl"))
             ),
             overrides: &[$($($ov.decl()),*)?],
             params: ::std::marker::PhantomData,
         }
+    };
+    ($name:literal $(, $lib:literal)* $(, overrides = [$($ov:expr),* $(,)?])? $(,)?) => {
+        $crate::shader!($name = $name $(, $lib)* $(, overrides = [$($ov),*])?)
     };
 }
 
@@ -251,12 +261,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Gpu {
     /// Opens the best adapter allowed by `opts` (discrete > integrated > virtual > CPU).
     pub fn new(opts: &DeviceOptions) -> Result<Gpu> {
+        Gpu::new_without(opts, wgpu::Features::empty())
+    }
+
+    /// [`Gpu::new`] with the optional features in `drop` left off even where the adapter
+    /// has them (tests of the errors a missing feature gives).
+    pub(crate) fn new_without(opts: &DeviceOptions, drop: wgpu::Features) -> Result<Gpu> {
         let adapter = adapter::choose(opts)?;
         let info = adapter.get_info();
         let limits = adapter.limits();
         let wanted =
             wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
-        let features = adapter.features() & wanted;
+        let features = adapter.features() & wanted & !drop;
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("vqclip"),
             required_features: features,
@@ -353,6 +369,18 @@ impl Gpu {
     /// Optional features enabled on the device.
     pub fn features(&self) -> wgpu::Features {
         self.0.features
+    }
+    /// Errors unless the device has `SHADER_F16` (f16 tensors and the f16 matmul kernels
+    /// need it); `what` names what needed it.
+    pub fn require_f16(&self, what: &str) -> Result<()> {
+        if self.0.features.contains(wgpu::Features::SHADER_F16) {
+            return Ok(());
+        }
+        Err(Error::invalid(format!(
+            "{what} needs f16 shader support (the SHADER_F16 feature), which the adapter \
+             \"{}\" ({:?}) does not offer; use --precision f32",
+            self.0.info.name, self.0.info.backend
+        )))
     }
     /// True when the adapter is a CPU implementation such as lavapipe.
     pub fn is_cpu(&self) -> bool {
@@ -919,6 +947,7 @@ mod tests {
     fn a_kernel_that_does_not_compile_is_named_in_an_err() {
         static BAD: Shader<BadParams> = Shader {
             name: "deliberately_invalid",
+            file: "deliberately_invalid",
             source: "@compute @workgroup_size(1) fn main() { let x: u32 = 1.5; }",
             overrides: &[],
             params: std::marker::PhantomData,

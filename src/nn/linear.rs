@@ -8,17 +8,18 @@ use crate::{Result, Tensor};
 /// `nn.Linear`: `y = x @ weightᵀ + bias`.
 #[derive(Clone)]
 pub struct Linear {
-    /// `[out, in]`.
+    /// `[out, in]`, f32 or (`--precision f16`) f16.
     pub weight: Tensor,
     /// `[out]`, when the layer has one.
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
-    /// Loads `weight` `[out_dim, in_dim]` (and `bias` `[out_dim]` if `bias`) under `l`.
+    /// Loads `weight` `[out_dim, in_dim]` at the loader's precision
+    /// ([`Loader::linear_weight`]) and `bias` `[out_dim]` (f32) if `bias` under `l`.
     pub fn load(l: &Loader, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
         Ok(Linear {
-            weight: l.tensor("weight", &[out_dim, in_dim])?,
+            weight: l.linear_weight("weight", &[out_dim, in_dim])?,
             bias: if bias {
                 Some(l.tensor("bias", &[out_dim])?)
             } else {

@@ -48,16 +48,29 @@ fn copy_block(
         return Ok(());
     }
     let gpu = dst.gpu();
-    if outer == 1 {
-        // One contiguous run of values: a buffer copy.
+    let es = dst.dtype().size() as usize;
+    let (from, to) = (s0 * inner * es, d0 * inner * es);
+    if outer == 1 && from % 4 == 0 && to % 4 == 0 {
+        // One contiguous run of values: a buffer copy. Copies move whole 4-byte words: an
+        // f16 run of odd length takes the value after it along, which lands in the padding
+        // of `dst` or under the next run, copied after it.
         gpu.copy(
             src.raw(),
-            (s0 * inner * 4) as u64,
+            from as u64,
             dst.raw(),
-            (d0 * inner * 4) as u64,
-            (n * 4) as u64,
+            to as u64,
+            (n * es).div_ceil(4) as u64 * 4,
         );
         return Ok(());
+    }
+    if es != 4 {
+        return Err(Error::invalid(format!(
+            "slice/concat of {:?} tensors {:?} and {:?}: only whole runs starting on 4-byte \
+             boundaries are copied for 2-byte elements",
+            dst.dtype(),
+            src.shape(),
+            dst.shape()
+        )));
     }
     if n > u32::MAX as usize - WG as usize || dst.numel() > u32::MAX as usize {
         return Err(Error::shape(format!(

@@ -23,12 +23,15 @@ mod ov {
     pub(super) const ARGMIN: Override<bool> = Override::new("ARGMIN");
 }
 
-/// The two matmul shaders share the activation and epilogue prologue and every override;
-/// extra libraries of one shader follow its name after `+`, its extra overrides after `,`.
+/// The matmul shaders share the B operand's bindings and reads (`matmul_b_f32` or its f16
+/// twin `matmul_b_f16`, first: an f16 module's `enable f16;` must precede every
+/// declaration), the activation and epilogue prologue and every override; extra libraries
+/// of one shader follow its B library after `+`, its extra overrides after `,`.
 macro_rules! matmul_shader {
-    ($name:literal $(+ $lib:literal)* $(, $extra:expr)*) => {
+    ($name:literal = $file:literal, $b:literal $(+ $lib:literal)* $(, $extra:expr)*) => {
         crate::shader!(
-            $name,
+            $name = $file,
+            $b,
             "act",
             "matmul_epilogue",
             $($lib,)*
@@ -47,9 +50,22 @@ macro_rules! matmul_shader {
     };
 }
 
-pub(crate) static SHADER: Shader<Params> = matmul_shader!("matmul" + "tile128");
+pub(crate) static SHADER: Shader<Params> =
+    matmul_shader!("matmul" = "matmul", "matmul_b_f32" + "tile128");
 pub(crate) static SUBGROUP_SHADER: Shader<Params> = matmul_shader!(
-    "matmul_subgroup" + "subgroup_tile",
+    "matmul_subgroup" = "matmul_subgroup",
+    "matmul_b_f32" + "subgroup_tile",
+    ov::SG_ROWS,
+    ov::SG_STACK,
+    ov::WIDE
+);
+/// [`SHADER`]'s kernels reading an f16 B (weights of `--precision f16`), widened to f32.
+pub(crate) static SHADER_F16: Shader<Params> =
+    matmul_shader!("matmul_f16" = "matmul", "matmul_b_f16" + "tile128");
+/// [`SUBGROUP_SHADER`]'s kernel reading an f16 B.
+pub(crate) static SUBGROUP_SHADER_F16: Shader<Params> = matmul_shader!(
+    "matmul_subgroup_f16" = "matmul_subgroup",
+    "matmul_b_f16" + "subgroup_tile",
     ov::SG_ROWS,
     ov::SG_STACK,
     ov::WIDE
@@ -334,7 +350,25 @@ fn matmul_impl(
     split: Split,
 ) -> Result<Option<Tensor>> {
     a.expect_f32("matmul A")?;
-    b.expect_f32("matmul B")?;
+    // B may also be f16 (weights of `--precision f16`): the f16 twins of the kernels read
+    // it and widen it to f32; the nearest-code search keeps f32 codebooks.
+    let b_f16 = match b.dtype() {
+        DType::F32 => false,
+        DType::F16 if out == Output::Matrix => {
+            b.gpu().require_f16("matmul with an f16 B")?;
+            true
+        }
+        d => {
+            return Err(Error::invalid(format!(
+                "matmul B: expected an f32 tensor{}, got {d:?}",
+                if out == Output::Matrix {
+                    " or an f16 one"
+                } else {
+                    " (the row argmin reads f32 only)"
+                }
+            )))
+        }
+    };
     if a.rank() < 2 || b.rank() < 2 {
         return Err(Error::shape(format!(
             "matmul needs rank >= 2 operands, got {:?} and {:?}",
@@ -461,17 +495,22 @@ fn matmul_impl(
     let wide = v == Variant::Subgroup32Wide;
     // Subgroups stacked along M: as many as M needs, up to all 8.
     let stack = m.div_ceil(sg_rows.max(1)).next_power_of_two().min(8);
+    let (shader, subgroup_shader) = if b_f16 {
+        (&SHADER_F16, &SUBGROUP_SHADER_F16)
+    } else {
+        (&SHADER, &SUBGROUP_SHADER)
+    };
     let kernel = match v {
-        Variant::Register => Kernel::new(&SHADER, "matmul_reg"),
-        Variant::Shared => Kernel::new(&SHADER, "matmul_shared"),
-        Variant::Vec4 => Kernel::new(&SHADER, "matmul_vec4"),
+        Variant::Register => Kernel::new(shader, "matmul_reg"),
+        Variant::Shared => Kernel::new(shader, "matmul_shared"),
+        Variant::Vec4 => Kernel::new(shader, "matmul_vec4"),
         Variant::Subgroup | Variant::Subgroup16 | Variant::Subgroup32 | Variant::Subgroup32Wide => {
-            Kernel::new(&SUBGROUP_SHADER, "matmul_subgroup")
+            Kernel::new(subgroup_shader, "matmul_subgroup")
                 .with(ov::SG_ROWS, sg_rows as u32)
                 .with(ov::SG_STACK, stack as u32)
                 .with(ov::WIDE, wide)
         }
-        Variant::Tile128 => Kernel::new(&SHADER, "matmul_tile128"),
+        Variant::Tile128 => Kernel::new(shader, "matmul_tile128"),
     }
     .with(ov::TRANS_A, o.trans_a)
     .with(ov::TRANS_B, o.trans_b)
@@ -630,6 +669,12 @@ pub fn matmul_backward(
     need: [bool; 3],
 ) -> Result<MatmulGrads> {
     use super::reduce::sum_leading;
+    if b.dtype() == DType::F16 && need[1] {
+        return Err(Error::invalid(
+            "matmul backward: a gradient was asked for an f16 weight; f16 weights \
+             (--precision f16) are frozen, for inference and generation only: train in f32",
+        ));
+    }
     let (ta, tb) = (o.trans_a, o.trans_b);
     let s = Some(o.alpha.unwrap_or(1.0));
     let da = if !need[0] {
@@ -795,6 +840,8 @@ mod tests {
         bias: bool,
         act: Act,
         residual: bool,
+        /// B uploaded as f16 (the reference uses the same f16-rounded values).
+        f16_b: bool,
     }
 
     impl Problem {
@@ -811,6 +858,13 @@ mod tests {
                 bias: false,
                 act: Act::None,
                 residual: false,
+                f16_b: false,
+            }
+        }
+        fn f16_b(self) -> Problem {
+            Problem {
+                f16_b: true,
+                ..self
             }
         }
         fn trans(self, trans_a: bool, trans_b: bool) -> Problem {
@@ -854,10 +908,18 @@ mod tests {
                 bias,
                 act,
                 residual: res,
+                f16_b,
             } = self;
             let g = gpu();
             let av = rand_vec(batch * m * k, seed);
-            let bv = rand_vec(if bcast { k * n } else { batch * k * n }, seed + 1);
+            let mut bv = rand_vec(if bcast { k * n } else { batch * k * n }, seed + 1);
+            if f16_b {
+                // The kernels widen f16 exactly: the f16-rounded B is the exact operand.
+                bv = bv
+                    .iter()
+                    .map(|&x| half::f16::from_f32(x).to_f32())
+                    .collect();
+            }
             let biasv = rand_vec(n, seed + 2);
             let resv = rand_vec(batch * m * n, seed + 3);
             let a_shape = if ta { [batch, k, m] } else { [batch, m, k] };
@@ -868,7 +930,12 @@ mod tests {
                 (false, false) => vec![batch, k, n],
             };
             let a = Tensor::from_slice(&g, &av, &a_shape).unwrap();
-            let b = Tensor::from_slice(&g, &bv, &b_shape).unwrap();
+            let b = if f16_b {
+                Tensor::from_f32_as_f16(&g, &bv, &b_shape).unwrap()
+            } else {
+                Tensor::from_slice(&g, &bv, &b_shape).unwrap()
+            };
+            assert_eq!(b.dtype(), if f16_b { DType::F16 } else { DType::F32 });
             let bias_t = Tensor::from_slice(&g, &biasv, &[n]).unwrap();
             let res_t = Tensor::from_slice(&g, &resv, &[batch, m, n]).unwrap();
             let alpha = if res { 0.5 } else { 1.0 };
@@ -1046,6 +1113,140 @@ mod tests {
         for v in Variant::ALL {
             Problem::new(70_000, 2, 3, 4).bias().check(v, 77);
         }
+    }
+
+    /// Whether the test device can run the f16 kernels (skips f16 tests where it cannot).
+    fn has_f16() -> bool {
+        let ok = gpu().features().contains(wgpu::Features::SHADER_F16);
+        if !ok {
+            eprintln!("skipped: the adapter has no SHADER_F16");
+        }
+        ok
+    }
+
+    #[test]
+    fn f16_b_every_variant_matches_the_reference_of_the_rounded_b() {
+        // The f16 twins of every kernel against the f64 reference on the f16-rounded B, at
+        // the f32 tolerances: ragged tiles, all four transposes, a batch, a broadcast
+        // weight with bias + activation + residual, and (vec4 and subgroup kernels) shapes
+        // they read as vec4, B's last vec4 included.
+        if !has_f16() {
+            return;
+        }
+        let mut seed = 5000;
+        for v in Variant::ALL {
+            for &(batch, m, n, k) in &[(1, 3, 5, 7), (2, 17, 65, 33), (1, 50, 768, 64)] {
+                for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                    seed += 10;
+                    Problem::new(batch, m, n, k)
+                        .trans(ta, tb)
+                        .f16_b()
+                        .check(v, seed);
+                }
+            }
+            for (batch, m, n, k, ta, tb) in [
+                (1, 17, 36, 20, false, false),
+                (2, 50, 77, 64, false, true),
+                (1, 36, 13, 8, true, true),
+                (1, 132, 68, 36, true, false),
+                (1, 130, 260, 36, false, true),
+            ] {
+                seed += 10;
+                Problem::new(batch, m, n, k)
+                    .trans(ta, tb)
+                    .f16_b()
+                    .check(v, seed);
+            }
+            Problem::new(3, 33, 48, 72)
+                .trans(false, true)
+                .broadcast_b()
+                .bias()
+                .act(Act::QuickGelu)
+                .residual()
+                .f16_b()
+                .check(v, seed + 1);
+            Problem::new(2, 12, 20, 8)
+                .trans(true, false)
+                .broadcast_b()
+                .bias()
+                .act(Act::Gelu)
+                .residual()
+                .f16_b()
+                .check(v, seed + 2);
+        }
+    }
+
+    #[test]
+    fn f16_b_is_read_as_f16_not_as_f32_bytes() {
+        // Values that f16 holds exactly, so any misread (f32 kernels on f16 bytes, a wrong
+        // index scale) shows as a wrong product rather than a rounding difference.
+        if !has_f16() {
+            return;
+        }
+        let g = gpu();
+        let (m, n, k) = (5, 12, 8);
+        let av: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 - 3.0).collect();
+        let bv: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.25 - 0.5).collect();
+        let a = Tensor::from_slice(&g, &av, &[m, k]).unwrap();
+        let b = Tensor::from_f32_as_f16(&g, &bv, &[n, k]).unwrap();
+        assert_eq!(b.bytes(), (n * k * 2) as u64);
+        assert_eq!(b.to_vec().unwrap(), bv, "to_vec widens f16");
+        let (want, _) = reference(
+            &av,
+            &bv,
+            1,
+            m,
+            n,
+            k,
+            false,
+            true,
+            false,
+            1.0,
+            None,
+            Act::None,
+            None,
+        );
+        let want: Vec<f32> = want.iter().map(|&x| x as f32).collect();
+        for v in Variant::ALL {
+            let c = matmul_variant(&a, &b, &MatmulOpts::linear(None), v).unwrap();
+            assert_eq!(c.to_vec().unwrap(), want, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn f16_operands_where_only_f32_is_read_are_errors() {
+        if !has_f16() {
+            return;
+        }
+        let g = gpu();
+        let h = Tensor::from_f32_as_f16(&g, &[1.0; 16], &[4, 4]).unwrap();
+        let f = Tensor::full(&g, &[4, 4], 1.0).unwrap();
+        let e = matmul(&h, &f, &MatmulOpts::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("matmul A") && e.contains("F16"), "{e}");
+        let e = matmul_row_argmin(&f, &h, &MatmulOpts::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("row argmin reads f32 only"), "{e}");
+        // dX of an f16 weight is fine (generation); dW is refused.
+        let o = MatmulOpts::linear(None);
+        let r = matmul_backward(&f, &h, &f, &o, [true, false, false]).unwrap();
+        assert!(r.da.is_some());
+        let e = matmul_backward(&f, &h, &f, &o, [false, true, false])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("f16 weight") && e.contains("train in f32"),
+            "{e}"
+        );
+        let e = crate::ops::elementwise::add(&h, &f)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected an f32 tensor, got F16"), "{e}");
+        let e = h.to_vec_u32().unwrap_err().to_string();
+        assert!(e.contains("non-u32"), "{e}");
     }
 
     #[test]

@@ -174,7 +174,37 @@ mod tests {
                 Act::QuickGelu,
                 Some(&resv),
             );
+            // B also as f16 (`--precision f16` weights), against the reference on the
+            // f16-rounded B, where the adapter has SHADER_F16.
+            let b16v: Vec<f32> = bv
+                .iter()
+                .map(|&x| half::f16::from_f32(x).to_f32())
+                .collect();
+            let b16 = g
+                .features()
+                .contains(wgpu::Features::SHADER_F16)
+                .then(|| Tensor::from_f32_as_f16(&g, &bv, b.shape()).unwrap());
+            let (want16, mag16) = reference(
+                &av,
+                &b16v,
+                1,
+                m,
+                n,
+                k,
+                ta,
+                tb,
+                false,
+                0.5,
+                Some(&biasv),
+                Act::QuickGelu,
+                Some(&resv),
+            );
             for v in Variant::ALL {
+                if let Some(b16) = &b16 {
+                    let got = matmul_split_variant(&a, b16, &o, v, 8).unwrap();
+                    let what = format!("{v:?} ta={ta} tb={tb} slices=8 f16 B");
+                    assert_near_reference(&got.to_vec().unwrap(), &want16, &mag16, k, &what);
+                }
                 for s in [2, 8, 12] {
                     let got = matmul_split_variant(&a, &b, &o, v, s).unwrap();
                     assert_eq!(got.shape(), &[m, n]);

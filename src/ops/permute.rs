@@ -86,6 +86,7 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     if dims.len() <= 1 {
         return x.reshape(&out_shape);
     }
+    x.expect_4_byte("permute")?;
     if dims.len() > MAX_RANK {
         return Err(Error::shape(format!(
             "permute {perm:?} of {:?} moves more than {MAX_RANK} separate blocks of dims",
@@ -165,6 +166,7 @@ fn strided_params(
 /// as the heads of one third of the fused QKV projection's `[B, T, 3·H·D]` output split to
 /// `[B, H, T, D]` in one pass.
 pub fn gather_strided(x: &Tensor, dims: &[usize], strides: &[usize], off: usize) -> Result<Tensor> {
+    x.expect_4_byte("gather_strided")?;
     let (p, last) = strided_params(dims, strides, off, "gather_strided")?;
     if dims.contains(&0) {
         return Tensor::empty(x.gpu(), dims, x.dtype());
@@ -191,6 +193,7 @@ pub fn gather_strided(x: &Tensor, dims: &[usize], strides: &[usize], off: usize)
 /// shape), to `into[off + Σ i_d · strides[d]]`, leaving the rest of `into` as it was. Used
 /// to put dQ, dK and dV `[B, H, T, D]` back into one `[B, T, 3·H·D]` gradient.
 pub fn scatter_strided(src: &Tensor, into: &Tensor, strides: &[usize], off: usize) -> Result<()> {
+    src.expect_4_byte("scatter_strided")?;
     let dims = src.shape();
     let (p, last) = strided_params(dims, strides, off, "scatter_strided")?;
     if src.numel() == 0 {

@@ -12,6 +12,7 @@ pub mod shipped;
 pub use self::safetensors::SafetensorsFile;
 pub use memory::MemorySource;
 
+use crate::tensor::Precision;
 use crate::{Error, Gpu, Result, Tensor};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -42,6 +43,7 @@ pub struct Loader<'a> {
     gpu: &'a Gpu,
     prefix: String,
     record: Rc<RefCell<NamedParams>>,
+    precision: Precision,
 }
 
 impl<'a> Loader<'a> {
@@ -52,7 +54,14 @@ impl<'a> Loader<'a> {
             gpu,
             prefix: String::new(),
             record: Rc::default(),
+            precision: Precision::F32,
         }
+    }
+
+    /// This loader (and those derived from it) uploading [`Loader::linear_weight`]s at
+    /// `precision`; every other tensor stays f32.
+    pub fn with_precision(self, precision: Precision) -> Self {
+        Loader { precision, ..self }
     }
 
     /// Every tensor uploaded so far through this loader or any loader derived from it.
@@ -67,6 +76,7 @@ impl<'a> Loader<'a> {
             gpu: self.gpu,
             prefix: self.key(&name.to_string()),
             record: self.record.clone(),
+            precision: self.precision,
         }
     }
 
@@ -107,10 +117,23 @@ impl<'a> Loader<'a> {
         self.src.read_f32(&key)
     }
 
-    /// Uploads `name` to the GPU, checking that its shape is `expect`.
+    /// Uploads `name` to the GPU as f32, checking that its shape is `expect`.
     pub fn tensor(&self, name: &str, expect: &[usize]) -> Result<Tensor> {
         let data = self.cpu(name, expect)?;
         let t = Tensor::from_slice(self.gpu, &data, expect)?;
+        self.record.borrow_mut().push((self.key(name), t.clone()));
+        Ok(t)
+    }
+
+    /// Uploads the weight matrix of a linear layer, `name`, checking that its shape is
+    /// `expect`: f32, or rounded to f16 under [`Precision::F16`] (exact for a checkpoint
+    /// stored in f16), which only the matmul's B operand reads.
+    pub fn linear_weight(&self, name: &str, expect: &[usize]) -> Result<Tensor> {
+        if self.precision == Precision::F32 {
+            return self.tensor(name, expect);
+        }
+        let data = self.cpu(name, expect)?;
+        let t = Tensor::from_f32_as_f16(self.gpu, &data, expect)?;
         self.record.borrow_mut().push((self.key(name), t.clone()));
         Ok(t)
     }

@@ -63,7 +63,9 @@ impl ClipAttention {
     /// The packed projection `W_qkv = [W_q; W_k; W_v]` `[3C, C]` and `b_qkv` `[3C]`, made
     /// once per weight set and kept in the device's derived-tensor cache, keyed on the six
     /// tensors so that writing any of them in place drops it. `None` when a projection has
-    /// no bias.
+    /// no bias, or for f16 weights of an odd element count (their rows cannot be copied as
+    /// whole 4-byte words: the three projections run instead). f16 weights pack to an f16
+    /// `W_qkv`.
     pub fn packed_qkv(&self) -> Result<Option<(Tensor, Tensor)>> {
         use crate::ops::concat::concat;
         let (wq, wk, wv) = (
@@ -71,6 +73,9 @@ impl ClipAttention {
             &self.k_proj.weight,
             &self.v_proj.weight,
         );
+        if wq.dtype() == crate::DType::F16 && wq.numel() % 2 == 1 {
+            return Ok(None);
+        }
         let (Some(bq), Some(bk), Some(bv)) = (
             self.q_proj.bias.as_ref(),
             self.k_proj.bias.as_ref(),

@@ -24,6 +24,7 @@ use crate::ops::elementwise::{mul, unary, UnaryOp};
 use crate::ops::matmul::{matmul, MatmulOpts};
 use crate::ops::reduce::{reduce, ReduceOp};
 use crate::ops::Act;
+use crate::tensor::Precision;
 use crate::weights::{Loader, SafetensorsFile, TensorSource};
 use crate::{Error, Gpu, Result, Tensor};
 use std::path::Path;
@@ -54,6 +55,8 @@ pub struct ClipModel {
     /// above (what training updates and the writers save; `logit_scale` is a plain number
     /// and not in it).
     pub params: crate::weights::NamedParams,
+    /// Precision of the linear-layer weights ([`ClipModel::load_with`]).
+    pub precision: Precision,
     gpu: Gpu,
 }
 
@@ -76,8 +79,20 @@ impl std::fmt::Debug for ClipModel {
 impl ClipModel {
     /// Loads a Hugging Face CLIP folder: `config.json`, `model.safetensors` (memory-mapped),
     /// `tokenizer.json` or `vocab.json` + `merges.txt` (optional: without them only images
-    /// can be encoded), `preprocessor_config.json` (optional).
+    /// can be encoded), `preprocessor_config.json` (optional). Weights in f32.
     pub fn load(dir: impl AsRef<Path>, gpu: &Gpu) -> Result<ClipModel> {
+        ClipModel::load_with(dir, gpu, Precision::F32)
+    }
+
+    /// [`ClipModel::load`] with the linear-layer weights of both towers and both
+    /// projections (the fused q/k/v weight included) at `precision`. Under
+    /// [`Precision::F16`] they are rounded to f16 on the CPU as they are uploaded (exact
+    /// for an f16 checkpoint) and the matmul kernels widen them to f32 as they read them:
+    /// half the memory and weight traffic of those layers; embeddings, the patch
+    /// embedding, norms, biases, activations and accumulation stay f32, and such weights
+    /// are frozen (no gradients for them: inference and VQGAN+CLIP only). Fails on an
+    /// adapter without `SHADER_F16`.
+    pub fn load_with(dir: impl AsRef<Path>, gpu: &Gpu, precision: Precision) -> Result<ClipModel> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
             return Err(Error::Format {
@@ -104,7 +119,7 @@ impl ClipModel {
             });
         }
         let src = SafetensorsFile::open(&weights)?;
-        let mut model = ClipModel::from_source(config, &src, gpu)?;
+        let mut model = ClipModel::from_source_with(config, &src, gpu, precision)?;
         let has_tokenizer = dir.join("tokenizer.json").is_file()
             || (dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file());
         if has_tokenizer {
@@ -124,11 +139,25 @@ impl ClipModel {
     /// Builds the model from any tensor source with Hugging Face key names (no tokenizer;
     /// default preprocessing).
     pub fn from_source(config: ClipConfig, src: &dyn TensorSource, gpu: &Gpu) -> Result<ClipModel> {
+        ClipModel::from_source_with(config, src, gpu, Precision::F32)
+    }
+
+    /// [`ClipModel::from_source`] with linear-layer weights at `precision` (see
+    /// [`ClipModel::load_with`]).
+    pub fn from_source_with(
+        config: ClipConfig,
+        src: &dyn TensorSource,
+        gpu: &Gpu,
+        precision: Precision,
+    ) -> Result<ClipModel> {
+        if precision == Precision::F16 {
+            gpu.require_f16("CLIP with --precision f16")?;
+        }
         config.validate().map_err(|msg| Error::Format {
             path: src.path().to_string(),
             msg,
         })?;
-        let l = Loader::new(src, gpu);
+        let l = Loader::new(src, gpu).with_precision(precision);
         let p = config.projection_dim;
         let text_model = ClipTextTransformer::load(&l.sub("text_model"), &config.text)?;
         let vision_model = ClipVisionTransformer::load(&l.sub("vision_model"), &config.vision)?;
@@ -151,8 +180,15 @@ impl ClipModel {
             logit_scale,
             tokenizer: None,
             params: l.uploaded(),
+            precision,
             gpu: gpu.clone(),
         })
+    }
+
+    /// Bytes of GPU memory the weights occupy (every tensor of [`ClipModel::params`], as
+    /// stored: 2 per f16 element, 4 per f32 one).
+    pub fn weight_bytes(&self) -> u64 {
+        self.params.iter().map(|(_, t)| t.bytes()).sum()
     }
 
     /// The device the weights live on.
