@@ -73,9 +73,13 @@ fn generates_deterministic_pngs_with_metadata_and_logs() {
     let (pa, pb) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
     assert_eq!(pa, pb, "same seed and options give the same bytes");
     let text = String::from_utf8_lossy(&pa);
-    for key in ["prompt", "seed", "steps", "vqclip"] {
+    for key in ["prompt", "seed", "steps", "vqclip", "precision"] {
         assert!(text.contains(key), "PNG text chunk {key} missing");
     }
+    assert!(
+        text.contains("precision\u{0}f32"),
+        "the precision chunk says f32"
+    );
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
         .unwrap()
         .lines()

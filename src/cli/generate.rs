@@ -413,6 +413,10 @@ pub fn run(dev: &DeviceArgs, a: GenerateArgs) -> Result<()> {
                 .map_or(String::new(), |p| p.display().to_string()),
         ),
         ("vqgan", vq_path.display().to_string()),
+        (
+            "precision",
+            format!("{:?}", a.clip.precision).to_lowercase(),
+        ),
         ("software", format!("vqclip {}", vqclip::VERSION)),
     ];
     let bar = indicatif::ProgressBar::new(steps as u64);
