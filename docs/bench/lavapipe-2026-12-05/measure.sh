@@ -37,6 +37,6 @@ for r in 1 2; do
     "$BIN" bench vqgan --size 128x128 2>&1 | grep -E "decode"
   done
   echo "--- round $r PyTorch step"
-  $PY tools/peer_generate_step.py --size 128 --cutn 4 --steps 3 --device cpu 2>&1 | tail -3
+  $PY tools/peer_generate_step.py --size 128x128 --cutn 4 --steps 3 --device cpu 2>&1 | tail -3
 done
 echo "=== done $(date -u +%H:%M:%S) load $(cut -d' ' -f1-3 /proc/loadavg)"
