@@ -414,6 +414,10 @@ pub fn plan(quick: bool) -> Vec<Spec> {
                 batch: 32,
                 f16: false,
             },
+            ImageEncode {
+                batch: 32,
+                f16: true,
+            },
             VqganDecode { size: 256 },
             GenerateStep { size: 128, cutn: 4 },
             GenerateStep {
