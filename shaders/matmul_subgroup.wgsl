@@ -125,10 +125,15 @@ fn argmin_rows(bi: u32, row: u32, lane: u32, col: u32, col2: u32, a: u32, acc: p
 @compute @workgroup_size(64)
 fn matmul_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_id) sid: u32,
                    @builtin(subgroup_invocation_id) lane: u32) {
-    // No early exit: every lane takes part in the broadcasts. Out-of-range lanes read
-    // clamped addresses and store nothing.
+    // Every lane of a subgroup takes part in its broadcasts: out-of-range lanes read
+    // clamped addresses and store nothing. A subgroup whose rows all lie past M (the last
+    // of 4 stacked 32-row subgroups for 77 text tokens) has nothing to compute or store and
+    // leaves as a whole: `row` is the same on all of its lanes.
     let bi = min(wid.z + p.batch0, p.batch - 1u);
     let row = p.row0 + (wid.y * SG_STACK + sid % SG_STACK) * SG_ROWS;
+    if row >= p.m {
+        return;
+    }
     let col = ((wid.x * (8u / SG_STACK) + sid / SG_STACK) * 8u + lane) * 4u;
     let ba = bi * p.stride_a / 4u;
     let bb = bi * p.stride_b / 4u;
