@@ -22,26 +22,50 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> y: array<u32>;    // output, out_dims
 
 override WG: u32 = 256u;
+// Consecutive elements (along the innermost output dim) one invocation copies: the index
+// arithmetic, integer divisions that CPU adapters run lane by lane, is done once per run.
+// 1 on GPUs, where neighbouring invocations must touch neighbouring words.
+override RUN: u32 = 1u;
 
 fn dim(i: u32) -> u32 { return p.out_dims[i / 4u][i % 4u]; }
 fn stride(i: u32) -> u32 { return p.in_strides[i / 4u][i % 4u]; }
 
-@compute @workgroup_size(WG)
-fn permute(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-           @builtin(local_invocation_index) li: u32) {
-    let i = grid_index(wid, nwg, WG, li);
-    if i >= p.n {
-        return;
+// The run invocation `r` copies: the flat index of its first element in the ordered
+// (out_dims) tensor, the strided index of that element, and the run's length (0: none).
+struct Run {
+    i0: u32,
+    at: u32,
+    len: u32,
+}
+
+fn run_of(r: u32) -> Run {
+    let last = p.rank - 1u;
+    let inner = dim(last);
+    let segs = (inner + RUN - 1u) / RUN;
+    let row = r / segs;
+    if row >= p.n / inner {
+        return Run(0u, 0u, 0u);
     }
-    var rem = i;
-    var src = 0u;
-    for (var d = i32(p.rank) - 1; d >= 0; d--) {
+    let s0 = (r % segs) * RUN;
+    var rem = row;
+    var at = s0 * stride(last);
+    for (var d = i32(last) - 1; d >= 0; d--) {
         let dd = u32(d);
         let c = rem % dim(dd);
         rem = rem / dim(dd);
-        src += c * stride(dd);
+        at += c * stride(dd);
     }
-    y[i] = x[p.off + src];
+    return Run(row * inner + s0, at, min(RUN, inner - s0));
+}
+
+@compute @workgroup_size(WG)
+fn permute(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) li: u32) {
+    let r = run_of(grid_index(wid, nwg, WG, li));
+    let st = stride(p.rank - 1u);
+    for (var j = 0u; j < r.len; j++) {
+        y[r.i0 + j] = x[p.off + r.at + j * st];
+    }
 }
 
 // The inverse of permute: x is read in order (its shape is out_dims), element i goes to
@@ -50,17 +74,9 @@ fn permute(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
 @compute @workgroup_size(WG)
 fn scatter(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) li: u32) {
-    let i = grid_index(wid, nwg, WG, li);
-    if i >= p.n {
-        return;
+    let r = run_of(grid_index(wid, nwg, WG, li));
+    let st = stride(p.rank - 1u);
+    for (var j = 0u; j < r.len; j++) {
+        y[p.off + r.at + j * st] = x[r.i0 + j];
     }
-    var rem = i;
-    var dst = 0u;
-    for (var d = i32(p.rank) - 1; d >= 0; d--) {
-        let dd = u32(d);
-        let c = rem % dim(dd);
-        rem = rem / dim(dd);
-        dst += c * stride(dd);
-    }
-    y[p.off + dst] = x[i];
 }
