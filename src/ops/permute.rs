@@ -189,6 +189,17 @@ fn strided_params(
 /// as the heads of one third of the fused QKV projection's `[B, T, 3·H·D]` output split to
 /// `[B, H, T, D]` in one pass.
 pub fn gather_strided(x: &Tensor, dims: &[usize], strides: &[usize], off: usize) -> Result<Tensor> {
+    gather_strided_run(x, dims, strides, off, None)
+}
+
+/// [`gather_strided`] with `run` elements per invocation (as [`permute_run`]).
+fn gather_strided_run(
+    x: &Tensor,
+    dims: &[usize],
+    strides: &[usize],
+    off: usize,
+    run: Option<u32>,
+) -> Result<Tensor> {
     x.expect_4_byte("gather_strided")?;
     let (p, last) = strided_params(dims, strides, off, "gather_strided")?;
     if dims.contains(&0) {
@@ -202,7 +213,7 @@ pub fn gather_strided(x: &Tensor, dims: &[usize], strides: &[usize], off: usize)
         )));
     }
     let y = Tensor::empty(x.gpu(), dims, x.dtype())?;
-    dispatch(x.gpu(), "permute", &p, &[x.binding(), y.binding()], None);
+    dispatch(x.gpu(), "permute", &p, &[x.binding(), y.binding()], run);
     Ok(y)
 }
 
@@ -210,6 +221,17 @@ pub fn gather_strided(x: &Tensor, dims: &[usize], strides: &[usize], off: usize)
 /// shape), to `into[off + Σ i_d · strides[d]]`, leaving the rest of `into` as it was. Used
 /// to put dQ, dK and dV `[B, H, T, D]` back into one `[B, T, 3·H·D]` gradient.
 pub fn scatter_strided(src: &Tensor, into: &Tensor, strides: &[usize], off: usize) -> Result<()> {
+    scatter_strided_run(src, into, strides, off, None)
+}
+
+/// [`scatter_strided`] with `run` elements per invocation (as [`permute_run`]).
+fn scatter_strided_run(
+    src: &Tensor,
+    into: &Tensor,
+    strides: &[usize],
+    off: usize,
+    run: Option<u32>,
+) -> Result<()> {
     src.expect_4_byte("scatter_strided")?;
     let dims = src.shape();
     let (p, last) = strided_params(dims, strides, off, "scatter_strided")?;
@@ -229,7 +251,7 @@ pub fn scatter_strided(src: &Tensor, into: &Tensor, strides: &[usize], off: usiz
         "scatter",
         &p,
         &[src.binding(), into.binding()],
-        None,
+        run,
     );
     Ok(())
 }
@@ -296,15 +318,20 @@ mod tests {
         let x = Tensor::from_slice(&g, &xv, &[b, t, 3 * c]).unwrap();
         let (dims, strides) = ([b, h, t, d], [t * 3 * c, d, 3 * c, 1]);
         let all = reference(&xv, &[b, t, 3, h, d], &[2, 0, 3, 1, 4]);
-        let back = Tensor::full(&g, &[b, t, 3 * c], f32::NAN).unwrap();
-        for s in 0..3 {
-            let part = gather_strided(&x, &dims, &strides, s * c).unwrap();
-            assert_eq!(part.shape(), &dims);
-            let n = b * h * t * d;
-            assert_eq!(part.to_vec().unwrap(), all[s * n..(s + 1) * n], "part {s}");
-            scatter_strided(&part, &back, &strides, s * c).unwrap();
+        // The adapter's run length, one element per invocation (GPUs) and partial runs.
+        for run in [None, Some(1), Some(3)] {
+            let back = Tensor::full(&g, &[b, t, 3 * c], f32::NAN).unwrap();
+            for s in 0..3 {
+                let part = gather_strided_run(&x, &dims, &strides, s * c, run).unwrap();
+                assert_eq!(part.shape(), &dims);
+                let n = b * h * t * d;
+                let want = &all[s * n..(s + 1) * n];
+                assert_eq!(part.to_vec().unwrap(), want, "part {s} run {run:?}");
+                scatter_strided_run(&part, &back, &strides, s * c, run).unwrap();
+            }
+            assert_eq!(back.to_vec().unwrap(), xv, "run {run:?}");
         }
-        assert_eq!(back.to_vec().unwrap(), xv);
+        let back = Tensor::full(&g, &[b, t, 3 * c], f32::NAN).unwrap();
         let e = gather_strided(&x, &dims, &strides, 3 * c)
             .unwrap_err()
             .to_string();
