@@ -801,30 +801,29 @@ pub fn reference<T: Copy + Into<f64>>(
     (out, mag)
 }
 
-/// Asserts that a product's values `got` are within f32 rounding of [`reference`]'s `want`
-/// (with its magnitudes `mag`) over `k` products: recursive f32 summation of K products is
-/// within K·eps·Σ|a·b| of the exact sum; activations are 1-Lipschitz-ish (≤ 1.13) and add
-/// their own ~1e-6 error.
-#[cfg(test)]
-pub(crate) fn assert_near_reference(got: &[f32], want: &[f64], mag: &[f64], k: usize, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for i in 0..got.len() {
-        let tol =
-            1.2 * (k as f64 + 2.0) * f32::EPSILON as f64 * mag[i] + 2e-6 * (1.0 + want[i].abs());
-        let err = (got[i] as f64 - want[i]).abs();
-        assert!(
-            err <= tol,
-            "{what}: element {i} got {} want {} (err {err:e} > tol {tol:e})",
-            got[i],
-            want[i]
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ops::testutil::{gpu, rand_vec};
+
+    /// Asserts that a product's values `got` are within f32 rounding of [`reference`]'s `want`
+    /// (with its magnitudes `mag`) over `k` products: recursive f32 summation of K products is
+    /// within K·eps·Σ|a·b| of the exact sum; activations are 1-Lipschitz-ish (≤ 1.13) and add
+    /// their own ~1e-6 error.
+    fn assert_near_reference(got: &[f32], want: &[f64], mag: &[f64], k: usize, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for i in 0..got.len() {
+            let tol = 1.2 * (k as f64 + 2.0) * f32::EPSILON as f64 * mag[i]
+                + 2e-6 * (1.0 + want[i].abs());
+            let err = (got[i] as f64 - want[i]).abs();
+            assert!(
+                err <= tol,
+                "{what}: element {i} got {} want {} (err {err:e} > tol {tol:e})",
+                got[i],
+                want[i]
+            );
+        }
+    }
 
     /// One test problem: `op(A) [batch, m, k] @ op(B) [batch (or none: broadcast), k, n]`,
     /// optionally with the fused bias, activation and residual (alpha 0.5 with a residual).
@@ -842,6 +841,9 @@ mod tests {
         residual: bool,
         /// B uploaded as f16 (the reference uses the same f16-rounded values).
         f16_b: bool,
+        /// K forced into this many parallel slices ([`matmul_split_variant`]); 0: the
+        /// default choice.
+        slices: usize,
     }
 
     impl Problem {
@@ -859,7 +861,11 @@ mod tests {
                 act: Act::None,
                 residual: false,
                 f16_b: false,
+                slices: 0,
             }
+        }
+        fn slices(self, slices: usize) -> Problem {
+            Problem { slices, ..self }
         }
         fn f16_b(self) -> Problem {
             Problem {
@@ -909,6 +915,7 @@ mod tests {
                 act,
                 residual: res,
                 f16_b,
+                slices,
             } = self;
             let g = gpu();
             let av = rand_vec(batch * m * k, seed);
@@ -947,7 +954,11 @@ mod tests {
                 act,
                 residual: res.then_some(&res_t),
             };
-            let c = matmul_variant(&a, &b, &o, v).unwrap();
+            let c = match slices {
+                0 => matmul_variant(&a, &b, &o, v),
+                s => matmul_split_variant(&a, &b, &o, v, s),
+            }
+            .unwrap();
             assert_eq!(c.shape(), &[batch, m, n]);
             let got = c.to_vec().unwrap();
             let (want, mag) = reference(
@@ -1122,6 +1133,32 @@ mod tests {
             eprintln!("skipped: the adapter has no SHADER_F16");
         }
         ok
+    }
+
+    /// Every kernel with K forced into parallel slices ([`super::super::matmul_split`])
+    /// gives the reference's result: all four transposes, M and N off every tile size
+    /// (partial tiles), alpha, bias, QuickGELU and a residual (the last three in the
+    /// summing pass), and an f16 B where the adapter has SHADER_F16.
+    #[test]
+    fn split_k_slices_match_the_reference_on_every_kernel() {
+        let f16 = has_f16();
+        let mut seed = 3000;
+        for v in Variant::ALL {
+            for (ta, tb) in [(false, true), (false, false), (true, false), (true, true)] {
+                let p = Problem::new(1, 50, 36, 768)
+                    .trans(ta, tb)
+                    .bias()
+                    .act(Act::QuickGelu)
+                    .residual();
+                for s in [2, 8, 12] {
+                    seed += 10;
+                    p.slices(s).check(v, seed);
+                }
+                if f16 {
+                    p.slices(8).f16_b().check(v, seed + 1);
+                }
+            }
+        }
     }
 
     #[test]
