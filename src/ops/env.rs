@@ -5,7 +5,7 @@
 
 use crate::{Error, Result};
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 /// One override variable: its name, what it chooses, and the values it takes.
 pub struct Override {
@@ -72,27 +72,44 @@ pub const SPLIT_K: Override = Override {
 /// Every override variable.
 pub const ALL: [Override; 5] = [MATMUL, CONV, ATTENTION, GROUP_NORM, SPLIT_K];
 
+/// What each variable held when first asked, in [`ALL`]'s order: its accepted value, or the
+/// message for one it does not take. Read once per process: the choosers ask on every
+/// dispatch, and the environment does not change under a running command.
+fn readings() -> &'static [std::result::Result<Option<String>, String>] {
+    static READINGS: OnceLock<Vec<std::result::Result<Option<String>, String>>> = OnceLock::new();
+    READINGS.get_or_init(|| ALL.iter().map(Override::read).collect())
+}
+
 impl Override {
     /// The variable's value if it is set to an accepted one; `None` if it is unset or empty.
     /// Any other value is an error naming the variable and the accepted values.
     pub fn checked(&self) -> Result<Option<String>> {
-        let raw = match std::env::var(self.var) {
-            Ok(s) => s,
-            Err(std::env::VarError::NotPresent) => return Ok(None),
-            Err(std::env::VarError::NotUnicode(_)) => {
-                return Err(Error::invalid(format!(
-                    "{} is not valid UTF-8; it chooses {}: one of {}",
-                    self.var,
-                    self.what,
-                    (self.values)().join(", ")
-                )))
-            }
-        };
-        self.check(&raw)
+        let at = ALL.iter().position(|o| o.var == self.var);
+        match at.map(|i| &readings()[i]) {
+            Some(Ok(v)) => Ok(v.clone()),
+            Some(Err(msg)) => Err(Error::invalid(msg.clone())),
+            // Not one of ALL (none is defined elsewhere): read it now.
+            None => self.read().map_err(Error::invalid),
+        }
     }
 
-    /// [`Override::checked`] on the value `raw`.
-    fn check(&self, raw: &str) -> Result<Option<String>> {
+    /// The variable read from the environment now: as [`Override::checked`], the error
+    /// being its message.
+    fn read(&self) -> std::result::Result<Option<String>, String> {
+        match std::env::var(self.var) {
+            Ok(raw) => self.check(&raw),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => Err(format!(
+                "{} is not valid UTF-8; it chooses {}: one of {}",
+                self.var,
+                self.what,
+                (self.values)().join(", ")
+            )),
+        }
+    }
+
+    /// The value `raw` checked: as [`Override::read`].
+    fn check(&self, raw: &str) -> std::result::Result<Option<String>, String> {
         let s = raw.trim();
         if s.is_empty() {
             return Ok(None);
@@ -101,12 +118,12 @@ impl Override {
         if values.contains(&s) {
             Ok(Some(s.to_string()))
         } else {
-            Err(Error::invalid(format!(
+            Err(format!(
                 "{}={raw:?} is not a value it takes; it chooses {}: one of {} (or unset it)",
                 self.var,
                 self.what,
                 values.join(", ")
-            )))
+            ))
         }
     }
 
