@@ -177,6 +177,7 @@ fn a_misspelt_kernel_override_is_an_error() {
         ("VQCLIP_MATMUL", "fastest", "tile128"),
         ("VQCLIP_ATTENTION", "flash", "composed"),
         ("VQCLIP_GROUP_NORM", "single", "passes"),
+        ("VQCLIP_SPLIT_K", "yes", "off"),
     ] {
         let o = Command::new(env!("CARGO_BIN_EXE_vqclip"))
             .arg("info")
