@@ -21,6 +21,9 @@
 //   q, k and v may be one buffer: each has an element offset (q_off, k_off, v_off) on top of
 //   its strides, so the fused QKV projection's [B, T, 3*H*D] output is read in place (row
 //   stride 3*H*D, k and v starting H*D and 2*H*D values into each row).
+//   q, k, v and the output are `elem` (shaders/lib/elem_f32.wgsl): f32, or f16 in the
+//   f16-activation twin (`--precision f16` inference), whose scores, softmax and
+//   accumulator stay f32. That twin never splits keys: its host converts to f32 first.
 //   With LSE (the training forward, ops::attention_backward) the per-query log-sum-exp of
 //   the scaled scores, L = m + log(l), is written too: by attn into `ml` (bound to the
 //   [B*H*Tq] L tensor when there are no splits) or by attn_combine into `lse_out`. The
@@ -46,18 +49,18 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 // attn: out [.., Tq, D] by o strides, or the split partials [B*H*Tq, splits, D] when SPLIT.
 // attn_combine: the final output.
-@group(0) @binding(1) var<storage, read_write> o: array<f32>;
+@group(0) @binding(1) var<storage, read_write> o: array<elem>;
 // (m, l) per query and split: [B*H*Tq, splits, 2] (SPLIT only); without splits and with
 // LSE, the log-sum-exp per query [B*H*Tq].
 @group(0) @binding(2) var<storage, read_write> ml: array<f32>;
 // attn: q by q strides from q_off; attn_combine: the split partials.
-@group(0) @binding(3) var<storage, read> q: array<f32>;
-@group(0) @binding(4) var<storage, read> k: array<f32>;          // by k strides from k_off
-@group(0) @binding(5) var<storage, read> v: array<f32>;          // by k strides from v_off
+@group(0) @binding(3) var<storage, read> q: array<elem>;
+@group(0) @binding(4) var<storage, read> k: array<elem>;         // by k strides from k_off
+@group(0) @binding(5) var<storage, read> v: array<elem>;         // by k strides from v_off
 // The same k and v buffers viewed as vec4 (used when D_MULT4: one load per 4 values, which
 // matters on CPU Vulkan where every load instruction is a loop over the SIMD lanes).
-@group(0) @binding(6) var<storage, read> k4: array<vec4<f32>>;
-@group(0) @binding(7) var<storage, read> v4: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> k4: array<vec4<elem>>;
+@group(0) @binding(7) var<storage, read> v4: array<vec4<elem>>;
 
 override WGQ: u32 = 8u;          // queries per workgroup
 override CAUSAL: bool = false;
@@ -73,23 +76,23 @@ const NEG_BIG: f32 = -3.4028234663852886e38;
 // 4c; dims past D read as 0.
 fn ld4q(base: u32, c: u32) -> vec4<f32> {
     let i = row4_at(base, c);
-    return row4_mask(c, vec4<f32>(q[i.x], q[i.y], q[i.z], q[i.w]));
+    return row4_mask(c, vec4<f32>(f32(q[i.x]), f32(q[i.y]), f32(q[i.z]), f32(q[i.w])));
 }
 fn ld4k(rel: u32, c: u32) -> vec4<f32> {
     let base = rel + p.k_off;
     if D_MULT4 {
-        return k4[base / 4u + c];
+        return vec4<f32>(k4[base / 4u + c]);
     }
     let i = row4_at(base, c);
-    return row4_mask(c, vec4<f32>(k[i.x], k[i.y], k[i.z], k[i.w]));
+    return row4_mask(c, vec4<f32>(f32(k[i.x]), f32(k[i.y]), f32(k[i.z]), f32(k[i.w])));
 }
 fn ld4v(rel: u32, c: u32) -> vec4<f32> {
     let base = rel + p.v_off;
     if D_MULT4 {
-        return v4[base / 4u + c];
+        return vec4<f32>(v4[base / 4u + c]);
     }
     let i = row4_at(base, c);
-    return row4_mask(c, vec4<f32>(v[i.x], v[i.y], v[i.z], v[i.w]));
+    return row4_mask(c, vec4<f32>(f32(v[i.x]), f32(v[i.y]), f32(v[i.z]), f32(v[i.w])));
 }
 
 @compute @workgroup_size(WGQ)
@@ -165,7 +168,7 @@ fn attn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let a = acc[c];
             for (var t = 0u; t < 4u; t++) {
                 if 4u * c + t < p.d {
-                    o[ob + 4u * c + t] = a[t];
+                    o[ob + 4u * c + t] = elem(a[t]);
                 }
             }
         }
@@ -179,7 +182,7 @@ fn attn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let a = acc[c] * r;
             for (var t = 0u; t < 4u; t++) {
                 if 4u * c + t < p.d {
-                    o[ob + 4u * c + t] = a[t];
+                    o[ob + 4u * c + t] = elem(a[t]);
                 }
             }
         }
@@ -213,14 +216,14 @@ fn attn_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     for (var s = 0u; s < p.splits; s++) {
         let slot = row * p.splits + s;
         let w = exp(ml[2u * slot] - mx);
-        num = fma(w, q[slot * p.d + d], num);
+        num = fma(w, f32(q[slot * p.d + d]), num);
         den = fma(w, ml[2u * slot + 1u], den);
     }
     let i = row % p.tq;
     let bh = row / p.tq;
     let b = bh / p.heads;
     let h = bh % p.heads;
-    o[b * p.o_sb + h * p.o_sh + i * p.o_st + d] = num / den;
+    o[b * p.o_sb + h * p.o_sh + i * p.o_st + d] = elem(num / den);
     // L = M + log(sum_s e^(m_s - M) l_s): one lane per query writes it.
     if LSE && d == 0u {
         lse_out[row] = mx + log(den);

@@ -17,16 +17,24 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;          // [rows, C]
+// x and y are `elem`: f32, or f16 for the f16-activation twin (shaders/lib/elem_f32.wgsl);
+// statistics and arithmetic are f32 either way.
+@group(0) @binding(1) var<storage, read> x: array<elem>;         // [rows, C]
 @group(0) @binding(2) var<storage, read> gamma: array<f32>;      // [C] (read only if HAS_GAMMA)
 @group(0) @binding(3) var<storage, read> beta: array<f32>;       // [C] (read only if HAS_BETA)
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;    // [rows, C]
+@group(0) @binding(4) var<storage, read_write> y: array<elem>;   // [rows, C]
 
 override HAS_GAMMA: bool = false;
 override HAS_BETA: bool = false;
 override WG: u32 = 64u;   // ln_rows: rows per workgroup
 
-fn affine(v: f32, i: u32) -> f32 {
+// x[i] widened to f32.
+fn xv(i: u32) -> f32 {
+    return f32(x[i]);
+}
+
+// The affine map of normalised value `v` at column i, rounded to the storage type.
+fn affine(v: f32, i: u32) -> elem {
     var r = v;
     if HAS_GAMMA {
         r *= gamma[i];
@@ -34,7 +42,7 @@ fn affine(v: f32, i: u32) -> f32 {
     if HAS_BETA {
         r += beta[i];
     }
-    return r;
+    return elem(r);
 }
 
 // The row loops step by 4 (llvmpipe stops every loop of an invocation after 65,535
@@ -52,34 +60,34 @@ fn ln_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     var s4 = vec4<f32>(0.0);
     for (var i = 0u; i < c4; i += 4u) {
         let j = base + i;
-        s4 += vec4<f32>(x[j], x[j + 1u], x[j + 2u], x[j + 3u]);
+        s4 += vec4<f32>(xv(j), xv(j + 1u), xv(j + 2u), xv(j + 3u));
     }
     var s = (s4.x + s4.y) + (s4.z + s4.w);
     for (var i = c4; i < p.c; i++) {
-        s += x[base + i];
+        s += xv(base + i);
     }
     let mean = s / n;
     var v4 = vec4<f32>(0.0);
     for (var i = 0u; i < c4; i += 4u) {
         let j = base + i;
-        let d = vec4<f32>(x[j], x[j + 1u], x[j + 2u], x[j + 3u]) - mean;
+        let d = vec4<f32>(xv(j), xv(j + 1u), xv(j + 2u), xv(j + 3u)) - mean;
         v4 = fma(d, d, v4);
     }
     var v = (v4.x + v4.y) + (v4.z + v4.w);
     for (var i = c4; i < p.c; i++) {
-        let d = x[base + i] - mean;
+        let d = xv(base + i) - mean;
         v = fma(d, d, v);
     }
     let rstd = inverseSqrt(v / n + p.eps);
     for (var i = 0u; i < c4; i += 4u) {
         let j = base + i;
-        y[j] = affine((x[j] - mean) * rstd, i);
-        y[j + 1u] = affine((x[j + 1u] - mean) * rstd, i + 1u);
-        y[j + 2u] = affine((x[j + 2u] - mean) * rstd, i + 2u);
-        y[j + 3u] = affine((x[j + 3u] - mean) * rstd, i + 3u);
+        y[j] = affine((xv(j) - mean) * rstd, i);
+        y[j + 1u] = affine((xv(j + 1u) - mean) * rstd, i + 1u);
+        y[j + 2u] = affine((xv(j + 2u) - mean) * rstd, i + 2u);
+        y[j + 3u] = affine((xv(j + 3u) - mean) * rstd, i + 3u);
     }
     for (var i = c4; i < p.c; i++) {
-        y[base + i] = affine((x[base + i] - mean) * rstd, i);
+        y[base + i] = affine((xv(base + i) - mean) * rstd, i);
     }
 }
 
@@ -112,18 +120,18 @@ fn ln_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
     let n = f32(p.c);
     var s = 0.0;
     for (var i = li; i < p.c; i += WGR) {
-        s += x[base + i];
+        s += xv(base + i);
     }
     let mean = wg_sum(s, li) / n;
     var v = 0.0;
     for (var i = li; i < p.c; i += WGR) {
-        let d = x[base + i] - mean;
+        let d = xv(base + i) - mean;
         v = fma(d, d, v);
     }
     let rstd = inverseSqrt(wg_sum(v, li) / n + p.eps);
     if live {
         for (var i = li; i < p.c; i += WGR) {
-            y[base + i] = affine((x[base + i] - mean) * rstd, i);
+            y[base + i] = affine((xv(base + i) - mean) * rstd, i);
         }
     }
 }

@@ -21,17 +21,24 @@
 //                 from memory into registers while the current one is multiplied, so one
 //                 barrier per slice suffices. For large products on GPUs.
 
-@group(0) @binding(1) var<storage, read> a: array<f32>;          // [batch, M, K], [batch, K, M] if TRANS_A
+// A, C and the residual are stored as `elem` (shaders/lib/elem_f32.wgsl, or elem_f16.wgsl for
+// f16 activations) and widened to f32 as they are read.
+@group(0) @binding(1) var<storage, read> a: array<elem>;         // [batch, M, K], [batch, K, M] if TRANS_A
 // The same A buffer viewed as vec4 (matmul_vec4 only; no entry point uses both views).
-@group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> a4: array<vec4<elem>>;
 // B (binding 2) and its reads b_load / b4_load come from shaders/lib/matmul_b_f32.wgsl, or
 // matmul_b_f16.wgsl for the f16-weight twin of this module.
 
 fn a_at(base: u32, i: u32, kk: u32) -> f32 {
     if TRANS_A {
-        return a[base + kk * p.m + i];
+        return f32(a[base + kk * p.m + i]);
     }
-    return a[base + i * p.k + kk];
+    return f32(a[base + i * p.k + kk]);
+}
+
+// Elements 4i .. 4i + 3 of A, widened to f32.
+fn a4_load(i: u32) -> vec4<f32> {
+    return vec4<f32>(a4[i]);
 }
 
 fn b_at(base: u32, kk: u32, j: u32) -> f32 {
@@ -98,10 +105,10 @@ fn matmul_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         var ab: mat4x4<f32>;
         if TRANS_A {
             let o = ba + 4u * kq * m4 + row / 4u;
-            ab = transpose(mat4x4<f32>(a4[o], a4[o + m4], a4[o + 2u * m4], a4[o + 3u * m4]));
+            ab = transpose(mat4x4<f32>(a4_load(o), a4_load(o + m4), a4_load(o + 2u * m4), a4_load(o + 3u * m4)));
         } else {
-            ab = mat4x4<f32>(a4[ba + r.x * k4 + kq], a4[ba + r.y * k4 + kq],
-                             a4[ba + r.z * k4 + kq], a4[ba + r.w * k4 + kq]);
+            ab = mat4x4<f32>(a4_load(ba + r.x * k4 + kq), a4_load(ba + r.y * k4 + kq),
+                             a4_load(ba + r.z * k4 + kq), a4_load(ba + r.w * k4 + kq));
         }
         // B block as four rows over kk of outputs j (transposed if TRANS_B).
         var bk: mat4x4<f32>;

@@ -32,7 +32,7 @@ override SG_ROWS: u32 = 8u;
 // computes rows past M while 16- and 32-row tiles still cover them.
 override SG_STACK: u32 = 8u;
 
-@group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;   // [batch, M, K] ([.., K, M] if TRANS_A), as vec4
+@group(0) @binding(1) var<storage, read> a4: array<vec4<elem>>;  // [batch, M, K] ([.., K, M] if TRANS_A), as vec4 of elem (see matmul.wgsl)
 // B ([batch, K, N], [.., N, K] if TRANS_B) is read with b4_load from
 // shaders/lib/matmul_b_f32.wgsl, or matmul_b_f16.wgsl for the f16-weight twin.
 
@@ -41,9 +41,9 @@ override SG_STACK: u32 = 8u;
 fn load_a(ba: u32, row: u32, g: u32, lane: u32, kq: u32) -> vec4<f32> {
     if TRANS_A {
         let blk = min(row + 8u * g + 4u * (lane / 4u), p.m - 4u) / 4u;
-        return a4[ba + (4u * kq + lane % 4u) * (p.m / 4u) + blk];
+        return vec4<f32>(a4[ba + (4u * kq + lane % 4u) * (p.m / 4u) + blk]);
     }
-    return a4[ba + min(row + 8u * g + lane, p.m - 1u) * (p.k / 4u) + kq];
+    return vec4<f32>(a4[ba + min(row + 8u * g + lane, p.m - 1u) * (p.k / 4u) + kq]);
 }
 
 // Rows 0..3 and 4..7 of a group over kk, from the lanes' loads of A (transposed back when

@@ -49,9 +49,11 @@ pub enum Precision {
     /// Every weight in f32 (the reference).
     #[default]
     F32,
-    /// Linear-layer weights stored in f16 and widened to f32 by the matmul kernels;
-    /// activations, biases, norms, embeddings and accumulation stay f32. Needs an adapter
-    /// with `SHADER_F16`.
+    /// Linear-layer weights stored in f16 and widened to f32 by the matmul kernels. Where
+    /// nothing needs a gradient (embed, classify, search) the CLIP encoder's activations
+    /// are stored in f16 between its kernels too; with gradients (generation) they stay
+    /// f32. Biases, norm parameters, embeddings, arithmetic and accumulation are f32.
+    /// Needs an adapter with `SHADER_F16`.
     F16,
 }
 

@@ -1,6 +1,7 @@
 //! `--precision f16` CLIP (linear-layer weights stored in f16, widened to f32 by the matmul
-//! kernels) against the same model in f32 on the fixture checkpoints of tests/fixtures/clip:
-//! embeddings, the pixel gradient VQGAN+CLIP follows, and the weight memory saved.
+//! kernels; on inference paths the encoder's activations stored in f16 too) against the
+//! same model in f32 on the fixture checkpoints of tests/fixtures/clip: embeddings, the
+//! pixel gradient VQGAN+CLIP follows, and the weight memory saved.
 
 use std::path::{Path, PathBuf};
 use vqclip::autodiff::Tape;
@@ -140,6 +141,51 @@ fn f16_weights_give_the_f32_embeddings_in_half_the_linear_weight_memory() {
         } else {
             eprintln!("{name}: its weights are f16 values already");
         }
+    }
+}
+
+#[test]
+fn f16_activations_keep_the_f32_embeddings() {
+    // Inference (`encode_image`: nothing needs a gradient) stores the encoder's activations
+    // in f16; the same f16 model with pixels that need a gradient (the VQGAN+CLIP path)
+    // keeps them in f32. Both stay at cosine >= 0.999 of the f32 model, and the two f16
+    // runs differ: the inference one really went through f16 activations.
+    let Some(g) = f16_gpu() else { return };
+    let images: Vec<_> = ["square_64.png", "photo_320x240.png", "wide_96x64.png"]
+        .iter()
+        .map(|f| vqclip::models::clip::load_image(fixture("images").join(f)).unwrap())
+        .collect();
+    for name in MODELS {
+        let f32m = ClipModel::load(fixture(name), &g).unwrap();
+        let f16m = ClipModel::load_with(fixture(name), &g, Precision::F16).unwrap();
+        let p = f32m.config.projection_dim;
+        let px = f32m.pixel_values(&images).unwrap();
+        let want = f32m.image_features(&px).unwrap().to_vec().unwrap();
+        let f16_acts = f16m.image_features(&px).unwrap();
+        assert_eq!(
+            f16_acts.dtype(),
+            DType::F32,
+            "{name}: features come back in f32"
+        );
+        let f16_acts = f16_acts.to_vec().unwrap();
+        let tape = Tape::new();
+        let x = tape.leaf(px.clone(), true);
+        let f32_acts = f16m.image_features_on(&tape, &x, false).unwrap();
+        let f32_acts = f32_acts.value().to_vec().unwrap();
+        let (ca, cw) = (
+            worst_cos(&f16_acts, &want, p),
+            worst_cos(&f32_acts, &want, p),
+        );
+        eprintln!(
+            "{name}: image features cosine to f32: f16 weights + f16 activations {ca:.7}, \
+             f16 weights + f32 activations {cw:.7}"
+        );
+        assert!(ca >= 0.999, "{name}: f16 activations cosine {ca}");
+        assert!(cw >= 0.999, "{name}: f16 weights cosine {cw}");
+        assert_ne!(
+            f16_acts, f32_acts,
+            "{name}: inference gave the f32-activation numbers bit for bit"
+        );
     }
 }
 

@@ -1,9 +1,7 @@
 // The B operand of the matmul kernels stored as f16 (`--precision f16` weights), widened to
 // f32 as it is loaded: products, accumulation and the epilogue stay f32, only B's storage
 // and memory traffic halve. The f16 twin of shaders/lib/matmul_b_f32.wgsl, same accessors.
-// `enable` must precede every declaration of the module, so this file is the first one of
-// any shader it is part of; the host builds such modules only on devices with SHADER_F16.
-enable f16;
+// Needs shaders/lib/f16.wgsl (the `enable f16;` directive) first in the module.
 
 @group(0) @binding(2) var<storage, read> b: array<f16>;          // [batch, K, N], [batch, N, K] if TRANS_B
 // The same buffer viewed as vec4 (the vec4 and subgroup kernels; no entry point uses both).

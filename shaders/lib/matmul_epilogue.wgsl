@@ -20,8 +20,9 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;       // [N] (read only if HAS_BIAS)
-@group(0) @binding(4) var<storage, read> res: array<f32>;        // [batch, M, N] (read only if HAS_RES)
-@group(0) @binding(5) var<storage, read_write> c: array<f32>;    // [batch, M, N]
+// The residual and C are `elem` like A (f32, or f16 activations: see shaders/lib/elem_f32.wgsl).
+@group(0) @binding(4) var<storage, read> res: array<elem>;       // [batch, M, N] (read only if HAS_RES)
+@group(0) @binding(5) var<storage, read_write> c: array<elem>;   // [batch, M, N]
 
 override TRANS_A: bool = false;
 override TRANS_B: bool = false;
@@ -37,7 +38,7 @@ fn store(bi: u32, i: u32, j: u32, v: f32) {
     let o = bi * p.stride_c + i * p.n + j;
     var x = p.alpha * v;
     if ACCUMULATE {
-        x += c[o];
+        x += f32(c[o]);
     }
     if EPILOGUE {
         if HAS_BIAS {
@@ -45,10 +46,10 @@ fn store(bi: u32, i: u32, j: u32, v: f32) {
         }
         x = apply_act(ACT, x);
         if HAS_RES {
-            x += res[o];
+            x += f32(res[o]);
         }
     }
-    c[o] = x;
+    c[o] = elem(x);
 }
 
 fn store_tile(bi: u32, row: u32, col: u32, acc: array<vec4<f32>, 4>) {
@@ -107,6 +108,7 @@ fn argmin_pick(a: ArgMin, b: ArgMin) -> ArgMin {
 
 fn argmin_put(bi: u32, i: u32, blocks: u32, block: u32, r: ArgMin) {
     let o = 2u * ((bi * p.m + i) * blocks + block);
-    c[o] = r.v;
-    c[o + 1u] = bitcast<f32>(r.col);
+    // f32 C only (the host refuses ARGMIN with f16 activations): elem is f32 here.
+    c[o] = elem(r.v);
+    c[o + 1u] = elem(bitcast<f32>(r.col));
 }

@@ -68,7 +68,8 @@ pub enum Spec {
     /// = time per dispatch; PyTorch's peer is its kernel-launch overhead).
     Dispatches { count: usize },
     /// CLIP ViT-B/32 text tower (random weights), `batch` texts of 77 tokens; `f16`: its
-    /// linear-layer weights stored in f16 (`--precision f16`; the peer runs f32).
+    /// linear-layer weights and its encoder's activations stored in f16 (`--precision
+    /// f16` inference; the peer runs f32).
     TextEncode {
         batch: usize,
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -15,12 +15,14 @@ pub struct ClipArgs {
     /// the shipped weights/clip, trained by vqclip on its shapes world].
     #[arg(long, value_name = "DIR", env = "VQCLIP_CLIP")]
     pub clip: Option<PathBuf>,
-    /// Storage of CLIP's linear-layer weights (attention projections, MLPs, the two output
-    /// projections): f32, or f16 (half their memory and weight traffic; needs an adapter
-    /// with SHADER_F16, see `vqclip info`). f16 weights are widened to f32 as the matmul
-    /// kernels read them: activations, accumulation, biases, norms and embeddings stay
-    /// f32, so this saves memory, not arithmetic. On the test checkpoints embeddings stay
-    /// within a cosine of 0.999 of f32. Inference and generation only (no training).
+    /// Storage precision of CLIP: f32, or f16 (needs an adapter with SHADER_F16, see
+    /// `vqclip info`). f16 stores the linear-layer weights (attention projections, MLPs,
+    /// the two output projections) in f16, half their memory and weight traffic; when no
+    /// gradient is needed (embed, classify, search) the encoder's activations between
+    /// kernels are f16 too. Kernels widen f16 to f32 as they read it: arithmetic,
+    /// accumulation, biases, norms and embeddings stay f32, so this saves memory and
+    /// memory traffic, not arithmetic. On the test checkpoints embeddings stay within a
+    /// cosine of 0.999 of f32. Inference and generation only (no training).
     #[arg(long, value_enum, value_name = "PRECISION", default_value_t = Precision::F32)]
     pub precision: Precision,
 }

@@ -24,20 +24,33 @@ pub(super) mod ov {
     pub(super) const LSE: Override<bool> = Override::new("LSE");
 }
 
-pub(crate) static SHADER: Shader<Params> = crate::shader!(
-    "attention",
-    "grid",
-    "head_row",
-    overrides = [
-        ov::WGQ,
-        ov::CAUSAL,
-        ov::SPLIT,
-        ov::D_MULT4,
-        ov::D4,
-        ov::WGC,
-        ov::LSE
-    ]
-);
+/// The attention module over `elem` storage `$elem` (after the `$f16` directive library,
+/// if any): one kernel text, two modules.
+macro_rules! attention_shader {
+    ($name:literal, [$($lib:literal),+]) => {
+        crate::shader!(
+            $name = "attention",
+            $($lib,)+
+            "grid",
+            "head_row",
+            overrides = [
+                ov::WGQ,
+                ov::CAUSAL,
+                ov::SPLIT,
+                ov::D_MULT4,
+                ov::D4,
+                ov::WGC,
+                ov::LSE
+            ]
+        )
+    };
+}
+
+pub(crate) static SHADER: Shader<Params> = attention_shader!("attention", ["elem_f32"]);
+/// [`SHADER`] on f16 q, k, v and output (`--precision f16` inference); scores, softmax and
+/// accumulation stay f32.
+pub(crate) static SHADER_F16: Shader<Params> =
+    attention_shader!("attention_f16", ["f16", "elem_f16"]);
 /// Largest head dim the kernel holds in its private arrays.
 pub const MAX_HEAD_DIM: usize = 512;
 /// Loop iterations one invocation may spend (kept below [`CPU_LOOP_LIMIT`]).
@@ -296,8 +309,21 @@ fn run(
     scale: f32,
     lse: Option<&Tensor>,
 ) -> Result<Tensor> {
+    // f32, or f16 activations (`--precision f16` inference) for all three.
+    let dt = q.dtype();
     for (n, t) in [("q", q), ("k", k), ("v", v)] {
-        t.expect_f32(&format!("attention {n}"))?;
+        if t.dtype() != dt || !matches!(dt, DType::F32 | DType::F16) {
+            return Err(Error::invalid(format!(
+                "attention {n}: q, k and v must be all f32 or all f16, got q {:?}, k {:?}, \
+                 v {:?}",
+                q.dtype(),
+                k.dtype(),
+                v.dtype()
+            )));
+        }
+    }
+    if dt == DType::F16 {
+        q.gpu().require_f16("attention on f16 activations")?;
     }
     if d > MAX_HEAD_DIM {
         return Err(Error::shape(format!(
@@ -316,7 +342,7 @@ fn run(
     } else {
         vec![b, tq, h * d]
     };
-    let out = Tensor::empty(gpu, &out_shape, DType::F32)?;
+    let out = Tensor::empty(gpu, &out_shape, dt)?;
     if out.numel() == 0 {
         return Ok(out);
     }
@@ -336,6 +362,33 @@ fn run(
         return Err(Error::shape(format!(
             "attention with Tq = {tq}, Tk = {tk} is too long for one dispatch"
         )));
+    }
+    // The f16 kernel keeps no partials of key splits (they would be rounded) and writes no
+    // log-sum-exp (training runs on f32 activations): such calls run in f32 between two
+    // conversions.
+    if dt == DType::F16 && (splits > 1 || lse.is_some()) {
+        use super::cast::cast;
+        let q32 = cast(q, DType::F32)?;
+        let same = |t: &Tensor| t.buffer_id() == q.buffer_id();
+        let k32 = if same(k) {
+            q32.clone()
+        } else {
+            cast(k, DType::F32)?
+        };
+        let v32 = if same(v) {
+            q32.clone()
+        } else {
+            cast(v, DType::F32)?
+        };
+        let o = run(
+            [&q32, &k32, &v32],
+            [b, h, tq, tk, d],
+            addr,
+            causal,
+            scale,
+            lse,
+        )?;
+        return cast(&o, DType::F16);
     }
     let bh = b * h;
     let mut p = Params {
@@ -358,7 +411,12 @@ fn run(
     };
     let vec4 = d % 4 == 0 && addr.vec4_aligned();
     let split = splits > 1;
-    let kernel = Kernel::new(&SHADER, "attn")
+    let shader = if dt == DType::F16 {
+        &SHADER_F16
+    } else {
+        &SHADER
+    };
+    let kernel = Kernel::new(shader, "attn")
         .with(ov::WGQ, wgq as u32)
         .with(ov::CAUSAL, causal)
         .with(ov::SPLIT, split)
@@ -558,15 +616,46 @@ mod tests {
         bthd: bool,
         seed: u64,
     ) {
+        check_dtype(b, h, tq, tk, d, causal, bthd, seed, false);
+    }
+
+    /// [`check`]; with `f16` on f16 q, k, v (rounded: the reference takes the rounded
+    /// values) and an f16 output, one f16 ulp more (2⁻¹⁰ relative: WGSL may round to
+    /// either neighbour).
+    #[allow(clippy::too_many_arguments)]
+    fn check_dtype(
+        b: usize,
+        h: usize,
+        tq: usize,
+        tk: usize,
+        d: usize,
+        causal: bool,
+        bthd: bool,
+        seed: u64,
+        f16: bool,
+    ) {
         let g = gpu();
-        let qv = rand_vec(b * h * tq * d, seed);
-        let kv = rand_vec(b * h * tk * d, seed + 1);
-        let vv = rand_vec(b * h * tk * d, seed + 2);
+        let round = |v: Vec<f32>| -> Vec<f32> {
+            if !f16 {
+                return v;
+            }
+            v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+        };
+        let qv = round(rand_vec(b * h * tq * d, seed));
+        let kv = round(rand_vec(b * h * tk * d, seed + 1));
+        let vv = round(rand_vec(b * h * tk * d, seed + 2));
         // Scores of a few units, as in trained models.
         let scale = 2.0 / (d as f32).sqrt();
-        let qt = Tensor::from_slice(&g, &qv, &[b, h, tq, d]).unwrap();
-        let kt = Tensor::from_slice(&g, &kv, &[b, h, tk, d]).unwrap();
-        let vt = Tensor::from_slice(&g, &vv, &[b, h, tk, d]).unwrap();
+        let upload = |v: &[f32], shape: &[usize]| {
+            if f16 {
+                Tensor::from_f32_as_f16(&g, v, shape).unwrap()
+            } else {
+                Tensor::from_slice(&g, v, shape).unwrap()
+            }
+        };
+        let qt = upload(&qv, &[b, h, tq, d]);
+        let kt = upload(&kv, &[b, h, tk, d]);
+        let vt = upload(&vv, &[b, h, tk, d]);
         let got = if bthd {
             let (q3, k3, v3) = (
                 merge_heads(&qt).unwrap(),
@@ -580,13 +669,19 @@ mod tests {
             attention(&qt, &kt, &vt, causal, scale).unwrap()
         };
         assert_eq!(got.shape(), &[b, h, tq, d]);
+        assert_eq!(got.dtype(), qt.dtype());
         let got = got.to_vec().unwrap();
         let want = reference(&qv, &kv, &vv, b * h, tq, tk, d, causal, scale);
         let tol = tolerances(&qv, &kv, &vv, b * h, tq, tk, d, causal, scale);
         for i in 0..got.len() {
             let err = (got[i] as f64 - want[i]).abs();
+            let ulp = if f16 {
+                (want[i].abs() * 2f64.powi(-10)).max(2f64.powi(-24))
+            } else {
+                0.0
+            };
             assert!(
-                err <= tol[i],
+                err <= tol[i] + ulp,
                 "B{b} H{h} Tq{tq} Tk{tk} D{d} causal {causal} bthd {bthd}: element {i} got {} \
                  want {} (err {err:e} > tol {:e})",
                 got[i],
@@ -594,6 +689,63 @@ mod tests {
                 tol[i]
             );
         }
+    }
+
+    #[test]
+    fn f16_activations_match_the_reference_of_the_rounded_inputs() {
+        // The f16 twin (`--precision f16` inference) on CLIP's shapes (text: 8 heads x 77
+        // causal tokens; vision: 12 heads x 50), a head dim that is not a multiple of 4
+        // (no vec4 views), Tq != Tk, and keys enough to split (run in f32 between
+        // conversions); then the packed-qkv layout read in place.
+        if !gpu().features().contains(wgpu::Features::SHADER_F16) {
+            eprintln!("skipped: the adapter has no SHADER_F16");
+            return;
+        }
+        for (i, &(b, h, tq, tk, d, causal)) in [
+            (2, 8, 77, 77, 64, true),
+            (2, 12, 50, 50, 64, false),
+            (1, 3, 7, 19, 5, true),
+            (1, 2, 9, 4, 12, false),
+            (1, 1, 5, 9000, 128, false),
+        ]
+        .iter()
+        .enumerate()
+        {
+            check_dtype(b, h, tq, tk, d, causal, false, 900 + 10 * i as u64, true);
+        }
+        let g = gpu();
+        let (b, h, t, d) = (2, 3, 11, 8);
+        let c = h * d;
+        let qkv: Vec<f32> = rand_vec(b * t * 3 * c, 77)
+            .iter()
+            .map(|&x| half::f16::from_f32(x).to_f32())
+            .collect();
+        let packed = Tensor::from_f32_as_f16(&g, &qkv, &[b, t, 3 * c]).unwrap();
+        let got = attention_qkv(&packed, h, false, 0.3).unwrap();
+        assert_eq!((got.dtype(), got.shape()), (DType::F16, &[b, t, c][..]));
+        let want = attention_qkv(
+            &Tensor::from_slice(&g, &qkv, &[b, t, 3 * c]).unwrap(),
+            h,
+            false,
+            0.3,
+        )
+        .unwrap()
+        .to_vec()
+        .unwrap();
+        for (i, (x, y)) in got.to_vec().unwrap().iter().zip(&want).enumerate() {
+            let tol = 2e-6 + y.abs() * 2f32.powi(-10);
+            assert!(
+                (x - y).abs() <= tol,
+                "packed qkv element {i}: {x} against f32 {y}"
+            );
+        }
+        // Mixed dtypes are refused.
+        let f = Tensor::from_slice(&g, &qkv[..b * t * c], &[b, t, c]).unwrap();
+        let hq = Tensor::from_f32_as_f16(&g, &qkv[..b * t * c], &[b, t, c]).unwrap();
+        let e = attention_bthd(&hq, &f, &f, h, false, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("all f32 or all f16"), "{e}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ fn all() -> Vec<Contract> {
     vec![
         attention::SHADER.contract(),
         attention_backward::SHADER.contract(),
+        cast::SHADER.contract(),
         concat::SHADER.contract(),
         conv2d::SHADER.contract(),
         conv2d::IM2COL.contract(),
@@ -27,6 +28,10 @@ fn all() -> Vec<Contract> {
         matmul::SUBGROUP_SHADER.contract(),
         matmul::SHADER_F16.contract(),
         matmul::SUBGROUP_SHADER_F16.contract(),
+        matmul::SHADER_F16_IO.contract(),
+        matmul::SUBGROUP_SHADER_F16_IO.contract(),
+        layer_norm::SHADER_F16.contract(),
+        attention::SHADER_F16.contract(),
         matmul_split::SHADER.contract(),
         permute::SHADER.contract(),
         reduce::SHADER.contract(),

@@ -16,6 +16,16 @@ mod ov {
 
 pub(crate) static SHADER: Shader<Params> = crate::shader!(
     "layer_norm",
+    "elem_f32",
+    "grid",
+    overrides = [ov::HAS_GAMMA, ov::HAS_BETA, ov::WG]
+);
+/// [`SHADER`] reading and writing f16 activations (`--precision f16` inference), with f32
+/// statistics and arithmetic.
+pub(crate) static SHADER_F16: Shader<Params> = crate::shader!(
+    "layer_norm_f16" = "layer_norm",
+    "f16",
+    "elem_f16",
     "grid",
     overrides = [ov::HAS_GAMMA, ov::HAS_BETA, ov::WG]
 );
@@ -34,7 +44,9 @@ crate::shader_params! {
 
 /// `(x - mean) / sqrt(var + eps) * gamma + beta` over the last axis.
 ///
-/// `x`: `[.., C]`; `gamma`, `beta`: `[C]` (or any shape of `C` elements). Returns `x`'s shape.
+/// `x`: `[.., C]`; `gamma`, `beta`: `[C]` (or any shape of `C` elements). Returns `x`'s shape
+/// and dtype: `x` may be f16 (activations of `--precision f16` inference; statistics are
+/// f32), `gamma` and `beta` are f32.
 pub fn layer_norm(
     x: &Tensor,
     gamma: Option<&Tensor>,
@@ -53,7 +65,18 @@ pub fn layer_norm_strategy(
     eps: f32,
     s: Strategy,
 ) -> Result<Tensor> {
-    x.expect_f32("layer_norm input")?;
+    let shader = match x.dtype() {
+        DType::F32 => &SHADER,
+        DType::F16 => {
+            x.gpu().require_f16("layer_norm on f16 activations")?;
+            &SHADER_F16
+        }
+        d => {
+            return Err(Error::invalid(format!(
+                "layer_norm input: expected an f32 or f16 tensor, got {d:?}"
+            )))
+        }
+    };
     if x.rank() == 0 {
         return Err(Error::shape("layer_norm needs a tensor of rank >= 1"));
     }
@@ -67,7 +90,7 @@ pub fn layer_norm_strategy(
              CPU adapter; use Strategy::Workgroup"
         )));
     }
-    let y = Tensor::empty(gpu, x.shape(), DType::F32)?;
+    let y = Tensor::empty(gpu, x.shape(), x.dtype())?;
     let rows = x.numel() / c.max(1);
     if y.numel() == 0 {
         return Ok(y);
@@ -82,7 +105,7 @@ pub fn layer_norm_strategy(
         Strategy::Invocation => ("ln_rows", (rows as u32).div_ceil(ROWS_WG)),
         Strategy::Workgroup => ("ln_wg", rows as u32),
     };
-    let k = Kernel::new(&SHADER, entry)
+    let k = Kernel::new(shader, entry)
         .with(ov::HAS_GAMMA, gamma.is_some())
         .with(ov::HAS_BETA, beta.is_some())
         .with(ov::WG, ROWS_WG);
@@ -226,13 +249,35 @@ mod tests {
     /// normalised value is off by at most about C·ε·κ·(|x̂| + 1); the bound below is
     /// 4(C + 8)·ε·κ·(|x̂·γ| + |γ|) + 2ε|β|.
     fn check(shape: &[usize], affine: (bool, bool), offset: f32, s: Option<Strategy>, seed: u64) {
+        check_dtype(shape, affine, offset, s, seed, false);
+    }
+
+    /// [`check`]; with `f16` on f16 activations: x rounded to f16 (the reference takes the
+    /// rounded values) and y stored as f16, one f16 ulp more (2⁻¹⁰ relative: WGSL may round
+    /// to either neighbour).
+    fn check_dtype(
+        shape: &[usize],
+        affine: (bool, bool),
+        offset: f32,
+        s: Option<Strategy>,
+        seed: u64,
+        f16: bool,
+    ) {
         let g = gpu();
         let c = *shape.last().unwrap();
         let n: usize = shape.iter().product();
-        let xv: Vec<f32> = rand_vec(n, seed).iter().map(|v| v * 3.0 + offset).collect();
+        let mut xv: Vec<f32> = rand_vec(n, seed).iter().map(|v| v * 3.0 + offset).collect();
         let gv = rand_vec(c, seed + 1);
         let bv = rand_vec(c, seed + 2);
-        let x = Tensor::from_slice(&g, &xv, shape).unwrap();
+        let x = if f16 {
+            xv = xv
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_f32())
+                .collect();
+            Tensor::from_f32_as_f16(&g, &xv, shape).unwrap()
+        } else {
+            Tensor::from_slice(&g, &xv, shape).unwrap()
+        };
         let gt = Tensor::from_slice(&g, &gv, &[c]).unwrap();
         let bt = Tensor::from_slice(&g, &bv, &[c]).unwrap();
         let eps = 1e-5;
@@ -243,6 +288,7 @@ mod tests {
         }
         .unwrap();
         assert_eq!(y.shape(), shape);
+        assert_eq!(y.dtype(), x.dtype());
         let got = y.to_vec().unwrap();
         let want = reference(
             &xv,
@@ -274,7 +320,11 @@ mod tests {
                 0.0
             };
             let cond = kappa[i / c];
-            let tol = 4.0 * (c as f64 + 8.0) * e * cond * (plain[i].abs() * gi + gi) + 2.0 * e * bi;
+            let mut tol =
+                4.0 * (c as f64 + 8.0) * e * cond * (plain[i].abs() * gi + gi) + 2.0 * e * bi;
+            if f16 {
+                tol += (want[i].abs() * 2f64.powi(-10)).max(2f64.powi(-24));
+            }
             let err = (got[i] as f64 - want[i]).abs();
             assert!(
                 err <= tol,
@@ -283,6 +333,26 @@ mod tests {
                 got[i],
                 want[i]
             );
+        }
+    }
+
+    #[test]
+    fn f16_activations_match_the_reference_of_the_rounded_input() {
+        // The f16 twin of both kernels (`--precision f16` inference): rows of CLIP's widths,
+        // a ragged width (C % 4 != 0), a large mean, affine or not.
+        if !gpu().features().contains(wgpu::Features::SHADER_F16) {
+            eprintln!("skipped: the adapter has no SHADER_F16");
+            return;
+        }
+        let mut seed = 500;
+        for s in Strategy::ALL {
+            for shape in [&[50, 768][..], &[77, 512], &[3, 1031], &[2, 3, 5, 7]] {
+                for affine in [(true, true), (false, false)] {
+                    seed += 10;
+                    check_dtype(shape, affine, 0.0, Some(s), seed, true);
+                }
+            }
+            check_dtype(&[7, 300], (true, true), 100.0, Some(s), 999, true);
         }
     }
 

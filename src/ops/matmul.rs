@@ -23,15 +23,17 @@ mod ov {
     pub(super) const ARGMIN: Override<bool> = Override::new("ARGMIN");
 }
 
-/// The matmul shaders share the B operand's bindings and reads (`matmul_b_f32` or its f16
-/// twin `matmul_b_f16`, first: an f16 module's `enable f16;` must precede every
-/// declaration), the activation and epilogue prologue and every override; extra libraries
-/// of one shader follow its B library after `+`, its extra overrides after `,`.
+/// The matmul shaders share their storage libraries first (`f16` with the `enable f16;`
+/// directive, which must precede every declaration, where any operand is f16; then the B
+/// operand's bindings and reads, `matmul_b_f32` or `matmul_b_f16`; then the storage type of
+/// A, C and the residual, `elem_f32` or `elem_f16`), the activation and epilogue prologue
+/// and every override; extra libraries of one shader follow after `+`, its extra overrides
+/// after `,`.
 macro_rules! matmul_shader {
-    ($name:literal = $file:literal, $b:literal $(+ $lib:literal)* $(, $extra:expr)*) => {
+    ($name:literal = $file:literal, [$($io:literal),+] $(+ $lib:literal)* $(, $extra:expr)*) => {
         crate::shader!(
             $name = $file,
-            $b,
+            $($io,)+
             "act",
             "matmul_epilogue",
             $($lib,)*
@@ -50,22 +52,41 @@ macro_rules! matmul_shader {
     };
 }
 
-pub(crate) static SHADER: Shader<Params> =
-    matmul_shader!("matmul" = "matmul", "matmul_b_f32" + "tile128");
+/// Every operand f32.
+pub(crate) static SHADER: Shader<Params> = matmul_shader!(
+    "matmul" = "matmul",
+    ["matmul_b_f32", "elem_f32"] + "tile128"
+);
 pub(crate) static SUBGROUP_SHADER: Shader<Params> = matmul_shader!(
     "matmul_subgroup" = "matmul_subgroup",
-    "matmul_b_f32" + "subgroup_tile",
+    ["matmul_b_f32", "elem_f32"] + "subgroup_tile",
     ov::SG_ROWS,
     ov::SG_STACK,
     ov::WIDE
 );
 /// [`SHADER`]'s kernels reading an f16 B (weights of `--precision f16`), widened to f32.
-pub(crate) static SHADER_F16: Shader<Params> =
-    matmul_shader!("matmul_f16" = "matmul", "matmul_b_f16" + "tile128");
+pub(crate) static SHADER_F16: Shader<Params> = matmul_shader!(
+    "matmul_f16" = "matmul",
+    ["f16", "matmul_b_f16", "elem_f32"] + "tile128"
+);
 /// [`SUBGROUP_SHADER`]'s kernel reading an f16 B.
 pub(crate) static SUBGROUP_SHADER_F16: Shader<Params> = matmul_shader!(
     "matmul_subgroup_f16" = "matmul_subgroup",
-    "matmul_b_f16" + "subgroup_tile",
+    ["f16", "matmul_b_f16", "elem_f32"] + "subgroup_tile",
+    ov::SG_ROWS,
+    ov::SG_STACK,
+    ov::WIDE
+);
+/// [`SHADER`]'s kernels on f16 weights and f16 activations (A, C and the residual), with
+/// f32 products, accumulation and epilogue: the `--precision f16` inference path.
+pub(crate) static SHADER_F16_IO: Shader<Params> = matmul_shader!(
+    "matmul_f16_io" = "matmul",
+    ["f16", "matmul_b_f16", "elem_f16"] + "tile128"
+);
+/// [`SUBGROUP_SHADER`]'s kernel on f16 weights and activations.
+pub(crate) static SUBGROUP_SHADER_F16_IO: Shader<Params> = matmul_shader!(
+    "matmul_subgroup_f16_io" = "matmul_subgroup",
+    ["f16", "matmul_b_f16", "elem_f16"] + "subgroup_tile",
     ov::SG_ROWS,
     ov::SG_STACK,
     ov::WIDE
@@ -276,6 +297,10 @@ fn vec4_applies(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> b
 /// `a`: `[.., M, K]` (`[.., K, M]` if `trans_a`); `b`: `[.., K, N]` (`[.., N, K]` if
 /// `trans_b`). Leading (batch) dims must be equal, or one side has none and is broadcast.
 /// Returns `[.., M, N]`.
+///
+/// `b` may be f16 (`--precision f16` weights, widened to f32 as they are read). With an
+/// f16 `b`, `a` may be f16 too (f16 activations): the residual must then be f16 and C is
+/// f16; products, accumulation, bias and activation stay f32.
 pub fn matmul(a: &Tensor, b: &Tensor, o: &MatmulOpts) -> Result<Tensor> {
     matrix(matmul_impl(a, b, o, None, Output::Matrix, Split::Auto)?)
 }
@@ -349,7 +374,28 @@ fn matmul_impl(
     out: Output,
     split: Split,
 ) -> Result<Option<Tensor>> {
-    a.expect_f32("matmul A")?;
+    // A (and with it C and the residual) may be f16: activations of the `--precision f16`
+    // inference path, on f16 weights.
+    let io_f16 = match a.dtype() {
+        DType::F32 => false,
+        DType::F16 if out == Output::Matrix && b.dtype() == DType::F16 => true,
+        d => {
+            return Err(Error::invalid(format!(
+                "matmul A: expected an f32 tensor, or an f16 one with f16 weights (B {:?}) \
+                 and no row argmin; got {d:?}",
+                b.dtype()
+            )))
+        }
+    };
+    if let Some(r) = o.residual {
+        if r.dtype() != a.dtype() {
+            return Err(Error::invalid(format!(
+                "matmul residual is {:?} but A is {:?}: they must match",
+                r.dtype(),
+                a.dtype()
+            )));
+        }
+    }
     // B may also be f16 (weights of `--precision f16`): the f16 twins of the kernels read
     // it and widen it to f32; the nearest-code search keeps f32 codebooks.
     let b_f16 = match b.dtype() {
@@ -457,7 +503,7 @@ fn matmul_impl(
     let gpu = a.gpu();
     if batch * m * n == 0 {
         return match out {
-            Output::Matrix => Ok(Some(Tensor::empty(gpu, &out_shape, DType::F32)?)),
+            Output::Matrix => Ok(Some(Tensor::empty(gpu, &out_shape, a.dtype())?)),
             Output::RowArgmin => Ok(None),
         };
     }
@@ -495,10 +541,10 @@ fn matmul_impl(
     let wide = v == Variant::Subgroup32Wide;
     // Subgroups stacked along M: as many as M needs, up to all 8.
     let stack = m.div_ceil(sg_rows.max(1)).next_power_of_two().min(8);
-    let (shader, subgroup_shader) = if b_f16 {
-        (&SHADER_F16, &SUBGROUP_SHADER_F16)
-    } else {
-        (&SHADER, &SUBGROUP_SHADER)
+    let (shader, subgroup_shader) = match (b_f16, io_f16) {
+        (true, true) => (&SHADER_F16_IO, &SUBGROUP_SHADER_F16_IO),
+        (true, false) => (&SHADER_F16, &SUBGROUP_SHADER_F16),
+        _ => (&SHADER, &SUBGROUP_SHADER),
     };
     let kernel = match v {
         Variant::Register => Kernel::new(shader, "matmul_reg"),
@@ -572,6 +618,20 @@ fn matmul_impl(
         Split::Slices(s) if super::matmul_split::fits(ka, s) => s,
         Split::Slices(_) => 1,
     };
+    // Partial sums over slices of K live in C between passes (or in a partials tensor):
+    // f16 storage would round them. With f16 activations such a product (K past the loop
+    // cap of CPU adapters, or a GPU's split-K) runs in f32 between two conversions.
+    if io_f16 && (slices > 1 || splits.len() > 1) {
+        use super::cast::cast;
+        let a32 = cast(a, DType::F32)?;
+        let r32 = o.residual.map(|r| cast(r, DType::F32)).transpose()?;
+        let o32 = MatmulOpts {
+            residual: r32.as_ref(),
+            ..*o
+        };
+        let c = matrix(matmul_impl(&a32, b, &o32, Some(v), out, split)?)?;
+        return cast(&c, DType::F16).map(Some);
+    }
     // What the dispatch loop below runs: the batch and its strides, K's sequential splits,
     // the output, the epilogue's operands. Split-K's slices are a batch stepping along K
     // that writes the partials with no epilogue.
@@ -589,7 +649,7 @@ fn matmul_impl(
         (slices, sa, sb, vec![(0, kc)], part, unused, unused, kernel)
     } else {
         let c = match out {
-            Output::Matrix => Tensor::empty(gpu, &out_shape, DType::F32)?,
+            Output::Matrix => Tensor::empty(gpu, &out_shape, a.dtype())?,
             Output::RowArgmin if splits.len() > 1 => return Ok(None),
             Output::RowArgmin => {
                 let mut shape = batch_dims.to_vec();
@@ -669,6 +729,12 @@ pub fn matmul_backward(
     need: [bool; 3],
 ) -> Result<MatmulGrads> {
     use super::reduce::sum_leading;
+    if a.dtype() == DType::F16 || g.dtype() == DType::F16 {
+        return Err(Error::invalid(
+            "matmul backward: f16 activations (--precision f16) are for inference only; \
+             gradients run on f32 activations",
+        ));
+    }
     if b.dtype() == DType::F16 && need[1] {
         return Err(Error::invalid(
             "matmul backward: a gradient was asked for an f16 weight; f16 weights \
@@ -810,11 +876,22 @@ mod tests {
     /// (with its magnitudes `mag`) over `k` products: recursive f32 summation of K products is
     /// within K·eps·Σ|a·b| of the exact sum; activations are 1-Lipschitz-ish (≤ 1.13) and add
     /// their own ~1e-6 error.
-    fn assert_near_reference(got: &[f32], want: &[f64], mag: &[f64], k: usize, what: &str) {
+    /// With `f16_out` the values were stored as f16: one f16 ulp more (2⁻¹⁰ relative, as
+    /// WGSL may round to either neighbour, and 2⁻²⁴ in f16's subnormal range).
+    fn assert_near_reference(
+        got: &[f32],
+        want: &[f64],
+        mag: &[f64],
+        k: usize,
+        f16_out: bool,
+        what: &str,
+    ) {
         assert_eq!(got.len(), want.len(), "{what}: length");
+        let f16_ulp = |x: f64| (x.abs() * 2f64.powi(-10)).max(2f64.powi(-24));
         for i in 0..got.len() {
             let tol = 1.2 * (k as f64 + 2.0) * f32::EPSILON as f64 * mag[i]
-                + 2e-6 * (1.0 + want[i].abs());
+                + 2e-6 * (1.0 + want[i].abs())
+                + if f16_out { f16_ulp(want[i]) } else { 0.0 };
             let err = (got[i] as f64 - want[i]).abs();
             assert!(
                 err <= tol,
@@ -841,6 +918,9 @@ mod tests {
         residual: bool,
         /// B uploaded as f16 (the reference uses the same f16-rounded values).
         f16_b: bool,
+        /// A and the residual uploaded as f16 and C written as f16 (f16 activations; with
+        /// `f16_b`), the reference on the f16-rounded A and residual.
+        f16_io: bool,
         /// K forced into this many parallel slices ([`matmul_split_variant`]); 0: the
         /// default choice.
         slices: usize,
@@ -861,7 +941,16 @@ mod tests {
                 act: Act::None,
                 residual: false,
                 f16_b: false,
+                f16_io: false,
                 slices: 0,
+            }
+        }
+        /// f16 weights and f16 activations.
+        fn f16_io(self) -> Problem {
+            Problem {
+                f16_b: true,
+                f16_io: true,
+                ..self
             }
         }
         fn slices(self, slices: usize) -> Problem {
@@ -915,20 +1004,31 @@ mod tests {
                 act,
                 residual: res,
                 f16_b,
+                f16_io,
                 slices,
             } = self;
             let g = gpu();
-            let av = rand_vec(batch * m * k, seed);
-            let mut bv = rand_vec(if bcast { k * n } else { batch * k * n }, seed + 1);
-            if f16_b {
-                // The kernels widen f16 exactly: the f16-rounded B is the exact operand.
-                bv = bv
-                    .iter()
-                    .map(|&x| half::f16::from_f32(x).to_f32())
-                    .collect();
-            }
+            // The kernels widen f16 exactly: f16-rounded values are the exact operands.
+            let round = |v: Vec<f32>, f16: bool| -> Vec<f32> {
+                if !f16 {
+                    return v;
+                }
+                v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+            };
+            let upload = |v: &[f32], shape: &[usize], f16: bool| {
+                if f16 {
+                    Tensor::from_f32_as_f16(&g, v, shape).unwrap()
+                } else {
+                    Tensor::from_slice(&g, v, shape).unwrap()
+                }
+            };
+            let av = round(rand_vec(batch * m * k, seed), f16_io);
+            let bv = round(
+                rand_vec(if bcast { k * n } else { batch * k * n }, seed + 1),
+                f16_b,
+            );
             let biasv = rand_vec(n, seed + 2);
-            let resv = rand_vec(batch * m * n, seed + 3);
+            let resv = round(rand_vec(batch * m * n, seed + 3), f16_io);
             let a_shape = if ta { [batch, k, m] } else { [batch, m, k] };
             let b_shape: Vec<usize> = match (bcast, tb) {
                 (true, true) => vec![n, k],
@@ -936,15 +1036,11 @@ mod tests {
                 (false, true) => vec![batch, n, k],
                 (false, false) => vec![batch, k, n],
             };
-            let a = Tensor::from_slice(&g, &av, &a_shape).unwrap();
-            let b = if f16_b {
-                Tensor::from_f32_as_f16(&g, &bv, &b_shape).unwrap()
-            } else {
-                Tensor::from_slice(&g, &bv, &b_shape).unwrap()
-            };
+            let a = upload(&av, &a_shape, f16_io);
+            let b = upload(&bv, &b_shape, f16_b);
             assert_eq!(b.dtype(), if f16_b { DType::F16 } else { DType::F32 });
             let bias_t = Tensor::from_slice(&g, &biasv, &[n]).unwrap();
-            let res_t = Tensor::from_slice(&g, &resv, &[batch, m, n]).unwrap();
+            let res_t = upload(&resv, &[batch, m, n], f16_io);
             let alpha = if res { 0.5 } else { 1.0 };
             let o = MatmulOpts {
                 trans_a: ta,
@@ -960,6 +1056,7 @@ mod tests {
             }
             .unwrap();
             assert_eq!(c.shape(), &[batch, m, n]);
+            assert_eq!(c.dtype(), if f16_io { DType::F16 } else { DType::F32 });
             let got = c.to_vec().unwrap();
             let (want, mag) = reference(
                 &av,
@@ -976,7 +1073,8 @@ mod tests {
                 act,
                 res.then_some(&resv),
             );
-            assert_near_reference(&got, &want, &mag, k, &format!("{v:?} {self:?}"));
+            let what = format!("{v:?} {self:?}");
+            assert_near_reference(&got, &want, &mag, k, f16_io, &what);
         }
     }
 
@@ -1211,6 +1309,81 @@ mod tests {
                 .f16_b()
                 .check(v, seed + 2);
         }
+    }
+
+    #[test]
+    fn f16_activations_every_variant_match_the_reference_of_the_rounded_operands() {
+        // f16 A, residual and C on f16 weights (the `--precision f16` inference path)
+        // against the f64 reference on the f16-rounded operands, within f32 accumulation
+        // error plus one f16 ulp of the stored C: every kernel and transpose, ragged tiles,
+        // a batch, shapes the vec4 and subgroup kernels read as vec4 (A's last vec4
+        // included), the fused bias + QuickGELU + residual of CLIP's layers, and K split
+        // into slices (computed in f32 between conversions).
+        if !has_f16() {
+            return;
+        }
+        let mut seed = 7000;
+        for v in Variant::ALL {
+            for (batch, m, n, k, ta, tb) in [
+                (1, 3, 5, 7, false, false),
+                (2, 17, 65, 33, true, true),
+                (1, 17, 36, 20, false, false),
+                (2, 50, 77, 64, false, true),
+                (1, 36, 13, 8, true, true),
+                (1, 132, 68, 36, true, false),
+                (1, 130, 260, 36, false, true),
+            ] {
+                seed += 10;
+                Problem::new(batch, m, n, k)
+                    .trans(ta, tb)
+                    .f16_io()
+                    .check(v, seed);
+            }
+            Problem::new(3, 50, 96, 64)
+                .trans(false, true)
+                .broadcast_b()
+                .bias()
+                .act(Act::QuickGelu)
+                .residual()
+                .f16_io()
+                .check(v, seed + 1);
+            Problem::new(1, 40, 64, 256)
+                .trans(false, true)
+                .bias()
+                .residual()
+                .f16_io()
+                .slices(4)
+                .check(v, seed + 2);
+        }
+    }
+
+    #[test]
+    fn f16_activations_need_f16_weights_and_a_matching_residual() {
+        if !has_f16() {
+            return;
+        }
+        let g = gpu();
+        let h = Tensor::from_f32_as_f16(&g, &[1.0; 16], &[4, 4]).unwrap();
+        let f = Tensor::full(&g, &[4, 4], 1.0).unwrap();
+        let o = MatmulOpts {
+            residual: Some(&f),
+            ..Default::default()
+        };
+        let e = matmul(&h, &h, &o).unwrap_err().to_string();
+        assert!(e.contains("residual is F32 but A is F16"), "{e}");
+        let e = matmul_row_argmin(&h, &h, &MatmulOpts::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("matmul A") && e.contains("row argmin"), "{e}");
+        let e = matmul_backward(&h, &h, &h, &MatmulOpts::default(), [true, false, false])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("inference only"), "{e}");
+        // Exact small values: the f16 product is written as f16.
+        let c = matmul(&h, &h, &MatmulOpts::default()).unwrap();
+        assert_eq!(c.dtype(), DType::F16);
+        assert_eq!(c.to_vec().unwrap(), vec![4.0; 16]);
     }
 
     #[test]

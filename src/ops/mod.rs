@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod attention_backward;
+pub mod cast;
 pub mod concat;
 #[cfg(test)]
 mod contract_tests;
@@ -28,6 +29,7 @@ pub mod vq;
 pub mod warp;
 
 pub use attention::{attention, attention_bthd, merge_heads, split_heads};
+pub use cast::cast;
 pub use concat::{concat, slice};
 pub use elementwise::{binary, unary, BinaryOp, UnaryOp};
 pub use gather::{gather_rows, gather_rows_table, RowTable};

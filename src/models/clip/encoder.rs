@@ -13,9 +13,9 @@
 use crate::autodiff::{Tape, Var};
 use crate::inspect::Recorder;
 use crate::nn::{attend, attend_qkv, LayerNorm, Linear};
-use crate::ops::Act;
+use crate::ops::{cast, Act};
 use crate::weights::Loader;
-use crate::{Result, Tensor};
+use crate::{DType, Result, Tensor};
 
 /// Sizes of one tower's encoder.
 #[derive(Debug, Clone, Copy)]
@@ -238,7 +238,20 @@ impl ClipEncoder {
                 "a recorded forward keeps every layer's activations; it cannot recompute them",
             ));
         }
-        let mut h = x.clone();
+        // `--precision f16` inference (f16 weights, nothing needing a gradient, nothing
+        // recorded): the activations between the layers' kernels are stored in f16, half
+        // the memory traffic of every norm, product and attention; their arithmetic stays
+        // f32. Gradients (VQGAN+CLIP, training) keep f32 activations.
+        let half = self.f16_weights()
+            && !tape.is_training()
+            && !x.needs_grad()
+            && !recompute
+            && rec.is_none();
+        let mut h = if half {
+            tape.leaf(cast(x.value(), DType::F16)?, false)
+        } else {
+            x.clone()
+        };
         if let Some(r) = rec.as_deref_mut() {
             r.hidden(&h);
         }
@@ -253,7 +266,17 @@ impl ClipEncoder {
                 r.hidden(&h);
             }
         }
+        if half {
+            h = tape.leaf(cast(h.value(), DType::F32)?, false);
+        }
         Ok(h)
+    }
+
+    /// Whether the layers' linear weights are f16 (`--precision f16`).
+    fn f16_weights(&self) -> bool {
+        self.layers
+            .first()
+            .is_some_and(|l| l.mlp.fc1.weight.dtype() == DType::F16)
     }
 }
 
