@@ -51,8 +51,9 @@ pub enum Precision {
     F32,
     /// Linear-layer weights stored in f16 and widened to f32 by the matmul kernels. Where
     /// nothing needs a gradient (embed, classify, search) the CLIP encoder's activations
-    /// are stored in f16 between its kernels too; with gradients (generation) they stay
-    /// f32. Biases, norm parameters, embeddings, arithmetic and accumulation are f32.
+    /// are stored in f16 between its kernels too, by default on GPUs only
+    /// (`models::clip::encoder::f16_activations_default`); with gradients (generation)
+    /// they stay f32. Biases, norm parameters, embeddings, arithmetic and accumulation are f32.
     /// Needs an adapter with `SHADER_F16`.
     F16,
 }

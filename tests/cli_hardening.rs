@@ -178,6 +178,7 @@ fn a_misspelt_kernel_override_is_an_error() {
         ("VQCLIP_ATTENTION", "flash", "composed"),
         ("VQCLIP_GROUP_NORM", "single", "passes"),
         ("VQCLIP_SPLIT_K", "yes", "off"),
+        ("VQCLIP_F16_ACTIVATIONS", "true", "off"),
     ] {
         let o = Command::new(env!("CARGO_BIN_EXE_vqclip"))
             .arg("info")

@@ -146,47 +146,69 @@ fn f16_weights_give_the_f32_embeddings_in_half_the_linear_weight_memory() {
 
 #[test]
 fn f16_activations_keep_the_f32_embeddings() {
-    // Inference (`encode_image`: nothing needs a gradient) stores the encoder's activations
-    // in f16; the same f16 model with pixels that need a gradient (the VQGAN+CLIP path)
-    // keeps them in f32. Both stay at cosine >= 0.999 of the f32 model, and the two f16
-    // runs differ: the inference one really went through f16 activations.
+    // Inference with f16 activations (the GPU default of `--precision f16`; CPU adapters
+    // keep f32 unless VQCLIP_F16_ACTIVATIONS=on) against the f32 model and against the
+    // same f16 weights with f32 activations: both at cosine >= 0.999 of f32, and the two
+    // f16 runs differ, so the f16 one really stored its activations in f16. With pixels
+    // that need a gradient (the VQGAN+CLIP path) activations stay f32 whatever is set.
     let Some(g) = f16_gpu() else { return };
     let images: Vec<_> = ["square_64.png", "photo_320x240.png", "wide_96x64.png"]
         .iter()
         .map(|f| vqclip::models::clip::load_image(fixture("images").join(f)).unwrap())
         .collect();
+    let texts: Vec<String> = ["a photo of a cat", "A cute, smiling, Nerdy Rodent"]
+        .map(String::from)
+        .to_vec();
     for name in MODELS {
         let f32m = ClipModel::load(fixture(name), &g).unwrap();
-        let f16m = ClipModel::load_with(fixture(name), &g, Precision::F16).unwrap();
+        let mut f16m = ClipModel::load_with(fixture(name), &g, Precision::F16).unwrap();
         let p = f32m.config.projection_dim;
         let px = f32m.pixel_values(&images).unwrap();
         let want = f32m.image_features(&px).unwrap().to_vec().unwrap();
-        let f16_acts = f16m.image_features(&px).unwrap();
-        assert_eq!(
-            f16_acts.dtype(),
-            DType::F32,
-            "{name}: features come back in f32"
-        );
-        let f16_acts = f16_acts.to_vec().unwrap();
-        let tape = Tape::new();
-        let x = tape.leaf(px.clone(), true);
-        let f32_acts = f16m.image_features_on(&tape, &x, false).unwrap();
-        let f32_acts = f32_acts.value().to_vec().unwrap();
-        let (ca, cw) = (
-            worst_cos(&f16_acts, &want, p),
-            worst_cos(&f32_acts, &want, p),
-        );
+        let want_t = f32m.text_features(&texts).unwrap().to_vec().unwrap();
+        let mut run = |dt: DType| {
+            f16m.set_activations(dt).unwrap();
+            assert_eq!(f16m.activations(), dt);
+            let i = f16m.image_features(&px).unwrap();
+            assert_eq!(i.dtype(), DType::F32, "{name}: features come back in f32");
+            let t = f16m.text_features(&texts).unwrap().to_vec().unwrap();
+            let tape = Tape::new();
+            let x = tape.leaf(px.clone(), true);
+            let grad_path = f16m.image_features_on(&tape, &x, false).unwrap();
+            (i.to_vec().unwrap(), t, grad_path.value().to_vec().unwrap())
+        };
+        let (i16, t16, g16) = run(DType::F16);
+        let (i32, t32, g32) = run(DType::F32);
+        let ci = worst_cos(&i16, &want, p);
+        let ct = worst_cos(&t16, &want_t, p);
+        let cw = worst_cos(&i32, &want, p);
         eprintln!(
-            "{name}: image features cosine to f32: f16 weights + f16 activations {ca:.7}, \
-             f16 weights + f32 activations {cw:.7}"
+            "{name}: cosine to f32 with f16 weights + f16 activations: image {ci:.7}, text \
+             {ct:.7}; with f16 weights + f32 activations: image {cw:.7}"
         );
-        assert!(ca >= 0.999, "{name}: f16 activations cosine {ca}");
-        assert!(cw >= 0.999, "{name}: f16 weights cosine {cw}");
+        assert!(
+            ci >= 0.999 && ct >= 0.999,
+            "{name}: f16 activations {ci} {ct}"
+        );
+        assert!(cw >= 0.999, "{name}: f16 weights {cw}");
         assert_ne!(
-            f16_acts, f32_acts,
-            "{name}: inference gave the f32-activation numbers bit for bit"
+            i16, i32,
+            "{name}: f16 activations gave the f32-activation numbers"
+        );
+        assert_ne!(
+            t16, t32,
+            "{name}: f16 activations gave the f32-activation text numbers"
+        );
+        assert_eq!(
+            g16, g32,
+            "{name}: a gradient path must not take f16 activations"
         );
     }
+    // f16 activations need f16 weights.
+    let mut f32m = ClipModel::load(fixture("tiny_quickgelu"), &g).unwrap();
+    assert_eq!(f32m.activations(), DType::F32);
+    let e = f32m.set_activations(DType::F16).unwrap_err().to_string();
+    assert!(e.contains("need f16 weights"), "{e}");
 }
 
 #[test]

@@ -17,9 +17,10 @@ pub struct ClipArgs {
     pub clip: Option<PathBuf>,
     /// Storage precision of CLIP: f32, or f16 (needs an adapter with SHADER_F16, see
     /// `vqclip info`). f16 stores the linear-layer weights (attention projections, MLPs,
-    /// the two output projections) in f16, half their memory and weight traffic; when no
-    /// gradient is needed (embed, classify, search) the encoder's activations between
-    /// kernels are f16 too. Kernels widen f16 to f32 as they read it: arithmetic,
+    /// the two output projections) in f16, half their memory and weight traffic; on GPUs,
+    /// when no gradient is needed (embed, classify, search), the encoder's activations
+    /// between kernels are f16 too (CPU adapters keep them f32, which is faster there;
+    /// VQCLIP_F16_ACTIVATIONS=on|off overrides). Kernels widen f16 to f32 as they read it: arithmetic,
     /// accumulation, biases, norms and embeddings stay f32, so this saves memory and
     /// memory traffic, not arithmetic. On the test checkpoints embeddings stay within a
     /// cosine of 0.999 of f32. Inference and generation only (no training).

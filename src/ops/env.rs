@@ -1,5 +1,5 @@
 //! The environment variables that force a kernel path (`VQCLIP_MATMUL`, `VQCLIP_CONV`,
-//! `VQCLIP_ATTENTION`, `VQCLIP_GROUP_NORM`, `VQCLIP_SPLIT_K`): the one place that reads them and knows the
+//! `VQCLIP_ATTENTION`, `VQCLIP_GROUP_NORM`, `VQCLIP_SPLIT_K`, `VQCLIP_F16_ACTIVATIONS`): the one place that reads them and knows the
 //! values each takes, so that a misspelt value is reported instead of silently running the
 //! default (a benchmark of `VQCLIP_CONV=implict` would otherwise time the wrong kernel).
 
@@ -69,8 +69,23 @@ pub const SPLIT_K: Override = Override {
     values: || vec!["on", "off"],
 };
 
+/// `VQCLIP_F16_ACTIVATIONS`: `on` or `off` (see
+/// [`crate::models::clip::encoder::f16_activations_default`]).
+pub const F16_ACTIVATIONS: Override = Override {
+    var: "VQCLIP_F16_ACTIVATIONS",
+    what: "whether --precision f16 inference stores the CLIP encoder's activations in f16",
+    values: || vec!["on", "off"],
+};
+
 /// Every override variable.
-pub const ALL: [Override; 5] = [MATMUL, CONV, ATTENTION, GROUP_NORM, SPLIT_K];
+pub const ALL: [Override; 6] = [
+    MATMUL,
+    CONV,
+    ATTENTION,
+    GROUP_NORM,
+    SPLIT_K,
+    F16_ACTIVATIONS,
+];
 
 /// What each variable held when first asked, in [`ALL`]'s order: its accepted value, or the
 /// message for one it does not take. Read once per process: the choosers ask on every

@@ -199,20 +199,71 @@ impl ClipEncoderLayer {
     }
 }
 
+/// How `--precision f16` inference stores the encoder's activations on `gpu` by default:
+/// f16 on GPUs (half the memory traffic of every norm, product and attention; not yet
+/// measured on one), f32 on CPU adapters, where converting every f16 load and store costs
+/// more than the traffic saves (lavapipe: text and image encode about 15% slower, see
+/// docs/perf.md). `VQCLIP_F16_ACTIVATIONS=on|off` overrides.
+pub fn f16_activations_default(gpu: &crate::Gpu) -> DType {
+    match crate::ops::env::F16_ACTIVATIONS.get().as_deref() {
+        Some("on") => DType::F16,
+        Some("off") => DType::F32,
+        _ if gpu.is_cpu() => DType::F32,
+        _ => DType::F16,
+    }
+}
+
 /// `CLIPEncoder`: the stack of layers.
 #[derive(Clone)]
 pub struct ClipEncoder {
     /// `layers.{i}`.
     pub layers: Vec<ClipEncoderLayer>,
+    /// How activations are stored between the layers' kernels when nothing needs a
+    /// gradient: f32, or f16 (only with f16 weights).
+    activations: DType,
 }
 
 impl ClipEncoder {
-    /// Loads `layers.0 ..` under `l` (`…encoder`).
+    /// Loads `layers.0 ..` under `l` (`…encoder`). With f16 weights (`--precision f16`)
+    /// inference stores activations as [`f16_activations_default`] says.
     pub fn load(l: &Loader, d: &EncoderDims) -> Result<ClipEncoder> {
-        let layers = (0..d.layers)
+        let layers: Vec<ClipEncoderLayer> = (0..d.layers)
             .map(|i| ClipEncoderLayer::load(&l.sub("layers").sub(i), d))
             .collect::<Result<_>>()?;
-        Ok(ClipEncoder { layers })
+        let mut enc = ClipEncoder {
+            layers,
+            activations: DType::F32,
+        };
+        if enc.f16_weights() {
+            enc.activations = f16_activations_default(l.gpu());
+        }
+        Ok(enc)
+    }
+
+    /// How inference stores activations between the layers' kernels.
+    pub fn activations(&self) -> DType {
+        self.activations
+    }
+
+    /// Stores inference activations as `dt`: f32, or f16 where the weights are f16
+    /// (`--precision f16`). Gradient paths always run on f32 activations.
+    pub fn set_activations(&mut self, dt: DType) -> Result<()> {
+        match dt {
+            DType::F32 => {}
+            DType::F16 if self.f16_weights() => {}
+            DType::F16 => {
+                return Err(crate::Error::invalid(
+                    "f16 activations need f16 weights (--precision f16)",
+                ))
+            }
+            DType::U32 => {
+                return Err(crate::Error::invalid(
+                    "encoder activations are f32 or f16, not u32",
+                ))
+            }
+        }
+        self.activations = dt;
+        Ok(())
     }
 
     /// `x`: `[B, T, C]`; `causal` masks keys after each query (text tower). With
@@ -238,11 +289,12 @@ impl ClipEncoder {
                 "a recorded forward keeps every layer's activations; it cannot recompute them",
             ));
         }
-        // `--precision f16` inference (f16 weights, nothing needing a gradient, nothing
-        // recorded): the activations between the layers' kernels are stored in f16, half
-        // the memory traffic of every norm, product and attention; their arithmetic stays
-        // f32. Gradients (VQGAN+CLIP, training) keep f32 activations.
-        let half = self.f16_weights()
+        // `--precision f16` inference with f16 activations (see f16_activations_default;
+        // nothing needing a gradient, nothing recorded): the activations between the
+        // layers' kernels are stored in f16, half the memory traffic of every norm,
+        // product and attention; their arithmetic stays f32. Gradients (VQGAN+CLIP,
+        // training) keep f32 activations.
+        let half = self.activations == DType::F16
             && !tape.is_training()
             && !x.needs_grad()
             && !recompute

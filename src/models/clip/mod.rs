@@ -185,6 +185,19 @@ impl ClipModel {
         })
     }
 
+    /// How inference stores the encoders' activations between kernels: f32, or f16 under
+    /// `--precision f16` (see [`encoder::f16_activations_default`]).
+    pub fn activations(&self) -> crate::DType {
+        self.vision_model.encoder.activations()
+    }
+
+    /// Stores both encoders' inference activations as `dt` (f16 needs f16 weights; see
+    /// [`encoder::ClipEncoder::set_activations`]).
+    pub fn set_activations(&mut self, dt: crate::DType) -> Result<()> {
+        self.vision_model.encoder.set_activations(dt)?;
+        self.text_model.encoder.set_activations(dt)
+    }
+
     /// Bytes of GPU memory the weights occupy (every tensor of [`ClipModel::params`], as
     /// stored: 2 per f16 element, 4 per f32 one).
     pub fn weight_bytes(&self) -> u64 {
