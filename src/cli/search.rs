@@ -65,12 +65,14 @@ pub fn run(dev: &DeviceArgs, a: SearchArgs) -> Result<()> {
     }
     let model = a.clip.load(dev)?;
     let clip_dir = &a.clip.dir()?;
-    // f16 gives (slightly) other embeddings: their index entries are their own. The key
-    // names f16 weights and activations ("-f16a"), so that entries an earlier version
-    // embedded with f16 weights only ("-f16") are not mixed in.
-    let model_id = match a.clip.precision {
-        vqclip::Precision::F32 => model_fingerprint(clip_dir)?,
-        vqclip::Precision::F16 => format!("{}-f16a", model_fingerprint(clip_dir)?),
+    // f16 gives (slightly) other embeddings: their index entries are their own, "-f16" for
+    // f16 weights, "-f16a" for f16 weights and activations (the GPU default).
+    let model_id = match (a.clip.precision, model.activations()) {
+        (vqclip::Precision::F32, _) => model_fingerprint(clip_dir)?,
+        (vqclip::Precision::F16, vqclip::DType::F16) => {
+            format!("{}-f16a", model_fingerprint(clip_dir)?)
+        }
+        (vqclip::Precision::F16, _) => format!("{}-f16", model_fingerprint(clip_dir)?),
     };
     let dim = model.config.projection_dim;
     let mut index = match &a.index {
