@@ -12,6 +12,7 @@ fn all() -> Vec<Contract> {
     vec![
         attention::SHADER.contract(),
         attention_backward::SHADER.contract(),
+        attention_tiled::SHADER.contract(),
         concat::SHADER.contract(),
         conv2d::SHADER.contract(),
         conv2d::IM2COL.contract(),
