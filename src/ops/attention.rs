@@ -219,6 +219,7 @@ pub(crate) fn attention_qkv_by(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Launch {
     pub kernel: Forward,
+    /// Queries per workgroup (`WGQ`).
     pub wgq: usize,
 }
 

@@ -75,19 +75,25 @@ pub const TUNING_KEY: &str = "attention_forward";
 /// GPUs serve a workgroup's K/V rows from workgroup memory instead of each lane reading
 /// them from global memory; not measured on a GPU yet.
 pub fn forward(gpu: &Gpu) -> Forward {
-    let chosen = super::env::ATTENTION_FORWARD
+    let forced = super::env::ATTENTION_FORWARD
         .get()
-        .and_then(|s| Forward::parse(&s))
-        .or_else(|| gpu.tuning(TUNING_KEY).and_then(|s| Forward::parse(&s)))
-        .unwrap_or(if gpu.is_cpu() {
-            Forward::Broadcast
-        } else {
-            Forward::Tiled
-        });
-    if chosen == Forward::Tiled && !tiled_fits(gpu) {
-        return Forward::Broadcast;
+        .and_then(|s| Forward::parse(&s));
+    let tuned = || gpu.tuning(TUNING_KEY).and_then(|s| Forward::parse(&s));
+    choose(forced.or_else(tuned), gpu.is_cpu(), tiled_fits(gpu))
+}
+
+/// [`forward`]'s rule: the forced or tuned kernel if any, else by adapter kind; never a
+/// tiled kernel that does not fit.
+fn choose(asked: Option<Forward>, cpu: bool, fits: bool) -> Forward {
+    let default = if cpu {
+        Forward::Broadcast
+    } else {
+        Forward::Tiled
+    };
+    match asked.unwrap_or(default) {
+        Forward::Tiled if !fits => Forward::Broadcast,
+        f => f,
     }
-    chosen
 }
 
 /// Whether the adapter gives a workgroup the [`WORKGROUP_BYTES`] the tiles take (every
@@ -134,6 +140,18 @@ mod tests {
         }
         // D = 512 on 8 lanes: 4-key tiles cost 64 + 1 + 257 steps, 150 of them per split.
         assert_eq!(keys_per_split(512, 8), 600);
+    }
+
+    #[test]
+    fn gpus_default_to_tiled_cpus_to_broadcast_and_a_choice_overrides_both() {
+        use Forward::{Broadcast, Tiled};
+        assert_eq!(choose(None, false, true), Tiled);
+        assert_eq!(choose(None, true, true), Broadcast);
+        assert_eq!(choose(Some(Tiled), true, true), Tiled);
+        assert_eq!(choose(Some(Broadcast), false, true), Broadcast);
+        // Tiles that do not fit the adapter's workgroup memory: broadcast, whatever asked.
+        assert_eq!(choose(None, false, false), Broadcast);
+        assert_eq!(choose(Some(Tiled), true, false), Broadcast);
     }
 
     #[test]
