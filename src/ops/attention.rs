@@ -739,10 +739,13 @@ mod tests {
 
     #[test]
     fn tiled_large_head_dim_and_key_splits() {
-        // D = 512: 4-key tiles, 600 keys per split on 8 lanes (728 on 64): 1500 keys (or
-        // 800 causal ones) need two or three; 9000 keys of D = 128 (32-key tiles) need
-        // several; D = 2 (256-key tiles) takes 9000 causal keys.
+        // D = 512: 4-key tiles, 600 keys per split on 8 lanes (728 on 64): 1500 keys need
+        // three splits, 800 causal ones two (the first workgroups' second split is empty);
+        // 9000 keys of D = 128 (16-key tiles, 2400 / 2912 per split) need four; D = 2
+        // walks 9000 causal keys in 512-key tiles of one split.
         assert_eq!(attention_tiled::keys_per_split(512, 64), 728);
+        assert_eq!(attention_tiled::keys_per_split(128, 8), 2400);
+        assert_eq!(attention_tiled::keys_per_split(128, 64), 2912);
         for (wgq, seed) in [(8, 1200), (64, 1300)] {
             let t = tiled(wgq);
             check_on(1, 1, 64, 300, 512, false, false, seed, t);
