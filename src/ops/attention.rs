@@ -218,6 +218,7 @@ pub(crate) fn attention_qkv_by(
 /// A forward kernel and the queries (invocations) each of its workgroups takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Launch {
+    /// Which shader entry point.
     pub kernel: Forward,
     /// Queries per workgroup (`WGQ`).
     pub wgq: usize,
