@@ -176,6 +176,7 @@ fn a_misspelt_kernel_override_is_an_error() {
         ("VQCLIP_CONV", "implict", "implicit-tiled"),
         ("VQCLIP_MATMUL", "fastest", "tile128"),
         ("VQCLIP_ATTENTION", "flash", "composed"),
+        ("VQCLIP_ATTENTION_FORWARD", "flash", "broadcast"),
         ("VQCLIP_GROUP_NORM", "single", "passes"),
         ("VQCLIP_SPLIT_K", "yes", "off"),
         ("VQCLIP_F16_ACTIVATIONS", "true", "off"),

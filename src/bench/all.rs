@@ -464,12 +464,12 @@ pub struct Item {
     pub ratio_to_peer: Option<f64>,
 }
 
-/// A tuned choice (a matmul shape class, convolutions, or the attention-with-gradients
-/// path) and the variant that won it here.
+/// A tuned choice (a matmul shape class, convolutions, the attention-with-gradients path
+/// or the attention forward kernel) and the variant that won it here.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Tuned {
-    /// [`ShapeClass::tuning_key`], [`ops::conv2d::TUNING_KEY`] or
-    /// [`ops::attention_backward::TUNING_KEY`].
+    /// [`ShapeClass::tuning_key`], [`ops::conv2d::TUNING_KEY`],
+    /// [`ops::attention_backward::TUNING_KEY`] or [`ops::attention_tiled::TUNING_KEY`].
     pub key: String,
     /// The shapes it was timed on (`4 x 50x768x768 + ...`: times each counts in the sum).
     pub shape: String,
@@ -534,9 +534,9 @@ pub struct AllOptions {
     pub seconds: f64,
     /// Only items whose name contains one of these (all when empty).
     pub only: Vec<String>,
-    /// Time the matmul variants per shape class, the convolution variants and the
-    /// attention-with-gradients paths first and keep the winners (else the cached choices,
-    /// or the defaults, stand).
+    /// Time the matmul variants per shape class, the convolution variants, the
+    /// attention-with-gradients paths and the attention forward kernels first and keep the
+    /// winners (else the cached choices, or the defaults, stand).
     pub tune: bool,
 }
 
@@ -880,6 +880,28 @@ fn tune_attention(gpu: &Gpu, seconds: f64) -> Result<Tuned> {
     )
 }
 
+/// Times both attention forward kernels on CLIP ViT-B/32's self-attention over a batch of
+/// 32 images (32 × 12 heads × 50 tokens × 64, read in place from the packed qkv
+/// projection, as the image encoder does) and saves the faster under
+/// [`ops::attention_tiled::TUNING_KEY`], which every attention forward then takes.
+fn tune_attention_forward(gpu: &Gpu, seconds: f64) -> Result<Tuned> {
+    use ops::attention_tiled::{tiled_fits, Forward, TUNING_KEY};
+    let (b, h, t, d) = (32, 12, 50, 64);
+    let qkv = rand_tensor(gpu, &[b, t, 3 * h * d], 1)?;
+    let scale = (d as f32).powf(-0.5);
+    let mut ms = Vec::new();
+    for kernel in Forward::ALL {
+        if kernel == Forward::Tiled && !tiled_fits(gpu) {
+            continue;
+        }
+        let times = time_runs(gpu, seconds, &mut || {
+            ops::attention::attention_qkv_by(&qkv, h, false, scale, kernel).map(drop)
+        })?;
+        ms.push((kernel.name().to_string(), times[times.len() / 2] * 1e3));
+    }
+    save_winner(gpu, TUNING_KEY, format!("{b}x{h}x{t}x{d} packed qkv"), ms)
+}
+
 /// Saves the fastest of `ms` (name, median ms) under `key` ([`Gpu::save_tuning`]), timed on
 /// `shape`.
 fn save_winner(gpu: &Gpu, key: &str, shape: String, ms: Vec<(String, f64)>) -> Result<Tuned> {
@@ -941,6 +963,8 @@ pub fn run(gpu: &Gpu, o: &AllOptions, progress: &dyn Fn(&str)) -> Result<Report>
         t.push(tune_conv(gpu, o.seconds.min(1.0))?);
         progress("attention with gradients: fused or composed");
         t.push(tune_attention(gpu, o.seconds.min(1.0))?);
+        progress("attention forward: broadcast or tiled");
+        t.push(tune_attention_forward(gpu, o.seconds.min(1.0))?);
         t
     } else {
         Vec::new()

@@ -68,9 +68,9 @@ pub struct AllArgs {
     /// Only items whose name contains this (repeatable).
     #[arg(long, value_name = "TEXT")]
     only: Vec<String>,
-    /// First time the matmul variants per shape class and the convolution variants, and
-    /// remember each winner for this adapter (else the remembered choices, or the defaults,
-    /// are used).
+    /// First time the matmul variants per shape class, the convolution variants and the
+    /// attention paths (with gradients, and the forward kernel), and remember each winner
+    /// for this adapter (else the remembered choices, or the defaults, are used).
     #[arg(long)]
     tune: bool,
     /// Measure nothing: add the figures of tools/peer_bench_all.py's output FILE as a

@@ -3,11 +3,13 @@
 //!
 //! [`attention`] takes `[B, H, T, D]` tensors; [`attention_bthd`] takes the `[B, T, H·D]`
 //! layout that q/k/v projections produce and returns the same layout, with no permutes.
-//! [`split_heads`] / [`merge_heads`] convert between the two.
+//! [`split_heads`] / [`merge_heads`] convert between the two. The forward runs on one of two
+//! kernels, chosen per device by [`super::attention_tiled::forward`].
 
+use super::attention_tiled::{self, Forward};
 use super::permute::permute;
 use super::CPU_LOOP_LIMIT;
-use crate::gpu::{grid_1d, Kernel, Shader};
+use crate::gpu::{grid_1d, Gpu, Kernel, Shader};
 use crate::tensor::{DType, Tensor};
 use crate::{Error, Result};
 
@@ -15,13 +17,13 @@ use crate::{Error, Result};
 /// `attention_backward`).
 pub(super) mod ov {
     use crate::gpu::Override;
-    pub(super) const WGQ: Override<u32> = Override::new("WGQ");
+    pub(in crate::ops) const WGQ: Override<u32> = Override::new("WGQ");
     pub(in crate::ops) const CAUSAL: Override<bool> = Override::new("CAUSAL");
     pub(in crate::ops) const SPLIT: Override<bool> = Override::new("SPLIT");
     pub(in crate::ops) const D_MULT4: Override<bool> = Override::new("D_MULT4");
     pub(in crate::ops) const D4: Override<u32> = Override::new("D4");
     pub(super) const WGC: Override<u32> = Override::new("WGC");
-    pub(super) const LSE: Override<bool> = Override::new("LSE");
+    pub(in crate::ops) const LSE: Override<bool> = Override::new("LSE");
 }
 
 /// The attention module over `elem` storage `$elem` (after the `$f16` directive library,
@@ -33,6 +35,7 @@ macro_rules! attention_shader {
             $($lib,)+
             "grid",
             "head_row",
+            "attention_io",
             overrides = [
                 ov::WGQ,
                 ov::CAUSAL,
@@ -202,16 +205,46 @@ pub fn attention_bthd(
 /// part. Returns `[B, T, H·D]`, the same as [`attention_bthd`] on the three thirds, with no
 /// copy of them made.
 pub fn attention_qkv(qkv: &Tensor, heads: usize, causal: bool, scale: f32) -> Result<Tensor> {
-    let dims = qkv_dims(qkv, heads)?;
-    let [_, h, t, _, d] = dims;
-    run(
-        [qkv; 3],
-        dims,
-        Addr::packed_qkv(h, t, d),
+    attention_qkv_by(
+        qkv,
+        heads,
         causal,
         scale,
-        None,
+        attention_tiled::forward(qkv.gpu()),
     )
+}
+
+/// [`attention_qkv`] on the given forward kernel instead of the device's choice (tuning).
+pub(crate) fn attention_qkv_by(
+    qkv: &Tensor,
+    heads: usize,
+    causal: bool,
+    scale: f32,
+    kernel: Forward,
+) -> Result<Tensor> {
+    let dims = qkv_dims(qkv, heads)?;
+    let [_, h, t, _, d] = dims;
+    let addr = Addr::packed_qkv(h, t, d);
+    let launch = Launch::on(qkv.gpu(), kernel);
+    run_by([qkv; 3], dims, addr, causal, scale, None, launch)
+}
+
+/// A forward kernel and the queries (invocations) each of its workgroups takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Launch {
+    /// Which shader entry point.
+    pub kernel: Forward,
+    /// Queries per workgroup (`WGQ`).
+    pub wgq: usize,
+}
+
+impl Launch {
+    /// `kernel` with the device's workgroup: lavapipe's SIMD width on CPU adapters (more
+    /// lanes only lengthen each workgroup), 64 on GPUs.
+    pub(crate) fn on(gpu: &Gpu, kernel: Forward) -> Launch {
+        let wgq = if gpu.is_cpu() { 8 } else { 64 };
+        Launch { kernel, wgq }
+    }
 }
 
 /// [`attention_qkv`] that also returns the log-sum-exp `[B, H, T]`, as
@@ -300,14 +333,29 @@ pub(crate) fn bthd_dims(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Res
 
 /// The forward dispatch(es) over q, k, v addressed by `addr`, writing a new `[B, Tq, H·D]`
 /// or `[B, H, Tq, D]` output (by `addr.o_s`); with `lse` (`[B·H·Tq]` values) also the
-/// log-sum-exp per query.
+/// log-sum-exp per query. On the device's forward kernel ([`attention_tiled::forward`]).
 fn run(
+    qkv: [&Tensor; 3],
+    dims: [usize; 5],
+    addr: Addr,
+    causal: bool,
+    scale: f32,
+    lse: Option<&Tensor>,
+) -> Result<Tensor> {
+    let gpu = qkv[0].gpu();
+    let launch = Launch::on(gpu, attention_tiled::forward(gpu));
+    run_by(qkv, dims, addr, causal, scale, lse, launch)
+}
+
+/// [`run`] on the forward kernel and workgroup `launch`.
+fn run_by(
     [q, k, v]: [&Tensor; 3],
     [b, h, tq, tk, d]: [usize; 5],
     addr: Addr,
     causal: bool,
     scale: f32,
     lse: Option<&Tensor>,
+    Launch { kernel, wgq }: Launch,
 ) -> Result<Tensor> {
     // f32, or f16 activations (`--precision f16` inference) for all three.
     let dt = q.dtype();
@@ -352,8 +400,17 @@ fn run(
             k.shape()
         )));
     }
-    let wgq: usize = if gpu.is_cpu() { 8 } else { 64 };
-    let kps = keys_per_split(d);
+    if kernel == Forward::Tiled && !attention_tiled::tiled_fits(gpu) {
+        return Err(Error::invalid(format!(
+            "the tiled attention forward needs {} B of workgroup storage; this adapter has {}",
+            attention_tiled::WORKGROUP_BYTES,
+            gpu.limits().max_compute_workgroup_storage_size
+        )));
+    }
+    let kps = match kernel {
+        Forward::Broadcast => keys_per_split(d),
+        Forward::Tiled => attention_tiled::keys_per_split(d, wgq),
+    };
     // Causal queries never look past key Tq - 1.
     let keys_used = if causal { tk.min(tq) } else { tk };
     let splits = keys_used.div_ceil(kps);
@@ -411,18 +468,27 @@ fn run(
     };
     let vec4 = d % 4 == 0 && addr.vec4_aligned();
     let split = splits > 1;
-    let shader = if dt == DType::F16 {
-        &SHADER_F16
-    } else {
-        &SHADER
-    };
-    let kernel = Kernel::new(shader, "attn")
-        .with(ov::WGQ, wgq as u32)
-        .with(ov::CAUSAL, causal)
-        .with(ov::SPLIT, split)
-        .with(ov::D_MULT4, vec4)
-        .with(ov::D4, d.div_ceil(4) as u32)
-        .with(ov::LSE, lse.is_some());
+    let f16 = dt == DType::F16;
+    let kernel = match kernel {
+        Forward::Broadcast => Kernel::new(if f16 { &SHADER_F16 } else { &SHADER }, "attn"),
+        Forward::Tiled => {
+            let shader = if f16 {
+                &attention_tiled::SHADER_F16
+            } else {
+                &attention_tiled::SHADER
+            };
+            Kernel::new(shader, "attn_tiled").with(
+                attention_tiled::KT,
+                attention_tiled::keys_per_tile(d) as u32,
+            )
+        }
+    }
+    .with(ov::WGQ, wgq as u32)
+    .with(ov::CAUSAL, causal)
+    .with(ov::SPLIT, split)
+    .with(ov::D_MULT4, vec4)
+    .with(ov::D4, d.div_ceil(4) as u32)
+    .with(ov::LSE, lse.is_some());
     let scratch = if split {
         let rows = bh * tq * splits;
         Some((
@@ -616,14 +682,15 @@ mod tests {
         bthd: bool,
         seed: u64,
     ) {
-        check_dtype(b, h, tq, tk, d, causal, bthd, seed, false);
+        check_on(b, h, tq, tk, d, causal, bthd, seed, None, false);
     }
 
-    /// [`check`]; with `f16` on f16 q, k, v (rounded: the reference takes the rounded
-    /// values) and an f16 output, one f16 ulp more (2⁻¹⁰ relative: WGSL may round to
-    /// either neighbour).
+    /// [`check`] on `launch`, or through the public functions (the device's kernel) when
+    /// `None`; with `f16` on f16 q, k, v (rounded: the reference takes the rounded values)
+    /// and an f16 output, one f16 ulp more (2⁻¹⁰ relative: WGSL may round to either
+    /// neighbour).
     #[allow(clippy::too_many_arguments)]
-    fn check_dtype(
+    fn check_on(
         b: usize,
         h: usize,
         tq: usize,
@@ -632,6 +699,7 @@ mod tests {
         causal: bool,
         bthd: bool,
         seed: u64,
+        launch: Option<Launch>,
         f16: bool,
     ) {
         let g = gpu();
@@ -656,17 +724,32 @@ mod tests {
         let qt = upload(&qv, &[b, h, tq, d]);
         let kt = upload(&kv, &[b, h, tk, d]);
         let vt = upload(&vv, &[b, h, tk, d]);
+        let dims = [b, h, tq, tk, d];
         let got = if bthd {
             let (q3, k3, v3) = (
                 merge_heads(&qt).unwrap(),
                 merge_heads(&kt).unwrap(),
                 merge_heads(&vt).unwrap(),
             );
-            let o = attention_bthd(&q3, &k3, &v3, h, causal, scale).unwrap();
+            let o = match launch {
+                None => attention_bthd(&q3, &k3, &v3, h, causal, scale),
+                Some(l) => {
+                    let addr = Addr::separate(Layout::Bthd, h, tq, tk, d);
+                    run_by([&q3, &k3, &v3], dims, addr, causal, scale, None, l)
+                }
+            }
+            .unwrap();
             assert_eq!(o.shape(), &[b, tq, h * d]);
             split_heads(&o, h).unwrap()
         } else {
-            attention(&qt, &kt, &vt, causal, scale).unwrap()
+            match launch {
+                None => attention(&qt, &kt, &vt, causal, scale),
+                Some(l) => {
+                    let addr = Addr::separate(Layout::Bhtd, h, tq, tk, d);
+                    run_by([&qt, &kt, &vt], dims, addr, causal, scale, None, l)
+                }
+            }
+            .unwrap()
         };
         assert_eq!(got.shape(), &[b, h, tq, d]);
         assert_eq!(got.dtype(), qt.dtype());
@@ -682,8 +765,8 @@ mod tests {
             };
             assert!(
                 err <= tol[i] + ulp,
-                "B{b} H{h} Tq{tq} Tk{tk} D{d} causal {causal} bthd {bthd}: element {i} got {} \
-                 want {} (err {err:e} > tol {:e})",
+                "B{b} H{h} Tq{tq} Tk{tk} D{d} causal {causal} bthd {bthd} {launch:?} f16 {f16}: \
+                 element {i} got {} want {} (err {err:e} > tol {:e})",
                 got[i],
                 want[i],
                 tol[i]
@@ -691,9 +774,23 @@ mod tests {
         }
     }
 
+    /// (B, H, Tq, Tk, D) of the reference checks: Tq below, at and above a workgroup of
+    /// queries, Tq != Tk both ways, D not a multiple of 4, partial last key tiles.
+    const SHAPES: [(usize, usize, usize, usize, usize); 8] = [
+        (1, 1, 1, 1, 1),
+        (2, 3, 5, 7, 3),
+        (1, 2, 17, 65, 17),
+        (1, 2, 65, 17, 8),
+        (1, 12, 50, 50, 64),
+        (2, 8, 77, 77, 64),
+        (1, 2, 9, 33, 128),
+        (1, 1, 3, 1000, 5),
+    ];
+
     #[test]
     fn f16_activations_match_the_reference_of_the_rounded_inputs() {
-        // The f16 twin (`--precision f16` inference) on CLIP's shapes (text: 8 heads x 77
+        // The f16 twins of both forward kernels, at lavapipe's 8 and the GPUs' 64 queries
+        // per workgroup (`--precision f16` inference), on CLIP's shapes (text: 8 heads x 77
         // causal tokens; vision: 12 heads x 50), a head dim that is not a multiple of 4
         // (no vec4 views), Tq != Tk, and keys enough to split (run in f32 between
         // conversions); then the packed-qkv layout read in place.
@@ -711,7 +808,25 @@ mod tests {
         .iter()
         .enumerate()
         {
-            check_dtype(b, h, tq, tk, d, causal, false, 900 + 10 * i as u64, true);
+            let seed = 900 + 10 * i as u64;
+            for (kernel, wgq) in [
+                (Forward::Broadcast, 8),
+                (Forward::Tiled, 8),
+                (Forward::Tiled, 64),
+            ] {
+                check_on(
+                    b,
+                    h,
+                    tq,
+                    tk,
+                    d,
+                    causal,
+                    false,
+                    seed,
+                    Some(Launch { kernel, wgq }),
+                    true,
+                );
+            }
         }
         let g = gpu();
         let (b, h, t, d) = (2, 3, 11, 8);
@@ -750,23 +865,57 @@ mod tests {
 
     #[test]
     fn matches_reference_over_shapes() {
-        let cases = [
-            (1, 1, 1, 1, 1),
-            (2, 3, 5, 7, 3),
-            (1, 2, 17, 65, 17),
-            (1, 2, 65, 17, 8),
-            (1, 12, 50, 50, 64),
-            (2, 8, 77, 77, 64),
-            (1, 2, 9, 33, 128),
-            (1, 1, 3, 1000, 5),
-        ];
         let mut seed = 0;
-        for &(b, h, tq, tk, d) in &cases {
+        for &(b, h, tq, tk, d) in &SHAPES {
             for causal in [false, true] {
                 seed += 10;
                 check(b, h, tq, tk, d, causal, false, seed);
             }
         }
+    }
+
+    /// The tiled kernel on `wgq` queries per workgroup: 8 as on CPU adapters, 64 as on GPUs
+    /// (so the GPU's staging loop and splits run here too).
+    fn tiled(wgq: usize) -> Option<Launch> {
+        Some(Launch {
+            kernel: Forward::Tiled,
+            wgq,
+        })
+    }
+
+    #[test]
+    fn tiled_matches_reference_over_shapes_and_layouts() {
+        let mut seed = 1000;
+        for &(b, h, tq, tk, d) in &SHAPES {
+            for causal in [false, true] {
+                for bthd in [false, true] {
+                    for wgq in [8, 64] {
+                        seed += 10;
+                        check_on(b, h, tq, tk, d, causal, bthd, seed, tiled(wgq), false);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tiled_large_head_dim_and_key_splits() {
+        // D = 512: 4-key tiles, 600 keys per split on 8 lanes (728 on 64): 1500 keys need
+        // three splits, 800 causal ones two (the first workgroups' second split is empty);
+        // 9000 keys of D = 128 (16-key tiles, 2400 / 2912 per split) need four; D = 2
+        // walks 9000 causal keys in 512-key tiles of one split.
+        assert_eq!(attention_tiled::keys_per_split(512, 64), 728);
+        assert_eq!(attention_tiled::keys_per_split(128, 8), 2400);
+        assert_eq!(attention_tiled::keys_per_split(128, 64), 2912);
+        for (wgq, seed) in [(8, 1200), (64, 1300)] {
+            let t = tiled(wgq);
+            check_on(1, 1, 64, 300, 512, false, false, seed, t, false);
+            check_on(1, 1, 20, 1500, 512, false, true, seed + 10, t, false);
+            check_on(1, 1, 800, 800, 512, true, false, seed + 20, t, false);
+            check_on(1, 2, 5, 9000, 128, false, false, seed + 30, t, false);
+            check_on(1, 1, 9000, 9000, 2, true, false, seed + 40, t, false);
+        }
+        check_on(70_000, 1, 1, 2, 2, false, false, 1250, tiled(8), false);
     }
 
     #[test]
@@ -866,6 +1015,124 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("3*H*D"), "{e}");
+    }
+
+    /// The f64 log-sum-exp of each query's scaled scores, `[B·H·Tq]`, and its error bound:
+    /// the scores' f32 error δ (as in [`tolerances`]) moves L by at most δmax; the sum of
+    /// the exponentials adds Tk·ε relative, each `exp` 3 + 2Δ ULP, the final `m + log l`
+    /// ε·|L|; twice that is allowed.
+    #[allow(clippy::too_many_arguments)]
+    fn reference_lse(
+        q: &[f32],
+        k: &[f32],
+        bh: usize,
+        tq: usize,
+        tk: usize,
+        d: usize,
+        causal: bool,
+        scale: f32,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let e = f32::EPSILON as f64;
+        let (mut lse, mut tol) = (Vec::new(), Vec::new());
+        for x in 0..bh {
+            for i in 0..tq {
+                let qi = &q[(x * tq + i) * d..][..d];
+                let keys = if causal { tk.min(i + 1) } else { tk };
+                let (mut s, mut delta) = (Vec::new(), 0.0f64);
+                for j in 0..keys {
+                    let kj = &k[(x * tk + j) * d..][..d];
+                    let (mut a, mut g) = (0.0, 0.0);
+                    for (&qa, &kb) in qi.iter().zip(kj) {
+                        a += qa as f64 * kb as f64;
+                        g += (qa as f64 * kb as f64).abs();
+                    }
+                    s.push(scale as f64 * a);
+                    delta = delta.max(d as f64 * e * (scale as f64).abs() * g);
+                }
+                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let gap = s.iter().fold(0.0f64, |g, &a| g.max(m - a));
+                let l = m + s.iter().map(|a| (a - m).exp()).sum::<f64>().ln();
+                lse.push(l);
+                let t = delta + e * (keys as f64 + 2.0 * (3.0 + 2.0 * gap) + 8.0) + e * l.abs();
+                tol.push(2.0 * t);
+            }
+        }
+        (lse, tol)
+    }
+
+    #[test]
+    fn tiled_packed_qkv_and_log_sum_exp() {
+        // The tiled kernel with LSE on the packed [B, T, 3·H·D] layout, on this device's
+        // workgroup and on a GPU's: the same bits as on the three thirds copied out
+        // ([B, T, H·D], the training forward's layout) and as attention_qkv_by, and both
+        // output and log-sum-exp within the f64 references' bounds. CLIP shapes, a causal
+        // text-like one, D not a multiple of 4 (offsets off the vec4 grid), and D = 512
+        // past one split (causal and not: the combine pass writes L there).
+        use crate::ops::concat::slice;
+        let g = gpu();
+        let cases = [
+            (2, 50, 12, 64, false),
+            (2, 77, 8, 64, true),
+            (3, 7, 3, 5, true),
+            (1, 9, 2, 6, false),
+            (1, 800, 1, 512, true),
+            (1, 1300, 1, 512, false),
+        ];
+        let own = Launch::on(&g, Forward::Tiled);
+        for (ci, &(b, t, h, d, causal)) in cases.iter().enumerate() {
+            let c = h * d;
+            let data = rand_vec(b * t * 3 * c, 60 + ci as u64);
+            let qkv = Tensor::from_slice(&g, &data, &[b, t, 3 * c]).unwrap();
+            let part = |s: usize| slice(&qkv, 2, s * c, c).unwrap();
+            let (q, k, v) = (part(0), part(1), part(2));
+            let heads = |x: &Tensor| split_heads(x, h).unwrap().to_vec().unwrap();
+            let (qv, kv, vv) = (heads(&q), heads(&k), heads(&v));
+            let bh = b * h;
+            let scale = 1.0 / (d as f32).sqrt();
+            let want = reference(&qv, &kv, &vv, bh, t, t, d, causal, scale);
+            let tol = tolerances(&qv, &kv, &vv, bh, t, t, d, causal, scale);
+            let (lwant, ltol) = reference_lse(&qv, &kv, bh, t, t, d, causal, scale);
+            let dims = [b, h, t, t, d];
+            for launch in [own, tiled(64).unwrap()] {
+                let what = format!("case {ci} on {} lanes", launch.wgq);
+                let lse = Tensor::empty(&g, &[b, h, t], DType::F32).unwrap();
+                let addr = Addr::packed_qkv(h, t, d);
+                let o = run_by([&qkv; 3], dims, addr, causal, scale, Some(&lse), launch).unwrap();
+                assert_eq!(o.shape(), &[b, t, c]);
+                let (o, lse) = (o.to_vec().unwrap(), lse.to_vec().unwrap());
+                if launch == own {
+                    let plain = attention_qkv_by(&qkv, h, causal, scale, Forward::Tiled).unwrap();
+                    assert_eq!(plain.to_vec().unwrap(), o, "{what}: without LSE");
+                }
+                let lw = Tensor::empty(&g, &[b, h, t], DType::F32).unwrap();
+                let addr = Addr::separate(Layout::Bthd, h, t, t, d);
+                let ow =
+                    run_by([&q, &k, &v], dims, addr, causal, scale, Some(&lw), launch).unwrap();
+                assert_eq!(ow.to_vec().unwrap(), o, "{what}: o");
+                assert_eq!(lw.to_vec().unwrap(), lse, "{what}: lse");
+
+                let got = split_heads(&ow, h).unwrap().to_vec().unwrap();
+                for i in 0..got.len() {
+                    let err = (got[i] as f64 - want[i]).abs();
+                    assert!(
+                        err <= tol[i],
+                        "{what}: o {i} got {} want {}",
+                        got[i],
+                        want[i]
+                    );
+                }
+                for i in 0..lse.len() {
+                    let err = (lse[i] as f64 - lwant[i]).abs();
+                    assert!(
+                        err <= ltol[i],
+                        "{what}: lse {i} got {} want {} (err {err:e} > tol {:e})",
+                        lse[i],
+                        lwant[i],
+                        ltol[i]
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -12,6 +12,8 @@ fn all() -> Vec<Contract> {
     vec![
         attention::SHADER.contract(),
         attention_backward::SHADER.contract(),
+        attention_tiled::SHADER.contract(),
+        attention_tiled::SHADER_F16.contract(),
         cast::SHADER.contract(),
         concat::SHADER.contract(),
         conv2d::SHADER.contract(),

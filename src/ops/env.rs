@@ -1,7 +1,8 @@
 //! The environment variables that force a kernel path (`VQCLIP_MATMUL`, `VQCLIP_CONV`,
-//! `VQCLIP_ATTENTION`, `VQCLIP_GROUP_NORM`, `VQCLIP_SPLIT_K`, `VQCLIP_F16_ACTIVATIONS`): the one place that reads them and knows the
-//! values each takes, so that a misspelt value is reported instead of silently running the
-//! default (a benchmark of `VQCLIP_CONV=implict` would otherwise time the wrong kernel).
+//! `VQCLIP_ATTENTION`, `VQCLIP_ATTENTION_FORWARD`, `VQCLIP_GROUP_NORM`, `VQCLIP_SPLIT_K`,
+//! `VQCLIP_F16_ACTIVATIONS`): the one place that reads them and knows the values each
+//! takes, so that a misspelt value is reported instead of silently running the default (a
+//! benchmark of `VQCLIP_CONV=implict` would otherwise time the wrong kernel).
 
 use crate::{Error, Result};
 use std::collections::HashSet;
@@ -55,6 +56,18 @@ pub const ATTENTION: Override = Override {
     },
 };
 
+/// `VQCLIP_ATTENTION_FORWARD`: a [`super::attention_tiled::Forward`] name.
+pub const ATTENTION_FORWARD: Override = Override {
+    var: "VQCLIP_ATTENTION_FORWARD",
+    what: "the attention forward kernel",
+    values: || {
+        super::attention_tiled::Forward::ALL
+            .iter()
+            .map(|f| f.name())
+            .collect()
+    },
+};
+
 /// `VQCLIP_GROUP_NORM`: `one` (one dispatch per direction) or `passes`.
 pub const GROUP_NORM: Override = Override {
     var: "VQCLIP_GROUP_NORM",
@@ -78,10 +91,11 @@ pub const F16_ACTIVATIONS: Override = Override {
 };
 
 /// Every override variable.
-pub const ALL: [Override; 6] = [
+pub const ALL: [Override; 7] = [
     MATMUL,
     CONV,
     ATTENTION,
+    ATTENTION_FORWARD,
     GROUP_NORM,
     SPLIT_K,
     F16_ACTIVATIONS,
@@ -179,6 +193,15 @@ mod tests {
         assert_eq!(CONV.check("").unwrap(), None);
         assert_eq!(GROUP_NORM.check("one").unwrap().as_deref(), Some("one"));
         assert_eq!(ATTENTION.check("fused").unwrap().as_deref(), Some("fused"));
+        assert_eq!(
+            ATTENTION_FORWARD.check("tiled").unwrap().as_deref(),
+            Some("tiled")
+        );
+        let e = ATTENTION_FORWARD.check("flash").unwrap_err().to_string();
+        assert!(
+            e.contains("VQCLIP_ATTENTION_FORWARD") && e.contains("broadcast"),
+            "{e}"
+        );
         let e = CONV.check("implict").unwrap_err().to_string();
         assert!(
             e.contains("VQCLIP_CONV") && e.contains("implicit-tiled"),

@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod attention_backward;
+pub mod attention_tiled;
 pub mod cast;
 pub mod concat;
 #[cfg(test)]
