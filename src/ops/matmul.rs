@@ -352,6 +352,17 @@ pub fn matmul_row_argmin_variant(
     matmul_impl(a, b, o, Some(v), Output::RowArgmin, Split::Auto)
 }
 
+/// Rows `rows` of a product and the kernel that computes them ([`matmul_impl`] may cover
+/// a product's last rows with a narrower kernel than the rest).
+struct RowSegment {
+    kernel: Kernel<Params>,
+    /// Rows one workgroup covers.
+    rows_per_wg: usize,
+    /// Workgroups along N.
+    wg_x: usize,
+    rows: std::ops::Range<usize>,
+}
+
 /// What [`matmul_impl`] writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Output {
@@ -546,24 +557,30 @@ fn matmul_impl(
         (true, false) => (&SHADER_F16, &SUBGROUP_SHADER_F16),
         _ => (&SHADER, &SUBGROUP_SHADER),
     };
-    let kernel = match v {
-        Variant::Register => Kernel::new(shader, "matmul_reg"),
-        Variant::Shared => Kernel::new(shader, "matmul_shared"),
-        Variant::Vec4 => Kernel::new(shader, "matmul_vec4"),
-        Variant::Subgroup | Variant::Subgroup16 | Variant::Subgroup32 | Variant::Subgroup32Wide => {
-            Kernel::new(subgroup_shader, "matmul_subgroup")
+    // The kernel of variant `v`; the subgroup kernels with `sg_rows` rows per subgroup,
+    // `stack` subgroups stacked along M and `wide` column blocks.
+    let make = |sg_rows: usize, stack: usize, wide: bool| {
+        match v {
+            Variant::Register => Kernel::new(shader, "matmul_reg"),
+            Variant::Shared => Kernel::new(shader, "matmul_shared"),
+            Variant::Vec4 => Kernel::new(shader, "matmul_vec4"),
+            Variant::Subgroup
+            | Variant::Subgroup16
+            | Variant::Subgroup32
+            | Variant::Subgroup32Wide => Kernel::new(subgroup_shader, "matmul_subgroup")
                 .with(ov::SG_ROWS, sg_rows as u32)
                 .with(ov::SG_STACK, stack as u32)
-                .with(ov::WIDE, wide)
+                .with(ov::WIDE, wide),
+            Variant::Tile128 => Kernel::new(shader, "matmul_tile128"),
         }
-        Variant::Tile128 => Kernel::new(shader, "matmul_tile128"),
-    }
-    .with(ov::TRANS_A, o.trans_a)
-    .with(ov::TRANS_B, o.trans_b)
-    .with(ov::HAS_BIAS, o.bias.is_some())
-    .with(ov::HAS_RES, o.residual.is_some())
-    .with(ov::ACT, o.act as u32)
-    .with(ov::ARGMIN, out == Output::RowArgmin);
+        .with(ov::TRANS_A, o.trans_a)
+        .with(ov::TRANS_B, o.trans_b)
+        .with(ov::HAS_BIAS, o.bias.is_some())
+        .with(ov::HAS_RES, o.residual.is_some())
+        .with(ov::ACT, o.act as u32)
+        .with(ov::ARGMIN, out == Output::RowArgmin)
+    };
+    let kernel = make(sg_rows, stack, wide);
     // Column blocks of the row argmin's pairs (see the kernels' ARGMIN epilogues).
     let blocks = match (out, v) {
         (Output::Matrix, _) => 0,
@@ -662,35 +679,80 @@ fn matmul_impl(
         };
         (batch, stride_a, stride_b, splits, c, bias_b, res_b, kernel)
     };
+    // Row ranges and the kernel that covers each: one, or (32-row subgroup tiles whose
+    // last tile would hold 9 to 16 live rows) the whole tiles on the 32-row kernel and the
+    // tail on 16-row subgroups: 77 text tokens then compute 80 rows instead of 96 (text
+    // encode 188-190 -> 175-182 ms min on lavapipe). A tail of 8 rows or fewer stays on the
+    // 32-row tile: per tile the B loads dominate, so an 8-row tile costs nearly as much,
+    // and 200 cutout tokens (tail 8) on 16- or 8-row tails measured no faster in a
+    // generation step. The row argmin keeps one kernel: its column blocks depend on the
+    // kernel's width.
+    let tail = m % 32;
+    let segments = if matches!(v, Variant::Subgroup32 | Variant::Subgroup32Wide)
+        && out == Output::Matrix
+        && slices == 1
+        && m > 32
+        && (9..=16).contains(&tail)
+    {
+        let whole = m - tail;
+        let stack = (whole / 32).next_power_of_two().min(8);
+        let tail_rows = 16;
+        let cols = if wide { 512 } else { 256 };
+        vec![
+            RowSegment {
+                kernel: make(32, stack, wide),
+                rows_per_wg: 32 * stack,
+                wg_x: n.div_ceil(cols / stack),
+                rows: 0..whole,
+            },
+            RowSegment {
+                kernel: make(tail_rows, 1, false),
+                rows_per_wg: tail_rows,
+                wg_x: n.div_ceil(256),
+                rows: whole..m,
+            },
+        ]
+    } else {
+        vec![RowSegment {
+            kernel,
+            rows_per_wg,
+            wg_x,
+            rows: 0..m,
+        }]
+    };
     for (si, &(k0, k1)) in splits.iter().enumerate() {
-        let kernel = kernel
-            .clone()
-            .with(ov::ACCUMULATE, si > 0)
-            .with(ov::EPILOGUE, si + 1 == splits.len() && slices == 1);
-        for batch0 in (0..run_batch).step_by(MAX) {
-            let nz = (run_batch - batch0).min(MAX);
-            for t0 in (0..row_tiles).step_by(MAX) {
-                let ny = (row_tiles - t0).min(MAX);
-                let p = Params {
-                    m: m as u32,
-                    n: n as u32,
-                    k: ka as u32,
-                    batch: run_batch as u32,
-                    stride_a,
-                    stride_b,
-                    stride_c: (m * n) as u32,
-                    row0: (t0 * rows_per_wg) as u32,
-                    batch0: batch0 as u32,
-                    alpha: o.alpha.unwrap_or(1.0),
-                    k0: k0 as u32,
-                    k1: k1 as u32,
-                };
-                gpu.dispatch(
-                    &kernel,
-                    &p,
-                    &[a.binding(), b.binding(), bias_b, res_b, c.binding()],
-                    [wg_x as u32, ny as u32, nz as u32],
-                );
+        for seg in &segments {
+            let kernel = seg
+                .kernel
+                .clone()
+                .with(ov::ACCUMULATE, si > 0)
+                .with(ov::EPILOGUE, si + 1 == splits.len() && slices == 1);
+            let row_tiles = seg.rows.len().div_ceil(seg.rows_per_wg);
+            for batch0 in (0..run_batch).step_by(MAX) {
+                let nz = (run_batch - batch0).min(MAX);
+                for t0 in (0..row_tiles).step_by(MAX) {
+                    let ny = (row_tiles - t0).min(MAX);
+                    let p = Params {
+                        m: m as u32,
+                        n: n as u32,
+                        k: ka as u32,
+                        batch: run_batch as u32,
+                        stride_a,
+                        stride_b,
+                        stride_c: (m * n) as u32,
+                        row0: (seg.rows.start + t0 * seg.rows_per_wg) as u32,
+                        batch0: batch0 as u32,
+                        alpha: o.alpha.unwrap_or(1.0),
+                        k0: k0 as u32,
+                        k1: k1 as u32,
+                    };
+                    gpu.dispatch(
+                        &kernel,
+                        &p,
+                        &[a.binding(), b.binding(), bias_b, res_b, c.binding()],
+                        [seg.wg_x as u32, ny as u32, nz as u32],
+                    );
+                }
             }
         }
     }
@@ -1156,6 +1218,15 @@ mod tests {
             (3, 65, 1028, 16, false, false),
             (2, 8, 1031, 12, false, true),
             (1, 132, 68, 36, true, false),
+            // 32-row tiles with a tail of 9 to 16 rows, which runs on 16-row subgroups: 77
+            // text tokens (tail 13), 44 and 48 (tails 12 and 16) with a transposed A, and
+            // around them tails that stay on the 32-row tile (200: 8, 33: 1, 36: 4).
+            (1, 77, 520, 64, false, true),
+            (1, 44, 72, 16, true, false),
+            (1, 48, 36, 8, true, true),
+            (2, 200, 36, 20, false, false),
+            (1, 33, 68, 8, false, true),
+            (1, 36, 68, 8, true, true),
         ];
         let mut seed = 2000;
         for v in VEC4_VARIANTS {
