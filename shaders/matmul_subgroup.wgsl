@@ -15,13 +15,13 @@
 // 6 loads per 256 FMAs per lane at 16 rows, 8 per 512 at 32. The accumulators (16 or 32
 // vec4, 4 SIMD registers each) spill on any CPU, but spills are plain vector moves while
 // every storage load is a per-lane loop, so 32 rows win (1024²: 42-44 GFLOP/s against 31-33
-// at 16 rows on lavapipe). WIDE (below) goes on to 32 x 64. The row groups are written once
+// at 16 rows on lavapipe). WIDE (below) goes on to 32 x 128. The row groups are written once
 // (group_step) and unrolled by constant group numbers: a loop over them indexed the
 // accumulators dynamically, which kept them in memory and ran slower than 16 rows.
 //
 // Requires subgroups of exactly 8 invocations (the host checks the adapter's subgroup size
 // range), K % 4 == 0, M % 4 == 0 if TRANS_A, N % 4 == 0 unless TRANS_B. A workgroup of 64
-// invocations covers SG_STACK * SG_ROWS rows x (8 / SG_STACK) * 32 columns (64 with WIDE);
+// invocations covers SG_STACK * SG_ROWS rows x (8 / SG_STACK) * 32 columns (128 with WIDE);
 // tile coordinates come from subgroup_id and subgroup_invocation_id, so any packing of
 // invocations into subgroups gives right results.
 
@@ -61,17 +61,23 @@ fn group_step(mine: vec4<f32>, bk: mat4x4<f32>, g: u32, acc: ptr<function, array
     rows_fma(r[0], r[1], bk, 8u * g, acc);
 }
 
-// The same for WIDE's two column blocks: bk into acc[8g + r], bk2 into acc[32 + 8g + r].
-fn group_step2(mine: vec4<f32>, bk: mat4x4<f32>, bk2: mat4x4<f32>, g: u32, acc: ptr<function, array<vec4<f32>, 64>>) {
+// The same for WIDE's four column blocks: bk and bk2 into acc[8g + r] and acc[32 + 8g + r],
+// bk3 and bk4 likewise into acc2.
+fn group_step4(mine: vec4<f32>, bk: mat4x4<f32>, bk2: mat4x4<f32>, bk3: mat4x4<f32>,
+               bk4: mat4x4<f32>, g: u32, acc: ptr<function, array<vec4<f32>, 64>>,
+               acc2: ptr<function, array<vec4<f32>, 64>>) {
     let r = group_rows(mine);
     rows_fma(r[0], r[1], bk, 8u * g, acc);
     rows_fma(r[0], r[1], bk2, 32u + 8u * g, acc);
+    rows_fma(r[0], r[1], bk3, 8u * g, acc2);
+    rows_fma(r[0], r[1], bk4, 32u + 8u * g, acc2);
 }
 
-// 32 rows x 64 columns per subgroup (SG_ROWS must be 32): each lane owns two blocks of 4
-// columns, 32 apart, so that every broadcast row of A feeds 8 columns: per 4 k and lane, 4
-// loads of A and 8 of B for 1024 FMAs. Needs enough columns for many workgroups (large
-// products).
+// 32 rows x 128 columns per subgroup (SG_ROWS must be 32): each lane owns four blocks of 4
+// columns, 32 apart, so that every broadcast row of A feeds 16 columns: per 4 k and lane,
+// 4 loads of A and 16 of B for 2048 FMAs (two blocks, 32 x 64, did 1024 FMAs for 12 loads:
+// 1024² 50 against 54-55 GFLOP/s, 2048² 44 against 54 on lavapipe). Needs enough columns
+// for many workgroups (large products).
 override WIDE: bool = false;
 
 fn load_b(bb: u32, col: u32, kq: u32) -> mat4x4<f32> {
@@ -93,7 +99,7 @@ fn store_rows(bi: u32, row: u32, col: u32, a: u32, acc: ptr<function, array<vec4
 }
 
 // ARGMIN (see matmul_epilogue.wgsl): row i's minimum over the subgroup's columns (col's 4,
-// and col2's with WIDE) is one block, 32 columns (64 with WIDE) wide. Every lane takes part
+// and col2's with WIDE, whose subgroups hold two such blocks) is one block, 32 columns (64 with WIDE) wide. Every lane takes part
 // in the subgroup minimum; lane 0 stores.
 fn argmin_row(bi: u32, i: u32, lane: u32, col: u32, v: vec4<f32>, col2: u32, v2: vec4<f32>) {
     var r = argmin_fold(argmin_none(), col, v);
@@ -139,23 +145,32 @@ fn matmul_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_id) 
     let bb = bi * p.stride_b / 4u;
     var acc: array<vec4<f32>, 64>;
     if WIDE {
-        let colw = ((wid.x * (8u / SG_STACK) + sid / SG_STACK) * 16u + lane) * 4u;
+        let colw = ((wid.x * (8u / SG_STACK) + sid / SG_STACK) * 32u + lane) * 4u;
         let col2 = colw + 32u;
+        let col3 = colw + 64u;
+        let col4 = colw + 96u;
+        var acc2: array<vec4<f32>, 64>;
         for (var kq = p.k0 / 4u; kq < p.k1 / 4u; kq++) {
             let bk = load_b(bb, colw, kq);
             let bk2 = load_b(bb, col2, kq);
-            group_step2(load_a(ba, row, 0u, lane, kq), bk, bk2, 0u, &acc);
-            group_step2(load_a(ba, row, 1u, lane, kq), bk, bk2, 1u, &acc);
-            group_step2(load_a(ba, row, 2u, lane, kq), bk, bk2, 2u, &acc);
-            group_step2(load_a(ba, row, 3u, lane, kq), bk, bk2, 3u, &acc);
+            let bk3 = load_b(bb, col3, kq);
+            let bk4 = load_b(bb, col4, kq);
+            group_step4(load_a(ba, row, 0u, lane, kq), bk, bk2, bk3, bk4, 0u, &acc, &acc2);
+            group_step4(load_a(ba, row, 1u, lane, kq), bk, bk2, bk3, bk4, 1u, &acc, &acc2);
+            group_step4(load_a(ba, row, 2u, lane, kq), bk, bk2, bk3, bk4, 2u, &acc, &acc2);
+            group_step4(load_a(ba, row, 3u, lane, kq), bk, bk2, bk3, bk4, 3u, &acc, &acc2);
         }
         if ARGMIN {
-            // Subgroup-uniform: the batch check and rows past M are decided per store.
+            // Two blocks of 64 columns per subgroup (colw's and col2's, col3's and col4's).
             if wid.z + p.batch0 < p.batch {
                 argmin_rows(bi, row + 0u, lane, colw, col2, 0u, &acc);
                 argmin_rows(bi, row + 8u, lane, colw, col2, 8u, &acc);
                 argmin_rows(bi, row + 16u, lane, colw, col2, 16u, &acc);
                 argmin_rows(bi, row + 24u, lane, colw, col2, 24u, &acc);
+                argmin_rows(bi, row + 0u, lane, col3, col4, 0u, &acc2);
+                argmin_rows(bi, row + 8u, lane, col3, col4, 8u, &acc2);
+                argmin_rows(bi, row + 16u, lane, col3, col4, 16u, &acc2);
+                argmin_rows(bi, row + 24u, lane, col3, col4, 24u, &acc2);
             }
             return;
         }
@@ -171,6 +186,18 @@ fn matmul_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_id) 
                 store_rows(bi, row + 8u, col2, 40u, &acc);
                 store_rows(bi, row + 16u, col2, 48u, &acc);
                 store_rows(bi, row + 24u, col2, 56u, &acc);
+            }
+            if col3 < p.n {
+                store_rows(bi, row + 0u, col3, 0u, &acc2);
+                store_rows(bi, row + 8u, col3, 8u, &acc2);
+                store_rows(bi, row + 16u, col3, 16u, &acc2);
+                store_rows(bi, row + 24u, col3, 24u, &acc2);
+            }
+            if col4 < p.n {
+                store_rows(bi, row + 0u, col4, 32u, &acc2);
+                store_rows(bi, row + 8u, col4, 40u, &acc2);
+                store_rows(bi, row + 16u, col4, 48u, &acc2);
+                store_rows(bi, row + 24u, col4, 56u, &acc2);
             }
         }
         return;

@@ -240,7 +240,7 @@ fn record(slot: &Mutex<Option<String>>, msg: String) {
 
 /// Revision of the tunable kernels (matmul variants and their tiles). Raised when a
 /// change can alter which variant wins, so that remembered choices are measured again.
-pub const KERNELS_REVISION: u32 = 2;
+pub const KERNELS_REVISION: u32 = 3;
 
 /// A handle to the chosen GPU device. Cheap to clone; all clones share one device, pool,
 /// pipeline cache and command recorder.

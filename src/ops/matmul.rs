@@ -171,9 +171,10 @@ pub enum Variant {
     /// against 6 per 256 at 16 rows. Its 32 vec4 accumulators spill on any CPU, but
     /// lavapipe's loads cost more than the spills (1024²: 44 GFLOP/s against 32).
     Subgroup32,
-    /// [`Variant::Subgroup32`] over 64 columns per subgroup (each lane two blocks of 4): every
-    /// broadcast row of A feeds 8 columns, 12 loads per 1024 FMAs per lane (1024²: 53
-    /// GFLOP/s on lavapipe). Half as many workgroups along N: for large products.
+    /// [`Variant::Subgroup32`] over 128 columns per subgroup (each lane four blocks of 4):
+    /// every broadcast row of A feeds 16 columns, 20 loads per 2048 FMAs per lane (1024²:
+    /// 54-55 GFLOP/s on lavapipe, against 50 over 64 columns). A quarter as many
+    /// workgroups along N: for large products.
     Subgroup32Wide,
     /// 128×128 workgroup tile, 8×8 outputs per invocation, workgroup memory read as vec4
     /// and double-buffered (GPUs; large products).
@@ -596,7 +597,7 @@ fn matmul_impl(
         Variant::Register | Variant::Vec4 => (32usize, 32usize),
         Variant::Shared => (64, 64),
         Variant::Subgroup | Variant::Subgroup16 | Variant::Subgroup32 | Variant::Subgroup32Wide => {
-            (stack * sg_rows, if wide { 512 } else { 256 } / stack)
+            (stack * sg_rows, if wide { 1024 } else { 256 } / stack)
         }
         Variant::Tile128 => (128, 128),
     };
