@@ -98,6 +98,14 @@ fn store_rows(bi: u32, row: u32, col: u32, a: u32, acc: ptr<function, array<vec4
     store_tile(bi, row + 4u, col, array<vec4<f32>, 4>((*acc)[a + 4u], (*acc)[a + 5u], (*acc)[a + 6u], (*acc)[a + 7u]));
 }
 
+// Stores acc[a .. a + 32] as rows row .. row + 32 of columns col .. col + 3.
+fn store_32rows(bi: u32, row: u32, col: u32, a: u32, acc: ptr<function, array<vec4<f32>, 64>>) {
+    store_rows(bi, row, col, a, acc);
+    store_rows(bi, row + 8u, col, a + 8u, acc);
+    store_rows(bi, row + 16u, col, a + 16u, acc);
+    store_rows(bi, row + 24u, col, a + 24u, acc);
+}
+
 // ARGMIN (see matmul_epilogue.wgsl): row i's minimum over the subgroup's columns (col's 4,
 // and col2's with WIDE, whose subgroups hold two such blocks) is one block, 32 columns (64 with WIDE) wide. Every lane takes part
 // in the subgroup minimum; lane 0 stores.
@@ -175,30 +183,10 @@ fn matmul_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_id) 
             return;
         }
         if wid.z + p.batch0 < p.batch && row < p.m {
-            if colw < p.n {
-                store_rows(bi, row + 0u, colw, 0u, &acc);
-                store_rows(bi, row + 8u, colw, 8u, &acc);
-                store_rows(bi, row + 16u, colw, 16u, &acc);
-                store_rows(bi, row + 24u, colw, 24u, &acc);
-            }
-            if col2 < p.n {
-                store_rows(bi, row + 0u, col2, 32u, &acc);
-                store_rows(bi, row + 8u, col2, 40u, &acc);
-                store_rows(bi, row + 16u, col2, 48u, &acc);
-                store_rows(bi, row + 24u, col2, 56u, &acc);
-            }
-            if col3 < p.n {
-                store_rows(bi, row + 0u, col3, 0u, &acc2);
-                store_rows(bi, row + 8u, col3, 8u, &acc2);
-                store_rows(bi, row + 16u, col3, 16u, &acc2);
-                store_rows(bi, row + 24u, col3, 24u, &acc2);
-            }
-            if col4 < p.n {
-                store_rows(bi, row + 0u, col4, 32u, &acc2);
-                store_rows(bi, row + 8u, col4, 40u, &acc2);
-                store_rows(bi, row + 16u, col4, 48u, &acc2);
-                store_rows(bi, row + 24u, col4, 56u, &acc2);
-            }
+            if colw < p.n { store_32rows(bi, row, colw, 0u, &acc); }
+            if col2 < p.n { store_32rows(bi, row, col2, 32u, &acc); }
+            if col3 < p.n { store_32rows(bi, row, col3, 0u, &acc2); }
+            if col4 < p.n { store_32rows(bi, row, col4, 32u, &acc2); }
         }
         return;
     }
