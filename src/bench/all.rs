@@ -502,6 +502,11 @@ pub struct Report {
     pub items: Vec<Item>,
     /// What the peer column is (e.g. "PyTorch 2.5 CPU, 2 threads"), once merged.
     pub peer: Option<String>,
+    /// Whether the f16 items stored the CLIP encoder's activations in f16 (this adapter's
+    /// `--precision f16` default or `VQCLIP_F16_ACTIVATIONS`); `None` when no f16 item
+    /// ran (and in reports written before this field).
+    #[serde(default)]
+    pub f16_activations: Option<bool>,
 }
 
 /// The peak figures the percentages use (medians would understate the limits: best runs).
@@ -1008,6 +1013,9 @@ pub fn run(gpu: &Gpu, o: &AllOptions, progress: &dyn Fn(&str)) -> Result<Report>
         started_unix,
         quick: o.quick,
         peak,
+        f16_activations: items.iter().any(|i| i.spec.is_f16()).then(|| {
+            crate::models::clip::encoder::f16_activations_default(gpu) == crate::DType::F16
+        }),
         tuning,
         items,
         peer: None,
@@ -1095,6 +1103,15 @@ mod tests {
             md.contains("test peer") && md.contains(&r.items[1].name),
             "{md}"
         );
+        // No f16 item ran: no f16 line. With one, the report says how its activations
+        // were stored.
+        assert_eq!(r.f16_activations, None);
+        assert!(!md.contains("`f16` items"), "{md}");
+        r.f16_activations = Some(true);
+        assert!(
+            markdown(&r).contains("f16 linear weights and f16 activations"),
+            "{md}"
+        );
         let svg = roofline_svg(&r);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         // One point per item with both a FLOP and a byte count: the matmul, not layer norm
@@ -1137,6 +1154,7 @@ mod tests {
             tuning: vec![],
             items: vec![],
             peer: None,
+            f16_activations: None,
         };
         let peer = PeerFile {
             peer: "p".into(),

@@ -67,6 +67,13 @@ pub fn markdown(r: &Report) -> String {
             .map_or(String::new(), |f| format!(", f16 FMA {f:.1} GFLOP/s")),
         r.peak.copy_gbs
     ));
+    if let Some(half) = r.f16_activations {
+        s.push_str(&format!(
+            "- `f16` items: `--precision f16`, f16 linear weights and {} activations \
+             (`VQCLIP_F16_ACTIVATIONS`); the peer runs them in f32\n",
+            if half { "f16" } else { "f32" }
+        ));
+    }
     if let Some(p) = &r.peer {
         s.push_str(&format!(
             "- peer column: {p}, run right after on the same machine\n"
