@@ -49,19 +49,13 @@ fn attn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
     var qv: array<vec4<f32>, DMAX4>;
     var acc: array<vec4<f32>, DMAX4>;
-    let qbase = p.q_off + b * p.q_sb + h * p.q_sh + qi * p.q_st;
-    for (var c = 0u; c < d4; c++) {
-        qv[c] = ld4q(qbase, c) * p.scale;
-        acc[c] = vec4<f32>(0.0);
-    }
+    start_query(b, h, qi, &qv, &acc);
 
-    // Keys of this split; with a causal mask the workgroup's last query bounds them, and
-    // each lane masks the keys past its own query.
-    let j0 = split * p.kps;
-    var j1 = min(j0 + p.kps, p.tk);
-    if CAUSAL {
-        j1 = min(j1, min(wid.x * WGQ + WGQ, p.tq));
-    }
+    // Keys of this split (split_keys: a causal mask bounds them by the workgroup's last
+    // query); each lane masks the keys past its own query.
+    let keys = split_keys(split, wid.x * WGQ);
+    let j0 = keys.x;
+    let j1 = keys.y;
     let kb = b * p.k_sb + h * p.k_sh;
     var m = NEG_BIG;
     var l = 0.0;
@@ -100,34 +94,7 @@ fn attn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if !live {
         return;
     }
-    if SPLIT {
-        let slot = (bh * p.tq + i) * p.splits + split;
-        ml[2u * slot] = m;
-        ml[2u * slot + 1u] = l;
-        let ob = slot * p.d;
-        for (var c = 0u; c < d4; c++) {
-            let a = acc[c];
-            for (var t = 0u; t < 4u; t++) {
-                if 4u * c + t < p.d {
-                    o[ob + 4u * c + t] = elem(a[t]);
-                }
-            }
-        }
-    } else {
-        if LSE {
-            ml[bh * p.tq + i] = m + log(l);
-        }
-        let r = 1.0 / l;
-        let ob = b * p.o_sb + h * p.o_sh + i * p.o_st;
-        for (var c = 0u; c < d4; c++) {
-            let a = acc[c] * r;
-            for (var t = 0u; t < 4u; t++) {
-                if 4u * c + t < p.d {
-                    o[ob + 4u * c + t] = elem(a[t]);
-                }
-            }
-        }
-    }
+    finish_query(bh, b, h, i, split, m, l, &acc);
 }
 
 override WGC: u32 = 64u;

@@ -64,3 +64,54 @@ fn ld4v(rel: u32, c: u32) -> vec4<f32> {
     return row4_mask(c, vec4<f32>(f32(v[i.x]), f32(v[i.y]), f32(v[i.z]), f32(v[i.w])));
 }
 
+
+// Query qi of (b, h), pre-scaled, into qv, and a zero accumulator. Both are private arrays
+// of up to 512 values; loops over D have the constant bound D4 so that compilers can
+// unroll them and keep the arrays in registers.
+fn start_query(b: u32, h: u32, qi: u32, qv: ptr<function, array<vec4<f32>, DMAX4>>,
+               acc: ptr<function, array<vec4<f32>, DMAX4>>) {
+    let qbase = p.q_off + b * p.q_sb + h * p.q_sh + qi * p.q_st;
+    for (var c = 0u; c < D4; c++) {
+        (*qv)[c] = ld4q(qbase, c) * p.scale;
+        (*acc)[c] = vec4<f32>(0.0);
+    }
+}
+
+// Keys [x, y) of split `split` for the workgroup of WGQ queries from q0; with a causal
+// mask the workgroup's last query bounds them (each lane masks the keys past its own).
+fn split_keys(split: u32, q0: u32) -> vec2<u32> {
+    let j0 = split * p.kps;
+    var j1 = min(j0 + p.kps, p.tk);
+    if CAUSAL {
+        j1 = min(j1, min(q0 + WGQ, p.tq));
+    }
+    return vec2<u32>(j0, j1);
+}
+
+// Writes query i of (b, h) (row bh * Tq + i): with SPLIT the unnormalised accumulator and
+// (m, l) of split `split`, else the output acc / l and, with LSE, L = m + log(l).
+fn finish_query(bh: u32, b: u32, h: u32, i: u32, split: u32, m: f32, l: f32,
+                acc: ptr<function, array<vec4<f32>, DMAX4>>) {
+    var ob: u32;
+    var r = 1.0;
+    if SPLIT {
+        let slot = (bh * p.tq + i) * p.splits + split;
+        ml[2u * slot] = m;
+        ml[2u * slot + 1u] = l;
+        ob = slot * p.d;
+    } else {
+        if LSE {
+            ml[bh * p.tq + i] = m + log(l);
+        }
+        r = 1.0 / l;
+        ob = b * p.o_sb + h * p.o_sh + i * p.o_st;
+    }
+    for (var c = 0u; c < D4; c++) {
+        let a = (*acc)[c] * r;
+        for (var t = 0u; t < 4u; t++) {
+            if 4u * c + t < p.d {
+                o[ob + 4u * c + t] = elem(a[t]);
+            }
+        }
+    }
+}

@@ -26,12 +26,14 @@ pub(super) mod ov {
     pub(in crate::ops) const LSE: Override<bool> = Override::new("LSE");
 }
 
-/// The attention module over `elem` storage `$elem` (after the `$f16` directive library,
-/// if any): one kernel text, two modules.
+/// An attention forward module (`$file`: `attention` or `attention_tiled`) over `elem`
+/// storage given by `$lib`s (after the `f16` directive library, if any), with the
+/// overrides both forward kernels read and `$extra` ones of its own: one kernel text, an
+/// f32 and an f16-activation module each.
 macro_rules! attention_shader {
-    ($name:literal, [$($lib:literal),+]) => {
+    ($name:literal = $file:literal, [$($lib:literal),+] $(, $extra:expr)*) => {
         crate::shader!(
-            $name = "attention",
+            $name = $file,
             $($lib,)+
             "grid",
             "head_row",
@@ -42,18 +44,20 @@ macro_rules! attention_shader {
                 ov::SPLIT,
                 ov::D_MULT4,
                 ov::D4,
-                ov::WGC,
                 ov::LSE
+                $(, $extra)*
             ]
         )
     };
 }
+pub(super) use attention_shader;
 
-pub(crate) static SHADER: Shader<Params> = attention_shader!("attention", ["elem_f32"]);
+pub(crate) static SHADER: Shader<Params> =
+    attention_shader!("attention" = "attention", ["elem_f32"], ov::WGC);
 /// [`SHADER`] on f16 q, k, v and output (`--precision f16` inference); scores, softmax and
 /// accumulation stay f32.
 pub(crate) static SHADER_F16: Shader<Params> =
-    attention_shader!("attention_f16", ["f16", "elem_f16"]);
+    attention_shader!("attention_f16" = "attention", ["f16", "elem_f16"], ov::WGC);
 /// Largest head dim the kernel holds in its private arrays.
 pub const MAX_HEAD_DIM: usize = 512;
 /// Loop iterations one invocation may spend (kept below [`CPU_LOOP_LIMIT`]).

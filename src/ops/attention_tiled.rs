@@ -3,40 +3,22 @@
 //! compute the same thing through the same params, bindings and split combine; which one
 //! [`super::attention`] and its siblings dispatch is [`forward`]'s answer.
 
-use super::attention::{ov, Params};
+use super::attention::{attention_shader, ov, Params};
 use super::CPU_LOOP_LIMIT;
 use crate::gpu::{Gpu, Override, Shader};
 
 /// Keys per workgroup tile (`KT` in the shader).
 pub(super) const KT: Override<u32> = Override::new("KT");
 
-/// The tiled module over `elem` storage (after the `f16` directive library, if any): one
-/// kernel text, an f32 and an f16-activation module, as `attention`'s.
-macro_rules! tiled_shader {
-    ($name:literal, [$($lib:literal),+]) => {
-        crate::shader!(
-            $name = "attention_tiled",
-            $($lib,)+
-            "head_row",
-            "attention_io",
-            overrides = [
-                ov::WGQ,
-                ov::CAUSAL,
-                ov::SPLIT,
-                ov::D_MULT4,
-                ov::D4,
-                ov::LSE,
-                KT
-            ]
-        )
-    };
-}
-
-pub(crate) static SHADER: Shader<Params> = tiled_shader!("attention_tiled", ["elem_f32"]);
+pub(crate) static SHADER: Shader<Params> =
+    attention_shader!("attention_tiled" = "attention_tiled", ["elem_f32"], KT);
 /// [`SHADER`] on f16 q, k, v and output (`--precision f16` inference); scores, softmax,
 /// tiles and accumulation stay f32.
-pub(crate) static SHADER_F16: Shader<Params> =
-    tiled_shader!("attention_tiled_f16", ["f16", "elem_f16"]);
+pub(crate) static SHADER_F16: Shader<Params> = attention_shader!(
+    "attention_tiled_f16" = "attention_tiled",
+    ["f16", "elem_f16"],
+    KT
+);
 
 /// vec4s in each of the shader's two workgroup tiles (`TILE4`).
 const TILE4: usize = 512;
