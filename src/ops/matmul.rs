@@ -1331,55 +1331,60 @@ mod tests {
         }
     }
 
+    /// The problems the f16 tests run on every variant, in f32 before their f16 option:
+    /// ragged tiles, all four transposes, a batch, shapes the vec4 and subgroup kernels read
+    /// as vec4 (the operands' last vec4 included), broadcast weights with bias + activation
+    /// + residual (CLIP's fused QuickGELU layers among them), and K in 4 parallel slices.
+    fn f16_problems() -> Vec<Problem> {
+        let mut v = Vec::new();
+        for &(batch, m, n, k) in &[(1, 3, 5, 7), (2, 17, 65, 33), (1, 50, 768, 64)] {
+            for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                v.push(Problem::new(batch, m, n, k).trans(ta, tb));
+            }
+        }
+        for (batch, m, n, k, ta, tb) in [
+            (1, 17, 36, 20, false, false),
+            (2, 50, 77, 64, false, true),
+            (1, 36, 13, 8, true, true),
+            (1, 132, 68, 36, true, false),
+            (1, 130, 260, 36, false, true),
+        ] {
+            v.push(Problem::new(batch, m, n, k).trans(ta, tb));
+        }
+        let epilogue = |batch, m, n, k, ta, tb, act| {
+            Problem::new(batch, m, n, k)
+                .trans(ta, tb)
+                .broadcast_b()
+                .bias()
+                .act(act)
+                .residual()
+        };
+        v.push(epilogue(3, 33, 48, 72, false, true, Act::QuickGelu));
+        v.push(epilogue(2, 12, 20, 8, true, false, Act::Gelu));
+        v.push(epilogue(3, 50, 96, 64, false, true, Act::QuickGelu));
+        v.push(
+            Problem::new(1, 40, 64, 256)
+                .trans(false, true)
+                .bias()
+                .residual()
+                .slices(4),
+        );
+        v
+    }
+
     #[test]
     fn f16_b_every_variant_matches_the_reference_of_the_rounded_b() {
-        // The f16 twins of every kernel against the f64 reference on the f16-rounded B, at
-        // the f32 tolerances: ragged tiles, all four transposes, a batch, a broadcast
-        // weight with bias + activation + residual, and (vec4 and subgroup kernels) shapes
-        // they read as vec4, B's last vec4 included.
+        // The f16-weight twins of every kernel against the f64 reference on the f16-rounded
+        // B, at the f32 tolerances, over [`f16_problems`].
         if !has_f16() {
             return;
         }
         let mut seed = 5000;
         for v in Variant::ALL {
-            for &(batch, m, n, k) in &[(1, 3, 5, 7), (2, 17, 65, 33), (1, 50, 768, 64)] {
-                for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
-                    seed += 10;
-                    Problem::new(batch, m, n, k)
-                        .trans(ta, tb)
-                        .f16_b()
-                        .check(v, seed);
-                }
-            }
-            for (batch, m, n, k, ta, tb) in [
-                (1, 17, 36, 20, false, false),
-                (2, 50, 77, 64, false, true),
-                (1, 36, 13, 8, true, true),
-                (1, 132, 68, 36, true, false),
-                (1, 130, 260, 36, false, true),
-            ] {
+            for p in f16_problems() {
                 seed += 10;
-                Problem::new(batch, m, n, k)
-                    .trans(ta, tb)
-                    .f16_b()
-                    .check(v, seed);
+                p.f16_b().check(v, seed);
             }
-            Problem::new(3, 33, 48, 72)
-                .trans(false, true)
-                .broadcast_b()
-                .bias()
-                .act(Act::QuickGelu)
-                .residual()
-                .f16_b()
-                .check(v, seed + 1);
-            Problem::new(2, 12, 20, 8)
-                .trans(true, false)
-                .broadcast_b()
-                .bias()
-                .act(Act::Gelu)
-                .residual()
-                .f16_b()
-                .check(v, seed + 2);
         }
     }
 
@@ -1387,45 +1392,17 @@ mod tests {
     fn f16_activations_every_variant_match_the_reference_of_the_rounded_operands() {
         // f16 A, residual and C on f16 weights (the `--precision f16` inference path)
         // against the f64 reference on the f16-rounded operands, within f32 accumulation
-        // error plus one f16 ulp of the stored C: every kernel and transpose, ragged tiles,
-        // a batch, shapes the vec4 and subgroup kernels read as vec4 (A's last vec4
-        // included), the fused bias + QuickGELU + residual of CLIP's layers, and K split
-        // into slices (computed in f32 between conversions).
+        // error plus one f16 ulp of the stored C, over [`f16_problems`] (K split into
+        // slices runs in f32 between conversions).
         if !has_f16() {
             return;
         }
         let mut seed = 7000;
         for v in Variant::ALL {
-            for (batch, m, n, k, ta, tb) in [
-                (1, 3, 5, 7, false, false),
-                (2, 17, 65, 33, true, true),
-                (1, 17, 36, 20, false, false),
-                (2, 50, 77, 64, false, true),
-                (1, 36, 13, 8, true, true),
-                (1, 132, 68, 36, true, false),
-                (1, 130, 260, 36, false, true),
-            ] {
+            for p in f16_problems() {
                 seed += 10;
-                Problem::new(batch, m, n, k)
-                    .trans(ta, tb)
-                    .f16_io()
-                    .check(v, seed);
+                p.f16_io().check(v, seed);
             }
-            Problem::new(3, 50, 96, 64)
-                .trans(false, true)
-                .broadcast_b()
-                .bias()
-                .act(Act::QuickGelu)
-                .residual()
-                .f16_io()
-                .check(v, seed + 1);
-            Problem::new(1, 40, 64, 256)
-                .trans(false, true)
-                .bias()
-                .residual()
-                .f16_io()
-                .slices(4)
-                .check(v, seed + 2);
         }
     }
 
