@@ -17,11 +17,16 @@ pub fn run(dev: &DeviceArgs, a: InfoArgs) -> Result<()> {
     let gpu = vqclip::Gpu::new(&opts);
     // The pool's budget (--max-memory, or the adapter's default); null: none.
     let budget = gpu.as_ref().ok().and_then(|g| g.memory_budget());
-    // Tensor-core style units, as wgpu reports them (vqclip's kernels do not use them yet).
+    // Tensor-core style units, as wgpu reports them, and whether the f16 products of
+    // `--precision f16` inference run on them (ops::matmul::Variant::Coop).
     let coop = gpu
         .as_ref()
         .ok()
         .and_then(|_| vqclip::gpu::cooperative_matrix(&opts).ok());
+    let coop_used = gpu.as_ref().ok().and_then(|g| {
+        g.coop_f16_size()
+            .filter(|_| vqclip::ops::matmul::coop_default(g))
+    });
     let (chosen, limits, features, err) = match &gpu {
         Ok(g) => {
             let l = g.limits();
@@ -55,6 +60,7 @@ pub fn run(dev: &DeviceArgs, a: InfoArgs) -> Result<()> {
             "features": features,
             "memory_budget_bytes": budget,
             "cooperative_matrix": coop,
+            "cooperative_matrix_f16_products": coop_used.map(|s| format!("{s}x{s}x{s} F16->F32")),
             "error": err,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -92,9 +98,23 @@ pub fn run(dev: &DeviceArgs, a: InfoArgs) -> Result<()> {
                     .iter()
                     .map(|x| format!("{}x{}x{} {}->{}", x.m, x.n, x.k, x.ab_type, x.cr_type))
                     .collect();
+                let used = match (coop_used, c.f16_size) {
+                    (Some(s), _) => format!("for f16 products ({s}x{s}x{s} F16->F32)"),
+                    (None, Some(_))
+                        if std::env::var("VQCLIP_COOP_MATRIX").as_deref() == Ok("off") =>
+                    {
+                        "no (VQCLIP_COOP_MATRIX=off)".to_string()
+                    }
+                    (None, Some(_)) => "no: on CPU adapters the SIMD kernels run f16 products \
+                                        by default (VQCLIP_COOP_MATRIX=on uses it)"
+                        .to_string(),
+                    (None, None) => {
+                        "no (no square F16->F32 configuration of side 8 or 16)".to_string()
+                    }
+                };
                 println!(
                     "cooperative matrix (EXPERIMENTAL_COOPERATIVE_MATRIX): {}; configurations: {}; \
-                     used by vqclip: no",
+                     used by vqclip: {used}",
                     if c.feature { "offered" } else { "not offered" },
                     if configs.is_empty() {
                         "none reported".to_string()

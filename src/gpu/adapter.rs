@@ -195,13 +195,16 @@ pub struct CooperativeMatrixConfig {
 /// What the adapter says about wgpu's `EXPERIMENTAL_COOPERATIVE_MATRIX` feature.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CooperativeMatrixSupport {
-    /// The adapter offers the feature (wgpu 30 needs 8×8 f32 configurations for it on Vulkan).
+    /// The adapter offers the feature (wgpu offers it on Vulkan where the driver lists a
+    /// configuration of sides 8 or 16 and f16, f32 or 32-bit integer elements).
     pub feature: bool,
-    /// Every configuration the driver reports (may be non-empty without the feature: Vulkan
-    /// drivers often list only f16 inputs at 16×16, which wgpu does not use yet).
+    /// Every configuration wgpu accepted from the driver.
     pub configurations: Vec<CooperativeMatrixConfig>,
-    /// Whether vqclip's kernels use it: not yet (no matmul variant is written for it).
-    pub used: bool,
+    /// Side of the square f16 × f16 → f32 configuration vqclip's f16 products would run
+    /// on (`shaders/matmul_coop.wgsl`): 16 or 8; `None` where none fits. Whether they do
+    /// also depends on `VQCLIP_COOP_MATRIX` and the adapter's default (see
+    /// [`crate::ops::matmul::coop_default`]).
+    pub f16_size: Option<u32>,
 }
 
 /// Cooperative-matrix support of the adapter `opts` picks (the one [`crate::Gpu::new`]
@@ -225,7 +228,27 @@ pub fn cooperative_matrix(opts: &DeviceOptions) -> Result<CooperativeMatrixSuppo
             .features()
             .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
         configurations,
-        used: false,
+        f16_size: coop_f16_size(&adapter),
+    })
+}
+
+/// The side `S` of the largest square `S×S×S` cooperative-matrix configuration with f16
+/// A and B and f32 accumulation that `adapter` lists and wgpu can use (16 or 8), if it
+/// offers `EXPERIMENTAL_COOPERATIVE_MATRIX` at all.
+pub(crate) fn coop_f16_size(adapter: &wgpu::Adapter) -> Option<u32> {
+    if !adapter
+        .features()
+        .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+    {
+        return None;
+    }
+    let configs = adapter.cooperative_matrix_properties();
+    [16, 8].into_iter().find(|&s| {
+        configs.iter().any(|c| {
+            (c.m_size, c.n_size, c.k_size) == (s, s, s)
+                && c.ab_type == wgpu::CooperativeScalarType::F16
+                && c.cr_type == wgpu::CooperativeScalarType::F32
+        })
     })
 }
 
@@ -343,11 +366,33 @@ mod tests {
     fn cooperative_matrix_support_is_reported_for_the_chosen_adapter() {
         let opts = DeviceOptions::from_env().unwrap();
         let c = cooperative_matrix(&opts).unwrap();
-        // Not used by any kernel yet, whatever the adapter offers.
-        assert!(!c.used);
         for cfg in &c.configurations {
             assert!(cfg.m > 0 && cfg.n > 0 && cfg.k > 0, "{cfg:?}");
         }
+        // The f16 size is one of the listed f16 -> f32 squares, and only with the feature.
+        if let Some(s) = c.f16_size {
+            assert!(c.feature);
+            assert!(
+                c.configurations.iter().any(|x| (x.m, x.n, x.k) == (s, s, s)
+                    && x.ab_type == "F16"
+                    && x.cr_type == "F32"),
+                "{c:?}"
+            );
+        }
+        // The device opens with the feature exactly where that size exists (and the
+        // subgroups and f16 its kernel needs), unless VQCLIP_COOP_MATRIX=off.
+        let gpu = crate::Gpu::new(&opts).unwrap();
+        let off = std::env::var("VQCLIP_COOP_MATRIX").as_deref() == Ok("off");
+        let usable = gpu
+            .features()
+            .contains(wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP);
+        let expect = c.f16_size.filter(|_| usable && !off);
+        assert_eq!(gpu.coop_f16_size(), expect);
+        assert_eq!(
+            gpu.features()
+                .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+            expect.is_some()
+        );
     }
 
     #[test]

@@ -191,6 +191,9 @@ pub(crate) struct GpuInner {
     info: wgpu::AdapterInfo,
     limits: wgpu::Limits,
     features: wgpu::Features,
+    /// Side of the square f16 × f16 → f32 cooperative-matrix configuration the device was
+    /// opened for (16, or 8), if any ([`Gpu::coop_f16_size`]).
+    coop_f16: Option<u32>,
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<String, Arc<Cached>>>,
     pool: Mutex<Pool>,
@@ -272,12 +275,38 @@ impl Gpu {
         let limits = adapter.limits();
         let wanted =
             wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
-        let features = adapter.features() & wanted & !drop;
+        let mut features = adapter.features() & wanted & !drop;
+        // Cooperative matrices (tensor cores) for the f16 products, where the adapter runs
+        // an f16 × f16 → f32 configuration vqclip's kernel is written for (and subgroups,
+        // which the kernel's layout needs, with room for four of them in a workgroup),
+        // unless VQCLIP_COOP_MATRIX=off.
+        let coop_f16 = adapter::coop_f16_size(&adapter)
+            .filter(|_| {
+                // The kernel's workgroup holds four subgroups of the largest size.
+                let wg = 4 * info.subgroup_max_size;
+                features.contains(wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP)
+                    && wg <= limits.max_compute_invocations_per_workgroup
+                    && wg <= limits.max_compute_workgroup_size_x
+                    && !drop.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+            })
+            .map(|s| crate::ops::env::COOP_MATRIX.checked().map(|v| (v, s)))
+            .transpose()?
+            .and_then(|(v, s)| (v.as_deref() != Some("off")).then_some(s));
+        let experimental_features = if coop_f16.is_some() {
+            features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+            // SAFETY: wgpu marks the feature experimental: its implementation may still
+            // have bugs. Only `shaders/matmul_coop.wgsl` uses it, on products whose
+            // results the tests compare with the CPU reference; VQCLIP_COOP_MATRIX=off
+            // keeps it off the device.
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("vqclip"),
             required_features: features,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features,
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
@@ -323,6 +352,7 @@ impl Gpu {
             info,
             limits,
             features,
+            coop_f16,
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
             pool: Mutex::new(Pool::with_budget(budget)),
@@ -369,6 +399,13 @@ impl Gpu {
     /// Optional features enabled on the device.
     pub fn features(&self) -> wgpu::Features {
         self.0.features
+    }
+    /// The side `S` of the `S×S×S` f16 × f16 → f32 cooperative-matrix configuration the
+    /// f16 products run on ([`crate::ops::matmul::Variant::Coop`]): 16 where the adapter
+    /// lists it (NVIDIA, AMD), else 8 (lavapipe from Mesa 25.1); `None` where the adapter
+    /// offers neither, lacks subgroups or f16, or `VQCLIP_COOP_MATRIX=off`.
+    pub fn coop_f16_size(&self) -> Option<u32> {
+        self.0.coop_f16
     }
     /// Errors unless the device has `SHADER_F16` (f16 tensors and the f16 matmul kernels
     /// need it); `what` names what needed it.

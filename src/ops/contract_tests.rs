@@ -32,6 +32,8 @@ fn all() -> Vec<Contract> {
         matmul::SUBGROUP_SHADER_F16.contract(),
         matmul::SHADER_F16_IO.contract(),
         matmul::SUBGROUP_SHADER_F16_IO.contract(),
+        matmul::COOP16_SHADER.contract(),
+        matmul::COOP8_SHADER.contract(),
         layer_norm::SHADER_F16.contract(),
         attention::SHADER_F16.contract(),
         matmul_split::SHADER.contract(),

@@ -1,6 +1,6 @@
 //! The environment variables that force a kernel path (`VQCLIP_MATMUL`, `VQCLIP_CONV`,
 //! `VQCLIP_ATTENTION`, `VQCLIP_ATTENTION_FORWARD`, `VQCLIP_GROUP_NORM`, `VQCLIP_SPLIT_K`,
-//! `VQCLIP_F16_ACTIVATIONS`): the one place that reads them and knows the values each
+//! `VQCLIP_F16_ACTIVATIONS`, `VQCLIP_COOP_MATRIX`): the one place that reads them and knows the values each
 //! takes, so that a misspelt value is reported instead of silently running the default (a
 //! benchmark of `VQCLIP_CONV=implict` would otherwise time the wrong kernel).
 
@@ -90,8 +90,16 @@ pub const F16_ACTIVATIONS: Override = Override {
     values: || vec!["on", "off"],
 };
 
+/// `VQCLIP_COOP_MATRIX`: `on` or `off` (see [`super::matmul::coop_default`]): `off` also
+/// leaves wgpu's experimental cooperative-matrix feature off the device.
+pub const COOP_MATRIX: Override = Override {
+    var: "VQCLIP_COOP_MATRIX",
+    what: "whether f16 products run on cooperative matrices (tensor cores)",
+    values: || vec!["on", "off"],
+};
+
 /// Every override variable.
-pub const ALL: [Override; 7] = [
+pub const ALL: [Override; 8] = [
     MATMUL,
     CONV,
     ATTENTION,
@@ -99,6 +107,7 @@ pub const ALL: [Override; 7] = [
     GROUP_NORM,
     SPLIT_K,
     F16_ACTIVATIONS,
+    COOP_MATRIX,
 ];
 
 /// What each variable held when first asked, in [`ALL`]'s order: its accepted value, or the

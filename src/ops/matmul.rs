@@ -21,6 +21,7 @@ mod ov {
     pub(super) const SG_STACK: Override<u32> = Override::new("SG_STACK");
     pub(super) const WIDE: Override<bool> = Override::new("WIDE");
     pub(super) const ARGMIN: Override<bool> = Override::new("ARGMIN");
+    pub(super) const WG: Override<u32> = Override::new("WG");
 }
 
 /// The matmul shaders share their storage libraries first (`f16` with the `enable f16;`
@@ -90,6 +91,19 @@ pub(crate) static SUBGROUP_SHADER_F16_IO: Shader<Params> = matmul_shader!(
     ov::SG_ROWS,
     ov::SG_STACK,
     ov::WIDE
+);
+
+/// [`Variant::Coop`] on 16×16×16 f16 × f16 → f32 cooperative matrices (NVIDIA, AMD).
+pub(crate) static COOP16_SHADER: Shader<Params> = matmul_shader!(
+    "matmul_coop16" = "matmul_coop",
+    ["f16", "coop", "coop16", "matmul_b_f16", "elem_f16"],
+    ov::WG
+);
+/// [`Variant::Coop`] on 8×8×8 cooperative matrices (lavapipe).
+pub(crate) static COOP8_SHADER: Shader<Params> = matmul_shader!(
+    "matmul_coop8" = "matmul_coop",
+    ["f16", "coop", "coop8", "matmul_b_f16", "elem_f16"],
+    ov::WG
 );
 
 crate::shader_params! {
@@ -179,6 +193,13 @@ pub enum Variant {
     /// 128×128 workgroup tile, 8×8 outputs per invocation, workgroup memory read as vec4
     /// and double-buffered (GPUs; large products).
     Tile128,
+    /// Cooperative matrices (tensor cores): f16 A and B staged through workgroup memory,
+    /// f32 accumulation, a 4S × 4S tile per workgroup on the adapter's S×S×S
+    /// configuration ([`Gpu::coop_f16_size`]). Only for products of f16 activations with
+    /// f16 weights (`--precision f16` inference) on a device opened with the feature;
+    /// elsewhere the product runs the variant [`variant_for`] picks. Not in
+    /// [`Variant::ALL`], whose variants all run every product.
+    Coop,
 }
 
 impl Variant {
@@ -204,6 +225,7 @@ impl Variant {
             Variant::Subgroup32 => "subgroup32",
             Variant::Subgroup32Wide => "subgroup32w",
             Variant::Tile128 => "tile128",
+            Variant::Coop => "coop",
         }
     }
     fn parse(s: &str) -> Option<Variant> {
@@ -284,6 +306,28 @@ pub fn variant_for(gpu: &Gpu, class: ShapeClass) -> Variant {
         (false, ShapeClass::Large) => Variant::Tile128,
         (false, ShapeClass::Skinny) => Variant::Shared,
     }
+}
+
+/// Whether f16 products run on [`Variant::Coop`] where the device has a configuration for
+/// it: `VQCLIP_COOP_MATRIX=on|off`, else on GPUs yes, on CPU adapters no (lavapipe emulates
+/// the multiply-adds with its SIMD lanes: see docs/perf.md for the figures). An explicit
+/// `VQCLIP_MATMUL` kernel wins over both.
+pub fn coop_default(gpu: &Gpu) -> bool {
+    match super::env::COOP_MATRIX.get().as_deref() {
+        Some("on") => true,
+        Some("off") => false,
+        _ => !gpu.is_cpu(),
+    }
+}
+
+/// Subgroups per workgroup of [`Variant::Coop`]: 4 (the kernel's first four own the
+/// tile); tests raise it on their thread to run the kernel with idle subgroups, as on
+/// adapters whose driver picks subgroups narrower than the largest size.
+fn coop_subgroups() -> u32 {
+    #[cfg(test)]
+    return tests::COOP_SUBGROUPS.with(|c| c.get());
+    #[cfg(not(test))]
+    4
 }
 
 /// Whether [`Variant::Vec4`] can read this product with vec4 loads: K % 4 == 0, and the
@@ -529,7 +573,19 @@ fn matmul_impl(
     let stride_a = if ab.is_empty() { 0 } else { m * ka } as u32;
     let stride_b = if bb.is_empty() { 0 } else { ka * n } as u32;
     let vec4 = vec4_applies(m, n, ka, o.trans_a, o.trans_b);
-    let v = v.unwrap_or_else(|| variant_for(gpu, ShapeClass::of(m, n)));
+    // Cooperative matrices take f16 activations on f16 weights, where the device has them.
+    let coop = gpu
+        .coop_f16_size()
+        .filter(|_| io_f16 && out == Output::Matrix);
+    let class = ShapeClass::of(m, n);
+    let v = match v {
+        Some(Variant::Coop) if coop.is_none() => variant_for(gpu, class),
+        Some(v) => v,
+        None if coop.is_some() && super::env::MATMUL.get().is_none() && coop_default(gpu) => {
+            Variant::Coop
+        }
+        None => variant_for(gpu, class),
+    };
     let v = match v {
         Variant::Subgroup | Variant::Subgroup16 | Variant::Subgroup32 | Variant::Subgroup32Wide
             if !(vec4 && subgroup_supported(gpu)) =>
@@ -573,6 +629,19 @@ fn matmul_impl(
                 .with(ov::SG_STACK, stack as u32)
                 .with(ov::WIDE, wide),
             Variant::Tile128 => Kernel::new(shader, "matmul_tile128"),
+            // Four subgroups of the adapter's largest size, so that at least four exist.
+            Variant::Coop => Kernel::new(
+                if coop == Some(16) {
+                    &COOP16_SHADER
+                } else {
+                    &COOP8_SHADER
+                },
+                "matmul_coop",
+            )
+            .with(
+                ov::WG,
+                coop_subgroups() * gpu.info().subgroup_max_size.max(1),
+            ),
         }
         .with(ov::TRANS_A, o.trans_a)
         .with(ov::TRANS_B, o.trans_b)
@@ -600,6 +669,10 @@ fn matmul_impl(
             (stack * sg_rows, if wide { 1024 } else { 256 } / stack)
         }
         Variant::Tile128 => (128, 128),
+        Variant::Coop => {
+            let side = 4 * coop.unwrap_or(8) as usize;
+            (side, side)
+        }
     };
     let k_split = if v == Variant::Tile128 {
         K_SPLIT_TILE128
@@ -1404,6 +1477,54 @@ mod tests {
                 p.f16_io().check(v, seed);
             }
         }
+    }
+
+    thread_local! {
+        /// [`super::coop_subgroups`] on this test thread.
+        pub(super) static COOP_SUBGROUPS: std::cell::Cell<u32> = const { std::cell::Cell::new(4) };
+    }
+
+    #[test]
+    fn coop_matches_the_reference_of_the_rounded_operands() {
+        // The cooperative-matrix kernel, where the device has it (lavapipe of Mesa 26.1 at
+        // 8×8×8: `scripts/coop-lavapipe.sh`; GPUs at 16×16×16), over [`f16_problems`] and
+        // shapes that cross its 4S-wide tiles and its 2S-deep k slices with partial tiles
+        // on every side; at f32 accumulation tolerances plus the f16 rounding of C.
+        let g = gpu();
+        let Some(s) = g.coop_f16_size() else {
+            eprintln!("skipped: the adapter has no f16 cooperative-matrix configuration");
+            return;
+        };
+        let mut problems = f16_problems();
+        let t = 4 * s as usize;
+        for (batch, m, n, k, ta, tb) in [
+            (1, t + 3, 2 * t + 5, 2 * s as usize + 3, false, true),
+            (2, 2 * t - 1, t + 1, 5 * s as usize, true, false),
+            (1, 3 * t, 3 * t, 7 * s as usize + 1, true, true),
+            (1, 197, 300, 200, false, false),
+        ] {
+            problems.push(Problem::new(batch, m, n, k).trans(ta, tb));
+        }
+        problems.push(
+            Problem::new(4, 50, 3 * t + 7, 96)
+                .trans(false, true)
+                .broadcast_b()
+                .bias()
+                .act(Act::QuickGelu)
+                .residual(),
+        );
+        let mut seed = 9000;
+        for p in &problems {
+            seed += 10;
+            p.f16_io().check(Variant::Coop, seed);
+        }
+        // Twice the subgroups: the four past the fourth own no tile and only stage.
+        COOP_SUBGROUPS.with(|c| c.set(8));
+        for p in &problems[problems.len() - 5..] {
+            seed += 10;
+            p.f16_io().check(Variant::Coop, seed);
+        }
+        COOP_SUBGROUPS.with(|c| c.set(4));
     }
 
     #[test]
