@@ -1492,6 +1492,11 @@ mod tests {
         // on every side; at f32 accumulation tolerances plus the f16 rounding of C.
         let g = gpu();
         let Some(s) = g.coop_f16_size() else {
+            // scripts/coop-lavapipe.sh sets this: there the kernel must run.
+            assert!(
+                std::env::var_os("VQCLIP_TEST_REQUIRE_COOP").is_none(),
+                "VQCLIP_TEST_REQUIRE_COOP is set but the device has no f16 cooperative matrix"
+            );
             eprintln!("skipped: the adapter has no f16 cooperative-matrix configuration");
             return;
         };
