@@ -507,6 +507,11 @@ pub struct Report {
     /// ran (and in reports written before this field).
     #[serde(default)]
     pub f16_activations: Option<bool>,
+    /// Side `S` of the `S×S×S` cooperative-matrix (tensor core) configuration the f16
+    /// items' products ran on (f16 activations, [`crate::ops::matmul::Variant::Coop`]);
+    /// `None` where they ran the other kernels or no f16 item ran.
+    #[serde(default)]
+    pub f16_coop_matrix: Option<u32>,
 }
 
 /// The peak figures the percentages use (medians would understate the limits: best runs).
@@ -907,6 +912,43 @@ fn tune_attention_forward(gpu: &Gpu, seconds: f64) -> Result<Tuned> {
     save_winner(gpu, TUNING_KEY, format!("{b}x{h}x{t}x{d} packed qkv"), ms)
 }
 
+/// Where the device has cooperative matrices for f16 products, times the products of four
+/// images' ViT-B/32 layer (200 tokens: q, k, v and out 768 → 768, then 768 → 3072 → 768,
+/// summed) with f16 weights and activations on them (`coop`) and on the kernel the shape
+/// class would otherwise run (`fma`), and saves the faster under
+/// [`ops::matmul::COOP_TUNING_KEY`], which [`ops::matmul::coop_default`] then takes.
+fn tune_coop(gpu: &Gpu, seconds: f64) -> Result<Option<Tuned>> {
+    if gpu.coop_f16_size().is_none() {
+        return Ok(None);
+    }
+    let shapes: &[(usize, usize, usize, usize)] =
+        &[(4, 200, 768, 768), (1, 200, 3072, 768), (1, 200, 768, 3072)];
+    let f16 =
+        |shape: &[usize], seed| ops::cast::cast(&rand_tensor(gpu, shape, seed)?, crate::DType::F16);
+    let operands = shapes
+        .iter()
+        .map(|&(_, m, n, k)| Ok((f16(&[m, k], 1)?, f16(&[n, k], 2)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let o = MatmulOpts::linear(None);
+    let mut ms = Vec::new();
+    for name in ["coop", "fma"] {
+        let mut total = 0.0;
+        for (&(times, m, n, _), (a, b)) in shapes.iter().zip(&operands) {
+            let v = match name {
+                "coop" => Variant::Coop,
+                _ => matmul::variant_for(gpu, ShapeClass::of(m, n)),
+            };
+            let t = time_runs(gpu, seconds / shapes.len() as f64, &mut || {
+                matmul::matmul_variant(a, b, &o, v).map(drop)
+            })?;
+            total += times as f64 * t[t.len() / 2] * 1e3;
+        }
+        ms.push((name.to_string(), total));
+    }
+    let shape = "4 x 200x768x768 + 200x3072x768 + 200x768x3072 Bt, f16".to_string();
+    save_winner(gpu, matmul::COOP_TUNING_KEY, shape, ms).map(Some)
+}
+
 /// Saves the fastest of `ms` (name, median ms) under `key` ([`Gpu::save_tuning`]), timed on
 /// `shape`.
 fn save_winner(gpu: &Gpu, key: &str, shape: String, ms: Vec<(String, f64)>) -> Result<Tuned> {
@@ -970,6 +1012,10 @@ pub fn run(gpu: &Gpu, o: &AllOptions, progress: &dyn Fn(&str)) -> Result<Report>
         t.push(tune_attention(gpu, o.seconds.min(1.0))?);
         progress("attention forward: broadcast or tiled");
         t.push(tune_attention_forward(gpu, o.seconds.min(1.0))?);
+        if gpu.coop_f16_size().is_some() {
+            progress("f16 products: cooperative matrices or FMA kernels");
+            t.extend(tune_coop(gpu, o.seconds.min(1.0))?);
+        }
         t
     } else {
         Vec::new()
@@ -1005,6 +1051,8 @@ pub fn run(gpu: &Gpu, o: &AllOptions, progress: &dyn Fn(&str)) -> Result<Report>
         });
     }
     let info = gpu.info();
+    let any_f16 = items.iter().any(|i| i.spec.is_f16());
+    let f16_acts = crate::models::clip::encoder::f16_activations_default(gpu) == crate::DType::F16;
     Ok(Report {
         adapter: info.name.clone(),
         backend: format!("{:?}", info.backend),
@@ -1013,9 +1061,10 @@ pub fn run(gpu: &Gpu, o: &AllOptions, progress: &dyn Fn(&str)) -> Result<Report>
         started_unix,
         quick: o.quick,
         peak,
-        f16_activations: items.iter().any(|i| i.spec.is_f16()).then(|| {
-            crate::models::clip::encoder::f16_activations_default(gpu) == crate::DType::F16
-        }),
+        f16_activations: any_f16.then_some(f16_acts),
+        f16_coop_matrix: gpu
+            .coop_f16_size()
+            .filter(|_| any_f16 && f16_acts && crate::ops::matmul::coop_default(gpu)),
         tuning,
         items,
         peer: None,
@@ -1108,10 +1157,15 @@ mod tests {
         assert_eq!(r.f16_activations, None);
         assert!(!md.contains("`f16` items"), "{md}");
         r.f16_activations = Some(true);
+        let md = markdown(&r);
         assert!(
-            markdown(&r).contains("f16 linear weights and f16 activations"),
+            md.contains("f16 linear weights and f16 activations"),
             "{md}"
         );
+        assert!(md.contains("not on cooperative matrices"), "{md}");
+        r.f16_coop_matrix = Some(16);
+        let md = markdown(&r);
+        assert!(md.contains("16×16×16 cooperative matrices"), "{md}");
         let svg = roofline_svg(&r);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         // One point per item with both a FLOP and a byte count: the matmul, not layer norm
@@ -1155,6 +1209,7 @@ mod tests {
             items: vec![],
             peer: None,
             f16_activations: None,
+            f16_coop_matrix: None,
         };
         let peer = PeerFile {
             peer: "p".into(),

@@ -68,9 +68,14 @@ pub fn markdown(r: &Report) -> String {
         r.peak.copy_gbs
     ));
     if let Some(half) = r.f16_activations {
+        let products = match r.f16_coop_matrix {
+            Some(n) => format!("on {n}×{n}×{n} cooperative matrices (tensor cores)"),
+            None => "on the FMA kernels, not on cooperative matrices".to_string(),
+        };
         s.push_str(&format!(
             "- `f16` items: `--precision f16`, f16 linear weights and {} activations \
-             (`VQCLIP_F16_ACTIVATIONS`); the peer runs them in f32\n",
+             (`VQCLIP_F16_ACTIVATIONS`), products {products} (`VQCLIP_COOP_MATRIX`); the \
+             peer runs them in f32\n",
             if half { "f16" } else { "f32" }
         ));
     }

@@ -308,15 +308,24 @@ pub fn variant_for(gpu: &Gpu, class: ShapeClass) -> Variant {
     }
 }
 
+/// Tuning key ([`Gpu::tuning`]) of the choice between [`Variant::Coop`] (`coop`) and the
+/// other kernels (`fma`) for f16 products, saved by `vqclip bench all --tune`.
+pub const COOP_TUNING_KEY: &str = "matmul.f16";
+
 /// Whether f16 products run on [`Variant::Coop`] where the device has a configuration for
-/// it: `VQCLIP_COOP_MATRIX=on|off`, else on GPUs yes, on CPU adapters no (lavapipe emulates
-/// the multiply-adds with its SIMD lanes: see docs/perf.md for the figures). An explicit
-/// `VQCLIP_MATMUL` kernel wins over both.
+/// it: `VQCLIP_COOP_MATRIX=on|off`, else the choice `bench all --tune` measured on this
+/// adapter ([`COOP_TUNING_KEY`]), else on GPUs yes, on CPU adapters no (lavapipe of Mesa
+/// 26.1 runs the f16 image encode 7× slower on it than on its SIMD kernels: it emulates
+/// the multiply-adds lane by lane). An explicit `VQCLIP_MATMUL` kernel wins over all.
 pub fn coop_default(gpu: &Gpu) -> bool {
     match super::env::COOP_MATRIX.get().as_deref() {
         Some("on") => true,
         Some("off") => false,
-        _ => !gpu.is_cpu(),
+        _ => match gpu.tuning(COOP_TUNING_KEY).as_deref() {
+            Some("coop") => true,
+            Some("fma") => false,
+            _ => !gpu.is_cpu(),
+        },
     }
 }
 
