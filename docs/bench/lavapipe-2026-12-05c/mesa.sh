@@ -2,7 +2,9 @@
 # Debian 12's lavapipe (Mesa 22.3.6, LLVM 15) against trixie-backports' (Mesa 26.1.6,
 # LLVM 19, downloaded by scripts/coop-lavapipe.sh into target/mesa-trixie and run through
 # that tree's loader), with the PyTorch/numpy peer right after, in two rounds; then one
-# generation step on each driver and its PyTorch peer.
+# generation step on each driver and its PyTorch peer. The reports' % of peak use the f32
+# FMA microkernel of 77ae0eb (2 chains written out); numpy's 1024² matmul runs after the
+# PyTorch peer.
 # Usage: BIN=/abs/vqclip PY=/abs/python docs/bench/lavapipe-2026-12-05c/mesa.sh
 set -u
 cd "$(dirname "$0")/../../.."
@@ -26,6 +28,15 @@ for round in 1 2; do
   done
   echo "=== round $round peer $(date -u +%H:%M:%S) load $(cut -d' ' -f1-3 /proc/loadavg)"
   $PY tools/peer_bench_all.py --report /tmp/mesa-old/report.json --out /tmp/mesa-peer.json --device cpu --seconds 3 >/dev/null 2>&1
+  $PY - <<'PY'
+import numpy as np, time, statistics
+a = np.random.rand(1024, 1024).astype(np.float32); b = np.random.rand(1024, 1024).astype(np.float32)
+a @ b
+ts = []
+for _ in range(20):
+    t = time.perf_counter(); a @ b; ts.append(time.perf_counter() - t)
+print(f"numpy 1024² matmul: min {min(ts)*1e3:.2f} ms, median {statistics.median(ts)*1e3:.2f} ms, {2*1024**3/statistics.median(ts)/1e9:.1f} GFLOP/s (median)")
+PY
   for d in old new; do
     echo "--- mesa-$d with the peer"
     $d bench all --report "/tmp/mesa-$d" --merge-peer /tmp/mesa-peer.json 2>&1 | grep "^|"
