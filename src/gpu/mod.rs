@@ -292,24 +292,38 @@ impl Gpu {
             .map(|s| crate::ops::env::COOP_MATRIX.checked().map(|v| (v, s)))
             .transpose()?
             .and_then(|(v, s)| (v.as_deref() != Some("off")).then_some(s));
-        let experimental_features = if coop_f16.is_some() {
-            features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
-            // SAFETY: wgpu marks the feature experimental: its implementation may still
-            // have bugs. Only `shaders/matmul_coop.wgsl` uses it, on products whose
-            // results the tests compare with the CPU reference; VQCLIP_COOP_MATRIX=off
-            // keeps it off the device.
-            unsafe { wgpu::ExperimentalFeatures::enabled() }
-        } else {
-            wgpu::ExperimentalFeatures::disabled()
+        let open = |features: wgpu::Features| {
+            let experimental_features =
+                if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+                    // SAFETY: wgpu marks the feature experimental: its implementation may
+                    // still have bugs. Only `shaders/matmul_coop.wgsl` uses it, on products
+                    // whose results the tests compare with the CPU reference;
+                    // VQCLIP_COOP_MATRIX=off keeps it off the device.
+                    unsafe { wgpu::ExperimentalFeatures::enabled() }
+                } else {
+                    wgpu::ExperimentalFeatures::disabled()
+                };
+            pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+                label: Some("vqclip"),
+                required_features: features,
+                required_limits: limits.clone(),
+                experimental_features,
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            }))
         };
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("vqclip"),
-            required_features: features,
-            required_limits: limits.clone(),
-            experimental_features,
-            memory_hints: wgpu::MemoryHints::Performance,
-            trace: wgpu::Trace::Off,
-        }))
+        let mut coop_f16 = coop_f16;
+        let (device, queue) = match coop_f16 {
+            // A driver that lists the configuration but will not open a device with the
+            // experimental feature still runs everything else: open it without.
+            Some(_) => open(features | wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+                .inspect(|_| features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+                .or_else(|_| {
+                    coop_f16 = None;
+                    open(features)
+                }),
+            None => open(features),
+        }
         .map_err(|e| Error::Device(e.to_string()))?;
         // wgpu's default handler panics; errors outside an error scope (a bind group or a
         // dispatch, say) are kept instead and returned at the next sync or readback.
