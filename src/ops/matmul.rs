@@ -645,7 +645,12 @@ fn matmul_impl(
                 } else {
                     &COOP8_SHADER
                 },
-                "matmul_coop",
+                // Both operands contiguous along K: staged by vec4 loads.
+                if !o.trans_a && o.trans_b && ka.is_multiple_of(4) {
+                    "matmul_coop4"
+                } else {
+                    "matmul_coop"
+                },
             )
             .with(
                 ov::WG,
