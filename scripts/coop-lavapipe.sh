@@ -6,7 +6,8 @@
 # and cargo runs the test binaries through that tree's dynamic loader. Needs apt-get and
 # network access to deb.debian.org (CI has both); about 150 MB.
 #
-#   bash scripts/coop-lavapipe.sh            the coop tests and the f16 CLIP tests on it
+#   bash scripts/coop-lavapipe.sh            the coop tests (kernel, device, info) and the
+#                                            f16 CLIP tests on it
 #   bash scripts/coop-lavapipe.sh -- ARGS    `cargo test --release ARGS` on it instead
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +53,15 @@ fi
 cargo run --release --quiet -- info | tee "$R/info.txt" | grep -i "cooperative"
 grep -q "F16->F32" "$R/info.txt" || {
     echo "coop-lavapipe: this lavapipe lists no f16 -> f32 cooperative matrix" >&2
+    exit 1
+}
+# `info` says f16 products use it when asked to, and not when told not to.
+VQCLIP_COOP_MATRIX=on cargo run --release --quiet -- info | grep -q "used by vqclip: for f16 products (8x8x8 F16->F32)" || {
+    echo "coop-lavapipe: VQCLIP_COOP_MATRIX=on vqclip info does not report the 8x8x8 f16 products" >&2
+    exit 1
+}
+VQCLIP_COOP_MATRIX=off cargo run --release --quiet -- info | grep -q "used by vqclip: no (VQCLIP_COOP_MATRIX=off)" || {
+    echo "coop-lavapipe: VQCLIP_COOP_MATRIX=off vqclip info does not report it off" >&2
     exit 1
 }
 VQCLIP_TEST_REQUIRE_COOP=1 cargo test --release --lib -- coop

@@ -124,6 +124,37 @@ fn info_reports_the_memory_budget() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("memory budget: 512.0 MiB"));
 }
 
+/// `info` says whether f16 products run on cooperative matrices: only where the adapter
+/// has an f16 → f32 configuration, never with `VQCLIP_COOP_MATRIX=off`, always (where it
+/// has one) with `on`. On Debian 12's lavapipe both are null; `scripts/coop-lavapipe.sh`
+/// checks the same lines on a lavapipe that has one (this test's `vqclip` would not run on
+/// that driver: it is started without the script's loader).
+#[test]
+fn info_says_whether_f16_products_use_cooperative_matrices() {
+    let run = |mode: &str| -> serde_json::Value {
+        let o = Command::new(env!("CARGO_BIN_EXE_vqclip"))
+            .args(["info", "--json"])
+            .env("VQCLIP_COOP_MATRIX", mode)
+            .output()
+            .expect("run vqclip");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let on = run("on");
+    let size = on["cooperative_matrix"]["f16_size"].as_u64();
+    let used = on["cooperative_matrix_f16_products"]
+        .as_str()
+        .map(str::to_owned);
+    match size {
+        Some(s) => assert_eq!(used, Some(format!("{s}x{s}x{s} F16->F32")), "{on}"),
+        None => assert_eq!(used, None, "{on}"),
+    }
+    let off = run("off");
+    assert!(off["cooperative_matrix_f16_products"].is_null(), "{off}");
+    let features = off["features"].to_string();
+    assert!(!features.contains("COOPERATIVE"), "{features}");
+}
+
 /// `bench generate` applies the same memory check as `generate` before timing anything.
 #[test]
 fn bench_generate_refuses_a_size_past_the_budget() {
@@ -180,6 +211,7 @@ fn a_misspelt_kernel_override_is_an_error() {
         ("VQCLIP_GROUP_NORM", "single", "passes"),
         ("VQCLIP_SPLIT_K", "yes", "off"),
         ("VQCLIP_F16_ACTIVATIONS", "true", "off"),
+        ("VQCLIP_COOP_MATRIX", "yes", "off"),
     ] {
         let o = Command::new(env!("CARGO_BIN_EXE_vqclip"))
             .arg("info")
