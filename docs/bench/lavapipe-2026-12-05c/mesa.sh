@@ -28,15 +28,7 @@ for round in 1 2; do
   done
   echo "=== round $round peer $(date -u +%H:%M:%S) load $(cut -d' ' -f1-3 /proc/loadavg)"
   $PY tools/peer_bench_all.py --report /tmp/mesa-old/report.json --out /tmp/mesa-peer.json --device cpu --seconds 3 >/dev/null 2>&1
-  $PY - <<'PY'
-import numpy as np, time, statistics
-a = np.random.rand(1024, 1024).astype(np.float32); b = np.random.rand(1024, 1024).astype(np.float32)
-a @ b
-ts = []
-for _ in range(20):
-    t = time.perf_counter(); a @ b; ts.append(time.perf_counter() - t)
-print(f"numpy 1024² matmul: min {min(ts)*1e3:.2f} ms, median {statistics.median(ts)*1e3:.2f} ms, {2*1024**3/statistics.median(ts)/1e9:.1f} GFLOP/s (median)")
-PY
+  $PY tools/peer_numpy_matmul.py --size 1024
   for d in old new; do
     echo "--- mesa-$d with the peer"
     $d bench all --report "/tmp/mesa-$d" --merge-peer /tmp/mesa-peer.json 2>&1 | grep "^|"
