@@ -101,7 +101,7 @@ pub fn run(dev: &DeviceArgs, a: InfoArgs) -> Result<()> {
                 let used = match (coop_used, c.f16_size) {
                     (Some(s), _) => format!("for f16 products ({s}x{s}x{s} F16->F32)"),
                     (None, Some(_))
-                        if std::env::var("VQCLIP_COOP_MATRIX").as_deref() == Ok("off") =>
+                        if vqclip::ops::env::COOP_MATRIX.get().as_deref() == Some("off") =>
                     {
                         "no (VQCLIP_COOP_MATRIX=off)".to_string()
                     }

@@ -382,7 +382,7 @@ mod tests {
         // The device opens with the feature exactly where that size exists (and the
         // subgroups and f16 its kernel needs), unless VQCLIP_COOP_MATRIX=off.
         let gpu = crate::Gpu::new(&opts).unwrap();
-        let off = std::env::var("VQCLIP_COOP_MATRIX").as_deref() == Ok("off");
+        let off = crate::ops::env::COOP_MATRIX.get().as_deref() == Some("off");
         let usable = gpu
             .features()
             .contains(wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP);

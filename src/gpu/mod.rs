@@ -280,7 +280,7 @@ impl Gpu {
         // an f16 × f16 → f32 configuration vqclip's kernel is written for (and subgroups,
         // which the kernel's layout needs, with room for four of them in a workgroup),
         // unless VQCLIP_COOP_MATRIX=off.
-        let coop_f16 = adapter::coop_f16_size(&adapter)
+        let mut coop_f16 = adapter::coop_f16_size(&adapter)
             .filter(|_| {
                 // The kernel's workgroup holds four subgroups of the largest size.
                 let wg = 4 * info.subgroup_max_size;
@@ -312,7 +312,6 @@ impl Gpu {
                 trace: wgpu::Trace::Off,
             }))
         };
-        let mut coop_f16 = coop_f16;
         let (device, queue) = match coop_f16 {
             // A driver that lists the configuration but will not open a device with the
             // experimental feature still runs everything else: open it without.
@@ -416,7 +415,7 @@ impl Gpu {
     }
     /// The side `S` of the `S×S×S` f16 × f16 → f32 cooperative-matrix configuration the
     /// f16 products run on ([`crate::ops::matmul::Variant::Coop`]): 16 where the adapter
-    /// lists it (NVIDIA, AMD), else 8 (lavapipe from Mesa 25.1); `None` where the adapter
+    /// lists it (NVIDIA, AMD), else 8 (lavapipe of Mesa 26.1; 25.0 lists none); `None` where the adapter
     /// offers neither, lacks subgroups or f16, or `VQCLIP_COOP_MATRIX=off`.
     pub fn coop_f16_size(&self) -> Option<u32> {
         self.0.coop_f16

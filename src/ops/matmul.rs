@@ -315,8 +315,8 @@ pub const COOP_TUNING_KEY: &str = "matmul.f16";
 /// Whether f16 products run on [`Variant::Coop`] where the device has a configuration for
 /// it: `VQCLIP_COOP_MATRIX=on|off`, else the choice `bench all --tune` measured on this
 /// adapter ([`COOP_TUNING_KEY`]), else on GPUs yes, on CPU adapters no (lavapipe of Mesa
-/// 26.1 runs the f16 image encode 7× slower on it than on its SIMD kernels: it emulates
-/// the multiply-adds lane by lane). An explicit `VQCLIP_MATMUL` kernel wins over all.
+/// 26.1 ran the f16 image encode 6.7× slower on it than on its SIMD kernels, about 6×
+/// after the vec4 staging of `matmul_coop4`: it emulates the multiply-adds lane by lane). An explicit `VQCLIP_MATMUL` kernel wins over all.
 pub fn coop_default(gpu: &Gpu) -> bool {
     match super::env::COOP_MATRIX.get().as_deref() {
         Some("on") => true,

@@ -22,13 +22,5 @@ for tag in after before; do
   mkdir -p "$OUT/all-$tag" && cp /tmp/q-$tag/report.md /tmp/q-$tag/report.json /tmp/q-$tag/peer.json "$OUT/all-$tag/"
 done
 echo "=== numpy $(date -u +%H:%M:%S)"
-$PY - <<'PY'
-import numpy as np, time, statistics
-a = np.random.rand(1024, 1024).astype(np.float32); b = np.random.rand(1024, 1024).astype(np.float32)
-a @ b
-ts = []
-for _ in range(20):
-    t = time.perf_counter(); a @ b; ts.append(time.perf_counter() - t)
-print(f"numpy 1024² matmul: min {min(ts)*1e3:.2f} ms, median {statistics.median(ts)*1e3:.2f} ms, {2*1024**3/statistics.median(ts)/1e9:.1f} GFLOP/s (median)")
-PY
+$PY tools/peer_numpy_matmul.py --size 1024
 echo "=== done $(date -u +%H:%M:%S) load $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -19,15 +19,7 @@ $PY tools/peer_bench_all.py --report /tmp/q-after/report.json --out /tmp/q-after
 "$AFTER" bench all --report /tmp/q-after --merge-peer /tmp/q-after/peer.json 2>&1 | grep "^|"
 mkdir -p "$OUT/all-after" && cp /tmp/q-after/report.md /tmp/q-after/report.json /tmp/q-after/peer.json "$OUT/all-after/"
 echo "=== numpy $(date -u +%H:%M:%S)"
-$PY - <<'PY'
-import numpy as np, time, statistics
-a = np.random.rand(1024, 1024).astype(np.float32); b = np.random.rand(1024, 1024).astype(np.float32)
-a @ b
-ts = []
-for _ in range(20):
-    t = time.perf_counter(); a @ b; ts.append(time.perf_counter() - t)
-print(f"numpy 1024² matmul: min {min(ts)*1e3:.2f} ms, median {statistics.median(ts)*1e3:.2f} ms, {2*1024**3/statistics.median(ts)/1e9:.1f} GFLOP/s (median)")
-PY
+$PY tools/peer_numpy_matmul.py --size 1024
 echo "=== rounds $(date -u +%H:%M:%S)"
 for r in 1 2; do
   for tag in before after; do

@@ -10,13 +10,5 @@ for r in 1 2; do
   "$BIN" bench all --report /tmp/q-mm --seconds 3 --only "matmul 1024x1024x1024" >/dev/null 2>&1
   $PY tools/peer_bench_all.py --report /tmp/q-mm/report.json --out /tmp/q-mm/peer.json --device cpu --seconds 3 >/dev/null 2>&1
   "$BIN" bench all --report /tmp/q-mm --merge-peer /tmp/q-mm/peer.json 2>&1 | grep "^| matmul"
-  $PY - <<'PY'
-import numpy as np, time, statistics
-a = np.random.rand(1024, 1024).astype(np.float32); b = np.random.rand(1024, 1024).astype(np.float32)
-a @ b
-ts = []
-for _ in range(20):
-    t = time.perf_counter(); a @ b; ts.append(time.perf_counter() - t)
-print(f"numpy 1024² matmul: min {min(ts)*1e3:.2f} ms, median {statistics.median(ts)*1e3:.2f} ms, {2*1024**3/statistics.median(ts)/1e9:.1f} GFLOP/s (median)")
-PY
+  $PY tools/peer_numpy_matmul.py --size 1024
 done
